@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package forkd needs to build, test and run its demo.
+# Idempotent: apt-get skips what is already installed. Needs root (or sudo).
+set -euo pipefail
+
+packages=(
+  # toolchain and build
+  build-essential clang cmake pkg-config git ca-certificates
+  # daemon: gRPC C core, protobuf-c, libcurl, cJSON
+  libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
+  libcurl4-openssl-dev libcjson-dev
+  # protoc and the gRPC code generator plugins (grpc_python_plugin)
+  protobuf-compiler protobuf-compiler-grpc
+  # C/C++ tests
+  googletest libgtest-dev
+  # Python client and its tests
+  python3 python3-grpcio python3-protobuf python3-pytest
+  # Go client (built offline; see REFERENCE: golang-goprotobuf-dev conflicts)
+  golang-go golang-google-grpc-dev golang-google-protobuf-dev
+  golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc
+)
+
+sudo_cmd=()
+if [ "$(id -u)" -ne 0 ]; then sudo_cmd=(sudo); fi
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#packages[@]} packages already installed"
+  exit 0
+fi
+
+echo "setup: installing ${#missing[@]} packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${sudo_cmd[@]}" apt-get update -qq
+"${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+echo "setup: done"
