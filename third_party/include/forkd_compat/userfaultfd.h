@@ -25,6 +25,11 @@
 #define UFFD_FEATURE_MOVE (1 << 16)
 #endif
 
+/* ioctl on /dev/userfaultfd that returns a new userfaultfd (Linux 6.1+). */
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
 #endif

@@ -1,0 +1,21 @@
+/* Small file-system helpers shared by the engine and the daemon. */
+#ifndef FORKD_FSUTIL_H
+#define FORKD_FSUTIL_H
+
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Creates path and any missing parents with mode (like mkdir -p). Returns 0 or -errno. */
+int fs_mkdir_parents(const char *path, mode_t mode);
+
+/* fsync()s a directory, making renames and creations inside it durable. Returns 0 or -errno. */
+int fs_sync_dir(const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,49 @@
+/* protobuf-c <-> gRPC byte buffer glue (see glue.h). */
+#include "glue.h"
+
+#include "forkd/cleanup.h"
+
+#include <errno.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/slice.h>
+#include <stdio.h>
+#include <string.h>
+
+int glue_unpack(const ProtobufCMessageDescriptor *descriptor, grpc_byte_buffer *buffer,
+                ProtobufCMessage **out, char *err, size_t err_len)
+{
+    *out = NULL;
+    if (!buffer) {
+        snprintf(err, err_len, "no request message (expected %s)", descriptor->name);
+        return -EINVAL;
+    }
+    grpc_byte_buffer_reader reader;
+    if (!grpc_byte_buffer_reader_init(&reader, buffer)) {
+        snprintf(err, err_len, "cannot read the request bytes (expected %s)", descriptor->name);
+        return -EINVAL;
+    }
+    /* Flatten: protobuf-c needs one contiguous buffer, the wire may deliver several slices. */
+    grpc_slice flat = grpc_byte_buffer_reader_readall(&reader);
+    grpc_byte_buffer_reader_destroy(&reader);
+    ProtobufCMessage *message = protobuf_c_message_unpack(
+        descriptor, NULL, GRPC_SLICE_LENGTH(flat), GRPC_SLICE_START_PTR(flat));
+    size_t length = GRPC_SLICE_LENGTH(flat);
+    grpc_slice_unref(flat);
+    if (!message) {
+        snprintf(err, err_len, "malformed request: %zu bytes do not decode as %s", length,
+                 descriptor->name);
+        return -EINVAL;
+    }
+    *out = message;
+    return 0;
+}
+
+grpc_byte_buffer *glue_pack(const ProtobufCMessage *message)
+{
+    size_t length = protobuf_c_message_get_packed_size(message);
+    grpc_slice slice = grpc_slice_malloc(length);
+    protobuf_c_message_pack(message, GRPC_SLICE_START_PTR(slice));
+    grpc_byte_buffer *buffer = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    return buffer;
+}

@@ -1,0 +1,168 @@
+/*
+ * forkd's entry point and lifecycle: flags, the state-directory lock, the host probe, the
+ * server, and the staged shutdown on SIGTERM/SIGINT. Signals are blocked in every thread and
+ * taken synchronously here with sigwaitinfo, so no handler runs on an arbitrary thread.
+ */
+#include "daemon.h"
+#include "log.h"
+#include "options.h"
+#include "routes.h"
+#include "server.h"
+
+#include "forkd/cleanup.h"
+#include "forkd/fsutil.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grpc/grpc.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <time.h>
+
+static int64_t main_now_unix_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+/* Creates the state directory and takes its lock, held for the daemon's life: two daemons on
+ * one state directory would corrupt each other's snapshots. Returns the lock fd or -errno. */
+static int main_lock_state_dir(const char *state_dir)
+{
+    int rc = fs_mkdir_parents(state_dir, 0700);
+    if (rc < 0) {
+        log_error("cannot create state directory %s: %s", state_dir, strerror(-rc));
+        return rc;
+    }
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/forkd.lock", state_dir);
+    _cleanup_close_ int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        log_error("cannot open %s: %s", path, strerror(errno));
+        return -errno;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        char holder[32] = "";
+        ssize_t n = pread(fd, holder, sizeof(holder) - 1, 0);
+        holder[n > 0 ? n : 0] = '\0';
+        log_error("state directory %s is in use by another forkd (pid %s); refusing to start",
+                  state_dir, holder[0] ? strtok(holder, "\n") : "unknown");
+        return -EBUSY;
+    }
+    char pid[32];
+    int length = snprintf(pid, sizeof(pid), "%d\n", (int)getpid());
+    if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, (size_t)length, 0) != length)
+        log_warn("cannot record the pid in %s: %s", path, strerror(errno));
+    return take_fd(fd);
+}
+
+static void main_log_capabilities(const struct probe_host_caps *caps)
+{
+    log_info("host: kernel %s, kvm %s%s%s, userfaultfd %s (features 0x%llx, wp anon %s, "
+             "wp shmem %s)",
+             caps->kernel_release, caps->kvm_usable ? "usable" : "unusable",
+             caps->kvm_usable ? "" : ": ", caps->kvm_error, caps->uffd_usable ? "usable" : "unusable",
+             (unsigned long long)caps->uffd_features, caps->uffd_wp_anonymous ? "yes" : "no",
+             caps->uffd_wp_shmem ? "yes" : "no");
+    if (!probe_live_branch_supported(caps))
+        log_warn("LIVE branches are not available on this host: %s%s",
+                 caps->kvm_usable ? "" : caps->kvm_error, caps->uffd_error);
+}
+
+static int main_wait_for_stop_signal(const sigset_t *signals)
+{
+    for (;;) {
+        siginfo_t info;
+        int signal_number = sigwaitinfo(signals, &info);
+        if (signal_number > 0)
+            return signal_number;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+static void main_shutdown(struct server *server, struct daemon_state *daemon)
+{
+    atomic_store(&daemon->shutting_down, true);
+    server_begin_shutdown(server);
+    unsigned grace = daemon->options->shutdown_grace_ms;
+    if (!server_wait_idle(server, (int)grace)) {
+        log_warn("calls still running after the %u ms grace period: cancelling them", grace);
+        server_cancel_all(server);
+        server_wait_idle(server, -1);
+    }
+    server_destroy(server);
+}
+
+static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
+{
+    const struct forkd_options *opts = daemon->options;
+    struct server_config config = {
+        .listen_address = opts->listen,
+        .insecure_tcp = opts->insecure_tcp,
+        .tls_cert_path = opts->tls_cert,
+        .tls_key_path = opts->tls_key,
+        .max_message_bytes = opts->max_message_bytes,
+        .daemon = daemon,
+    };
+    struct server *server = NULL;
+    char err[512];
+    int rc = server_start(&config, &server, err, sizeof(err));
+    if (rc < 0) {
+        log_error("%s", err);
+        return rc;
+    }
+    log_info("forkd %s listening on %s (state dir %s, vmm %s)", FORKD_VERSION, opts->listen,
+             opts->state_dir, opts->vmm_binary);
+    int signal_number = main_wait_for_stop_signal(stop_signals);
+    log_info("%s received: shutting down (grace %u ms)",
+             signal_number > 0 ? strsignal(signal_number) : "error", opts->shutdown_grace_ms);
+    main_shutdown(server, daemon);
+    log_info("stopped");
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    static struct forkd_options opts;
+    switch (options_parse(argc, argv, &opts)) {
+    case OPTIONS_EXIT_OK:
+        return 0;
+    case OPTIONS_EXIT_USAGE:
+        return 2;
+    case OPTIONS_RUN:
+        break;
+    }
+    log_set_level(opts.log_level);
+
+    /* Block before any thread exists so every thread (gRPC's included) inherits the mask. */
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    char route_err[256];
+    if (routes_init(route_err, sizeof(route_err)) < 0) {
+        log_error("internal error: %s", route_err);
+        return 1;
+    }
+    _cleanup_close_ int state_lock = main_lock_state_dir(opts.state_dir);
+    if (state_lock < 0)
+        return 1;
+
+    static struct daemon_state daemon;
+    daemon.options = &opts;
+    daemon.started_at_unix_ms = main_now_unix_ms();
+    probe_host(&daemon.caps);
+    main_log_capabilities(&daemon.caps);
+
+    grpc_init();
+    int rc = main_serve(&daemon, &stop_signals);
+    grpc_shutdown();
+    return rc < 0 ? 1 : 0;
+}

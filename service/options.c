@@ -1,0 +1,195 @@
+/* forkd's command line (see options.h). */
+#include "options.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum {
+    OPT_LISTEN = 256,
+    OPT_INSECURE_TCP,
+    OPT_TLS_CERT,
+    OPT_TLS_KEY,
+    OPT_STATE_DIR,
+    OPT_VMM_BINARY,
+    OPT_MAX_BRANCHES,
+    OPT_MAX_MESSAGE_BYTES,
+    OPT_SHUTDOWN_GRACE_MS,
+    OPT_LOG_LEVEL,
+    OPT_VERSION,
+};
+
+static const struct option long_options[] = {
+    {"listen", required_argument, NULL, OPT_LISTEN},
+    {"insecure-tcp", no_argument, NULL, OPT_INSECURE_TCP},
+    {"tls-cert", required_argument, NULL, OPT_TLS_CERT},
+    {"tls-key", required_argument, NULL, OPT_TLS_KEY},
+    {"state-dir", required_argument, NULL, OPT_STATE_DIR},
+    {"vmm-binary", required_argument, NULL, OPT_VMM_BINARY},
+    {"max-branches", required_argument, NULL, OPT_MAX_BRANCHES},
+    {"max-message-bytes", required_argument, NULL, OPT_MAX_MESSAGE_BYTES},
+    {"shutdown-grace-ms", required_argument, NULL, OPT_SHUTDOWN_GRACE_MS},
+    {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+    {"version", no_argument, NULL, OPT_VERSION},
+    {"help", no_argument, NULL, 'h'},
+    {NULL, 0, NULL, 0},
+};
+
+static void options_print_help(FILE *out)
+{
+    fprintf(out,
+            "Usage: forkd [OPTIONS]\n"
+            "\n"
+            "forkd live-branches running microVMs: it snapshots a running VM while pausing it\n"
+            "only for a moment, and starts many VMs from any snapshot. Clients speak gRPC\n"
+            "(forkd.v1.Forkd, and grpc.health.v1.Health).\n"
+            "\n"
+            "Options:\n"
+            "  --listen ADDR            where to serve gRPC (default %s).\n"
+            "                           unix:PATH is a Unix socket created mode 0600, its\n"
+            "                           directory created if missing. HOST:PORT (or\n"
+            "                           tcp:HOST:PORT) is TCP and needs --tls-cert/--tls-key or\n"
+            "                           --insecure-tcp.\n"
+            "  --insecure-tcp           allow a TCP listener without TLS (anyone who reaches the\n"
+            "                           port can drive VMs).\n"
+            "  --tls-cert PATH          PEM certificate chain for a TCP listener.\n"
+            "  --tls-key PATH           PEM private key for a TCP listener.\n"
+            "  --state-dir DIR          where snapshots and VM records live (default %s).\n"
+            "                           One forkd per state directory: a second one refuses.\n"
+            "  --vmm-binary PATH        the VMM to launch per VM: a patched firecracker or\n"
+            "                           forkd-testvm (default %s, looked up in PATH).\n"
+            "  --max-branches N         branches allowed to run at once; more are refused with\n"
+            "                           RESOURCE_EXHAUSTED (default 4).\n"
+            "  --max-message-bytes N    largest request accepted; larger ones are refused with\n"
+            "                           RESOURCE_EXHAUSTED (default 4194304).\n"
+            "  --shutdown-grace-ms N    on SIGTERM/SIGINT, how long running calls may finish\n"
+            "                           before they are cancelled (default 10000).\n"
+            "  --log-level LEVEL        error, warn, info or debug (default info). Logs go to\n"
+            "                           stderr.\n"
+            "  --version                print the version and exit.\n"
+            "  -h, --help               print this help and exit.\n"
+            "\n"
+            "Signals: SIGTERM or SIGINT stop accepting calls, let running ones finish within the\n"
+            "grace period, cancel the rest and exit 0.\n",
+            OPTIONS_DEFAULT_LISTEN, OPTIONS_DEFAULT_STATE_DIR, OPTIONS_DEFAULT_VMM);
+}
+
+/* Parses a decimal in [min, max]; returns 0 or -EINVAL. */
+static int options_parse_number(const char *text, unsigned long long min, unsigned long long max,
+                                unsigned long long *out)
+{
+    if (!*text || *text == '-')
+        return -EINVAL;
+    char *end;
+    errno = 0;
+    unsigned long long value = strtoull(text, &end, 10);
+    if (errno || *end || value < min || value > max)
+        return -EINVAL;
+    *out = value;
+    return 0;
+}
+
+static int options_apply_number(int option, const char *text, struct forkd_options *opts)
+{
+    unsigned long long value;
+    switch (option) {
+    case OPT_MAX_BRANCHES:
+        if (options_parse_number(text, 1, 1024, &value) < 0)
+            return -EINVAL;
+        opts->max_branches = (unsigned)value;
+        return 0;
+    case OPT_MAX_MESSAGE_BYTES:
+        if (options_parse_number(text, 1024, 64ULL << 20, &value) < 0)
+            return -EINVAL;
+        opts->max_message_bytes = (size_t)value;
+        return 0;
+    case OPT_SHUTDOWN_GRACE_MS:
+        if (options_parse_number(text, 0, 3600000, &value) < 0)
+            return -EINVAL;
+        opts->shutdown_grace_ms = (unsigned)value;
+        return 0;
+    }
+    return -EINVAL;
+}
+
+static void options_set_defaults(struct forkd_options *opts)
+{
+    *opts = (struct forkd_options){
+        .listen = OPTIONS_DEFAULT_LISTEN,
+        .state_dir = OPTIONS_DEFAULT_STATE_DIR,
+        .vmm_binary = OPTIONS_DEFAULT_VMM,
+        .max_branches = 4,
+        .max_message_bytes = 4u << 20,
+        .shutdown_grace_ms = 10000,
+        .log_level = LOG_LEVEL_INFO,
+    };
+}
+
+static int options_apply(int option, const char *arg, struct forkd_options *opts)
+{
+    switch (option) {
+    case OPT_LISTEN:
+        opts->listen = arg;
+        return 0;
+    case OPT_INSECURE_TCP:
+        opts->insecure_tcp = true;
+        return 0;
+    case OPT_TLS_CERT:
+        opts->tls_cert = arg;
+        return 0;
+    case OPT_TLS_KEY:
+        opts->tls_key = arg;
+        return 0;
+    case OPT_STATE_DIR:
+        opts->state_dir = arg;
+        return 0;
+    case OPT_VMM_BINARY:
+        opts->vmm_binary = arg;
+        return 0;
+    case OPT_LOG_LEVEL:
+        return log_parse_level(arg, &opts->log_level);
+    default:
+        return options_apply_number(option, arg, opts);
+    }
+}
+
+enum options_result options_parse(int argc, char **argv, struct forkd_options *opts)
+{
+    options_set_defaults(opts);
+    optind = 1;
+    opterr = 0;
+    int option;
+    int index = 0;
+    while ((option = getopt_long(argc, argv, "h", long_options, &index)) != -1) {
+        if (option == 'h') {
+            options_print_help(stdout);
+            return OPTIONS_EXIT_OK;
+        }
+        if (option == OPT_VERSION) {
+            printf("forkd %s\n", FORKD_VERSION);
+            return OPTIONS_EXIT_OK;
+        }
+        if (option == '?' || option == ':') {
+            fprintf(stderr, "forkd: unknown option or missing value: %s\n", argv[optind - 1]);
+            fprintf(stderr, "Try 'forkd --help'.\n");
+            return OPTIONS_EXIT_USAGE;
+        }
+        if (options_apply(option, optarg, opts) < 0) {
+            fprintf(stderr, "forkd: invalid value '%s' for --%s\n", optarg,
+                    long_options[index].name);
+            return OPTIONS_EXIT_USAGE;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "forkd: unexpected argument '%s'\nTry 'forkd --help'.\n", argv[optind]);
+        return OPTIONS_EXIT_USAGE;
+    }
+    if (!opts->tls_cert != !opts->tls_key) {
+        fprintf(stderr, "forkd: --tls-cert and --tls-key go together\n");
+        return OPTIONS_EXIT_USAGE;
+    }
+    return OPTIONS_RUN;
+}

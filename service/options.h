@@ -1,0 +1,33 @@
+/* forkd's command line: the flags, their defaults, parsing and --help. */
+#ifndef FORKD_SERVICE_OPTIONS_H
+#define FORKD_SERVICE_OPTIONS_H
+
+#include "log.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define OPTIONS_DEFAULT_LISTEN    "unix:/run/forkd/forkd.sock"
+#define OPTIONS_DEFAULT_STATE_DIR "/var/lib/forkd"
+#define OPTIONS_DEFAULT_VMM       "firecracker"
+
+struct forkd_options {
+    const char *listen;
+    bool insecure_tcp;
+    const char *tls_cert;
+    const char *tls_key;
+    const char *state_dir;
+    const char *vmm_binary;
+    unsigned max_branches;
+    size_t max_message_bytes;
+    unsigned shutdown_grace_ms;
+    enum log_level log_level;
+};
+
+enum options_result { OPTIONS_RUN, OPTIONS_EXIT_OK, OPTIONS_EXIT_USAGE };
+
+/* Parses argv into opts (strings point into argv). Prints --help/--version to stdout and
+ * usage errors to stderr itself, and says whether to run or exit. */
+enum options_result options_parse(int argc, char **argv, struct forkd_options *opts);
+
+#endif

@@ -1,0 +1,103 @@
+/* The method table (see routes.h). Built once at start-up, read-only afterwards. */
+#include "routes.h"
+
+#include "handlers.h"
+
+#include "forkd/v1/forkd.pb-c.h"
+#include "grpc/health/v1/health.pb-c.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+struct route_entry {
+    const ProtobufCServiceDescriptor *service;
+    const char *method;
+    bool server_streaming;
+    rpc_handler_fn handler; /* NULL: UNIMPLEMENTED until its issue lands */
+};
+
+static const struct route_entry route_entries[] = {
+    {&forkd__v1__forkd__descriptor, "Boot", false, NULL},
+    {&forkd__v1__forkd__descriptor, "Spawn", false, NULL},
+    {&forkd__v1__forkd__descriptor, "Branch", true, NULL},
+    {&forkd__v1__forkd__descriptor, "WatchBranch", true, NULL},
+    {&forkd__v1__forkd__descriptor, "ListVms", false, NULL},
+    {&forkd__v1__forkd__descriptor, "GetVm", false, NULL},
+    {&forkd__v1__forkd__descriptor, "StopVm", false, NULL},
+    {&forkd__v1__forkd__descriptor, "ListSnapshots", false, NULL},
+    {&forkd__v1__forkd__descriptor, "GetSnapshot", false, NULL},
+    {&forkd__v1__forkd__descriptor, "DeleteSnapshot", false, NULL},
+    {&forkd__v1__forkd__descriptor, "GetInfo", false, handle_get_info},
+    {&grpc__health__v1__health__descriptor, "Check", false, handle_health_check},
+    {&grpc__health__v1__health__descriptor, "Watch", true, handle_health_watch},
+};
+
+#define ROUTE_COUNT (sizeof(route_entries) / sizeof(route_entries[0]))
+
+static const ProtobufCServiceDescriptor *const served_services[] = {
+    &forkd__v1__forkd__descriptor,
+    &grpc__health__v1__health__descriptor,
+};
+
+static struct route routes[ROUTE_COUNT];
+static size_t route_count;
+
+static const struct route_entry *routes_entry_for(const ProtobufCServiceDescriptor *service,
+                                                  const char *method)
+{
+    for (size_t i = 0; i < ROUTE_COUNT; i++)
+        if (route_entries[i].service == service && strcmp(route_entries[i].method, method) == 0)
+            return &route_entries[i];
+    return NULL;
+}
+
+static int routes_add_service(const ProtobufCServiceDescriptor *service, char *err,
+                              size_t err_len)
+{
+    for (unsigned m = 0; m < service->n_methods; m++) {
+        const ProtobufCMethodDescriptor *method = &service->methods[m];
+        const struct route_entry *entry = routes_entry_for(service, method->name);
+        if (!entry) {
+            snprintf(err, err_len, "method %s/%s has no entry in the route table", service->name,
+                     method->name);
+            return -EINVAL;
+        }
+        struct route *route = &routes[route_count++];
+        snprintf(route->path, sizeof(route->path), "/%s/%s", service->name, method->name);
+        route->service = service;
+        route->method = method;
+        route->server_streaming = entry->server_streaming;
+        route->handler = entry->handler;
+    }
+    return 0;
+}
+
+int routes_init(char *err, size_t err_len)
+{
+    route_count = 0;
+    for (size_t s = 0; s < sizeof(served_services) / sizeof(served_services[0]); s++) {
+        int rc = routes_add_service(served_services[s], err, err_len);
+        if (rc < 0)
+            return rc;
+    }
+    if (route_count != ROUTE_COUNT) {
+        snprintf(err, err_len, "route table has %zu entries but the services have %zu methods",
+                 (size_t)ROUTE_COUNT, route_count);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+const struct route *routes_find(const char *path)
+{
+    for (size_t i = 0; i < route_count; i++)
+        if (strcmp(routes[i].path, path) == 0)
+            return &routes[i];
+    return NULL;
+}
+
+const struct route *routes_at(size_t index)
+{
+    return index < route_count ? &routes[index] : NULL;
+}

@@ -1,0 +1,24 @@
+/*
+ * boot_args: the guest workload grammar carried in PUT /boot-source's boot_args.
+ * Space-separated key=value pairs: pages=N pattern=sequential|random|hotset rate=N seed=N.
+ */
+#ifndef FORKD_TESTVM_BOOT_ARGS_H
+#define FORKD_TESTVM_BOOT_ARGS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct workload {
+    uint64_t pages; /* 0 = every page the guest may use */
+    uint32_t pattern; /* enum guest_pattern */
+    uint64_t rate;  /* page writes per second per vCPU, 0 = flat out */
+    uint64_t seed;
+};
+
+/* Parses text (NULL or empty = all defaults) into *out; unknown keys and bad values fail. */
+int boot_args_parse(const char *text, struct workload *out, char *err, size_t err_size);
+
+const char *boot_args_pattern_name(uint32_t pattern);
+
+#endif

@@ -1,0 +1,111 @@
+/*
+ * The contract between forkd-testvm, its guest program and the verifier: where things live in
+ * guest-physical memory, the guest image header, the workload the VMM hands the guest, the
+ * boot fill pattern and the I/O ports the guest reports through. Freestanding: this header is
+ * compiled into the guest (no libc) as well as the VMM.
+ *
+ * Guest-physical layout (identity-mapped with 2 MiB pages, everything below 1 MiB is the
+ * "system area" the verifier skips):
+ *   0x01000 guest_config          0x02000 GDT       0x03000 PML4     0x04000 PDPT
+ *   0x08000 page directories (GUEST_PD_COUNT pages, one per GiB of guest-physical space)
+ *   0x20000 guest image (header first, at most GUEST_IMAGE_MAX bytes)
+ *   0x40000 vCPU stacks (GUEST_STACK_SIZE each, GUEST_MAX_VCPUS of them)
+ *   0x100000 onwards: working-set pages, then region 1 (after the MMIO gap) in full.
+ */
+#ifndef FORKD_TESTVM_GUEST_LAYOUT_H
+#define FORKD_TESTVM_GUEST_LAYOUT_H
+
+#include <stdint.h>
+
+#define GUEST_PAGE_SIZE        4096ull
+#define GUEST_HUGE_PAGE_SIZE   (2ull << 20)
+#define GUEST_CONFIG_GPA       0x1000ull
+#define GUEST_GDT_GPA          0x2000ull
+#define GUEST_PML4_GPA         0x3000ull
+#define GUEST_PDPT_GPA         0x4000ull
+#define GUEST_PD_GPA           0x8000ull
+#define GUEST_PD_COUNT         16ull /* maps guest-physical [0, 16 GiB) */
+#define GUEST_IMAGE_GPA        0x20000ull
+#define GUEST_IMAGE_MAX        0x20000ull
+#define GUEST_STACKS_GPA       0x40000ull
+#define GUEST_STACK_SIZE       0x4000ull
+#define GUEST_MAX_VCPUS        32u
+#define GUEST_SYSTEM_AREA_END  0x100000ull
+#define GUEST_PHYS_LIMIT       (GUEST_PD_COUNT << 30)
+#define GUEST_CODE_SELECTOR    0x08
+#define GUEST_DATA_SELECTOR    0x10
+
+#define GUEST_IMAGE_MAGIC      0x31474d56544b4446ull /* "FDKTVMG1" little-endian */
+#define GUEST_CONFIG_MAGIC     0x31464e4354564446ull /* "FDVTCNF1" */
+
+/* Port the guest writes its running total to (low 32 bits), about every 10 ms. */
+#define GUEST_PORT_PROGRESS    0x510
+/* Port the guest writes a guest_panic_code to before halting for good. */
+#define GUEST_PORT_PANIC       0x511
+
+enum guest_panic_code {
+    GUEST_PANIC_BAD_CONFIG = 1,
+    GUEST_PANIC_BAD_VCPU = 2,
+};
+
+enum guest_pattern {
+    GUEST_PATTERN_SEQUENTIAL = 0,
+    GUEST_PATTERN_RANDOM = 1,
+    GUEST_PATTERN_HOTSET = 2,
+};
+
+/*
+ * First bytes of the guest image, linked at GUEST_IMAGE_GPA. increment_window is the address
+ * of the instruction that increments the register total: a vCPU whose RIP equals it has
+ * already incremented a page counter but not yet its total.
+ */
+struct guest_image_header {
+    uint64_t magic;
+    uint64_t entry;
+    uint64_t increment_window;
+    uint64_t reserved;
+};
+
+/* A run of consecutive working-set pages: index i of the run is page gpa + i * 4096. */
+struct guest_page_range {
+    uint64_t gpa;
+    uint64_t pages;
+};
+
+#define GUEST_MAX_RANGES 2
+
+/* Written by the VMM at GUEST_CONFIG_GPA before the first vCPU runs; read-only to the guest. */
+struct guest_config {
+    uint64_t magic;
+    uint32_t vcpu_count;
+    uint32_t pattern; /* enum guest_pattern */
+    uint64_t pages;   /* working-set size in pages, the sum of the ranges' pages */
+    uint64_t rate;    /* page writes per second per vCPU; 0 = as fast as possible */
+    uint64_t seed;
+    uint64_t tsc_khz;
+    uint64_t range_count;
+    struct guest_page_range ranges[GUEST_MAX_RANGES];
+};
+
+/*
+ * Each working-set page holds one 8-byte counter per vCPU at offset 8 * vcpu. Counters start
+ * at the boot pattern, so a counter's value is (word - guest_boot_pattern(word's gpa)) and an
+ * untouched page is all pattern.
+ */
+static inline uint64_t guest_boot_pattern(uint64_t gpa)
+{
+    return 0xF0CD000000000000ull | gpa;
+}
+
+/* The guest-physical address of working-set page index (0 <= index < config->pages). */
+static inline uint64_t guest_page_gpa(const struct guest_config *config, uint64_t index)
+{
+    for (uint64_t r = 0; r < config->range_count && r < GUEST_MAX_RANGES; r++) {
+        if (index < config->ranges[r].pages)
+            return config->ranges[r].gpa + index * GUEST_PAGE_SIZE;
+        index -= config->ranges[r].pages;
+    }
+    return 0;
+}
+
+#endif

@@ -1,0 +1,57 @@
+/*
+ * vmstate: forkd-testvm's own snapshot state format (the "vmstate" file next to memory.bin).
+ * Everything needed to restore a running guest exactly: machine config, memory regions, the
+ * guest's workload config and image facts, and per-vCPU registers, special registers, FPU/SSE
+ * state (the guest's running total lives in %xmm15) and TSC.
+ *
+ * On disk (little-endian, x86-64 only):
+ *   struct vmstate_file_header                      magic "FKDVMST\0", version, counts
+ *   struct vmstate_file_region   x region_count
+ *   struct guest_config                              as written into guest memory at boot
+ *   struct vmstate_file_vcpu     x vcpu_count        kvm_regs, kvm_sregs, kvm_fpu, tsc
+ *   uint64_t checksum                                FNV-1a 64 of every byte before it
+ * A reader rejects another magic, another version, counts out of range, a size that does not
+ * match the counts, or a bad checksum.
+ */
+#ifndef FORKD_TESTVM_VMSTATE_H
+#define FORKD_TESTVM_VMSTATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <linux/kvm.h>
+
+#include "guest_layout.h"
+#include "guest_memory.h"
+
+#define VMSTATE_MAGIC   "FKDVMST"
+#define VMSTATE_VERSION 1u
+
+struct vcpu_state {
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    struct kvm_fpu fpu;
+    uint64_t tsc;
+};
+
+struct vmstate {
+    uint32_t vcpu_count;
+    uint32_t mem_size_mib;
+    uint32_t mmio_gap_mib;
+    uint32_t region_count;
+    uint64_t increment_window; /* guest RIP between the counter and the total increments */
+    struct memory_region regions[GUEST_MEMORY_MAX_REGIONS]; /* host pointers not stored */
+    struct guest_config guest_config;
+    struct vcpu_state vcpus[GUEST_MAX_VCPUS];
+};
+
+/* Writes state to path (created 0600, truncated) and fsyncs it. */
+int vmstate_write(const char *path, const struct vmstate *state, char *err, size_t err_size);
+
+/* Reads and validates path into *state. */
+int vmstate_read(const char *path, struct vmstate *state, char *err, size_t err_size);
+
+/* The guest's running total of a saved vCPU (low quadword of %xmm15). */
+uint64_t vmstate_vcpu_total(const struct vcpu_state *vcpu);
+
+#endif
