@@ -1,0 +1,90 @@
+// forkd's command line.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+extern "C" {
+#include "options.h"
+}
+
+namespace {
+
+enum options_result Parse(std::vector<std::string> args, struct forkd_options *opts)
+{
+    static std::vector<std::string> storage;
+    storage = std::move(args);
+    storage.insert(storage.begin(), "forkd");
+    std::vector<char *> argv;
+    for (auto &arg : storage)
+        argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    return options_parse((int)storage.size(), argv.data(), opts);
+}
+
+}  // namespace
+
+TEST(Options, DefaultsListenOnTheUnixSocket)
+{
+    struct forkd_options opts;
+    ASSERT_EQ(OPTIONS_RUN, Parse({}, &opts));
+    EXPECT_STREQ("unix:/run/forkd/forkd.sock", opts.listen);
+    EXPECT_FALSE(opts.insecure_tcp);
+    EXPECT_EQ(4u, opts.max_branches);
+    EXPECT_EQ(4u << 20, opts.max_message_bytes);
+    EXPECT_EQ(10000u, opts.shutdown_grace_ms);
+}
+
+TEST(Options, EveryFlagIsApplied)
+{
+    struct forkd_options opts;
+    ASSERT_EQ(OPTIONS_RUN,
+              Parse({"--listen", "127.0.0.1:7000", "--insecure-tcp", "--state-dir", "/s",
+                     "--vmm-binary", "/bin/vmm", "--max-branches", "9", "--max-message-bytes",
+                     "2048", "--shutdown-grace-ms=250", "--log-level", "debug"},
+                    &opts));
+    EXPECT_STREQ("127.0.0.1:7000", opts.listen);
+    EXPECT_TRUE(opts.insecure_tcp);
+    EXPECT_STREQ("/s", opts.state_dir);
+    EXPECT_STREQ("/bin/vmm", opts.vmm_binary);
+    EXPECT_EQ(9u, opts.max_branches);
+    EXPECT_EQ(2048u, opts.max_message_bytes);
+    EXPECT_EQ(250u, opts.shutdown_grace_ms);
+    EXPECT_EQ(LOG_LEVEL_DEBUG, opts.log_level);
+}
+
+TEST(Options, BadValuesAreUsageErrors)
+{
+    struct forkd_options opts;
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--max-branches", "0"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--max-branches", "-3"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--max-branches", "4x"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--shutdown-grace-ms", ""}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--log-level", "loud"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--no-such-flag"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--listen"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"stray"}, &opts));
+}
+
+TEST(Options, TlsCertAndKeyGoTogether)
+{
+    struct forkd_options opts;
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--tls-cert", "/c.pem"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--tls-key", "/k.pem"}, &opts));
+    EXPECT_EQ(OPTIONS_RUN, Parse({"--tls-cert", "/c.pem", "--tls-key", "/k.pem"}, &opts));
+}
+
+TEST(Options, HelpAndVersionExitCleanly)
+{
+    struct forkd_options opts;
+    testing::internal::CaptureStdout();
+    EXPECT_EQ(OPTIONS_EXIT_OK, Parse({"--help"}, &opts));
+    std::string help = testing::internal::GetCapturedStdout();
+    for (const char *flag : {"--listen", "--insecure-tcp", "--tls-cert", "--tls-key", "--state-dir",
+                             "--vmm-binary", "--max-branches", "--max-message-bytes",
+                             "--shutdown-grace-ms", "--log-level", "--version", "--help"})
+        EXPECT_NE(std::string::npos, help.find(flag)) << flag << " missing from --help";
+    testing::internal::CaptureStdout();
+    EXPECT_EQ(OPTIONS_EXIT_OK, Parse({"--version"}, &opts));
+    EXPECT_EQ(std::string("forkd ") + FORKD_VERSION + "\n", testing::internal::GetCapturedStdout());
+}
