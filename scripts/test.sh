@@ -13,9 +13,8 @@ if [ "${1:-}" = "--sanitize" ]; then
   shift
   build_dir=build-sanitize
   cmake_flags+=(-DFORKD_SANITIZE=ON)
-  # Leaks fail the run; gRPC's process-lifetime singletons are not leaks of ours.
+  # Leaks fail the run.
   export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:${ASAN_OPTIONS:-}"
-  export LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp:print_suppressions=0"
   export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 fi
 

@@ -1,0 +1,132 @@
+/*
+ * The snapshot store: <state-dir>/snapshots/<name>/{vmstate, memory.bin, snapshot.json}.
+ *
+ * A snapshot is written in a temporary directory (<snapshots>/.tmp-<name>) and becomes visible
+ * under its name only by store_publish: files fsynced, snapshot.json written and fsynced, the
+ * directory renamed into place, the parent fsynced. So a READY snapshot is always complete; one
+ * being written is listed WRITING and cannot be acquired; leftovers of a crash (.tmp-*) are
+ * removed by store_open. The store is thread-safe (one mutex; no I/O of snapshot data under it).
+ */
+#ifndef FORKD_STORE_H
+#define FORKD_STORE_H
+
+#include "forkd/error.h"
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define STORE_NAME_MAX    64 /* ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ */
+#define STORE_MAX_REGIONS 16
+#define STORE_MAX_LABELS  16
+
+enum store_state { STORE_STATE_WRITING = 1, STORE_STATE_READY = 2 };
+
+/* Matches the proto's BranchMode values. */
+enum store_mode { STORE_MODE_LIVE = 1, STORE_MODE_LIVE_ARM_IN_PAUSE = 2, STORE_MODE_FULL = 3 };
+
+struct store_region {
+    uint64_t guest_phys_addr;
+    uint64_t size;
+    uint64_t file_offset;
+    uint32_t page_size;
+};
+
+struct store_figures {
+    uint64_t pause_ns, arm_ns, rearm_ns, rearmed_pages, vmstate_ns, copy_ns, publish_ns, total_ns;
+    uint64_t pages_by_fault, pages_by_bulk, bytes_copied;
+};
+
+struct store_label {
+    char key[64];
+    char value[256];
+};
+
+/* What snapshot.json records. Filled by the branch before store_publish; read back by
+ * store_get/store_list. */
+struct store_snapshot {
+    char name[STORE_NAME_MAX + 1];
+    enum store_state state;
+    char source_vm_id[64];
+    char source_vm_name[STORE_NAME_MAX + 1];
+    char parent_snapshot[STORE_NAME_MAX + 1];
+    enum store_mode mode;
+    uint32_t vcpu_count;
+    uint64_t mem_size_mib;
+    uint64_t memory_bytes;  /* size of memory.bin */
+    uint64_t vmstate_bytes; /* size of vmstate */
+    size_t region_count;
+    struct store_region regions[STORE_MAX_REGIONS];
+    uint32_t page_size;
+    struct store_figures figures;
+    char vmm_binary[PATH_MAX];
+    char vmm_version[64];
+    int64_t created_at_unix_ms;
+    size_t label_count;
+    struct store_label labels[STORE_MAX_LABELS];
+    char path[PATH_MAX]; /* directory of the snapshot (set by the store) */
+    uint32_t users;      /* VMs holding it through store_acquire (set by the store) */
+};
+
+struct store;
+struct store_writer;
+
+/* Checks a snapshot name; -EINVAL with the reason otherwise. */
+int store_validate_name(const char *name, struct forkd_error *err);
+
+/* Opens (creating) <state_dir>/snapshots and removes crash leftovers (.tmp-* directories). */
+int store_open(const char *state_dir, struct store **out, struct forkd_error *err);
+void store_close(struct store *store);
+
+/* Reserves name and creates its temporary directory. -EEXIST when a snapshot or a writer of
+ * that name exists, -EINVAL for a bad name. */
+int store_begin(struct store *store, const char *name, struct store_writer **out,
+                struct forkd_error *err);
+
+/* The temporary directory to write vmstate and memory.bin into. */
+const char *store_writer_dir(const struct store_writer *writer);
+
+/* Paths of the two data files inside the writer's directory. */
+const char *store_writer_vmstate_path(const struct store_writer *writer);
+const char *store_writer_memory_path(const struct store_writer *writer);
+
+/* True once a forced delete asked this writer's branch to stop. */
+bool store_writer_abandoned(const struct store_writer *writer);
+
+/* Makes the snapshot READY (see the top of this file). meta->name must be the writer's name;
+ * path, state and users are set by the store. On success the writer is freed; on failure the
+ * writer is aborted (temporary directory removed) and freed too. */
+int store_publish(struct store_writer *writer, const struct store_snapshot *meta,
+                  struct forkd_error *err);
+
+/* Removes the temporary directory and releases the name. Frees the writer. */
+void store_abort(struct store_writer *writer);
+
+/* All snapshots, READY and WRITING, sorted by name. *out is malloc'd (free it). */
+int store_list(struct store *store, struct store_snapshot **out, size_t *count,
+               struct forkd_error *err);
+
+/* One snapshot (READY or WRITING). -ENOENT when there is none. */
+int store_get(struct store *store, const char *name, struct store_snapshot *out,
+              struct forkd_error *err);
+
+/* Takes a use of a READY snapshot for a VM restored from it (out filled). -ENOENT, or -EAGAIN
+ * when it is still WRITING. */
+int store_acquire(struct store *store, const char *name, struct store_snapshot *out,
+                  struct forkd_error *err);
+void store_release(struct store *store, const char *name);
+
+/* Deletes a snapshot. -EBUSY while VMs use it or a branch writes it, unless force; a forced
+ * delete of a WRITING snapshot marks its writer abandoned (the branch then aborts). */
+int store_delete(struct store *store, const char *name, bool force, struct forkd_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

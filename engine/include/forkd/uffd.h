@@ -1,0 +1,106 @@
+/*
+ * The userfaultfd layer: receiving a VMM's userfaultfd and its guest memory regions through
+ * Firecracker's one-message handshake, and driving that fd (write-protect, unprotect, events).
+ *
+ * The handshake: the VMM connects to a Unix socket we listen on and sends ONE message: a JSON
+ * array (or an object {"mappings": [...]}) of
+ *   {"base_host_virt_addr": N, "size": N, "offset": N, "page_size": N, "page_size_kib": N}
+ * with the userfaultfd attached as SCM_RIGHTS. The VMM keeps the socket open and sends nothing
+ * more; we keep our end open for as long as we use the fd. UFFDIO_API was already done by the
+ * VMM: never call it (or UFFDIO_REGISTER) again on a received fd.
+ *
+ * All range operations act on the VMM's address space (the fd's creator), addressed by the
+ * VMM's host virtual addresses from the handshake.
+ */
+#ifndef FORKD_UFFD_H
+#define FORKD_UFFD_H
+
+#include "forkd/error.h"
+
+#include <linux/userfaultfd.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define UFFD_MAX_REGIONS        16
+#define UFFD_HANDSHAKE_MAX_BYTES (64 * 1024) /* larger messages are refused */
+
+/* One guest memory region as the VMM announced it. */
+struct uffd_region {
+    uint64_t host_base;   /* base_host_virt_addr: where the VMM maps it */
+    uint64_t size;        /* bytes, a multiple of page_size */
+    uint64_t file_offset; /* offset of the region in memory.bin ("offset") */
+    uint64_t page_size;   /* 4096 or 2 MiB ("page_size", else "page_size_kib" which is bytes) */
+};
+
+struct uffd_handshake {
+    int uffd;        /* the received userfaultfd; -1 when none */
+    int connection;  /* our end of the VMM's connection, kept open; -1 when none */
+    pid_t peer_pid;  /* the VMM, from SO_PEERCRED */
+    size_t region_count;
+    struct uffd_region regions[UFFD_MAX_REGIONS];
+};
+
+/* Creates a listening Unix socket at path (an existing file there is replaced if it is a
+ * socket). Returns the listening fd or -errno. */
+int uffd_listen(const char *path, struct forkd_error *err);
+
+/* Accepts one connection on listen_fd and receives its handshake, all within timeout_ms.
+ * On success out holds the fd, the open connection and the regions (sorted by file_offset,
+ * checked: sizes and bases page-aligned, page sizes 4 KiB or 2 MiB, file offsets contiguous
+ * from 0). Rejected with a message naming the defect: no fd or more than one, MSG_CTRUNC or
+ * MSG_TRUNC, a message over UFFD_HANDSHAKE_MAX_BYTES, JSON that is not the format, no regions,
+ * a peer that sends nothing in time (-ETIMEDOUT) or closes (-ECONNRESET). */
+int uffd_accept_handshake(int listen_fd, int timeout_ms, struct uffd_handshake *out,
+                          struct forkd_error *err);
+
+/* Parses the handshake JSON (either form) into out->regions. Exposed for tests. */
+int uffd_parse_mappings(const char *json, size_t length, struct uffd_handshake *out,
+                        struct forkd_error *err);
+
+/* Serialises regions in the handshake's bare-array form (for the VMM side and tests). Returns
+ * a malloc'd NUL-terminated string or NULL. */
+char *uffd_format_mappings(const struct uffd_region *regions, size_t count);
+
+/* Sends a handshake on a connected socket: the JSON and the fd as SCM_RIGHTS. */
+int uffd_send_handshake(int socket_fd, int uffd, const struct uffd_region *regions, size_t count,
+                        struct forkd_error *err);
+
+/* Closes the fd and the connection. */
+void uffd_handshake_release(struct uffd_handshake *handshake);
+
+/* Sum of region sizes. */
+uint64_t uffd_total_size(const struct uffd_handshake *handshake);
+
+/* Write-protects (protect=true) or unprotects [address, address+length) in the VMM's memory.
+ * address and length must be aligned to page_size (-EINVAL otherwise, nothing done).
+ * Unprotecting wakes the threads waiting on the range unless dont_wake. EAGAIN (a pending
+ * REMOVE or mapping change) is retried. Returns 0 or -errno. */
+int uffd_write_protect(int uffd, uint64_t address, uint64_t length, uint64_t page_size,
+                       bool protect, bool dont_wake, struct forkd_error *err);
+
+/* Wakes threads blocked on [address, address+length) without changing protection. */
+int uffd_wake(int uffd, uint64_t address, uint64_t length, struct forkd_error *err);
+
+/* Reads up to max pending messages without blocking. Returns the count (0 when none pending)
+ * or -errno. */
+int uffd_read_events(int uffd, struct uffd_msg *messages, size_t max, struct forkd_error *err);
+
+/* Waits until uffd has events, stop_fd (an eventfd, or -1) is readable, or timeout_ms passes
+ * (-1: no limit). Returns 1 when uffd is readable, 0 on stop or timeout, -errno on error
+ * (-EPIPE when the uffd's owner is gone: POLLHUP/POLLERR). */
+int uffd_wait(int uffd, int stop_fd, int timeout_ms);
+
+/* True when a message is a write-protect fault (flags carry UFFD_PAGEFAULT_FLAG_WP). */
+bool uffd_is_wp_fault(const struct uffd_msg *message);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
