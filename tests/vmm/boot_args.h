@@ -10,9 +10,9 @@
 #include <stdint.h>
 
 struct workload {
-    uint64_t pages; /* 0 = every page the guest may use */
+    uint64_t pages;   /* 0 = every page the guest may use */
     uint32_t pattern; /* enum guest_pattern */
-    uint64_t rate;  /* page writes per second per vCPU, 0 = flat out */
+    uint64_t rate;    /* page writes per second per vCPU, 0 = flat out */
     uint64_t seed;
 };
 

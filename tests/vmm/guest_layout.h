@@ -17,31 +17,31 @@
 
 #include <stdint.h>
 
-#define GUEST_PAGE_SIZE        4096ull
-#define GUEST_HUGE_PAGE_SIZE   (2ull << 20)
-#define GUEST_CONFIG_GPA       0x1000ull
-#define GUEST_GDT_GPA          0x2000ull
-#define GUEST_PML4_GPA         0x3000ull
-#define GUEST_PDPT_GPA         0x4000ull
-#define GUEST_PD_GPA           0x8000ull
-#define GUEST_PD_COUNT         16ull /* maps guest-physical [0, 16 GiB) */
-#define GUEST_IMAGE_GPA        0x20000ull
-#define GUEST_IMAGE_MAX        0x20000ull
-#define GUEST_STACKS_GPA       0x40000ull
-#define GUEST_STACK_SIZE       0x4000ull
-#define GUEST_MAX_VCPUS        32u
-#define GUEST_SYSTEM_AREA_END  0x100000ull
-#define GUEST_PHYS_LIMIT       (GUEST_PD_COUNT << 30)
-#define GUEST_CODE_SELECTOR    0x08
-#define GUEST_DATA_SELECTOR    0x10
+#define GUEST_PAGE_SIZE       4096ull
+#define GUEST_HUGE_PAGE_SIZE  (2ull << 20)
+#define GUEST_CONFIG_GPA      0x1000ull
+#define GUEST_GDT_GPA         0x2000ull
+#define GUEST_PML4_GPA        0x3000ull
+#define GUEST_PDPT_GPA        0x4000ull
+#define GUEST_PD_GPA          0x8000ull
+#define GUEST_PD_COUNT        16ull /* maps guest-physical [0, 16 GiB) */
+#define GUEST_IMAGE_GPA       0x20000ull
+#define GUEST_IMAGE_MAX       0x20000ull
+#define GUEST_STACKS_GPA      0x40000ull
+#define GUEST_STACK_SIZE      0x4000ull
+#define GUEST_MAX_VCPUS       32u
+#define GUEST_SYSTEM_AREA_END 0x100000ull
+#define GUEST_PHYS_LIMIT      (GUEST_PD_COUNT << 30)
+#define GUEST_CODE_SELECTOR   0x08
+#define GUEST_DATA_SELECTOR   0x10
 
-#define GUEST_IMAGE_MAGIC      0x31474d56544b4446ull /* "FDKTVMG1" little-endian */
-#define GUEST_CONFIG_MAGIC     0x31464e4354564446ull /* "FDVTCNF1" */
+#define GUEST_IMAGE_MAGIC  0x31474d56544b4446ull /* "FDKTVMG1" little-endian */
+#define GUEST_CONFIG_MAGIC 0x31464e4354564446ull /* "FDVTCNF1" */
 
 /* Port the guest writes its running total to (low 32 bits), about every 10 ms. */
-#define GUEST_PORT_PROGRESS    0x510
+#define GUEST_PORT_PROGRESS 0x510
 /* Port the guest writes a guest_panic_code to before halting for good. */
-#define GUEST_PORT_PANIC       0x511
+#define GUEST_PORT_PANIC 0x511
 
 enum guest_panic_code {
     GUEST_PANIC_BAD_CONFIG = 1,
@@ -56,14 +56,17 @@ enum guest_pattern {
 
 /*
  * First bytes of the guest image, linked at GUEST_IMAGE_GPA. increment_window is the address
- * of the instruction that increments the register total: a vCPU whose RIP equals it has
- * already incremented a page counter but not yet its total.
+ * of the instruction that increments the register total (%r15): a vCPU whose RIP equals it
+ * has already incremented a page counter but not yet its total. [loop_start, loop_end) is the
+ * counting loop; a vCPU whose RIP lies outside it has not started counting (its %r15 means
+ * nothing yet and its counters are all zero).
  */
 struct guest_image_header {
     uint64_t magic;
     uint64_t entry;
     uint64_t increment_window;
-    uint64_t reserved;
+    uint64_t loop_start;
+    uint64_t loop_end;
 };
 
 /* A run of consecutive working-set pages: index i of the run is page gpa + i * 4096. */

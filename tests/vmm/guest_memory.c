@@ -18,8 +18,8 @@
 
 #define WRITE_CHUNK (8u << 20)
 
-int guest_memory_plan(struct guest_memory *memory, uint64_t mem_size, uint64_t gap_start,
-                      char *err, size_t err_size)
+int guest_memory_plan(struct guest_memory *memory, uint64_t mem_size, uint64_t gap_start, char *err,
+                      size_t err_size)
 {
     struct memory_region *regions = memory->regions;
 
@@ -36,9 +36,10 @@ int guest_memory_plan(struct guest_memory *memory, uint64_t mem_size, uint64_t g
     regions[0] = (struct memory_region){.size = mem_size < gap_start ? mem_size : gap_start};
     memory->region_count = 1;
     if (mem_size > gap_start) {
-        regions[1] = (struct memory_region){.guest_phys_addr = gap_start + GUEST_MEMORY_MMIO_GAP_SIZE,
-                                            .size = mem_size - gap_start,
-                                            .file_offset = gap_start};
+        regions[1] =
+            (struct memory_region){.guest_phys_addr = gap_start + GUEST_MEMORY_MMIO_GAP_SIZE,
+                                   .size = mem_size - gap_start,
+                                   .file_offset = gap_start};
         memory->region_count = 2;
     }
     const struct memory_region *last = &regions[memory->region_count - 1];
@@ -56,8 +57,8 @@ int guest_memory_adopt_layout(struct guest_memory *memory, const struct memory_r
     uint64_t offset = 0, previous_end = 0;
 
     if (region_count == 0 || region_count > GUEST_MEMORY_MAX_REGIONS)
-        return error_set(err, err_size, EINVAL, "%u memory regions (1 to %d allowed)",
-                         region_count, GUEST_MEMORY_MAX_REGIONS);
+        return error_set(err, err_size, EINVAL, "%u memory regions (1 to %d allowed)", region_count,
+                         GUEST_MEMORY_MAX_REGIONS);
     memset(memory, 0, sizeof(*memory));
     memory->restore_uffd = -1;
     memory->restore_socket = -1;
@@ -65,7 +66,8 @@ int guest_memory_adopt_layout(struct guest_memory *memory, const struct memory_r
         const struct memory_region *r = &regions[i];
         if (r->size == 0 || r->size % GUEST_PAGE_SIZE || r->guest_phys_addr % GUEST_PAGE_SIZE ||
             r->guest_phys_addr < previous_end || r->file_offset != offset ||
-            r->guest_phys_addr >= GUEST_PHYS_LIMIT || r->size > GUEST_PHYS_LIMIT - r->guest_phys_addr)
+            r->guest_phys_addr >= GUEST_PHYS_LIMIT ||
+            r->size > GUEST_PHYS_LIMIT - r->guest_phys_addr)
             return error_set(err, err_size, EINVAL,
                              "region %u (gpa 0x%" PRIx64 ", size 0x%" PRIx64 ", offset 0x%" PRIx64
                              ") is misaligned, overlapping or out of range",
@@ -76,7 +78,8 @@ int guest_memory_adopt_layout(struct guest_memory *memory, const struct memory_r
         offset += r->size;
     }
     if (regions[0].guest_phys_addr != 0 || regions[0].size < 2 * GUEST_SYSTEM_AREA_END)
-        return error_set(err, err_size, EINVAL, "region 0 must start at 0 and hold the system area");
+        return error_set(err, err_size, EINVAL,
+                         "region 0 must start at 0 and hold the system area");
     memory->region_count = region_count;
     memory->total_size = offset;
     return 0;
@@ -138,8 +141,8 @@ int guest_memory_map_uffd(struct guest_memory *memory, const char *socket_path, 
         return uffd;
     for (unsigned i = 0; i < memory->region_count; i++) {
         const struct memory_region *region = &memory->regions[i];
-        r = uffd_register(uffd, (uint64_t)region->host, region->size,
-                          UFFDIO_REGISTER_MODE_MISSING, err, err_size);
+        r = uffd_register(uffd, (uint64_t)region->host, region->size, UFFDIO_REGISTER_MODE_MISSING,
+                          err, err_size);
         if (r < 0)
             return r;
         handshake[i] = (struct uffd_handshake_region){

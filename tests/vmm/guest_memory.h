@@ -12,7 +12,8 @@
 #include <stdint.h>
 
 #define GUEST_MEMORY_MAX_REGIONS 2
-/* Like x86 Firecracker: RAM from the MMIO gap's start resumes 1 GiB higher (at 4 GiB by default). */
+/* Like x86 Firecracker: RAM from the MMIO gap's start resumes 1 GiB higher (at 4 GiB by default).
+ */
 #define GUEST_MEMORY_MMIO_GAP_SIZE (1ull << 30)
 
 enum memory_backend {
@@ -40,8 +41,8 @@ struct guest_memory {
 };
 
 /* Splits mem_size bytes into regions around the MMIO gap starting at gap_start (bytes). */
-int guest_memory_plan(struct guest_memory *memory, uint64_t mem_size, uint64_t gap_start,
-                      char *err, size_t err_size);
+int guest_memory_plan(struct guest_memory *memory, uint64_t mem_size, uint64_t gap_start, char *err,
+                      size_t err_size);
 
 /*
  * Takes a layout recorded in a vmstate: checks that regions are page-aligned, do not overlap,

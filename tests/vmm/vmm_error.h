@@ -9,9 +9,10 @@
 #include <stdarg.h>
 #include <stdio.h>
 
-/* Formats the message into err (if any) and returns -errnum, so callers can `return error_set(...)`. */
+/* Formats the message into err (if any) and returns -errnum, so callers can `return
+ * error_set(...)`. */
 __attribute__((format(printf, 4, 5))) static inline int error_set(char *err, size_t err_size,
-                                                                   int errnum, const char *fmt, ...)
+                                                                  int errnum, const char *fmt, ...)
 {
     if (err && err_size) {
         va_list ap;

@@ -1,8 +1,9 @@
 /*
  * vmstate: forkd-testvm's own snapshot state format (the "vmstate" file next to memory.bin).
  * Everything needed to restore a running guest exactly: machine config, memory regions, the
- * guest's workload config and image facts, and per-vCPU registers, special registers, FPU/SSE
- * state (the guest's running total lives in %xmm15) and TSC.
+ * guest's workload config and image facts (where its counting loop and increment window are),
+ * and per-vCPU registers (the guest's running total lives in %r15), special registers, FPU
+ * state and TSC.
  *
  * On disk (little-endian, x86-64 only):
  *   struct vmstate_file_header                      magic "FKDVMST\0", version, counts
@@ -16,6 +17,7 @@
 #ifndef FORKD_TESTVM_VMSTATE_H
 #define FORKD_TESTVM_VMSTATE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -40,6 +42,8 @@ struct vmstate {
     uint32_t mmio_gap_mib;
     uint32_t region_count;
     uint64_t increment_window; /* guest RIP between the counter and the total increments */
+    uint64_t loop_start;       /* [loop_start, loop_end): the guest's counting loop */
+    uint64_t loop_end;
     struct memory_region regions[GUEST_MEMORY_MAX_REGIONS]; /* host pointers not stored */
     struct guest_config guest_config;
     struct vcpu_state vcpus[GUEST_MAX_VCPUS];
@@ -51,7 +55,10 @@ int vmstate_write(const char *path, const struct vmstate *state, char *err, size
 /* Reads and validates path into *state. */
 int vmstate_read(const char *path, struct vmstate *state, char *err, size_t err_size);
 
-/* The guest's running total of a saved vCPU (low quadword of %xmm15). */
-uint64_t vmstate_vcpu_total(const struct vcpu_state *vcpu);
+/* The guest's running total of a saved vCPU (%r15), 0 before it entered its counting loop. */
+uint64_t vmstate_vcpu_total(const struct vmstate *state, unsigned index);
+
+/* Whether the saved vCPU was inside the guest's counting loop. */
+bool vmstate_vcpu_counting(const struct vmstate *state, unsigned index);
 
 #endif

@@ -2,23 +2,56 @@
  * The forkd-testvm guest: a freestanding long-mode program, one instance per vCPU, that writes
  * guest memory continuously in a way that exposes torn snapshots. Each step picks a working-set
  * page, increments this vCPU's counter in that page, then increments the vCPU's running total,
- * which lives only in %xmm15. A snapshot is consistent exactly when, for every vCPU, the
- * counters in memory add up to %xmm15 (or one more, if the vCPU stopped between the two
- * instructions, at guest_increment_window).
+ * which lives only in %r15. A snapshot is consistent exactly when, for every vCPU, the counters
+ * in memory add up to %r15 (or one more, if the vCPU stopped between the two instructions, at
+ * guest_increment_window).
  *
- * Why %xmm15: the total must live in a register the compiler never touches. The guest is built
- * with -mgeneral-regs-only, so no compiled code uses vector registers; only guest_touch does.
- * Everything else is ordinary C on a per-vCPU stack; there are no globals.
+ * Why the loop is assembly: the total must stay in one register at every instruction
+ * boundary, and clang (unlike gcc) cannot be told to keep its hands off %r15. Why not a vector
+ * register: SSE instructions are not usable under the nested hypervisor of our CI machines.
+ * So C prepares the loop's parameters and the loop itself, page choice and pacing included,
+ * is hand-written and never returns.
  */
+#include <stddef.h>
+
 #include "../guest_layout.h"
+
+/* Read by guest_loop at the fixed offsets below: keep the two in step. */
+struct loop_params {
+    uint64_t pattern;        /* 0 */
+    uint64_t pages;          /* 8 */
+    uint64_t hot_pages;      /* 16 */
+    uint64_t walk_state;     /* 24: sequential cursor, or xorshift state */
+    uint64_t slot_offset;    /* 32: 8 * vCPU index */
+    uint64_t range0_gpa;     /* 40 */
+    uint64_t range0_pages;   /* 48 */
+    uint64_t range1_gpa;     /* 56 */
+    uint64_t tsc_per_write;  /* 64: 0 = flat out */
+    uint64_t tsc_per_report; /* 72 */
+    uint64_t deadline;       /* 80 */
+    uint64_t last_report;    /* 88 */
+};
+_Static_assert(offsetof(struct loop_params, pages) == 8, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, hot_pages) == 16, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, walk_state) == 24, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, slot_offset) == 32, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, range0_gpa) == 40, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, range0_pages) == 48, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, range1_gpa) == 56, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, tsc_per_write) == 64, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, tsc_per_report) == 72, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, deadline) == 80, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, last_report) == 88, "guest_loop offsets");
+_Static_assert(GUEST_PORT_PROGRESS == 0x510, "guest_loop hard-codes the progress port");
+_Static_assert(GUEST_PATTERN_SEQUENTIAL == 0 && GUEST_PATTERN_RANDOM == 1, "guest_loop patterns");
 
 void guest_start(void);
 void guest_main(uint64_t vcpu_index, const struct guest_config *config);
-void guest_touch(volatile uint64_t *counter);
-extern char guest_increment_window[];
+__attribute__((noreturn)) void guest_loop(struct loop_params *params);
+extern char guest_increment_window[], guest_loop_start[], guest_loop_end[];
 
 /* The VMM enters here with %rsp at the top of this vCPU's stack, %rdi = vCPU index and
- * %rsi = config; %xmm14 = 1 and %xmm15 = 0 are set by the VMM too. */
+ * %rsi = config. */
 __asm__(".pushsection .text.entry, \"ax\"\n"
         ".globl guest_start\n"
         "guest_start:\n"
@@ -27,22 +60,119 @@ __asm__(".pushsection .text.entry, \"ax\"\n"
         "    jmp 1b\n"
         ".popsection\n");
 
-/* The two instructions the whole invariant is about, kept together and out of the
- * compiler's hands. */
+/*
+ * Registers: %rbx params, %rbp pattern, %r12 pages, %r13 slot offset, %r14 walk state,
+ * %r15 the running total. Only the two instructions around guest_increment_window write
+ * counters or the total.
+ */
 __asm__(".pushsection .text, \"ax\"\n"
-        ".globl guest_touch\n"
-        "guest_touch:\n"
-        "    incq (%rdi)\n"
+        ".globl guest_loop\n"
+        "guest_loop:\n"
+        "    movq %rdi, %rbx\n"
+        "    movq 0(%rbx), %rbp\n"
+        "    movq 8(%rbx), %r12\n"
+        "    movq 32(%rbx), %r13\n"
+        "    movq 24(%rbx), %r14\n"
+        "    xorl %r15d, %r15d\n"
+        ".globl guest_loop_start\n"
+        "guest_loop_start:\n"
+        /* choose a page index into %rax */
+        "    testq %rbp, %rbp\n"
+        "    jnz 10f\n"
+        "    incq %r14\n"
+        "    cmpq %r12, %r14\n"
+        "    jb 1f\n"
+        "    xorl %r14d, %r14d\n"
+        "1:  movq %r14, %rax\n"
+        "    jmp 20f\n"
+        "10: movq %r14, %rax\n" /* xorshift64* */
+        "    shrq $12, %rax\n"
+        "    xorq %rax, %r14\n"
+        "    movq %r14, %rax\n"
+        "    shlq $25, %rax\n"
+        "    xorq %rax, %r14\n"
+        "    movq %r14, %rax\n"
+        "    shrq $27, %rax\n"
+        "    xorq %rax, %r14\n"
+        "    movabsq $0x2545F4914F6CDD1D, %rax\n"
+        "    imulq %r14, %rax\n"
+        "    xorl %edx, %edx\n"
+        "    cmpq $1, %rbp\n"
+        "    je 12f\n"
+        "    movzbl %al, %ecx\n" /* hot set: 230 in 256 writes go to the first tenth */
+        "    shrq $8, %rax\n"
+        "    cmpl $230, %ecx\n"
+        "    jae 12f\n"
+        "    divq 16(%rbx)\n"
+        "    movq %rdx, %rax\n"
+        "    jmp 20f\n"
+        "12: divq %r12\n"
+        "    movq %rdx, %rax\n"
+        /* index -> guest-physical address of this vCPU's counter */
+        "20: movq 48(%rbx), %rcx\n"
+        "    cmpq %rcx, %rax\n"
+        "    jb 21f\n"
+        "    subq %rcx, %rax\n"
+        "    shlq $12, %rax\n"
+        "    addq 56(%rbx), %rax\n"
+        "    jmp 22f\n"
+        "21: shlq $12, %rax\n"
+        "    addq 40(%rbx), %rax\n"
+        "22: addq %r13, %rax\n"
+        /* the invariant: counter first, then total */
+        "    incq (%rax)\n"
         ".globl guest_increment_window\n"
         "guest_increment_window:\n"
-        "    paddq %xmm14, %xmm15\n"
-        "    ret\n"
+        "    incq %r15\n"
+        /* pacing and progress: flat out looks at the clock every 1024 writes */
+        "    cmpq $0, 64(%rbx)\n"
+        "    jne 30f\n"
+        "    testq $0x3ff, %r15\n"
+        "    jnz guest_loop_start\n"
+        "30: rdtsc\n"
+        "    shlq $32, %rdx\n"
+        "    orq %rdx, %rax\n"
+        "    movq %rax, %rsi\n" /* %rsi = now */
+        "    subq 88(%rbx), %rax\n"
+        "    cmpq 72(%rbx), %rax\n"
+        "    jb 31f\n"
+        "    movl %r15d, %eax\n"
+        "    movl $0x510, %edx\n"
+        "    outl %eax, %dx\n"
+        "    movq %rsi, 88(%rbx)\n"
+        "31: movq 64(%rbx), %rcx\n"
+        "    testq %rcx, %rcx\n"
+        "    jz guest_loop_start\n"
+        "    movq 80(%rbx), %rax\n"
+        "    addq %rcx, %rax\n" /* next deadline */
+        "    movq 72(%rbx), %rdx\n"
+        "    imulq $100, %rdx, %rdx\n" /* one second of TSC */
+        "    leaq (%rax,%rdx), %rdi\n"
+        "    cmpq %rsi, %rdi\n"
+        "    jb 32f\n" /* far behind (after a long pause): do not burst */
+        "    leaq (%rsi,%rdx), %rdi\n"
+        "    cmpq %rdi, %rax\n"
+        "    jbe 33f\n" /* far ahead (clock moved back): do not stall */
+        "32: leaq (%rsi,%rcx), %rax\n"
+        "33: movq %rax, 80(%rbx)\n"
+        "    movq %rax, %rdi\n"
+        "34: rdtsc\n"
+        "    shlq $32, %rdx\n"
+        "    orq %rdx, %rax\n"
+        "    cmpq %rdi, %rax\n"
+        "    jae guest_loop_start\n"
+        "    pause\n"
+        "    jmp 34b\n"
+        ".globl guest_loop_end\n"
+        "guest_loop_end:\n"
         ".popsection\n");
 
 __attribute__((section(".header"), used)) const struct guest_image_header guest_header = {
     .magic = GUEST_IMAGE_MAGIC,
     .entry = (uint64_t)guest_start,
     .increment_window = (uint64_t)guest_increment_window,
+    .loop_start = (uint64_t)guest_loop_start,
+    .loop_end = (uint64_t)guest_loop_end,
 };
 
 static inline uint64_t read_tsc(void)
@@ -52,125 +182,47 @@ static inline uint64_t read_tsc(void)
     return ((uint64_t)high << 32) | low;
 }
 
-static inline uint64_t read_total(void)
-{
-    uint64_t total;
-    __asm__ volatile("movq %%xmm15, %0" : "=r"(total));
-    return total;
-}
-
-static inline void port_write32(uint16_t port, uint32_t value)
-{
-    __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port) : "memory");
-}
-
 static void guest_panic(enum guest_panic_code code)
 {
     for (;;) {
-        port_write32(GUEST_PORT_PANIC, (uint32_t)code);
+        __asm__ volatile("outl %0, %1" : : "a"((uint32_t)code), "Nd"(GUEST_PORT_PANIC));
         __asm__ volatile("hlt");
     }
 }
 
-/* xorshift64*: cheap, decent, and needs no state beyond one word. */
-static inline uint64_t next_random(uint64_t *state)
+static int config_is_valid(uint64_t vcpu_index, const struct guest_config *config)
 {
-    uint64_t x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    return x * 0x2545F4914F6CDD1Dull;
-}
-
-struct walker {
-    uint64_t pattern;
-    uint64_t pages;
-    uint64_t hot_pages;
-    uint64_t cursor;
-    uint64_t random_state;
-};
-
-static uint64_t next_page_index(struct walker *w)
-{
-    uint64_t r;
-
-    switch (w->pattern) {
-    case GUEST_PATTERN_SEQUENTIAL:
-        if (++w->cursor >= w->pages)
-            w->cursor = 0;
-        return w->cursor;
-    case GUEST_PATTERN_RANDOM:
-        return next_random(&w->random_state) % w->pages;
-    default:
-        /* Hot set: nine writes in ten go to the first tenth of the working set. */
-        r = next_random(&w->random_state);
-        if ((r & 0xff) < 230)
-            return (r >> 8) % w->hot_pages;
-        return (r >> 8) % w->pages;
-    }
-}
-
-/*
- * Paces writes to config->rate per second with the TSC and reports progress. After a restore
- * or a long pause the deadline may be far behind (or, with a new TSC, far ahead): resynchronise
- * instead of bursting or stalling.
- */
-struct pacer {
-    uint64_t tsc_per_write;
-    uint64_t tsc_per_report;
-    uint64_t deadline;
-    uint64_t next_report;
-    uint64_t iterations;
-};
-
-static void pace(struct pacer *p)
-{
-    uint64_t now;
-
-    if (p->tsc_per_write == 0 && (++p->iterations & 0x3ff) != 0)
-        return;
-    now = read_tsc();
-    if (now >= p->next_report || p->next_report - now > 4 * p->tsc_per_report) {
-        port_write32(GUEST_PORT_PROGRESS, (uint32_t)read_total());
-        p->next_report = now + p->tsc_per_report;
-    }
-    if (p->tsc_per_write == 0)
-        return;
-    p->deadline += p->tsc_per_write;
-    if (p->deadline + 1000 * p->tsc_per_report < now || p->deadline > now + 1000 * p->tsc_per_report)
-        p->deadline = now + p->tsc_per_write;
-    while (read_tsc() < p->deadline)
-        __asm__ volatile("pause");
+    if (config->magic != GUEST_CONFIG_MAGIC || config->pages == 0 || config->tsc_khz == 0 ||
+        config->pattern > GUEST_PATTERN_HOTSET || config->range_count == 0 ||
+        config->range_count > GUEST_MAX_RANGES)
+        return 0;
+    if (config->range_count == 1 && config->ranges[0].pages != config->pages)
+        return 0;
+    return vcpu_index < config->vcpu_count && vcpu_index < GUEST_MAX_VCPUS;
 }
 
 void guest_main(uint64_t vcpu_index, const struct guest_config *config)
 {
-    struct walker walker;
-    struct pacer pacer;
+    struct loop_params params;
     uint64_t tsc_hz;
 
-    if (config->magic != GUEST_CONFIG_MAGIC || config->pages == 0 || config->tsc_khz == 0)
+    if (!config_is_valid(vcpu_index, config))
         guest_panic(GUEST_PANIC_BAD_CONFIG);
-    if (vcpu_index >= config->vcpu_count || vcpu_index >= GUEST_MAX_VCPUS)
-        guest_panic(GUEST_PANIC_BAD_VCPU);
-
-    walker.pattern = config->pattern;
-    walker.pages = config->pages;
-    walker.hot_pages = config->pages / 10 ? config->pages / 10 : 1;
-    walker.cursor = vcpu_index * config->pages / config->vcpu_count;
-    walker.random_state = (config->seed ^ ((vcpu_index + 1) * 0x9E3779B97F4A7C15ull)) | 1;
-
     tsc_hz = config->tsc_khz * 1000;
-    pacer.tsc_per_write = config->rate ? tsc_hz / config->rate : 0;
-    pacer.tsc_per_report = tsc_hz / 100;
-    pacer.deadline = read_tsc();
-    pacer.next_report = 0;
-    pacer.iterations = 0;
-
-    for (;;) {
-        uint64_t gpa = guest_page_gpa(config, next_page_index(&walker));
-        guest_touch((volatile uint64_t *)(gpa + 8 * vcpu_index));
-        pace(&pacer);
-    }
+    params.pattern = config->pattern;
+    params.pages = config->pages;
+    params.hot_pages = config->pages / 10 ? config->pages / 10 : 1;
+    /* Sequential walkers start spread out (the loop pre-increments); random ones differ by seed. */
+    params.walk_state = config->pattern == GUEST_PATTERN_SEQUENTIAL
+                            ? vcpu_index * config->pages / config->vcpu_count
+                            : (config->seed ^ ((vcpu_index + 1) * 0x9E3779B97F4A7C15ull)) | 1;
+    params.slot_offset = 8 * vcpu_index;
+    params.range0_gpa = config->ranges[0].gpa;
+    params.range0_pages = config->ranges[0].pages;
+    params.range1_gpa = config->range_count > 1 ? config->ranges[1].gpa : 0;
+    params.tsc_per_write = config->rate ? (tsc_hz / config->rate ? tsc_hz / config->rate : 1) : 0;
+    params.tsc_per_report = tsc_hz / 100;
+    params.deadline = read_tsc();
+    params.last_report = 0;
+    guest_loop(&params);
 }

@@ -1,0 +1,665 @@
+/* api: endpoint handlers and the VMM state machine (see api.h). */
+#include "api.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+#include <forkd/cleanup.h>
+#include <forkd_compat/userfaultfd.h>
+
+#include "guest_boot.h"
+#include "uffd_handshake.h"
+#include "vmm_error.h"
+#include "vmstate.h"
+
+#ifndef FORKD_VERSION
+#define FORKD_VERSION "0.0.0"
+#endif
+
+#define MIN_MEM_SIZE_MIB 4u
+#define MAX_MEM_SIZE_MIB (15u << 10)
+
+static void cjson_deletep(cJSON **json)
+{
+    cJSON_Delete(*json);
+}
+#define _cleanup_json_ _cleanup_(cjson_deletep)
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void vmm_init(struct vmm *vmm, const char *id, uint32_t mmio_gap_mib, unsigned pause_timeout_ms)
+{
+    memset(vmm, 0, sizeof(*vmm));
+    snprintf(vmm->id, sizeof(vmm->id), "%s", id);
+    vmm->mmio_gap_mib = mmio_gap_mib;
+    vmm->pause_timeout_ms = pause_timeout_ms;
+    vmm->vcpu_count = 1;
+    vmm->mem_size_mib = 128; /* Firecracker's defaults */
+    vmm->memory.restore_uffd = vmm->memory.restore_socket = -1;
+    vmm->write_protect_socket = -1;
+    boot_args_parse(NULL, &vmm->workload, NULL, 0);
+}
+
+static const char *state_name(enum vmm_state state)
+{
+    switch (state) {
+    case VMM_RUNNING:
+        return "Running";
+    case VMM_PAUSED:
+        return "Paused";
+    default:
+        return "Not started";
+    }
+}
+
+/* ---- request body schema checks: unknown fields and wrong types are 400s ---- */
+
+enum field_type {
+    FIELD_STRING,
+    FIELD_UNSIGNED,
+    FIELD_BOOL,
+    FIELD_OBJECT,
+};
+
+struct field_spec {
+    const char *name;
+    enum field_type type;
+    bool required;
+};
+
+static const char *field_type_name(enum field_type type)
+{
+    static const char *const names[] = {"a string", "a non-negative integer", "a boolean",
+                                        "an object"};
+    return names[type];
+}
+
+static bool field_has_type(const cJSON *item, enum field_type type)
+{
+    switch (type) {
+    case FIELD_STRING:
+        return cJSON_IsString(item);
+    case FIELD_UNSIGNED:
+        return cJSON_IsNumber(item) && item->valuedouble >= 0 &&
+               item->valuedouble <= 9007199254740992.0 &&
+               floor(item->valuedouble) == item->valuedouble;
+    case FIELD_BOOL:
+        return cJSON_IsBool(item);
+    default:
+        return cJSON_IsObject(item);
+    }
+}
+
+static int check_fields(const cJSON *object, const char *what, const struct field_spec *specs,
+                        size_t count, char *err, size_t err_size)
+{
+    const cJSON *item;
+
+    if (!cJSON_IsObject(object))
+        return error_set(err, err_size, EINVAL, "%s must be a JSON object", what);
+    cJSON_ArrayForEach(item, object)
+    {
+        size_t i;
+        for (i = 0; i < count; i++)
+            if (item->string && strcmp(item->string, specs[i].name) == 0)
+                break;
+        if (i == count)
+            return error_set(err, err_size, EINVAL, "%s: unknown field '%s'", what,
+                             item->string ? item->string : "");
+        if (!field_has_type(item, specs[i].type))
+            return error_set(err, err_size, EINVAL, "%s: field '%s' must be %s", what,
+                             specs[i].name, field_type_name(specs[i].type));
+    }
+    for (size_t i = 0; i < count; i++)
+        if (specs[i].required && !cJSON_GetObjectItemCaseSensitive(object, specs[i].name))
+            return error_set(err, err_size, EINVAL, "%s: missing field '%s'", what, specs[i].name);
+    return 0;
+}
+
+static const char *string_field(const cJSON *object, const char *name)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, name);
+    return cJSON_IsString(item) ? item->valuestring : NULL;
+}
+
+static bool bool_field(const cJSON *object, const char *name, bool fallback)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, name);
+    return cJSON_IsBool(item) ? cJSON_IsTrue(item) : fallback;
+}
+
+static int require_fresh(const struct vmm *vmm, const char *what, char *err, size_t err_size)
+{
+    if (vmm->state != VMM_NOT_STARTED)
+        return error_set(err, err_size, EINVAL, "%s is not allowed after the microVM started",
+                         what);
+    return 0;
+}
+
+/* ---- GET / ---- */
+
+static void add_regions(cJSON *root, const struct guest_memory *memory)
+{
+    cJSON *regions = cJSON_AddArrayToObject(root, "regions");
+    for (unsigned i = 0; regions && i < memory->region_count; i++) {
+        cJSON *region = cJSON_CreateObject();
+        cJSON_AddNumberToObject(region, "guest_phys_addr",
+                                (double)memory->regions[i].guest_phys_addr);
+        cJSON_AddNumberToObject(region, "size", (double)memory->regions[i].size);
+        cJSON_AddNumberToObject(region, "offset", (double)memory->regions[i].file_offset);
+        cJSON_AddItemToArray(regions, region);
+    }
+}
+
+static void add_guest_status(cJSON *root, struct vmm *vmm)
+{
+    char failure[200];
+    cJSON *progress = cJSON_AddArrayToObject(root, "guest_progress");
+
+    for (unsigned i = 0; progress && vmm->vm_created && i < vmm->vm.vcpu_count; i++)
+        cJSON_AddItemToArray(progress,
+                             cJSON_CreateNumber((double)atomic_load(&vmm->vm.vcpus[i].progress)));
+    if (vmm->vm_created && vm_failure(&vmm->vm, failure, sizeof(failure)))
+        cJSON_AddStringToObject(root, "guest_error", failure);
+    else
+        cJSON_AddNullToObject(root, "guest_error");
+}
+
+static int handle_get_root(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                           size_t err_size)
+{
+    _cleanup_json_ cJSON *root = cJSON_CreateObject();
+
+    (void)body;
+    if (!root)
+        return error_set(err, err_size, ENOMEM, "out of memory");
+    cJSON_AddStringToObject(root, "id", vmm->id);
+    cJSON_AddStringToObject(root, "state", state_name(vmm->state));
+    cJSON_AddStringToObject(root, "vmm_version", FORKD_VERSION);
+    cJSON_AddStringToObject(root, "app_name", "forkd-testvm");
+    cJSON_AddNumberToObject(root, "pid", getpid());
+    cJSON_AddNumberToObject(root, "vcpu_count", vmm->vcpu_count);
+    cJSON_AddNumberToObject(root, "mem_size_mib", vmm->mem_size_mib);
+    cJSON_AddNumberToObject(root, "mmio_gap_mib", vmm->mmio_gap_mib);
+    cJSON_AddStringToObject(root, "memory_backend", guest_memory_backend_name(vmm->memory.backend));
+    add_regions(root, &vmm->memory);
+    cJSON_AddNumberToObject(root, "pause_count", (double)vmm->pause_count);
+    cJSON_AddNumberToObject(root, "last_pause_ns", (double)vmm->last_pause_ns);
+    cJSON_AddNumberToObject(root, "last_resume_ns", (double)vmm->last_resume_ns);
+    cJSON_AddNumberToObject(root, "last_snapshot_ns", (double)vmm->last_snapshot_ns);
+    add_guest_status(root, vmm);
+    *response = cJSON_PrintUnformatted(root);
+    return *response ? 0 : error_set(err, err_size, ENOMEM, "out of memory");
+}
+
+/* ---- configuration ---- */
+
+static int handle_machine_config(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                                 size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"vcpu_count", FIELD_UNSIGNED, true},
+        {"mem_size_mib", FIELD_UNSIGNED, true},
+        {"smt", FIELD_BOOL, false},
+        {"track_dirty_pages", FIELD_BOOL, false},
+    };
+    int r = check_fields(body, "machine-config", specs, 4, err, err_size);
+
+    (void)response;
+    if (r == 0)
+        r = require_fresh(vmm, "PUT /machine-config", err, err_size);
+    if (r < 0)
+        return r;
+    double vcpus = cJSON_GetObjectItemCaseSensitive(body, "vcpu_count")->valuedouble;
+    double mib = cJSON_GetObjectItemCaseSensitive(body, "mem_size_mib")->valuedouble;
+    if (vcpus < 1 || vcpus > GUEST_MAX_VCPUS)
+        return error_set(err, err_size, EINVAL, "vcpu_count must be 1 to %u", GUEST_MAX_VCPUS);
+    if (mib < MIN_MEM_SIZE_MIB || mib > MAX_MEM_SIZE_MIB)
+        return error_set(err, err_size, EINVAL, "mem_size_mib must be %u to %u", MIN_MEM_SIZE_MIB,
+                         MAX_MEM_SIZE_MIB);
+    if (bool_field(body, "smt", false))
+        return error_set(err, err_size, EINVAL, "smt is not supported");
+    vmm->vcpu_count = (uint32_t)vcpus;
+    vmm->mem_size_mib = (uint32_t)mib;
+    vmm->machine_configured = true;
+    return 0;
+}
+
+static int handle_boot_source(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                              size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"kernel_image_path", FIELD_STRING, true},
+        {"boot_args", FIELD_STRING, false},
+    };
+    struct workload workload;
+    int r = check_fields(body, "boot-source", specs, 2, err, err_size);
+
+    (void)response;
+    if (r == 0)
+        r = require_fresh(vmm, "PUT /boot-source", err, err_size);
+    if (r == 0)
+        r = boot_args_parse(string_field(body, "boot_args"), &workload, err, err_size);
+    if (r < 0)
+        return r;
+    const char *path = string_field(body, "kernel_image_path");
+    if (strlen(path) >= sizeof(vmm->kernel_image_path) || path[0] == '\0')
+        return error_set(err, err_size, EINVAL, "kernel_image_path is empty or too long");
+    if (access(path, R_OK) < 0)
+        return error_set(err, err_size, errno, "kernel_image_path %s: %s", path, strerror(errno));
+    strcpy(vmm->kernel_image_path, path);
+    vmm->workload = workload;
+    vmm->boot_source_configured = true;
+    return 0;
+}
+
+/* ---- InstanceStart ---- */
+
+static void release_machine(struct vmm *vmm)
+{
+    if (vmm->vm_created)
+        vm_destroy(&vmm->vm);
+    vmm->vm_created = false;
+    guest_memory_release(&vmm->memory);
+}
+
+static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
+{
+    struct guest_boot_result boot;
+    int r;
+
+    r = guest_memory_plan(&vmm->memory, (uint64_t)vmm->mem_size_mib << 20,
+                          (uint64_t)vmm->mmio_gap_mib << 20, err, err_size);
+    if (r == 0)
+        r = guest_memory_map_anonymous(&vmm->memory, err, err_size);
+    if (r < 0)
+        return r;
+    /* Resident and non-zero from the start, so untouched pages are recognisable later. */
+    guest_memory_fill_boot_pattern(&vmm->memory);
+    r = vm_create(&vmm->vm, &vmm->memory, vmm->vcpu_count, err, err_size);
+    vmm->vm_created = true;
+    if (r == 0)
+        r = guest_boot_prepare(&vmm->memory, vmm->kernel_image_path, &vmm->workload,
+                               vmm->vcpu_count, vmm->vm.tsc_khz, &boot, err, err_size);
+    if (r == 0)
+        r = vm_set_boot_state(&vmm->vm, boot.header.entry, err, err_size);
+    if (r == 0)
+        r = vm_start(&vmm->vm, false, err, err_size);
+    if (r < 0)
+        return r;
+    vmm->guest_config = boot.config;
+    vmm->increment_window = boot.header.increment_window;
+    vmm->loop_start = boot.header.loop_start;
+    vmm->loop_end = boot.header.loop_end;
+    return 0;
+}
+
+static int handle_actions(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                          size_t err_size)
+{
+    static const struct field_spec specs[] = {{"action_type", FIELD_STRING, true}};
+    int r = check_fields(body, "actions", specs, 1, err, err_size);
+
+    (void)response;
+    if (r < 0)
+        return r;
+    const char *action = string_field(body, "action_type");
+    if (strcmp(action, "InstanceStart") != 0)
+        return error_set(err, err_size, EINVAL, "action_type '%s' is not supported", action);
+    r = require_fresh(vmm, "InstanceStart", err, err_size);
+    if (r < 0)
+        return r;
+    if (!vmm->boot_source_configured)
+        return error_set(err, err_size, EINVAL, "InstanceStart needs PUT /boot-source first");
+    r = boot_machine(vmm, err, err_size);
+    if (r < 0) {
+        release_machine(vmm);
+        return r;
+    }
+    vmm->state = VMM_RUNNING;
+    return 0;
+}
+
+/* ---- PATCH /vm ---- */
+
+static int pause_machine(struct vmm *vmm, char *err, size_t err_size)
+{
+    uint64_t start = monotonic_ns();
+    int r = vm_pause(&vmm->vm, vmm->pause_timeout_ms, err, err_size);
+
+    if (r < 0)
+        return r;
+    vmm->last_pause_ns = monotonic_ns() - start;
+    vmm->pause_count++;
+    vmm->state = VMM_PAUSED;
+    return 0;
+}
+
+static void resume_machine(struct vmm *vmm)
+{
+    uint64_t start = monotonic_ns();
+
+    vm_resume(&vmm->vm);
+    vmm->last_resume_ns = monotonic_ns() - start;
+    vmm->state = VMM_RUNNING;
+}
+
+static int handle_vm_state(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                           size_t err_size)
+{
+    static const struct field_spec specs[] = {{"state", FIELD_STRING, true}};
+    int r = check_fields(body, "vm", specs, 1, err, err_size);
+
+    (void)response;
+    if (r < 0)
+        return r;
+    const char *wanted = string_field(body, "state");
+    bool pause = strcmp(wanted, "Paused") == 0;
+    if (!pause && strcmp(wanted, "Resumed") != 0)
+        return error_set(err, err_size, EINVAL,
+                         "state must be \"Paused\" or \"Resumed\", not \"%s\"", wanted);
+    if (vmm->state == VMM_NOT_STARTED)
+        return error_set(err, err_size, EINVAL, "the microVM is not started");
+    if (pause && vmm->state == VMM_RUNNING)
+        return pause_machine(vmm, err, err_size);
+    if (!pause && vmm->state == VMM_PAUSED)
+        resume_machine(vmm);
+    return 0;
+}
+
+/* ---- snapshots ---- */
+
+static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, size_t err_size)
+{
+    memset(state, 0, sizeof(*state));
+    state->vcpu_count = vmm->vcpu_count;
+    state->mem_size_mib = vmm->mem_size_mib;
+    state->mmio_gap_mib = vmm->mmio_gap_mib;
+    state->region_count = vmm->memory.region_count;
+    state->increment_window = vmm->increment_window;
+    state->loop_start = vmm->loop_start;
+    state->loop_end = vmm->loop_end;
+    state->guest_config = vmm->guest_config;
+    for (unsigned i = 0; i < vmm->memory.region_count; i++) {
+        state->regions[i] = vmm->memory.regions[i];
+        state->regions[i].host = NULL;
+    }
+    for (unsigned i = 0; i < vmm->vcpu_count; i++) {
+        int r = vm_save_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+static int handle_snapshot_create(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                                  size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"snapshot_type", FIELD_STRING, false},
+        {"snapshot_path", FIELD_STRING, true},
+        {"mem_file_path", FIELD_STRING, true},
+    };
+    _cleanup_free_ struct vmstate *state = NULL;
+    char failure[200];
+    uint64_t start = monotonic_ns();
+    int r = check_fields(body, "snapshot/create", specs, 3, err, err_size);
+
+    (void)response;
+    if (r < 0)
+        return r;
+    const char *type = string_field(body, "snapshot_type");
+    bool full = !type || strcmp(type, "Full") == 0;
+    if (!full && strcmp(type, "VmstateOnly") != 0)
+        return error_set(err, err_size, EINVAL,
+                         "snapshot_type must be \"Full\" or \"VmstateOnly\", not \"%s\"", type);
+    if (vmm->state != VMM_PAUSED)
+        return error_set(err, err_size, EINVAL,
+                         "snapshot/create needs a paused microVM (state: %s)",
+                         state_name(vmm->state));
+    if (vm_failure(&vmm->vm, failure, sizeof(failure)))
+        return error_set(err, err_size, EINVAL, "cannot snapshot a failed guest: %s", failure);
+    state = malloc(sizeof(*state));
+    if (!state)
+        return error_set(err, err_size, ENOMEM, "out of memory");
+    r = collect_vmstate(vmm, state, err, err_size);
+    /* VmstateOnly never opens mem_file_path: forkd passes a path that must not be created. */
+    if (r == 0 && full)
+        r = guest_memory_write_file(&vmm->memory, string_field(body, "mem_file_path"), err,
+                                    err_size);
+    if (r == 0)
+        r = vmstate_write(string_field(body, "snapshot_path"), state, err, err_size);
+    if (r == 0)
+        vmm->last_snapshot_ns = monotonic_ns() - start;
+    return r;
+}
+
+static int map_restore_memory(struct vmm *vmm, const cJSON *backend, char *err, size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"backend_type", FIELD_STRING, true},
+        {"backend_path", FIELD_STRING, true},
+        {"shared", FIELD_BOOL, false},
+    };
+    int r = check_fields(backend, "mem_backend", specs, 3, err, err_size);
+
+    if (r < 0)
+        return r;
+    const char *type = string_field(backend, "backend_type");
+    const char *path = string_field(backend, "backend_path");
+    bool shared = bool_field(backend, "shared", false);
+    if (strcmp(type, "File") == 0)
+        return guest_memory_map_file(&vmm->memory, path, shared, err, err_size);
+    if (strcmp(type, "Uffd") != 0)
+        return error_set(err, err_size, EINVAL, "backend_type must be \"File\" or \"Uffd\"");
+    if (shared)
+        return error_set(err, err_size, EINVAL, "shared is only valid with backend_type File");
+    return guest_memory_map_uffd(&vmm->memory, path, err, err_size);
+}
+
+static int restore_machine(struct vmm *vmm, const struct vmstate *state, const cJSON *backend,
+                           bool resume, char *err, size_t err_size)
+{
+    int r =
+        guest_memory_adopt_layout(&vmm->memory, state->regions, state->region_count, err, err_size);
+
+    if (r == 0 && ((uint64_t)state->mem_size_mib << 20) != vmm->memory.total_size)
+        r = error_set(err, err_size, EINVAL, "vmstate: regions do not add up to mem_size_mib");
+    if (r == 0 && state->guest_config.vcpu_count != state->vcpu_count)
+        r = error_set(err, err_size, EINVAL, "vmstate: guest config and vCPU count disagree");
+    if (r == 0)
+        r = map_restore_memory(vmm, backend, err, err_size);
+    if (r == 0) {
+        r = vm_create(&vmm->vm, &vmm->memory, state->vcpu_count, err, err_size);
+        vmm->vm_created = true;
+    }
+    for (unsigned i = 0; r == 0 && i < state->vcpu_count; i++)
+        r = vm_load_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
+    if (r == 0)
+        r = vm_start(&vmm->vm, !resume, err, err_size);
+    return r;
+}
+
+static int handle_snapshot_load(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                                size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"snapshot_path", FIELD_STRING, true},    {"mem_backend", FIELD_OBJECT, true},
+        {"resume_vm", FIELD_BOOL, false},         {"enable_diff_snapshots", FIELD_BOOL, false},
+        {"track_dirty_pages", FIELD_BOOL, false},
+    };
+    _cleanup_free_ struct vmstate *state = NULL;
+    int r = check_fields(body, "snapshot/load", specs, 5, err, err_size);
+
+    (void)response;
+    if (r < 0)
+        return r;
+    if (vmm->state != VMM_NOT_STARTED || vmm->machine_configured || vmm->boot_source_configured)
+        return error_set(err, err_size, EINVAL,
+                         "snapshot/load is only allowed on a fresh, unconfigured process");
+    state = malloc(sizeof(*state));
+    if (!state)
+        return error_set(err, err_size, ENOMEM, "out of memory");
+    r = vmstate_read(string_field(body, "snapshot_path"), state, err, err_size);
+    if (r < 0)
+        return r;
+    bool resume = bool_field(body, "resume_vm", false);
+    r = restore_machine(vmm, state, cJSON_GetObjectItemCaseSensitive(body, "mem_backend"), resume,
+                        err, err_size);
+    if (r < 0) {
+        release_machine(vmm);
+        return r;
+    }
+    vmm->vcpu_count = state->vcpu_count;
+    vmm->mem_size_mib = state->mem_size_mib;
+    vmm->mmio_gap_mib = state->mmio_gap_mib;
+    vmm->guest_config = state->guest_config;
+    vmm->increment_window = state->increment_window;
+    vmm->loop_start = state->loop_start;
+    vmm->loop_end = state->loop_end;
+    vmm->state = resume ? VMM_RUNNING : VMM_PAUSED;
+    return 0;
+}
+
+/* ---- PUT /uffd/wp ---- */
+
+static int open_write_protect_uffd(const struct guest_memory *memory, char *err, size_t err_size)
+{
+    if (memory->backend == MEMORY_BACKEND_FILE)
+        return error_set(err, err_size, EINVAL,
+                         "guest memory is a private file mapping, which cannot be write-protected "
+                         "(restore with shared memory or boot fresh)");
+    if (memory->backend == MEMORY_BACKEND_UFFD)
+        return error_set(err, err_size, EINVAL,
+                         "guest memory is registered with the restore userfaultfd already");
+    if (memory->backend == MEMORY_BACKEND_SHARED)
+        return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0, NULL,
+                         err, err_size);
+    /* Anonymous memory is all resident (boot fill), but never-touched ptes would be skipped
+     * by UFFDIO_WRITEPROTECT without WP_UNPOPULATED: take it when offered. */
+    return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, NULL, err,
+                     err_size);
+}
+
+static int handle_uffd_wp(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                          size_t err_size)
+{
+    static const struct field_spec specs[] = {{"socket", FIELD_STRING, true}};
+    struct uffd_handshake_region handshake[GUEST_MEMORY_MAX_REGIONS];
+    _cleanup_close_ int uffd = -1;
+    int socket_fd = -1;
+    int r = check_fields(body, "uffd/wp", specs, 1, err, err_size);
+
+    (void)response;
+    if (r < 0)
+        return r;
+    if (vmm->state == VMM_NOT_STARTED)
+        return error_set(err, err_size, EINVAL, "uffd/wp needs a started microVM");
+    uffd = open_write_protect_uffd(&vmm->memory, err, err_size);
+    if (uffd < 0)
+        return uffd;
+    for (unsigned i = 0; i < vmm->memory.region_count; i++) {
+        const struct memory_region *region = &vmm->memory.regions[i];
+        r = uffd_register(uffd, (uint64_t)region->host, region->size, UFFDIO_REGISTER_MODE_WP, err,
+                          err_size);
+        if (r == -EBUSY)
+            return error_set(err, err_size, EBUSY,
+                             "guest memory is still registered with an earlier write-protect "
+                             "userfaultfd; close that one first");
+        if (r < 0)
+            return r;
+        handshake[i] = (struct uffd_handshake_region){(uint64_t)region->host, region->size,
+                                                      region->file_offset};
+    }
+    r = uffd_handshake_send(string_field(body, "socket"), uffd, handshake, vmm->memory.region_count,
+                            &socket_fd, err, err_size);
+    if (r < 0)
+        return r;
+    /* Our copy of the uffd closes on return: the receiver owns the registration, and closing
+     * its fd drops it (and wakes any blocked vCPU) even if it dies. */
+    forkd_closep(&vmm->write_protect_socket);
+    vmm->write_protect_socket = socket_fd;
+    return 0;
+}
+
+/* ---- routing ---- */
+
+typedef int (*handler_fn)(struct vmm *vmm, const cJSON *body, char **response, char *err,
+                          size_t err_size);
+
+struct route {
+    const char *method;
+    const char *path;
+    handler_fn handler;
+    bool has_body;
+};
+
+static const struct route routes[] = {
+    {"GET", "/", handle_get_root, false},
+    {"PUT", "/machine-config", handle_machine_config, true},
+    {"PUT", "/boot-source", handle_boot_source, true},
+    {"PUT", "/actions", handle_actions, true},
+    {"PATCH", "/vm", handle_vm_state, true},
+    {"PUT", "/snapshot/create", handle_snapshot_create, true},
+    {"PUT", "/snapshot/load", handle_snapshot_load, true},
+    {"PUT", "/uffd/wp", handle_uffd_wp, true},
+};
+
+static const struct route *find_route(const struct http_request *request, bool *path_known)
+{
+    *path_known = false;
+    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
+        if (strcmp(routes[i].path, request->path) != 0)
+            continue;
+        *path_known = true;
+        if (strcmp(routes[i].method, request->method) == 0)
+            return &routes[i];
+    }
+    return NULL;
+}
+
+void api_handle(struct vmm *vmm, const struct http_request *request, int *status, char **body)
+{
+    char err[512] = "";
+    _cleanup_json_ cJSON *json = NULL;
+    bool path_known;
+    const struct route *route = find_route(request, &path_known);
+
+    *body = NULL;
+    if (!route) {
+        *status = path_known ? 400 : 404;
+        snprintf(err, sizeof(err),
+                 path_known ? "invalid request method %s for %s" : "no such resource: %s %s",
+                 request->method, request->path);
+        *body = http_fault_body(err);
+        return;
+    }
+    if (route->has_body) {
+        json = cJSON_ParseWithLength(request->body, request->body_length);
+        if (!json) {
+            *status = 400;
+            *body = http_fault_body(request->body_length ? "request body is not valid JSON"
+                                                         : "request body is empty");
+            return;
+        }
+    }
+    if (route->handler(vmm, json, body, err, sizeof(err)) < 0) {
+        free(*body);
+        *status = 400;
+        *body = http_fault_body(err);
+        return;
+    }
+    *status = *body ? 200 : 204;
+}

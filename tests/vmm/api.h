@@ -1,0 +1,57 @@
+/*
+ * api: the Firecracker-compatible endpoint handlers and the VMM's state machine
+ * (Not started -> Running <-> Paused), on top of guest_memory, kvm_vm, guest_boot and vmstate.
+ * Every handler runs on the API thread; struct vmm is owned by it.
+ */
+#ifndef FORKD_TESTVM_API_H
+#define FORKD_TESTVM_API_H
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "boot_args.h"
+#include "guest_memory.h"
+#include "http.h"
+#include "kvm_vm.h"
+
+enum vmm_state {
+    VMM_NOT_STARTED,
+    VMM_RUNNING,
+    VMM_PAUSED,
+};
+
+struct vmm {
+    char id[64];
+    uint32_t mmio_gap_mib;
+    unsigned pause_timeout_ms;
+
+    enum vmm_state state;
+    bool machine_configured;
+    bool boot_source_configured;
+    uint32_t vcpu_count;
+    uint32_t mem_size_mib;
+    char kernel_image_path[PATH_MAX];
+    struct workload workload;
+
+    struct guest_memory memory;
+    struct vm vm;
+    bool vm_created;
+    struct guest_config guest_config;
+    uint64_t increment_window;
+    uint64_t loop_start;
+    uint64_t loop_end;
+    int write_protect_socket; /* the last PUT /uffd/wp connection, kept open */
+
+    uint64_t pause_count;
+    uint64_t last_pause_ns; /* vm_pause: request to every vCPU parked, measured here */
+    uint64_t last_resume_ns;
+    uint64_t last_snapshot_ns;
+};
+
+void vmm_init(struct vmm *vmm, const char *id, uint32_t mmio_gap_mib, unsigned pause_timeout_ms);
+
+/* Handles one request; *body is a malloc'd JSON text or NULL (for 204). */
+void api_handle(struct vmm *vmm, const struct http_request *request, int *status, char **body);
+
+#endif

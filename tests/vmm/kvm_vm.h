@@ -1,0 +1,92 @@
+/*
+ * kvm_vm: one KVM virtual machine: its memory slots, its vCPUs and their threads, and pausing.
+ *
+ * Threads and ownership:
+ *  - The API thread creates, starts, pauses, resumes and destroys the VM, and reads or writes
+ *    vCPU state only while every vCPU is parked (paused) or not yet started.
+ *  - Each vCPU thread owns its vCPU's KVM_RUN loop and its kvm_run page. It talks to the API
+ *    thread only through struct vm's pause fields (below) and its vcpu's atomics.
+ *
+ * Pausing: the API thread sets pause_requested, sends VCPU_KICK_SIGNAL to every vCPU thread
+ * (its handler sets kvm_run->immediate_exit, which covers a signal that lands just before
+ * KVM_RUN), and waits until each vCPU has parked or stopped. A vCPU parks only between
+ * KVM_RUN calls, that is at an instruction boundary, after completing any pending port I/O.
+ */
+#ifndef FORKD_TESTVM_KVM_VM_H
+#define FORKD_TESTVM_KVM_VM_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <linux/kvm.h>
+
+#include "guest_layout.h"
+#include "guest_memory.h"
+#include "vmstate.h"
+
+struct vm;
+
+struct vcpu {
+    struct vm *vm;
+    unsigned index;
+    int fd;
+    struct kvm_run *run;
+    pthread_t thread;
+    bool thread_started;       /* API thread only */
+    bool parked;               /* under vm->lock */
+    _Atomic uint64_t progress; /* last running total the guest reported (widened) */
+    atomic_bool failed;        /* set once by the vCPU thread after writing error */
+    char error[160];
+};
+
+struct vm {
+    int kvm_fd;
+    int vm_fd;
+    size_t run_size;
+    unsigned vcpu_count;
+    uint64_t tsc_khz;
+    struct vcpu vcpus[GUEST_MAX_VCPUS];
+
+    pthread_mutex_t lock;
+    pthread_cond_t changed;      /* parked_count, stopped_count, pause_requested or quit changed */
+    atomic_bool pause_requested; /* written under lock, read lock-free by vCPU threads */
+    unsigned parked_count;       /* under lock */
+    unsigned stopped_count;      /* under lock: vCPU threads that ended on a guest or KVM error */
+    bool quit;                   /* under lock */
+    bool sync_initialised;
+};
+
+/* Opens KVM, creates the VM with one memory slot per region and vcpu_count vCPUs (CPUID set). */
+int vm_create(struct vm *vm, const struct guest_memory *memory, unsigned vcpu_count, char *err,
+              size_t err_size);
+
+/* Puts every vCPU in 64-bit mode at entry with its own stack, %rdi = index, %rsi = config. */
+int vm_set_boot_state(struct vm *vm, uint64_t entry, char *err, size_t err_size);
+
+/* Only while paused or not started. */
+int vm_save_vcpu(struct vm *vm, unsigned index, struct vcpu_state *out, char *err, size_t err_size);
+int vm_load_vcpu(struct vm *vm, unsigned index, const struct vcpu_state *state, char *err,
+                 size_t err_size);
+
+/* Starts the vCPU threads, parked when start_paused. */
+int vm_start(struct vm *vm, bool start_paused, char *err, size_t err_size);
+
+/*
+ * Parks every vCPU; waits at most timeout_ms for all of them. On timeout the pause is undone
+ * (the vCPUs that parked run again) and -ETIMEDOUT names the vCPUs that did not stop.
+ */
+int vm_pause(struct vm *vm, unsigned timeout_ms, char *err, size_t err_size);
+
+/* Lets parked vCPUs run again; does not wait for them to leave. */
+void vm_resume(struct vm *vm);
+
+/* Copies the first vCPU failure into err and returns true, if a vCPU has failed. */
+bool vm_failure(struct vm *vm, char *err, size_t err_size);
+
+/* Stops and joins the vCPU threads and closes everything; safe on a partly created VM. */
+void vm_destroy(struct vm *vm);
+
+#endif

@@ -1,0 +1,138 @@
+/*
+ * forkd-testvm entry point: command line parsing for the VMM (`--api-sock PATH ...`) and the
+ * verifier (`verify DIR` or `verify --vmstate PATH --mem PATH`).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+#include "server.h"
+#include "verify.h"
+
+#define DEFAULT_MMIO_GAP_MIB     3072u
+#define DEFAULT_PAUSE_TIMEOUT_MS 2000u
+
+static void usage(FILE *out)
+{
+    fprintf(out, "usage: forkd-testvm --api-sock PATH [--id ID] [--mmio-gap-mib N] "
+                 "[--pause-timeout-ms N]\n"
+                 "       forkd-testvm verify SNAPSHOT_DIR\n"
+                 "       forkd-testvm verify --vmstate PATH --mem PATH\n"
+                 "       forkd-testvm --version\n");
+}
+
+static int parse_unsigned(const char *flag, const char *text, unsigned *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long value = strtoul(text, &end, 10);
+    if (errno || *end || end == text || value > 0xffffffffu || text[0] == '-') {
+        fprintf(stderr, "forkd-testvm: %s needs a number, not '%s'\n", flag, text);
+        return -EINVAL;
+    }
+    *out = (unsigned)value;
+    return 0;
+}
+
+static int run_verify(int argc, char **argv)
+{
+    char vmstate_path[4096], memory_path[4096], err[512];
+    struct verify_result result;
+
+    if (argc == 3) {
+        snprintf(vmstate_path, sizeof(vmstate_path), "%s/vmstate", argv[2]);
+        snprintf(memory_path, sizeof(memory_path), "%s/memory.bin", argv[2]);
+    } else if (argc == 6 && strcmp(argv[2], "--vmstate") == 0 && strcmp(argv[4], "--mem") == 0) {
+        snprintf(vmstate_path, sizeof(vmstate_path), "%s", argv[3]);
+        snprintf(memory_path, sizeof(memory_path), "%s", argv[5]);
+    } else {
+        usage(stderr);
+        return 2;
+    }
+    int r = verify_snapshot(vmstate_path, memory_path, &result, err, sizeof(err));
+    if (r < 0) {
+        fprintf(stderr, "inconsistent: %s\n", err);
+        return r == -EBADMSG ? 1 : 3;
+    }
+    for (unsigned v = 0; v < result.vcpu_count; v++)
+        printf("vcpu %u total %" PRIu64 "\n", v, result.totals[v]);
+    printf("consistent: %u vCPUs, %" PRIu64 " working-set pages, %" PRIu64
+           " other pages hold the boot pattern\n",
+           result.vcpu_count, result.working_set_pages, result.other_pages);
+    return 0;
+}
+
+struct options {
+    const char *socket_path;
+    const char *id;
+    unsigned mmio_gap_mib;
+    unsigned pause_timeout_ms;
+};
+
+static int parse_options(int argc, char **argv, struct options *options)
+{
+    *options = (struct options){.id = "anonymous-instance",
+                                .mmio_gap_mib = DEFAULT_MMIO_GAP_MIB,
+                                .pause_timeout_ms = DEFAULT_PAUSE_TIMEOUT_MS};
+    for (int i = 1; i < argc; i++) {
+        const char *flag = argv[i];
+        if (i + 1 >= argc) {
+            fprintf(stderr, "forkd-testvm: unknown or incomplete option '%s'\n", flag);
+            return -EINVAL;
+        }
+        const char *value = argv[++i];
+        int r = 0;
+        if (strcmp(flag, "--api-sock") == 0)
+            options->socket_path = value;
+        else if (strcmp(flag, "--id") == 0)
+            options->id = value;
+        else if (strcmp(flag, "--mmio-gap-mib") == 0)
+            r = parse_unsigned(flag, value, &options->mmio_gap_mib);
+        else if (strcmp(flag, "--pause-timeout-ms") == 0)
+            r = parse_unsigned(flag, value, &options->pause_timeout_ms);
+        else
+            r = -EINVAL, fprintf(stderr, "forkd-testvm: unknown option '%s'\n", flag);
+        if (r < 0)
+            return r;
+    }
+    if (!options->socket_path) {
+        fprintf(stderr, "forkd-testvm: --api-sock is required\n");
+        return -EINVAL;
+    }
+    if (options->mmio_gap_mib < 2 || options->mmio_gap_mib % 2) {
+        fprintf(stderr, "forkd-testvm: --mmio-gap-mib must be an even number, at least 2\n");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    static struct vmm vmm; /* large (paths, vCPU table): keep it off the stack */
+    struct options options;
+    char err[512];
+
+    if (argc >= 2 && strcmp(argv[1], "verify") == 0)
+        return run_verify(argc, argv);
+    if (argc == 2 && strcmp(argv[1], "--version") == 0) {
+        printf("forkd-testvm %s\n", FORKD_VERSION);
+        return 0;
+    }
+    if (argc == 2 && strcmp(argv[1], "--help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (parse_options(argc, argv, &options) < 0) {
+        usage(stderr);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    vmm_init(&vmm, options.id, options.mmio_gap_mib, options.pause_timeout_ms);
+    int r = server_run(&vmm, options.socket_path, err, sizeof(err));
+    fprintf(stderr, "forkd-testvm: %s\n", err);
+    return r < 0 ? 1 : 0;
+}

@@ -1,0 +1,202 @@
+/* verify: the snapshot consistency checker behind `forkd-testvm verify`. */
+#include "verify.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <forkd/cleanup.h>
+
+#include "vmm_error.h"
+#include "vmstate.h"
+
+struct memory_image {
+    const uint8_t *data;
+    uint64_t size;
+    const struct vmstate *state;
+};
+
+static const uint64_t *page_words(const struct memory_image *image, uint64_t gpa)
+{
+    for (uint32_t i = 0; i < image->state->region_count; i++) {
+        const struct memory_region *r = &image->state->regions[i];
+        if (gpa >= r->guest_phys_addr && gpa - r->guest_phys_addr < r->size)
+            return (const uint64_t *)(image->data + r->file_offset + (gpa - r->guest_phys_addr));
+    }
+    return NULL;
+}
+
+static bool in_working_set(const struct guest_config *config, uint64_t gpa)
+{
+    for (uint64_t r = 0; r < config->range_count; r++)
+        if (gpa >= config->ranges[r].gpa &&
+            gpa - config->ranges[r].gpa < config->ranges[r].pages * GUEST_PAGE_SIZE)
+            return true;
+    return false;
+}
+
+static int check_config(const struct vmstate *state, const struct memory_image *image, char *err,
+                        size_t err_size)
+{
+    const struct guest_config *config = &state->guest_config;
+    uint64_t pages = 0, offset = 0;
+
+    for (uint32_t i = 0; i < state->region_count; i++) {
+        if (state->regions[i].file_offset != offset || state->regions[i].size % GUEST_PAGE_SIZE)
+            return error_set(err, err_size, EBADMSG, "vmstate region %u has a bad offset or size",
+                             i);
+        offset += state->regions[i].size;
+    }
+    if (offset != image->size)
+        return error_set(err, err_size, EBADMSG,
+                         "memory file is %" PRIu64 " bytes but the regions add up to %" PRIu64,
+                         image->size, offset);
+    if (config->magic != GUEST_CONFIG_MAGIC || config->vcpu_count != state->vcpu_count ||
+        config->range_count == 0 || config->range_count > GUEST_MAX_RANGES)
+        return error_set(err, err_size, EBADMSG, "vmstate guest config is invalid");
+    for (uint64_t r = 0; r < config->range_count; r++) {
+        const struct guest_page_range *range = &config->ranges[r];
+        if (range->gpa < GUEST_SYSTEM_AREA_END || !page_words(image, range->gpa) ||
+            !page_words(image, range->gpa + range->pages * GUEST_PAGE_SIZE - 1))
+            return error_set(err, err_size, EBADMSG,
+                             "working-set range %" PRIu64 " lies outside guest memory", r);
+        pages += range->pages;
+    }
+    if (pages != config->pages)
+        return error_set(err, err_size, EBADMSG, "working-set ranges do not add up to pages");
+    return 0;
+}
+
+/* Adds this page's counters to sums; every word past the vCPU slots must be the pattern. */
+static int check_working_page(const struct vmstate *state, const uint64_t *words, uint64_t gpa,
+                              uint64_t *sums, char *err, size_t err_size)
+{
+    for (uint32_t v = 0; v < state->vcpu_count; v++) {
+        uint64_t count = words[v] - guest_boot_pattern(gpa + 8 * v);
+        if (count > vmstate_vcpu_total(state, v) + 1)
+            return error_set(err, err_size, EBADMSG,
+                             "page 0x%" PRIx64 ": vCPU %u counter is %" PRIu64
+                             ", more than its register total %" PRIu64 " (memory leads the vCPU)",
+                             gpa, v, count, vmstate_vcpu_total(state, v));
+        sums[v] += count;
+    }
+    for (uint64_t w = state->vcpu_count; w < GUEST_PAGE_SIZE / 8; w++)
+        if (words[w] != guest_boot_pattern(gpa + 8 * w))
+            return error_set(err, err_size, EBADMSG,
+                             "page 0x%" PRIx64 " word %" PRIu64 " is 0x%" PRIx64
+                             ", not the boot pattern",
+                             gpa, w, words[w]);
+    return 0;
+}
+
+static int check_untouched_page(const uint64_t *words, uint64_t gpa, char *err, size_t err_size)
+{
+    for (uint64_t w = 0; w < GUEST_PAGE_SIZE / 8; w++)
+        if (words[w] != guest_boot_pattern(gpa + 8 * w))
+            return error_set(err, err_size, EBADMSG,
+                             "page 0x%" PRIx64 " is outside the working set but word %" PRIu64
+                             " is 0x%" PRIx64 ", not the boot pattern",
+                             gpa, w, words[w]);
+    return 0;
+}
+
+static int scan_pages(const struct memory_image *image, uint64_t *sums, struct verify_result *out,
+                      char *err, size_t err_size)
+{
+    const struct vmstate *state = image->state;
+
+    for (uint32_t i = 0; i < state->region_count; i++) {
+        const struct memory_region *r = &state->regions[i];
+        for (uint64_t gpa = r->guest_phys_addr; gpa < r->guest_phys_addr + r->size;
+             gpa += GUEST_PAGE_SIZE) {
+            const uint64_t *words = page_words(image, gpa);
+            int rc = 0;
+            if (gpa < GUEST_SYSTEM_AREA_END)
+                continue;
+            if (in_working_set(&state->guest_config, gpa)) {
+                rc = check_working_page(state, words, gpa, sums, err, err_size);
+                out->working_set_pages++;
+            } else {
+                rc = check_untouched_page(words, gpa, err, err_size);
+                out->other_pages++;
+            }
+            if (rc < 0)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+static int compare_totals(const struct vmstate *state, const uint64_t *sums,
+                          struct verify_result *out, char *err, size_t err_size)
+{
+    for (uint32_t v = 0; v < state->vcpu_count; v++) {
+        const struct vcpu_state *vcpu = &state->vcpus[v];
+        uint64_t total = vmstate_vcpu_total(state, v);
+        bool in_window = vcpu->regs.rip == state->increment_window;
+        if (sums[v] == total || (sums[v] == total + 1 && in_window)) {
+            out->totals[v] = total;
+            continue;
+        }
+        return error_set(err, err_size, EBADMSG,
+                         "vCPU %u: counters in memory add up to %" PRIu64
+                         " but its register total is %" PRIu64 " (rip 0x%llx%s): memory %s",
+                         v, sums[v], total, (unsigned long long)vcpu->regs.rip,
+                         in_window ? ", between the increments" : "",
+                         sums[v] < total ? "lags the vCPU state" : "leads the vCPU state");
+    }
+    out->vcpu_count = state->vcpu_count;
+    return 0;
+}
+
+static int map_memory(const char *path, struct memory_image *image, char *err, size_t err_size)
+{
+    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+
+    if (fd < 0)
+        return error_set(err, err_size, errno, "open(%s): %s", path, strerror(errno));
+    if (fstat(fd, &st) < 0)
+        return error_set(err, err_size, errno, "fstat(%s): %s", path, strerror(errno));
+    image->size = (uint64_t)st.st_size;
+    if (image->size == 0)
+        return error_set(err, err_size, EBADMSG, "%s is empty", path);
+    void *data = mmap(NULL, image->size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (data == MAP_FAILED)
+        return error_set(err, err_size, errno, "mmap(%s): %s", path, strerror(errno));
+    image->data = data;
+    return 0;
+}
+
+int verify_snapshot(const char *vmstate_path, const char *memory_path, struct verify_result *out,
+                    char *err, size_t err_size)
+{
+    _cleanup_free_ struct vmstate *state = malloc(sizeof(*state));
+    struct memory_image image = {0};
+    uint64_t sums[GUEST_MAX_VCPUS] = {0};
+    int r;
+
+    memset(out, 0, sizeof(*out));
+    if (!state)
+        return error_set(err, err_size, ENOMEM, "out of memory");
+    r = vmstate_read(vmstate_path, state, err, err_size);
+    if (r < 0)
+        return r;
+    image.state = state;
+    r = map_memory(memory_path, &image, err, err_size);
+    if (r < 0)
+        return r;
+    r = check_config(state, &image, err, err_size);
+    if (r == 0)
+        r = scan_pages(&image, sums, out, err, err_size);
+    if (r == 0)
+        r = compare_totals(state, sums, out, err, err_size);
+    munmap((void *)image.data, image.size);
+    return r;
+}

@@ -1,0 +1,219 @@
+/* vmstate: serialises and validates forkd-testvm's snapshot state file (format in vmstate.h). */
+#include "vmstate.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <forkd/cleanup.h>
+
+#include "vmm_error.h"
+
+#define VMSTATE_MAX_FILE_SIZE (1u << 20)
+
+struct vmstate_file_header {
+    char magic[8];
+    uint32_t version;
+    uint32_t header_size;
+    uint32_t vcpu_count;
+    uint32_t region_count;
+    uint32_t mem_size_mib;
+    uint32_t mmio_gap_mib;
+    uint64_t increment_window;
+    uint64_t loop_start;
+    uint64_t loop_end;
+};
+
+struct vmstate_file_region {
+    uint64_t guest_phys_addr;
+    uint64_t size;
+    uint64_t file_offset;
+};
+
+static uint64_t fnv1a64(const uint8_t *data, size_t length)
+{
+    uint64_t hash = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < length; i++)
+        hash = (hash ^ data[i]) * 0x100000001b3ull;
+    return hash;
+}
+
+static size_t file_size_for(uint32_t vcpu_count, uint32_t region_count)
+{
+    return sizeof(struct vmstate_file_header) + region_count * sizeof(struct vmstate_file_region) +
+           sizeof(struct guest_config) + vcpu_count * sizeof(struct vcpu_state) + sizeof(uint64_t);
+}
+
+static uint8_t *append(uint8_t *cursor, const void *data, size_t length)
+{
+    memcpy(cursor, data, length);
+    return cursor + length;
+}
+
+static int write_all_and_sync(const char *path, const uint8_t *data, size_t length, char *err,
+                              size_t err_size)
+{
+    _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+
+    if (fd < 0)
+        return error_set(err, err_size, errno, "open(%s): %s", path, strerror(errno));
+    while (length > 0) {
+        ssize_t n = write(fd, data, length);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return error_set(err, err_size, errno, "write(%s): %s", path, strerror(errno));
+        data += n;
+        length -= (size_t)n;
+    }
+    if (fsync(fd) < 0)
+        return error_set(err, err_size, errno, "fsync(%s): %s", path, strerror(errno));
+    return 0;
+}
+
+int vmstate_write(const char *path, const struct vmstate *state, char *err, size_t err_size)
+{
+    size_t size = file_size_for(state->vcpu_count, state->region_count);
+    _cleanup_free_ uint8_t *buffer = calloc(1, size);
+    struct vmstate_file_header header = {
+        .magic = VMSTATE_MAGIC,
+        .version = VMSTATE_VERSION,
+        .header_size = sizeof(header),
+        .vcpu_count = state->vcpu_count,
+        .region_count = state->region_count,
+        .mem_size_mib = state->mem_size_mib,
+        .mmio_gap_mib = state->mmio_gap_mib,
+        .increment_window = state->increment_window,
+        .loop_start = state->loop_start,
+        .loop_end = state->loop_end,
+    };
+
+    if (!buffer)
+        return error_set(err, err_size, ENOMEM, "vmstate buffer of %zu bytes", size);
+    uint8_t *cursor = append(buffer, &header, sizeof(header));
+    for (uint32_t i = 0; i < state->region_count; i++) {
+        struct vmstate_file_region region = {
+            .guest_phys_addr = state->regions[i].guest_phys_addr,
+            .size = state->regions[i].size,
+            .file_offset = state->regions[i].file_offset,
+        };
+        cursor = append(cursor, &region, sizeof(region));
+    }
+    cursor = append(cursor, &state->guest_config, sizeof(state->guest_config));
+    cursor = append(cursor, state->vcpus, state->vcpu_count * sizeof(state->vcpus[0]));
+    uint64_t checksum = fnv1a64(buffer, (size_t)(cursor - buffer));
+    append(cursor, &checksum, sizeof(checksum));
+    return write_all_and_sync(path, buffer, size, err, err_size);
+}
+
+static int read_file(const char *path, uint8_t **data_out, size_t *size_out, char *err,
+                     size_t err_size)
+{
+    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    _cleanup_free_ uint8_t *data = NULL;
+    struct stat st;
+    size_t done = 0;
+
+    if (fd < 0)
+        return error_set(err, err_size, errno, "open(%s): %s", path, strerror(errno));
+    if (fstat(fd, &st) < 0)
+        return error_set(err, err_size, errno, "fstat(%s): %s", path, strerror(errno));
+    if (st.st_size <= 0 || st.st_size > VMSTATE_MAX_FILE_SIZE)
+        return error_set(err, err_size, EINVAL, "%s: %lld bytes is not a plausible vmstate size",
+                         path, (long long)st.st_size);
+    data = malloc((size_t)st.st_size);
+    if (!data)
+        return error_set(err, err_size, ENOMEM, "reading %s", path);
+    while (done < (size_t)st.st_size) {
+        ssize_t n = read(fd, data + done, (size_t)st.st_size - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return error_set(err, err_size, n < 0 ? errno : EIO, "read(%s): %s", path,
+                             n < 0 ? strerror(errno) : "file shrank");
+        done += (size_t)n;
+    }
+    *data_out = take_ptr(data);
+    *size_out = done;
+    return 0;
+}
+
+static int check_header(const char *path, const struct vmstate_file_header *header, size_t size,
+                        char *err, size_t err_size)
+{
+    if (memcmp(header->magic, VMSTATE_MAGIC, sizeof(header->magic)) != 0)
+        return error_set(err, err_size, EINVAL, "%s is not a forkd-testvm vmstate (bad magic)",
+                         path);
+    if (header->version != VMSTATE_VERSION || header->header_size != sizeof(*header))
+        return error_set(err, err_size, EINVAL,
+                         "%s: vmstate version %u (header %u bytes) is not supported (want %u)",
+                         path, header->version, header->header_size, VMSTATE_VERSION);
+    if (header->vcpu_count == 0 || header->vcpu_count > GUEST_MAX_VCPUS ||
+        header->region_count == 0 || header->region_count > GUEST_MEMORY_MAX_REGIONS)
+        return error_set(err, err_size, EINVAL, "%s: %u vCPUs and %u regions are out of range",
+                         path, header->vcpu_count, header->region_count);
+    if (size != file_size_for(header->vcpu_count, header->region_count))
+        return error_set(err, err_size, EINVAL, "%s: %zu bytes, expected %zu for %u vCPUs", path,
+                         size, file_size_for(header->vcpu_count, header->region_count),
+                         header->vcpu_count);
+    return 0;
+}
+
+int vmstate_read(const char *path, struct vmstate *state, char *err, size_t err_size)
+{
+    _cleanup_free_ uint8_t *data = NULL;
+    struct vmstate_file_header header;
+    size_t size = 0;
+    uint64_t checksum;
+    int r;
+
+    r = read_file(path, &data, &size, err, err_size);
+    if (r < 0)
+        return r;
+    if (size < sizeof(header) + sizeof(checksum))
+        return error_set(err, err_size, EINVAL, "%s: truncated vmstate", path);
+    memcpy(&header, data, sizeof(header));
+    r = check_header(path, &header, size, err, err_size);
+    if (r < 0)
+        return r;
+    memcpy(&checksum, data + size - sizeof(checksum), sizeof(checksum));
+    if (checksum != fnv1a64(data, size - sizeof(checksum)))
+        return error_set(err, err_size, EINVAL, "%s: checksum mismatch (corrupt vmstate)", path);
+
+    memset(state, 0, sizeof(*state));
+    state->vcpu_count = header.vcpu_count;
+    state->region_count = header.region_count;
+    state->mem_size_mib = header.mem_size_mib;
+    state->mmio_gap_mib = header.mmio_gap_mib;
+    state->increment_window = header.increment_window;
+    state->loop_start = header.loop_start;
+    state->loop_end = header.loop_end;
+    const uint8_t *cursor = data + sizeof(header);
+    for (uint32_t i = 0; i < header.region_count; i++) {
+        struct vmstate_file_region region;
+        memcpy(&region, cursor, sizeof(region));
+        cursor += sizeof(region);
+        state->regions[i] = (struct memory_region){.guest_phys_addr = region.guest_phys_addr,
+                                                   .size = region.size,
+                                                   .file_offset = region.file_offset};
+    }
+    memcpy(&state->guest_config, cursor, sizeof(state->guest_config));
+    cursor += sizeof(state->guest_config);
+    memcpy(state->vcpus, cursor, header.vcpu_count * sizeof(state->vcpus[0]));
+    return 0;
+}
+
+bool vmstate_vcpu_counting(const struct vmstate *state, unsigned index)
+{
+    uint64_t rip = state->vcpus[index].regs.rip;
+    return rip >= state->loop_start && rip < state->loop_end;
+}
+
+uint64_t vmstate_vcpu_total(const struct vmstate *state, unsigned index)
+{
+    return vmstate_vcpu_counting(state, index) ? state->vcpus[index].regs.r15 : 0;
+}
