@@ -1,0 +1,55 @@
+/*
+ * The pause guard: pauses a VM and guarantees it is resumed on every exit path of the scope
+ * that declared the guard, unless the guard was released. Records the pause window (from the
+ * pause request to the resume acknowledgement).
+ *
+ *     FORKD_PAUSE_GUARD(guard, vm, err);
+ *     if (guard.rc < 0)
+ *         return guard.rc;               // not paused; nothing to undo
+ *     ... any return from here resumes the VM ...
+ *     rc = pause_guard_resume(&guard, err);   // explicit resume, figures final
+ */
+#ifndef FORKD_PAUSE_H
+#define FORKD_PAUSE_H
+
+#include "forkd/error.h"
+#include "forkd/vm.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct pause_guard {
+    struct vm *vm;
+    int rc;                 /* result of the pause request */
+    bool paused;            /* paused and not yet resumed */
+    bool released;          /* leave paused at scope exit */
+    uint64_t requested_ns;  /* CLOCK_MONOTONIC at the pause request */
+    uint64_t paused_ns;     /* at the pause acknowledgement */
+    uint64_t resumed_ns;    /* at the resume acknowledgement */
+    int cleanup_resume_rc;  /* result of a resume done by the cleanup */
+};
+
+struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err);
+/* Resumes now. Returns 0 or the VMM's error; the guard is disarmed either way. */
+int pause_guard_resume(struct pause_guard *guard, struct forkd_error *err);
+/* Leaves the VM paused at scope exit. */
+void pause_guard_release(struct pause_guard *guard);
+/* The pause window in ns: request to resume acknowledgement (0 before the resume). */
+uint64_t pause_guard_window_ns(const struct pause_guard *guard);
+void pause_guard_cleanup(struct pause_guard *guard);
+
+uint64_t forkd_monotonic_ns(void);
+
+#define FORKD_PAUSE_GUARD(guard, vm, err)                                                          \
+    struct pause_guard guard __attribute__((cleanup(pause_guard_cleanup))) =                       \
+        pause_guard_begin((vm), (err))
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

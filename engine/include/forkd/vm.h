@@ -1,0 +1,141 @@
+/*
+ * The VM registry: one VMM process per VM (forkd-testvm or a patched firecracker), launched,
+ * booted or restored from a snapshot, watched, reaped and stopped. Each VM is a refcounted
+ * record; the registry holds one reference while the VM is listed, and every lookup returns one
+ * more that the caller drops with vm_unref.
+ *
+ * Threads: a reaper thread waits on every VMM's pidfd and records exits as they happen (state,
+ * exit reason; a MEMFD VM's memory is released then). Any thread may call any function here.
+ */
+#ifndef FORKD_VM_H
+#define FORKD_VM_H
+
+#include "forkd/error.h"
+#include "forkd/vmm_client.h"
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Values match the proto's MemoryBackend and VmState. */
+enum vm_memory {
+    VM_MEMORY_ANONYMOUS = 1, /* booted: the VMM's private anonymous memory */
+    VM_MEMORY_FILE = 2,      /* MAP_PRIVATE of memory.bin */
+    VM_MEMORY_MEMFD = 3,     /* a memfd owned by forkd, shared with the VMM */
+    VM_MEMORY_UFFD = 4,      /* filled lazily by the page server */
+};
+
+enum vm_state {
+    VM_STATE_STARTING = 1,
+    VM_STATE_RUNNING = 2,
+    VM_STATE_PAUSED = 3,
+    VM_STATE_STOPPED = 4,
+    VM_STATE_FAILED = 5,
+};
+
+#define VM_ID_MAX   32
+#define VM_NAME_MAX 64
+
+struct vm;
+struct vm_registry;
+
+struct vm_registry_config {
+    const char *vmm_binary;    /* path, or a name looked up in PATH */
+    const char *run_dir;       /* VMM sockets and logs go here; created if missing */
+    unsigned start_timeout_ms; /* VMM socket must answer within this; 0 means 10000 */
+};
+
+struct vm_boot_config {
+    const char *name; /* NULL or "": the id */
+    unsigned vcpu_count;
+    uint64_t mem_size_mib;
+    const char *kernel_image_path;
+    const char *boot_args;
+    const char *const *extra_vmm_args; /* NULL-terminated, appended to the VMM's argv; may be NULL */
+};
+
+struct vm_restore_config {
+    const char *name;
+    const char *snapshot_name;  /* recorded as the VM's source */
+    const char *vmstate_path;
+    const char *memory_path;    /* memory.bin */
+    enum vm_memory memory;      /* FILE or MEMFD here (UFFD through the page server) */
+    bool start_paused;
+    const char *const *extra_vmm_args;
+};
+
+/* What a VM looks like now (a copy; safe to keep). */
+struct vm_status {
+    char id[VM_ID_MAX];
+    char name[VM_NAME_MAX + 1];
+    enum vm_state state;
+    enum vm_memory memory;
+    unsigned vcpu_count;
+    uint64_t mem_size_mib;
+    pid_t vmm_pid; /* 0 once reaped */
+    char api_socket_path[PATH_MAX];
+    char vmm_binary[PATH_MAX];
+    char source_snapshot[VM_NAME_MAX + 1];
+    int64_t created_at_unix_ms;
+    char exit_reason[128];
+    char active_branch_id[64];
+};
+
+int vm_registry_open(const struct vm_registry_config *config, struct vm_registry **out,
+                     struct forkd_error *err);
+/* Stops every VM (SIGTERM, then SIGKILL after grace_ms) unless keep_vms, then frees. */
+void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned grace_ms);
+
+/* Launches a VMM, configures and starts the guest. *out holds a reference. -EEXIST for a name
+ * in use, -ENOENT for a missing kernel, -EIO with the VMM's words when it refuses. On failure
+ * the VMM process is gone and nothing is listed. */
+int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, struct vm **out,
+            struct forkd_error *err);
+
+/* Launches a VMM restored from a snapshot with FILE or MEMFD memory. Same guarantees. */
+int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
+               struct vm **out, struct forkd_error *err);
+
+/* By id or name; NULL when unknown. Returns a reference. */
+struct vm *vm_lookup(struct vm_registry *registry, const char *id_or_name);
+
+/* Every listed VM, with a reference each; free the array with vm_list_free. */
+size_t vm_list(struct vm_registry *registry, struct vm ***out);
+void vm_list_free(struct vm **vms, size_t count);
+
+/* Terminates the VMM (SIGTERM, SIGKILL after grace_ms), waits for it, and unlists the VM.
+ * -EBUSY while a branch runs on it. */
+int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms,
+            struct forkd_error *err);
+
+void vm_ref(struct vm *vm);
+void vm_unref(struct vm *vm);
+
+void vm_get_status(struct vm *vm, struct vm_status *out);
+const char *vm_id(const struct vm *vm);
+struct vmm_client *vm_client(struct vm *vm);
+enum vm_memory vm_memory_kind(const struct vm *vm);
+pid_t vm_pid(struct vm *vm);      /* 0 once the VMM exited */
+bool vm_is_alive(struct vm *vm);  /* the VMM has not exited */
+int vm_memfd(struct vm *vm);      /* the guest memfd of a MEMFD VM, -1 otherwise */
+uint64_t vm_memory_bytes(const struct vm *vm);
+unsigned vm_vcpu_count(const struct vm *vm);
+const char *vm_source_snapshot(const struct vm *vm);
+
+/* Records the VM's state as seen by forkd (RUNNING/PAUSED) for status reports. */
+void vm_set_state(struct vm *vm, enum vm_state state);
+
+/* One branch per VM: true if none was running (branch_id recorded), false otherwise. */
+bool vm_try_begin_branch(struct vm *vm, const char *branch_id);
+void vm_end_branch(struct vm *vm);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

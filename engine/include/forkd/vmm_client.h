@@ -1,0 +1,67 @@
+/*
+ * The VMM API client: Firecracker's HTTP/1.1 API over its Unix socket (libcurl, cJSON). One
+ * client per VMM; it keeps its connection open between calls (Firecracker never closes it) and
+ * serialises calls with a mutex, so any thread may use it. Every error names the method, the
+ * path, the HTTP status and the VMM's fault_message: "PUT /snapshot/create: 400: <message>".
+ */
+#ifndef FORKD_VMM_CLIENT_H
+#define FORKD_VMM_CLIENT_H
+
+#include "forkd/error.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define VMM_CLIENT_DEFAULT_TIMEOUT_MS 10000
+
+struct vmm_client;
+
+enum vmm_snapshot_type { VMM_SNAPSHOT_FULL, VMM_SNAPSHOT_VMSTATE_ONLY };
+enum vmm_memory_backend { VMM_MEMORY_FILE, VMM_MEMORY_UFFD };
+
+struct vmm_info {
+    char id[128];
+    char state[32]; /* "Not started", "Running", "Paused" */
+    char vmm_version[64];
+};
+
+int vmm_client_open(const char *socket_path, struct vmm_client **out, struct forkd_error *err);
+void vmm_client_close(struct vmm_client *client);
+/* Limit for each later call (connect + request + response). */
+void vmm_client_set_timeout_ms(struct vmm_client *client, long timeout_ms);
+const char *vmm_client_socket_path(const struct vmm_client *client);
+
+/* One request. body may be NULL. On a 2xx answer returns 0 and, if response is not NULL,
+ * *response holds the body (malloc'd, NUL-terminated, may be empty). Otherwise -EIO (HTTP
+ * error), -ETIMEDOUT, -ECONNREFUSED/-ENOENT (no VMM there) with the message filled. */
+int vmm_request(struct vmm_client *client, const char *method, const char *path,
+                const char *body, char **response, struct forkd_error *err);
+
+int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint64_t mem_size_mib,
+                           struct forkd_error *err);
+int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path,
+                        const char *boot_args, struct forkd_error *err);
+int vmm_put_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
+                  bool is_root_device, bool is_read_only, struct forkd_error *err);
+int vmm_start(struct vmm_client *client, struct forkd_error *err);
+int vmm_pause(struct vmm_client *client, struct forkd_error *err);
+int vmm_resume(struct vmm_client *client, struct forkd_error *err);
+int vmm_snapshot_create(struct vmm_client *client, enum vmm_snapshot_type type,
+                        const char *snapshot_path, const char *mem_file_path,
+                        struct forkd_error *err);
+int vmm_snapshot_load(struct vmm_client *client, const char *snapshot_path,
+                      enum vmm_memory_backend backend, const char *backend_path, bool shared,
+                      bool resume_vm, struct forkd_error *err);
+/* Asks the VMM to send a write-protect userfaultfd to the Unix socket at socket_path. */
+int vmm_uffd_wp(struct vmm_client *client, const char *socket_path, struct forkd_error *err);
+int vmm_get_info(struct vmm_client *client, struct vmm_info *out, struct forkd_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

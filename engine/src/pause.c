@@ -1,0 +1,56 @@
+/* The pause guard (see forkd/pause.h). */
+#include "forkd/pause.h"
+
+#include <time.h>
+
+uint64_t forkd_monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
+}
+
+struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err)
+{
+    struct pause_guard guard = {.vm = vm};
+    guard.requested_ns = forkd_monotonic_ns();
+    guard.rc = vmm_pause(vm_client(vm), err);
+    if (guard.rc == 0) {
+        guard.paused_ns = forkd_monotonic_ns();
+        guard.paused = true;
+        vm_set_state(vm, VM_STATE_PAUSED);
+    }
+    return guard;
+}
+
+int pause_guard_resume(struct pause_guard *guard, struct forkd_error *err)
+{
+    if (!guard->paused)
+        return 0;
+    guard->paused = false;
+    int rc = vmm_resume(vm_client(guard->vm), err);
+    guard->resumed_ns = forkd_monotonic_ns();
+    if (rc == 0)
+        vm_set_state(guard->vm, VM_STATE_RUNNING);
+    return rc;
+}
+
+void pause_guard_release(struct pause_guard *guard)
+{
+    guard->released = true;
+}
+
+uint64_t pause_guard_window_ns(const struct pause_guard *guard)
+{
+    return guard->resumed_ns ? guard->resumed_ns - guard->requested_ns : 0;
+}
+
+void pause_guard_cleanup(struct pause_guard *guard)
+{
+    if (!guard->paused || guard->released)
+        return;
+    /* An error path: the caller's report already says what failed; a failed resume is kept
+     * in the guard rather than overwriting it. */
+    struct forkd_error resume_err;
+    guard->cleanup_resume_rc = pause_guard_resume(guard, &resume_err);
+}

@@ -1,0 +1,741 @@
+/*
+ * The VM registry (see forkd/vm.h): VMM processes launched with posix_spawn, watched through
+ * pidfds by one reaper thread, configured through the VMM client.
+ *
+ * Locking: registry->lock guards the list and the id counter; vm->lock guards a VM's mutable
+ * fields (state, pid, exit reason, memfd, branch id). The reaper takes vm->lock only, never the
+ * registry lock while holding it.
+ */
+#include "forkd/vm.h"
+
+#include "forkd/cleanup.h"
+#include "forkd/fsutil.h"
+#include "forkd/pause.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+struct vm {
+    atomic_int refs;
+    struct vm_registry *registry;
+    char id[VM_ID_MAX];
+    char name[VM_NAME_MAX + 1];
+    enum vm_memory memory;
+    unsigned vcpu_count;
+    uint64_t mem_size_mib;
+    uint64_t memory_bytes;
+    char api_socket_path[PATH_MAX];
+    char log_path[PATH_MAX];
+    char source_snapshot[VM_NAME_MAX + 1];
+    int64_t created_at_unix_ms;
+    struct vmm_client *client;
+
+    pthread_mutex_t lock; /* guards the fields below */
+    pthread_cond_t exited_cond;
+    enum vm_state state;
+    pid_t pid;
+    int pidfd;
+    int memfd;
+    bool exited;
+    bool stop_requested;
+    char exit_reason[128];
+    char active_branch_id[64];
+};
+
+struct vm_registry {
+    char vmm_binary[PATH_MAX];
+    char run_dir[PATH_MAX];
+    unsigned start_timeout_ms;
+
+    pthread_mutex_t lock; /* guards vms, count, next_id */
+    struct vm **vms;
+    size_t count, capacity;
+    unsigned long next_id;
+
+    int epoll_fd;
+    int stop_fd;
+    pthread_t reaper;
+};
+
+static int64_t vm_now_unix_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+/* ---- records ---------------------------------------------------------------------------- */
+
+void vm_ref(struct vm *vm)
+{
+    atomic_fetch_add(&vm->refs, 1);
+}
+
+void vm_unref(struct vm *vm)
+{
+    if (!vm || atomic_fetch_sub(&vm->refs, 1) != 1)
+        return;
+    vmm_client_close(vm->client);
+    if (vm->memfd >= 0)
+        close(vm->memfd);
+    if (vm->pidfd >= 0)
+        close(vm->pidfd);
+    pthread_mutex_destroy(&vm->lock);
+    pthread_cond_destroy(&vm->exited_cond);
+    free(vm);
+}
+
+static struct vm *vm_new(struct vm_registry *registry)
+{
+    struct vm *vm = calloc(1, sizeof(*vm));
+    if (!vm)
+        return NULL;
+    atomic_init(&vm->refs, 1);
+    vm->registry = registry;
+    vm->pidfd = -1;
+    vm->memfd = -1;
+    vm->state = VM_STATE_STARTING;
+    vm->created_at_unix_ms = vm_now_unix_ms();
+    pthread_mutex_init(&vm->lock, NULL);
+    pthread_cond_init(&vm->exited_cond, NULL);
+    return vm;
+}
+
+const char *vm_id(const struct vm *vm)
+{
+    return vm->id;
+}
+
+struct vmm_client *vm_client(struct vm *vm)
+{
+    return vm->client;
+}
+
+enum vm_memory vm_memory_kind(const struct vm *vm)
+{
+    return vm->memory;
+}
+
+uint64_t vm_memory_bytes(const struct vm *vm)
+{
+    return vm->memory_bytes;
+}
+
+unsigned vm_vcpu_count(const struct vm *vm)
+{
+    return vm->vcpu_count;
+}
+
+const char *vm_source_snapshot(const struct vm *vm)
+{
+    return vm->source_snapshot;
+}
+
+pid_t vm_pid(struct vm *vm)
+{
+    pthread_mutex_lock(&vm->lock);
+    pid_t pid = vm->exited ? 0 : vm->pid;
+    pthread_mutex_unlock(&vm->lock);
+    return pid;
+}
+
+bool vm_is_alive(struct vm *vm)
+{
+    return vm_pid(vm) > 0;
+}
+
+int vm_memfd(struct vm *vm)
+{
+    pthread_mutex_lock(&vm->lock);
+    int fd = vm->memfd;
+    pthread_mutex_unlock(&vm->lock);
+    return fd;
+}
+
+void vm_set_state(struct vm *vm, enum vm_state state)
+{
+    pthread_mutex_lock(&vm->lock);
+    if (!vm->exited)
+        vm->state = state;
+    pthread_mutex_unlock(&vm->lock);
+}
+
+void vm_get_status(struct vm *vm, struct vm_status *out)
+{
+    memset(out, 0, sizeof(*out));
+    snprintf(out->id, sizeof(out->id), "%s", vm->id);
+    snprintf(out->name, sizeof(out->name), "%s", vm->name);
+    out->memory = vm->memory;
+    out->vcpu_count = vm->vcpu_count;
+    out->mem_size_mib = vm->mem_size_mib;
+    snprintf(out->api_socket_path, sizeof(out->api_socket_path), "%s", vm->api_socket_path);
+    snprintf(out->vmm_binary, sizeof(out->vmm_binary), "%s", vm->registry->vmm_binary);
+    snprintf(out->source_snapshot, sizeof(out->source_snapshot), "%s", vm->source_snapshot);
+    out->created_at_unix_ms = vm->created_at_unix_ms;
+    pthread_mutex_lock(&vm->lock);
+    out->state = vm->state;
+    out->vmm_pid = vm->exited ? 0 : vm->pid;
+    snprintf(out->exit_reason, sizeof(out->exit_reason), "%s", vm->exit_reason);
+    snprintf(out->active_branch_id, sizeof(out->active_branch_id), "%s", vm->active_branch_id);
+    pthread_mutex_unlock(&vm->lock);
+}
+
+bool vm_try_begin_branch(struct vm *vm, const char *branch_id)
+{
+    pthread_mutex_lock(&vm->lock);
+    bool free_to_branch = vm->active_branch_id[0] == '\0';
+    if (free_to_branch)
+        snprintf(vm->active_branch_id, sizeof(vm->active_branch_id), "%s", branch_id);
+    pthread_mutex_unlock(&vm->lock);
+    return free_to_branch;
+}
+
+void vm_end_branch(struct vm *vm)
+{
+    pthread_mutex_lock(&vm->lock);
+    vm->active_branch_id[0] = '\0';
+    pthread_mutex_unlock(&vm->lock);
+}
+
+/* ---- the reaper ------------------------------------------------------------------------- */
+
+static void vm_describe_exit(const siginfo_t *info, char *out, size_t out_len)
+{
+    if (info->si_code == CLD_EXITED)
+        snprintf(out, out_len, "exited with status %d", info->si_status);
+    else
+        snprintf(out, out_len, "killed by signal %d (%s)", info->si_status,
+                 strsignal(info->si_status));
+}
+
+/* Called by the reaper when a VMM's pidfd turns readable: the process has exited. */
+static void vm_record_exit(struct vm *vm)
+{
+    siginfo_t info = {0};
+    if (waitid((idtype_t)P_PIDFD, (id_t)vm->pidfd, &info, WEXITED | WNOHANG) < 0 ||
+        info.si_pid == 0)
+        return;
+    pthread_mutex_lock(&vm->lock);
+    vm_describe_exit(&info, vm->exit_reason, sizeof(vm->exit_reason));
+    bool clean = vm->stop_requested || (info.si_code == CLD_EXITED && info.si_status == 0);
+    vm->state = clean ? VM_STATE_STOPPED : VM_STATE_FAILED;
+    vm->exited = true;
+    /* The guest's memfd is released with the VM; a branch still copying holds its own map. */
+    if (vm->memfd >= 0) {
+        close(vm->memfd);
+        vm->memfd = -1;
+    }
+    pthread_cond_broadcast(&vm->exited_cond);
+    pthread_mutex_unlock(&vm->lock);
+}
+
+static void *vm_reaper_loop(void *arg)
+{
+    struct vm_registry *registry = arg;
+    for (;;) {
+        struct epoll_event events[16];
+        int n = epoll_wait(registry->epoll_fd, events, 16, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.ptr == NULL)
+                return NULL; /* the stop eventfd */
+            struct vm *vm = events[i].data.ptr;
+            epoll_ctl(registry->epoll_fd, EPOLL_CTL_DEL, vm->pidfd, NULL);
+            vm_record_exit(vm);
+            vm_unref(vm); /* the reference taken by vm_watch */
+        }
+    }
+}
+
+/* Hands the VM's pidfd to the reaper, which keeps a reference until the exit is recorded. */
+static int vm_watch(struct vm *vm, struct forkd_error *err)
+{
+    vm_ref(vm);
+    struct epoll_event event = {.events = EPOLLIN, .data.ptr = vm};
+    if (epoll_ctl(vm->registry->epoll_fd, EPOLL_CTL_ADD, vm->pidfd, &event) < 0) {
+        vm_unref(vm);
+        return forkd_error_set(err, -errno, "watch VMM pid %d: %s", vm->pid, strerror(errno));
+    }
+    return 0;
+}
+
+/* Waits until the reaper recorded the exit, up to timeout_ms. True when exited. */
+static bool vm_wait_exit(struct vm *vm, unsigned timeout_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    uint64_t ns = (uint64_t)deadline.tv_nsec + (uint64_t)timeout_ms * 1000000ULL;
+    deadline.tv_sec += (time_t)(ns / 1000000000ULL);
+    deadline.tv_nsec = (long)(ns % 1000000000ULL);
+    pthread_mutex_lock(&vm->lock);
+    while (!vm->exited)
+        if (pthread_cond_timedwait(&vm->exited_cond, &vm->lock, &deadline) == ETIMEDOUT)
+            break;
+    bool exited = vm->exited;
+    pthread_mutex_unlock(&vm->lock);
+    return exited;
+}
+
+static void vm_signal(struct vm *vm, int signal_number)
+{
+    pthread_mutex_lock(&vm->lock);
+    if (!vm->exited && vm->pidfd >= 0)
+        syscall(SYS_pidfd_send_signal, vm->pidfd, signal_number, NULL, 0);
+    pthread_mutex_unlock(&vm->lock);
+}
+
+/* SIGTERM, then SIGKILL after grace_ms; returns once the exit is recorded. */
+static void vm_terminate(struct vm *vm, unsigned grace_ms)
+{
+    pthread_mutex_lock(&vm->lock);
+    vm->stop_requested = true;
+    pthread_mutex_unlock(&vm->lock);
+    vm_signal(vm, SIGTERM);
+    if (vm_wait_exit(vm, grace_ms))
+        return;
+    vm_signal(vm, SIGKILL);
+    vm_wait_exit(vm, 60000);
+}
+
+/* ---- the registry ----------------------------------------------------------------------- */
+
+int vm_registry_open(const struct vm_registry_config *config, struct vm_registry **out,
+                     struct forkd_error *err)
+{
+    int rc = fs_mkdir_parents(config->run_dir, 0700);
+    if (rc < 0)
+        return forkd_error_set(err, rc, "create VM run directory %s: %s", config->run_dir,
+                               strerror(-rc));
+    struct vm_registry *registry = calloc(1, sizeof(*registry));
+    if (!registry)
+        return forkd_error_set(err, -ENOMEM, "VM registry: out of memory");
+    snprintf(registry->vmm_binary, sizeof(registry->vmm_binary), "%s", config->vmm_binary);
+    snprintf(registry->run_dir, sizeof(registry->run_dir), "%s", config->run_dir);
+    registry->start_timeout_ms = config->start_timeout_ms ? config->start_timeout_ms : 10000;
+    pthread_mutex_init(&registry->lock, NULL);
+    registry->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    registry->stop_fd = eventfd(0, EFD_CLOEXEC);
+    struct epoll_event stop = {.events = EPOLLIN, .data.ptr = NULL};
+    if (registry->epoll_fd < 0 || registry->stop_fd < 0 ||
+        epoll_ctl(registry->epoll_fd, EPOLL_CTL_ADD, registry->stop_fd, &stop) < 0 ||
+        pthread_create(&registry->reaper, NULL, vm_reaper_loop, registry) != 0) {
+        rc = forkd_error_set(err, -errno, "VM registry: reaper set-up: %s", strerror(errno));
+        close(registry->epoll_fd);
+        close(registry->stop_fd);
+        free(registry);
+        return rc;
+    }
+    *out = registry;
+    return 0;
+}
+
+void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned grace_ms)
+{
+    if (!registry)
+        return;
+    struct vm **vms;
+    size_t count = vm_list(registry, &vms);
+    for (size_t i = 0; i < count; i++)
+        if (!keep_vms)
+            vm_terminate(vms[i], grace_ms);
+    vm_list_free(vms, count);
+    uint64_t one = 1;
+    if (write(registry->stop_fd, &one, sizeof(one)) != sizeof(one))
+        abort(); /* an eventfd write of 1 cannot fail; the reaper would never stop */
+    pthread_join(registry->reaper, NULL);
+    for (size_t i = 0; i < registry->count; i++)
+        vm_unref(registry->vms[i]);
+    free(registry->vms);
+    close(registry->epoll_fd);
+    close(registry->stop_fd);
+    pthread_mutex_destroy(&registry->lock);
+    free(registry);
+}
+
+static struct vm *vm_lookup_locked(struct vm_registry *registry, const char *id_or_name)
+{
+    for (size_t i = 0; i < registry->count; i++) {
+        struct vm *vm = registry->vms[i];
+        if (strcmp(vm->id, id_or_name) == 0 || strcmp(vm->name, id_or_name) == 0)
+            return vm;
+    }
+    return NULL;
+}
+
+struct vm *vm_lookup(struct vm_registry *registry, const char *id_or_name)
+{
+    pthread_mutex_lock(&registry->lock);
+    struct vm *vm = vm_lookup_locked(registry, id_or_name);
+    if (vm)
+        vm_ref(vm);
+    pthread_mutex_unlock(&registry->lock);
+    return vm;
+}
+
+size_t vm_list(struct vm_registry *registry, struct vm ***out)
+{
+    pthread_mutex_lock(&registry->lock);
+    size_t count = registry->count;
+    struct vm **vms = calloc(count ? count : 1, sizeof(*vms));
+    for (size_t i = 0; vms && i < count; i++) {
+        vms[i] = registry->vms[i];
+        vm_ref(vms[i]);
+    }
+    pthread_mutex_unlock(&registry->lock);
+    *out = vms;
+    return vms ? count : 0;
+}
+
+void vm_list_free(struct vm **vms, size_t count)
+{
+    for (size_t i = 0; i < count; i++)
+        vm_unref(vms[i]);
+    free(vms);
+}
+
+/* Lists a new VM under a fresh id, refusing a name already in use. The list's reference is
+ * the VM's initial one; the caller gets another. */
+static int vm_enlist(struct vm_registry *registry, struct vm *vm, const char *name,
+                     struct forkd_error *err)
+{
+    pthread_mutex_lock(&registry->lock);
+    int rc = 0;
+    if (name && *name && vm_lookup_locked(registry, name)) {
+        rc = forkd_error_set(err, -EEXIST, "a VM named '%s' already exists", name);
+    } else if (registry->count == registry->capacity) {
+        size_t capacity = registry->capacity ? registry->capacity * 2 : 16;
+        struct vm **grown = realloc(registry->vms, capacity * sizeof(*grown));
+        if (!grown)
+            rc = forkd_error_set(err, -ENOMEM, "VM registry: out of memory");
+        else {
+            registry->vms = grown;
+            registry->capacity = capacity;
+        }
+    }
+    if (rc == 0) {
+        snprintf(vm->id, sizeof(vm->id), "vm-%lu", ++registry->next_id);
+        snprintf(vm->name, sizeof(vm->name), "%s", name && *name ? name : vm->id);
+        registry->vms[registry->count++] = vm;
+        vm_ref(vm);
+    }
+    pthread_mutex_unlock(&registry->lock);
+    return rc;
+}
+
+/* Removes the VM from the list and drops the list's reference. */
+static void vm_delist(struct vm_registry *registry, struct vm *vm)
+{
+    bool found = false;
+    pthread_mutex_lock(&registry->lock);
+    for (size_t i = 0; i < registry->count; i++) {
+        if (registry->vms[i] != vm)
+            continue;
+        registry->vms[i] = registry->vms[--registry->count];
+        found = true;
+        break;
+    }
+    pthread_mutex_unlock(&registry->lock);
+    if (found)
+        vm_unref(vm);
+}
+
+/* ---- launching a VMM -------------------------------------------------------------------- */
+
+/* The last line of the VMM's log, for errors when it dies during start-up. */
+static void vm_log_tail(const struct vm *vm, char *out, size_t out_len)
+{
+    out[0] = '\0';
+    _cleanup_close_ int fd = open(vm->log_path, O_RDONLY | O_CLOEXEC);
+    char buffer[512];
+    off_t size = fd >= 0 ? lseek(fd, 0, SEEK_END) : -1;
+    if (size <= 0)
+        return;
+    off_t start = size > (off_t)sizeof(buffer) - 1 ? size - (off_t)sizeof(buffer) + 1 : 0;
+    ssize_t n = pread(fd, buffer, sizeof(buffer) - 1, start);
+    if (n <= 0)
+        return;
+    buffer[n] = '\0';
+    while (n > 0 && (buffer[n - 1] == '\n' || buffer[n - 1] == '\r'))
+        buffer[--n] = '\0';
+    char *line = strrchr(buffer, '\n');
+    if (snprintf(out, out_len, "%s", line ? line + 1 : buffer) >= (int)out_len)
+        strcpy(out + out_len - 4, "..."); /* keep the start: it names the failure */
+}
+
+static int vm_spawn_setup(posix_spawn_file_actions_t *actions, posix_spawnattr_t *attributes,
+                          const char *log_path)
+{
+    posix_spawn_file_actions_init(actions);
+    posix_spawn_file_actions_addopen(actions, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(actions, 1, log_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+    posix_spawn_file_actions_adddup2(actions, 1, 2);
+    posix_spawnattr_init(attributes);
+    /* forkd blocks SIGTERM/SIGINT and ignores SIGPIPE; the VMM must get the defaults back. Its
+     * own session keeps a terminal's Ctrl-C from reaching it behind forkd's back. */
+    sigset_t none, defaults;
+    sigemptyset(&none);
+    sigemptyset(&defaults);
+    sigaddset(&defaults, SIGTERM);
+    sigaddset(&defaults, SIGINT);
+    sigaddset(&defaults, SIGPIPE);
+    posix_spawnattr_setsigmask(attributes, &none);
+    posix_spawnattr_setsigdefault(attributes, &defaults);
+    return posix_spawnattr_setflags(attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF |
+                                                    POSIX_SPAWN_SETSID);
+}
+
+static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct forkd_error *err)
+{
+    struct vm_registry *registry = vm->registry;
+    /* A Unix socket address holds 107 bytes: a longer path would be cut silently by bind(). */
+    int length = snprintf(vm->api_socket_path, sizeof(vm->api_socket_path), "%s/%s.sock",
+                          registry->run_dir, vm->id);
+    if (length >= (int)sizeof(((struct sockaddr_un *)0)->sun_path))
+        return forkd_error_set(err, -ENAMETOOLONG,
+                               "VMM API socket path %s is too long for a Unix socket (max 107)",
+                               vm->api_socket_path);
+    if (snprintf(vm->log_path, sizeof(vm->log_path), "%s/%s.log", registry->run_dir, vm->id) >=
+        (int)sizeof(vm->log_path))
+        return forkd_error_set(err, -ENAMETOOLONG, "VMM log path too long");
+    unlink(vm->api_socket_path);
+    const char *argv[32] = {registry->vmm_binary, "--api-sock", vm->api_socket_path, "--id",
+                            vm->id};
+    size_t argc = 5;
+    for (size_t i = 0; extra_args && extra_args[i] && argc < 31; i++)
+        argv[argc++] = extra_args[i];
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    vm_spawn_setup(&actions, &attributes, vm->log_path);
+    pid_t pid;
+    int rc = strchr(registry->vmm_binary, '/')
+                 ? posix_spawn(&pid, registry->vmm_binary, &actions, &attributes,
+                               (char *const *)argv, environ)
+                 : posix_spawnp(&pid, registry->vmm_binary, &actions, &attributes,
+                                (char *const *)argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attributes);
+    if (rc != 0)
+        return forkd_error_set(err, -rc, "start VMM %s: %s", registry->vmm_binary, strerror(rc));
+    vm->pid = pid;
+    vm->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (vm->pidfd < 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        return forkd_error_set(err, -errno, "pidfd_open(%d): %s", pid, strerror(errno));
+    }
+    return vm_watch(vm, err);
+}
+
+static bool vm_socket_answers(const char *path)
+{
+    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    if (snprintf(address.sun_path, sizeof(address.sun_path), "%s", path) >=
+        (int)sizeof(address.sun_path))
+        return false;
+    return fd >= 0 && connect(fd, (struct sockaddr *)&address, sizeof(address)) == 0;
+}
+
+/* Waits for the VMM's API socket to accept connections, or for the VMM to die. */
+static int vm_wait_for_api(struct vm *vm, struct forkd_error *err)
+{
+    uint64_t deadline = forkd_monotonic_ns() + vm->registry->start_timeout_ms * 1000000ULL;
+    while (!vm_socket_answers(vm->api_socket_path)) {
+        if (vm_wait_exit(vm, 2)) {
+            char tail[256];
+            vm_log_tail(vm, tail, sizeof(tail));
+            return forkd_error_set(err, -ECHILD, "VMM %s %s before its API socket was ready: %s",
+                                   vm->registry->vmm_binary, vm->exit_reason,
+                                   tail[0] ? tail : "(no output)");
+        }
+        if (forkd_monotonic_ns() > deadline)
+            return forkd_error_set(err, -ETIMEDOUT, "VMM API socket %s not ready after %u ms",
+                                   vm->api_socket_path, vm->registry->start_timeout_ms);
+    }
+    return vmm_client_open(vm->api_socket_path, &vm->client, err);
+}
+
+/* Undoes a failed start: the VMM killed and reaped, the VM unlisted. The error is kept, with
+ * the VMM's last words when it died on its own. */
+static void vm_abandon_start(struct vm *vm, int rc, struct forkd_error *err)
+{
+    if (vm->pidfd >= 0 && !vm_wait_exit(vm, 0)) {
+        vm_terminate(vm, 0);
+    } else if (vm->pidfd >= 0 && rc != -ECHILD) {
+        char tail[256];
+        vm_log_tail(vm, tail, sizeof(tail));
+        if (tail[0])
+            forkd_error_prefix(err, "VMM %s (\"%s\"): ", vm->exit_reason, tail);
+    }
+    vm_delist(vm->registry, vm);
+    vm_unref(vm);
+}
+
+static int vm_launch(struct vm_registry *registry, const char *name,
+                     const char *const *extra_args, struct vm **out, struct forkd_error *err)
+{
+    struct vm *vm = vm_new(registry);
+    if (!vm)
+        return forkd_error_set(err, -ENOMEM, "VM: out of memory");
+    int rc = vm_enlist(registry, vm, name, err);
+    if (rc < 0) {
+        vm_unref(vm);
+        return rc;
+    }
+    rc = vm_spawn_vmm(vm, extra_args, err);
+    if (rc == 0)
+        rc = vm_wait_for_api(vm, err);
+    if (rc < 0) {
+        vm_abandon_start(vm, rc, err);
+        return rc;
+    }
+    *out = vm;
+    return 0;
+}
+
+/* ---- boot, restore, stop ---------------------------------------------------------------- */
+
+static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
+                             struct forkd_error *err)
+{
+    int rc = vmm_put_machine_config(vm->client, config->vcpu_count, config->mem_size_mib, err);
+    if (rc == 0)
+        rc = vmm_put_boot_source(vm->client, config->kernel_image_path, config->boot_args, err);
+    if (rc == 0)
+        rc = vmm_start(vm->client, err);
+    return rc;
+}
+
+int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, struct vm **out,
+            struct forkd_error *err)
+{
+    if (access(config->kernel_image_path, R_OK) < 0)
+        return forkd_error_set(err, -errno, "kernel image %s: %s", config->kernel_image_path,
+                               strerror(errno));
+    struct vm *vm;
+    int rc = vm_launch(registry, config->name, config->extra_vmm_args, &vm, err);
+    if (rc < 0)
+        return rc;
+    vm->memory = VM_MEMORY_ANONYMOUS;
+    vm->vcpu_count = config->vcpu_count;
+    vm->mem_size_mib = config->mem_size_mib;
+    vm->memory_bytes = config->mem_size_mib << 20;
+    rc = vm_configure_boot(vm, config, err);
+    if (rc < 0) {
+        vm_abandon_start(vm, rc, err);
+        return rc;
+    }
+    vm_set_state(vm, VM_STATE_RUNNING);
+    *out = vm;
+    return 0;
+}
+
+/* Creates the guest memfd of a MEMFD restore and fills it from memory.bin. */
+static int vm_fill_memfd(struct vm *vm, const char *memory_path, struct forkd_error *err)
+{
+    _cleanup_close_ int source = open(memory_path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (source < 0 || fstat(source, &st) < 0)
+        return forkd_error_set(err, -errno, "open %s: %s", memory_path, strerror(errno));
+    char name[64];
+    snprintf(name, sizeof(name), "forkd-guest-%s", vm->id);
+    _cleanup_close_ int memfd = memfd_create(name, MFD_CLOEXEC);
+    if (memfd < 0 || ftruncate(memfd, st.st_size) < 0)
+        return forkd_error_set(err, -errno, "memfd for %s (%lld bytes): %s", vm->id,
+                               (long long)st.st_size, strerror(errno));
+    off_t offset = 0;
+    while (offset < st.st_size) {
+        /* sendfile copies page cache to the memfd in the kernel, in large steps. */
+        ssize_t n = sendfile(memfd, source, &offset, (size_t)(st.st_size - offset));
+        if (n <= 0)
+            return forkd_error_set(err, n < 0 ? -errno : -EIO, "fill memfd from %s at %lld: %s",
+                                   memory_path, (long long)offset,
+                                   n < 0 ? strerror(errno) : "unexpected end of file");
+    }
+    vm->memory_bytes = (uint64_t)st.st_size;
+    pthread_mutex_lock(&vm->lock);
+    vm->memfd = take_fd(memfd);
+    pthread_mutex_unlock(&vm->lock);
+    return 0;
+}
+
+static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *config,
+                            struct forkd_error *err)
+{
+    char backend_path[PATH_MAX];
+    bool shared = config->memory == VM_MEMORY_MEMFD;
+    if (shared) {
+        int rc = vm_fill_memfd(vm, config->memory_path, err);
+        if (rc < 0)
+            return rc;
+        snprintf(backend_path, sizeof(backend_path), "/proc/%d/fd/%d", (int)getpid(), vm->memfd);
+    } else {
+        struct stat st;
+        if (stat(config->memory_path, &st) < 0)
+            return forkd_error_set(err, -errno, "%s: %s", config->memory_path, strerror(errno));
+        vm->memory_bytes = (uint64_t)st.st_size;
+        snprintf(backend_path, sizeof(backend_path), "%s", config->memory_path);
+    }
+    return vmm_snapshot_load(vm->client, config->vmstate_path, VMM_MEMORY_FILE, backend_path,
+                             shared, !config->start_paused, err);
+}
+
+int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
+               struct vm **out, struct forkd_error *err)
+{
+    if (config->memory != VM_MEMORY_FILE && config->memory != VM_MEMORY_MEMFD)
+        return forkd_error_set(err, -EINVAL, "restore: memory backend %d is not FILE or MEMFD",
+                               (int)config->memory);
+    struct vm *vm;
+    int rc = vm_launch(registry, config->name, config->extra_vmm_args, &vm, err);
+    if (rc < 0)
+        return rc;
+    vm->memory = config->memory;
+    snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s",
+             config->snapshot_name ? config->snapshot_name : "");
+    rc = vm_load_snapshot(vm, config, err);
+    if (rc < 0) {
+        vm_abandon_start(vm, rc, err);
+        return rc;
+    }
+    vm->mem_size_mib = vm->memory_bytes >> 20;
+    vm_set_state(vm, config->start_paused ? VM_STATE_PAUSED : VM_STATE_RUNNING);
+    *out = vm;
+    return 0;
+}
+
+int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms,
+            struct forkd_error *err)
+{
+    pthread_mutex_lock(&vm->lock);
+    bool branching = vm->active_branch_id[0] != '\0';
+    pthread_mutex_unlock(&vm->lock);
+    if (branching)
+        return forkd_error_set(err, -EBUSY, "VM %s has a branch running (%s)", vm->id,
+                               vm->active_branch_id);
+    vm_terminate(vm, grace_ms);
+    vm_delist(registry, vm);
+    return 0;
+}

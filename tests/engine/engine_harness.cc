@@ -1,0 +1,74 @@
+#include <gtest/gtest.h>
+
+#include "engine_harness.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <regex>
+#include <sys/wait.h>
+#include <unistd.h>
+
+void EngineTest::SetUp()
+{
+    char dir[] = "/tmp/forkd-engine-XXXXXX";
+    ASSERT_NE(nullptr, mkdtemp(dir));
+    state_dir_ = dir;
+    struct vm_registry_config config = {};
+    config.vmm_binary = FORKD_TESTVM_PATH;
+    std::string run_dir = state_dir_ + "/vms";
+    config.run_dir = run_dir.c_str();
+    struct forkd_error err = {};
+    ASSERT_EQ(0, vm_registry_open(&config, &registry_, &err)) << err.message;
+}
+
+void EngineTest::TearDown()
+{
+    vm_registry_close(registry_, false, 2000);
+    std::string command = "rm -rf '" + state_dir_ + "'";
+    if (system(command.c_str()) != 0)
+        ADD_FAILURE() << "could not remove " << state_dir_;
+}
+
+struct vm *EngineTest::Boot(unsigned vcpus, unsigned mem_mib, const std::string &workload,
+                            const std::string &name, const char *const *extra_args)
+{
+    struct vm_boot_config config = {};
+    config.name = name.c_str();
+    config.vcpu_count = vcpus;
+    config.mem_size_mib = mem_mib;
+    config.kernel_image_path = FORKD_GUEST_PATH;
+    config.boot_args = workload.c_str();
+    config.extra_vmm_args = extra_args;
+    struct vm *vm = nullptr;
+    struct forkd_error err = {};
+    int rc = vm_boot(registry_, &config, &vm, &err);
+    EXPECT_EQ(0, rc) << err.message;
+    return vm;
+}
+
+VerifyResult EngineTest::Verify(const std::string &dir)
+{
+    std::string command = std::string(FORKD_TESTVM_PATH) + " verify '" + dir + "' 2>&1";
+    FILE *pipe = popen(command.c_str(), "r");
+    VerifyResult result{-1, ""};
+    if (!pipe)
+        return result;
+    char buffer[4096];
+    size_t n;
+    while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0)
+        result.output.append(buffer, n);
+    int status = pclose(pipe);
+    result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return result;
+}
+
+unsigned long long EngineTest::TotalFromVerify(const std::string &output)
+{
+    // The verifier prints one "vcpu N total T" line per vCPU.
+    std::regex total("vcpu [0-9]+ total ([0-9]+)");
+    unsigned long long sum = 0;
+    for (auto it = std::sregex_iterator(output.begin(), output.end(), total);
+         it != std::sregex_iterator(); ++it)
+        sum += std::stoull((*it)[1]);
+    return sum;
+}

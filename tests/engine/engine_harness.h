@@ -1,0 +1,32 @@
+// Shared set-up for engine tests: a temporary state directory, a VM registry driving the real
+// forkd-testvm, and the test VMM's snapshot verifier.
+#pragma once
+
+#include <string>
+
+extern "C" {
+#include "forkd/vm.h"
+}
+
+struct VerifyResult {
+    int exit_code;
+    std::string output;
+};
+
+class EngineTest : public ::testing::Test {
+  protected:
+    void SetUp() override;
+    void TearDown() override;
+
+    // Boots a guest writing flat out; fails the test on error.
+    struct vm *Boot(unsigned vcpus, unsigned mem_mib, const std::string &workload,
+                    const std::string &name = "", const char *const *extra_args = nullptr);
+
+    // Runs `forkd-testvm verify` on a snapshot directory (vmstate + memory.bin).
+    static VerifyResult Verify(const std::string &dir);
+    // The per-vCPU totals the verifier printed, summed.
+    static unsigned long long TotalFromVerify(const std::string &output);
+
+    std::string state_dir_;
+    struct vm_registry *registry_ = nullptr;
+};
