@@ -446,7 +446,14 @@ static int handle_snapshot_create(struct vmm *vmm, const cJSON *body, char **res
     return r;
 }
 
-static int map_restore_memory(struct vmm *vmm, const cJSON *backend, char *err, size_t err_size)
+struct restore_backend {
+    bool uffd;
+    bool shared;
+    const char *path;
+};
+
+static int parse_restore_backend(const cJSON *backend, struct restore_backend *out, char *err,
+                                 size_t err_size)
 {
     static const struct field_spec specs[] = {
         {"backend_type", FIELD_STRING, true},
@@ -458,19 +465,27 @@ static int map_restore_memory(struct vmm *vmm, const cJSON *backend, char *err, 
     if (r < 0)
         return r;
     const char *type = string_field(backend, "backend_type");
-    const char *path = string_field(backend, "backend_path");
-    bool shared = bool_field(backend, "shared", false);
-    if (strcmp(type, "File") == 0)
-        return guest_memory_map_file(&vmm->memory, path, shared, err, err_size);
-    if (strcmp(type, "Uffd") != 0)
+    out->uffd = strcmp(type, "Uffd") == 0;
+    out->shared = bool_field(backend, "shared", false);
+    out->path = string_field(backend, "backend_path");
+    if (!out->uffd && strcmp(type, "File") != 0)
         return error_set(err, err_size, EINVAL, "backend_type must be \"File\" or \"Uffd\"");
-    if (shared)
+    if (out->uffd && out->shared)
         return error_set(err, err_size, EINVAL, "shared is only valid with backend_type File");
-    return guest_memory_map_uffd(&vmm->memory, path, err, err_size);
+    return 0;
 }
 
-static int restore_machine(struct vmm *vmm, const struct vmstate *state, const cJSON *backend,
-                           bool resume, char *err, size_t err_size)
+static int map_restore_memory(struct vmm *vmm, const struct restore_backend *backend, char *err,
+                              size_t err_size)
+{
+    if (backend->uffd)
+        return guest_memory_map_uffd(&vmm->memory, backend->path, err, err_size);
+    return guest_memory_map_file(&vmm->memory, backend->path, backend->shared, err, err_size);
+}
+
+static int restore_machine(struct vmm *vmm, const struct vmstate *state,
+                           const struct restore_backend *backend, bool resume, char *err,
+                           size_t err_size)
 {
     int r =
         guest_memory_adopt_layout(&vmm->memory, state->regions, state->region_count, err, err_size);
@@ -501,9 +516,13 @@ static int handle_snapshot_load(struct vmm *vmm, const cJSON *body, char **respo
         {"track_dirty_pages", FIELD_BOOL, false},
     };
     _cleanup_free_ struct vmstate *state = NULL;
+    struct restore_backend backend = {0};
     int r = check_fields(body, "snapshot/load", specs, 5, err, err_size);
 
     (void)response;
+    if (r == 0)
+        r = parse_restore_backend(cJSON_GetObjectItemCaseSensitive(body, "mem_backend"), &backend,
+                                  err, err_size);
     if (r < 0)
         return r;
     if (vmm->state != VMM_NOT_STARTED || vmm->machine_configured || vmm->boot_source_configured)
@@ -516,8 +535,7 @@ static int handle_snapshot_load(struct vmm *vmm, const cJSON *body, char **respo
     if (r < 0)
         return r;
     bool resume = bool_field(body, "resume_vm", false);
-    r = restore_machine(vmm, state, cJSON_GetObjectItemCaseSensitive(body, "mem_backend"), resume,
-                        err, err_size);
+    r = restore_machine(vmm, state, &backend, resume, err, err_size);
     if (r < 0) {
         release_machine(vmm);
         return r;

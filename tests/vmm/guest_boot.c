@@ -14,7 +14,10 @@
 
 #define PTE_PRESENT  (1ull << 0)
 #define PTE_WRITABLE (1ull << 1)
+#define PTE_USER     (1ull << 2)
 #define PTE_HUGE     (1ull << 7)
+#define PTE_ACCESSED (1ull << 5)
+#define PTE_DIRTY    (1ull << 6)
 
 static int load_image(struct guest_memory *memory, const char *path,
                       struct guest_image_header *header, char *err, size_t err_size)
@@ -57,12 +60,13 @@ static void write_page_tables(struct guest_memory *memory)
 
     memset(pml4, 0, GUEST_PAGE_SIZE);
     memset(pdpt, 0, GUEST_PAGE_SIZE);
-    pml4[0] = GUEST_PDPT_GPA | PTE_PRESENT | PTE_WRITABLE;
+    pml4[0] = GUEST_PDPT_GPA | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED;
     for (uint64_t gib = 0; gib < GUEST_PD_COUNT; gib++) {
-        pdpt[gib] = (GUEST_PD_GPA + gib * GUEST_PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE;
+        pdpt[gib] = (GUEST_PD_GPA + gib * GUEST_PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE | PTE_USER |
+                    PTE_ACCESSED;
         for (uint64_t entry = 0; entry < 512; entry++)
-            pd[gib * 512 + entry] =
-                ((gib << 30) | (entry << 21)) | PTE_PRESENT | PTE_WRITABLE | PTE_HUGE;
+            pd[gib * 512 + entry] = ((gib << 30) | (entry << 21)) | PTE_PRESENT | PTE_WRITABLE |
+                                    PTE_USER | PTE_HUGE | PTE_ACCESSED | PTE_DIRTY;
     }
 }
 
@@ -71,8 +75,8 @@ static void write_gdt(struct guest_memory *memory)
     uint64_t *gdt = guest_memory_host_address(memory, GUEST_GDT_GPA, GUEST_PAGE_SIZE);
 
     memset(gdt, 0, GUEST_PAGE_SIZE);
-    gdt[GUEST_CODE_SELECTOR / 8] = 0x00af9a000000ffffull; /* 64-bit code, DPL 0 */
-    gdt[GUEST_DATA_SELECTOR / 8] = 0x00cf92000000ffffull; /* data, read/write */
+    gdt[GUEST_DATA_SELECTOR / 8] = 0x00cff2000000ffffull; /* data, read/write, DPL 3 */
+    gdt[GUEST_CODE_SELECTOR / 8] = 0x00affa000000ffffull; /* 64-bit code, DPL 3 */
 }
 
 uint64_t guest_boot_available_pages(const struct guest_memory *memory)

@@ -30,6 +30,8 @@
 #define CR4_PAE        (1ull << 5)
 #define CR4_OSFXSR     (1ull << 9)
 #define CR4_OSXMMEXCPT (1ull << 10)
+#define RFLAGS_FIXED   (1ull << 1)
+#define RFLAGS_IOPL3   (3ull << 12)
 #define EFER_LME       (1ull << 8)
 #define EFER_LMA       (1ull << 10)
 
@@ -198,6 +200,7 @@ static void set_long_mode_sregs(struct kvm_sregs *sregs)
         .selector = GUEST_CODE_SELECTOR,
         .type = 11,
         .present = 1,
+        .dpl = 3,
         .s = 1,
         .l = 1,
         .g = 1,
@@ -208,6 +211,7 @@ static void set_long_mode_sregs(struct kvm_sregs *sregs)
         .selector = GUEST_DATA_SELECTOR,
         .type = 3,
         .present = 1,
+        .dpl = 3,
         .s = 1,
         .db = 1,
         .g = 1,
@@ -216,7 +220,7 @@ static void set_long_mode_sregs(struct kvm_sregs *sregs)
     sregs->cs = code;
     sregs->ds = sregs->es = sregs->fs = sregs->gs = sregs->ss = data;
     sregs->gdt.base = GUEST_GDT_GPA;
-    sregs->gdt.limit = 3 * 8 - 1;
+    sregs->gdt.limit = 5 * 8 - 1;
     /* No IDT: the guest takes no interrupts, and an exception becomes a triple fault, which
      * surfaces as KVM_EXIT_SHUTDOWN instead of silently misbehaving. */
     sregs->idt.base = 0;
@@ -238,7 +242,7 @@ int vm_set_boot_state(struct vm *vm, uint64_t entry, char *err, size_t err_size)
             .rsp = GUEST_STACKS_GPA + (i + 1) * GUEST_STACK_SIZE,
             .rdi = i,
             .rsi = GUEST_CONFIG_GPA,
-            .rflags = 0x2,
+            .rflags = RFLAGS_FIXED | RFLAGS_IOPL3, /* IOPL 3: port I/O from CPL 3 */
         };
 
         if (ioctl(vcpu->fd, KVM_GET_SREGS, &sregs) < 0)

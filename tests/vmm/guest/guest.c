@@ -50,13 +50,13 @@ void guest_main(uint64_t vcpu_index, const struct guest_config *config);
 __attribute__((noreturn)) void guest_loop(struct loop_params *params);
 extern char guest_increment_window[], guest_loop_start[], guest_loop_end[];
 
-/* The VMM enters here with %rsp at the top of this vCPU's stack, %rdi = vCPU index and
- * %rsi = config. */
+/* The VMM enters here, at CPL 3, with %rsp at the top of this vCPU's stack, %rdi = vCPU
+ * index and %rsi = config. */
 __asm__(".pushsection .text.entry, \"ax\"\n"
         ".globl guest_start\n"
         "guest_start:\n"
         "    call guest_main\n"
-        "1:  hlt\n"
+        "1:  pause\n" /* never reached: guest_main does not return */
         "    jmp 1b\n"
         ".popsection\n");
 
@@ -186,7 +186,7 @@ static void guest_panic(enum guest_panic_code code)
 {
     for (;;) {
         __asm__ volatile("outl %0, %1" : : "a"((uint32_t)code), "Nd"(GUEST_PORT_PANIC));
-        __asm__ volatile("hlt");
+        __asm__ volatile("pause"); /* the VMM stops this vCPU at the first report */
     }
 }
 

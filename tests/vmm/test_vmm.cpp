@@ -1,0 +1,694 @@
+// forkd-testvm tests: boot, pause, snapshot and verify on real KVM; restores with every memory
+// backend; torn snapshots; the write-protect userfaultfd endpoint; malformed requests. None of
+// them skip: a machine without KVM or userfaultfd fails the suite.
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+extern "C" {
+#include <forkd_compat/userfaultfd.h>
+}
+
+#include "vmm_test_client.h"
+
+using namespace forkd_testvm;
+using namespace std::chrono_literals;
+
+namespace
+{
+
+constexpr uint64_t kPage = 4096;
+// Small guests with the MMIO gap forced low: two regions, fast to fault in on nested KVM.
+const std::vector<std::string> kTwoRegions = {"--mmio-gap-mib", "32"};
+
+class VmmTest : public ::testing::Test
+{
+  protected:
+    void SetUp() override
+    {
+        require_kvm_and_userfaultfd();
+    }
+    TempDir dir_;
+};
+
+std::string snapshot_path(const TempDir &dir, const std::string &name)
+{
+    std::string path = dir.file(name);
+    mkdir(path.c_str(), 0700);
+    return path;
+}
+
+// Boots, runs until every vCPU made progress, pauses and takes a Full snapshot into snap_dir.
+void boot_run_snapshot(TestVmm &vmm, unsigned vcpus, const std::string &boot_args,
+                       const std::string &snap_dir, uint64_t progress = 2000)
+{
+    ASSERT_NO_FATAL_FAILURE(vmm.boot(vcpus, 64, boot_args));
+    ASSERT_NO_FATAL_FAILURE(vmm.wait_progress(progress));
+    ASSERT_NO_FATAL_FAILURE(vmm.pause());
+    ASSERT_NO_FATAL_FAILURE(vmm.snapshot(snap_dir + "/vmstate", snap_dir + "/memory.bin"));
+}
+
+VerifyResult verify_dir(const std::string &dir)
+{
+    return run_verify({dir});
+}
+
+void expect_consistent(const VerifyResult &result, unsigned vcpus)
+{
+    EXPECT_EQ(result.exit_code, 0) << result.err << result.out;
+    ASSERT_EQ(result.totals.size(), vcpus) << result.out;
+    for (uint64_t total : result.totals)
+        EXPECT_GT(total, 0u);
+}
+
+std::string load_body(const std::string &snap_dir, const std::string &type, const std::string &path,
+                      bool shared, bool resume = true)
+{
+    return "{\"snapshot_path\":\"" + snap_dir + "/vmstate\",\"mem_backend\":{\"backend_type\":\"" +
+           type + "\",\"backend_path\":\"" + path + "\"" + (shared ? ",\"shared\":true" : "") +
+           "},\"resume_vm\":" + (resume ? "true" : "false") + "}";
+}
+
+// Restored guests continue from their snapshot totals; wait until each vCPU went well past.
+void wait_beyond(TestVmm &vmm, const std::vector<uint64_t> &totals, uint64_t more)
+{
+    uint64_t highest = *std::max_element(totals.begin(), totals.end());
+    ASSERT_NO_FATAL_FAILURE(vmm.wait_progress(highest + more));
+}
+
+void expect_grew(const VerifyResult &before, const VerifyResult &after)
+{
+    ASSERT_EQ(before.totals.size(), after.totals.size());
+    for (size_t i = 0; i < before.totals.size(); i++)
+        EXPECT_GT(after.totals[i], before.totals[i]) << "vCPU " << i;
+}
+
+// Serves missing-page faults of a Uffd-restored VMM from memory.bin; can hold faults unserved.
+class PageServer
+{
+  public:
+    PageServer(const std::string &socket_path, const std::string &memory_path)
+        : listener_(socket_path)
+    {
+        int fd = open(memory_path.c_str(), O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        if (fd < 0 || fstat(fd, &st) < 0)
+            throw std::runtime_error("cannot open " + memory_path);
+        size_ = static_cast<size_t>(st.st_size);
+        image_ = static_cast<uint8_t *>(mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0));
+        close(fd);
+        stop_ = eventfd(0, EFD_CLOEXEC);
+    }
+    ~PageServer()
+    {
+        stop();
+        munmap(image_, size_);
+        close(stop_);
+        if (handshake_.uffd >= 0)
+            close(handshake_.uffd);
+        if (handshake_.connection >= 0)
+            close(handshake_.connection);
+    }
+    void start()
+    {
+        handshake_ = listener_.receive();
+        thread_ = std::thread([this] { serve(); });
+    }
+    void stop()
+    {
+        uint64_t one = 1;
+        if (thread_.joinable()) {
+            (void)!write(stop_, &one, sizeof(one));
+            thread_.join();
+        }
+    }
+    void hold(bool on)
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        holding_ = on;
+        if (!on) {
+            for (uint64_t address : held_)
+                copy_page(address);
+            held_.clear();
+        }
+    }
+    size_t held_pages()
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return held_.size();
+    }
+    uint64_t served() const
+    {
+        return served_;
+    }
+    const std::string &path() const
+    {
+        return listener_.path();
+    }
+    const Handshake &handshake() const
+    {
+        return handshake_;
+    }
+
+  private:
+    void copy_page(uint64_t address)
+    {
+        for (const auto &region : handshake_.regions) {
+            if (address < region.base_host_virt_addr ||
+                address >= region.base_host_virt_addr + region.size)
+                continue;
+            struct uffdio_copy copy = {};
+            copy.dst = address;
+            copy.src = reinterpret_cast<uint64_t>(image_) + region.offset +
+                       (address - region.base_host_virt_addr);
+            copy.len = kPage;
+            while (ioctl(handshake_.uffd, UFFDIO_COPY, &copy) < 0 && errno == EAGAIN)
+                copy.copy = 0;
+            served_++;
+            return;
+        }
+        ADD_FAILURE() << "fault outside every region: 0x" << std::hex << address;
+    }
+    void serve()
+    {
+        struct pollfd fds[2] = {{handshake_.uffd, POLLIN, 0}, {stop_, POLLIN, 0}};
+        for (;;) {
+            if (poll(fds, 2, -1) < 0 && errno != EINTR)
+                return;
+            if (fds[1].revents)
+                return;
+            struct uffd_msg msg;
+            while (read(handshake_.uffd, &msg, sizeof(msg)) == sizeof(msg)) {
+                if (msg.event != UFFD_EVENT_PAGEFAULT)
+                    continue;
+                uint64_t address = msg.arg.pagefault.address & ~(kPage - 1);
+                std::lock_guard<std::mutex> lock(mutex_);
+                if (holding_)
+                    held_.insert(address);
+                else
+                    copy_page(address);
+            }
+        }
+    }
+
+    HandshakeListener listener_;
+    Handshake handshake_;
+    uint8_t *image_ = nullptr;
+    size_t size_ = 0;
+    int stop_ = -1;
+    std::thread thread_;
+    std::mutex mutex_;
+    bool holding_ = false;
+    std::set<uint64_t> held_;
+    std::atomic<uint64_t> served_{0};
+};
+
+// Receives the /uffd/wp handshake and handles WP faults by recording and unprotecting.
+class WriteProtectHandler
+{
+  public:
+    explicit WriteProtectHandler(Handshake handshake) : handshake_(std::move(handshake))
+    {
+        stop_ = eventfd(0, EFD_CLOEXEC);
+    }
+    ~WriteProtectHandler()
+    {
+        stop();
+        close(stop_);
+        close_uffd();
+        if (handshake_.connection >= 0)
+            close(handshake_.connection);
+    }
+    void protect_all(bool on)
+    {
+        for (const auto &region : handshake_.regions) {
+            struct uffdio_writeprotect wp = {};
+            wp.range.start = region.base_host_virt_addr;
+            wp.range.len = region.size;
+            wp.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+            ASSERT_EQ(ioctl(handshake_.uffd, UFFDIO_WRITEPROTECT, &wp), 0) << std::strerror(errno);
+        }
+    }
+    void start()
+    {
+        thread_ = std::thread([this] { handle(); });
+    }
+    void stop()
+    {
+        uint64_t one = 1;
+        if (thread_.joinable()) {
+            (void)!write(stop_, &one, sizeof(one));
+            thread_.join();
+        }
+    }
+    void close_uffd()
+    {
+        if (handshake_.uffd >= 0)
+            close(handshake_.uffd);
+        handshake_.uffd = -1;
+    }
+    uint64_t faults_in_region(size_t i) const
+    {
+        return i < 2 ? region_faults_[i].load() : 0;
+    }
+    uint64_t bad_flags() const
+    {
+        return bad_flags_;
+    }
+
+  private:
+    void handle()
+    {
+        struct pollfd fds[2] = {{handshake_.uffd, POLLIN, 0}, {stop_, POLLIN, 0}};
+        for (;;) {
+            if (poll(fds, 2, -1) < 0 && errno != EINTR)
+                return;
+            if (fds[1].revents)
+                return;
+            struct uffd_msg msg;
+            while (read(handshake_.uffd, &msg, sizeof(msg)) == sizeof(msg)) {
+                if (msg.event != UFFD_EVENT_PAGEFAULT)
+                    continue;
+                if (msg.arg.pagefault.flags != (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP))
+                    bad_flags_++;
+                uint64_t address = msg.arg.pagefault.address & ~(kPage - 1);
+                for (size_t i = 0; i < handshake_.regions.size() && i < 2; i++) {
+                    const auto &r = handshake_.regions[i];
+                    if (address >= r.base_host_virt_addr &&
+                        address < r.base_host_virt_addr + r.size)
+                        region_faults_[i]++;
+                }
+                struct uffdio_writeprotect wp = {};
+                wp.range.start = address;
+                wp.range.len = kPage;
+                wp.mode = 0; // unprotect and wake the writer
+                while (ioctl(handshake_.uffd, UFFDIO_WRITEPROTECT, &wp) < 0 && errno == EAGAIN)
+                    ;
+            }
+        }
+    }
+
+    Handshake handshake_;
+    int stop_ = -1;
+    std::thread thread_;
+    std::atomic<uint64_t> region_faults_[2] = {};
+    std::atomic<uint64_t> bad_flags_{0};
+};
+
+// A memfd holding a copy of memory.bin, handed to the VMM as /proc/<pid>/fd/<n>.
+class MemfdCopy
+{
+  public:
+    explicit MemfdCopy(const std::string &memory_path, off_t extra = 0)
+    {
+        fd_ = memfd_create("forkd-testvm-guest", MFD_CLOEXEC);
+        int source = open(memory_path.c_str(), O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        if (fd_ < 0 || source < 0 || fstat(source, &st) < 0)
+            throw std::runtime_error("memfd setup failed");
+        off_t offset = 0;
+        while (offset < st.st_size)
+            if (sendfile(fd_, source, &offset, static_cast<size_t>(st.st_size - offset)) <= 0)
+                throw std::runtime_error("copying memory.bin into the memfd failed");
+        close(source);
+        if (ftruncate(fd_, st.st_size + extra) < 0)
+            throw std::runtime_error("ftruncate failed");
+        size_ = static_cast<size_t>(st.st_size + extra);
+    }
+    ~MemfdCopy()
+    {
+        close(fd_);
+    }
+    std::string proc_path() const
+    {
+        return "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd_);
+    }
+    bool equals_file(const std::string &path) const
+    {
+        int other = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        std::vector<char> a(1 << 20), b(1 << 20);
+        bool same = other >= 0;
+        for (off_t offset = 0; same && offset < static_cast<off_t>(size_); offset += 1 << 20) {
+            ssize_t n = pread(fd_, a.data(), a.size(), offset);
+            ssize_t m = pread(other, b.data(), b.size(), offset);
+            same = n == m && n > 0 && std::memcmp(a.data(), b.data(), static_cast<size_t>(n)) == 0;
+        }
+        if (other >= 0)
+            close(other);
+        return same;
+    }
+
+  private:
+    int fd_ = -1;
+    size_t size_ = 0;
+};
+
+} // namespace
+
+// ---- boot, pause, Full snapshot, verify ----
+
+TEST_F(VmmTest, BootOneVcpuSnapshotIsConsistent)
+{
+    std::string snap = snapshot_path(dir_, "snap");
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(vmm, 1, "pattern=sequential seed=7", snap));
+    EXPECT_EQ(vmm.state(), "Paused");
+    expect_consistent(verify_dir(snap), 1);
+}
+
+TEST_F(VmmTest, BootTwoVcpusTwoRegionsSnapshotIsConsistent)
+{
+    std::string snap = snapshot_path(dir_, "snap");
+    TestVmm vmm(dir_.path(), kTwoRegions);
+    ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(vmm, 2, "pattern=hotset seed=3", snap));
+    Json info(vmm.api().request("GET", "/").body);
+    EXPECT_EQ(cJSON_GetArraySize(info.get("regions")), 2);
+    EXPECT_EQ(info.string("memory_backend"), "Anonymous");
+    expect_consistent(verify_dir(snap), 2);
+    // Resume and pause again: still consistent and further along.
+    ASSERT_NO_FATAL_FAILURE(vmm.resume());
+    auto first = verify_dir(snap);
+    ASSERT_NO_FATAL_FAILURE(wait_beyond(vmm, first.totals, 1000));
+    ASSERT_NO_FATAL_FAILURE(vmm.pause());
+    std::string again = snapshot_path(dir_, "again");
+    ASSERT_NO_FATAL_FAILURE(vmm.snapshot(again + "/vmstate", again + "/memory.bin"));
+    auto second = verify_dir(again);
+    expect_consistent(second, 2);
+    expect_grew(first, second);
+}
+
+TEST_F(VmmTest, WorkingSetSmallerThanMemoryLeavesBootPattern)
+{
+    std::string snap = snapshot_path(dir_, "snap");
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(vmm, 2, "pages=300 pattern=random seed=11", snap));
+    auto result = verify_dir(snap);
+    expect_consistent(result, 2);
+    EXPECT_NE(result.out.find("300 working-set pages"), std::string::npos) << result.out;
+}
+
+// ---- restore with each backend, run, snapshot again ----
+
+class RestoreTest : public VmmTest
+{
+  protected:
+    // Source VM: 2 vCPUs, two regions, random pattern; snapshot A in snap_a_.
+    void make_source_snapshot()
+    {
+        snap_a_ = snapshot_path(dir_, "a");
+        snap_b_ = snapshot_path(dir_, "b");
+        TestVmm source(snapshot_path(dir_, "source"), kTwoRegions);
+        ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(source, 2, "pattern=random seed=5", snap_a_));
+        before_ = verify_dir(snap_a_);
+        expect_consistent(before_, 2);
+    }
+    void run_and_check(TestVmm &vmm, const std::string &backend_name)
+    {
+        Json info(vmm.api().request("GET", "/").body);
+        EXPECT_EQ(info.string("memory_backend"), backend_name);
+        EXPECT_EQ(info.string("state"), "Running");
+        EXPECT_EQ(cJSON_GetArraySize(info.get("regions")), 2);
+        ASSERT_NO_FATAL_FAILURE(wait_beyond(vmm, before_.totals, 2000));
+        ASSERT_NO_FATAL_FAILURE(vmm.pause());
+        ASSERT_NO_FATAL_FAILURE(vmm.snapshot(snap_b_ + "/vmstate", snap_b_ + "/memory.bin"));
+        after_ = verify_dir(snap_b_);
+        expect_consistent(after_, 2);
+        expect_grew(before_, after_);
+    }
+    std::string snap_a_, snap_b_;
+    VerifyResult before_, after_;
+};
+
+TEST_F(RestoreTest, FileBackendPrivate)
+{
+    ASSERT_NO_FATAL_FAILURE(make_source_snapshot());
+    TestVmm vmm(snapshot_path(dir_, "restored"));
+    auto r = vmm.api().request("PUT", "/snapshot/load",
+                               load_body(snap_a_, "File", snap_a_ + "/memory.bin", false));
+    ASSERT_EQ(r.status, 204) << r.body;
+    ASSERT_NO_FATAL_FAILURE(run_and_check(vmm, "File"));
+    // Private mapping: the guest's writes never reach the snapshot file it was loaded from.
+    EXPECT_EQ(verify_dir(snap_a_).totals, before_.totals);
+}
+
+TEST_F(RestoreTest, FileBackendSharedMemfd)
+{
+    ASSERT_NO_FATAL_FAILURE(make_source_snapshot());
+    MemfdCopy memfd(snap_a_ + "/memory.bin");
+    TestVmm vmm(snapshot_path(dir_, "restored"));
+    auto r = vmm.api().request("PUT", "/snapshot/load",
+                               load_body(snap_a_, "File", memfd.proc_path(), true));
+    ASSERT_EQ(r.status, 204) << r.body;
+    ASSERT_NO_FATAL_FAILURE(run_and_check(vmm, "FileShared"));
+    // Shared mapping: while paused, the memfd is exactly the guest memory just snapshotted.
+    EXPECT_TRUE(memfd.equals_file(snap_b_ + "/memory.bin"));
+}
+
+TEST_F(RestoreTest, SharedMemfdOfWrongSizeIsRefused)
+{
+    ASSERT_NO_FATAL_FAILURE(make_source_snapshot());
+    MemfdCopy memfd(snap_a_ + "/memory.bin", 4096);
+    TestVmm vmm(snapshot_path(dir_, "restored"));
+    auto r = vmm.api().request("PUT", "/snapshot/load",
+                               load_body(snap_a_, "File", memfd.proc_path(), true));
+    EXPECT_EQ(r.status, 400);
+    EXPECT_NE(fault_message(r).find("bytes"), std::string::npos) << r.body;
+    EXPECT_EQ(vmm.state(), "Not started");
+}
+
+TEST_F(RestoreTest, UffdBackendWithPageServer)
+{
+    ASSERT_NO_FATAL_FAILURE(make_source_snapshot());
+    PageServer server(dir_.file("pages.sock"), snap_a_ + "/memory.bin");
+    TestVmm vmm(snapshot_path(dir_, "restored"));
+    auto r = vmm.api().request("PUT", "/snapshot/load",
+                               load_body(snap_a_, "Uffd", server.path(), false));
+    ASSERT_EQ(r.status, 204) << r.body;
+    ASSERT_NO_FATAL_FAILURE(server.start());
+    const Handshake &h = server.handshake();
+    ASSERT_EQ(h.regions.size(), 2u) << h.message;
+    EXPECT_EQ(h.message.front(), '[');
+    EXPECT_EQ(h.regions[0].offset, 0u);
+    EXPECT_EQ(h.regions[1].offset, h.regions[0].size);
+    EXPECT_EQ(h.regions[0].page_size, kPage);
+    EXPECT_NE(h.message.find("\"page_size_kib\":4096"), std::string::npos);
+    ASSERT_NO_FATAL_FAILURE(run_and_check(vmm, "Uffd"));
+    EXPECT_GT(server.served(), 0u);
+}
+
+TEST_F(RestoreTest, LoadWithoutResumeStaysPaused)
+{
+    ASSERT_NO_FATAL_FAILURE(make_source_snapshot());
+    TestVmm vmm(snapshot_path(dir_, "restored"));
+    auto r = vmm.api().request("PUT", "/snapshot/load",
+                               load_body(snap_a_, "File", snap_a_ + "/memory.bin", false, false));
+    ASSERT_EQ(r.status, 204) << r.body;
+    EXPECT_EQ(vmm.state(), "Paused");
+    // Snapshot straight away: identical totals, still consistent.
+    ASSERT_NO_FATAL_FAILURE(vmm.snapshot(snap_b_ + "/vmstate", snap_b_ + "/memory.bin"));
+    auto same = verify_dir(snap_b_);
+    expect_consistent(same, 2);
+    EXPECT_EQ(same.totals, before_.totals);
+    ASSERT_NO_FATAL_FAILURE(vmm.resume());
+    ASSERT_NO_FATAL_FAILURE(wait_beyond(vmm, before_.totals, 1000));
+}
+
+// A vCPU blocked in a userfaultfd fault (the page server holds the page) sits inside KVM_RUN
+// and cannot park. Whether the kick signal interrupts the fault depends on the kernel's fault
+// path: where it does, the pause completes with the vCPU at the faulting instruction; where it
+// does not (this CI's nested hypervisor), PATCH Paused gives up after --pause-timeout-ms with
+// a 400 naming the stuck vCPUs and undoes the pause, and the VM keeps running. Either way the
+// API answers in bounded time and, once pages flow again, pause and snapshot are consistent.
+TEST_F(RestoreTest, PauseWhileVcpuBlockedInUffdFault)
+{
+    ASSERT_NO_FATAL_FAILURE(make_source_snapshot());
+    PageServer server(dir_.file("pages.sock"), snap_a_ + "/memory.bin");
+    server.hold(true);
+    TestVmm vmm(snapshot_path(dir_, "restored"), {"--pause-timeout-ms", "300"});
+    auto r = vmm.api().request("PUT", "/snapshot/load",
+                               load_body(snap_a_, "Uffd", server.path(), false));
+    ASSERT_EQ(r.status, 204) << r.body;
+    ASSERT_NO_FATAL_FAILURE(server.start());
+    // With nothing served, each vCPU blocks on its first fault.
+    auto deadline = Clock::now() + 20s;
+    while (server.held_pages() < 1 && Clock::now() < deadline)
+        std::this_thread::sleep_for(1ms);
+    ASSERT_GE(server.held_pages(), 1u);
+    auto start = Clock::now();
+    r = vmm.api().request("PATCH", "/vm", R"({"state":"Paused"})");
+    auto took = Clock::now() - start;
+    EXPECT_LT(took, 1300ms) << "the pause attempt must be bounded by --pause-timeout-ms";
+    if (r.status == 204) {
+        std::printf("pause interrupted the blocked fault (kernel fault path is interruptible)\n");
+        EXPECT_EQ(vmm.state(), "Paused");
+        server.hold(false);
+        ASSERT_NO_FATAL_FAILURE(vmm.resume());
+    } else {
+        std::printf("pause gave up on the blocked vCPU: %s\n", fault_message(r).c_str());
+        EXPECT_EQ(r.status, 400);
+        EXPECT_NE(fault_message(r).find("did not stop"), std::string::npos) << r.body;
+        EXPECT_EQ(vmm.state(), "Running");
+        server.hold(false);
+    }
+    ASSERT_NO_FATAL_FAILURE(run_and_check(vmm, "Uffd"));
+}
+
+// ---- torn snapshots must fail verification ----
+
+TEST_F(VmmTest, TornSnapshotFailsVerification)
+{
+    std::string early = snapshot_path(dir_, "early"), late = snapshot_path(dir_, "late");
+    TestVmm vmm(dir_.path(), kTwoRegions);
+    ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(vmm, 2, "pattern=random seed=9", early));
+    auto first = verify_dir(early);
+    expect_consistent(first, 2);
+    ASSERT_NO_FATAL_FAILURE(vmm.resume());
+    ASSERT_NO_FATAL_FAILURE(wait_beyond(vmm, first.totals, 1000));
+    ASSERT_NO_FATAL_FAILURE(vmm.pause());
+    // VmstateOnly must not open mem_file_path: a path under /dev/null cannot be created.
+    ASSERT_NO_FATAL_FAILURE(vmm.snapshot(late + "/vmstate", "/dev/null/never", "VmstateOnly"));
+    struct stat st;
+    EXPECT_NE(stat((late + "/memory.bin").c_str(), &st), 0);
+
+    auto lagging = run_verify({"--vmstate", late + "/vmstate", "--mem", early + "/memory.bin"});
+    EXPECT_EQ(lagging.exit_code, 1) << lagging.out;
+    EXPECT_NE(lagging.err.find("lags"), std::string::npos) << lagging.err;
+
+    ASSERT_NO_FATAL_FAILURE(vmm.snapshot(late + "/vmstate", late + "/memory.bin"));
+    expect_consistent(verify_dir(late), 2);
+    auto leading = run_verify({"--vmstate", early + "/vmstate", "--mem", late + "/memory.bin"});
+    EXPECT_EQ(leading.exit_code, 1) << leading.out;
+    EXPECT_NE(leading.err.find("inconsistent"), std::string::npos) << leading.err;
+}
+
+TEST_F(VmmTest, VerifierRejectsDamagedFiles)
+{
+    std::string snap = snapshot_path(dir_, "snap");
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(vmm, 1, "pages=64 pattern=random", snap));
+    // One flipped byte in an untouched page.
+    int fd = open((snap + "/memory.bin").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    char byte = 0;
+    off_t where = 32 << 20;
+    ASSERT_EQ(pread(fd, &byte, 1, where), 1);
+    byte ^= 0x40;
+    ASSERT_EQ(pwrite(fd, &byte, 1, where), 1);
+    close(fd);
+    auto damaged = verify_dir(snap);
+    EXPECT_EQ(damaged.exit_code, 1);
+    EXPECT_NE(damaged.err.find("boot pattern"), std::string::npos) << damaged.err;
+    // A truncated vmstate is not a vmstate.
+    ASSERT_EQ(truncate((snap + "/vmstate").c_str(), 100), 0);
+    EXPECT_NE(verify_dir(snap).exit_code, 0);
+}
+
+// ---- PUT /uffd/wp ----
+
+class WriteProtectTest : public VmmTest
+{
+  protected:
+    // Arms WP over every region, waits for guest writes to fault in both, then disarms.
+    void exercise_write_protect(TestVmm &vmm)
+    {
+        HandshakeListener listener(dir_.file("wp.sock"));
+        auto r = vmm.api().request("PUT", "/uffd/wp", "{\"socket\":\"" + listener.path() + "\"}");
+        ASSERT_EQ(r.status, 204) << r.body;
+        WriteProtectHandler handler(listener.receive());
+        ASSERT_NO_FATAL_FAILURE(handler.protect_all(true));
+        handler.start();
+        auto deadline = Clock::now() + 30s;
+        while ((handler.faults_in_region(0) == 0 || handler.faults_in_region(1) == 0) &&
+               Clock::now() < deadline)
+            std::this_thread::sleep_for(1ms);
+        EXPECT_GT(handler.faults_in_region(0), 0u);
+        EXPECT_GT(handler.faults_in_region(1), 0u);
+        EXPECT_EQ(handler.bad_flags(), 0u) << "a WP fault without flags WRITE|WP";
+        ASSERT_NO_FATAL_FAILURE(handler.protect_all(false));
+        handler.stop();
+        handler.close_uffd();
+        // The guest continues without a handler once unprotected and the uffd is gone.
+        auto now = vmm.progress();
+        ASSERT_NO_FATAL_FAILURE(
+            vmm.wait_progress(*std::max_element(now.begin(), now.end()) + 2000));
+        std::string snap = snapshot_path(dir_, "after-wp");
+        ASSERT_NO_FATAL_FAILURE(vmm.pause());
+        ASSERT_NO_FATAL_FAILURE(vmm.snapshot(snap + "/vmstate", snap + "/memory.bin"));
+        expect_consistent(verify_dir(snap), 2);
+    }
+};
+
+TEST_F(WriteProtectTest, AnonymousMemoryTwoRegions)
+{
+    TestVmm vmm(dir_.path(), kTwoRegions);
+    ASSERT_NO_FATAL_FAILURE(vmm.boot(2, 64, "pattern=random seed=21"));
+    ASSERT_NO_FATAL_FAILURE(vmm.wait_progress(2000));
+    ASSERT_NO_FATAL_FAILURE(exercise_write_protect(vmm));
+}
+
+TEST_F(WriteProtectTest, SharedMemfdAfterRestore)
+{
+    std::string snap = snapshot_path(dir_, "snap");
+    {
+        TestVmm source(snapshot_path(dir_, "source"), kTwoRegions);
+        ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(source, 2, "pattern=random seed=4", snap));
+    }
+    MemfdCopy memfd(snap + "/memory.bin");
+    TestVmm vmm(snapshot_path(dir_, "restored"));
+    auto r = vmm.api().request("PUT", "/snapshot/load",
+                               load_body(snap, "File", memfd.proc_path(), true));
+    ASSERT_EQ(r.status, 204) << r.body;
+    ASSERT_NO_FATAL_FAILURE(exercise_write_protect(vmm));
+}
+
+TEST_F(WriteProtectTest, RefusedForPrivateFileMemory)
+{
+    std::string snap = snapshot_path(dir_, "snap");
+    {
+        TestVmm source(snapshot_path(dir_, "source"));
+        ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(source, 1, "pages=64", snap));
+    }
+    TestVmm vmm(snapshot_path(dir_, "restored"));
+    auto r = vmm.api().request("PUT", "/snapshot/load",
+                               load_body(snap, "File", snap + "/memory.bin", false));
+    ASSERT_EQ(r.status, 204) << r.body;
+    HandshakeListener listener(dir_.file("wp.sock"));
+    r = vmm.api().request("PUT", "/uffd/wp", "{\"socket\":\"" + listener.path() + "\"}");
+    EXPECT_EQ(r.status, 400);
+    EXPECT_NE(fault_message(r).find("private file"), std::string::npos) << r.body;
+    EXPECT_EQ(vmm.state(), "Running");
+}
+
+TEST_F(WriteProtectTest, SecondRegistrationWhileFirstIsOpenIsRefused)
+{
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(vmm.boot(1, 32, "pages=64"));
+    HandshakeListener listener(dir_.file("wp.sock"));
+    auto r = vmm.api().request("PUT", "/uffd/wp", "{\"socket\":\"" + listener.path() + "\"}");
+    ASSERT_EQ(r.status, 204) << r.body;
+    Handshake first = listener.receive();
+    r = vmm.api().request("PUT", "/uffd/wp", "{\"socket\":\"" + listener.path() + "\"}");
+    EXPECT_EQ(r.status, 400) << r.body;
+    close(first.uffd); // dropping the only reference releases the registration
+    r = vmm.api().request("PUT", "/uffd/wp", "{\"socket\":\"" + listener.path() + "\"}");
+    EXPECT_EQ(r.status, 204) << r.body;
+    Handshake second = listener.receive();
+    close(second.uffd);
+    close(first.connection);
+    close(second.connection);
+}
