@@ -173,6 +173,16 @@ int vm_memfd(struct vm *vm)
     return fd;
 }
 
+int vm_dup_memfd(struct vm *vm)
+{
+    pthread_mutex_lock(&vm->lock);
+    int fd = vm->memfd >= 0 ? fcntl(vm->memfd, F_DUPFD_CLOEXEC, 0) : -EBADF;
+    if (vm->memfd >= 0 && fd < 0)
+        fd = -errno;
+    pthread_mutex_unlock(&vm->lock);
+    return fd;
+}
+
 void vm_set_state(struct vm *vm, enum vm_state state)
 {
     pthread_mutex_lock(&vm->lock);

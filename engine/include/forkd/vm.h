@@ -123,6 +123,8 @@ enum vm_memory vm_memory_kind(const struct vm *vm);
 pid_t vm_pid(struct vm *vm);      /* 0 once the VMM exited */
 bool vm_is_alive(struct vm *vm);  /* the VMM has not exited */
 int vm_memfd(struct vm *vm);      /* the guest memfd of a MEMFD VM, -1 otherwise */
+/* A duplicate of the guest memfd (the caller closes it), or -EBADF when there is none. */
+int vm_dup_memfd(struct vm *vm);
 uint64_t vm_memory_bytes(const struct vm *vm);
 unsigned vm_vcpu_count(const struct vm *vm);
 const char *vm_source_snapshot(const struct vm *vm);

@@ -1,0 +1,99 @@
+/*
+ * Branching a VM into a snapshot (DESIGN.md section 2).
+ *
+ * LIVE: write-protect is armed on all guest memory while the VM runs (faults only record the
+ * page as dirty and unprotect it), re-armed on the pages dirtied meanwhile in a few converging
+ * rounds, then, inside a short pause, on the last dirty set; the fault handler switches to copy
+ * mode (a write fault captures the page's pre-image, then unprotects it), the VMM saves vCPU and
+ * device state (VmstateOnly) and the VM resumes. A bulk copier then streams every page no fault
+ * captured. Each page is written to memory.bin exactly once, claimed through a per-page atomic;
+ * a faulting vCPU never waits for the bulk pass. memory.bin equals guest memory at the moment
+ * the vmstate was saved.
+ * LIVE_ARM_IN_PAUSE: the same with all arming inside the pause (the benchmark's baseline).
+ * FULL: stop-and-copy: pause, the VMM writes a Full snapshot, resume. Works on any VM.
+ *
+ * Any failure or cancellation leaves the VM running and unprotected, the userfaultfd closed
+ * and no snapshot (the store's temporary directory removed).
+ */
+#ifndef FORKD_BRANCH_H
+#define FORKD_BRANCH_H
+
+#include "forkd/error.h"
+#include "forkd/store.h"
+#include "forkd/vm.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Values match the proto's BranchPhase. */
+enum branch_phase {
+    BRANCH_PHASE_STARTED = 1,
+    BRANCH_PHASE_ARMED = 2,
+    BRANCH_PHASE_PAUSED = 3,
+    BRANCH_PHASE_VMSTATE_SAVED = 4,
+    BRANCH_PHASE_RESUMED = 5,
+    BRANCH_PHASE_COPYING = 6,
+    BRANCH_PHASE_PUBLISHING = 7,
+    BRANCH_PHASE_DONE = 8,
+    BRANCH_PHASE_FAILED = 9,
+    BRANCH_PHASE_CANCELLED = 10,
+};
+
+/* A consistent read of a running branch's progress. */
+struct branch_progress {
+    enum branch_phase phase;
+    uint64_t bytes_copied, bytes_total;
+    uint64_t pages_by_fault, pages_by_bulk;
+    uint32_t page_size;
+    struct store_figures figures; /* durations so far */
+};
+
+/* Called on the branch's thread at every phase change; must not block. */
+typedef void (*branch_phase_fn)(void *context, enum branch_phase phase,
+                                const struct branch_progress *progress);
+
+struct branch_request {
+    struct vm *vm;
+    const char *snapshot_name;
+    enum store_mode mode;
+    const struct store_label *labels;
+    size_t label_count;
+    branch_phase_fn on_phase; /* may be NULL */
+    void *context;
+    /* Tests: count writes to memory.bin per page (see branch_page_write_counts). */
+    bool count_page_writes;
+    /* Tests: called inside the pause, after the VMM saved the vmstate, before the resume. */
+    void (*inside_pause_hook)(void *context);
+};
+
+struct branch;
+
+/* A branch handle: progress and cancellation, usable from any thread while branch_run runs. */
+struct branch *branch_new(void);
+void branch_free(struct branch *branch);
+
+/* Runs the branch to the end on the calling thread. On success the snapshot is READY and out
+ * holds its record. Errors: -ENOENT (VM gone), -EBUSY (a branch of this VM runs), -EOPNOTSUPP
+ * (LIVE on memory that cannot be write-protected), -EEXIST (name taken), -EINVAL (bad name),
+ * -ECANCELED, -ESRCH (the VMM died), -ENOSPC, -EIO (VMM or I/O error, named in err). */
+int branch_run(struct branch *branch, struct store *store, const struct branch_request *request,
+               struct store_snapshot *out, struct forkd_error *err);
+
+/* Asks a running branch to stop; it aborts at its next step and branch_run returns -ECANCELED. */
+void branch_cancel(struct branch *branch);
+void branch_get_progress(struct branch *branch, struct branch_progress *out);
+
+/* With count_page_writes: after branch_run, the number of writes of each page of memory.bin
+ * (in file order, pages of the given size), or NULL. */
+const uint8_t *branch_page_write_counts(const struct branch *branch, uint64_t *page_count,
+                                        uint32_t *page_size);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

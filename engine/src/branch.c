@@ -1,0 +1,1050 @@
+/*
+ * Branching a VM into a snapshot (see forkd/branch.h for the algorithm and its guarantees).
+ *
+ * Threads and what they own:
+ * - the branch thread (the caller of branch_run) drives the phases, arms and re-arms
+ *   write-protect, runs the bulk copier and owns everything in struct branch_run_state except
+ *   what is listed under the handler;
+ * - the fault handler thread (branch_handler_loop) reads the userfaultfd and owns the tracking
+ *   list it appends to; it hands that list over, and switches modes, only when the branch
+ *   thread asks through the control eventfd and waits for its acknowledgement (the barrier).
+ * Per-page claims (an atomic byte per page) are the only state both copy paths touch; nothing
+ * on the fault path takes a lock.
+ */
+#include "forkd/branch.h"
+
+#include "forkd/cleanup.h"
+#include "forkd/pause.h"
+#include "forkd/uffd.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Page claim states: who writes the page to memory.bin, and whether its pre-image is taken. */
+#define PAGE_CLAIMED_BY_FAULT 1u
+#define PAGE_CLAIMED_BY_BULK  2u
+#define PAGE_CAPTURED         4u
+
+#define BULK_CHUNK_BYTES      (2u << 20) /* one read and one write per chunk */
+#define HANDLER_BATCH         64
+#define REARM_MAX_ROUNDS      4
+#define REARM_CONVERGED_PAGES 64 /* dirty set small enough to re-arm inside the pause */
+#define HANDSHAKE_TIMEOUT_MS  5000
+#define VMSTATE_ONLY_MEMORY_PATH "/dev/null/forkd-vmstate-only" /* must never be opened */
+
+enum handler_mode { HANDLER_TRACKING, HANDLER_COPY };
+
+struct branch_region {
+    struct uffd_region uffd;
+    uint64_t page_count;
+    _Atomic uint8_t *pages;
+    _Atomic uint8_t *write_counts; /* tests only */
+};
+
+/* A growable list of page addresses the tracking handler unprotected. */
+struct dirty_list {
+    uint64_t *addresses;
+    size_t count, capacity;
+};
+
+struct branch_run_state {
+    struct store *store;
+    struct vm *vm;
+    pid_t vmm_pid;
+    enum store_mode mode;
+    struct store_writer *writer;
+    struct uffd_handshake handshake;
+    size_t region_count;
+    struct branch_region regions[UFFD_MAX_REGIONS];
+    uint64_t total_bytes;
+    int memory_fd;                 /* memory.bin being written */
+    const uint8_t *guest_map;      /* MEMFD guest memory, mapped read-only; NULL for anonymous */
+    size_t guest_map_size;
+
+    pthread_t handler;
+    bool handler_running;
+    int control_fd;                /* eventfd: wakes the handler for a request or to stop */
+    pthread_mutex_t control_lock;  /* request/ack hand-shake, never taken on the fault path */
+    pthread_cond_t control_cond;
+    unsigned request_seq, ack_seq; /* guarded by control_lock */
+    enum handler_mode requested_mode;
+    struct dirty_list handed_over;  /* filled by the handler when it acknowledges */
+    atomic_bool handler_stop;
+    bool handler_exited; /* guarded by control_lock */
+    _Atomic int handler_mode;
+    struct dirty_list tracking;    /* owned by the handler */
+    _Atomic int handler_error;     /* negative errno once the handler failed */
+    char handler_error_message[FORKD_ERROR_MESSAGE_MAX];
+    atomic_uint_fast64_t pages_written;
+};
+
+struct branch {
+    atomic_bool cancel;
+    _Atomic int phase;
+    atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
+    uint64_t bytes_total;
+    uint32_t page_size;
+    pthread_mutex_t figures_lock; /* figures are written by the branch thread, read by anyone */
+    struct store_figures figures;
+    branch_phase_fn on_phase;
+    void *context;
+    struct branch_run_state *run; /* during branch_run only */
+    uint8_t *final_write_counts;  /* tests: flattened copy after the run */
+    uint64_t final_page_count;
+};
+
+/* ---- handle, progress ------------------------------------------------------------------- */
+
+struct branch *branch_new(void)
+{
+    struct branch *branch = calloc(1, sizeof(*branch));
+    if (branch)
+        pthread_mutex_init(&branch->figures_lock, NULL);
+    return branch;
+}
+
+void branch_free(struct branch *branch)
+{
+    if (!branch)
+        return;
+    pthread_mutex_destroy(&branch->figures_lock);
+    free(branch->final_write_counts);
+    free(branch);
+}
+
+void branch_cancel(struct branch *branch)
+{
+    atomic_store(&branch->cancel, true);
+}
+
+void branch_get_progress(struct branch *branch, struct branch_progress *out)
+{
+    out->phase = (enum branch_phase)atomic_load(&branch->phase);
+    out->bytes_copied = atomic_load(&branch->bytes_copied);
+    out->bytes_total = branch->bytes_total;
+    out->pages_by_fault = atomic_load(&branch->pages_by_fault);
+    out->pages_by_bulk = atomic_load(&branch->pages_by_bulk);
+    out->page_size = branch->page_size;
+    pthread_mutex_lock(&branch->figures_lock);
+    out->figures = branch->figures;
+    pthread_mutex_unlock(&branch->figures_lock);
+    out->figures.pages_by_fault = out->pages_by_fault;
+    out->figures.pages_by_bulk = out->pages_by_bulk;
+    out->figures.bytes_copied = out->bytes_copied;
+}
+
+const uint8_t *branch_page_write_counts(const struct branch *branch, uint64_t *page_count,
+                                        uint32_t *page_size)
+{
+    *page_count = branch->final_page_count;
+    *page_size = branch->page_size;
+    return branch->final_write_counts;
+}
+
+static void branch_set_phase(struct branch *branch, enum branch_phase phase)
+{
+    atomic_store(&branch->phase, (int)phase);
+    if (!branch->on_phase)
+        return;
+    struct branch_progress progress;
+    branch_get_progress(branch, &progress);
+    branch->on_phase(branch->context, phase, &progress);
+}
+
+/* Records one duration: figures_lock keeps readers from seeing half-written figures. */
+static void branch_record(struct branch *branch, uint64_t *field, uint64_t value)
+{
+    pthread_mutex_lock(&branch->figures_lock);
+    *field = value;
+    pthread_mutex_unlock(&branch->figures_lock);
+}
+
+/* ---- guest memory access ---------------------------------------------------------------- */
+
+/* Copies guest bytes [region offset, +length) into buffer: from our map of the memfd, or from
+ * the VMM's address space for anonymous memory. A read never trips write-protect. */
+static int branch_read_guest(const struct branch_run_state *run, const struct branch_region *region,
+                             uint64_t offset, void *buffer, size_t length)
+{
+    if (run->guest_map) {
+        memcpy(buffer, run->guest_map + region->uffd.file_offset + offset, length);
+        return 0;
+    }
+    struct iovec local = {.iov_base = buffer, .iov_len = length};
+    struct iovec remote = {.iov_base = (void *)(uintptr_t)(region->uffd.host_base + offset),
+                           .iov_len = length};
+    ssize_t n = process_vm_readv(run->vmm_pid, &local, 1, &remote, 1, 0);
+    if (n == (ssize_t)length)
+        return 0;
+    return n < 0 ? -errno : -EIO;
+}
+
+static int branch_write_file(int fd, const void *buffer, size_t length, uint64_t offset)
+{
+    const uint8_t *bytes = buffer;
+    while (length > 0) {
+        ssize_t n = pwrite(fd, bytes, length, (off_t)offset);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        bytes += n;
+        length -= (size_t)n;
+        offset += (uint64_t)n;
+    }
+    return 0;
+}
+
+static void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pages)
+{
+    if (!region->write_counts)
+        return;
+    for (uint64_t p = page; p < page + pages; p++)
+        atomic_fetch_add(&region->write_counts[p], 1);
+}
+
+static struct branch_region *branch_region_of(struct branch_run_state *run, uint64_t address)
+{
+    for (size_t i = 0; i < run->region_count; i++) {
+        struct branch_region *region = &run->regions[i];
+        if (address >= region->uffd.host_base &&
+            address - region->uffd.host_base < region->uffd.size)
+            return region;
+    }
+    return NULL;
+}
+
+/* ---- the fault handler ------------------------------------------------------------------ */
+
+static void branch_handler_fail(struct branch_run_state *run, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void branch_handler_fail(struct branch_run_state *run, int code, const char *fmt, ...)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&run->handler_error, &expected, code))
+        return; /* keep the first failure: later ones are usually its consequences */
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(run->handler_error_message, sizeof(run->handler_error_message), fmt, ap);
+    va_end(ap);
+}
+
+static int branch_dirty_append(struct dirty_list *list, uint64_t address)
+{
+    if (list->count == list->capacity) {
+        size_t capacity = list->capacity ? list->capacity * 2 : 4096;
+        uint64_t *grown = realloc(list->addresses, capacity * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        list->addresses = grown;
+        list->capacity = capacity;
+    }
+    list->addresses[list->count++] = address;
+    return 0;
+}
+
+/* Tracking mode: remember the page, then let the writer go. The order matters: a page is in
+ * the list before it is writable, so the barrier's final list covers every unprotected page. */
+static void branch_track_fault(struct branch_run_state *run, struct branch_region *region,
+                               uint64_t page_address)
+{
+    if (branch_dirty_append(&run->tracking, page_address) < 0) {
+        branch_handler_fail(run, -ENOMEM, "fault handler: out of memory for the dirty set");
+        return; /* the page stays protected: the vCPU waits until the branch aborts */
+    }
+    struct forkd_error err;
+    if (uffd_write_protect(run->handshake.uffd, page_address, region->uffd.page_size,
+                           region->uffd.page_size, false, false, &err) < 0)
+        branch_handler_fail(run, err.code, "fault handler: %s", err.message);
+}
+
+/* Copy mode: capture the pre-image unless someone already claimed the page, unprotect (which
+ * wakes the vCPU), then write the captured page. */
+static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
+                              struct branch_region *region, uint64_t page_address, uint8_t *buffer)
+{
+    uint64_t page_size = region->uffd.page_size;
+    uint64_t index = (page_address - region->uffd.host_base) / page_size;
+    uint8_t expected = 0;
+    bool ours = atomic_compare_exchange_strong(&region->pages[index], &expected,
+                                               (uint8_t)PAGE_CLAIMED_BY_FAULT);
+    if (ours) {
+        int rc = branch_read_guest(run, region, index * page_size, buffer, page_size);
+        if (rc < 0)
+            branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
+                                (unsigned long long)page_address, strerror(-rc));
+        atomic_fetch_or(&region->pages[index], (uint8_t)PAGE_CAPTURED);
+    } else {
+        /* The bulk copier claimed it and is reading its chunk right now: a few microseconds. */
+        while (!(atomic_load(&region->pages[index]) & PAGE_CAPTURED))
+            sched_yield();
+    }
+    struct forkd_error err;
+    if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
+                           &err) < 0)
+        branch_handler_fail(run, err.code, "fault handler: %s", err.message);
+    if (!ours)
+        return;
+    int rc = branch_write_file(run->memory_fd, buffer, page_size,
+                               region->uffd.file_offset + index * page_size);
+    if (rc < 0)
+        branch_handler_fail(run, rc, "write memory.bin: %s", strerror(-rc));
+    branch_count_write(region, index, 1);
+    atomic_fetch_add(&branch->pages_by_fault, 1);
+    atomic_fetch_add(&branch->bytes_copied, page_size);
+    atomic_fetch_add(&run->pages_written, 1);
+}
+
+static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
+                                  const struct uffd_msg *message, uint8_t *buffer)
+{
+    if (message->event != UFFD_EVENT_PAGEFAULT || !uffd_is_wp_fault(message))
+        return; /* a write-protect uffd registers nothing else; nothing to serve */
+    uint64_t address = message->arg.pagefault.address;
+    struct branch_region *region = branch_region_of(run, address);
+    if (!region) {
+        branch_handler_fail(run, -EFAULT, "fault at 0x%llx outside every guest region",
+                            (unsigned long long)address);
+        return;
+    }
+    uint64_t page_address = address & ~(region->uffd.page_size - 1);
+    if (atomic_load(&run->handler_mode) == HANDLER_TRACKING)
+        branch_track_fault(run, region, page_address);
+    else
+        branch_copy_fault(branch, run, region, page_address, buffer);
+}
+
+/* Serves a pending request of the branch thread: hand over the tracking list and switch to
+ * the requested mode, then acknowledge. Runs between messages, so each message is handled
+ * entirely in one mode. */
+static void branch_handler_serve_request(struct branch_run_state *run)
+{
+    pthread_mutex_lock(&run->control_lock);
+    if (run->ack_seq != run->request_seq) {
+        run->handed_over = run->tracking;
+        run->tracking = (struct dirty_list){0};
+        atomic_store(&run->handler_mode, (int)run->requested_mode);
+        run->ack_seq = run->request_seq;
+        pthread_cond_broadcast(&run->control_cond);
+    }
+    pthread_mutex_unlock(&run->control_lock);
+}
+
+struct branch_handler_args {
+    struct branch *branch;
+    struct branch_run_state *run;
+};
+
+static void *branch_handler_loop(void *arg)
+{
+    struct branch_handler_args *args = arg;
+    struct branch *branch = args->branch;
+    struct branch_run_state *run = args->run;
+    uint64_t buffer_size = 0;
+    for (size_t i = 0; i < run->region_count; i++)
+        if (run->regions[i].uffd.page_size > buffer_size)
+            buffer_size = run->regions[i].uffd.page_size;
+    _cleanup_free_ uint8_t *buffer = malloc(buffer_size);
+    struct uffd_msg messages[HANDLER_BATCH];
+    while (!atomic_load(&run->handler_stop)) {
+        int ready = uffd_wait(run->handshake.uffd, run->control_fd, -1);
+        if (ready < 0) {
+            branch_handler_fail(run, ready == -EPIPE ? -ESRCH : ready,
+                                "userfaultfd: %s", ready == -EPIPE ? "the VMM is gone"
+                                                                    : strerror(-ready));
+            break;
+        }
+        uint64_t ignored;
+        if (read(run->control_fd, &ignored, sizeof(ignored)) < 0 && errno != EAGAIN)
+            break;
+        int count = uffd_read_events(run->handshake.uffd, messages, HANDLER_BATCH, NULL);
+        for (int i = 0; i < count; i++)
+            branch_handle_message(branch, run, &messages[i], buffer);
+        branch_handler_serve_request(run);
+    }
+    branch_handler_serve_request(run);
+    pthread_mutex_lock(&run->control_lock);
+    run->handler_exited = true; /* never leave the branch thread waiting for an ack */
+    pthread_cond_broadcast(&run->control_cond);
+    pthread_mutex_unlock(&run->control_lock);
+    return NULL;
+}
+
+/* Hands the handler a mode and takes its tracking list: the barrier of the design. Returns
+ * once the handler acknowledged (or failed). */
+static int branch_handler_request(struct branch_run_state *run, enum handler_mode mode,
+                                  struct dirty_list *out)
+{
+    pthread_mutex_lock(&run->control_lock);
+    run->requested_mode = mode;
+    unsigned seq = ++run->request_seq;
+    pthread_mutex_unlock(&run->control_lock);
+    uint64_t one = 1;
+    if (write(run->control_fd, &one, sizeof(one)) != sizeof(one))
+        return -errno;
+    pthread_mutex_lock(&run->control_lock);
+    while (run->ack_seq != seq && !run->handler_exited)
+        pthread_cond_wait(&run->control_cond, &run->control_lock);
+    *out = run->handed_over;
+    run->handed_over = (struct dirty_list){0};
+    pthread_mutex_unlock(&run->control_lock);
+    return atomic_load(&run->handler_error);
+}
+
+static int branch_handler_start(struct branch *branch, struct branch_run_state *run,
+                                enum handler_mode mode, struct branch_handler_args *args)
+{
+    atomic_store(&run->handler_mode, (int)mode);
+    *args = (struct branch_handler_args){branch, run};
+    int rc = pthread_create(&run->handler, NULL, branch_handler_loop, args);
+    if (rc != 0)
+        return -rc;
+    run->handler_running = true;
+    return 0;
+}
+
+static void branch_handler_stop(struct branch_run_state *run)
+{
+    if (!run->handler_running)
+        return;
+    atomic_store(&run->handler_stop, true);
+    uint64_t one = 1;
+    if (write(run->control_fd, &one, sizeof(one)) != sizeof(one))
+        abort(); /* an eventfd write of 1 cannot fail; the handler would never stop */
+    pthread_join(run->handler, NULL);
+    run->handler_running = false;
+}
+
+/* ---- arming ----------------------------------------------------------------------------- */
+
+static int branch_arm_all(struct branch_run_state *run, bool protect, struct forkd_error *err)
+{
+    for (size_t i = 0; i < run->region_count; i++) {
+        const struct uffd_region *region = &run->regions[i].uffd;
+        int rc = uffd_write_protect(run->handshake.uffd, region->host_base, region->size,
+                                    region->page_size, protect, false, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static int branch_compare_addresses(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Write-protects the pages of a dirty list again, adjacent pages coalesced into one call.
+ * Returns the number of distinct pages, or a negative errno. */
+static long branch_rearm(struct branch_run_state *run, struct dirty_list *list,
+                         struct forkd_error *err)
+{
+    qsort(list->addresses, list->count, sizeof(uint64_t), branch_compare_addresses);
+    long pages = 0;
+    size_t i = 0;
+    while (i < list->count) {
+        uint64_t start = list->addresses[i];
+        const struct branch_region *region = branch_region_of(run, start);
+        uint64_t page_size = region->uffd.page_size;
+        uint64_t region_end = region->uffd.host_base + region->uffd.size;
+        uint64_t end = start + page_size;
+        pages++;
+        for (i++; i < list->count; i++) {
+            uint64_t next = list->addresses[i];
+            if (next < end)
+                continue; /* the same page, faulted again after an earlier re-arm */
+            if (next != end || end >= region_end)
+                break;
+            end += page_size;
+            pages++;
+        }
+        int rc = uffd_write_protect(run->handshake.uffd, start, end - start, page_size, true,
+                                    false, err);
+        if (rc < 0)
+            return rc;
+    }
+    return pages;
+}
+
+static void branch_dirty_free(struct dirty_list *list)
+{
+    free(list->addresses);
+    *list = (struct dirty_list){0};
+}
+
+/* LIVE, outside the pause: arm everything, then re-arm what the guest dirtied meanwhile until
+ * the dirty set is small, so the pause only has a handful of pages left to re-arm. */
+static int branch_prearm(struct branch *branch, struct branch_run_state *run,
+                         struct forkd_error *err)
+{
+    uint64_t start = forkd_monotonic_ns();
+    int rc = branch_arm_all(run, true, err);
+    if (rc < 0)
+        return rc;
+    for (int round = 0; round < REARM_MAX_ROUNDS; round++) {
+        struct dirty_list list;
+        rc = branch_handler_request(run, HANDLER_TRACKING, &list);
+        long pages = rc < 0 ? rc : branch_rearm(run, &list, err);
+        branch_dirty_free(&list);
+        if (rc < 0)
+            return forkd_error_set(err, rc, "fault handler: %s", run->handler_error_message);
+        if (pages < 0)
+            return (int)pages;
+        if (pages <= REARM_CONVERGED_PAGES)
+            break;
+    }
+    branch_record(branch, &branch->figures.arm_ns, forkd_monotonic_ns() - start);
+    return 0;
+}
+
+/* ---- the pause -------------------------------------------------------------------------- */
+
+/* Inside the pause: make every page write-protected (the last dirty set for LIVE, all memory
+ * for ARM_IN_PAUSE) with the handler in copy mode: from here on a write first saves the page. */
+static int branch_protect_in_pause(struct branch *branch, struct branch_run_state *run,
+                                   struct forkd_error *err)
+{
+    uint64_t start = forkd_monotonic_ns();
+    if (run->mode == STORE_MODE_LIVE_ARM_IN_PAUSE) {
+        int rc = branch_arm_all(run, true, err);
+        branch_record(branch, &branch->figures.arm_ns, forkd_monotonic_ns() - start);
+        return rc;
+    }
+    struct dirty_list last;
+    int rc = branch_handler_request(run, HANDLER_COPY, &last);
+    long pages = rc < 0 ? rc : branch_rearm(run, &last, err);
+    branch_dirty_free(&last);
+    if (rc < 0)
+        return forkd_error_set(err, rc, "fault handler: %s", run->handler_error_message);
+    if (pages < 0)
+        return (int)pages;
+    branch_record(branch, &branch->figures.rearm_ns, forkd_monotonic_ns() - start);
+    branch_record(branch, &branch->figures.rearmed_pages, (uint64_t)pages);
+    return 0;
+}
+
+/* Pause, protect, save the vCPU and device state (the consistency point), resume. The guard
+ * resumes the VM on every path out of here. */
+static int branch_pause_and_save(struct branch *branch, struct branch_run_state *run,
+                                 const struct branch_request *request, struct forkd_error *err)
+{
+    FORKD_PAUSE_GUARD(guard, run->vm, err);
+    if (guard.rc < 0)
+        return guard.rc;
+    branch_set_phase(branch, BRANCH_PHASE_PAUSED);
+    int rc = branch_protect_in_pause(branch, run, err);
+    if (rc < 0)
+        return rc;
+    if (atomic_load(&branch->cancel))
+        return forkd_error_set(err, -ECANCELED, "branch cancelled inside the pause");
+    uint64_t start = forkd_monotonic_ns();
+    rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_VMSTATE_ONLY,
+                             store_writer_vmstate_path(run->writer), VMSTATE_ONLY_MEMORY_PATH,
+                             err);
+    if (rc < 0)
+        return rc;
+    branch_record(branch, &branch->figures.vmstate_ns, forkd_monotonic_ns() - start);
+    branch_set_phase(branch, BRANCH_PHASE_VMSTATE_SAVED);
+    if (request->inside_pause_hook)
+        request->inside_pause_hook(request->context);
+    rc = pause_guard_resume(&guard, err);
+    branch_record(branch, &branch->figures.pause_ns, pause_guard_window_ns(&guard));
+    if (rc < 0)
+        return rc;
+    branch_set_phase(branch, BRANCH_PHASE_RESUMED);
+    return 0;
+}
+
+/* ---- the bulk copier -------------------------------------------------------------------- */
+
+/* Fails the branch when it was cancelled, the handler failed or the VMM died. */
+static int branch_check_alive(struct branch *branch, struct branch_run_state *run,
+                              struct forkd_error *err)
+{
+    if (atomic_load(&branch->cancel))
+        return forkd_error_set(err, -ECANCELED, "branch cancelled");
+    int failed = atomic_load(&run->handler_error);
+    if (failed < 0)
+        return forkd_error_set(err, failed, "%s", run->handler_error_message);
+    if (!vm_is_alive(run->vm)) {
+        struct vm_status status;
+        vm_get_status(run->vm, &status);
+        return forkd_error_set(err, -ESRCH, "the VMM of %s %s during the branch", status.id,
+                               status.exit_reason);
+    }
+    return 0;
+}
+
+/* Claims, captures, unprotects and writes one run of pages the fault handler did not claim. */
+static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
+                           struct branch_region *region, uint64_t first, uint64_t count,
+                           uint8_t *buffer, struct forkd_error *err)
+{
+    uint64_t page_size = region->uffd.page_size;
+    uint64_t offset = first * page_size, length = count * page_size;
+    int rc = branch_read_guest(run, region, offset, buffer, length);
+    if (rc < 0)
+        return forkd_error_set(err, rc, "read guest memory at 0x%llx+0x%llx: %s",
+                               (unsigned long long)(region->uffd.host_base + offset),
+                               (unsigned long long)length, strerror(-rc));
+    for (uint64_t p = first; p < first + count; p++)
+        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    /* Captured: the guest may write these pages now without a fault. */
+    rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length,
+                            page_size, false, false, err);
+    if (rc < 0)
+        return rc;
+    rc = branch_write_file(run->memory_fd, buffer, length, region->uffd.file_offset + offset);
+    if (rc < 0)
+        return forkd_error_set(err, rc, "write memory.bin at %llu: %s",
+                               (unsigned long long)(region->uffd.file_offset + offset),
+                               strerror(-rc));
+    branch_count_write(region, first, count);
+    atomic_fetch_add(&branch->pages_by_bulk, count);
+    atomic_fetch_add(&branch->bytes_copied, length);
+    atomic_fetch_add(&run->pages_written, count);
+    return 0;
+}
+
+/* One chunk: claim every free page, then copy each run of pages claimed here. */
+static int branch_bulk_chunk(struct branch *branch, struct branch_run_state *run,
+                             struct branch_region *region, uint64_t first, uint64_t count,
+                             uint8_t *buffer, struct forkd_error *err)
+{
+    bool claimed[BULK_CHUNK_BYTES / 4096];
+    for (uint64_t i = 0; i < count; i++) {
+        uint8_t expected = 0;
+        claimed[i] = atomic_compare_exchange_strong(&region->pages[first + i], &expected,
+                                                    (uint8_t)PAGE_CLAIMED_BY_BULK);
+    }
+    uint64_t i = 0;
+    while (i < count) {
+        if (!claimed[i]) {
+            i++;
+            continue;
+        }
+        uint64_t start = i;
+        while (i < count && claimed[i])
+            i++;
+        uint64_t page_size = region->uffd.page_size;
+        int rc = branch_bulk_run(branch, run, region, first + start, i - start,
+                                 buffer + start * page_size, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
+                            struct forkd_error *err)
+{
+    uint64_t chunk_bytes = BULK_CHUNK_BYTES;
+    for (size_t r = 0; r < run->region_count; r++)
+        if (run->regions[r].uffd.page_size > chunk_bytes)
+            chunk_bytes = run->regions[r].uffd.page_size;
+    _cleanup_free_ uint8_t *buffer = aligned_alloc(4096, chunk_bytes);
+    if (!buffer)
+        return forkd_error_set(err, -ENOMEM, "bulk copy: out of memory");
+    for (size_t r = 0; r < run->region_count; r++) {
+        struct branch_region *region = &run->regions[r];
+        uint64_t pages_per_chunk = chunk_bytes / region->uffd.page_size;
+        for (uint64_t first = 0; first < region->page_count; first += pages_per_chunk) {
+            int rc = branch_check_alive(branch, run, err);
+            if (rc < 0)
+                return rc;
+            uint64_t count = region->page_count - first < pages_per_chunk
+                                 ? region->page_count - first
+                                 : pages_per_chunk;
+            rc = branch_bulk_chunk(branch, run, region, first, count, buffer, err);
+            if (rc < 0)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+/* Waits for the fault handler to finish writing the pages it claimed. */
+static int branch_wait_all_written(struct branch *branch, struct branch_run_state *run,
+                                   struct forkd_error *err)
+{
+    uint64_t total_pages = 0;
+    for (size_t r = 0; r < run->region_count; r++)
+        total_pages += run->regions[r].page_count;
+    while (atomic_load(&run->pages_written) < total_pages) {
+        int rc = branch_check_alive(branch, run, err);
+        if (rc < 0)
+            return rc;
+        struct timespec pause = {.tv_nsec = 50000};
+        nanosleep(&pause, NULL);
+    }
+    return 0;
+}
+
+/* ---- set-up and tear-down of a live branch ---------------------------------------------- */
+
+/* Asks the VMM for its write-protect userfaultfd and receives it with the region list. */
+static int branch_receive_uffd(struct branch_run_state *run, struct forkd_error *err)
+{
+    struct vm_status status;
+    vm_get_status(run->vm, &status);
+    char path[PATH_MAX];
+    size_t length = strlen(status.api_socket_path);
+    if (length < 5 || length + 4 > sizeof(path))
+        return forkd_error_set(err, -ENAMETOOLONG, "cannot derive a socket path from %s",
+                               status.api_socket_path);
+    snprintf(path, sizeof(path), "%.*s.wp.sock", (int)(length - 5), status.api_socket_path);
+    _cleanup_close_ int listener = uffd_listen(path, err);
+    if (listener < 0)
+        return listener;
+    int rc = vmm_uffd_wp(vm_client(run->vm), path, err);
+    if (rc == 0)
+        rc = uffd_accept_handshake(listener, HANDSHAKE_TIMEOUT_MS, &run->handshake, err);
+    unlink(path);
+    return rc;
+}
+
+static int branch_map_guest(struct branch_run_state *run, struct forkd_error *err)
+{
+    if (vm_memory_kind(run->vm) != VM_MEMORY_MEMFD) {
+        run->vmm_pid = vm_pid(run->vm);
+        return run->vmm_pid > 0 ? 0 : forkd_error_set(err, -ESRCH, "the VMM has exited");
+    }
+    _cleanup_close_ int memfd = vm_dup_memfd(run->vm);
+    struct stat st;
+    if (memfd < 0 || fstat(memfd, &st) < 0)
+        return forkd_error_set(err, memfd < 0 ? memfd : -errno, "guest memfd of %s: %s",
+                               vm_id(run->vm), strerror(memfd < 0 ? -memfd : errno));
+    if ((uint64_t)st.st_size != run->total_bytes)
+        return forkd_error_set(err, -EPROTO,
+                               "guest memfd holds %lld bytes but the VMM's regions add up to %llu",
+                               (long long)st.st_size, (unsigned long long)run->total_bytes);
+    void *map = mmap(NULL, run->total_bytes, PROT_READ, MAP_SHARED, memfd, 0);
+    if (map == MAP_FAILED)
+        return forkd_error_set(err, -errno, "map guest memfd: %s", strerror(errno));
+    run->guest_map = map;
+    run->guest_map_size = run->total_bytes;
+    return 0;
+}
+
+static int branch_setup_regions(struct branch *branch, struct branch_run_state *run,
+                                bool count_writes, struct forkd_error *err)
+{
+    run->region_count = run->handshake.region_count;
+    for (size_t i = 0; i < run->region_count; i++) {
+        struct branch_region *region = &run->regions[i];
+        region->uffd = run->handshake.regions[i];
+        region->page_count = region->uffd.size / region->uffd.page_size;
+        region->pages = calloc(region->page_count, 1);
+        region->write_counts = count_writes ? calloc(region->page_count, 1) : NULL;
+        if (!region->pages || (count_writes && !region->write_counts))
+            return forkd_error_set(err, -ENOMEM, "page claims: out of memory");
+        run->total_bytes += region->uffd.size;
+    }
+    branch->bytes_total = run->total_bytes;
+    branch->page_size = (uint32_t)run->regions[0].uffd.page_size;
+    return 0;
+}
+
+static int branch_open_memory_file(struct branch_run_state *run, struct forkd_error *err)
+{
+    const char *path = store_writer_memory_path(run->writer);
+    run->memory_fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (run->memory_fd < 0)
+        return forkd_error_set(err, -errno, "create %s: %s", path, strerror(errno));
+    if (ftruncate(run->memory_fd, (off_t)run->total_bytes) < 0)
+        return forkd_error_set(err, -errno, "size %s to %llu bytes: %s", path,
+                               (unsigned long long)run->total_bytes, strerror(errno));
+    return 0;
+}
+
+static int branch_live_setup(struct branch *branch, struct branch_run_state *run,
+                             const struct branch_request *request, struct forkd_error *err)
+{
+    int rc = branch_receive_uffd(run, err);
+    if (rc == 0)
+        rc = branch_setup_regions(branch, run, request->count_page_writes, err);
+    if (rc == 0)
+        rc = branch_map_guest(run, err);
+    if (rc == 0)
+        rc = branch_open_memory_file(run, err);
+    return rc;
+}
+
+/* Keeps the per-page write counts of a finished run for branch_page_write_counts. */
+static void branch_keep_write_counts(struct branch *branch, struct branch_run_state *run)
+{
+    uint64_t total = 0;
+    for (size_t r = 0; r < run->region_count; r++)
+        total += run->regions[r].page_count;
+    if (!run->region_count || !run->regions[0].write_counts || !(branch->final_write_counts =
+                                                                     malloc(total ? total : 1)))
+        return;
+    uint64_t at = 0;
+    for (size_t r = 0; r < run->region_count; r++)
+        for (uint64_t p = 0; p < run->regions[r].page_count; p++)
+            branch->final_write_counts[at++] = atomic_load(&run->regions[r].write_counts[p]);
+    branch->final_page_count = total;
+}
+
+/* Leaves the VM unprotected and forkd without its userfaultfd, whatever happened: protection
+ * is lifted while the handler still serves faults, then the handler stops, then the fd closes
+ * (which wakes any vCPU still waiting). */
+static void branch_live_teardown(struct branch *branch, struct branch_run_state *run)
+{
+    if (run->handshake.uffd >= 0 && run->region_count > 0)
+        branch_arm_all(run, false, NULL);
+    branch_handler_stop(run);
+    uffd_handshake_release(&run->handshake);
+    branch_keep_write_counts(branch, run);
+    for (size_t r = 0; r < run->region_count; r++) {
+        free(run->regions[r].pages);
+        free(run->regions[r].write_counts);
+    }
+    if (run->guest_map)
+        munmap((void *)run->guest_map, run->guest_map_size);
+    if (run->memory_fd >= 0)
+        close(run->memory_fd);
+    branch_dirty_free(&run->tracking);
+    branch_dirty_free(&run->handed_over);
+}
+
+/* ---- the two kinds of branch ------------------------------------------------------------ */
+
+static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
+                            const struct branch_request *request, struct forkd_error *err)
+{
+    struct branch_handler_args handler_args;
+    enum handler_mode first_mode =
+        run->mode == STORE_MODE_LIVE ? HANDLER_TRACKING : HANDLER_COPY;
+    int rc = branch_handler_start(branch, run, first_mode, &handler_args);
+    if (rc < 0)
+        return forkd_error_set(err, rc, "start the fault handler: %s", strerror(-rc));
+    if (run->mode == STORE_MODE_LIVE) {
+        rc = branch_prearm(branch, run, err);
+        if (rc < 0)
+            return rc;
+        branch_set_phase(branch, BRANCH_PHASE_ARMED);
+    }
+    if (atomic_load(&branch->cancel))
+        return forkd_error_set(err, -ECANCELED, "branch cancelled before the pause");
+    rc = branch_pause_and_save(branch, run, request, err);
+    if (rc < 0)
+        return rc;
+    uint64_t start = forkd_monotonic_ns();
+    branch_set_phase(branch, BRANCH_PHASE_COPYING);
+    rc = branch_bulk_copy(branch, run, err);
+    if (rc == 0)
+        rc = branch_wait_all_written(branch, run, err);
+    if (rc == 0 && fsync(run->memory_fd) < 0)
+        rc = forkd_error_set(err, -errno, "fsync memory.bin: %s", strerror(errno));
+    branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
+    return rc;
+}
+
+static int branch_run_live(struct branch *branch, struct branch_run_state *run,
+                           const struct branch_request *request, struct forkd_error *err)
+{
+    enum vm_memory memory = vm_memory_kind(run->vm);
+    if (memory != VM_MEMORY_ANONYMOUS && memory != VM_MEMORY_MEMFD)
+        return forkd_error_set(err, -EOPNOTSUPP,
+                               "a live branch needs guest memory that can be write-protected "
+                               "(anonymous or memfd), but %s runs on %s memory: use FULL, or "
+                               "spawn with the MEMFD backend",
+                               vm_id(run->vm), memory == VM_MEMORY_FILE ? "FILE" : "UFFD");
+    run->control_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (run->control_fd < 0)
+        return forkd_error_set(err, -errno, "eventfd: %s", strerror(errno));
+    pthread_mutex_init(&run->control_lock, NULL);
+    pthread_cond_init(&run->control_cond, NULL);
+    int rc = branch_live_setup(branch, run, request, err);
+    if (rc == 0)
+        rc = branch_live_copy(branch, run, request, err);
+    branch_live_teardown(branch, run);
+    pthread_mutex_destroy(&run->control_lock);
+    pthread_cond_destroy(&run->control_cond);
+    close(run->control_fd);
+    return rc;
+}
+
+/* Stop-and-copy: the VMM writes memory and state while the VM is paused. */
+static int branch_run_full(struct branch *branch, struct branch_run_state *run,
+                           struct forkd_error *err)
+{
+    FORKD_PAUSE_GUARD(guard, run->vm, err);
+    if (guard.rc < 0)
+        return guard.rc;
+    branch_set_phase(branch, BRANCH_PHASE_PAUSED);
+    uint64_t start = forkd_monotonic_ns();
+    int rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_FULL,
+                                 store_writer_vmstate_path(run->writer),
+                                 store_writer_memory_path(run->writer), err);
+    if (rc < 0)
+        return rc;
+    branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
+    branch_set_phase(branch, BRANCH_PHASE_VMSTATE_SAVED);
+    rc = pause_guard_resume(&guard, err);
+    branch_record(branch, &branch->figures.pause_ns, pause_guard_window_ns(&guard));
+    if (rc < 0)
+        return rc;
+    struct stat st;
+    if (stat(store_writer_memory_path(run->writer), &st) < 0)
+        return forkd_error_set(err, -errno, "memory.bin after a Full snapshot: %s",
+                               strerror(errno));
+    run->total_bytes = (uint64_t)st.st_size;
+    branch->bytes_total = run->total_bytes;
+    branch->page_size = 4096;
+    atomic_store(&branch->bytes_copied, run->total_bytes);
+    branch_set_phase(branch, BRANCH_PHASE_RESUMED);
+    return 0;
+}
+
+/* ---- the record and the run ------------------------------------------------------------- */
+
+static void branch_fill_record(struct branch *branch, const struct branch_run_state *run,
+                               const struct branch_request *request, struct store_snapshot *meta)
+{
+    struct vm_status status;
+    vm_get_status(run->vm, &status);
+    memset(meta, 0, sizeof(*meta));
+    snprintf(meta->name, sizeof(meta->name), "%s", request->snapshot_name);
+    snprintf(meta->source_vm_id, sizeof(meta->source_vm_id), "%s", status.id);
+    snprintf(meta->source_vm_name, sizeof(meta->source_vm_name), "%s", status.name);
+    snprintf(meta->parent_snapshot, sizeof(meta->parent_snapshot), "%s", status.source_snapshot);
+    snprintf(meta->vmm_binary, sizeof(meta->vmm_binary), "%s", status.vmm_binary);
+    meta->mode = run->mode;
+    meta->vcpu_count = status.vcpu_count;
+    meta->mem_size_mib = run->total_bytes >> 20;
+    meta->memory_bytes = run->total_bytes;
+    meta->page_size = branch->page_size;
+    meta->region_count = run->region_count;
+    for (size_t i = 0; i < run->region_count; i++)
+        meta->regions[i] = (struct store_region){
+            .size = run->regions[i].uffd.size,
+            .file_offset = run->regions[i].uffd.file_offset,
+            .page_size = (uint32_t)run->regions[i].uffd.page_size,
+        };
+    struct vmm_info info;
+    if (vmm_get_info(vm_client(run->vm), &info, NULL) == 0)
+        snprintf(meta->vmm_version, sizeof(meta->vmm_version), "%s", info.vmm_version);
+    struct stat st;
+    if (stat(store_writer_vmstate_path(run->writer), &st) == 0)
+        meta->vmstate_bytes = (uint64_t)st.st_size;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    meta->created_at_unix_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    meta->label_count = request->label_count < STORE_MAX_LABELS ? request->label_count
+                                                                : STORE_MAX_LABELS;
+    for (size_t i = 0; i < meta->label_count; i++)
+        meta->labels[i] = request->labels[i];
+}
+
+static int branch_publish(struct branch *branch, struct branch_run_state *run,
+                          const struct branch_request *request, uint64_t started_ns,
+                          struct store_snapshot *out, struct forkd_error *err)
+{
+    branch_set_phase(branch, BRANCH_PHASE_PUBLISHING);
+    uint64_t start = forkd_monotonic_ns();
+    struct store_snapshot meta;
+    branch_fill_record(branch, run, request, &meta);
+    struct branch_progress progress;
+    branch_get_progress(branch, &progress);
+    meta.figures = progress.figures;
+    meta.figures.publish_ns = 0;
+    meta.figures.total_ns = forkd_monotonic_ns() - started_ns;
+    struct store_writer *writer = take_ptr(run->writer);
+    int rc = store_publish(writer, &meta, err); /* frees the writer either way */
+    if (rc < 0)
+        return rc;
+    branch_record(branch, &branch->figures.publish_ns, forkd_monotonic_ns() - start);
+    branch_record(branch, &branch->figures.total_ns, forkd_monotonic_ns() - started_ns);
+    if (out) {
+        /* The store's view (path, state), with the figures completed after the file was
+         * written: snapshot.json cannot hold the time it took to publish itself. */
+        if (store_get(run->store, meta.name, out, NULL) < 0)
+            *out = meta;
+        out->figures.publish_ns = branch->figures.publish_ns;
+        out->figures.total_ns = branch->figures.total_ns;
+    }
+    return 0;
+}
+
+static int branch_validate(const struct branch_request *request, struct forkd_error *err)
+{
+    if (!request->vm)
+        return forkd_error_set(err, -ENOENT, "branch: no VM given");
+    if (request->mode != STORE_MODE_LIVE && request->mode != STORE_MODE_LIVE_ARM_IN_PAUSE &&
+        request->mode != STORE_MODE_FULL)
+        return forkd_error_set(err, -EINVAL, "branch: unknown mode %d", (int)request->mode);
+    int rc = store_validate_name(request->snapshot_name, err);
+    if (rc < 0)
+        return rc;
+    if (!vm_is_alive(request->vm))
+        return forkd_error_set(err, -ESRCH, "VM %s is not running", vm_id(request->vm));
+    return 0;
+}
+
+static int branch_execute(struct branch *branch, struct branch_run_state *run,
+                          const struct branch_request *request, struct store_snapshot *out,
+                          struct forkd_error *err)
+{
+    uint64_t started = forkd_monotonic_ns();
+    int rc = store_begin(run->store, request->snapshot_name, &run->writer, err);
+    if (rc < 0)
+        return rc;
+    branch_set_phase(branch, BRANCH_PHASE_STARTED);
+    rc = run->mode == STORE_MODE_FULL ? branch_run_full(branch, run, err)
+                                      : branch_run_live(branch, run, request, err);
+    if (rc == 0 && store_writer_abandoned(run->writer))
+        rc = forkd_error_set(err, -ECANCELED, "snapshot %s was deleted while being written",
+                             request->snapshot_name);
+    if (rc == 0)
+        rc = branch_publish(branch, run, request, started, out, err);
+    if (run->writer)
+        store_abort(take_ptr(run->writer));
+    return rc;
+}
+
+int branch_run(struct branch *branch, struct store *store, const struct branch_request *request,
+               struct store_snapshot *out, struct forkd_error *err)
+{
+    int rc = branch_validate(request, err);
+    if (rc < 0)
+        return rc;
+    if (!vm_try_begin_branch(request->vm, request->snapshot_name))
+        return forkd_error_set(err, -EBUSY, "VM %s already has a branch running",
+                               vm_id(request->vm));
+    branch->on_phase = request->on_phase;
+    branch->context = request->context;
+    struct branch_run_state *run = calloc(1, sizeof(*run));
+    if (!run) {
+        vm_end_branch(request->vm);
+        return forkd_error_set(err, -ENOMEM, "branch: out of memory");
+    }
+    *run = (struct branch_run_state){.store = store, .vm = request->vm, .mode = request->mode,
+                                     .memory_fd = -1, .control_fd = -1,
+                                     .handshake = {.uffd = -1, .connection = -1}};
+    rc = branch_execute(branch, run, request, out, err);
+    free(run);
+    vm_end_branch(request->vm);
+    if (rc < 0)
+        forkd_error_prefix(err, "branch %s of %s: ", request->snapshot_name, vm_id(request->vm));
+    branch_set_phase(branch, rc == 0              ? BRANCH_PHASE_DONE
+                             : rc == -ECANCELED ? BRANCH_PHASE_CANCELLED
+                                                : BRANCH_PHASE_FAILED);
+    return rc;
+}

@@ -1,0 +1,406 @@
+// Live and FULL branches of a real guest on KVM, every snapshot checked by the test VMM's
+// verifier: consistency under load, continuation, exactly-once, cancellation at each phase,
+// VMM death, a full disk, and bad input.
+#include <gtest/gtest.h>
+
+#include "engine_harness.h"
+
+#include <atomic>
+#include <csignal>
+#include <random>
+#include <string>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <dirent.h>
+
+extern "C" {
+#include "forkd/branch.h"
+#include "forkd/store.h"
+#include "forkd/vmm_client.h"
+}
+
+namespace {
+
+std::string VmmState(struct vm *vm)
+{
+    struct vmm_info info = {};
+    struct forkd_error err = {};
+    if (vmm_get_info(vm_client(vm), &info, &err) < 0)
+        return std::string("error: ") + err.message;
+    return info.state;
+}
+
+// Entries of a directory other than . and ..
+std::vector<std::string> DirEntries(const std::string &path)
+{
+    std::vector<std::string> names;
+    DIR *dir = opendir(path.c_str());
+    if (!dir)
+        return names;
+    while (struct dirent *entry = readdir(dir))
+        if (std::string(entry->d_name) != "." && std::string(entry->d_name) != "..")
+            names.push_back(entry->d_name);
+    closedir(dir);
+    return names;
+}
+
+const char *ModeName(enum store_mode mode)
+{
+    return mode == STORE_MODE_LIVE ? "LIVE" : mode == STORE_MODE_FULL ? "FULL" : "ARM_IN_PAUSE";
+}
+
+}  // namespace
+
+class BranchTest : public EngineTest {
+  protected:
+    void SetUp() override
+    {
+        EngineTest::SetUp();
+        struct forkd_error err = {};
+        ASSERT_EQ(0, store_open(state_dir_.c_str(), &store_, &err)) << err.message;
+    }
+    void TearDown() override
+    {
+        store_close(store_);
+        EngineTest::TearDown();
+    }
+
+    struct Result {
+        int rc;
+        std::string error;
+        struct store_snapshot snapshot;
+        struct branch_progress progress;
+    };
+
+    Result Branch(struct vm *vm, const std::string &name, enum store_mode mode,
+                  branch_phase_fn on_phase = nullptr, void *context = nullptr,
+                  struct branch *handle = nullptr, bool count_writes = false)
+    {
+        Result result = {};
+        struct branch *branch = handle ? handle : branch_new();
+        struct branch_request request = {};
+        request.vm = vm;
+        request.snapshot_name = name.c_str();
+        request.mode = mode;
+        request.on_phase = on_phase;
+        request.context = context;
+        request.count_page_writes = count_writes;
+        struct forkd_error err = {};
+        result.rc = branch_run(branch, store_, &request, &result.snapshot, &err);
+        result.error = err.message;
+        branch_get_progress(branch, &result.progress);
+        if (!handle)
+            branch_free(branch);
+        return result;
+    }
+
+    std::string SnapshotDir(const std::string &name)
+    {
+        return state_dir_ + "/snapshots/" + name;
+    }
+
+    // Branches and verifies; returns the verified total of all vCPUs.
+    unsigned long long BranchAndVerify(struct vm *vm, const std::string &name,
+                                       enum store_mode mode)
+    {
+        Result result = Branch(vm, name, mode);
+        EXPECT_EQ(0, result.rc) << ModeName(mode) << " " << name << ": " << result.error;
+        if (result.rc != 0)
+            return 0;
+        EXPECT_EQ(STORE_STATE_READY, result.snapshot.state);
+        VerifyResult verify = Verify(SnapshotDir(name));
+        EXPECT_EQ(0, verify.exit_code) << ModeName(mode) << " " << name << ":\n" << verify.output;
+        return TotalFromVerify(verify.output);
+    }
+
+    // After an aborted branch: nothing of it in the store, not even a temporary directory.
+    void ExpectStoreClean(const std::string &name)
+    {
+        struct store_snapshot snapshot;
+        struct forkd_error err = {};
+        EXPECT_EQ(-ENOENT, store_get(store_, name.c_str(), &snapshot, &err));
+        for (const std::string &entry : DirEntries(state_dir_ + "/snapshots"))
+            EXPECT_NE(0u, entry.rfind(".tmp", 0)) << "leftover " << entry;
+    }
+
+    struct store *store_ = nullptr;
+};
+
+struct LoadConfig {
+    unsigned vcpus;
+    unsigned mem_mib;
+    const char *workload;
+    bool two_regions;
+};
+
+TEST_F(BranchTest, EverySnapshotVerifiesUnderLoad)
+{
+    static const LoadConfig configs[] = {
+        {1, 64, "pattern=sequential", false},
+        {2, 64, "pattern=random seed=7", true},
+        {2, 64, "pattern=hotset seed=11", false},
+        {1, 64, "pattern=random seed=5", true},
+    };
+    static const char *const two_regions[] = {"--mmio-gap-mib", "40", nullptr};
+    std::mt19937 random(12345);
+    int verified[4] = {};
+    for (const LoadConfig &config : configs) {
+        SCOPED_TRACE(std::string(config.workload) + (config.two_regions ? " two regions" : ""));
+        struct vm *vm = Boot(config.vcpus, config.mem_mib, config.workload, "",
+                             config.two_regions ? two_regions : nullptr);
+        ASSERT_NE(nullptr, vm);
+        for (enum store_mode mode :
+             {STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE, STORE_MODE_FULL}) {
+            int rounds = mode == STORE_MODE_FULL ? 4 : 13;
+            for (int i = 0; i < rounds; i++) {
+                usleep(std::uniform_int_distribution<int>(0, 20000)(random));
+                std::string name = std::string("load-") + ModeName(mode) + "-" + std::to_string(i);
+                Result result = Branch(vm, name, mode);
+                ASSERT_EQ(0, result.rc) << name << ": " << result.error;
+                if (config.two_regions && mode != STORE_MODE_FULL) {
+                    EXPECT_EQ(2u, result.snapshot.region_count);
+                }
+                VerifyResult verify = Verify(SnapshotDir(name));
+                ASSERT_EQ(0, verify.exit_code) << name << ":\n" << verify.output;
+                verified[mode]++;
+                struct forkd_error err = {};
+                ASSERT_EQ(0, store_delete(store_, name.c_str(), false, &err)) << err.message;
+            }
+        }
+        EXPECT_EQ("Running", VmmState(vm));
+        vm_unref(vm);
+    }
+    EXPECT_GE(verified[STORE_MODE_LIVE], 50);
+    EXPECT_GE(verified[STORE_MODE_LIVE_ARM_IN_PAUSE], 50);
+    EXPECT_GE(verified[STORE_MODE_FULL], 16);
+}
+
+TEST_F(BranchTest, EachPageIsWrittenExactlyOnce)
+{
+    struct vm *vm = Boot(2, 64, "pattern=random seed=3");
+    ASSERT_NE(nullptr, vm);
+    for (enum store_mode mode : {STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE}) {
+        struct branch *branch = branch_new();
+        std::string name = std::string("once-") + ModeName(mode);
+        Result result = Branch(vm, name, mode, nullptr, nullptr, branch, true);
+        ASSERT_EQ(0, result.rc) << result.error;
+        uint64_t pages = 0;
+        uint32_t page_size = 0;
+        const uint8_t *counts = branch_page_write_counts(branch, &pages, &page_size);
+        ASSERT_NE(nullptr, counts);
+        EXPECT_EQ(64ull << 20, pages * page_size);
+        uint64_t wrong = 0;
+        for (uint64_t p = 0; p < pages; p++)
+            wrong += counts[p] != 1;
+        EXPECT_EQ(0u, wrong) << "pages not written exactly once";
+        EXPECT_EQ(pages, result.progress.pages_by_fault + result.progress.pages_by_bulk);
+        EXPECT_GT(result.progress.pages_by_fault, 0u)
+            << "a guest writing flat out must hit pages before the bulk copier does";
+        branch_free(branch);
+        EXPECT_EQ(0, Verify(SnapshotDir(name)).exit_code);
+    }
+    vm_unref(vm);
+}
+
+TEST_F(BranchTest, BranchesOfRestoredVmsContinueTheGuest)
+{
+    struct vm *source = Boot(2, 64, "pattern=hotset seed=2");
+    ASSERT_NE(nullptr, source);
+    unsigned long long base = BranchAndVerify(source, "base", STORE_MODE_LIVE);
+    ASSERT_GT(base, 0u);
+    struct forkd_error err = {};
+    struct store_snapshot snapshot;
+    for (enum vm_memory memory : {VM_MEMORY_FILE, VM_MEMORY_MEMFD}) {
+        SCOPED_TRACE(memory == VM_MEMORY_FILE ? "FILE" : "MEMFD");
+        ASSERT_EQ(0, store_acquire(store_, "base", &snapshot, &err)) << err.message;
+        std::string vmstate = std::string(snapshot.path) + "/vmstate";
+        std::string mem = std::string(snapshot.path) + "/memory.bin";
+        struct vm_restore_config config = {};
+        config.snapshot_name = "base";
+        config.vmstate_path = vmstate.c_str();
+        config.memory_path = mem.c_str();
+        config.memory = memory;
+        struct vm *fork = nullptr;
+        ASSERT_EQ(0, vm_restore(registry_, &config, &fork, &err)) << err.message;
+        // A branch of the branch: LIVE where memory is a memfd, FULL on a private file map.
+        enum store_mode mode = memory == VM_MEMORY_MEMFD ? STORE_MODE_LIVE : STORE_MODE_FULL;
+        std::string name = std::string("child-") + (memory == VM_MEMORY_MEMFD ? "memfd" : "file");
+        unsigned long long child = BranchAndVerify(fork, name, mode);
+        EXPECT_GE(child, base) << "a fork's counters only grow from its snapshot";
+        ASSERT_EQ(0, store_get(store_, name.c_str(), &snapshot, &err));
+        EXPECT_STREQ("base", snapshot.parent_snapshot);
+        ASSERT_EQ(0, vm_stop(registry_, fork, 2000, &err)) << err.message;
+        store_release(store_, "base");
+        vm_unref(fork);
+    }
+    vm_unref(source);
+}
+
+TEST_F(BranchTest, LiveOnAFileBackedVmIsRefusedWithTheReason)
+{
+    struct vm *source = Boot(1, 32, "pattern=random");
+    ASSERT_NE(nullptr, source);
+    BranchAndVerify(source, "base", STORE_MODE_FULL);
+    std::string dir = SnapshotDir("base");
+    std::string vmstate = dir + "/vmstate", mem = dir + "/memory.bin";
+    struct vm_restore_config config = {};
+    config.vmstate_path = vmstate.c_str();
+    config.memory_path = mem.c_str();
+    config.memory = VM_MEMORY_FILE;
+    struct vm *fork = nullptr;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, vm_restore(registry_, &config, &fork, &err)) << err.message;
+    Result result = Branch(fork, "nope", STORE_MODE_LIVE);
+    EXPECT_EQ(-EOPNOTSUPP, result.rc);
+    EXPECT_NE(std::string::npos, result.error.find("FILE memory")) << result.error;
+    EXPECT_NE(std::string::npos, result.error.find("use FULL")) << result.error;
+    ExpectStoreClean("nope");
+    EXPECT_EQ("Running", VmmState(fork));
+    vm_unref(fork);
+    vm_unref(source);
+}
+
+TEST_F(BranchTest, BadNamesAndTakenNamesAreRefused)
+{
+    struct vm *vm = Boot(1, 32, "pattern=random");
+    ASSERT_NE(nullptr, vm);
+    for (const char *bad : {"", "../escape", "a/b", ".hidden", "-dash", "x y"}) {
+        Result result = Branch(vm, bad, STORE_MODE_LIVE);
+        EXPECT_EQ(-EINVAL, result.rc) << "'" << bad << "'";
+    }
+    BranchAndVerify(vm, "taken", STORE_MODE_LIVE);
+    Result again = Branch(vm, "taken", STORE_MODE_LIVE);
+    EXPECT_EQ(-EEXIST, again.rc) << again.error;
+    EXPECT_EQ(0, Verify(SnapshotDir("taken")).exit_code) << "the existing snapshot is untouched";
+    EXPECT_EQ("Running", VmmState(vm));
+    vm_unref(vm);
+}
+
+struct CancelAt {
+    enum branch_phase phase;
+    struct branch *branch;
+    std::atomic<bool> fired{false};
+};
+
+static void CancelOnPhase(void *context, enum branch_phase phase, const struct branch_progress *)
+{
+    auto *cancel = static_cast<CancelAt *>(context);
+    if (phase == cancel->phase && !cancel->fired.exchange(true))
+        branch_cancel(cancel->branch);
+}
+
+TEST_F(BranchTest, CancelAtEachPhaseLeavesTheVmRunningAndTheStoreClean)
+{
+    struct vm *vm = Boot(2, 64, "pattern=random seed=4");
+    ASSERT_NE(nullptr, vm);
+    for (enum branch_phase phase :
+         {BRANCH_PHASE_STARTED, BRANCH_PHASE_ARMED, BRANCH_PHASE_PAUSED, BRANCH_PHASE_COPYING}) {
+        SCOPED_TRACE("cancel at phase " + std::to_string(phase));
+        CancelAt cancel;
+        cancel.phase = phase;
+        cancel.branch = branch_new();
+        std::string name = "cancelled-" + std::to_string(phase);
+        Result result = Branch(vm, name, STORE_MODE_LIVE, CancelOnPhase, &cancel, cancel.branch);
+        EXPECT_TRUE(cancel.fired);
+        EXPECT_EQ(-ECANCELED, result.rc) << result.error;
+        EXPECT_EQ(BRANCH_PHASE_CANCELLED, result.progress.phase);
+        branch_free(cancel.branch);
+        ExpectStoreClean(name);
+        EXPECT_EQ("Running", VmmState(vm));
+        // Unprotected and without a handler: the guest keeps writing, and branches again.
+        BranchAndVerify(vm, "after-" + std::to_string(phase), STORE_MODE_LIVE);
+    }
+    vm_unref(vm);
+}
+
+static void KillVmmOnCopy(void *context, enum branch_phase phase, const struct branch_progress *)
+{
+    if (phase == BRANCH_PHASE_COPYING)
+        kill(vm_pid(static_cast<struct vm *>(context)), SIGKILL);
+}
+
+TEST_F(BranchTest, VmmDeathMidCopyFailsCleanly)
+{
+    struct vm *vm = Boot(2, 64, "pattern=random seed=8");
+    ASSERT_NE(nullptr, vm);
+    Result result = Branch(vm, "orphan", STORE_MODE_LIVE, KillVmmOnCopy, vm);
+    EXPECT_NE(0, result.rc);
+    EXPECT_EQ(BRANCH_PHASE_FAILED, result.progress.phase);
+    EXPECT_NE(std::string::npos, result.error.find("orphan")) << result.error;
+    ExpectStoreClean("orphan");
+    vm_unref(vm);
+}
+
+TEST_F(BranchTest, FullDiskFailsCleanly)
+{
+    std::string small = state_dir_ + "/small";
+    ASSERT_EQ(0, mkdir(small.c_str(), 0700));
+    ASSERT_EQ(0, mount("tmpfs", small.c_str(), "tmpfs", 0, "size=16m"))
+        << "mounting a tmpfs needs root: " << strerror(errno);
+    struct store *small_store = nullptr;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, store_open(small.c_str(), &small_store, &err)) << err.message;
+    struct vm *vm = Boot(1, 64, "pattern=random seed=1");
+    ASSERT_NE(nullptr, vm);
+    for (enum store_mode mode : {STORE_MODE_LIVE, STORE_MODE_FULL}) {
+        struct branch *branch = branch_new();
+        struct branch_request request = {};
+        request.vm = vm;
+        request.snapshot_name = "too-big";
+        request.mode = mode;
+        struct store_snapshot snapshot;
+        int rc = branch_run(branch, small_store, &request, &snapshot, &err);
+        branch_free(branch);
+        EXPECT_NE(0, rc) << ModeName(mode);
+        if (mode == STORE_MODE_LIVE) {
+            EXPECT_EQ(-ENOSPC, rc) << err.message;
+            EXPECT_NE(std::string::npos, std::string(err.message).find("No space left"))
+                << err.message;
+        }
+        EXPECT_EQ(0u, DirEntries(small + "/snapshots").size()) << ModeName(mode);
+        EXPECT_EQ("Running", VmmState(vm));
+    }
+    store_close(small_store);
+    EXPECT_EQ(0, umount(small.c_str()));
+    BranchAndVerify(vm, "fits", STORE_MODE_LIVE);
+    vm_unref(vm);
+}
+
+struct SecondBranch {
+    struct store *store;
+    struct vm *vm;
+    int rc = 1;
+    std::string error;
+};
+
+static void SecondBranchOnCopy(void *context, enum branch_phase phase,
+                               const struct branch_progress *)
+{
+    auto *second = static_cast<SecondBranch *>(context);
+    if (phase != BRANCH_PHASE_COPYING || second->rc != 1)
+        return;
+    struct branch *branch = branch_new();
+    struct branch_request request = {};
+    request.vm = second->vm;
+    request.snapshot_name = "second";
+    request.mode = STORE_MODE_LIVE;
+    struct forkd_error err = {};
+    second->rc = branch_run(branch, second->store, &request, nullptr, &err);
+    second->error = err.message;
+    branch_free(branch);
+}
+
+TEST_F(BranchTest, OneBranchPerVmAtATime)
+{
+    struct vm *vm = Boot(1, 32, "pattern=random");
+    ASSERT_NE(nullptr, vm);
+    SecondBranch second;
+    second.store = store_;
+    second.vm = vm;
+    Result first = Branch(vm, "first", STORE_MODE_LIVE, SecondBranchOnCopy, &second);
+    EXPECT_EQ(0, first.rc) << first.error;
+    EXPECT_EQ(-EBUSY, second.rc) << second.error;
+    ExpectStoreClean("second");
+    EXPECT_EQ(0, Verify(SnapshotDir("first")).exit_code);
+    vm_unref(vm);
+}
