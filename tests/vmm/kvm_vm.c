@@ -258,17 +258,27 @@ int vm_set_boot_state(struct vm *vm, uint64_t entry, char *err, size_t err_size)
     return 0;
 }
 
-struct tsc_msr {
-    struct kvm_msrs header;
-    struct kvm_msr_entry entry;
+/* struct kvm_msrs ends in a flexible array: give it room for the one entry we use. */
+union tsc_msr {
+    struct kvm_msrs msrs;
+    uint8_t storage[sizeof(struct kvm_msrs) + sizeof(struct kvm_msr_entry)];
 };
+
+static void tsc_msr_init(union tsc_msr *msr, uint64_t value)
+{
+    memset(msr, 0, sizeof(*msr));
+    msr->msrs.nmsrs = 1;
+    msr->msrs.entries[0].index = MSR_IA32_TSC;
+    msr->msrs.entries[0].data = value;
+}
 
 int vm_save_vcpu(struct vm *vm, unsigned index, struct vcpu_state *out, char *err, size_t err_size)
 {
     struct vcpu *vcpu = &vm->vcpus[index];
-    struct tsc_msr msr = {.header.nmsrs = 1, .entry.index = MSR_IA32_TSC};
+    union tsc_msr msr;
 
     memset(out, 0, sizeof(*out));
+    tsc_msr_init(&msr, 0);
     if (ioctl(vcpu->fd, KVM_GET_REGS, &out->regs) < 0 ||
         ioctl(vcpu->fd, KVM_GET_SREGS, &out->sregs) < 0 ||
         ioctl(vcpu->fd, KVM_GET_FPU, &out->fpu) < 0)
@@ -276,7 +286,7 @@ int vm_save_vcpu(struct vm *vm, unsigned index, struct vcpu_state *out, char *er
                          strerror(errno));
     if (ioctl(vcpu->fd, KVM_GET_MSRS, &msr) != 1)
         return error_set(err, err_size, EIO, "saving vCPU %u TSC: KVM_GET_MSRS failed", index);
-    out->tsc = msr.entry.data;
+    out->tsc = msr.msrs.entries[0].data;
     return 0;
 }
 
@@ -284,13 +294,14 @@ int vm_load_vcpu(struct vm *vm, unsigned index, const struct vcpu_state *state, 
                  size_t err_size)
 {
     struct vcpu *vcpu = &vm->vcpus[index];
-    struct tsc_msr msr = {.header.nmsrs = 1, .entry = {.index = MSR_IA32_TSC, .data = state->tsc}};
+    union tsc_msr msr;
 
     if (ioctl(vcpu->fd, KVM_SET_SREGS, &state->sregs) < 0 ||
         ioctl(vcpu->fd, KVM_SET_REGS, &state->regs) < 0 ||
         ioctl(vcpu->fd, KVM_SET_FPU, &state->fpu) < 0)
         return error_set(err, err_size, errno, "restoring vCPU %u registers: %s", index,
                          strerror(errno));
+    tsc_msr_init(&msr, state->tsc);
     if (ioctl(vcpu->fd, KVM_SET_MSRS, &msr) != 1)
         return error_set(err, err_size, EIO, "restoring vCPU %u TSC: KVM_SET_MSRS failed", index);
     return 0;

@@ -185,7 +185,7 @@ static inline uint64_t read_tsc(void)
 static void guest_panic(enum guest_panic_code code)
 {
     for (;;) {
-        __asm__ volatile("outl %0, %1" : : "a"((uint32_t)code), "Nd"(GUEST_PORT_PANIC));
+        __asm__ volatile("outl %0, %1" : : "a"((uint32_t)code), "Nd"((uint16_t)GUEST_PORT_PANIC));
         __asm__ volatile("pause"); /* the VMM stops this vCPU at the first report */
     }
 }
