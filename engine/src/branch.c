@@ -538,8 +538,14 @@ static int branch_protect_in_pause(struct branch *branch, struct branch_run_stat
     return 0;
 }
 
-/* Pause, protect, save the vCPU and device state (the consistency point), resume. The guard
- * resumes the VM on every path out of here. */
+/* Pause, save the vCPU and device state, protect, resume. The guard resumes the VM on every
+ * path out of here.
+ *
+ * The state is saved before the last protection step, not after: a VMM may write guest memory
+ * while it saves (Firecracker drains block I/O into guest buffers and rings, and queues a vsock
+ * reset). Those writes still trap in tracking mode (LIVE) or land before arming (ARM_IN_PAUSE),
+ * so the re-protected set includes them, and memory.bin equals memory at the end of the save,
+ * the instant the saved device state describes. */
 static int branch_pause_and_save(struct branch *branch, struct branch_run_state *run,
                                  const struct branch_request *request, struct forkd_error *err)
 {
@@ -547,18 +553,18 @@ static int branch_pause_and_save(struct branch *branch, struct branch_run_state 
     if (guard.rc < 0)
         return guard.rc;
     branch_set_phase(branch, BRANCH_PHASE_PAUSED);
-    int rc = branch_protect_in_pause(branch, run, err);
-    if (rc < 0)
-        return rc;
     if (atomic_load(&branch->cancel))
         return forkd_error_set(err, -ECANCELED, "branch cancelled inside the pause");
     uint64_t start = forkd_monotonic_ns();
-    rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_VMSTATE_ONLY,
-                             store_writer_vmstate_path(run->writer), VMSTATE_ONLY_MEMORY_PATH,
-                             err);
+    int rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_VMSTATE_ONLY,
+                                 store_writer_vmstate_path(run->writer), VMSTATE_ONLY_MEMORY_PATH,
+                                 err);
     if (rc < 0)
         return rc;
     branch_record(branch, &branch->figures.vmstate_ns, forkd_monotonic_ns() - start);
+    rc = branch_protect_in_pause(branch, run, err);
+    if (rc < 0)
+        return rc;
     branch_set_phase(branch, BRANCH_PHASE_VMSTATE_SAVED);
     if (request->inside_pause_hook)
         request->inside_pause_hook(request->context);

@@ -3,12 +3,12 @@
  *
  * LIVE: write-protect is armed on all guest memory while the VM runs (faults only record the
  * page as dirty and unprotect it), re-armed on the pages dirtied meanwhile in a few converging
- * rounds, then, inside a short pause, on the last dirty set; the fault handler switches to copy
- * mode (a write fault captures the page's pre-image, then unprotects it), the VMM saves vCPU and
- * device state (VmstateOnly) and the VM resumes. A bulk copier then streams every page no fault
- * captured. Each page is written to memory.bin exactly once, claimed through a per-page atomic;
- * a faulting vCPU never waits for the bulk pass. memory.bin equals guest memory at the moment
- * the vmstate was saved.
+ * rounds; then, inside a short pause, the VMM saves vCPU and device state (VmstateOnly), the
+ * last dirty set (including any page the VMM wrote while saving) is re-armed, the fault handler
+ * switches to copy mode (a write fault captures the page's pre-image, then unprotects it), and
+ * the VM resumes. A bulk copier then streams every page no fault captured. Each page is written
+ * to memory.bin exactly once, claimed through a per-page atomic; a faulting vCPU never waits for
+ * the bulk pass. memory.bin equals guest memory at the end of the state save.
  * LIVE_ARM_IN_PAUSE: the same with all arming inside the pause (the benchmark's baseline).
  * FULL: stop-and-copy: pause, the VMM writes a Full snapshot, resume. Works on any VM.
  *
