@@ -163,6 +163,19 @@ static void add_regions(cJSON *root, const struct guest_memory *memory)
     }
 }
 
+static void add_drives(cJSON *root, const struct vmm *vmm)
+{
+    cJSON *drives = cJSON_AddArrayToObject(root, "drives");
+    for (unsigned i = 0; drives && i < vmm->drive_count; i++) {
+        cJSON *drive = cJSON_CreateObject();
+        cJSON_AddStringToObject(drive, "drive_id", vmm->drives[i].id);
+        cJSON_AddStringToObject(drive, "path_on_host", vmm->drives[i].path);
+        cJSON_AddBoolToObject(drive, "is_root_device", vmm->drives[i].root);
+        cJSON_AddBoolToObject(drive, "is_read_only", vmm->drives[i].read_only);
+        cJSON_AddItemToArray(drives, drive);
+    }
+}
+
 static void add_guest_status(cJSON *root, struct vmm *vmm)
 {
     char failure[200];
@@ -177,8 +190,8 @@ static void add_guest_status(cJSON *root, struct vmm *vmm)
         cJSON_AddNullToObject(root, "guest_error");
 }
 
-static int handle_get_root(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                           size_t err_size)
+static int handle_get_root(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                           char **response, char *err, size_t err_size)
 {
     _cleanup_json_ cJSON *root = cJSON_CreateObject();
 
@@ -195,6 +208,7 @@ static int handle_get_root(struct vmm *vmm, const cJSON *body, char **response, 
     cJSON_AddNumberToObject(root, "mmio_gap_mib", vmm->mmio_gap_mib);
     cJSON_AddStringToObject(root, "memory_backend", guest_memory_backend_name(vmm->memory.backend));
     add_regions(root, &vmm->memory);
+    add_drives(root, vmm);
     cJSON_AddNumberToObject(root, "pause_count", (double)vmm->pause_count);
     cJSON_AddNumberToObject(root, "last_pause_ns", (double)vmm->last_pause_ns);
     cJSON_AddNumberToObject(root, "last_resume_ns", (double)vmm->last_resume_ns);
@@ -206,8 +220,29 @@ static int handle_get_root(struct vmm *vmm, const cJSON *body, char **response, 
 
 /* ---- configuration ---- */
 
-static int handle_machine_config(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                                 size_t err_size)
+static int vmm_record_drive(struct vmm *vmm, const char *id, const char *path, bool root,
+                            bool read_only, char *err, size_t err_size)
+{
+    struct vmm_drive *drive = NULL;
+
+    for (unsigned i = 0; i < vmm->drive_count && !drive; i++)
+        if (strcmp(vmm->drives[i].id, id) == 0)
+            drive = &vmm->drives[i]; /* PUT replaces, like Firecracker */
+    if (!drive && vmm->drive_count == VMM_MAX_DRIVES)
+        return error_set(err, err_size, ENOSPC, "at most %d drives", VMM_MAX_DRIVES);
+    if (strlen(id) >= sizeof(drive->id) || strlen(path) >= sizeof(drive->path))
+        return error_set(err, err_size, ENAMETOOLONG, "drive_id or path_on_host too long");
+    if (!drive)
+        drive = &vmm->drives[vmm->drive_count++];
+    strcpy(drive->id, id);
+    strcpy(drive->path, path);
+    drive->root = root;
+    drive->read_only = read_only;
+    return 0;
+}
+
+static int handle_machine_config(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                                 char **response, char *err, size_t err_size)
 {
     static const struct field_spec specs[] = {
         {"vcpu_count", FIELD_UNSIGNED, true},
@@ -237,8 +272,8 @@ static int handle_machine_config(struct vmm *vmm, const cJSON *body, char **resp
     return 0;
 }
 
-static int handle_boot_source(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                              size_t err_size)
+static int handle_boot_source(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                              char **response, char *err, size_t err_size)
 {
     static const struct field_spec specs[] = {
         {"kernel_image_path", FIELD_STRING, true},
@@ -263,6 +298,34 @@ static int handle_boot_source(struct vmm *vmm, const cJSON *body, char **respons
     vmm->workload = workload;
     vmm->boot_source_configured = true;
     return 0;
+}
+
+/* The guest has no block devices: drives are validated like Firecracker does (the file must
+ * open) and recorded for GET /, so callers that configure a rootfs work unchanged. */
+static int handle_drive(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                        char **response, char *err, size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"drive_id", FIELD_STRING, true},     {"path_on_host", FIELD_STRING, true},
+        {"is_root_device", FIELD_BOOL, true}, {"is_read_only", FIELD_BOOL, false},
+        {"partuuid", FIELD_STRING, false},    {"cache_type", FIELD_STRING, false},
+    };
+    int r = check_fields(body, "drives", specs, 6, err, err_size);
+
+    (void)response;
+    if (r == 0)
+        r = require_fresh(vmm, "PUT /drives", err, err_size);
+    if (r < 0)
+        return r;
+    const char *id = string_field(body, "drive_id");
+    const char *path = string_field(body, "path_on_host");
+    if (strcmp(id, resource_id) != 0)
+        return error_set(err, err_size, EINVAL, "drive_id '%s' does not match the path's '%s'", id,
+                         resource_id);
+    if (access(path, bool_field(body, "is_read_only", false) ? R_OK : R_OK | W_OK) < 0)
+        return error_set(err, err_size, errno, "path_on_host %s: %s", path, strerror(errno));
+    return vmm_record_drive(vmm, id, path, bool_field(body, "is_root_device", false),
+                            bool_field(body, "is_read_only", false), err, err_size);
 }
 
 /* ---- InstanceStart ---- */
@@ -306,8 +369,8 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
     return 0;
 }
 
-static int handle_actions(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                          size_t err_size)
+static int handle_actions(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                          char **response, char *err, size_t err_size)
 {
     static const struct field_spec specs[] = {{"action_type", FIELD_STRING, true}};
     int r = check_fields(body, "actions", specs, 1, err, err_size);
@@ -356,8 +419,8 @@ static void resume_machine(struct vmm *vmm)
     vmm->state = VMM_RUNNING;
 }
 
-static int handle_vm_state(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                           size_t err_size)
+static int handle_vm_state(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                           char **response, char *err, size_t err_size)
 {
     static const struct field_spec specs[] = {{"state", FIELD_STRING, true}};
     int r = check_fields(body, "vm", specs, 1, err, err_size);
@@ -404,8 +467,8 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
     return 0;
 }
 
-static int handle_snapshot_create(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                                  size_t err_size)
+static int handle_snapshot_create(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                                  char **response, char *err, size_t err_size)
 {
     static const struct field_spec specs[] = {
         {"snapshot_type", FIELD_STRING, false},
@@ -507,8 +570,8 @@ static int restore_machine(struct vmm *vmm, const struct vmstate *state,
     return r;
 }
 
-static int handle_snapshot_load(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                                size_t err_size)
+static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                                char **response, char *err, size_t err_size)
 {
     static const struct field_spec specs[] = {
         {"snapshot_path", FIELD_STRING, true},    {"mem_backend", FIELD_OBJECT, true},
@@ -525,7 +588,8 @@ static int handle_snapshot_load(struct vmm *vmm, const cJSON *body, char **respo
                                   err, err_size);
     if (r < 0)
         return r;
-    if (vmm->state != VMM_NOT_STARTED || vmm->machine_configured || vmm->boot_source_configured)
+    if (vmm->state != VMM_NOT_STARTED || vmm->machine_configured || vmm->boot_source_configured ||
+        vmm->drive_count > 0)
         return error_set(err, err_size, EINVAL,
                          "snapshot/load is only allowed on a fresh, unconfigured process");
     state = malloc(sizeof(*state));
@@ -571,8 +635,8 @@ static int open_write_protect_uffd(const struct guest_memory *memory, char *err,
                      err_size);
 }
 
-static int handle_uffd_wp(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                          size_t err_size)
+static int handle_uffd_wp(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                          char **response, char *err, size_t err_size)
 {
     static const struct field_spec specs[] = {{"socket", FIELD_STRING, true}};
     struct uffd_handshake_region handshake[GUEST_MEMORY_MAX_REGIONS];
@@ -614,8 +678,9 @@ static int handle_uffd_wp(struct vmm *vmm, const cJSON *body, char **response, c
 
 /* ---- routing ---- */
 
-typedef int (*handler_fn)(struct vmm *vmm, const cJSON *body, char **response, char *err,
-                          size_t err_size);
+/* resource_id: for routes ending in '/', the rest of the path (a drive id); else NULL. */
+typedef int (*handler_fn)(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                          char **response, char *err, size_t err_size);
 
 struct route {
     const char *method;
@@ -633,13 +698,30 @@ static const struct route routes[] = {
     {"PUT", "/snapshot/create", handle_snapshot_create, true},
     {"PUT", "/snapshot/load", handle_snapshot_load, true},
     {"PUT", "/uffd/wp", handle_uffd_wp, true},
+    {"PUT", "/drives/", handle_drive, true},
 };
 
-static const struct route *find_route(const struct http_request *request, bool *path_known)
+/* A route ending in '/' matches any non-empty, slash-free remainder, which it receives. */
+static bool route_matches(const struct route *route, const char *path, const char **resource_id)
+{
+    size_t length = strlen(route->path);
+
+    *resource_id = NULL;
+    if (route->path[length - 1] != '/' || length == 1)
+        return strcmp(route->path, path) == 0;
+    if (strncmp(route->path, path, length) != 0 || path[length] == '\0' ||
+        strchr(path + length, '/'))
+        return false;
+    *resource_id = path + length;
+    return true;
+}
+
+static const struct route *find_route(const struct http_request *request, bool *path_known,
+                                      const char **resource_id)
 {
     *path_known = false;
     for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
-        if (strcmp(routes[i].path, request->path) != 0)
+        if (!route_matches(&routes[i], request->path, resource_id))
             continue;
         *path_known = true;
         if (strcmp(routes[i].method, request->method) == 0)
@@ -653,7 +735,8 @@ void api_handle(struct vmm *vmm, const struct http_request *request, int *status
     char err[512] = "";
     _cleanup_json_ cJSON *json = NULL;
     bool path_known;
-    const struct route *route = find_route(request, &path_known);
+    const char *resource_id;
+    const struct route *route = find_route(request, &path_known, &resource_id);
 
     *body = NULL;
     if (!route) {
@@ -673,7 +756,7 @@ void api_handle(struct vmm *vmm, const struct http_request *request, int *status
             return;
         }
     }
-    if (route->handler(vmm, json, body, err, sizeof(err)) < 0) {
+    if (route->handler(vmm, resource_id, json, body, err, sizeof(err)) < 0) {
         free(*body);
         *status = 400;
         *body = http_fault_body(err);

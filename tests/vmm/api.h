@@ -21,6 +21,15 @@ enum vmm_state {
     VMM_PAUSED,
 };
 
+#define VMM_MAX_DRIVES 8
+
+struct vmm_drive {
+    char id[64];
+    char path[PATH_MAX];
+    bool root;
+    bool read_only;
+};
+
 struct vmm {
     char id[64];
     uint32_t mmio_gap_mib;
@@ -33,6 +42,8 @@ struct vmm {
     uint32_t mem_size_mib;
     char kernel_image_path[PATH_MAX];
     struct workload workload;
+    struct vmm_drive drives[VMM_MAX_DRIVES]; /* recorded, not attached: the guest has no disks */
+    unsigned drive_count;
 
     struct guest_memory memory;
     struct vm vm;

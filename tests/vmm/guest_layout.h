@@ -41,8 +41,10 @@
 #define GUEST_IMAGE_MAGIC  0x31474d56544b4446ull /* "FDKTVMG1" little-endian */
 #define GUEST_CONFIG_MAGIC 0x31464e4354564446ull /* "FDVTCNF1" */
 
-/* Port the guest writes its running total to (low 32 bits), about every 10 ms. */
-#define GUEST_PORT_PROGRESS 0x510
+/* About every 10 ms the guest reports its running total: the high 32 bits to
+ * GUEST_PORT_PROGRESS_HIGH, then the low 32 bits to GUEST_PORT_PROGRESS. */
+#define GUEST_PORT_PROGRESS      0x510
+#define GUEST_PORT_PROGRESS_HIGH 0x512
 /* Port the guest writes a guest_panic_code to before halting for good. */
 #define GUEST_PORT_PANIC 0x511
 

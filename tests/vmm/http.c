@@ -135,8 +135,6 @@ static int parse_headers(const char *start, const char *end, struct http_request
 {
     const char *line = start;
 
-    facts->content_length = -1;
-    facts->expect_continue = false;
     while (line < end) {
         const char *line_end = memchr(line, '\r', (size_t)(end - line));
         const char *value;
@@ -191,9 +189,11 @@ enum http_parse_result http_parse_request(struct http_connection *connection,
     const char *line_end = memchr(data, '\r', (size_t)(header_end - data) + 1);
     if (parse_request_line(data, (size_t)(line_end - data), request, err, err_size) < 0)
         return HTTP_PARSE_ERROR;
-    int r = line_end < header_end
-                ? parse_headers(line_end + 2, header_end, request, &facts, err, err_size)
-                : (facts.content_length = -1, facts.expect_continue = false, 0);
+    facts.content_length = -1;
+    facts.expect_continue = false;
+    int r = 0;
+    if (line_end < header_end)
+        r = parse_headers(line_end + 2, header_end, request, &facts, err, err_size);
     if (r < 0) {
         if (r == -EFBIG)
             *error_status = 413;

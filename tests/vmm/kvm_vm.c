@@ -340,14 +340,13 @@ __attribute__((format(printf, 2, 3))) static void vcpu_fail_with_registers(struc
         (unsigned long long)sregs.efer);
 }
 
-static void record_progress(struct vcpu *vcpu, uint32_t low)
+static void record_progress(struct vcpu *vcpu, uint16_t port, uint32_t value)
 {
-    uint64_t previous = atomic_load_explicit(&vcpu->progress, memory_order_relaxed);
-    uint64_t value = (previous & ~0xffffffffull) | low;
-
-    if (value < previous)
-        value += 1ull << 32;
-    atomic_store_explicit(&vcpu->progress, value, memory_order_relaxed);
+    if (port == GUEST_PORT_PROGRESS_HIGH)
+        vcpu->progress_high = value;
+    else
+        atomic_store_explicit(&vcpu->progress, ((uint64_t)vcpu->progress_high << 32) | value,
+                              memory_order_relaxed);
 }
 
 /* Returns 1 when the exit left port I/O pending, 0 to keep running, -1 when the vCPU failed. */
@@ -360,8 +359,8 @@ static int handle_exit(struct vcpu *vcpu)
         if (run->io.direction == KVM_EXIT_IO_OUT && run->io.size == 4 && run->io.count == 1) {
             uint32_t value;
             memcpy(&value, (uint8_t *)run + run->io.data_offset, sizeof(value));
-            if (run->io.port == GUEST_PORT_PROGRESS) {
-                record_progress(vcpu, value);
+            if (run->io.port == GUEST_PORT_PROGRESS || run->io.port == GUEST_PORT_PROGRESS_HIGH) {
+                record_progress(vcpu, run->io.port, value);
                 return 1;
             }
             if (run->io.port == GUEST_PORT_PANIC) {

@@ -37,7 +37,8 @@ struct vcpu {
     pthread_t thread;
     bool thread_started;       /* API thread only */
     bool parked;               /* under vm->lock */
-    _Atomic uint64_t progress; /* last running total the guest reported (widened) */
+    _Atomic uint64_t progress; /* last running total the guest reported */
+    uint32_t progress_high;    /* vCPU thread only: high half of the report in progress */
     atomic_bool failed;        /* set once by the vCPU thread after writing error */
     char error[160];
 };

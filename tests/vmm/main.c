@@ -94,8 +94,10 @@ static int parse_options(int argc, char **argv, struct options *options)
             r = parse_unsigned(flag, value, &options->mmio_gap_mib);
         else if (strcmp(flag, "--pause-timeout-ms") == 0)
             r = parse_unsigned(flag, value, &options->pause_timeout_ms);
-        else
-            r = -EINVAL, fprintf(stderr, "forkd-testvm: unknown option '%s'\n", flag);
+        else {
+            fprintf(stderr, "forkd-testvm: unknown option '%s'\n", flag);
+            r = -EINVAL;
+        }
         if (r < 0)
             return r;
     }

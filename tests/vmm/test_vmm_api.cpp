@@ -233,6 +233,29 @@ TEST_F(ApiTest, KeepAliveAndPipelining)
     EXPECT_EQ(c.read_response().status, 204);
 }
 
+TEST_F(ApiTest, DrivesAreValidatedAndRecorded)
+{
+    std::string disk = dir_.file("rootfs.img");
+    FILE *f = fopen(disk.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    fclose(f);
+    auto drive = [&](const std::string &id, const std::string &path) {
+        return "{\"drive_id\":\"" + id + "\",\"path_on_host\":\"" + path +
+               "\",\"is_root_device\":true,\"is_read_only\":false}";
+    };
+    auto r = vmm_->api().request("PUT", "/drives/rootfs", drive("rootfs", disk));
+    EXPECT_EQ(r.status, 204) << r.body;
+    expect_400("PUT", "/drives/rootfs", drive("other", disk), "does not match");
+    expect_400("PUT", "/drives/rootfs", drive("rootfs", "/nonexistent/disk.img"), "nonexistent");
+    expect_400("PUT", "/drives/rootfs", "{\"drive_id\":\"rootfs\"}", "missing field");
+    EXPECT_EQ(vmm_->api().request("PUT", "/drives/", drive("", disk)).status, 404);
+    EXPECT_EQ(vmm_->api().request("PUT", "/drives/a/b", drive("a", disk)).status, 404);
+    Json info(vmm_->api().request("GET", "/").body);
+    ASSERT_EQ(cJSON_GetArraySize(info.get("drives")), 1);
+    ASSERT_NO_FATAL_FAILURE(vmm_->boot(1, 32, "pages=64"));
+    expect_400("PUT", "/drives/rootfs", drive("rootfs", disk), "started");
+}
+
 TEST_F(ApiTest, PauseAndResumeAreIdempotent)
 {
     ASSERT_NO_FATAL_FAILURE(vmm_->boot(2, 32, "pages=64"));

@@ -42,7 +42,8 @@ _Static_assert(offsetof(struct loop_params, tsc_per_write) == 64, "guest_loop of
 _Static_assert(offsetof(struct loop_params, tsc_per_report) == 72, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, deadline) == 80, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, last_report) == 88, "guest_loop offsets");
-_Static_assert(GUEST_PORT_PROGRESS == 0x510, "guest_loop hard-codes the progress port");
+_Static_assert(GUEST_PORT_PROGRESS == 0x510 && GUEST_PORT_PROGRESS_HIGH == 0x512,
+               "guest_loop hard-codes the progress ports");
 _Static_assert(GUEST_PATTERN_SEQUENTIAL == 0 && GUEST_PATTERN_RANDOM == 1, "guest_loop patterns");
 
 void guest_start(void);
@@ -136,6 +137,10 @@ __asm__(".pushsection .text, \"ax\"\n"
         "    subq 88(%rbx), %rax\n"
         "    cmpq 72(%rbx), %rax\n"
         "    jb 31f\n"
+        "    movq %r15, %rax\n" /* report the total: high half, then low half */
+        "    shrq $32, %rax\n"
+        "    movl $0x512, %edx\n"
+        "    outl %eax, %dx\n"
         "    movl %r15d, %eax\n"
         "    movl $0x510, %edx\n"
         "    outl %eax, %dx\n"
