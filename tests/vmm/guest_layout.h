@@ -96,10 +96,14 @@ struct guest_config {
 };
 
 /*
- * Each working-set page holds one 8-byte counter per vCPU at offset 8 * vcpu. Counters start
- * at the boot pattern, so a counter's value is (word - guest_boot_pattern(word's gpa)) and an
- * untouched page is all pattern.
+ * Each working-set page holds one 8-byte counter per vCPU at offset GUEST_COUNTER_STRIDE * vcpu
+ * (a cache line each, so vCPUs writing the same page do not bounce one line between them).
+ * Counters start at the boot pattern, so a counter's value is
+ * (word - guest_boot_pattern(word's gpa)) and an untouched page is all pattern.
  */
+#define GUEST_COUNTER_STRIDE 64u
+_Static_assert(GUEST_COUNTER_STRIDE *GUEST_MAX_VCPUS <= GUEST_PAGE_SIZE, "counters fit a page");
+
 static inline uint64_t guest_boot_pattern(uint64_t gpa)
 {
     return 0xF0CD000000000000ull | gpa;

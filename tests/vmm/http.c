@@ -161,62 +161,81 @@ static int parse_headers(const char *start, const char *end, struct http_request
     return 0;
 }
 
+/* Finds the end of the header section; NULL while incomplete, or on error (status set). */
+static const char *header_section_end(const struct http_connection *connection, int *error_status,
+                                      bool *failed, char *err, size_t err_size)
+{
+    const char *end = find_header_end(connection->buffer, connection->length);
+    size_t length = end ? (size_t)(end - connection->buffer) : connection->length;
+
+    *failed = length > HTTP_MAX_HEADER_BYTES;
+    if (*failed) {
+        *error_status = 431;
+        error_set(err, err_size, E2BIG, "request headers larger than %u bytes",
+                  HTTP_MAX_HEADER_BYTES);
+        return NULL;
+    }
+    return end;
+}
+
+/* Parses the request line and headers into request and facts; returns 0 or the HTTP status. */
+static int parse_head(const char *data, const char *header_end, struct http_request *request,
+                      struct header_facts *facts, char *err, size_t err_size)
+{
+    const char *line_end = memchr(data, '\r', (size_t)(header_end - data) + 1);
+
+    facts->content_length = -1;
+    facts->expect_continue = false;
+    if (parse_request_line(data, (size_t)(line_end - data), request, err, err_size) < 0)
+        return 400;
+    int r = 0;
+    if (line_end < header_end)
+        r = parse_headers(line_end + 2, header_end, request, facts, err, err_size);
+    if (r < 0)
+        return r == -EFBIG ? 413 : 400;
+    if (facts->content_length > (long long)HTTP_MAX_BODY_BYTES) {
+        error_set(err, err_size, EFBIG, "request body of %lld bytes exceeds %u",
+                  facts->content_length, HTTP_MAX_BODY_BYTES);
+        return 413;
+    }
+    return 0;
+}
+
+static void send_continue(struct http_connection *connection)
+{
+    static const char go_on[] = "HTTP/1.1 100 Continue\r\n\r\n";
+
+    if (connection->sent_continue)
+        return;
+    connection->sent_continue = true;
+    send(connection->fd, go_on, sizeof(go_on) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
 enum http_parse_result http_parse_request(struct http_connection *connection,
                                           struct http_request *request, size_t *consumed,
                                           int *error_status, char *err, size_t err_size)
 {
-    const char *data = connection->buffer;
-    const char *header_end = find_header_end(data, connection->length);
     struct header_facts facts;
+    bool failed;
 
     memset(request, 0, sizeof(*request));
-    *error_status = 400;
-    if (!header_end) {
-        if (connection->length > HTTP_MAX_HEADER_BYTES) {
-            *error_status = 431;
-            error_set(err, err_size, E2BIG, "request headers larger than %u bytes",
-                      HTTP_MAX_HEADER_BYTES);
-            return HTTP_PARSE_ERROR;
-        }
+    const char *header_end = header_section_end(connection, error_status, &failed, err, err_size);
+    if (failed)
+        return HTTP_PARSE_ERROR;
+    if (!header_end)
         return HTTP_PARSE_INCOMPLETE;
-    }
-    if ((size_t)(header_end - data) > HTTP_MAX_HEADER_BYTES) {
-        *error_status = 431;
-        error_set(err, err_size, E2BIG, "request headers larger than %u bytes",
-                  HTTP_MAX_HEADER_BYTES);
+    *error_status = parse_head(connection->buffer, header_end, request, &facts, err, err_size);
+    if (*error_status)
         return HTTP_PARSE_ERROR;
-    }
-    const char *line_end = memchr(data, '\r', (size_t)(header_end - data) + 1);
-    if (parse_request_line(data, (size_t)(line_end - data), request, err, err_size) < 0)
-        return HTTP_PARSE_ERROR;
-    facts.content_length = -1;
-    facts.expect_continue = false;
-    int r = 0;
-    if (line_end < header_end)
-        r = parse_headers(line_end + 2, header_end, request, &facts, err, err_size);
-    if (r < 0) {
-        if (r == -EFBIG)
-            *error_status = 413;
-        return HTTP_PARSE_ERROR;
-    }
     size_t body_length = facts.content_length > 0 ? (size_t)facts.content_length : 0;
-    if (body_length > HTTP_MAX_BODY_BYTES) {
-        *error_status = 413;
-        error_set(err, err_size, EFBIG, "request body of %zu bytes exceeds %u", body_length,
-                  HTTP_MAX_BODY_BYTES);
-        return HTTP_PARSE_ERROR;
-    }
-    size_t header_length = (size_t)(header_end - data) + 4;
+    size_t header_length = (size_t)(header_end - connection->buffer) + 4;
     if (connection->length < header_length + body_length) {
-        if (facts.expect_continue && !connection->sent_continue) {
-            static const char go_on[] = "HTTP/1.1 100 Continue\r\n\r\n";
-            connection->sent_continue = true;
-            send(connection->fd, go_on, sizeof(go_on) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-        }
+        if (facts.expect_continue)
+            send_continue(connection);
         return HTTP_PARSE_INCOMPLETE;
     }
     /* Not NUL-terminated: a pipelined request may follow. Parse with an explicit length. */
-    request->body = data + header_length;
+    request->body = connection->buffer + header_length;
     request->body_length = body_length;
     *consumed = header_length + body_length;
     return HTTP_PARSE_COMPLETE;

@@ -73,12 +73,15 @@ static int check_config(const struct vmstate *state, const struct memory_image *
     return 0;
 }
 
-/* Adds this page's counters to sums; every word past the vCPU slots must be the pattern. */
+/* Adds this page's counters to sums; every word that is not a vCPU's counter must be the
+ * pattern. */
 static int check_working_page(const struct vmstate *state, const uint64_t *words, uint64_t gpa,
                               uint64_t *sums, char *err, size_t err_size)
 {
+    const uint64_t stride = GUEST_COUNTER_STRIDE / 8;
+
     for (uint32_t v = 0; v < state->vcpu_count; v++) {
-        uint64_t count = words[v] - guest_boot_pattern(gpa + 8 * v);
+        uint64_t count = words[v * stride] - guest_boot_pattern(gpa + GUEST_COUNTER_STRIDE * v);
         if (count > vmstate_vcpu_total(state, v) + 1)
             return error_set(err, err_size, EBADMSG,
                              "page 0x%" PRIx64 ": vCPU %u counter is %" PRIu64
@@ -86,8 +89,9 @@ static int check_working_page(const struct vmstate *state, const uint64_t *words
                              gpa, v, count, vmstate_vcpu_total(state, v));
         sums[v] += count;
     }
-    for (uint64_t w = state->vcpu_count; w < GUEST_PAGE_SIZE / 8; w++)
-        if (words[w] != guest_boot_pattern(gpa + 8 * w))
+    for (uint64_t w = 0; w < GUEST_PAGE_SIZE / 8; w++)
+        if ((w % stride != 0 || w / stride >= state->vcpu_count) &&
+            words[w] != guest_boot_pattern(gpa + 8 * w))
             return error_set(err, err_size, EBADMSG,
                              "page 0x%" PRIx64 " word %" PRIu64 " is 0x%" PRIx64
                              ", not the boot pattern",

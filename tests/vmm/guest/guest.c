@@ -22,7 +22,7 @@ struct loop_params {
     uint64_t pages;          /* 8 */
     uint64_t hot_pages;      /* 16 */
     uint64_t walk_state;     /* 24: sequential cursor, or xorshift state */
-    uint64_t slot_offset;    /* 32: 8 * vCPU index */
+    uint64_t slot_offset;    /* 32: GUEST_COUNTER_STRIDE * vCPU index */
     uint64_t range0_gpa;     /* 40 */
     uint64_t range0_pages;   /* 48 */
     uint64_t range1_gpa;     /* 56 */
@@ -221,7 +221,7 @@ void guest_main(uint64_t vcpu_index, const struct guest_config *config)
     params.walk_state = config->pattern == GUEST_PATTERN_SEQUENTIAL
                             ? vcpu_index * config->pages / config->vcpu_count
                             : (config->seed ^ ((vcpu_index + 1) * 0x9E3779B97F4A7C15ull)) | 1;
-    params.slot_offset = 8 * vcpu_index;
+    params.slot_offset = GUEST_COUNTER_STRIDE * vcpu_index;
     params.range0_gpa = config->ranges[0].gpa;
     params.range0_pages = config->ranges[0].pages;
     params.range1_gpa = config->range_count > 1 ? config->ranges[1].gpa : 0;
