@@ -19,8 +19,8 @@
 #define TAG_SEND   ((void *)3)
 #define TAG_FINISH ((void *)4)
 
-grpc_status_code rpc_status_set(struct rpc_status *status, grpc_status_code code,
-                                const char *fmt, ...)
+grpc_status_code rpc_status_set(struct rpc_status *status, grpc_status_code code, const char *fmt,
+                                ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -46,8 +46,8 @@ struct rpc_call *call_new(struct server *server, void *daemon)
 /* Waits for one batch of this call. Returns the batch's success flag. */
 static bool call_wait(struct rpc_call *call, void *tag)
 {
-    grpc_event event = grpc_completion_queue_pluck(
-        call->queue, tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+    grpc_event event =
+        grpc_completion_queue_pluck(call->queue, tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
     return event.type == GRPC_OP_COMPLETE && event.success;
 }
 
@@ -100,10 +100,10 @@ bool call_wait_cancelled(struct rpc_call *call, int timeout_ms)
 {
     if (call->close_done || !call->close_started)
         return true;
-    gpr_timespec deadline = timeout_ms <= 0 ? gpr_inf_past(GPR_CLOCK_MONOTONIC)
-                                            : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                                           gpr_time_from_millis(timeout_ms,
-                                                                                GPR_TIMESPAN));
+    gpr_timespec deadline = timeout_ms <= 0
+                                ? gpr_inf_past(GPR_CLOCK_MONOTONIC)
+                                : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                               gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
     grpc_event event = grpc_completion_queue_pluck(call->queue, TAG_CLOSE, deadline, NULL);
     if (event.type == GRPC_OP_COMPLETE)
         call->close_done = true;
@@ -236,8 +236,8 @@ void call_serve(struct rpc_call *call)
     if (!call->route)
         rpc_status_set(&status, GRPC_STATUS_UNIMPLEMENTED, "unknown method %s", call->method);
     else if (!call->route->handler)
-        rpc_status_set(&status, GRPC_STATUS_UNIMPLEMENTED,
-                       "%s is not implemented in forkd %s yet", call->method, FORKD_VERSION);
+        rpc_status_set(&status, GRPC_STATUS_UNIMPLEMENTED, "%s is not implemented in forkd %s yet",
+                       call->method, FORKD_VERSION);
     else
         call_dispatch(call, &status);
     log_debug("%s -> %d %s", call->method, (int)status.code, status.message);

@@ -44,8 +44,8 @@ struct rpc_status {
 };
 
 /* Sets status and returns its code: `return rpc_status_set(st, GRPC_STATUS_NOT_FOUND, ...)`. */
-grpc_status_code rpc_status_set(struct rpc_status *status, grpc_status_code code,
-                                const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+grpc_status_code rpc_status_set(struct rpc_status *status, grpc_status_code code, const char *fmt,
+                                ...) __attribute__((format(printf, 3, 4)));
 
 /* Allocates a call record with its own queue, ready for grpc_server_request_call. */
 struct rpc_call *call_new(struct server *server, void *daemon);

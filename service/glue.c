@@ -25,8 +25,8 @@ int glue_unpack(const ProtobufCMessageDescriptor *descriptor, grpc_byte_buffer *
     /* Flatten: protobuf-c needs one contiguous buffer, the wire may deliver several slices. */
     grpc_slice flat = grpc_byte_buffer_reader_readall(&reader);
     grpc_byte_buffer_reader_destroy(&reader);
-    ProtobufCMessage *message = protobuf_c_message_unpack(
-        descriptor, NULL, GRPC_SLICE_LENGTH(flat), GRPC_SLICE_START_PTR(flat));
+    ProtobufCMessage *message = protobuf_c_message_unpack(descriptor, NULL, GRPC_SLICE_LENGTH(flat),
+                                                          GRPC_SLICE_START_PTR(flat));
     size_t length = GRPC_SLICE_LENGTH(flat);
     grpc_slice_unref(flat);
     if (!message) {

@@ -1,6 +1,8 @@
 /*
  * The RPC handlers the method table routes to, one module per group: info.c (GetInfo),
- * health.c (grpc.health.v1). Each has the rpc_handler_fn signature.
+ * health.c (grpc.health.v1), vms.c (Boot, Spawn, ListVms, GetVm, StopVm), snapshots.c
+ * (ListSnapshots, GetSnapshot, DeleteSnapshot), branches.c (Branch, WatchBranch). Each has the
+ * rpc_handler_fn signature.
  */
 #ifndef FORKD_SERVICE_HANDLERS_H
 #define FORKD_SERVICE_HANDLERS_H
@@ -13,5 +15,27 @@ grpc_status_code handle_health_check(struct rpc_call *call, const ProtobufCMessa
                                      struct rpc_status *status);
 grpc_status_code handle_health_watch(struct rpc_call *call, const ProtobufCMessage *request,
                                      struct rpc_status *status);
+
+#define FORKD_HANDLER(name)                                                                        \
+    grpc_status_code name(struct rpc_call *call, const ProtobufCMessage *request,                  \
+                          struct rpc_status *status)
+
+FORKD_HANDLER(handle_boot);
+FORKD_HANDLER(handle_spawn);
+FORKD_HANDLER(handle_list_vms);
+FORKD_HANDLER(handle_get_vm);
+FORKD_HANDLER(handle_stop_vm);
+FORKD_HANDLER(handle_list_snapshots);
+FORKD_HANDLER(handle_get_snapshot);
+FORKD_HANDLER(handle_delete_snapshot);
+FORKD_HANDLER(handle_branch);
+FORKD_HANDLER(handle_watch_branch);
+
+struct daemon_state;
+struct vm;
+struct forkd_error;
+/* Stops a VM and gives back its use of the snapshot it was spawned from (vms.c). */
+int vms_stop(struct daemon_state *daemon, struct vm *vm, unsigned grace_ms,
+             struct forkd_error *err);
 
 #endif

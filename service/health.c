@@ -47,9 +47,10 @@ grpc_status_code handle_health_watch(struct rpc_call *call, const ProtobufCMessa
     const Grpc__Health__V1__HealthCheckRequest *watch =
         (const Grpc__Health__V1__HealthCheckRequest *)request;
     Grpc__Health__V1__HealthCheckResponse response = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
-    response.status = health_known_service(watch->service)
-                          ? health_current(call->daemon)
-                          : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
+    response.status =
+        health_known_service(watch->service)
+            ? health_current(call->daemon)
+            : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
     int sent_status = -1;
     while (!call_wait_cancelled(call, sent_status < 0 ? 0 : HEALTH_WATCH_POLL_MS)) {
         if (health_known_service(watch->service))

@@ -3,6 +3,7 @@
  * server, and the staged shutdown on SIGTERM/SIGINT. Signals are blocked in every thread and
  * taken synchronously here with sigwaitinfo, so no handler runs on an arbitrary thread.
  */
+#include "branches.h"
 #include "daemon.h"
 #include "log.h"
 #include "options.h"
@@ -11,6 +12,7 @@
 
 #include "forkd/cleanup.h"
 #include "forkd/fsutil.h"
+#include "forkd/pause.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -64,9 +66,9 @@ static void main_log_capabilities(const struct probe_host_caps *caps)
     log_info("host: kernel %s, kvm %s%s%s, userfaultfd %s (features 0x%llx, wp anon %s, "
              "wp shmem %s)",
              caps->kernel_release, caps->kvm_usable ? "usable" : "unusable",
-             caps->kvm_usable ? "" : ": ", caps->kvm_error, caps->uffd_usable ? "usable" : "unusable",
-             (unsigned long long)caps->uffd_features, caps->uffd_wp_anonymous ? "yes" : "no",
-             caps->uffd_wp_shmem ? "yes" : "no");
+             caps->kvm_usable ? "" : ": ", caps->kvm_error,
+             caps->uffd_usable ? "usable" : "unusable", (unsigned long long)caps->uffd_features,
+             caps->uffd_wp_anonymous ? "yes" : "no", caps->uffd_wp_shmem ? "yes" : "no");
     if (!probe_live_branch_supported(caps))
         log_warn("LIVE branches are not available on this host: %s%s",
                  caps->kvm_usable ? "" : caps->kvm_error, caps->uffd_error);
@@ -84,17 +86,59 @@ static int main_wait_for_stop_signal(const sigset_t *signals)
     }
 }
 
+/* Milliseconds left until deadline_ns (CLOCK_MONOTONIC), at least 0. */
+static int main_ms_left(uint64_t deadline_ns)
+{
+    uint64_t now = forkd_monotonic_ns();
+    return now >= deadline_ns ? 0 : (int)((deadline_ns - now) / 1000000);
+}
+
+/* Stop accepting; give running calls and branches the grace period; cancel what remains. */
 static void main_shutdown(struct server *server, struct daemon_state *daemon)
 {
     atomic_store(&daemon->shutting_down, true);
     server_begin_shutdown(server);
     unsigned grace = daemon->options->shutdown_grace_ms;
-    if (!server_wait_idle(server, (int)grace)) {
-        log_warn("calls still running after the %u ms grace period: cancelling them", grace);
+    uint64_t deadline = forkd_monotonic_ns() + (uint64_t)grace * 1000000;
+    bool calls_done = server_wait_idle(server, main_ms_left(deadline));
+    bool branches_done = branch_table_wait_idle(daemon->branches, main_ms_left(deadline));
+    if (!calls_done || !branches_done) {
+        log_warn("calls or branches still running after the %u ms grace period: cancelling them",
+                 grace);
+        branch_table_cancel_all(daemon->branches);
         server_cancel_all(server);
+        branch_table_wait_idle(daemon->branches, -1);
         server_wait_idle(server, -1);
     }
     server_destroy(server);
+}
+
+static int main_open_engine(struct daemon_state *daemon)
+{
+    const struct forkd_options *opts = daemon->options;
+    struct forkd_error err = {0};
+    if (store_open(opts->state_dir, &daemon->store, &err) < 0) {
+        log_error("snapshot store: %s", err.message);
+        return err.code;
+    }
+    char run_dir[4096];
+    snprintf(run_dir, sizeof(run_dir), "%s/vms", opts->state_dir);
+    struct vm_registry_config config = {.vmm_binary = opts->vmm_binary, .run_dir = run_dir};
+    if (vm_registry_open(&config, &daemon->registry, &err) < 0) {
+        log_error("VM registry: %s", err.message);
+        return err.code;
+    }
+    daemon->branches = branch_table_new(opts->max_branches);
+    return daemon->branches ? 0 : -ENOMEM;
+}
+
+static void main_close_engine(struct daemon_state *daemon)
+{
+    branch_table_free(daemon->branches);
+    if (daemon->registry)
+        log_info("%s the VMs", daemon->options->keep_vms ? "leaving running" : "stopping");
+    vm_registry_close(daemon->registry, daemon->options->keep_vms, 2000);
+    store_close(daemon->store);
 }
 
 static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
@@ -161,8 +205,12 @@ int main(int argc, char **argv)
     probe_host(&daemon.caps);
     main_log_capabilities(&daemon.caps);
 
-    grpc_init();
-    int rc = main_serve(&daemon, &stop_signals);
-    grpc_shutdown();
+    int rc = main_open_engine(&daemon);
+    if (rc == 0) {
+        grpc_init();
+        rc = main_serve(&daemon, &stop_signals);
+        grpc_shutdown();
+    }
+    main_close_engine(&daemon);
     return rc < 0 ? 1 : 0;
 }

@@ -11,6 +11,7 @@
 enum {
     OPT_LISTEN = 256,
     OPT_INSECURE_TCP,
+    OPT_KEEP_VMS,
     OPT_TLS_CERT,
     OPT_TLS_KEY,
     OPT_STATE_DIR,
@@ -25,6 +26,7 @@ enum {
 static const struct option long_options[] = {
     {"listen", required_argument, NULL, OPT_LISTEN},
     {"insecure-tcp", no_argument, NULL, OPT_INSECURE_TCP},
+    {"keep-vms", no_argument, NULL, OPT_KEEP_VMS},
     {"tls-cert", required_argument, NULL, OPT_TLS_CERT},
     {"tls-key", required_argument, NULL, OPT_TLS_KEY},
     {"state-dir", required_argument, NULL, OPT_STATE_DIR},
@@ -61,6 +63,8 @@ static void options_print_help(FILE *out)
             "                           One forkd per state directory: a second one refuses.\n"
             "  --vmm-binary PATH        the VMM to launch per VM: a patched firecracker or\n"
             "                           forkd-testvm (default %s, looked up in PATH).\n"
+            "  --keep-vms               on shutdown, leave the VMs forkd started running\n"
+            "                           (default: stop them).\n"
             "  --max-branches N         branches allowed to run at once; more are refused with\n"
             "                           RESOURCE_EXHAUSTED (default 4).\n"
             "  --max-message-bytes N    largest request accepted; larger ones are refused with\n"
@@ -72,8 +76,9 @@ static void options_print_help(FILE *out)
             "  --version                print the version and exit.\n"
             "  -h, --help               print this help and exit.\n"
             "\n"
-            "Signals: SIGTERM or SIGINT stop accepting calls, let running ones finish within the\n"
-            "grace period, cancel the rest and exit 0.\n",
+            "Signals: SIGTERM or SIGINT stop accepting calls, let running calls and branches\n"
+            "finish within the grace period, cancel the rest (a cancelled branch leaves its VM\n"
+            "running and no snapshot), stop the VMs (unless --keep-vms) and exit 0.\n",
             OPTIONS_DEFAULT_LISTEN, OPTIONS_DEFAULT_STATE_DIR, OPTIONS_DEFAULT_VMM);
 }
 
@@ -136,6 +141,9 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
         return 0;
     case OPT_INSECURE_TCP:
         opts->insecure_tcp = true;
+        return 0;
+    case OPT_KEEP_VMS:
+        opts->keep_vms = true;
         return 0;
     case OPT_TLS_CERT:
         opts->tls_cert = arg;

@@ -14,20 +14,20 @@ struct route_entry {
     const ProtobufCServiceDescriptor *service;
     const char *method;
     bool server_streaming;
-    rpc_handler_fn handler; /* NULL: UNIMPLEMENTED until its issue lands */
+    rpc_handler_fn handler; /* NULL answers UNIMPLEMENTED */
 };
 
 static const struct route_entry route_entries[] = {
-    {&forkd__v1__forkd__descriptor, "Boot", false, NULL},
-    {&forkd__v1__forkd__descriptor, "Spawn", false, NULL},
-    {&forkd__v1__forkd__descriptor, "Branch", true, NULL},
-    {&forkd__v1__forkd__descriptor, "WatchBranch", true, NULL},
-    {&forkd__v1__forkd__descriptor, "ListVms", false, NULL},
-    {&forkd__v1__forkd__descriptor, "GetVm", false, NULL},
-    {&forkd__v1__forkd__descriptor, "StopVm", false, NULL},
-    {&forkd__v1__forkd__descriptor, "ListSnapshots", false, NULL},
-    {&forkd__v1__forkd__descriptor, "GetSnapshot", false, NULL},
-    {&forkd__v1__forkd__descriptor, "DeleteSnapshot", false, NULL},
+    {&forkd__v1__forkd__descriptor, "Boot", false, handle_boot},
+    {&forkd__v1__forkd__descriptor, "Spawn", false, handle_spawn},
+    {&forkd__v1__forkd__descriptor, "Branch", true, handle_branch},
+    {&forkd__v1__forkd__descriptor, "WatchBranch", true, handle_watch_branch},
+    {&forkd__v1__forkd__descriptor, "ListVms", false, handle_list_vms},
+    {&forkd__v1__forkd__descriptor, "GetVm", false, handle_get_vm},
+    {&forkd__v1__forkd__descriptor, "StopVm", false, handle_stop_vm},
+    {&forkd__v1__forkd__descriptor, "ListSnapshots", false, handle_list_snapshots},
+    {&forkd__v1__forkd__descriptor, "GetSnapshot", false, handle_get_snapshot},
+    {&forkd__v1__forkd__descriptor, "DeleteSnapshot", false, handle_delete_snapshot},
     {&forkd__v1__forkd__descriptor, "GetInfo", false, handle_get_info},
     {&grpc__health__v1__health__descriptor, "Check", false, handle_health_check},
     {&grpc__health__v1__health__descriptor, "Watch", true, handle_health_watch},
@@ -52,8 +52,7 @@ static const struct route_entry *routes_entry_for(const ProtobufCServiceDescript
     return NULL;
 }
 
-static int routes_add_service(const ProtobufCServiceDescriptor *service, char *err,
-                              size_t err_len)
+static int routes_add_service(const ProtobufCServiceDescriptor *service, char *err, size_t err_len)
 {
     for (unsigned m = 0; m < service->n_methods; m++) {
         const ProtobufCMethodDescriptor *method = &service->methods[m];

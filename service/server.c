@@ -72,8 +72,8 @@ static struct rpc_call *server_request_next_call(struct server *server)
     if (!call)
         return NULL;
     grpc_call_error rc =
-        grpc_server_request_call(server->grpc, &call->call, &call->details,
-                                 &call->request_metadata, call->queue, server->notify_queue, call);
+        grpc_server_request_call(server->grpc, &call->call, &call->details, &call->request_metadata,
+                                 call->queue, server->notify_queue, call);
     if (rc != GRPC_CALL_OK) {
         log_error("grpc_server_request_call failed (%d)", (int)rc);
         call_free(call);
@@ -87,8 +87,8 @@ static void *server_dispatch_loop(void *arg)
     struct server *server = arg;
     bool accepting = server_request_next_call(server) != NULL;
     for (;;) {
-        grpc_event event = grpc_completion_queue_next(
-            server->notify_queue, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        grpc_event event = grpc_completion_queue_next(server->notify_queue,
+                                                      gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         if (event.type == GRPC_QUEUE_SHUTDOWN)
             break;
         if (event.tag == SHUTDOWN_TAG) {
@@ -216,8 +216,7 @@ static int server_bind(struct server *server, const struct server_config *config
     return 0;
 }
 
-int server_start(const struct server_config *config, struct server **out, char *err,
-                 size_t err_len)
+int server_start(const struct server_config *config, struct server **out, char *err, size_t err_len)
 {
     struct server *server = calloc(1, sizeof(*server));
     if (!server)
@@ -240,8 +239,8 @@ int server_start(const struct server_config *config, struct server **out, char *
     if (rc < 0) {
         grpc_server_destroy(server->grpc);
         grpc_completion_queue_shutdown(server->notify_queue);
-        while (grpc_completion_queue_next(server->notify_queue,
-                                          gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
+        while (grpc_completion_queue_next(server->notify_queue, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+                                          NULL)
                    .type != GRPC_QUEUE_SHUTDOWN) {
         }
         grpc_completion_queue_destroy(server->notify_queue);

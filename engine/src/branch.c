@@ -38,11 +38,11 @@
 #define PAGE_CLAIMED_BY_BULK  2u
 #define PAGE_CAPTURED         4u
 
-#define BULK_CHUNK_BYTES      (2u << 20) /* one read and one write per chunk */
-#define HANDLER_BATCH         64
-#define REARM_MAX_ROUNDS      4
-#define REARM_CONVERGED_PAGES 64 /* dirty set small enough to re-arm inside the pause */
-#define HANDSHAKE_TIMEOUT_MS  5000
+#define BULK_CHUNK_BYTES         (2u << 20) /* one read and one write per chunk */
+#define HANDLER_BATCH            64
+#define REARM_MAX_ROUNDS         4
+#define REARM_CONVERGED_PAGES    64 /* dirty set small enough to re-arm inside the pause */
+#define HANDSHAKE_TIMEOUT_MS     5000
 #define VMSTATE_ONLY_MEMORY_PATH "/dev/null/forkd-vmstate-only" /* must never be opened */
 
 enum handler_mode { HANDLER_TRACKING, HANDLER_COPY };
@@ -70,23 +70,23 @@ struct branch_run_state {
     size_t region_count;
     struct branch_region regions[UFFD_MAX_REGIONS];
     uint64_t total_bytes;
-    int memory_fd;                 /* memory.bin being written */
-    const uint8_t *guest_map;      /* MEMFD guest memory, mapped read-only; NULL for anonymous */
+    int memory_fd;            /* memory.bin being written */
+    const uint8_t *guest_map; /* MEMFD guest memory, mapped read-only; NULL for anonymous */
     size_t guest_map_size;
 
     pthread_t handler;
     bool handler_running;
-    int control_fd;                /* eventfd: wakes the handler for a request or to stop */
-    pthread_mutex_t control_lock;  /* request/ack hand-shake, never taken on the fault path */
+    int control_fd;               /* eventfd: wakes the handler for a request or to stop */
+    pthread_mutex_t control_lock; /* request/ack hand-shake, never taken on the fault path */
     pthread_cond_t control_cond;
     unsigned request_seq, ack_seq; /* guarded by control_lock */
     enum handler_mode requested_mode;
-    struct dirty_list handed_over;  /* filled by the handler when it acknowledges */
+    struct dirty_list handed_over; /* filled by the handler when it acknowledges */
     atomic_bool handler_stop;
     bool handler_exited; /* guarded by control_lock */
     _Atomic int handler_mode;
-    struct dirty_list tracking;    /* owned by the handler */
-    _Atomic int handler_error;     /* negative errno once the handler failed */
+    struct dirty_list tracking; /* owned by the handler */
+    _Atomic int handler_error;  /* negative errno once the handler failed */
     char handler_error_message[FORKD_ERROR_MESSAGE_MAX];
     atomic_uint_fast64_t pages_written;
 };
@@ -363,9 +363,8 @@ static void *branch_handler_loop(void *arg)
     while (!atomic_load(&run->handler_stop)) {
         int ready = uffd_wait(run->handshake.uffd, run->control_fd, -1);
         if (ready < 0) {
-            branch_handler_fail(run, ready == -EPIPE ? -ESRCH : ready,
-                                "userfaultfd: %s", ready == -EPIPE ? "the VMM is gone"
-                                                                    : strerror(-ready));
+            branch_handler_fail(run, ready == -EPIPE ? -ESRCH : ready, "userfaultfd: %s",
+                                ready == -EPIPE ? "the VMM is gone" : strerror(-ready));
             break;
         }
         uint64_t ignored;
@@ -473,8 +472,8 @@ static long branch_rearm(struct branch_run_state *run, struct dirty_list *list,
             end += page_size;
             pages++;
         }
-        int rc = uffd_write_protect(run->handshake.uffd, start, end - start, page_size, true,
-                                    false, err);
+        int rc = uffd_write_protect(run->handshake.uffd, start, end - start, page_size, true, false,
+                                    err);
         if (rc < 0)
             return rc;
     }
@@ -556,9 +555,9 @@ static int branch_pause_and_save(struct branch *branch, struct branch_run_state 
     if (atomic_load(&branch->cancel))
         return forkd_error_set(err, -ECANCELED, "branch cancelled inside the pause");
     uint64_t start = forkd_monotonic_ns();
-    int rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_VMSTATE_ONLY,
-                                 store_writer_vmstate_path(run->writer), VMSTATE_ONLY_MEMORY_PATH,
-                                 err);
+    int rc =
+        vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_VMSTATE_ONLY,
+                            store_writer_vmstate_path(run->writer), VMSTATE_ONLY_MEMORY_PATH, err);
     if (rc < 0)
         return rc;
     branch_record(branch, &branch->figures.vmstate_ns, forkd_monotonic_ns() - start);
@@ -611,8 +610,8 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
     for (uint64_t p = first; p < first + count; p++)
         atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
     /* Captured: the guest may write these pages now without a fault. */
-    rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length,
-                            page_size, false, false, err);
+    rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length, page_size,
+                            false, false, err);
     if (rc < 0)
         return rc;
     rc = branch_write_file(run->memory_fd, buffer, length, region->uffd.file_offset + offset);
@@ -797,8 +796,8 @@ static void branch_keep_write_counts(struct branch *branch, struct branch_run_st
     uint64_t total = 0;
     for (size_t r = 0; r < run->region_count; r++)
         total += run->regions[r].page_count;
-    if (!run->region_count || !run->regions[0].write_counts || !(branch->final_write_counts =
-                                                                     malloc(total ? total : 1)))
+    if (!run->region_count || !run->regions[0].write_counts ||
+        !(branch->final_write_counts = malloc(total ? total : 1)))
         return;
     uint64_t at = 0;
     for (size_t r = 0; r < run->region_count; r++)
@@ -835,8 +834,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
                             const struct branch_request *request, struct forkd_error *err)
 {
     struct branch_handler_args handler_args;
-    enum handler_mode first_mode =
-        run->mode == STORE_MODE_LIVE ? HANDLER_TRACKING : HANDLER_COPY;
+    enum handler_mode first_mode = run->mode == STORE_MODE_LIVE ? HANDLER_TRACKING : HANDLER_COPY;
     int rc = branch_handler_start(branch, run, first_mode, &handler_args);
     if (rc < 0)
         return forkd_error_set(err, rc, "start the fault handler: %s", strerror(-rc));
@@ -953,8 +951,8 @@ static void branch_fill_record(struct branch *branch, const struct branch_run_st
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     meta->created_at_unix_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
-    meta->label_count = request->label_count < STORE_MAX_LABELS ? request->label_count
-                                                                : STORE_MAX_LABELS;
+    meta->label_count =
+        request->label_count < STORE_MAX_LABELS ? request->label_count : STORE_MAX_LABELS;
     for (size_t i = 0; i < meta->label_count; i++)
         meta->labels[i] = request->labels[i];
 }
@@ -1041,15 +1039,18 @@ int branch_run(struct branch *branch, struct store *store, const struct branch_r
         vm_end_branch(request->vm);
         return forkd_error_set(err, -ENOMEM, "branch: out of memory");
     }
-    *run = (struct branch_run_state){.store = store, .vm = request->vm, .mode = request->mode,
-                                     .memory_fd = -1, .control_fd = -1,
+    *run = (struct branch_run_state){.store = store,
+                                     .vm = request->vm,
+                                     .mode = request->mode,
+                                     .memory_fd = -1,
+                                     .control_fd = -1,
                                      .handshake = {.uffd = -1, .connection = -1}};
     rc = branch_execute(branch, run, request, out, err);
     free(run);
     vm_end_branch(request->vm);
     if (rc < 0)
-        forkd_error_prefix(err, "branch %s of %s: ", request->snapshot_name, vm_id(request->vm));
-    branch_set_phase(branch, rc == 0              ? BRANCH_PHASE_DONE
+        forkd_error_prefix(err, "branch '%s' of %s: ", request->snapshot_name, vm_id(request->vm));
+    branch_set_phase(branch, rc == 0            ? BRANCH_PHASE_DONE
                              : rc == -ECANCELED ? BRANCH_PHASE_CANCELLED
                                                 : BRANCH_PHASE_FAILED);
     return rc;

@@ -603,8 +603,8 @@ static void vm_abandon_start(struct vm *vm, int rc, struct forkd_error *err)
     vm_unref(vm);
 }
 
-static int vm_launch(struct vm_registry *registry, const char *name,
-                     const char *const *extra_args, struct vm **out, struct forkd_error *err)
+static int vm_launch(struct vm_registry *registry, const char *name, const char *const *extra_args,
+                     struct vm **out, struct forkd_error *err)
 {
     struct vm *vm = vm_new(registry);
     if (!vm)
@@ -736,8 +736,7 @@ int vm_restore(struct vm_registry *registry, const struct vm_restore_config *con
     return 0;
 }
 
-int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms,
-            struct forkd_error *err)
+int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, struct forkd_error *err)
 {
     pthread_mutex_lock(&vm->lock);
     bool branching = vm->active_branch_id[0] != '\0';

@@ -150,17 +150,17 @@ static int vmm_perform(struct vmm_client *client, const char *method, const char
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, response);
     CURLcode code = curl_easy_perform(curl);
     if (code != CURLE_OK) {
-        const char *why = response->overflow ? "response larger than 256 KiB"
-                                             : curl_easy_strerror(code);
-        return forkd_error_set(err, vmm_curl_errno(code), "%s %s: %s (VMM socket %s)", method,
-                               path, why, client->socket_path);
+        const char *why =
+            response->overflow ? "response larger than 256 KiB" : curl_easy_strerror(code);
+        return forkd_error_set(err, vmm_curl_errno(code), "%s %s: %s (VMM socket %s)", method, path,
+                               why, client->socket_path);
     }
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, status);
     return 0;
 }
 
-int vmm_request(struct vmm_client *client, const char *method, const char *path,
-                const char *body, char **response_out, struct forkd_error *err)
+int vmm_request(struct vmm_client *client, const char *method, const char *path, const char *body,
+                char **response_out, struct forkd_error *err)
 {
     struct vmm_response response = {0};
     long status = 0;

@@ -101,3 +101,32 @@ def wait_until(predicate, timeout, what):
             return
         time.sleep(0.02)
     raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+
+
+FORKD_TESTVM = os.environ.get("FORKD_TESTVM", "")
+FORKD_GUEST = os.environ.get("FORKD_GUEST", "")
+
+
+class VmDaemon(Daemon):
+    """A forkd that launches the test VMM for its VMs."""
+
+    def __init__(self, *extra_args, **kwargs):
+        super().__init__("--vmm-binary", FORKD_TESTVM, *extra_args, **kwargs)
+
+    def boot(self, mem_mib=64, vcpus=1, workload="pattern=random", name="", timeout=60):
+        request = forkd_pb2.BootRequest(
+            name=name, kernel_image_path=FORKD_GUEST, boot_args=workload,
+            machine=forkd_pb2.MachineConfig(vcpu_count=vcpus, mem_size_mib=mem_mib))
+        return self.forkd().Boot(request, timeout=timeout)
+
+    def branch(self, vm_id, name, mode=forkd_pb2.BRANCH_MODE_LIVE, timeout=120, **kwargs):
+        """Runs a branch to its end; returns the list of events."""
+        request = forkd_pb2.BranchRequest(vm_id=vm_id, snapshot_name=name, mode=mode, **kwargs)
+        return list(self.forkd().Branch(request, timeout=timeout))
+
+
+def verify_snapshot(path):
+    """Runs the test VMM's verifier on a snapshot directory."""
+    result = subprocess.run([FORKD_TESTVM, "verify", path], capture_output=True, text=True,
+                            timeout=120)
+    return result.returncode, result.stdout + result.stderr

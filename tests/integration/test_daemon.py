@@ -62,14 +62,13 @@ def test_unknown_method_is_unimplemented_not_a_hang(daemon):
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_rpcs_of_later_issues_answer_unimplemented(daemon):
+def test_spawn_with_uffd_is_unimplemented_until_the_page_server(daemon):
     stub = daemon.forkd()
     with pytest.raises(grpc.RpcError) as error:
-        stub.Boot(forkd_pb2.BootRequest(name="x"), timeout=10)
+        stub.Spawn(forkd_pb2.SpawnRequest(snapshot="s", count=1,
+                                          backend=forkd_pb2.MEMORY_BACKEND_UFFD), timeout=10)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    with pytest.raises(grpc.RpcError) as error:
-        list(stub.Branch(forkd_pb2.BranchRequest(vm_id="x"), timeout=10))
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "page server" in error.value.details()
 
 
 def test_malformed_request_is_invalid_argument_and_daemon_serves_on(daemon):

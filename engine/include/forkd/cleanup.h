@@ -31,10 +31,10 @@ static inline void forkd_fclosep(FILE **f)
         fclose(*f);
 }
 
-#define _cleanup_(fn)     __attribute__((cleanup(fn)))
-#define _cleanup_free_    _cleanup_(forkd_freep)
-#define _cleanup_close_   _cleanup_(forkd_closep)
-#define _cleanup_fclose_  _cleanup_(forkd_fclosep)
+#define _cleanup_(fn)    __attribute__((cleanup(fn)))
+#define _cleanup_free_   _cleanup_(forkd_freep)
+#define _cleanup_close_  _cleanup_(forkd_closep)
+#define _cleanup_fclose_ _cleanup_(forkd_fclosep)
 
 /* Returns *pp and clears it, so the cleanup handler no longer frees it. */
 #define take_ptr(p)                                                                                \

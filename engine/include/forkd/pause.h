@@ -24,13 +24,13 @@ extern "C" {
 
 struct pause_guard {
     struct vm *vm;
-    int rc;                 /* result of the pause request */
-    bool paused;            /* paused and not yet resumed */
-    bool released;          /* leave paused at scope exit */
-    uint64_t requested_ns;  /* CLOCK_MONOTONIC at the pause request */
-    uint64_t paused_ns;     /* at the pause acknowledgement */
-    uint64_t resumed_ns;    /* at the resume acknowledgement */
-    int cleanup_resume_rc;  /* result of a resume done by the cleanup */
+    int rc;                /* result of the pause request */
+    bool paused;           /* paused and not yet resumed */
+    bool released;         /* leave paused at scope exit */
+    uint64_t requested_ns; /* CLOCK_MONOTONIC at the pause request */
+    uint64_t paused_ns;    /* at the pause acknowledgement */
+    uint64_t resumed_ns;   /* at the resume acknowledgement */
+    int cleanup_resume_rc; /* result of a resume done by the cleanup */
 };
 
 struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err);

@@ -56,15 +56,16 @@ struct vm_boot_config {
     uint64_t mem_size_mib;
     const char *kernel_image_path;
     const char *boot_args;
-    const char *const *extra_vmm_args; /* NULL-terminated, appended to the VMM's argv; may be NULL */
+    const char *const
+        *extra_vmm_args; /* NULL-terminated, appended to the VMM's argv; may be NULL */
 };
 
 struct vm_restore_config {
     const char *name;
-    const char *snapshot_name;  /* recorded as the VM's source */
+    const char *snapshot_name; /* recorded as the VM's source */
     const char *vmstate_path;
-    const char *memory_path;    /* memory.bin */
-    enum vm_memory memory;      /* FILE or MEMFD here (UFFD through the page server) */
+    const char *memory_path; /* memory.bin */
+    enum vm_memory memory;   /* FILE or MEMFD here (UFFD through the page server) */
     bool start_paused;
     const char *const *extra_vmm_args;
 };
@@ -120,9 +121,9 @@ void vm_get_status(struct vm *vm, struct vm_status *out);
 const char *vm_id(const struct vm *vm);
 struct vmm_client *vm_client(struct vm *vm);
 enum vm_memory vm_memory_kind(const struct vm *vm);
-pid_t vm_pid(struct vm *vm);      /* 0 once the VMM exited */
-bool vm_is_alive(struct vm *vm);  /* the VMM has not exited */
-int vm_memfd(struct vm *vm);      /* the guest memfd of a MEMFD VM, -1 otherwise */
+pid_t vm_pid(struct vm *vm);     /* 0 once the VMM exited */
+bool vm_is_alive(struct vm *vm); /* the VMM has not exited */
+int vm_memfd(struct vm *vm);     /* the guest memfd of a MEMFD VM, -1 otherwise */
 /* A duplicate of the guest memfd (the caller closes it), or -EBADF when there is none. */
 int vm_dup_memfd(struct vm *vm);
 uint64_t vm_memory_bytes(const struct vm *vm);

@@ -38,8 +38,8 @@ const char *vmm_client_socket_path(const struct vmm_client *client);
 /* One request. body may be NULL. On a 2xx answer returns 0 and, if response is not NULL,
  * *response holds the body (malloc'd, NUL-terminated, may be empty). Otherwise -EIO (HTTP
  * error), -ETIMEDOUT, -ECONNREFUSED/-ENOENT (no VMM there) with the message filled. */
-int vmm_request(struct vmm_client *client, const char *method, const char *path,
-                const char *body, char **response, struct forkd_error *err);
+int vmm_request(struct vmm_client *client, const char *method, const char *path, const char *body,
+                char **response, struct forkd_error *err);
 
 int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint64_t mem_size_mib,
                            struct forkd_error *err);

@@ -1,0 +1,24 @@
+/*
+ * Branch jobs: each Branch RPC starts a job whose engine work runs on a worker thread of its
+ * own, so the call's thread only streams events. A job keeps every phase event it produced (a
+ * late or slow reader never misses one) and reads copy progress on demand (so progress is
+ * coalesced to the reader's pace). Jobs outlive their call when detached, and finished jobs are
+ * remembered for WatchBranch.
+ */
+#ifndef FORKD_SERVICE_BRANCHES_H
+#define FORKD_SERVICE_BRANCHES_H
+
+#include <stdbool.h>
+
+struct branch_table;
+
+struct branch_table *branch_table_new(unsigned max_running);
+/* Waits for every job's worker to end, then frees the table. */
+void branch_table_free(struct branch_table *table);
+
+/* Asks every running branch to abort (they clean up on their own threads). */
+void branch_table_cancel_all(struct branch_table *table);
+/* Waits until no branch runs, up to timeout_ms (< 0: no limit). True when none runs. */
+bool branch_table_wait_idle(struct branch_table *table, int timeout_ms);
+
+#endif

@@ -1,0 +1,150 @@
+/* Engine records -> proto messages, engine errors -> gRPC status (see convert.h). */
+#include "convert.h"
+
+#include <errno.h>
+#include <string.h>
+
+void convert_vm(struct vm *vm, struct vm_message *out)
+{
+    vm_get_status(vm, &out->status);
+    const struct vm_status *status = &out->status;
+    out->machine = (Forkd__V1__MachineConfig)FORKD__V1__MACHINE_CONFIG__INIT;
+    out->machine.vcpu_count = status->vcpu_count;
+    out->machine.mem_size_mib = status->mem_size_mib;
+    out->vm = (Forkd__V1__Vm)FORKD__V1__VM__INIT;
+    out->vm.id = out->status.id;
+    out->vm.name = out->status.name;
+    out->vm.state = (Forkd__V1__VmState)status->state;
+    out->vm.memory_backend = (Forkd__V1__MemoryBackend)status->memory;
+    out->vm.machine = &out->machine;
+    out->vm.vmm_pid = status->vmm_pid;
+    out->vm.api_socket_path = out->status.api_socket_path;
+    out->vm.vmm_binary = out->status.vmm_binary;
+    out->vm.source_snapshot = out->status.source_snapshot;
+    out->vm.created_at_unix_ms = status->created_at_unix_ms;
+    out->vm.exit_reason = out->status.exit_reason;
+    out->vm.active_branch_id = out->status.active_branch_id;
+}
+
+void convert_figures(const struct store_figures *figures, Forkd__V1__BranchFigures *out)
+{
+    *out = (Forkd__V1__BranchFigures)FORKD__V1__BRANCH_FIGURES__INIT;
+    out->pause_ns = figures->pause_ns;
+    out->arm_ns = figures->arm_ns;
+    out->rearm_ns = figures->rearm_ns;
+    out->rearmed_pages = figures->rearmed_pages;
+    out->vmstate_ns = figures->vmstate_ns;
+    out->copy_ns = figures->copy_ns;
+    out->publish_ns = figures->publish_ns;
+    out->total_ns = figures->total_ns;
+}
+
+void convert_progress(const struct branch_progress *progress, Forkd__V1__BranchProgress *out)
+{
+    *out = (Forkd__V1__BranchProgress)FORKD__V1__BRANCH_PROGRESS__INIT;
+    out->bytes_copied = progress->bytes_copied;
+    out->bytes_total = progress->bytes_total;
+    out->pages_by_fault = progress->pages_by_fault;
+    out->pages_by_bulk = progress->pages_by_bulk;
+    out->page_size = progress->page_size;
+}
+
+static void convert_snapshot_regions(struct snapshot_message *out)
+{
+    const struct store_snapshot *record = &out->record;
+    for (size_t i = 0; i < record->region_count && i < STORE_MAX_REGIONS; i++) {
+        Forkd__V1__MemoryRegion *region = &out->regions[i];
+        *region = (Forkd__V1__MemoryRegion)FORKD__V1__MEMORY_REGION__INIT;
+        region->guest_phys_addr = record->regions[i].guest_phys_addr;
+        region->size_bytes = record->regions[i].size;
+        region->file_offset = record->regions[i].file_offset;
+        region->page_size = record->regions[i].page_size;
+        out->region_pointers[i] = region;
+    }
+    out->snapshot.n_regions = record->region_count;
+    out->snapshot.regions = out->region_pointers;
+    for (size_t i = 0; i < record->label_count && i < STORE_MAX_LABELS; i++) {
+        out->labels[i] = (Forkd__V1__Snapshot__LabelsEntry)FORKD__V1__SNAPSHOT__LABELS_ENTRY__INIT;
+        out->labels[i].key = out->record.labels[i].key;
+        out->labels[i].value = out->record.labels[i].value;
+        out->label_pointers[i] = &out->labels[i];
+    }
+    out->snapshot.n_labels = record->label_count;
+    out->snapshot.labels = out->label_pointers;
+}
+
+void convert_snapshot(const struct store_snapshot *record, struct snapshot_message *out)
+{
+    out->record = *record;
+    struct store_snapshot *r = &out->record;
+    out->machine = (Forkd__V1__MachineConfig)FORKD__V1__MACHINE_CONFIG__INIT;
+    out->machine.vcpu_count = r->vcpu_count;
+    out->machine.mem_size_mib = r->mem_size_mib;
+    convert_figures(&r->figures, &out->figures);
+    out->progress = (Forkd__V1__BranchProgress)FORKD__V1__BRANCH_PROGRESS__INIT;
+    out->progress.bytes_copied = r->figures.bytes_copied;
+    out->progress.bytes_total = r->memory_bytes;
+    out->progress.pages_by_fault = r->figures.pages_by_fault;
+    out->progress.pages_by_bulk = r->figures.pages_by_bulk;
+    out->progress.page_size = r->page_size;
+    Forkd__V1__Snapshot *s = &out->snapshot;
+    *s = (Forkd__V1__Snapshot)FORKD__V1__SNAPSHOT__INIT;
+    s->name = r->name;
+    s->state = r->state == STORE_STATE_READY ? FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_READY
+                                             : FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_WRITING;
+    s->source_vm_id = r->source_vm_id;
+    s->source_vm_name = r->source_vm_name;
+    s->parent_snapshot = r->parent_snapshot;
+    s->mode = (Forkd__V1__BranchMode)r->mode;
+    s->machine = &out->machine;
+    s->memory_bytes = r->memory_bytes;
+    s->vmstate_bytes = r->vmstate_bytes;
+    s->figures = &out->figures;
+    s->progress = &out->progress;
+    s->vmm_binary = r->vmm_binary;
+    s->vmm_version = r->vmm_version;
+    s->created_at_unix_ms = r->created_at_unix_ms;
+    s->path = r->path;
+    s->vms_using = r->users;
+    convert_snapshot_regions(out);
+}
+
+grpc_status_code convert_status_code(int code)
+{
+    switch (code) {
+    case 0:
+        return GRPC_STATUS_OK;
+    case -EINVAL:
+    case -ENAMETOOLONG:
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    case -ENOENT:
+        return GRPC_STATUS_NOT_FOUND;
+    case -EEXIST:
+        return GRPC_STATUS_ALREADY_EXISTS;
+    case -EBUSY:
+    case -EAGAIN:
+    case -EOPNOTSUPP:
+        return GRPC_STATUS_FAILED_PRECONDITION;
+    case -ENOSPC:
+    case -EDQUOT:
+    case -ENOMEM:
+    case -EMFILE:
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    case -ESRCH:
+    case -ECHILD:
+    case -ECONNREFUSED:
+    case -ECONNRESET:
+    case -EPIPE:
+    case -ETIMEDOUT:
+        return GRPC_STATUS_UNAVAILABLE;
+    case -ECANCELED:
+        return GRPC_STATUS_CANCELLED;
+    default:
+        return GRPC_STATUS_INTERNAL;
+    }
+}
+
+grpc_status_code convert_error(struct rpc_status *status, const struct forkd_error *err)
+{
+    return rpc_status_set(status, convert_status_code(err->code), "%s", err->message);
+}

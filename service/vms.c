@@ -1,0 +1,301 @@
+/* The VM RPCs: Boot, Spawn, ListVms, GetVm, StopVm. Input is checked before any VMM starts. */
+#include "convert.h"
+#include "daemon.h"
+#include "handlers.h"
+#include "log.h"
+
+#include "forkd/pause.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VM_MAX_VCPUS          32
+#define VM_MIN_MEMORY_MIB     16
+#define VM_MAX_MEMORY_MIB     (1024 * 1024)
+#define SPAWN_MAX_COUNT       256
+#define STOP_DEFAULT_GRACE_MS 2000
+
+static grpc_status_code vms_check_name(const char *name, struct rpc_status *status)
+{
+    struct forkd_error err = {0};
+    if (*name && store_validate_name(name, &err) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "VM name: %s", err.message);
+    return GRPC_STATUS_OK;
+}
+
+static grpc_status_code vms_check_boot(const Forkd__V1__BootRequest *request,
+                                       struct rpc_status *status)
+{
+    if (vms_check_name(request->name, status) != GRPC_STATUS_OK)
+        return status->code;
+    const Forkd__V1__MachineConfig *machine = request->machine;
+    if (!machine)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "machine is required (vcpu_count, mem_size_mib)");
+    if (machine->vcpu_count < 1 || machine->vcpu_count > VM_MAX_VCPUS)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "vcpu_count %u is out of range 1..%d", machine->vcpu_count,
+                              VM_MAX_VCPUS);
+    if (machine->mem_size_mib < VM_MIN_MEMORY_MIB || machine->mem_size_mib > VM_MAX_MEMORY_MIB)
+        return rpc_status_set(
+            status, GRPC_STATUS_INVALID_ARGUMENT, "mem_size_mib %llu is out of range %d..%d",
+            (unsigned long long)machine->mem_size_mib, VM_MIN_MEMORY_MIB, VM_MAX_MEMORY_MIB);
+    if (request->kernel_image_path[0] != '/')
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "kernel_image_path must be an absolute path, got '%s'",
+                              request->kernel_image_path);
+    return GRPC_STATUS_OK;
+}
+
+static grpc_status_code vms_reply(struct rpc_call *call, struct vm *vm, struct rpc_status *status)
+{
+    struct vm_message message;
+    convert_vm(vm, &message);
+    if (call_set_response(call, &message.vm.base) < 0)
+        return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    return GRPC_STATUS_OK;
+}
+
+grpc_status_code handle_boot(struct rpc_call *call, const ProtobufCMessage *message,
+                             struct rpc_status *status)
+{
+    const Forkd__V1__BootRequest *request = (const Forkd__V1__BootRequest *)message;
+    struct daemon_state *daemon = call->daemon;
+    if (vms_check_boot(request, status) != GRPC_STATUS_OK)
+        return status->code;
+    struct vm_boot_config config = {
+        .name = request->name,
+        .vcpu_count = request->machine->vcpu_count,
+        .mem_size_mib = request->machine->mem_size_mib,
+        .kernel_image_path = request->kernel_image_path,
+        .boot_args = request->boot_args,
+    };
+    struct vm *vm = NULL;
+    struct forkd_error err = {0};
+    int rc = vm_boot(daemon->registry, &config, &vm, &err);
+    if (rc == -EIO) /* the VMM refused the configuration: the caller's input */
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "boot: %s", err.message);
+    if (rc < 0)
+        return convert_error(status, &err);
+    log_info("booted %s (%u vCPUs, %llu MiB)", vm_id(vm), config.vcpu_count,
+             (unsigned long long)config.mem_size_mib);
+    grpc_status_code code = vms_reply(call, vm, status);
+    vm_unref(vm);
+    return code;
+}
+
+static grpc_status_code vms_lookup(struct daemon_state *daemon, const char *id, struct vm **out,
+                                   struct rpc_status *status)
+{
+    if (!*id)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "vm_id is required");
+    *out = vm_lookup(daemon->registry, id);
+    if (!*out)
+        return rpc_status_set(status, GRPC_STATUS_NOT_FOUND, "no VM '%s'", id);
+    return GRPC_STATUS_OK;
+}
+
+grpc_status_code handle_get_vm(struct rpc_call *call, const ProtobufCMessage *message,
+                               struct rpc_status *status)
+{
+    const Forkd__V1__GetVmRequest *request = (const Forkd__V1__GetVmRequest *)message;
+    struct vm *vm;
+    if (vms_lookup(call->daemon, request->vm_id, &vm, status) != GRPC_STATUS_OK)
+        return status->code;
+    grpc_status_code code = vms_reply(call, vm, status);
+    vm_unref(vm);
+    return code;
+}
+
+grpc_status_code handle_list_vms(struct rpc_call *call, const ProtobufCMessage *message,
+                                 struct rpc_status *status)
+{
+    struct daemon_state *daemon = call->daemon;
+    struct vm **vms;
+    size_t count = vm_list(daemon->registry, &vms);
+    struct vm_message *messages = calloc(count ? count : 1, sizeof(*messages));
+    Forkd__V1__Vm **pointers = calloc(count ? count : 1, sizeof(*pointers));
+    grpc_status_code code = GRPC_STATUS_OK;
+    if (!messages || !pointers) {
+        code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    } else {
+        for (size_t i = 0; i < count; i++) {
+            convert_vm(vms[i], &messages[i]);
+            pointers[i] = &messages[i].vm;
+        }
+        Forkd__V1__ListVmsResponse response = FORKD__V1__LIST_VMS_RESPONSE__INIT;
+        response.n_vms = count;
+        response.vms = pointers;
+        if (call_set_response(call, &response.base) < 0)
+            code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+    free(pointers);
+    free(messages);
+    vm_list_free(vms, count);
+    return code;
+}
+
+/* Stops a VM and gives back its use of the snapshot it was spawned from. */
+int vms_stop(struct daemon_state *daemon, struct vm *vm, unsigned grace_ms, struct forkd_error *err)
+{
+    int rc = vm_stop(daemon->registry, vm, grace_ms, err);
+    if (rc == 0 && vm_source_snapshot(vm)[0])
+        store_release(daemon->store, vm_source_snapshot(vm));
+    return rc;
+}
+
+grpc_status_code handle_stop_vm(struct rpc_call *call, const ProtobufCMessage *message,
+                                struct rpc_status *status)
+{
+    const Forkd__V1__StopVmRequest *request = (const Forkd__V1__StopVmRequest *)message;
+    struct vm *vm;
+    if (vms_lookup(call->daemon, request->vm_id, &vm, status) != GRPC_STATUS_OK)
+        return status->code;
+    struct forkd_error err = {0};
+    unsigned grace = request->grace_ms ? request->grace_ms : STOP_DEFAULT_GRACE_MS;
+    int rc = vms_stop(call->daemon, vm, grace, &err);
+    grpc_status_code code;
+    if (rc < 0) {
+        code = convert_error(status, &err);
+    } else {
+        log_info("stopped %s", vm_id(vm));
+        struct vm_message last;
+        convert_vm(vm, &last);
+        Forkd__V1__StopVmResponse response = FORKD__V1__STOP_VM_RESPONSE__INIT;
+        response.vm = &last.vm;
+        code = call_set_response(call, &response.base) < 0
+                   ? rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory")
+                   : GRPC_STATUS_OK;
+    }
+    vm_unref(vm);
+    return code;
+}
+
+static grpc_status_code vms_check_spawn(const Forkd__V1__SpawnRequest *request,
+                                        enum vm_memory *memory, struct rpc_status *status)
+{
+    struct forkd_error err = {0};
+    if (store_validate_name(request->snapshot, &err) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "snapshot: %s", err.message);
+    if (request->count < 1 || request->count > SPAWN_MAX_COUNT)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "count %u is out of range 1..%d", request->count, SPAWN_MAX_COUNT);
+    if (*request->name_prefix) {
+        char longest[128];
+        snprintf(longest, sizeof(longest), "%s-%u", request->name_prefix, request->count - 1);
+        if (store_validate_name(longest, &err) < 0)
+            return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                                  "name_prefix gives invalid VM names: %s", err.message);
+    }
+    switch (request->backend) {
+    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_UNSPECIFIED:
+    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_FILE:
+        *memory = VM_MEMORY_FILE;
+        return GRPC_STATUS_OK;
+    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_MEMFD:
+        *memory = VM_MEMORY_MEMFD;
+        return GRPC_STATUS_OK;
+    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_UFFD:
+        return rpc_status_set(status, GRPC_STATUS_UNIMPLEMENTED,
+                              "the UFFD backend needs the page server, which this forkd does "
+                              "not have yet: use FILE or MEMFD");
+    default:
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "backend %d is not one of FILE, MEMFD, UFFD", (int)request->backend);
+    }
+}
+
+/* Restores one fork, holding a use of the snapshot for as long as the VM is listed. */
+static int vms_spawn_one(struct daemon_state *daemon, const Forkd__V1__SpawnRequest *request,
+                         enum vm_memory memory, unsigned index, struct vm **out,
+                         struct forkd_error *err)
+{
+    struct store_snapshot snapshot;
+    int rc = store_acquire(daemon->store, request->snapshot, &snapshot, err);
+    if (rc < 0)
+        return rc;
+    char name[VM_NAME_MAX + 1] = "", vmstate[PATH_MAX + 16], memory_path[PATH_MAX + 16];
+    if (*request->name_prefix)
+        snprintf(name, sizeof(name), "%s-%u", request->name_prefix, index);
+    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", snapshot.path);
+    snprintf(memory_path, sizeof(memory_path), "%s/memory.bin", snapshot.path);
+    struct vm_restore_config config = {
+        .name = name,
+        .snapshot_name = request->snapshot,
+        .vmstate_path = vmstate,
+        .memory_path = memory_path,
+        .memory = memory,
+        .start_paused = request->start_paused,
+    };
+    rc = vm_restore(daemon->registry, &config, out, err);
+    if (rc < 0)
+        store_release(daemon->store, request->snapshot);
+    return rc;
+}
+
+static grpc_status_code vms_spawn_reply(struct rpc_call *call, struct vm **vms, size_t count,
+                                        uint64_t elapsed_ns, struct rpc_status *status)
+{
+    struct vm_message *messages = calloc(count, sizeof(*messages));
+    Forkd__V1__Vm **pointers = calloc(count, sizeof(*pointers));
+    grpc_status_code code = GRPC_STATUS_OK;
+    if (!messages || !pointers) {
+        code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    } else {
+        for (size_t i = 0; i < count; i++) {
+            convert_vm(vms[i], &messages[i]);
+            pointers[i] = &messages[i].vm;
+        }
+        Forkd__V1__SpawnResponse response = FORKD__V1__SPAWN_RESPONSE__INIT;
+        response.n_vms = count;
+        response.vms = pointers;
+        response.elapsed_ns = elapsed_ns;
+        if (call_set_response(call, &response.base) < 0)
+            code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+    free(messages);
+    free(pointers);
+    return code;
+}
+
+grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *message,
+                              struct rpc_status *status)
+{
+    const Forkd__V1__SpawnRequest *request = (const Forkd__V1__SpawnRequest *)message;
+    struct daemon_state *daemon = call->daemon;
+    enum vm_memory memory = VM_MEMORY_FILE;
+    if (vms_check_spawn(request, &memory, status) != GRPC_STATUS_OK)
+        return status->code;
+    uint64_t start = forkd_monotonic_ns();
+    struct vm **vms = calloc(request->count, sizeof(*vms));
+    if (!vms)
+        return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    struct forkd_error err = {0};
+    size_t started = 0;
+    int rc = 0;
+    while (started < request->count && rc == 0 && !call_is_cancelled(call)) {
+        rc = vms_spawn_one(daemon, request, memory, (unsigned)started, &vms[started], &err);
+        if (rc == 0)
+            started++;
+    }
+    grpc_status_code code;
+    if (rc < 0 || started < request->count) {
+        /* All or none: the forks of a failed spawn are stopped again. */
+        for (size_t i = 0; i < started; i++)
+            vms_stop(daemon, vms[i], 0, NULL);
+        code = rc < 0 ? convert_error(status, &err)
+                      : rpc_status_set(status, GRPC_STATUS_CANCELLED, "spawn cancelled");
+        if (rc == -EAGAIN)
+            code = rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION, "%s", err.message);
+    } else {
+        log_info("spawned %u forks of %s in %.1f ms", request->count, request->snapshot,
+                 (double)(forkd_monotonic_ns() - start) / 1e6);
+        code = vms_spawn_reply(call, vms, started, forkd_monotonic_ns() - start, status);
+    }
+    for (size_t i = 0; i < started; i++)
+        vm_unref(vms[i]);
+    free(vms);
+    return code;
+}
