@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Sets up a Debian 12 machine, builds forkd, starts it on a private socket and runs the demo
-# client against it, then stops the daemon. Run as root (forkd drives KVM and userfaultfd).
+# The live-branch demo: sets up a Debian 12 machine, builds forkd and its test VMM, starts forkd
+# on a private socket and state directory, and runs scripts/demo.py against it (boot, live
+# branch with progress, forks, verification, figures); then stops everything. Run as root
+# (forkd drives KVM and userfaultfd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,5 +25,7 @@ trap cleanup EXIT
   --vmm-binary "$PWD/build/tests/vmm/forkd-testvm" 2>"$workdir/forkd.log" &
 forkd_pid=$!
 
-FORKD_PROTO_PYTHON="$PWD/build/proto/python" /usr/bin/python3 scripts/demo.py "unix:$workdir/forkd.sock" \
+FORKD_PROTO_PYTHON="$PWD/build/proto/python" FORKD_TESTVM="$PWD/build/tests/vmm/forkd-testvm" \
+  FORKD_GUEST="$PWD/build/tests/vmm/guest.bin" \
+  /usr/bin/python3 scripts/demo.py "unix:$workdir/forkd.sock" \
   || { echo "--- forkd log ---"; cat "$workdir/forkd.log"; exit 1; }
