@@ -15,6 +15,7 @@
 
 #include "forkd/cleanup.h"
 #include "forkd/pause.h"
+#include "forkd/thread_priority.h"
 #include "forkd/uffd.h"
 
 #include <errno.h>
@@ -360,8 +361,12 @@ static void *branch_handler_loop(void *arg)
             buffer_size = run->regions[i].uffd.page_size;
     _cleanup_free_ uint8_t *buffer = malloc(buffer_size);
     struct uffd_msg messages[HANDLER_BATCH];
+    struct thread_priority priority; /* a vCPU waits on every fault this thread serves */
+    thread_priority_raise(&priority);
     while (!atomic_load(&run->handler_stop)) {
-        int ready = uffd_wait(run->handshake.uffd, run->control_fd, -1);
+        /* The uffd says nothing when the VMM dies; its handshake connection hangs up. */
+        int ready =
+            uffd_wait_peer(run->handshake.uffd, run->handshake.connection, run->control_fd, -1);
         if (ready < 0) {
             branch_handler_fail(run, ready == -EPIPE ? -ESRCH : ready, "userfaultfd: %s",
                                 ready == -EPIPE ? "the VMM is gone" : strerror(-ready));
@@ -376,6 +381,7 @@ static void *branch_handler_loop(void *arg)
         branch_handler_serve_request(run);
     }
     branch_handler_serve_request(run);
+    thread_priority_restore(&priority);
     pthread_mutex_lock(&run->control_lock);
     run->handler_exited = true; /* never leave the branch thread waiting for an ack */
     pthread_cond_broadcast(&run->control_cond);
@@ -586,12 +592,8 @@ static int branch_check_alive(struct branch *branch, struct branch_run_state *ru
     int failed = atomic_load(&run->handler_error);
     if (failed < 0)
         return forkd_error_set(err, failed, "%s", run->handler_error_message);
-    if (!vm_is_alive(run->vm)) {
-        struct vm_status status;
-        vm_get_status(run->vm, &status);
-        return forkd_error_set(err, -ESRCH, "the VMM of %s %s during the branch", status.id,
-                               status.exit_reason);
-    }
+    if (!vm_is_alive(run->vm))
+        return forkd_error_set(err, -ESRCH, "copy stopped"); /* branch_execute says why */
     return 0;
 }
 
@@ -1002,6 +1004,19 @@ static int branch_validate(const struct branch_request *request, struct forkd_er
     return 0;
 }
 
+/* A step failed because the VMM died under it: say that, with the step's own words after. */
+static int branch_report_vmm_death(struct branch_run_state *run, struct forkd_error *err)
+{
+    struct vm_status status;
+    vm_get_status(run->vm, &status);
+    const char *how = status.exit_reason[0] ? status.exit_reason : "exited";
+    if (err)
+        forkd_error_prefix(err, "the VMM of %s died (%s) during the branch: ", status.id, how);
+    if (err)
+        err->code = -ESRCH;
+    return -ESRCH;
+}
+
 static int branch_execute(struct branch *branch, struct branch_run_state *run,
                           const struct branch_request *request, struct store_snapshot *out,
                           struct forkd_error *err)
@@ -1016,6 +1031,9 @@ static int branch_execute(struct branch *branch, struct branch_run_state *run,
     if (rc == 0 && store_writer_abandoned(run->writer))
         rc = forkd_error_set(err, -ECANCELED, "snapshot %s was deleted while being written",
                              request->snapshot_name);
+    bool mm_gone = rc == -ESRCH || rc == -EAGAIN; /* what a step sees of a dying VMM */
+    if (rc < 0 && rc != -ECANCELED && vm_exited_within(run->vm, mm_gone ? 1000 : 0))
+        rc = branch_report_vmm_death(run, err);
     if (rc == 0)
         rc = branch_publish(branch, run, request, started, out, err);
     if (run->writer)

@@ -13,12 +13,15 @@ uint64_t forkd_monotonic_ns(void)
 struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err)
 {
     struct pause_guard guard = {.vm = vm};
+    thread_priority_raise(&guard.priority);
     guard.requested_ns = forkd_monotonic_ns();
     guard.rc = vmm_pause(vm_client(vm), err);
     if (guard.rc == 0) {
         guard.paused_ns = forkd_monotonic_ns();
         guard.paused = true;
         vm_set_state(vm, VM_STATE_PAUSED);
+    } else {
+        thread_priority_restore(&guard.priority);
     }
     return guard;
 }
@@ -30,6 +33,7 @@ int pause_guard_resume(struct pause_guard *guard, struct forkd_error *err)
     guard->paused = false;
     int rc = vmm_resume(vm_client(guard->vm), err);
     guard->resumed_ns = forkd_monotonic_ns();
+    thread_priority_restore(&guard->priority);
     if (rc == 0)
         vm_set_state(guard->vm, VM_STATE_RUNNING);
     return rc;
@@ -38,6 +42,7 @@ int pause_guard_resume(struct pause_guard *guard, struct forkd_error *err)
 void pause_guard_release(struct pause_guard *guard)
 {
     guard->released = true;
+    thread_priority_restore(&guard->priority);
 }
 
 uint64_t pause_guard_window_ns(const struct pause_guard *guard)

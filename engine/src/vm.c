@@ -50,6 +50,7 @@ struct vm {
     char source_snapshot[VM_NAME_MAX + 1];
     int64_t created_at_unix_ms;
     struct vmm_client *client;
+    struct page_server_fork *page_fork; /* UFFD: our registration with the page server */
 
     pthread_mutex_t lock; /* guards the fields below */
     pthread_cond_t exited_cond;
@@ -97,6 +98,7 @@ void vm_unref(struct vm *vm)
     if (!vm || atomic_fetch_sub(&vm->refs, 1) != 1)
         return;
     vmm_client_close(vm->client);
+    page_server_fork_release(vm->page_fork);
     if (vm->memfd >= 0)
         close(vm->memfd);
     if (vm->pidfd >= 0)
@@ -142,6 +144,14 @@ uint64_t vm_memory_bytes(const struct vm *vm)
     return vm->memory_bytes;
 }
 
+int vm_page_server_stats(struct vm *vm, struct page_server_stats *out)
+{
+    if (!vm->page_fork)
+        return -ENOENT;
+    page_server_fork_stats(vm->page_fork, out);
+    return 0;
+}
+
 unsigned vm_vcpu_count(const struct vm *vm)
 {
     return vm->vcpu_count;
@@ -162,7 +172,28 @@ pid_t vm_pid(struct vm *vm)
 
 bool vm_is_alive(struct vm *vm)
 {
-    return vm_pid(vm) > 0;
+    pthread_mutex_lock(&vm->lock);
+    bool alive = !vm->exited && vm->pidfd >= 0;
+    /* A pidfd turns readable the moment the process exits, before the reaper records it. */
+    struct pollfd exited = {.fd = vm->pidfd, .events = POLLIN};
+    if (alive && poll(&exited, 1, 0) > 0)
+        alive = false;
+    pthread_mutex_unlock(&vm->lock);
+    return alive;
+}
+
+bool vm_exited_within(struct vm *vm, int timeout_ms)
+{
+    pthread_mutex_lock(&vm->lock);
+    int pidfd = vm->exited || vm->pidfd < 0 ? -1 : fcntl(vm->pidfd, F_DUPFD_CLOEXEC, 0);
+    bool exited = vm->exited;
+    pthread_mutex_unlock(&vm->lock);
+    if (exited || pidfd < 0)
+        return true;
+    struct pollfd watch = {.fd = pidfd, .events = POLLIN};
+    exited = poll(&watch, 1, timeout_ms) > 0;
+    close(pidfd);
+    return exited;
 }
 
 int vm_memfd(struct vm *vm)
@@ -691,9 +722,38 @@ static int vm_fill_memfd(struct vm *vm, const char *memory_path, struct forkd_er
     return 0;
 }
 
+/* UFFD: the page server listens on <run_dir>/<id>.uffd for the VMM's handshake. The load is
+ * paused so that the prefetch lands before the guest runs. */
+static int vm_load_uffd(struct vm *vm, const struct vm_restore_config *config,
+                        struct forkd_error *err)
+{
+    char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    if (snprintf(socket_path, sizeof(socket_path), "%s/%s.uffd", vm->registry->run_dir, vm->id) >=
+        (int)sizeof(socket_path))
+        return forkd_error_set(err, -ENAMETOOLONG, "uffd socket path under %s too long",
+                               vm->registry->run_dir);
+    struct page_server_fork_config fork = {.template_name = config->snapshot_name,
+                                           .memory_path = config->memory_path,
+                                           .socket_path = socket_path,
+                                           .vmm_pid = vm->pid,
+                                           .label = vm->id};
+    int rc = page_server_fork_prepare(config->page_server, &fork, &vm->page_fork, err);
+    if (rc == 0)
+        rc = vmm_snapshot_load(vm->client, config->vmstate_path, VMM_MEMORY_UFFD, socket_path,
+                               false, false, err);
+    if (rc == 0)
+        rc = page_server_fork_wait_ready(vm->page_fork, -1, err);
+    if (rc < 0)
+        return rc;
+    vm->memory_bytes = page_server_fork_memory_bytes(vm->page_fork);
+    return config->start_paused ? 0 : vmm_resume(vm->client, err);
+}
+
 static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *config,
                             struct forkd_error *err)
 {
+    if (config->memory == VM_MEMORY_UFFD)
+        return vm_load_uffd(vm, config, err);
     char backend_path[PATH_MAX];
     bool shared = config->memory == VM_MEMORY_MEMFD;
     if (shared) {
@@ -715,8 +775,12 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
 int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
                struct vm **out, struct forkd_error *err)
 {
-    if (config->memory != VM_MEMORY_FILE && config->memory != VM_MEMORY_MEMFD)
-        return forkd_error_set(err, -EINVAL, "restore: memory backend %d is not FILE or MEMFD",
+    if (config->memory == VM_MEMORY_UFFD && !config->page_server)
+        return forkd_error_set(err, -EINVAL, "restore: UFFD memory needs a page server");
+    if (config->memory != VM_MEMORY_FILE && config->memory != VM_MEMORY_MEMFD &&
+        config->memory != VM_MEMORY_UFFD)
+        return forkd_error_set(err, -EINVAL,
+                               "restore: memory backend %d is not FILE, MEMFD or UFFD",
                                (int)config->memory);
     struct vm *vm;
     int rc = vm_launch(registry, config->name, config->extra_vmm_args, &vm, err);

@@ -323,8 +323,26 @@ TEST_F(BranchTest, VmmDeathMidCopyFailsCleanly)
 {
     struct vm *vm = Boot(2, 64, "pattern=random seed=8");
     ASSERT_NE(nullptr, vm);
+    // A MEMFD fork too: its memory stays readable after the VMM dies, so only the death
+    // itself can stop the copy.
+    Result base = Branch(vm, "base", STORE_MODE_FULL);
+    ASSERT_EQ(0, base.rc) << base.error;
+    std::string dir = SnapshotDir("base");
+    std::string vmstate = dir + "/vmstate", mem = dir + "/memory.bin";
+    struct vm_restore_config config = {};
+    config.vmstate_path = vmstate.c_str();
+    config.memory_path = mem.c_str();
+    config.memory = VM_MEMORY_MEMFD;
+    struct vm *fork = nullptr;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, vm_restore(registry_, &config, &fork, &err)) << err.message;
+    Result fork_result = Branch(fork, "orphan-fork", STORE_MODE_LIVE, KillVmmOnCopy, fork);
+    EXPECT_EQ(-ESRCH, fork_result.rc) << fork_result.error;
+    ExpectStoreClean("orphan-fork");
+    vm_unref(fork);
     Result result = Branch(vm, "orphan", STORE_MODE_LIVE, KillVmmOnCopy, vm);
-    EXPECT_NE(0, result.rc);
+    EXPECT_EQ(-ESRCH, result.rc) << result.error;
+    EXPECT_NE(std::string::npos, result.error.find("VMM")) << result.error;
     EXPECT_EQ(BRANCH_PHASE_FAILED, result.progress.phase);
     EXPECT_NE(std::string::npos, result.error.find("orphan")) << result.error;
     ExpectStoreClean("orphan");

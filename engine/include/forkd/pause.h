@@ -1,7 +1,8 @@
 /*
  * The pause guard: pauses a VM and guarantees it is resumed on every exit path of the scope
  * that declared the guard, unless the guard was released. Records the pause window (from the
- * pause request to the resume acknowledgement).
+ * pause request to the resume acknowledgement). The declaring thread runs at real-time
+ * priority from the pause request to the resume (see forkd/thread_priority.h).
  *
  *     FORKD_PAUSE_GUARD(guard, vm, err);
  *     if (guard.rc < 0)
@@ -13,6 +14,7 @@
 #define FORKD_PAUSE_H
 
 #include "forkd/error.h"
+#include "forkd/thread_priority.h"
 #include "forkd/vm.h"
 
 #include <stdbool.h>
@@ -31,6 +33,9 @@ struct pause_guard {
     uint64_t paused_ns;    /* at the pause acknowledgement */
     uint64_t resumed_ns;   /* at the resume acknowledgement */
     int cleanup_resume_rc; /* result of a resume done by the cleanup */
+    /* The calling thread runs at real-time priority while the VM is paused (when permitted),
+     * so a busy host does not stretch the pause by a scheduler tick per wake-up. */
+    struct thread_priority priority;
 };
 
 struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err);

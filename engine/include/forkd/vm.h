@@ -11,6 +11,7 @@
 #define FORKD_VM_H
 
 #include "forkd/error.h"
+#include "forkd/page_server.h"
 #include "forkd/vmm_client.h"
 
 #include <limits.h>
@@ -65,9 +66,13 @@ struct vm_restore_config {
     const char *snapshot_name; /* recorded as the VM's source */
     const char *vmstate_path;
     const char *memory_path; /* memory.bin */
-    enum vm_memory memory;   /* FILE or MEMFD here (UFFD through the page server) */
+    enum vm_memory memory;   /* FILE, MEMFD, or UFFD (needs page_server) */
     bool start_paused;
     const char *const *extra_vmm_args;
+    /* UFFD: serves the fork's memory. The fork's socket is <run_dir>/<id>.uffd; the template
+     * is named snapshot_name (memory_path when none). The fork stays registered until the
+     * VM's last reference goes (the page server drops it by itself when the VMM exits). */
+    struct page_server *page_server;
 };
 
 /* What a VM looks like now (a copy; safe to keep). */
@@ -98,7 +103,10 @@ void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned gra
 int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, struct vm **out,
             struct forkd_error *err);
 
-/* Launches a VMM restored from a snapshot with FILE or MEMFD memory. Same guarantees. */
+/* Launches a VMM restored from a snapshot with FILE, MEMFD or UFFD memory. Same guarantees.
+ * UFFD: the snapshot is loaded paused, the handshake received and the hot set prefetched,
+ * then the VM is resumed (unless start_paused); -EINVAL without a page server, the
+ * handshake's error (page_server_fork_wait_ready) when it fails. */
 int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
                struct vm **out, struct forkd_error *err);
 
@@ -123,10 +131,15 @@ struct vmm_client *vm_client(struct vm *vm);
 enum vm_memory vm_memory_kind(const struct vm *vm);
 pid_t vm_pid(struct vm *vm);     /* 0 once the VMM exited */
 bool vm_is_alive(struct vm *vm); /* the VMM has not exited */
-int vm_memfd(struct vm *vm);     /* the guest memfd of a MEMFD VM, -1 otherwise */
+/* Waits up to timeout_ms for the VMM to exit; true if it has. A process's memory is gone a
+ * moment before it is seen to exit, so a step that failed with "no such process" waits here. */
+bool vm_exited_within(struct vm *vm, int timeout_ms);
+int vm_memfd(struct vm *vm); /* the guest memfd of a MEMFD VM, -1 otherwise */
 /* A duplicate of the guest memfd (the caller closes it), or -EBADF when there is none. */
 int vm_dup_memfd(struct vm *vm);
 uint64_t vm_memory_bytes(const struct vm *vm);
+/* Page-server figures of a UFFD VM (they stay readable after it exits); -ENOENT otherwise. */
+int vm_page_server_stats(struct vm *vm, struct page_server_stats *out);
 unsigned vm_vcpu_count(const struct vm *vm);
 const char *vm_source_snapshot(const struct vm *vm);
 
