@@ -47,6 +47,10 @@ void convert_progress(const struct branch_progress *progress, Forkd__V1__BranchP
     out->pages_by_fault = progress->pages_by_fault;
     out->pages_by_bulk = progress->pages_by_bulk;
     out->page_size = progress->page_size;
+    out->faults_served = progress->faults_served;
+    out->fault_service_p50_ns = progress->fault_service_p50_ns;
+    out->fault_service_p99_ns = progress->fault_service_p99_ns;
+    out->fault_service_max_ns = progress->fault_service_max_ns;
 }
 
 static void convert_snapshot_regions(struct snapshot_message *out)

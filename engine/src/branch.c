@@ -92,8 +92,13 @@ struct branch_run_state {
     atomic_uint_fast64_t pages_written;
 };
 
+/* Fault service times: 4 buckets per power of two of nanoseconds, up to 2^40 ns. */
+#define SERVICE_BUCKETS (4 * 40)
+
 struct branch {
     atomic_bool cancel;
+    atomic_uint_fast64_t service_buckets[SERVICE_BUCKETS];
+    atomic_uint_fast64_t service_max_ns;
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
     uint64_t bytes_total;
@@ -131,8 +136,54 @@ void branch_cancel(struct branch *branch)
     atomic_store(&branch->cancel, true);
 }
 
+static unsigned branch_service_bucket(uint64_t ns)
+{
+    if (ns < 4)
+        return 0;
+    unsigned log2 = 63u - (unsigned)__builtin_clzll(ns);
+    unsigned quarter = (unsigned)((ns >> (log2 - 2)) & 3); /* the two bits below the top one */
+    unsigned bucket = 4 * log2 + quarter;
+    return bucket < SERVICE_BUCKETS ? bucket : SERVICE_BUCKETS - 1;
+}
+
+/* The upper bound of a bucket, in ns. */
+static uint64_t branch_service_bucket_limit(unsigned bucket)
+{
+    unsigned log2 = bucket / 4, quarter = bucket % 4;
+    return (1ULL << log2) + ((uint64_t)(quarter + 1) << log2) / 4;
+}
+
+static void branch_record_service(struct branch *branch, uint64_t ns)
+{
+    atomic_fetch_add(&branch->service_buckets[branch_service_bucket(ns)], 1);
+    uint64_t max = atomic_load(&branch->service_max_ns);
+    while (ns > max && !atomic_compare_exchange_weak(&branch->service_max_ns, &max, ns)) {
+    }
+}
+
+static void branch_service_percentiles(struct branch *branch, struct branch_progress *out)
+{
+    uint64_t counts[SERVICE_BUCKETS], total = 0;
+    for (unsigned i = 0; i < SERVICE_BUCKETS; i++)
+        total += counts[i] = atomic_load(&branch->service_buckets[i]);
+    out->faults_served = total;
+    out->fault_service_max_ns = atomic_load(&branch->service_max_ns);
+    uint64_t seen = 0;
+    for (unsigned i = 0; i < SERVICE_BUCKETS && total; i++) {
+        seen += counts[i];
+        if (!out->fault_service_p50_ns && seen * 2 >= total)
+            out->fault_service_p50_ns = branch_service_bucket_limit(i);
+        if (seen * 100 >= total * 99) {
+            out->fault_service_p99_ns = branch_service_bucket_limit(i);
+            break;
+        }
+    }
+}
+
 void branch_get_progress(struct branch *branch, struct branch_progress *out)
 {
+    memset(out, 0, sizeof(*out));
+    branch_service_percentiles(branch, out);
     out->phase = (enum branch_phase)atomic_load(&branch->phase);
     out->bytes_copied = atomic_load(&branch->bytes_copied);
     out->bytes_total = branch->bytes_total;
@@ -276,7 +327,8 @@ static void branch_track_fault(struct branch_run_state *run, struct branch_regio
 /* Copy mode: capture the pre-image unless someone already claimed the page, unprotect (which
  * wakes the vCPU), then write the captured page. */
 static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
-                              struct branch_region *region, uint64_t page_address, uint8_t *buffer)
+                              struct branch_region *region, uint64_t page_address, uint8_t *buffer,
+                              uint64_t started_ns)
 {
     uint64_t page_size = region->uffd.page_size;
     uint64_t index = (page_address - region->uffd.host_base) / page_size;
@@ -298,6 +350,7 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
     if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
                            &err) < 0)
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
+    branch_record_service(branch, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
     if (!ours)
         return;
     int rc = branch_write_file(run->memory_fd, buffer, page_size,
@@ -323,10 +376,12 @@ static void branch_handle_message(struct branch *branch, struct branch_run_state
         return;
     }
     uint64_t page_address = address & ~(region->uffd.page_size - 1);
-    if (atomic_load(&run->handler_mode) == HANDLER_TRACKING)
+    if (atomic_load(&run->handler_mode) == HANDLER_TRACKING) {
         branch_track_fault(run, region, page_address);
-    else
-        branch_copy_fault(branch, run, region, page_address, buffer);
+        return;
+    }
+    uint64_t start = forkd_monotonic_ns();
+    branch_copy_fault(branch, run, region, page_address, buffer, start);
 }
 
 /* Serves a pending request of the branch thread: hand over the tracking list and switch to

@@ -196,6 +196,11 @@ TEST_F(BranchTest, EachPageIsWrittenExactlyOnce)
         EXPECT_EQ(pages, result.progress.pages_by_fault + result.progress.pages_by_bulk);
         EXPECT_GT(result.progress.pages_by_fault, 0u)
             << "a guest writing flat out must hit pages before the bulk copier does";
+        EXPECT_GE(result.progress.faults_served, result.progress.pages_by_fault);
+        EXPECT_GT(result.progress.fault_service_p50_ns, 0u);
+        EXPECT_LE(result.progress.fault_service_p50_ns, result.progress.fault_service_p99_ns);
+        EXPECT_LE(result.progress.fault_service_p99_ns,
+                  result.progress.fault_service_max_ns * 5 / 4 + 1);
         branch_free(branch);
         EXPECT_EQ(0, Verify(SnapshotDir(name)).exit_code);
     }

@@ -50,6 +50,10 @@ struct branch_progress {
     uint64_t pages_by_fault, pages_by_bulk;
     uint32_t page_size;
     struct store_figures figures; /* durations so far */
+    /* Copy-mode write faults: how long the handler took from reading a fault to waking the
+     * vCPU (capture + unprotect), as percentiles of a histogram with 19% wide buckets. */
+    uint64_t faults_served;
+    uint64_t fault_service_p50_ns, fault_service_p99_ns, fault_service_max_ns;
 };
 
 /* Called on the branch's thread at every phase change; must not block. */
