@@ -1,9 +1,9 @@
 /*
  * The snapshot store: <state-dir>/snapshots/<name>/{vmstate, memory.bin, snapshot.json}.
  *
- * A snapshot is written in a temporary directory (<snapshots>/.tmp-<name>) and becomes visible
- * under its name only by store_publish: files fsynced, snapshot.json written and fsynced, the
- * directory renamed into place, the parent fsynced. So a READY snapshot is always complete; one
+ * A snapshot is written in a temporary directory (<snapshots>/.tmp-<name>.XXXXXX) and becomes
+ * visible under its name only by store_publish: files fsynced, snapshot.json written and fsynced,
+ * the directory renamed into place, the parent fsynced. So a READY snapshot is always complete; one
  * being written is listed WRITING and cannot be acquired; leftovers of a crash (.tmp-*) are
  * removed by store_open. The store is thread-safe (one mutex; no I/O of snapshot data under it).
  */
@@ -58,18 +58,19 @@ struct store_snapshot {
     enum store_mode mode;
     uint32_t vcpu_count;
     uint64_t mem_size_mib;
-    uint64_t memory_bytes;  /* size of memory.bin */
-    uint64_t vmstate_bytes; /* size of vmstate */
+    uint64_t memory_bytes;  /* size of memory.bin (set by the store from the file at publish) */
+    uint64_t vmstate_bytes; /* size of vmstate (set by the store from the file at publish) */
     size_t region_count;
     struct store_region regions[STORE_MAX_REGIONS];
     uint32_t page_size;
     struct store_figures figures;
     char vmm_binary[PATH_MAX];
     char vmm_version[64];
-    int64_t created_at_unix_ms;
+    int64_t created_at_unix_ms; /* 0 at publish: the store sets the current time */
     size_t label_count;
     struct store_label labels[STORE_MAX_LABELS];
-    char path[PATH_MAX]; /* directory of the snapshot (set by the store) */
+    char path[PATH_MAX]; /* directory of the snapshot (set by the store; the temporary one
+                          * while WRITING) */
     uint32_t users;      /* VMs holding it through store_acquire (set by the store) */
 };
 
@@ -79,8 +80,12 @@ struct store_writer;
 /* Checks a snapshot name; -EINVAL with the reason otherwise. */
 int store_validate_name(const char *name, struct forkd_error *err);
 
-/* Opens (creating) <state_dir>/snapshots and removes crash leftovers (.tmp-* directories). */
+/* Opens (creating) <state_dir>/snapshots and removes crash leftovers (.tmp-* directories).
+ * A directory with a valid name whose snapshot.json is unreadable (or whose data files do not
+ * match it) is left alone: hidden from store_list, -EIO from store_get/store_acquire with the
+ * file and the reason, -EEXIST from store_begin; store_delete removes it. */
 int store_open(const char *state_dir, struct store **out, struct forkd_error *err);
+/* Every writer must have been published or aborted first. */
 void store_close(struct store *store);
 
 /* Reserves name and creates its temporary directory. -EEXIST when a snapshot or a writer of
@@ -99,15 +104,18 @@ const char *store_writer_memory_path(const struct store_writer *writer);
 bool store_writer_abandoned(const struct store_writer *writer);
 
 /* Makes the snapshot READY (see the top of this file). meta->name must be the writer's name;
- * path, state and users are set by the store. On success the writer is freed; on failure the
- * writer is aborted (temporary directory removed) and freed too. */
+ * path, state, users and the two sizes are set by the store. Both vmstate and memory.bin must
+ * exist (-ENOENT otherwise); -ECANCELED when a forced delete abandoned the writer; -EINVAL for
+ * metadata that cannot be stored (a number beyond 2^53, duplicate label keys). On success the
+ * writer is freed; on failure the writer is aborted (temporary directory removed) and freed too. */
 int store_publish(struct store_writer *writer, const struct store_snapshot *meta,
                   struct forkd_error *err);
 
 /* Removes the temporary directory and releases the name. Frees the writer. */
 void store_abort(struct store_writer *writer);
 
-/* All snapshots, READY and WRITING, sorted by name. *out is malloc'd (free it). */
+/* All snapshots, READY and WRITING, sorted by name. *out is malloc'd (free it; NULL when
+ * *count is 0). */
 int store_list(struct store *store, struct store_snapshot **out, size_t *count,
                struct forkd_error *err);
 
@@ -119,6 +127,8 @@ int store_get(struct store *store, const char *name, struct store_snapshot *out,
  * when it is still WRITING. */
 int store_acquire(struct store *store, const char *name, struct store_snapshot *out,
                   struct forkd_error *err);
+/* Gives back a use taken by store_acquire. Uses of a snapshot deleted by force are remembered
+ * under its name and given back first, so a later snapshot of that name never counts too few. */
 void store_release(struct store *store, const char *name);
 
 /* Deletes a snapshot. -EBUSY while VMs use it or a branch writes it, unless force; a forced
