@@ -1,0 +1,1345 @@
+/*
+ * The page server (see forkd/page_server.h). Owns the templates' read-only mappings of
+ * memory.bin, each fork's handshake (listening socket, received userfaultfd and connection),
+ * the event loop that resolves every fork's faults, prefetch, and the statistics.
+ *
+ * Threads and what each owns:
+ * - The loop thread owns every attached fork's fds, epoll registrations, removed-page bitmaps
+ *   and retry list, and the server's list of attached forks; it alone adds or drops forks, on
+ *   requests queued under server->lock (attach, detach, close) and woken by an eventfd.
+ * - A handshake thread per fork owns the fork's listening socket and the received handshake
+ *   until it queues the fork for attach; it also runs the prefetch (before the fork runs).
+ * - server->lock guards the template list, the request queues and the handshake count: never
+ *   taken per fault. fork->lock guards the fork's state, error and drop reason, for waiters.
+ * - Counters are atomics (written by the loop, or a handshake thread while prefetching).
+ */
+#include "forkd/page_server.h"
+
+#include "forkd/cleanup.h"
+#include "forkd/uffd.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/timerfd.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PS_SMALL_PAGE       4096ULL
+#define PS_HUGE_PAGE        (2ULL << 20)
+#define PS_MESSAGE_BATCH    64
+#define PS_EPOLL_BATCH      64
+#define PS_RETRY_DELAY_NS   1000000ULL   /* EAGAIN: the next try after 1 ms (or the next round) */
+#define PS_RETRY_LIMIT      2000         /* ~2 s of EAGAIN on one fault: the fork is dropped */
+#define PS_PREFETCH_MAX_RUN (1ULL << 20) /* one prefetch ioctl copies at most this */
+#define PS_HIST_BUCKETS     496          /* 16 linear + 60 powers of two x 8 sub-buckets */
+#define PS_NAME_MAX         128
+#define PS_REASON_MAX       128
+
+/* ---------------------------------------------------------------- statistics */
+
+struct page_server_counters {
+    atomic_uint_fast64_t faults, bytes, prefetched, zero, existed, retries, removes, max_ns;
+    atomic_uint_fast64_t histogram[PS_HIST_BUCKETS];
+};
+
+static uint64_t ps_now_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
+}
+
+/* Log-linear buckets: exact below 16 ns, then 8 per power of two (12.5% resolution). */
+static unsigned ps_bucket(uint64_t ns)
+{
+    if (ns < 16)
+        return (unsigned)ns;
+    unsigned exponent = 63u - (unsigned)__builtin_clzll(ns);
+    unsigned sub = (unsigned)(ns >> (exponent - 3)) & 7u;
+    return 16u + (exponent - 4u) * 8u + sub;
+}
+
+static uint64_t ps_bucket_upper(unsigned bucket)
+{
+    if (bucket < 16)
+        return bucket;
+    unsigned exponent = (bucket - 16u) / 8u + 4u, sub = (bucket - 16u) % 8u;
+    return ((9ULL + sub) << (exponent - 3)) - 1; /* wraps to UINT64_MAX for the last one */
+}
+
+static void ps_count(atomic_uint_fast64_t *counter, uint64_t amount)
+{
+    atomic_fetch_add_explicit(counter, amount, memory_order_relaxed);
+}
+
+static void ps_record_time(struct page_server_counters *c, uint64_t ns)
+{
+    ps_count(&c->histogram[ps_bucket(ns)], 1);
+    /* One writer per counter set at a time (the loop), so load-compare-store is enough. */
+    if (ns > atomic_load_explicit(&c->max_ns, memory_order_relaxed))
+        atomic_store_explicit(&c->max_ns, ns, memory_order_relaxed);
+}
+
+static uint64_t ps_percentile(const uint64_t *buckets, uint64_t total, unsigned permille,
+                              uint64_t max_ns)
+{
+    if (total == 0)
+        return 0;
+    uint64_t rank = (total * permille + 999) / 1000, seen = 0;
+    for (unsigned b = 0; b < PS_HIST_BUCKETS; b++) {
+        seen += buckets[b];
+        if (seen >= rank)
+            return ps_bucket_upper(b) < max_ns ? ps_bucket_upper(b) : max_ns;
+    }
+    return max_ns;
+}
+
+static uint64_t ps_load(const atomic_uint_fast64_t *counter)
+{
+    return atomic_load_explicit(counter, memory_order_relaxed);
+}
+
+static void ps_counters_read(const struct page_server_counters *c, struct page_server_stats *out)
+{
+    uint64_t faults = atomic_load_explicit(&c->faults, memory_order_acquire);
+    uint64_t buckets[PS_HIST_BUCKETS], total = 0;
+    for (unsigned b = 0; b < PS_HIST_BUCKETS; b++)
+        total += buckets[b] = ps_load(&c->histogram[b]);
+    *out = (struct page_server_stats){
+        .faults_served = faults,
+        .bytes_copied = ps_load(&c->bytes),
+        .pages_prefetched = ps_load(&c->prefetched),
+        .zero_pages = ps_load(&c->zero),
+        .service_max_ns = ps_load(&c->max_ns),
+        .already_present = ps_load(&c->existed),
+        .retries = ps_load(&c->retries),
+        .remove_events = ps_load(&c->removes),
+    };
+    out->service_p50_ns = ps_percentile(buckets, total, 500, out->service_max_ns);
+    out->service_p99_ns = ps_percentile(buckets, total, 990, out->service_max_ns);
+}
+
+/* ---------------------------------------------------------------- objects */
+
+struct page_server_template {
+    atomic_int refs; /* the server's list (while listed) and every fork */
+    struct page_server_template *next;
+    char name[PS_NAME_MAX];
+    char path[PATH_MAX];
+    dev_t dev;
+    ino_t ino;
+    const uint8_t *memory; /* PROT_READ, MAP_SHARED: the page cache, read once for all forks */
+    uint64_t size;
+    unsigned times_mapped;
+    unsigned record_ms;        /* under server->lock */
+    atomic_uint_fast64_t *hot; /* bitmap of 4 KiB file pages faulted while recording */
+    atomic_uint_fast64_t hot_pages;
+    atomic_uint_fast64_t hot_ready_ns; /* monotonic time the first recording window closes */
+    atomic_uint forks_active, forks_total;
+    struct page_server_counters counters;
+};
+
+enum ps_watch_kind { PS_WATCH_WAKE, PS_WATCH_TIMER, PS_WATCH_UFFD, PS_WATCH_CONNECTION };
+
+struct ps_watch {
+    enum ps_watch_kind kind;
+    struct page_server_fork *fork;
+};
+
+enum ps_fork_state { PS_PENDING, PS_QUEUED, PS_ACTIVE, PS_FAILED, PS_DROPPED };
+
+/* A fault that got EAGAIN, tried again later. */
+struct ps_retry {
+    uint64_t address;
+    uint64_t start_ns;
+    unsigned tries;
+};
+
+struct page_server_fork {
+    atomic_int refs; /* owner, handshake thread, loop, queued requests */
+    struct page_server *server;
+    struct page_server_template *template;
+    char label[64];
+    char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    pid_t expected_pid;
+    bool prefetch;      /* set at prepare: the template's hot set is ready */
+    unsigned record_ms; /* set at prepare: record the first record_ms of faults */
+
+    pthread_mutex_t lock; /* guards the fields down to drop_reason */
+    pthread_cond_t changed;
+    enum ps_fork_state state;
+    bool released;
+    struct forkd_error error;
+    char drop_reason[PS_REASON_MAX];
+
+    /* Handshake thread until queued for attach, then the loop thread. */
+    int listen_fd;
+    struct uffd_handshake handshake;
+    atomic_int peer_pid;
+    uint64_t memory_bytes;
+
+    /* Loop thread only. */
+    struct ps_watch uffd_watch, connection_watch;
+    bool in_loop;
+    struct page_server_fork *loop_next, *queue_next, *grave_next, *retry_next;
+    bool retry_listed;
+    uint64_t record_until_ns;
+    atomic_uint_fast64_t *removed[UFFD_MAX_REGIONS]; /* pages removed (REMOVE), lazily made */
+    struct ps_retry *retries;
+    size_t retry_count, retry_capacity;
+
+    atomic_bool active;
+    struct page_server_counters counters;
+};
+
+struct page_server {
+    atomic_int refs; /* the owner until page_server_close, and every fork */
+    int handshake_timeout_ms;
+    int epoll_fd, wake_fd, timer_fd;
+    struct ps_watch wake_watch, timer_watch;
+    pthread_t loop;
+    bool loop_started;
+    const uint8_t *zero_page; /* PS_HUGE_PAGE of zeros: the source of 2 MiB zero fills */
+    atomic_uint active_forks;
+
+    pthread_mutex_t lock; /* guards the fields down to handshakes */
+    pthread_cond_t handshakes_done;
+    bool closing;
+    struct page_server_template *templates;
+    struct page_server_fork *attach_queue, *detach_queue;
+    struct page_server_fork *pending; /* forks whose handshake thread runs (via queue_next) */
+    unsigned handshakes;
+
+    /* Loop thread only. */
+    struct page_server_fork *forks, *graveyard, *retry_list;
+    bool timer_armed;
+};
+
+static void ps_server_unref(struct page_server *server);
+
+static void ps_template_unref(struct page_server_template *t)
+{
+    if (!t || atomic_fetch_sub(&t->refs, 1) != 1)
+        return;
+    if (t->memory)
+        munmap((void *)t->memory, t->size);
+    free(t->hot);
+    free(t);
+}
+
+static void ps_fork_ref(struct page_server_fork *fork)
+{
+    atomic_fetch_add(&fork->refs, 1);
+}
+
+static void ps_fork_unref(struct page_server_fork *fork)
+{
+    if (!fork || atomic_fetch_sub(&fork->refs, 1) != 1)
+        return;
+    struct page_server *server = fork->server;
+    uffd_handshake_release(&fork->handshake);
+    if (fork->listen_fd >= 0)
+        close(fork->listen_fd);
+    for (size_t i = 0; i < UFFD_MAX_REGIONS; i++)
+        free(fork->removed[i]);
+    free(fork->retries);
+    ps_template_unref(fork->template);
+    pthread_mutex_destroy(&fork->lock);
+    pthread_cond_destroy(&fork->changed);
+    free(fork);
+    ps_server_unref(server);
+}
+
+static const char *ps_fork_label(const struct page_server_fork *fork)
+{
+    return fork->label[0] ? fork->label : fork->socket_path;
+}
+
+/* ---------------------------------------------------------------- templates */
+
+static int ps_map_memory(struct page_server_template *t, const char *path, struct forkd_error *err)
+{
+    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0)
+        return forkd_error_set(err, -errno, "page server: open %s: %s", path, strerror(errno));
+    if (st.st_size <= 0 || (uint64_t)st.st_size % PS_SMALL_PAGE)
+        return forkd_error_set(err, -EINVAL,
+                               "page server: %s: size %lld is not a non-zero "
+                               "multiple of 4096",
+                               path, (long long)st.st_size);
+    void *memory = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    if (memory == MAP_FAILED)
+        return forkd_error_set(err, -errno, "page server: mmap %s: %s", path, strerror(errno));
+    t->memory = memory;
+    t->size = (uint64_t)st.st_size;
+    t->dev = st.st_dev;
+    t->ino = st.st_ino;
+    return 0;
+}
+
+static int ps_template_new(const char *name, const char *path, unsigned times_mapped,
+                           struct page_server_template **out, struct forkd_error *err)
+{
+    struct page_server_template *t = calloc(1, sizeof(*t));
+    if (!t)
+        return forkd_error_set(err, -ENOMEM, "page server: out of memory");
+    atomic_init(&t->refs, 1);
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    snprintf(t->path, sizeof(t->path), "%s", path);
+    t->times_mapped = times_mapped;
+    int rc = ps_map_memory(t, path, err);
+    if (rc < 0) {
+        free(t);
+        return rc;
+    }
+    *out = t;
+    return 0;
+}
+
+/* The template's file is still the one mapped (same path and inode). */
+static bool ps_template_current(const struct page_server_template *t, const char *path)
+{
+    struct stat st;
+    return strcmp(t->path, path) == 0 && stat(path, &st) == 0 && st.st_dev == t->dev &&
+           st.st_ino == t->ino;
+}
+
+static struct page_server_template **ps_template_slot(struct page_server *server, const char *name)
+{
+    struct page_server_template **slot = &server->templates;
+    while (*slot && strcmp((*slot)->name, name) != 0)
+        slot = &(*slot)->next;
+    return slot;
+}
+
+static int ps_template_enable_recording(struct page_server_template *t, unsigned record_ms,
+                                        struct forkd_error *err)
+{
+    size_t words = (size_t)((t->size / PS_SMALL_PAGE + 63) / 64);
+    if (record_ms && !t->hot) {
+        t->hot = calloc(words, sizeof(*t->hot));
+        if (!t->hot)
+            return forkd_error_set(err, -ENOMEM, "page server: out of memory");
+    }
+    t->record_ms = record_ms;
+    return 0;
+}
+
+/* Finds or maps the template; under server->lock. Returns it without an extra reference. */
+static int ps_template_get_locked(struct page_server *server, const char *name, const char *path,
+                                  struct page_server_template **out, struct forkd_error *err)
+{
+    if (strlen(name) >= PS_NAME_MAX)
+        return forkd_error_set(err, -ENAMETOOLONG, "page server: template name too long");
+    struct page_server_template **slot = ps_template_slot(server, name);
+    if (*slot && ps_template_current(*slot, path)) {
+        *out = *slot;
+        return 0;
+    }
+    unsigned times = *slot ? (*slot)->times_mapped + 1 : 1;
+    struct page_server_template *fresh = NULL;
+    int rc = ps_template_new(name, path, times, &fresh, err);
+    if (rc < 0)
+        return rc;
+    if (*slot) { /* replaced on disk: the old mapping lives on for its forks */
+        struct page_server_template *old = *slot;
+        rc = ps_template_enable_recording(fresh, old->record_ms, err);
+        if (rc < 0) {
+            ps_template_unref(fresh);
+            return rc;
+        }
+        fresh->next = old->next;
+        ps_template_unref(old);
+    }
+    *slot = fresh;
+    *out = fresh;
+    return 0;
+}
+
+int page_server_template_set_prefetch(struct page_server *server, const char *name,
+                                      const char *memory_path, unsigned record_ms,
+                                      struct forkd_error *err)
+{
+    pthread_mutex_lock(&server->lock);
+    struct page_server_template *t = NULL;
+    int rc =
+        ps_template_get_locked(server, name && *name ? name : memory_path, memory_path, &t, err);
+    if (rc == 0)
+        rc = ps_template_enable_recording(t, record_ms, err);
+    pthread_mutex_unlock(&server->lock);
+    return rc;
+}
+
+static bool ps_hot_ready(const struct page_server_template *t, uint64_t now)
+{
+    uint64_t ready = atomic_load(&t->hot_ready_ns);
+    return ready != 0 && now >= ready;
+}
+
+int page_server_template_describe(struct page_server *server, const char *name,
+                                  struct page_server_template_info *out)
+{
+    pthread_mutex_lock(&server->lock);
+    struct page_server_template *t = *ps_template_slot(server, name);
+    if (t) {
+        *out = (struct page_server_template_info){
+            .memory_bytes = t->size,
+            .times_mapped = t->times_mapped,
+            .hot_pages = ps_load(&t->hot_pages),
+            .hot_set_ready = t->hot && ps_hot_ready(t, ps_now_ns()),
+        };
+        ps_counters_read(&t->counters, &out->stats);
+        out->stats.forks_active = atomic_load(&t->forks_active);
+        out->stats.forks_total = atomic_load(&t->forks_total);
+    }
+    pthread_mutex_unlock(&server->lock);
+    return t ? 0 : -ENOENT;
+}
+
+int page_server_template_forget(struct page_server *server, const char *name)
+{
+    pthread_mutex_lock(&server->lock);
+    struct page_server_template **slot = ps_template_slot(server, name);
+    struct page_server_template *t = *slot;
+    if (t)
+        *slot = t->next;
+    pthread_mutex_unlock(&server->lock);
+    ps_template_unref(t);
+    return t ? 0 : -ENOENT;
+}
+
+unsigned page_server_active_forks(struct page_server *server)
+{
+    return atomic_load(&server->active_forks);
+}
+
+/* ---------------------------------------------------------------- fork state */
+
+static void ps_fork_set_state(struct page_server_fork *fork, enum ps_fork_state state)
+{
+    pthread_mutex_lock(&fork->lock);
+    fork->state = state;
+    pthread_cond_broadcast(&fork->changed);
+    pthread_mutex_unlock(&fork->lock);
+}
+
+static void ps_fork_fail(struct page_server_fork *fork, const struct forkd_error *error)
+{
+    pthread_mutex_lock(&fork->lock);
+    fork->error = *error;
+    fork->state = PS_FAILED;
+    pthread_cond_broadcast(&fork->changed);
+    pthread_mutex_unlock(&fork->lock);
+}
+
+static void ps_wake_loop(struct page_server *server)
+{
+    uint64_t one = 1;
+    if (write(server->wake_fd, &one, sizeof(one)) != sizeof(one))
+        abort(); /* an eventfd add of 1 cannot fail short of overflow; the loop would sleep */
+}
+
+/* ---------------------------------------------------------------- fault resolution */
+
+static const struct uffd_region *ps_region_of(const struct page_server_fork *fork, uint64_t address,
+                                              size_t *index)
+{
+    const struct uffd_handshake *h = &fork->handshake;
+    for (size_t i = 0; i < h->region_count; i++) {
+        const struct uffd_region *r = &h->regions[i];
+        if (address >= r->host_base && address - r->host_base < r->size) {
+            *index = i;
+            return r;
+        }
+    }
+    return NULL;
+}
+
+static bool ps_bit_test(atomic_uint_fast64_t *bits, uint64_t index)
+{
+    return bits && (ps_load(&bits[index / 64]) >> (index % 64)) & 1;
+}
+
+/* Sets a bit; true when it was clear. */
+static bool ps_bit_set(atomic_uint_fast64_t *bits, uint64_t index)
+{
+    uint64_t mask = 1ULL << (index % 64);
+    return !(atomic_fetch_or_explicit(&bits[index / 64], mask, memory_order_relaxed) & mask);
+}
+
+/* UFFDIO_COPY of one page (which wakes the faulting threads): 0, 1 when it was there
+ * already (then woken), or -errno (-EAGAIN: try again later). */
+static int ps_copy_page(struct page_server_fork *fork, uint64_t page, const void *source,
+                        uint64_t length)
+{
+    struct uffdio_copy copy = {.dst = page, .src = (uint64_t)(uintptr_t)source, .len = length};
+    int uffd = fork->handshake.uffd;
+    if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) {
+        ps_count(&fork->counters.bytes, length);
+        ps_count(&fork->template->counters.bytes, length);
+        return 0;
+    }
+    int rc = -errno;
+    if (rc != -EEXIST)
+        return rc;
+    /* Present already (another thread's fault, or prefetch): only the waiters need waking. */
+    struct uffdio_range range = {.start = page, .len = length};
+    return ioctl(uffd, UFFDIO_WAKE, &range) == 0 ? 1 : -errno;
+}
+
+static int ps_zero_page(struct page_server_fork *fork, uint64_t page, uint64_t length)
+{
+    /* UFFDIO_ZEROPAGE maps the shared zero page but has no hugetlb support: copy zeros there. */
+    if (length != PS_SMALL_PAGE)
+        return ps_copy_page(fork, page, fork->server->zero_page, length);
+    struct uffdio_zeropage zero = {.range = {.start = page, .len = length}};
+    if (ioctl(fork->handshake.uffd, UFFDIO_ZEROPAGE, &zero) == 0)
+        return 0;
+    if (errno != EEXIST)
+        return -errno;
+    struct uffdio_range range = {.start = page, .len = length};
+    return ioctl(fork->handshake.uffd, UFFDIO_WAKE, &range) == 0 ? 1 : -errno;
+}
+
+static void ps_record_hot(struct page_server_fork *fork, uint64_t file_offset, uint64_t now)
+{
+    struct page_server_template *t = fork->template;
+    if (now >= fork->record_until_ns || !t->hot)
+        return;
+    if (ps_bit_set(t->hot, file_offset / PS_SMALL_PAGE))
+        ps_count(&t->hot_pages, 1);
+}
+
+/* Resolves one fault: 0 or 1 (resolved; 1: was present), or -errno. */
+static int ps_resolve(struct page_server_fork *fork, uint64_t address, bool *zero_filled)
+{
+    size_t index;
+    const struct uffd_region *r = ps_region_of(fork, address, &index);
+    if (!r)
+        return -ERANGE;
+    uint64_t page = address & ~(r->page_size - 1);
+    uint64_t offset = r->file_offset + (page - r->host_base);
+    *zero_filled = ps_bit_test(fork->removed[index], (page - r->host_base) / r->page_size);
+    if (*zero_filled)
+        return ps_zero_page(fork, page, r->page_size);
+    if (fork->record_until_ns)
+        ps_record_hot(fork, offset, ps_now_ns());
+    return ps_copy_page(fork, page, fork->template->memory + offset, r->page_size);
+}
+
+static void ps_account_fault(struct page_server_fork *fork, int rc, bool zero_filled,
+                             uint64_t start_ns)
+{
+    struct page_server_counters *mine = &fork->counters, *all = &fork->template->counters;
+    uint64_t elapsed = ps_now_ns() - start_ns;
+    if (rc == 1) {
+        ps_count(&mine->existed, 1);
+        ps_count(&all->existed, 1);
+    } else if (zero_filled) {
+        ps_count(&mine->zero, 1);
+        ps_count(&all->zero, 1);
+    }
+    ps_record_time(mine, elapsed);
+    ps_record_time(all, elapsed);
+    /* Last and with release order: a reader that sees the fault counted sees its figures. */
+    atomic_fetch_add_explicit(&mine->faults, 1, memory_order_release);
+    atomic_fetch_add_explicit(&all->faults, 1, memory_order_release);
+}
+
+/* ---------------------------------------------------------------- dropping forks */
+
+static void ps_retry_unlist(struct page_server *server, struct page_server_fork *fork)
+{
+    struct page_server_fork **p = &server->retry_list;
+    while (*p && *p != fork)
+        p = &(*p)->retry_next;
+    if (*p)
+        *p = fork->retry_next;
+    fork->retry_listed = false;
+}
+
+static void ps_loop_unlist(struct page_server *server, struct page_server_fork *fork)
+{
+    struct page_server_fork **p = &server->forks;
+    while (*p && *p != fork)
+        p = &(*p)->loop_next;
+    if (*p)
+        *p = fork->loop_next;
+}
+
+/* Loop thread: releases everything the fork holds but its figures; the loop's reference goes
+ * at the end of the event batch (later events of the batch may still name the fork). */
+static void ps_drop(struct page_server *server, struct page_server_fork *fork, const char *why)
+{
+    if (!fork->in_loop)
+        return;
+    fork->in_loop = false;
+    epoll_ctl(server->epoll_fd, EPOLL_CTL_DEL, fork->handshake.uffd, NULL);
+    epoll_ctl(server->epoll_fd, EPOLL_CTL_DEL, fork->handshake.connection, NULL);
+    uffd_handshake_release(&fork->handshake);
+    for (size_t i = 0; i < UFFD_MAX_REGIONS; i++) {
+        free(fork->removed[i]);
+        fork->removed[i] = NULL;
+    }
+    free(fork->retries);
+    fork->retries = NULL;
+    fork->retry_count = fork->retry_capacity = 0;
+    if (fork->retry_listed)
+        ps_retry_unlist(server, fork);
+    ps_loop_unlist(server, fork);
+    atomic_store(&fork->active, false);
+    atomic_fetch_sub(&fork->template->forks_active, 1);
+    atomic_fetch_sub(&server->active_forks, 1);
+    pthread_mutex_lock(&fork->lock);
+    snprintf(fork->drop_reason, sizeof(fork->drop_reason), "%s", why);
+    fork->state = PS_DROPPED;
+    pthread_cond_broadcast(&fork->changed);
+    pthread_mutex_unlock(&fork->lock);
+    fork->grave_next = server->graveyard;
+    server->graveyard = fork;
+}
+
+static void ps_drop_errno(struct page_server *server, struct page_server_fork *fork,
+                          const char *what, int rc)
+{
+    char why[PS_REASON_MAX];
+    snprintf(why, sizeof(why), "%s: %s", what, strerror(-rc));
+    ps_drop(server, fork, why);
+}
+
+static void ps_bury(struct page_server *server)
+{
+    while (server->graveyard) {
+        struct page_server_fork *fork = server->graveyard;
+        server->graveyard = fork->grave_next;
+        ps_fork_unref(fork);
+    }
+}
+
+/* ---------------------------------------------------------------- EAGAIN retries */
+
+static int ps_retry_add(struct page_server_fork *fork, uint64_t address, uint64_t start_ns)
+{
+    if (fork->retry_count == fork->retry_capacity) {
+        size_t capacity = fork->retry_capacity ? fork->retry_capacity * 2 : 8;
+        struct ps_retry *grown = realloc(fork->retries, capacity * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        fork->retries = grown;
+        fork->retry_capacity = capacity;
+    }
+    fork->retries[fork->retry_count++] = (struct ps_retry){address, start_ns, 0};
+    ps_count(&fork->counters.retries, 1);
+    ps_count(&fork->template->counters.retries, 1);
+    return 0;
+}
+
+static void ps_arm_timer(struct page_server *server, struct page_server_fork *fork)
+{
+    if (!fork->retry_listed) {
+        fork->retry_listed = true;
+        fork->retry_next = server->retry_list;
+        server->retry_list = fork;
+    }
+    if (server->timer_armed)
+        return;
+    struct itimerspec when = {.it_value = {.tv_nsec = (long)PS_RETRY_DELAY_NS}};
+    server->timer_armed = timerfd_settime(server->timer_fd, 0, &when, NULL) == 0;
+}
+
+/* Tries the fork's EAGAIN'd faults again; those still refused wait for the timer. */
+static void ps_retry_faults(struct page_server *server, struct page_server_fork *fork)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < fork->retry_count && fork->in_loop; i++) {
+        struct ps_retry retry = fork->retries[i];
+        bool zero_filled = false;
+        int rc = ps_resolve(fork, retry.address, &zero_filled);
+        if (rc >= 0) {
+            ps_account_fault(fork, rc, zero_filled, retry.start_ns);
+        } else if (rc != -EAGAIN) {
+            ps_drop_errno(server, fork, "resolve a retried fault", rc);
+        } else if (++retry.tries >= PS_RETRY_LIMIT) {
+            ps_drop(server, fork, "a fault kept failing with EAGAIN");
+        } else {
+            fork->retries[kept++] = retry;
+        }
+    }
+    if (!fork->in_loop)
+        return;
+    fork->retry_count = kept;
+    if (kept)
+        ps_arm_timer(server, fork);
+}
+
+static void ps_on_timer(struct page_server *server)
+{
+    uint64_t expirations;
+    if (read(server->timer_fd, &expirations, sizeof(expirations)) < 0 && errno != EAGAIN)
+        return;
+    server->timer_armed = false;
+    struct page_server_fork *list = server->retry_list;
+    server->retry_list = NULL;
+    while (list) {
+        struct page_server_fork *fork = list;
+        list = fork->retry_next;
+        fork->retry_listed = false;
+        if (fork->in_loop)
+            ps_retry_faults(server, fork);
+    }
+}
+
+/* ---------------------------------------------------------------- events */
+
+static void ps_on_fault(struct page_server *server, struct page_server_fork *fork, uint64_t address,
+                        uint64_t start_ns)
+{
+    bool zero_filled = false;
+    int rc = ps_resolve(fork, address, &zero_filled);
+    if (rc >= 0)
+        ps_account_fault(fork, rc, zero_filled, start_ns);
+    else if (rc == -EAGAIN && ps_retry_add(fork, address, start_ns) < 0)
+        ps_drop(server, fork, "out of memory queueing a retry");
+    else if (rc == -ERANGE)
+        ps_drop(server, fork, "fault outside every announced region");
+    else if (rc != -EAGAIN)
+        ps_drop_errno(server, fork, "resolve a fault", rc); /* ESRCH/ENOSPC: the VMM is gone */
+}
+
+/* Marks [start, end) removed in the regions it touches: later faults there get zeros. */
+static int ps_on_remove(struct page_server_fork *fork, uint64_t start, uint64_t end)
+{
+    ps_count(&fork->counters.removes, 1);
+    ps_count(&fork->template->counters.removes, 1);
+    for (size_t i = 0; i < fork->handshake.region_count; i++) {
+        const struct uffd_region *r = &fork->handshake.regions[i];
+        uint64_t from = start > r->host_base ? start : r->host_base;
+        uint64_t to = end < r->host_base + r->size ? end : r->host_base + r->size;
+        if (from >= to)
+            continue;
+        uint64_t pages = r->size / r->page_size;
+        if (!fork->removed[i])
+            fork->removed[i] = calloc((pages + 63) / 64, sizeof(atomic_uint_fast64_t));
+        if (!fork->removed[i])
+            return -ENOMEM;
+        for (uint64_t p = (from - r->host_base) / r->page_size;
+             p < (to - r->host_base + r->page_size - 1) / r->page_size; p++)
+            ps_bit_set(fork->removed[i], p);
+    }
+    return 0;
+}
+
+static void ps_on_message(struct page_server *server, struct page_server_fork *fork,
+                          const struct uffd_msg *message, uint64_t start_ns)
+{
+    if (message->event == UFFD_EVENT_PAGEFAULT) {
+        ps_on_fault(server, fork, message->arg.pagefault.address, start_ns);
+    } else if (message->event == UFFD_EVENT_REMOVE) {
+        if (ps_on_remove(fork, message->arg.remove.start, message->arg.remove.end) < 0)
+            ps_drop(server, fork, "out of memory recording a removed range");
+    }
+    /* Other events need features the VMM did not ask for; nothing to do for them. */
+}
+
+static void ps_on_uffd(struct page_server *server, struct page_server_fork *fork)
+{
+    struct uffd_msg messages[PS_MESSAGE_BATCH];
+    struct forkd_error err = {0};
+    int count = uffd_read_events(fork->handshake.uffd, messages, PS_MESSAGE_BATCH, &err);
+    if (count < 0) {
+        ps_drop(server, fork, err.message);
+        return;
+    }
+    uint64_t start_ns = ps_now_ns();
+    for (int i = 0; i < count && fork->in_loop; i++)
+        ps_on_message(server, fork, &messages[i], start_ns);
+    /* A REMOVE read just now ends the EAGAIN window of faults queued behind it. */
+    if (fork->in_loop && fork->retry_count)
+        ps_retry_faults(server, fork);
+}
+
+static void ps_on_connection(struct page_server *server, struct page_server_fork *fork,
+                             uint32_t events)
+{
+    if (events & (EPOLLHUP | EPOLLRDHUP | EPOLLERR))
+        ps_drop(server, fork, "peer hung up");
+    else
+        ps_drop(server, fork, "peer sent data after the handshake (protocol breach)");
+}
+
+/* ---------------------------------------------------------------- attach and detach */
+
+static int ps_epoll_add(struct page_server *server, int fd, uint32_t events, struct ps_watch *watch)
+{
+    struct epoll_event event = {.events = events, .data.ptr = watch};
+    return epoll_ctl(server->epoll_fd, EPOLL_CTL_ADD, fd, &event) < 0 ? -errno : 0;
+}
+
+/* Loop thread: starts serving a fork whose handshake thread queued it (with its reference). */
+static void ps_attach(struct page_server *server, struct page_server_fork *fork)
+{
+    fork->uffd_watch = (struct ps_watch){PS_WATCH_UFFD, fork};
+    fork->connection_watch = (struct ps_watch){PS_WATCH_CONNECTION, fork};
+    int rc = ps_epoll_add(server, fork->handshake.uffd, EPOLLIN, &fork->uffd_watch);
+    if (rc == 0)
+        rc = ps_epoll_add(server, fork->handshake.connection, EPOLLIN | EPOLLRDHUP,
+                          &fork->connection_watch);
+    fork->in_loop = true;
+    fork->loop_next = server->forks;
+    server->forks = fork;
+    atomic_store(&fork->active, true);
+    atomic_fetch_add(&fork->template->forks_active, 1);
+    atomic_fetch_add(&fork->template->forks_total, 1);
+    atomic_fetch_add(&server->active_forks, 1);
+    if (fork->record_ms) {
+        fork->record_until_ns = ps_now_ns() + fork->record_ms * 1000000ULL;
+        uint_fast64_t none = 0;
+        atomic_compare_exchange_strong(&fork->template->hot_ready_ns, &none, fork->record_until_ns);
+    }
+    pthread_mutex_lock(&fork->lock);
+    bool released = fork->released;
+    fork->state = PS_ACTIVE;
+    pthread_cond_broadcast(&fork->changed);
+    pthread_mutex_unlock(&fork->lock);
+    if (rc < 0)
+        ps_drop_errno(server, fork, "epoll_ctl", rc);
+    else if (released)
+        ps_drop(server, fork, "released by its owner");
+}
+
+/* Loop thread: takes the queued requests. */
+static bool ps_on_wake(struct page_server *server)
+{
+    uint64_t count;
+    if (read(server->wake_fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+        return false;
+    pthread_mutex_lock(&server->lock);
+    struct page_server_fork *attach = server->attach_queue, *detach = server->detach_queue;
+    server->attach_queue = server->detach_queue = NULL;
+    bool closing = server->closing;
+    pthread_mutex_unlock(&server->lock);
+    while (attach) {
+        struct page_server_fork *fork = attach;
+        attach = fork->queue_next;
+        ps_attach(server, fork);
+    }
+    while (detach) {
+        struct page_server_fork *fork = detach;
+        detach = fork->queue_next;
+        ps_drop(server, fork, "released by its owner");
+        ps_fork_unref(fork); /* the request's reference */
+    }
+    while (closing && server->forks)
+        ps_drop(server, server->forks, "page server closed");
+    return closing;
+}
+
+static void ps_dispatch(struct page_server *server, const struct epoll_event *event, bool *closing)
+{
+    struct ps_watch *watch = event->data.ptr;
+    switch (watch->kind) {
+    case PS_WATCH_WAKE:
+        *closing = ps_on_wake(server);
+        break;
+    case PS_WATCH_TIMER:
+        ps_on_timer(server);
+        break;
+    case PS_WATCH_UFFD:
+        if (watch->fork->in_loop)
+            ps_on_uffd(server, watch->fork);
+        break;
+    case PS_WATCH_CONNECTION:
+        if (watch->fork->in_loop)
+            ps_on_connection(server, watch->fork, event->events);
+        break;
+    }
+}
+
+static void *ps_loop_main(void *arg)
+{
+    struct page_server *server = arg;
+    bool closing = false;
+    while (!closing) {
+        struct epoll_event events[PS_EPOLL_BATCH];
+        int n = epoll_wait(server->epoll_fd, events, PS_EPOLL_BATCH, -1);
+        for (int i = 0; i < n; i++)
+            ps_dispatch(server, &events[i], &closing);
+        ps_bury(server);
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- prefetch */
+
+/* Any hot 4 KiB page in the file range [offset, offset + length). */
+static bool ps_hot_in(const struct page_server_template *t, uint64_t offset, uint64_t length)
+{
+    for (uint64_t p = offset / PS_SMALL_PAGE; p < (offset + length) / PS_SMALL_PAGE; p++)
+        if (ps_bit_test(t->hot, p))
+            return true;
+    return false;
+}
+
+/* Copies one run of whole pages; pages already there are skipped. -EAGAIN (an event waits
+ * to be read) or another error ends the prefetch: the rest is served on demand. */
+static int ps_prefetch_run(struct page_server_fork *fork, const struct uffd_region *r,
+                           uint64_t start, uint64_t length)
+{
+    const struct page_server_template *t = fork->template;
+    while (length > 0) {
+        struct uffdio_copy copy = {
+            .dst = r->host_base + start,
+            .src = (uint64_t)(uintptr_t)(t->memory + r->file_offset + start),
+            .len = length,
+        };
+        int rc = ioctl(fork->handshake.uffd, UFFDIO_COPY, &copy) == 0 ? 0 : -errno;
+        uint64_t done = copy.copy > 0 ? (uint64_t)copy.copy : 0;
+        ps_count(&fork->counters.bytes, done);
+        ps_count(&fork->counters.prefetched, done / r->page_size);
+        if (rc == 0)
+            return 0;
+        if (rc != -EEXIST)
+            return rc;
+        done += r->page_size; /* the page that was there */
+        start += done;
+        length = length > done ? length - done : 0;
+    }
+    return 0;
+}
+
+/* Handshake thread, before the fork runs: copies every 64 KiB chunk holding a hot page, in
+ * runs of adjacent chunks (at least 64 KiB per ioctl, at most PS_PREFETCH_MAX_RUN). */
+static int ps_prefetch_region(struct page_server_fork *fork, const struct uffd_region *r)
+{
+    const struct page_server_template *t = fork->template;
+    uint64_t chunk = r->page_size > PAGE_SERVER_PREFETCH_BATCH_BYTES
+                         ? r->page_size
+                         : PAGE_SERVER_PREFETCH_BATCH_BYTES;
+    uint64_t run_start = 0, run_length = 0;
+    for (uint64_t at = 0; at < r->size; at += chunk) {
+        uint64_t length = r->size - at < chunk ? r->size - at : chunk;
+        bool hot = ps_hot_in(t, r->file_offset + at, length);
+        if (hot && run_length == 0)
+            run_start = at;
+        if (hot)
+            run_length += length;
+        if (run_length && (!hot || run_length >= PS_PREFETCH_MAX_RUN || at + length >= r->size)) {
+            int rc = ps_prefetch_run(fork, r, run_start, run_length);
+            if (rc < 0)
+                return rc;
+            run_length = 0;
+        }
+    }
+    return 0;
+}
+
+static void ps_prefetch(struct page_server_fork *fork)
+{
+    for (size_t i = 0; i < fork->handshake.region_count; i++)
+        if (ps_prefetch_region(fork, &fork->handshake.regions[i]) < 0)
+            break;
+    struct page_server_counters *all = &fork->template->counters;
+    ps_count(&all->bytes, ps_load(&fork->counters.bytes));
+    ps_count(&all->prefetched, ps_load(&fork->counters.prefetched));
+}
+
+/* ---------------------------------------------------------------- handshake thread */
+
+static int ps_check_handshake(const struct page_server_fork *fork, struct forkd_error *err)
+{
+    const struct uffd_handshake *h = &fork->handshake;
+    if (fork->expected_pid > 0 && h->peer_pid != fork->expected_pid)
+        return forkd_error_set(err, -EPERM, "uffd handshake: peer pid %d is not the VMM's (%d)",
+                               (int)h->peer_pid, (int)fork->expected_pid);
+    const struct uffd_region *last = &h->regions[h->region_count - 1];
+    uint64_t needed = last->file_offset + last->size;
+    if (needed > fork->template->size)
+        return forkd_error_set(err, -EINVAL,
+                               "uffd handshake: regions need %" PRIu64 " bytes of memory but "
+                               "%s has %" PRIu64,
+                               needed, fork->template->path, fork->template->size);
+    return 0;
+}
+
+static void ps_handshake_done(struct page_server *server)
+{
+    pthread_mutex_lock(&server->lock);
+    server->handshakes--;
+    pthread_cond_broadcast(&server->handshakes_done);
+    pthread_mutex_unlock(&server->lock);
+}
+
+static void ps_unlist_pending_locked(struct page_server *server, struct page_server_fork *fork)
+{
+    struct page_server_fork **p = &server->pending;
+    while (*p && *p != fork)
+        p = &(*p)->queue_next;
+    if (*p)
+        *p = fork->queue_next;
+    fork->queue_next = NULL;
+}
+
+/* Hands a received fork to the loop, unless its owner or the server gave up on it. */
+static int ps_queue_attach(struct page_server *server, struct page_server_fork *fork,
+                           struct forkd_error *err)
+{
+    pthread_mutex_lock(&server->lock);
+    ps_unlist_pending_locked(server, fork);
+    int rc = 0;
+    if (server->closing) {
+        rc = forkd_error_set(err, -ESHUTDOWN, "page server: closing");
+    } else {
+        ps_fork_set_state(fork, PS_QUEUED);
+        fork->queue_next = server->attach_queue;
+        server->attach_queue = fork;
+        ps_wake_loop(server);
+    }
+    pthread_mutex_unlock(&server->lock);
+    return rc;
+}
+
+static int ps_receive(struct page_server_fork *fork, struct forkd_error *err)
+{
+    int rc = uffd_accept_handshake(fork->listen_fd, fork->server->handshake_timeout_ms,
+                                   &fork->handshake, err);
+    close(fork->listen_fd);
+    fork->listen_fd = -1;
+    unlink(fork->socket_path); /* one VMM per socket: no one else may connect */
+    if (rc == 0)
+        rc = ps_check_handshake(fork, err);
+    if (rc < 0) {
+        uffd_handshake_release(&fork->handshake);
+        return forkd_error_prefix(err, "fork %s: ", ps_fork_label(fork));
+    }
+    atomic_store(&fork->peer_pid, fork->handshake.peer_pid);
+    fork->memory_bytes = uffd_total_size(&fork->handshake);
+    return 0;
+}
+
+static void *ps_handshake_main(void *arg)
+{
+    struct page_server_fork *fork = arg;
+    struct page_server *server = fork->server;
+    struct forkd_error err = {0};
+    int rc = ps_receive(fork, &err);
+    if (rc == 0 && fork->prefetch)
+        ps_prefetch(fork);
+    if (rc == 0)
+        rc = ps_queue_attach(server, fork, &err); /* gives our reference to the loop */
+    if (rc < 0) {
+        pthread_mutex_lock(&server->lock);
+        ps_unlist_pending_locked(server, fork);
+        pthread_mutex_unlock(&server->lock);
+        uffd_handshake_release(&fork->handshake);
+        ps_fork_fail(fork, &err);
+        ps_fork_unref(fork);
+    }
+    ps_handshake_done(server);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- forks: public API */
+
+static struct page_server_fork *ps_fork_new(struct page_server *server,
+                                            const struct page_server_fork_config *config)
+{
+    struct page_server_fork *fork = calloc(1, sizeof(*fork));
+    if (!fork)
+        return NULL;
+    atomic_init(&fork->refs, 1);
+    fork->server = server;
+    atomic_fetch_add(&server->refs, 1);
+    fork->listen_fd = -1;
+    fork->handshake.uffd = fork->handshake.connection = -1;
+    fork->expected_pid = config->vmm_pid;
+    fork->state = PS_PENDING;
+    snprintf(fork->label, sizeof(fork->label), "%s", config->label ? config->label : "");
+    pthread_mutex_init(&fork->lock, NULL);
+    pthread_condattr_t attributes;
+    pthread_condattr_init(&attributes);
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC); /* wait_ready's deadline */
+    pthread_cond_init(&fork->changed, &attributes);
+    pthread_condattr_destroy(&attributes);
+    return fork;
+}
+
+/* Under server->lock: the fork's template (with a reference) and its prefetch role. */
+static int ps_fork_bind_template(struct page_server *server, struct page_server_fork *fork,
+                                 const struct page_server_fork_config *config,
+                                 struct forkd_error *err)
+{
+    const char *name = config->template_name && *config->template_name ? config->template_name
+                                                                       : config->memory_path;
+    struct page_server_template *t;
+    int rc = ps_template_get_locked(server, name, config->memory_path, &t, err);
+    if (rc < 0)
+        return rc;
+    atomic_fetch_add(&t->refs, 1);
+    fork->template = t;
+    if (t->record_ms && t->hot && ps_hot_ready(t, ps_now_ns()))
+        fork->prefetch = ps_load(&t->hot_pages) > 0;
+    else if (t->record_ms)
+        fork->record_ms = t->record_ms;
+    return 0;
+}
+
+static int ps_fork_start(struct page_server *server, struct page_server_fork *fork,
+                         const struct page_server_fork_config *config, struct forkd_error *err)
+{
+    if (server->closing)
+        return forkd_error_set(err, -ESHUTDOWN, "page server: closing");
+    int rc = ps_fork_bind_template(server, fork, config, err);
+    if (rc < 0)
+        return rc;
+    fork->listen_fd = uffd_listen(config->socket_path, err);
+    if (fork->listen_fd < 0)
+        return fork->listen_fd;
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    pthread_t thread;
+    ps_fork_ref(fork); /* the handshake thread's */
+    rc = -pthread_create(&thread, &attributes, ps_handshake_main, fork);
+    pthread_attr_destroy(&attributes);
+    if (rc < 0) {
+        atomic_fetch_sub(&fork->refs, 1);
+        unlink(config->socket_path);
+        return forkd_error_set(err, rc, "page server: handshake thread: %s", strerror(-rc));
+    }
+    server->handshakes++;
+    fork->queue_next = server->pending;
+    server->pending = fork;
+    return 0;
+}
+
+int page_server_fork_prepare(struct page_server *server,
+                             const struct page_server_fork_config *config,
+                             struct page_server_fork **out, struct forkd_error *err)
+{
+    if (!config->socket_path || !config->memory_path)
+        return forkd_error_set(err, -EINVAL, "page server: socket and memory paths required");
+    struct page_server_fork *fork = ps_fork_new(server, config);
+    if (!fork)
+        return forkd_error_set(err, -ENOMEM, "page server: out of memory");
+    snprintf(fork->socket_path, sizeof(fork->socket_path), "%s", config->socket_path);
+    pthread_mutex_lock(&server->lock);
+    int rc = ps_fork_start(server, fork, config, err);
+    pthread_mutex_unlock(&server->lock);
+    if (rc < 0) {
+        ps_fork_unref(fork);
+        return rc;
+    }
+    *out = fork;
+    return 0;
+}
+
+static bool ps_fork_settled(enum ps_fork_state state)
+{
+    return state != PS_PENDING && state != PS_QUEUED;
+}
+
+int page_server_fork_wait_ready(struct page_server_fork *fork, int timeout_ms,
+                                struct forkd_error *err)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    uint64_t ns =
+        (uint64_t)deadline.tv_nsec + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ULL;
+    deadline.tv_sec += (time_t)(ns / 1000000000ULL);
+    deadline.tv_nsec = (long)(ns % 1000000000ULL);
+    pthread_mutex_lock(&fork->lock);
+    int rc = 0;
+    while (!ps_fork_settled(fork->state) && rc == 0)
+        rc = timeout_ms < 0 ? pthread_cond_wait(&fork->changed, &fork->lock)
+                            : pthread_cond_timedwait(&fork->changed, &fork->lock, &deadline);
+    enum ps_fork_state state = fork->state;
+    struct forkd_error error = fork->error;
+    pthread_mutex_unlock(&fork->lock);
+    if (state == PS_FAILED) {
+        if (err)
+            *err = error;
+        return error.code;
+    }
+    if (!ps_fork_settled(state))
+        return forkd_error_set(err, -ETIMEDOUT, "fork %s: handshake not done after %d ms",
+                               ps_fork_label(fork), timeout_ms);
+    return 0;
+}
+
+void page_server_fork_stats(const struct page_server_fork *fork, struct page_server_stats *out)
+{
+    ps_counters_read(&fork->counters, out);
+    out->forks_active = atomic_load(&fork->active) ? 1 : 0;
+    out->forks_total = atomic_load(&fork->peer_pid) != 0 ? 1 : 0;
+}
+
+pid_t page_server_fork_peer_pid(const struct page_server_fork *fork)
+{
+    return atomic_load(&fork->peer_pid);
+}
+
+uint64_t page_server_fork_memory_bytes(const struct page_server_fork *fork)
+{
+    return atomic_load(&fork->peer_pid) != 0 ? fork->memory_bytes : 0;
+}
+
+bool page_server_fork_active(const struct page_server_fork *fork)
+{
+    return atomic_load(&fork->active);
+}
+
+void page_server_fork_drop_reason(const struct page_server_fork *fork, char *out, size_t size)
+{
+    struct page_server_fork *mutable_fork = (struct page_server_fork *)fork;
+    pthread_mutex_lock(&mutable_fork->lock);
+    snprintf(out, size, "%s", fork->drop_reason);
+    pthread_mutex_unlock(&mutable_fork->lock);
+}
+
+/* Wakes a handshake thread still waiting for its VMM to connect: our own connection closes
+ * at once, which ends its wait with -ECONNRESET. */
+static void ps_cancel_accept(const char *socket_path)
+{
+    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    snprintf(address.sun_path, sizeof(address.sun_path), "%s", socket_path);
+    if (fd >= 0)
+        (void)connect(fd, (struct sockaddr *)&address, sizeof(address));
+}
+
+static void ps_queue_detach(struct page_server *server, struct page_server_fork *fork)
+{
+    pthread_mutex_lock(&server->lock);
+    if (!server->closing) {
+        ps_fork_ref(fork);
+        fork->queue_next = server->detach_queue;
+        server->detach_queue = fork;
+        ps_wake_loop(server);
+    }
+    pthread_mutex_unlock(&server->lock);
+}
+
+void page_server_fork_release(struct page_server_fork *fork)
+{
+    if (!fork)
+        return;
+    pthread_mutex_lock(&fork->lock);
+    fork->released = true;
+    enum ps_fork_state state = fork->state;
+    pthread_mutex_unlock(&fork->lock);
+    if (state == PS_PENDING)
+        ps_cancel_accept(fork->socket_path);
+    else if (state == PS_ACTIVE)
+        ps_queue_detach(fork->server, fork);
+    ps_fork_unref(fork);
+}
+
+/* ---------------------------------------------------------------- the server */
+
+static void ps_server_free(struct page_server *server)
+{
+    if (server->epoll_fd >= 0)
+        close(server->epoll_fd);
+    if (server->wake_fd >= 0)
+        close(server->wake_fd);
+    if (server->timer_fd >= 0)
+        close(server->timer_fd);
+    if (server->zero_page && server->zero_page != MAP_FAILED)
+        munmap((void *)server->zero_page, PS_HUGE_PAGE);
+    pthread_mutex_destroy(&server->lock);
+    pthread_cond_destroy(&server->handshakes_done);
+    free(server);
+}
+
+static void ps_server_unref(struct page_server *server)
+{
+    if (atomic_fetch_sub(&server->refs, 1) == 1)
+        ps_server_free(server);
+}
+
+static int ps_server_fds(struct page_server *server)
+{
+    server->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    server->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    server->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+    /* Read-only anonymous memory reads as zeros and costs nothing until read. */
+    server->zero_page = mmap(NULL, PS_HUGE_PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (server->epoll_fd < 0 || server->wake_fd < 0 || server->timer_fd < 0 ||
+        server->zero_page == MAP_FAILED)
+        return -errno;
+    server->wake_watch = (struct ps_watch){PS_WATCH_WAKE, NULL};
+    server->timer_watch = (struct ps_watch){PS_WATCH_TIMER, NULL};
+    int rc = ps_epoll_add(server, server->wake_fd, EPOLLIN, &server->wake_watch);
+    if (rc == 0)
+        rc = ps_epoll_add(server, server->timer_fd, EPOLLIN, &server->timer_watch);
+    return rc;
+}
+
+int page_server_open(const struct page_server_config *config, struct page_server **out,
+                     struct forkd_error *err)
+{
+    struct page_server *server = calloc(1, sizeof(*server));
+    if (!server)
+        return forkd_error_set(err, -ENOMEM, "page server: out of memory");
+    atomic_init(&server->refs, 1);
+    server->epoll_fd = server->wake_fd = server->timer_fd = -1;
+    server->handshake_timeout_ms = config && config->handshake_timeout_ms > 0
+                                       ? config->handshake_timeout_ms
+                                       : PAGE_SERVER_DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    pthread_mutex_init(&server->lock, NULL);
+    pthread_cond_init(&server->handshakes_done, NULL);
+    int rc = ps_server_fds(server);
+    if (rc == 0)
+        rc = -pthread_create(&server->loop, NULL, ps_loop_main, server);
+    if (rc < 0) {
+        ps_server_free(server);
+        return forkd_error_set(err, rc, "page server: start: %s", strerror(-rc));
+    }
+    server->loop_started = true;
+    *out = server;
+    return 0;
+}
+
+/* Wakes every handshake thread still waiting for a VMM, then waits for them all. */
+static void ps_stop_handshakes(struct page_server *server)
+{
+    pthread_mutex_lock(&server->lock);
+    for (struct page_server_fork *fork = server->pending; fork; fork = fork->queue_next)
+        ps_cancel_accept(fork->socket_path);
+    while (server->handshakes > 0)
+        pthread_cond_wait(&server->handshakes_done, &server->lock);
+    pthread_mutex_unlock(&server->lock);
+}
+
+void page_server_close(struct page_server *server)
+{
+    if (!server)
+        return;
+    pthread_mutex_lock(&server->lock);
+    server->closing = true;
+    ps_wake_loop(server);
+    pthread_mutex_unlock(&server->lock);
+    pthread_join(server->loop, NULL);
+    ps_stop_handshakes(server);
+    while (server->templates) {
+        struct page_server_template *t = server->templates;
+        server->templates = t->next;
+        ps_template_unref(t);
+    }
+    ps_server_unref(server);
+}
