@@ -400,6 +400,24 @@ static unsigned branches_interval(uint32_t requested)
                                          : requested;
 }
 
+/* Labels are stored as given: refuse what the store could not hold, before any work. */
+static grpc_status_code branches_check_labels(const Forkd__V1__BranchRequest *request,
+                                              struct rpc_status *status)
+{
+    if (request->n_labels > STORE_MAX_LABELS)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "at most %d labels",
+                              STORE_MAX_LABELS);
+    for (size_t i = 0; i < request->n_labels; i++) {
+        const Forkd__V1__BranchRequest__LabelsEntry *label = request->labels[i];
+        if (!*label->key || strlen(label->key) >= sizeof(((struct store_label *)0)->key) ||
+            strlen(label->value) >= sizeof(((struct store_label *)0)->value))
+            return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                                  "label '%.64s': keys are 1..63 bytes, values at most 255",
+                                  label->key);
+    }
+    return GRPC_STATUS_OK;
+}
+
 static grpc_status_code branches_check(struct daemon_state *daemon,
                                        const Forkd__V1__BranchRequest *request,
                                        enum store_mode *mode, struct rpc_status *status)
@@ -426,9 +444,8 @@ static grpc_status_code branches_check(struct daemon_state *daemon,
                               "mode %d is not one of LIVE, LIVE_ARM_IN_PAUSE, FULL",
                               (int)request->mode);
     }
-    if (request->n_labels > STORE_MAX_LABELS)
-        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "at most %d labels",
-                              STORE_MAX_LABELS);
+    if (branches_check_labels(request, status) != GRPC_STATUS_OK)
+        return status->code;
     if (atomic_load(&daemon->shutting_down))
         return rpc_status_set(status, GRPC_STATUS_UNAVAILABLE, "forkd is shutting down");
     struct store_snapshot existing;

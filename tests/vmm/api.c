@@ -503,7 +503,7 @@ static int handle_snapshot_create(struct vmm *vmm, const char *resource_id, cons
         r = guest_memory_write_file(&vmm->memory, string_field(body, "mem_file_path"), err,
                                     err_size);
     if (r == 0)
-        r = vmstate_write(string_field(body, "snapshot_path"), state, err, err_size);
+        r = vmstate_write(string_field(body, "snapshot_path"), state, full, err, err_size);
     if (r == 0)
         vmm->last_snapshot_ns = monotonic_ns() - start;
     return r;

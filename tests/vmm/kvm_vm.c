@@ -484,17 +484,26 @@ int vm_start(struct vm *vm, bool start_paused, char *err, size_t err_size)
     sigemptyset(&kick);
     sigaddset(&kick, VCPU_KICK_SIGNAL);
     pthread_sigmask(SIG_UNBLOCK, &kick, &previous);
-    for (unsigned i = 0; i < vm->vcpu_count; i++) {
+    /* vCPUs run at normal priority even when the API thread creating them runs real-time:
+     * a guest spinning flat out must not be able to starve the host. */
+    pthread_attr_t attributes;
+    struct sched_param normal = {.sched_priority = 0};
+    pthread_attr_init(&attributes);
+    pthread_attr_setinheritsched(&attributes, PTHREAD_EXPLICIT_SCHED);
+    pthread_attr_setschedpolicy(&attributes, SCHED_OTHER);
+    pthread_attr_setschedparam(&attributes, &normal);
+    int r = 0;
+    for (unsigned i = 0; i < vm->vcpu_count && r == 0; i++) {
         struct vcpu *vcpu = &vm->vcpus[i];
-        int r = pthread_create(&vcpu->thread, NULL, vcpu_thread_main, vcpu);
-        if (r != 0) {
-            pthread_sigmask(SIG_SETMASK, &previous, NULL);
-            return error_set(err, err_size, r, "starting vCPU %u thread: %s", i, strerror(r));
-        }
-        vcpu->thread_started = true;
+        r = pthread_create(&vcpu->thread, &attributes, vcpu_thread_main, vcpu);
+        if (r != 0)
+            error_set(err, err_size, r, "starting vCPU %u thread: %s", i, strerror(r));
+        else
+            vcpu->thread_started = true;
     }
+    pthread_attr_destroy(&attributes);
     pthread_sigmask(SIG_SETMASK, &previous, NULL);
-    return 0;
+    return r == 0 ? 0 : -r;
 }
 
 static void kick_all(struct vm *vm)

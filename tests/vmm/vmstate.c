@@ -54,8 +54,8 @@ static uint8_t *append(uint8_t *cursor, const void *data, size_t length)
     return cursor + length;
 }
 
-static int write_all_and_sync(const char *path, const uint8_t *data, size_t length, char *err,
-                              size_t err_size)
+static int write_all_and_sync(const char *path, const uint8_t *data, size_t length, bool sync,
+                              char *err, size_t err_size)
 {
     _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 
@@ -70,12 +70,13 @@ static int write_all_and_sync(const char *path, const uint8_t *data, size_t leng
         data += n;
         length -= (size_t)n;
     }
-    if (fsync(fd) < 0)
+    if (sync && fsync(fd) < 0)
         return error_set(err, err_size, errno, "fsync(%s): %s", path, strerror(errno));
     return 0;
 }
 
-int vmstate_write(const char *path, const struct vmstate *state, char *err, size_t err_size)
+int vmstate_write(const char *path, const struct vmstate *state, bool sync, char *err,
+                  size_t err_size)
 {
     size_t size = file_size_for(state->vcpu_count, state->region_count);
     _cleanup_free_ uint8_t *buffer = calloc(1, size);
@@ -107,7 +108,7 @@ int vmstate_write(const char *path, const struct vmstate *state, char *err, size
     cursor = append(cursor, state->vcpus, state->vcpu_count * sizeof(state->vcpus[0]));
     uint64_t checksum = fnv1a64(buffer, (size_t)(cursor - buffer));
     append(cursor, &checksum, sizeof(checksum));
-    return write_all_and_sync(path, buffer, size, err, err_size);
+    return write_all_and_sync(path, buffer, size, sync, err, err_size);
 }
 
 static int read_file(const char *path, uint8_t **data_out, size_t *size_out, char *err,

@@ -50,7 +50,10 @@ struct vmstate {
 };
 
 /* Writes state to path (created 0600, truncated) and fsyncs it. */
-int vmstate_write(const char *path, const struct vmstate *state, char *err, size_t err_size);
+/* Writes the vmstate file; fsyncs it when sync (Full snapshots). A VmstateOnly snapshot is not
+ * synced inside the pause: its taker (forkd's store) syncs it before publishing. */
+int vmstate_write(const char *path, const struct vmstate *state, bool sync, char *err,
+                  size_t err_size);
 
 /* Reads and validates path into *state. */
 int vmstate_read(const char *path, struct vmstate *state, char *err, size_t err_size);
