@@ -16,6 +16,7 @@
 #include "forkd/page_server.h"
 
 #include "forkd/cleanup.h"
+#include "forkd/thread_priority.h"
 #include "forkd/uffd.h"
 
 #include <errno.h>
@@ -873,6 +874,10 @@ static void ps_dispatch(struct page_server *server, const struct epoll_event *ev
 static void *ps_loop_main(void *arg)
 {
     struct page_server *server = arg;
+    /* A vCPU waits on every fault: on busy cores an ordinary thread may wait a tick to run.
+     * Without the privilege the loop runs as it is. */
+    struct thread_priority priority;
+    thread_priority_raise(&priority);
     bool closing = false;
     while (!closing) {
         struct epoll_event events[PS_EPOLL_BATCH];

@@ -110,18 +110,29 @@ class PageServerKvmTest : public EngineTest
         vm_unref(source);
     }
 
-    // Pause, Full snapshot into dir, resume.
-    static bool Snapshot(struct vm *vm, const std::string &dir)
+    // Full snapshot into dir; pauses and resumes the VM unless it is paused already.
+    static bool Snapshot(struct vm *vm, const std::string &dir, bool paused = false)
     {
         mkdir(dir.c_str(), 0700);
         struct forkd_error err = {};
         std::string vmstate = dir + "/vmstate", memory = dir + "/memory.bin";
-        bool ok = vmm_pause(vm_client(vm), &err) == 0 &&
+        bool ok = (paused || vmm_pause(vm_client(vm), &err) == 0) &&
                   vmm_snapshot_create(vm_client(vm), VMM_SNAPSHOT_FULL, vmstate.c_str(),
                                       memory.c_str(), &err) == 0 &&
-                  vmm_resume(vm_client(vm), &err) == 0;
+                  (paused || vmm_resume(vm_client(vm), &err) == 0);
         EXPECT_TRUE(ok) << err.message;
         return ok;
+    }
+
+    // Pauses every fork, so that checking one does not compete for the cores with the
+    // others' vCPUs (the guests spin flat out), and resumes them after each check.
+    static void PauseAll(const std::vector<struct vm *> &forks, bool pause)
+    {
+        struct forkd_error err = {};
+        for (struct vm *fork : forks)
+            EXPECT_EQ(0,
+                      pause ? vmm_pause(vm_client(fork), &err) : vmm_resume(vm_client(fork), &err))
+                << err.message;
     }
 
     struct vm *Spawn(enum vm_memory memory, const std::string &name = "")
@@ -141,10 +152,10 @@ class PageServerKvmTest : public EngineTest
     }
 
     // The fork ran on from the template: its snapshot verifies and its totals are not behind.
-    void CheckFork(struct vm *fork, const std::string &tag)
+    void CheckFork(struct vm *fork, const std::string &tag, bool paused = false)
     {
         std::string dir = state_dir_ + "/check-" + tag;
-        ASSERT_TRUE(Snapshot(fork, dir));
+        ASSERT_TRUE(Snapshot(fork, dir, paused));
         VerifyResult verify = Verify(dir);
         EXPECT_EQ(0, verify.exit_code) << tag << ": " << verify.output;
         EXPECT_GE(TotalFromVerify(verify.output), template_total_) << tag;
@@ -182,8 +193,10 @@ TEST_F(PageServerKvmTest, SixteenForksShareOneMappingAndVerify)
     for (struct vm *fork : forks)
         ASSERT_TRUE(WaitFor([&] { return ForkStats(fork).faults_served > 0; }, 10000))
             << "every fork faults its memory in through the page server";
+    PauseAll(forks, true);
     for (size_t i = 0; i < forks.size(); i++)
-        CheckFork(forks[i], std::to_string(i));
+        CheckFork(forks[i], std::to_string(i), true);
+    PauseAll(forks, false);
     uint64_t sum = 0;
     for (struct vm *fork : forks) {
         struct page_server_stats stats = ForkStats(fork);
@@ -220,10 +233,14 @@ TEST_F(PageServerKvmTest, KilledForkIsDroppedAndTheOthersRunOn)
     EXPECT_EQ(0u, ForkStats(victim).forks_active);
     EXPECT_EQ(uffds - 1, CountUserfaultfds()) << "the dead fork's uffd is closed";
     EXPECT_EQ(3u, Template().stats.forks_active);
-    for (size_t i = 0; i < forks.size(); i++) {
-        if (forks[i] != victim)
-            CheckFork(forks[i], std::to_string(i));
-    }
+    std::vector<struct vm *> survivors;
+    for (struct vm *fork : forks)
+        if (fork != victim)
+            survivors.push_back(fork);
+    PauseAll(survivors, true);
+    for (size_t i = 0; i < survivors.size(); i++)
+        CheckFork(survivors[i], std::to_string(i), true);
+    PauseAll(survivors, false);
     struct forkd_error err = {};
     ASSERT_EQ(0, vm_stop(registry_, forks[0], 2000, &err)) << err.message;
     ASSERT_TRUE(WaitFor([&] { return page_server_active_forks(server_) == 2; }, 10000))
