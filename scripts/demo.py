@@ -79,8 +79,9 @@ def figures(done):
     f, s = done.figures, done.snapshot
     p = s.progress
     copy_rate = s.memory_bytes / max(f.copy_ns, 1) * 1e9 / 2**20
-    print("  pause window      %s (vmstate %s, re-arm %s of %d pages)" %
-          (ms(f.pause_ns), ms(f.vmstate_ns), ms(f.rearm_ns), f.rearmed_pages))
+    print("  pause window      %s: pause request %s, vmstate %s, re-arm %s of %d pages, "
+          "resume request %s" % (ms(f.pause_ns), ms(f.pause_request_ns), ms(f.vmstate_ns),
+                                 ms(f.rearm_ns), f.rearmed_pages, ms(f.resume_request_ns)))
     print("  arm (VM running)  %s" % ms(f.arm_ns))
     print("  copy              %d MiB in %s = %.0f MiB/s, while the guest ran" %
           (s.memory_bytes >> 20, ms(f.copy_ns), copy_rate))

@@ -37,6 +37,8 @@ void convert_figures(const struct store_figures *figures, Forkd__V1__BranchFigur
     out->copy_ns = figures->copy_ns;
     out->publish_ns = figures->publish_ns;
     out->total_ns = figures->total_ns;
+    out->pause_request_ns = figures->pause_request_ns;
+    out->resume_request_ns = figures->resume_request_ns;
 }
 
 void convert_progress(const struct branch_progress *progress, Forkd__V1__BranchProgress *out)

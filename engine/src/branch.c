@@ -41,7 +41,7 @@
 
 #define BULK_CHUNK_BYTES         (2u << 20) /* one read and one write per chunk */
 #define HANDLER_BATCH            64
-#define REARM_MAX_ROUNDS         4
+#define REARM_MAX_ROUNDS         16
 #define REARM_CONVERGED_PAGES    64 /* dirty set small enough to re-arm inside the pause */
 #define HANDSHAKE_TIMEOUT_MS     5000
 #define VMSTATE_ONLY_MEMORY_PATH "/dev/null/forkd-vmstate-only" /* must never be opened */
@@ -221,6 +221,15 @@ static void branch_record(struct branch *branch, uint64_t *field, uint64_t value
 {
     pthread_mutex_lock(&branch->figures_lock);
     *field = value;
+    pthread_mutex_unlock(&branch->figures_lock);
+}
+
+static void branch_record_pause(struct branch *branch, const struct pause_guard *guard)
+{
+    pthread_mutex_lock(&branch->figures_lock);
+    branch->figures.pause_ns = pause_guard_window_ns(guard);
+    branch->figures.pause_request_ns = guard->paused_ns - guard->requested_ns;
+    branch->figures.resume_request_ns = guard->resumed_ns - guard->resume_requested_ns;
     pthread_mutex_unlock(&branch->figures_lock);
 }
 
@@ -556,6 +565,7 @@ static int branch_prearm(struct branch *branch, struct branch_run_state *run,
     int rc = branch_arm_all(run, true, err);
     if (rc < 0)
         return rc;
+    long previous = -1;
     for (int round = 0; round < REARM_MAX_ROUNDS; round++) {
         struct dirty_list list;
         rc = branch_handler_request(run, HANDLER_TRACKING, &list);
@@ -565,8 +575,10 @@ static int branch_prearm(struct branch *branch, struct branch_run_state *run,
             return forkd_error_set(err, rc, "fault handler: %s", run->handler_error_message);
         if (pages < 0)
             return (int)pages;
-        if (pages <= REARM_CONVERGED_PAGES)
+        /* Small enough, or no longer shrinking: the guest dirties as fast as we re-arm. */
+        if (pages <= REARM_CONVERGED_PAGES || (previous >= 0 && pages * 4 > previous * 3))
             break;
+        previous = pages;
     }
     branch_record(branch, &branch->figures.arm_ns, forkd_monotonic_ns() - start);
     return 0;
@@ -629,7 +641,7 @@ static int branch_pause_and_save(struct branch *branch, struct branch_run_state 
     if (request->inside_pause_hook)
         request->inside_pause_hook(request->context);
     rc = pause_guard_resume(&guard, err);
-    branch_record(branch, &branch->figures.pause_ns, pause_guard_window_ns(&guard));
+    branch_record_pause(branch, &guard);
     if (rc < 0)
         return rc;
     branch_set_phase(branch, BRANCH_PHASE_RESUMED);
@@ -959,7 +971,7 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
     branch_set_phase(branch, BRANCH_PHASE_VMSTATE_SAVED);
     rc = pause_guard_resume(&guard, err);
-    branch_record(branch, &branch->figures.pause_ns, pause_guard_window_ns(&guard));
+    branch_record_pause(branch, &guard);
     if (rc < 0)
         return rc;
     struct stat st;

@@ -31,6 +31,7 @@ int pause_guard_resume(struct pause_guard *guard, struct forkd_error *err)
     if (!guard->paused)
         return 0;
     guard->paused = false;
+    guard->resume_requested_ns = forkd_monotonic_ns();
     int rc = vmm_resume(vm_client(guard->vm), err);
     guard->resumed_ns = forkd_monotonic_ns();
     thread_priority_restore(&guard->priority);

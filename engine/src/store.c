@@ -352,7 +352,9 @@ static bool store_json_put_figures(cJSON *parent, const struct store_figures *f)
            store_json_put_u64(obj, "total_ns", f->total_ns) &&
            store_json_put_u64(obj, "pages_by_fault", f->pages_by_fault) &&
            store_json_put_u64(obj, "pages_by_bulk", f->pages_by_bulk) &&
-           store_json_put_u64(obj, "bytes_copied", f->bytes_copied);
+           store_json_put_u64(obj, "bytes_copied", f->bytes_copied) &&
+           store_json_put_u64(obj, "pause_request_ns", f->pause_request_ns) &&
+           store_json_put_u64(obj, "resume_request_ns", f->resume_request_ns);
 }
 
 static bool store_json_put_regions(cJSON *parent, const struct store_snapshot *meta)
@@ -493,7 +495,9 @@ static int store_json_get_figures(const cJSON *root, struct store_figures *f,
         store_json_get_u64(obj, "total_ns", max, &f->total_ns, err) ||
         store_json_get_u64(obj, "pages_by_fault", max, &f->pages_by_fault, err) ||
         store_json_get_u64(obj, "pages_by_bulk", max, &f->pages_by_bulk, err) ||
-        store_json_get_u64(obj, "bytes_copied", max, &f->bytes_copied, err))
+        store_json_get_u64(obj, "bytes_copied", max, &f->bytes_copied, err) ||
+        store_json_get_u64(obj, "pause_request_ns", max, &f->pause_request_ns, err) ||
+        store_json_get_u64(obj, "resume_request_ns", max, &f->resume_request_ns, err))
         return forkd_error_prefix(err, "figures: ");
     return 0;
 }
@@ -925,7 +929,8 @@ static bool store_figures_fit_json(const struct store_figures *f)
 {
     const uint64_t v[] = {f->pause_ns,       f->arm_ns,        f->rearm_ns,    f->rearmed_pages,
                           f->vmstate_ns,     f->copy_ns,       f->publish_ns,  f->total_ns,
-                          f->pages_by_fault, f->pages_by_bulk, f->bytes_copied};
+                          f->pages_by_fault, f->pages_by_bulk, f->bytes_copied,
+                          f->pause_request_ns, f->resume_request_ns};
     for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
         if (v[i] > STORE_JSON_INT_MAX)
             return false;

@@ -211,6 +211,7 @@ TEST_F(BranchTest, BranchesOfRestoredVmsContinueTheGuest)
 {
     struct vm *source = Boot(2, 64, "pattern=hotset seed=2");
     ASSERT_NE(nullptr, source);
+    WaitForGuestWrites(source, 1000);
     unsigned long long base = BranchAndVerify(source, "base", STORE_MODE_LIVE);
     ASSERT_GT(base, 0u);
     struct forkd_error err = {};

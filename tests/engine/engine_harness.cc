@@ -2,8 +2,13 @@
 
 #include "engine_harness.h"
 
+extern "C" {
+#include "forkd/vmm_client.h"
+}
+
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -43,6 +48,39 @@ struct vm *EngineTest::Boot(unsigned vcpus, unsigned mem_mib, const std::string 
     int rc = vm_boot(registry_, &config, &vm, &err);
     EXPECT_EQ(0, rc) << err.message;
     return vm;
+}
+
+static unsigned long long GuestWrites(struct vm *vm)
+{
+    char *body = nullptr;
+    struct forkd_error err = {};
+    if (vmm_request(vm_client(vm), "GET", "/", nullptr, &body, &err) < 0)
+        return 0;
+    std::string json(body);
+    free(body);
+    size_t at = json.find("\"guest_progress\":[");
+    unsigned long long sum = 0;
+    if (at == std::string::npos)
+        return 0;
+    const char *cursor = json.c_str() + at + strlen("\"guest_progress\":[");
+    while (*cursor && *cursor != ']') {
+        char *end;
+        sum += strtoull(cursor, &end, 10);
+        cursor = *end == ',' ? end + 1 : end;
+        if (end == cursor && *cursor != ']')
+            break;
+    }
+    return sum;
+}
+
+void EngineTest::WaitForGuestWrites(struct vm *vm, unsigned long long writes)
+{
+    for (int i = 0; i < 2000; i++) {
+        if (GuestWrites(vm) >= writes)
+            return;
+        usleep(5000);
+    }
+    ADD_FAILURE() << "the guest did not reach " << writes << " writes within 10 s";
 }
 
 VerifyResult EngineTest::Verify(const std::string &dir)

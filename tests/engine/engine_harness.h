@@ -22,6 +22,10 @@ class EngineTest : public ::testing::Test {
     struct vm *Boot(unsigned vcpus, unsigned mem_mib, const std::string &workload,
                     const std::string &name = "", const char *const *extra_args = nullptr);
 
+    // Waits (bounded) until the guest's vCPUs have counted at least `writes` page writes in
+    // total, as the test VMM reports in GET /; fails the test otherwise.
+    static void WaitForGuestWrites(struct vm *vm, unsigned long long writes);
+
     // Runs `forkd-testvm verify` on a snapshot directory (vmstate + memory.bin).
     static VerifyResult Verify(const std::string &dir);
     // The per-vCPU totals the verifier printed, summed.

@@ -26,13 +26,14 @@ extern "C" {
 
 struct pause_guard {
     struct vm *vm;
-    int rc;                /* result of the pause request */
-    bool paused;           /* paused and not yet resumed */
-    bool released;         /* leave paused at scope exit */
-    uint64_t requested_ns; /* CLOCK_MONOTONIC at the pause request */
-    uint64_t paused_ns;    /* at the pause acknowledgement */
-    uint64_t resumed_ns;   /* at the resume acknowledgement */
-    int cleanup_resume_rc; /* result of a resume done by the cleanup */
+    int rc;                       /* result of the pause request */
+    bool paused;                  /* paused and not yet resumed */
+    bool released;                /* leave paused at scope exit */
+    uint64_t requested_ns;        /* CLOCK_MONOTONIC at the pause request */
+    uint64_t paused_ns;           /* at the pause acknowledgement */
+    uint64_t resumed_ns;          /* at the resume acknowledgement */
+    uint64_t resume_requested_ns; /* when the resume request went out */
+    int cleanup_resume_rc;        /* result of a resume done by the cleanup */
     /* The calling thread runs at real-time priority while the VM is paused (when permitted),
      * so a busy host does not stretch the pause by a scheduler tick per wake-up. */
     struct thread_priority priority;

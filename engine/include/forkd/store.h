@@ -40,6 +40,8 @@ struct store_region {
 struct store_figures {
     uint64_t pause_ns, arm_ns, rearm_ns, rearmed_pages, vmstate_ns, copy_ns, publish_ns, total_ns;
     uint64_t pages_by_fault, pages_by_bulk, bytes_copied;
+    /* Inside pause_ns: the VMM's answers to the pause and to the resume request. */
+    uint64_t pause_request_ns, resume_request_ns;
 };
 
 struct store_label {
