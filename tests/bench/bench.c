@@ -1,0 +1,343 @@
+/*
+ * forkd-bench: the benchmark of tests/bench/README.md. Drives the engine directly (no daemon)
+ * against the real test VMM: per guest size, LIVE / ARM_IN_PAUSE / FULL branches of a guest
+ * writing flat out, with the copy, fault-handler and write-rate baselines measured in between;
+ * then fan-out of FILE, MEMFD and UFFD forks. Prints a table and writes JSON.
+ */
+#include "bench.h"
+
+#include "forkd/cleanup.h"
+
+#include <errno.h>
+#include <ftw.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+static void usage(FILE *out)
+{
+    fprintf(
+        out,
+        "usage: forkd-bench [--quick] [--sizes MIB,...] [--reps N] [--reps-large N]\n"
+        "                   [--fanout N,...] [--json PATH] [--state-dir DIR] [--seed-dir DIR]\n"
+        "                   [--null-ms MS] [--rate-ms MS] [--settle-ms MS] [--copier-fifo]\n"
+        "                   [--no-branch] [--no-fanout]\n"
+        "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 4 GiB and up); fan-out 1,8,32;\n"
+        "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
+        "--copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler (a diagnosis).\n"
+        "Needs root, /dev/kvm and userfaultfd.\n");
+}
+
+static int parse_list(const char *text, unsigned *out, size_t max, size_t *count)
+{
+    *count = 0;
+    _cleanup_free_ char *copy = strdup(text);
+    char *save = NULL;
+    for (char *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        char *end;
+        unsigned long value = strtoul(item, &end, 10);
+        if (*end || value == 0 || *count == max)
+            return -EINVAL;
+        out[(*count)++] = (unsigned)value;
+    }
+    return *count ? 0 : -EINVAL;
+}
+
+static void set_defaults(struct bench_options *o, bool quick)
+{
+    static const unsigned sizes[] = {256, 1024, 4096}, fanout[] = {1, 8, 32};
+    o->quick = quick;
+    o->size_count = quick ? 1 : 3;
+    memcpy(o->sizes_mib, sizes, sizeof(sizes));
+    o->reps = quick ? 2 : 5;
+    o->reps_large = quick ? 2 : 3;
+    o->fanout_count = quick ? 2 : 3;
+    memcpy(o->fanout, fanout, sizeof(fanout));
+    o->null_ms = quick ? 500 : 1000;
+    o->rate_ms = quick ? 500 : 1000;
+    o->settle_ms = quick ? 500 : 1000;
+    o->json_path = "build/bench.json";
+    o->seed_dir = "/dev/shm";
+}
+
+enum {
+    OPT_SIZES = 256,
+    OPT_REPS,
+    OPT_REPS_LARGE,
+    OPT_FANOUT,
+    OPT_JSON,
+    OPT_STATE,
+    OPT_SEED,
+    OPT_NULL,
+    OPT_RATE,
+    OPT_SETTLE,
+    OPT_FIFO,
+    OPT_NO_BRANCH,
+    OPT_NO_FANOUT,
+    OPT_QUICK,
+    OPT_HELP
+};
+
+static const struct option long_options[] = {
+    {"quick", no_argument, NULL, OPT_QUICK},
+    {"sizes", required_argument, NULL, OPT_SIZES},
+    {"reps", required_argument, NULL, OPT_REPS},
+    {"reps-large", required_argument, NULL, OPT_REPS_LARGE},
+    {"fanout", required_argument, NULL, OPT_FANOUT},
+    {"json", required_argument, NULL, OPT_JSON},
+    {"state-dir", required_argument, NULL, OPT_STATE},
+    {"seed-dir", required_argument, NULL, OPT_SEED},
+    {"null-ms", required_argument, NULL, OPT_NULL},
+    {"rate-ms", required_argument, NULL, OPT_RATE},
+    {"settle-ms", required_argument, NULL, OPT_SETTLE},
+    {"copier-fifo", no_argument, NULL, OPT_FIFO},
+    {"no-branch", no_argument, NULL, OPT_NO_BRANCH},
+    {"no-fanout", no_argument, NULL, OPT_NO_FANOUT},
+    {"help", no_argument, NULL, OPT_HELP},
+    {NULL, 0, NULL, 0},
+};
+
+static int parse_number(const char *text, unsigned *out)
+{
+    char *end;
+    unsigned long value = strtoul(text, &end, 10);
+    if (*end || value == 0 || value > BENCH_MAX_REPS * 100000UL)
+        return -EINVAL;
+    *out = (unsigned)value;
+    return 0;
+}
+
+static int apply_option(struct bench_options *o, int option, const char *arg)
+{
+    switch (option) {
+    case OPT_SIZES:
+        return parse_list(arg, o->sizes_mib, BENCH_MAX_SIZES, &o->size_count);
+    case OPT_FANOUT:
+        return parse_list(arg, o->fanout, BENCH_MAX_FANOUT, &o->fanout_count);
+    case OPT_REPS:
+        return parse_number(arg, &o->reps) < 0 || o->reps > BENCH_MAX_REPS ? -EINVAL : 0;
+    case OPT_REPS_LARGE:
+        return parse_number(arg, &o->reps_large) < 0 || o->reps_large > BENCH_MAX_REPS ? -EINVAL
+                                                                                       : 0;
+    case OPT_NULL:
+        return parse_number(arg, &o->null_ms);
+    case OPT_RATE:
+        return parse_number(arg, &o->rate_ms);
+    case OPT_SETTLE:
+        return parse_number(arg, &o->settle_ms);
+    case OPT_JSON:
+        o->json_path = arg;
+        return 0;
+    case OPT_STATE:
+        o->state_dir = arg;
+        return 0;
+    case OPT_SEED:
+        o->seed_dir = arg;
+        return 0;
+    case OPT_FIFO:
+        o->copier_fifo = true;
+        return 0;
+    case OPT_NO_BRANCH:
+        o->skip_branch = true;
+        return 0;
+    case OPT_NO_FANOUT:
+        o->skip_fanout = true;
+        return 0;
+    default:
+        return -EINVAL;
+    }
+}
+
+/* --quick sets defaults that the other options then refine, wherever it appears. */
+static int parse_options(int argc, char **argv, struct bench_options *o)
+{
+    bool quick = false;
+    for (int i = 1; i < argc; i++)
+        quick |= strcmp(argv[i], "--quick") == 0;
+    set_defaults(o, quick);
+    int option;
+    while ((option = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
+        if (option == OPT_HELP) {
+            usage(stdout);
+            exit(0);
+        }
+        if (option != OPT_QUICK && apply_option(o, option, optarg) < 0) {
+            usage(stderr);
+            return -EINVAL;
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* ---- set-up ----------------------------------------------------------------------------- */
+
+static int open_context(struct bench_context *context, struct forkd_error *err)
+{
+    const struct bench_options *o = context->options;
+    if (o->state_dir) {
+        snprintf(context->state_dir, sizeof(context->state_dir), "%s", o->state_dir);
+        if (mkdir(o->state_dir, 0700) < 0 && errno != EEXIST)
+            return forkd_error_set(err, -errno, "mkdir %s: %s", o->state_dir, strerror(errno));
+    } else {
+        snprintf(context->state_dir, sizeof(context->state_dir), "/var/tmp/forkd-bench-XXXXXX");
+        if (!mkdtemp(context->state_dir))
+            return forkd_error_set(err, -errno, "mkdtemp: %s", strerror(errno));
+    }
+    char run_dir[sizeof(context->state_dir) + 8];
+    snprintf(run_dir, sizeof(run_dir), "%s/vms", context->state_dir);
+    struct vm_registry_config registry = {.vmm_binary = FORKD_TESTVM_PATH, .run_dir = run_dir};
+    int rc = vm_registry_open(&registry, &context->registry, err);
+    if (rc == 0)
+        rc = store_open(context->state_dir, &context->store, err);
+    struct page_server_config server = {0};
+    struct forkd_error server_err;
+    if (rc == 0 && page_server_open(&server, &context->page_server, &server_err) < 0)
+        fprintf(stderr, "forkd-bench: no page server, UFFD not measured: %s\n", server_err.message);
+    return rc;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    remove(path);
+    return 0;
+}
+
+static void close_context(struct bench_context *context)
+{
+    if (context->registry)
+        vm_registry_close(context->registry, false, 2000);
+    if (context->page_server)
+        page_server_close(context->page_server);
+    if (context->store)
+        store_close(context->store);
+    if (!context->options->state_dir && context->state_dir[0])
+        nftw(context->state_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* ---- the run ---------------------------------------------------------------------------- */
+
+static cJSON *machine_json(void)
+{
+    cJSON *o = cJSON_CreateObject();
+    struct utsname name;
+    if (uname(&name) == 0)
+        cJSON_AddStringToObject(o, "kernel", name.release);
+    cJSON_AddNumberToObject(o, "cpus", (double)sysconf(_SC_NPROCESSORS_ONLN));
+    cJSON_AddNumberToObject(o, "memory_mib",
+                            (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE) / (1 << 20));
+    time_t now = time(NULL);
+    char stamp[32];
+    strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    cJSON_AddStringToObject(o, "started_at", stamp);
+    return o;
+}
+
+static int run_sizes(struct bench_context *context, struct forkd_error *err)
+{
+    const struct bench_options *o = context->options;
+    struct size_result results[BENCH_MAX_SIZES];
+    cJSON *sizes = cJSON_AddArrayToObject(context->json, "sizes");
+    size_t done = 0;
+    for (size_t i = 0; i < o->size_count; i++, done++) {
+        int rc = bench_size(context, o->sizes_mib[i], &results[i], err);
+        if (rc < 0)
+            return rc;
+        report_size(&results[i]);
+        cJSON_AddItemToArray(sizes, size_json(&results[i]));
+    }
+    report_cross_size(results, done, context->json);
+    return 0;
+}
+
+static void run_fanout(struct bench_context *context)
+{
+    const struct bench_options *o = context->options;
+    static const enum vm_memory backends[] = {VM_MEMORY_FILE, VM_MEMORY_MEMFD, VM_MEMORY_UFFD};
+    struct fanout_result results[BENCH_MAX_FANOUT * 3];
+    size_t count = 0;
+    cJSON *fanout = cJSON_AddArrayToObject(context->json, "fanout");
+    for (size_t i = 0; i < o->fanout_count; i++) {
+        for (size_t b = 0; b < 3; b++) {
+            struct fanout_result *r = &results[count++];
+            fprintf(stderr, "forkd-bench: fan-out of %u forks, backend %zu of 3\n", o->fanout[i],
+                    b + 1);
+            struct forkd_error err = {0};
+            if (backends[b] == VM_MEMORY_UFFD && !context->page_server) {
+                *r = (struct fanout_result){.backend = "UFFD", .forks = o->fanout[i], .error = 1};
+                snprintf(r->message, sizeof(r->message), "pending: no page server");
+            } else if (bench_fanout(context, context->fanout_snapshot, o->fanout[i], backends[b], r,
+                                    &err) < 0) {
+                fprintf(stderr, "forkd-bench: fan-out: %s\n", err.message);
+            }
+            cJSON_AddItemToArray(fanout, fanout_json(r));
+        }
+    }
+    report_fanout(results, count);
+}
+
+static int write_json(const char *path, cJSON *json)
+{
+    _cleanup_free_ char *text = cJSON_Print(json);
+    _cleanup_fclose_ FILE *f = text ? fopen(path, "we") : NULL;
+    if (!f || fputs(text, f) < 0 || fputc('\n', f) < 0)
+        return -errno;
+    return 0;
+}
+
+static int run(struct bench_context *context, struct forkd_error *err)
+{
+    const struct bench_options *o = context->options;
+    if (!o->skip_branch) {
+        int rc = run_sizes(context, err);
+        if (rc < 0)
+            return rc;
+    }
+    if (!o->skip_fanout) {
+        if (!context->fanout_snapshot[0]) {
+            int rc = bench_fanout_source(context, 256, err);
+            if (rc < 0)
+                return rc;
+        }
+        run_fanout(context);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct bench_options options;
+    if (parse_options(argc, argv, &options) < 0)
+        return 2;
+    uint64_t start = bench_now_ns();
+    struct bench_context context = {.options = &options, .json = cJSON_CreateObject()};
+    cJSON_AddItemToObject(context.json, "machine", machine_json());
+    struct forkd_error err = {0};
+    int rc = open_context(&context, &err);
+    if (rc == 0)
+        rc = run(&context, &err);
+    close_context(&context);
+    double wall = (double)(bench_now_ns() - start) / 1e9;
+    cJSON_AddNumberToObject(context.json, "wall_s", wall);
+    cJSON_AddBoolToObject(context.json, "complete", rc == 0);
+    if (rc < 0)
+        cJSON_AddStringToObject(context.json, "error", err.message);
+    if (write_json(options.json_path, context.json) < 0)
+        fprintf(stderr, "forkd-bench: cannot write %s: %s\n", options.json_path, strerror(errno));
+    cJSON_Delete(context.json);
+    printf("\nwall time %.0f s; JSON in %s\n", wall, options.json_path);
+    if (rc < 0) {
+        fprintf(stderr, "forkd-bench: %s\n", err.message);
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,193 @@
+/*
+ * forkd-bench: measures what a guest notices of a live branch (pause window, guest write rate,
+ * fault service time), how fast memory.bin is written, and what forks cost, each against a
+ * baseline measured in the same run (see tests/bench/README.md).
+ */
+#ifndef FORKD_BENCH_H
+#define FORKD_BENCH_H
+
+#include "forkd/error.h"
+#include "forkd/page_server.h"
+#include "forkd/store.h"
+#include "forkd/vm.h"
+
+#include <cjson/cJSON.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define BENCH_MAX_REPS   16
+#define BENCH_MAX_SIZES  4
+#define BENCH_MAX_FANOUT 4
+#define BENCH_VCPUS      2
+#define BENCH_WORKLOAD   "pattern=random rate=0"
+
+/* ---- options ---------------------------------------------------------------------------- */
+
+struct bench_options {
+    bool quick;
+    size_t size_count;
+    unsigned sizes_mib[BENCH_MAX_SIZES];
+    unsigned reps;       /* per size and mode */
+    unsigned reps_large; /* for guests of 4 GiB and more */
+    size_t fanout_count;
+    unsigned fanout[BENCH_MAX_FANOUT];
+    unsigned null_ms;   /* how long the null handler serves faults */
+    unsigned rate_ms;   /* window of the guest's undisturbed write rate */
+    unsigned settle_ms; /* forks run this long before their memory is read */
+    bool copier_fifo;   /* diagnosis: the bulk copier (branch thread) at SCHED_FIFO */
+    bool skip_branch, skip_fanout;
+    const char *json_path;
+    const char *state_dir; /* NULL: a fresh directory under /var/tmp */
+    const char *seed_dir;  /* where seed snapshots are written (tmpfs) */
+};
+
+/* ---- statistics ------------------------------------------------------------------------- */
+
+/* Repeated measurements of one figure. */
+struct series {
+    unsigned count;
+    double values[BENCH_MAX_REPS];
+};
+
+void series_add(struct series *series, double value);
+double series_median(const struct series *series);
+double series_min(const struct series *series);
+double series_max(const struct series *series);
+/* {"median","min","max","n","values"} or null when empty. */
+cJSON *series_json(const struct series *series);
+
+/* The engine's fault-service histogram: 4 buckets per power of two; a value is reported as
+ * its bucket's upper bound. The null handler is quantised the same way so ratios compare like
+ * with like. */
+uint64_t bench_bucket_upper_ns(uint64_t ns);
+/* Exact percentile (0..100) of a sorted array. */
+uint64_t bench_percentile(const uint64_t *sorted, size_t count, double percentile);
+
+uint64_t bench_now_ns(void);
+void bench_sleep_ms(unsigned ms);
+
+/* ---- guests ----------------------------------------------------------------------------- */
+
+/* What GET / of the test VMM says, beyond vmm_get_info. */
+struct guest_info {
+    uint64_t progress;     /* guest_progress summed over the vCPUs */
+    uint64_t min_progress; /* of the least advanced vCPU: 0 until every vCPU reported */
+    uint64_t last_pause_ns, last_resume_ns, last_snapshot_ns;
+    unsigned region_count;
+    char state[32];
+};
+
+int guest_get_info(struct vmm_client *client, struct guest_info *out, struct forkd_error *err);
+
+/* Polls GET / of one VM on its own connection (so it never queues behind the branch's calls)
+ * and keeps (time, progress) samples, from which write rates over any window are read. */
+struct rate_sampler;
+
+int rate_sampler_start(struct vm *vm, unsigned interval_ms, struct rate_sampler **out,
+                       struct forkd_error *err);
+void rate_sampler_stop(struct rate_sampler *sampler);
+/* Quiet: no request is in flight from the return of this call until it is called with false.
+ * Used around pause windows so the sampler cannot delay the VMM's API thread. */
+void rate_sampler_quiet(struct rate_sampler *sampler, bool quiet);
+/* Guest writes per second between the first and the last sample inside [from, to]; -1 when
+ * fewer than two samples fall there. */
+double rate_sampler_rate(struct rate_sampler *sampler, uint64_t from_ns, uint64_t to_ns);
+/* Waits until the write rate over consecutive windows of window_ms is steady (two in a row
+ * within 10%) or max_ms passes: after a boot, a restore or a branch, a nested guest runs slow
+ * until its shadow page tables are rebuilt. Returns the last window's rate. */
+double rate_sampler_settle(struct rate_sampler *sampler, unsigned window_ms, unsigned max_ms);
+/* Measures the write rate over the next window_ms. */
+double rate_sampler_measure(struct rate_sampler *sampler, unsigned window_ms);
+
+/* Boots a guest writing flat out in a VMM of our own, takes a Full snapshot of it into dir
+ * (vmstate, memory.bin) and stops it. Used to seed MEMFD VMs of any size: vm_boot gives up on
+ * a guest whose boot takes longer than the VMM client's timeout (a 4 GiB guest here). */
+int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib, const char *dir,
+                        uint64_t *boot_ns, struct forkd_error *err);
+
+/* ---- the parts of the run --------------------------------------------------------------- */
+
+struct bench_context {
+    const struct bench_options *options;
+    char state_dir[4096];
+    struct vm_registry *registry;
+    struct store *store;
+    struct page_server *page_server;
+    char fanout_snapshot[STORE_NAME_MAX + 1]; /* kept by the branch part for the fan-out */
+    cJSON *json;                              /* the report being built */
+    unsigned snapshot_seq;
+};
+
+enum bench_mode { MODE_LIVE, MODE_ARM_IN_PAUSE, MODE_FULL, MODE_COUNT };
+
+struct pause_figures {
+    struct series window_ms, engine_ms, protect_ms, prearm_ms, rearmed_pages;
+    struct series vmm_pause_ms, vmm_snapshot_ms, vmm_resume_ms, vmstate_rpc_ms;
+    struct series pause_rpc_ms, resume_rpc_ms;
+};
+
+struct size_result {
+    unsigned mem_mib;
+    unsigned regions;
+    unsigned reps;
+    double boot_s;
+    struct pause_figures pause[MODE_COUNT];
+    struct series full_over_live;
+    struct series copy_mb_s, baseline_mb_s, copy_ratio;
+    struct series fault_p50_us, fault_p99_us, fault_max_us, faults_served, faults_on_bulk;
+    struct series null_p50_us, null_p99_us, null_max_us, null_exact_p50_us, null_faults;
+    struct series fault_ratio_p50, fault_ratio_p99;
+    struct series rate_idle, rate_copy, rate_ratio, rate_null;
+};
+
+int bench_size(struct bench_context *context, unsigned mem_mib, struct size_result *out,
+               struct forkd_error *err);
+
+/* A LIVE snapshot of a fresh guest of mem_mib for the fan-out (when no size was measured). */
+int bench_fanout_source(struct bench_context *context, unsigned mem_mib, struct forkd_error *err);
+
+/* Baseline of the copy: the same bytes read from a memfd and written to a file in dir with the
+ * engine's chunk size, then fsynced. Returns bytes per second. */
+int bench_copy_baseline(int memfd, uint64_t bytes, const char *dir, double *bytes_per_s,
+                        struct forkd_error *err);
+
+struct null_result {
+    uint64_t faults;
+    uint64_t p50_ns, p99_ns, max_ns; /* bucketed like the engine's */
+    uint64_t exact_p50_ns;
+    uint64_t armed_ns, finished_ns; /* window in which faults were served */
+};
+
+/* The null handler: the engine's fault path reduced to "unprotect", on the same uffd set-up. */
+int bench_null_handler(struct vm *vm, unsigned duration_ms, struct null_result *out,
+                       struct forkd_error *err);
+
+struct fanout_result {
+    const char *backend;
+    unsigned forks;
+    double spawn_ms;         /* Spawn's sequence of restores returned */
+    double running_ms;       /* every fork's guest has made progress */
+    double pss_mib_per_fork; /* see README: what is counted */
+    double vmm_pss_mib, vmm_shmem_mib, memfd_mib, template_mib; /* totals over the forks */
+    bool has_page_server;
+    double ps_faults_per_s, ps_p50_us, ps_p99_us, ps_max_us;
+    uint64_t ps_faults;
+    double ps_window_s;
+    int error; /* 0, or why it was not measured */
+    char message[FORKD_ERROR_MESSAGE_MAX];
+};
+
+int bench_fanout(struct bench_context *context, const char *snapshot, unsigned forks,
+                 enum vm_memory memory, struct fanout_result *out, struct forkd_error *err);
+
+/* ---- report ----------------------------------------------------------------------------- */
+
+void report_size(const struct size_result *result);
+cJSON *size_json(const struct size_result *result);
+void report_cross_size(const struct size_result *results, size_t count, cJSON *json);
+void report_fanout(const struct fanout_result *results, size_t count);
+cJSON *fanout_json(const struct fanout_result *result);
+
+#endif

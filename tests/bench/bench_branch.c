@@ -1,0 +1,330 @@
+/*
+ * One guest size: a MEMFD-backed VM writing flat out, branched repeatedly in each mode, with
+ * the baselines (copy, null handler, undisturbed write rate) measured between the branches.
+ */
+#include "bench.h"
+
+#include "forkd/branch.h"
+#include "forkd/cleanup.h"
+#include "forkd/thread_priority.h"
+#include "forkd/vmm_client.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define SAMPLE_INTERVAL_MS 20
+#define SETTLE_WINDOW_MS   250
+#define SETTLE_MAX_MS      30000
+#define VM_API_TIMEOUT_MS  600000 /* a FULL branch of 4 GiB on a slow disk */
+
+static const char *const mode_names[MODE_COUNT] = {"LIVE", "ARM_IN_PAUSE", "FULL"};
+static const enum store_mode store_modes[MODE_COUNT] = {
+    STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE, STORE_MODE_FULL};
+
+/* Phase times seen from the branch's own thread, and the sampler kept quiet in the pause. */
+struct branch_watch {
+    struct branch *branch;
+    struct rate_sampler *sampler;
+    bool cancel_on_resume;
+    uint64_t at[BRANCH_PHASE_CANCELLED + 1];
+};
+
+static void watch_phase(void *context, enum branch_phase phase,
+                        const struct branch_progress *progress)
+{
+    (void)progress;
+    struct branch_watch *watch = context;
+    watch->at[phase] = bench_now_ns();
+    if (phase == BRANCH_PHASE_STARTED)
+        rate_sampler_quiet(watch->sampler, true);
+    if (phase == BRANCH_PHASE_RESUMED || phase >= BRANCH_PHASE_DONE)
+        rate_sampler_quiet(watch->sampler, false);
+    /* ARM_IN_PAUSE is measured for its pause only; its copy is LIVE's. */
+    if (phase == BRANCH_PHASE_RESUMED && watch->cancel_on_resume)
+        branch_cancel(watch->branch);
+}
+
+struct size_run {
+    struct bench_context *context;
+    struct size_result *result;
+    struct vm *vm;
+    struct rate_sampler *sampler;
+    unsigned rep;
+    bool keep_live; /* keep this rep's LIVE snapshot for the fan-out */
+};
+
+static double ms(uint64_t ns)
+{
+    return (double)ns / 1e6;
+}
+
+static void record_pause(struct size_run *run, enum bench_mode mode,
+                         const struct branch_progress *progress, const struct guest_info *vmm)
+{
+    struct pause_figures *pause = &run->result->pause[mode];
+    const struct store_figures *figures = &progress->figures;
+    uint64_t vmm_ns = vmm->last_pause_ns + vmm->last_snapshot_ns + vmm->last_resume_ns;
+    series_add(&pause->window_ms, ms(figures->pause_ns));
+    series_add(&pause->engine_ms, ms(figures->pause_ns - vmm_ns));
+    series_add(&pause->vmm_pause_ms, ms(vmm->last_pause_ns));
+    series_add(&pause->vmm_snapshot_ms, ms(vmm->last_snapshot_ns));
+    series_add(&pause->vmm_resume_ms, ms(vmm->last_resume_ns));
+    series_add(&pause->vmstate_rpc_ms,
+               ms(mode == MODE_FULL ? figures->copy_ns : figures->vmstate_ns));
+    if (mode == MODE_LIVE) {
+        series_add(&pause->protect_ms, ms(figures->rearm_ns));
+        series_add(&pause->prearm_ms, ms(figures->arm_ns));
+        series_add(&pause->rearmed_pages, (double)figures->rearmed_pages);
+    } else if (mode == MODE_ARM_IN_PAUSE) {
+        series_add(&pause->protect_ms, ms(figures->arm_ns));
+    }
+    series_add(&pause->pause_rpc_ms, ms(figures->pause_request_ns));
+    series_add(&pause->resume_rpc_ms, ms(figures->resume_request_ns));
+}
+
+static void record_copy(struct size_run *run, const struct branch_progress *progress,
+                        const struct branch_watch *watch)
+{
+    struct size_result *result = run->result;
+    const struct store_figures *figures = &progress->figures;
+    series_add(&result->copy_mb_s, (double)figures->bytes_copied * 1e3 / (double)figures->copy_ns);
+    series_add(&result->fault_p50_us, progress->fault_service_p50_ns / 1e3);
+    series_add(&result->fault_p99_us, progress->fault_service_p99_ns / 1e3);
+    series_add(&result->fault_max_us, progress->fault_service_max_ns / 1e3);
+    series_add(&result->faults_served, (double)progress->faults_served);
+    /* A fault on a page the bulk copier has claimed waits for the copier's read. */
+    series_add(&result->faults_on_bulk,
+               (double)(progress->faults_served - progress->figures.pages_by_fault));
+    double rate = rate_sampler_rate(run->sampler, watch->at[BRANCH_PHASE_COPYING],
+                                    watch->at[BRANCH_PHASE_PUBLISHING]);
+    if (rate >= 0)
+        series_add(&result->rate_copy, rate);
+}
+
+/* Runs one branch; on success progress and watch hold its figures and times. */
+static int run_branch(struct size_run *run, enum bench_mode mode, const char *name,
+                      struct branch_progress *progress, struct branch_watch *watch,
+                      struct forkd_error *err)
+{
+    struct branch *branch = branch_new();
+    if (!branch)
+        return forkd_error_set(err, -ENOMEM, "branch: out of memory");
+    *watch = (struct branch_watch){
+        .branch = branch, .sampler = run->sampler, .cancel_on_resume = mode == MODE_ARM_IN_PAUSE};
+    struct branch_request request = {.vm = run->vm,
+                                     .snapshot_name = name,
+                                     .mode = store_modes[mode],
+                                     .on_phase = watch_phase,
+                                     .context = watch};
+    struct store_snapshot snapshot;
+    /* The diagnosis of the fault handler's tail: the copier at the handler's priority. */
+    struct thread_priority priority = {0};
+    if (run->context->options->copier_fifo)
+        thread_priority_raise(&priority);
+    int rc = branch_run(branch, run->context->store, &request, &snapshot, err);
+    thread_priority_restore(&priority);
+    branch_get_progress(branch, progress);
+    branch_free(branch);
+    rate_sampler_quiet(run->sampler, false);
+    if (rc == -ECANCELED && watch->cancel_on_resume && watch->at[BRANCH_PHASE_RESUMED])
+        rc = 0;
+    return rc;
+}
+
+static void snapshot_name(struct size_run *run, enum bench_mode mode, char *out, size_t size)
+{
+    snprintf(out, size, "bench-%u-%s-%u-%u", run->result->mem_mib, mode_names[mode], run->rep,
+             run->context->snapshot_seq++);
+}
+
+/* A branch in one mode, its figures recorded. */
+static int measure_mode(struct size_run *run, enum bench_mode mode, struct forkd_error *err)
+{
+    char name[STORE_NAME_MAX + 1];
+    snapshot_name(run, mode, name, sizeof(name));
+    struct branch_progress progress;
+    struct branch_watch watch;
+    int rc = run_branch(run, mode, name, &progress, &watch, err);
+    if (rc < 0)
+        return rc;
+    struct guest_info vmm;
+    rc = guest_get_info(vm_client(run->vm), &vmm, err);
+    if (rc < 0)
+        return rc;
+    record_pause(run, mode, &progress, &vmm);
+    if (mode == MODE_LIVE)
+        record_copy(run, &progress, &watch);
+    bool keep = mode == MODE_LIVE && run->keep_live;
+    if (keep)
+        snprintf(run->context->fanout_snapshot, sizeof(run->context->fanout_snapshot), "%s", name);
+    else if (mode != MODE_ARM_IN_PAUSE)
+        store_delete(run->context->store, name, true, NULL);
+    return 0;
+}
+
+static int measure_copy_baseline(struct size_run *run, struct forkd_error *err)
+{
+    _cleanup_close_ int memfd = vm_dup_memfd(run->vm);
+    if (memfd < 0)
+        return forkd_error_set(err, memfd, "the source VM has no memfd");
+    double rate = 0;
+    int rc =
+        bench_copy_baseline(memfd, vm_memory_bytes(run->vm), run->context->state_dir, &rate, err);
+    if (rc < 0)
+        return rc;
+    struct size_result *result = run->result;
+    series_add(&result->baseline_mb_s, rate / 1e6);
+    series_add(&result->copy_ratio,
+               result->copy_mb_s.values[result->copy_mb_s.count - 1] / (rate / 1e6));
+    return 0;
+}
+
+static int measure_null(struct size_run *run, struct forkd_error *err)
+{
+    struct null_result null;
+    int rc = bench_null_handler(run->vm, run->context->options->null_ms, &null, err);
+    if (rc < 0)
+        return rc;
+    struct size_result *result = run->result;
+    series_add(&result->null_p50_us, null.p50_ns / 1e3);
+    series_add(&result->null_p99_us, null.p99_ns / 1e3);
+    series_add(&result->null_max_us, null.max_ns / 1e3);
+    series_add(&result->null_exact_p50_us, null.exact_p50_ns / 1e3);
+    series_add(&result->null_faults, (double)null.faults);
+    double rate = rate_sampler_rate(run->sampler, null.armed_ns, null.finished_ns);
+    if (rate >= 0)
+        series_add(&result->rate_null, rate);
+    unsigned last = result->fault_p50_us.count - 1;
+    if (null.p50_ns)
+        series_add(&result->fault_ratio_p50, result->fault_p50_us.values[last] * 1e3 / null.p50_ns);
+    if (null.p99_ns)
+        series_add(&result->fault_ratio_p99, result->fault_p99_us.values[last] * 1e3 / null.p99_ns);
+    return 0;
+}
+
+static void settle(struct size_run *run)
+{
+    rate_sampler_settle(run->sampler, SETTLE_WINDOW_MS, SETTLE_MAX_MS);
+}
+
+/* One repetition: every figure of this size once, each baseline next to what it judges. */
+static int measure_rep(struct size_run *run, struct forkd_error *err)
+{
+    struct size_result *result = run->result;
+    settle(run);
+    double idle = rate_sampler_measure(run->sampler, run->context->options->rate_ms);
+    int rc = measure_mode(run, MODE_LIVE, err);
+    if (rc == 0)
+        rc = measure_copy_baseline(run, err);
+    if (rc < 0)
+        return rc;
+    if (idle > 0 && result->rate_copy.count) {
+        series_add(&result->rate_idle, idle);
+        series_add(&result->rate_ratio,
+                   result->rate_copy.values[result->rate_copy.count - 1] / idle);
+    }
+    settle(run);
+    if ((rc = measure_null(run, err)) < 0)
+        return rc;
+    settle(run);
+    if ((rc = measure_mode(run, MODE_ARM_IN_PAUSE, err)) < 0)
+        return rc;
+    settle(run);
+    if ((rc = measure_mode(run, MODE_FULL, err)) < 0)
+        return rc;
+    unsigned last = result->pause[MODE_FULL].window_ms.count - 1;
+    series_add(&result->full_over_live, result->pause[MODE_FULL].window_ms.values[last] /
+                                            result->pause[MODE_LIVE].window_ms.values[last]);
+    return 0;
+}
+
+/* A MEMFD VM of mem_mib writing flat out, restored from a seed snapshot on tmpfs. */
+static int make_source_vm(struct bench_context *context, unsigned mem_mib,
+                          struct size_result *result, struct vm **out, struct forkd_error *err)
+{
+    char seed[PATH_MAX];
+    snprintf(seed, sizeof(seed), "%s/forkd-bench-seed-XXXXXX", context->options->seed_dir);
+    if (!mkdtemp(seed))
+        return forkd_error_set(err, -errno, "mkdtemp %s: %s", seed, strerror(errno));
+    uint64_t boot_ns = 0;
+    int rc = guest_seed_snapshot(context->options, mem_mib, seed, &boot_ns, err);
+    result->boot_s = (double)boot_ns / 1e9;
+    char vmstate[PATH_MAX + 16], memory[PATH_MAX + 16], name[64];
+    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", seed);
+    snprintf(memory, sizeof(memory), "%s/memory.bin", seed);
+    snprintf(name, sizeof(name), "source-%u", mem_mib);
+    struct vm_restore_config config = {
+        .name = name, .vmstate_path = vmstate, .memory_path = memory, .memory = VM_MEMORY_MEMFD};
+    if (rc == 0)
+        rc = vm_restore(context->registry, &config, out, err);
+    unlink(vmstate);
+    unlink(memory);
+    char log[PATH_MAX + 16];
+    snprintf(log, sizeof(log), "%s/seed.log", seed);
+    unlink(log);
+    rmdir(seed);
+    if (rc == 0)
+        vmm_client_set_timeout_ms(vm_client(*out), VM_API_TIMEOUT_MS);
+    return rc;
+}
+
+static int run_reps(struct size_run *run, struct forkd_error *err)
+{
+    struct guest_info info;
+    int rc = guest_get_info(vm_client(run->vm), &info, err);
+    if (rc < 0)
+        return rc;
+    run->result->regions = info.region_count;
+    for (run->rep = 0; run->rep < run->result->reps; run->rep++) {
+        run->keep_live = run->rep + 1 == run->result->reps && !run->context->fanout_snapshot[0];
+        fprintf(stderr, "forkd-bench: %u MiB, repetition %u of %u\n", run->result->mem_mib,
+                run->rep + 1, run->result->reps);
+        if ((rc = measure_rep(run, err)) < 0)
+            return forkd_error_prefix(err, "%u MiB, repetition %u: ", run->result->mem_mib,
+                                      run->rep + 1);
+    }
+    return 0;
+}
+
+int bench_size(struct bench_context *context, unsigned mem_mib, struct size_result *out,
+               struct forkd_error *err)
+{
+    const struct bench_options *options = context->options;
+    memset(out, 0, sizeof(*out));
+    out->mem_mib = mem_mib;
+    out->reps = mem_mib >= 4096 ? options->reps_large : options->reps;
+    struct size_run run = {.context = context, .result = out};
+    fprintf(stderr, "forkd-bench: %u MiB: booting and seeding the source VM\n", mem_mib);
+    int rc = make_source_vm(context, mem_mib, out, &run.vm, err);
+    if (rc < 0)
+        return rc;
+    rc = rate_sampler_start(run.vm, SAMPLE_INTERVAL_MS, &run.sampler, err);
+    if (rc == 0)
+        rc = run_reps(&run, err);
+    rate_sampler_stop(run.sampler);
+    vm_stop(context->registry, run.vm, 2000, NULL);
+    vm_unref(run.vm);
+    return rc;
+}
+
+int bench_fanout_source(struct bench_context *context, unsigned mem_mib, struct forkd_error *err)
+{
+    struct size_result result = {.mem_mib = mem_mib, .reps = 1};
+    struct size_run run = {.context = context, .result = &result, .keep_live = true};
+    int rc = make_source_vm(context, mem_mib, &result, &run.vm, err);
+    if (rc < 0)
+        return rc;
+    rc = rate_sampler_start(run.vm, SAMPLE_INTERVAL_MS, &run.sampler, err);
+    if (rc == 0) {
+        settle(&run);
+        rc = measure_mode(&run, MODE_LIVE, err);
+    }
+    rate_sampler_stop(run.sampler);
+    vm_stop(context->registry, run.vm, 2000, NULL);
+    vm_unref(run.vm);
+    return rc;
+}

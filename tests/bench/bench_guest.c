@@ -1,0 +1,279 @@
+/* The guests: GET / of the test VMM, write-rate sampling, seed snapshots. */
+#include "bench.h"
+
+#include "forkd/cleanup.h"
+#include "forkd/vmm_client.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+
+static uint64_t json_u64(const cJSON *root, const char *name)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, name);
+    return cJSON_IsNumber(item) ? (uint64_t)item->valuedouble : 0;
+}
+
+int guest_get_info(struct vmm_client *client, struct guest_info *out, struct forkd_error *err)
+{
+    _cleanup_free_ char *body = NULL;
+    int rc = vmm_request(client, "GET", "/", NULL, &body, err);
+    if (rc < 0)
+        return rc;
+    cJSON *root = cJSON_Parse(body);
+    if (!root)
+        return forkd_error_set(err, -EPROTO, "GET /: not JSON: %.80s", body);
+    memset(out, 0, sizeof(*out));
+    const cJSON *progress = cJSON_GetObjectItemCaseSensitive(root, "guest_progress");
+    const cJSON *item;
+    out->min_progress = UINT64_MAX;
+    cJSON_ArrayForEach(item, progress)
+    {
+        uint64_t value = (uint64_t)item->valuedouble;
+        out->progress += value;
+        if (value < out->min_progress)
+            out->min_progress = value;
+    }
+    if (out->min_progress == UINT64_MAX)
+        out->min_progress = 0;
+    out->last_pause_ns = json_u64(root, "last_pause_ns");
+    out->last_resume_ns = json_u64(root, "last_resume_ns");
+    out->last_snapshot_ns = json_u64(root, "last_snapshot_ns");
+    out->region_count = (unsigned)cJSON_GetArraySize(cJSON_GetObjectItem(root, "regions"));
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(root, "state");
+    if (cJSON_IsString(state))
+        snprintf(out->state, sizeof(out->state), "%s", state->valuestring);
+    cJSON_Delete(root);
+    return 0;
+}
+
+/* ---- the rate sampler ------------------------------------------------------------------- */
+
+struct rate_sample {
+    uint64_t at_ns, progress;
+};
+
+struct rate_sampler {
+    struct vmm_client *client;
+    unsigned interval_ms;
+    pthread_t thread;
+    atomic_bool stop;
+    pthread_mutex_t request_lock; /* held while a request is in flight */
+    bool quiet;                   /* guarded by request_lock */
+    pthread_mutex_t samples_lock;
+    struct rate_sample *samples;
+    size_t count, capacity;
+};
+
+static void sampler_record(struct rate_sampler *sampler, uint64_t at_ns, uint64_t progress)
+{
+    pthread_mutex_lock(&sampler->samples_lock);
+    if (sampler->count == sampler->capacity) {
+        size_t capacity = sampler->capacity ? sampler->capacity * 2 : 1024;
+        struct rate_sample *grown = realloc(sampler->samples, capacity * sizeof(*grown));
+        if (grown) {
+            sampler->samples = grown;
+            sampler->capacity = capacity;
+        }
+    }
+    if (sampler->count < sampler->capacity)
+        sampler->samples[sampler->count++] = (struct rate_sample){at_ns, progress};
+    pthread_mutex_unlock(&sampler->samples_lock);
+}
+
+static void *sampler_loop(void *arg)
+{
+    struct rate_sampler *sampler = arg;
+    while (!atomic_load(&sampler->stop)) {
+        pthread_mutex_lock(&sampler->request_lock);
+        if (!sampler->quiet) {
+            struct guest_info info;
+            /* The answer reflects the guest's last report at the time the VMM read it: take
+             * the time after the answer, which is when we know the value. */
+            if (guest_get_info(sampler->client, &info, NULL) == 0)
+                sampler_record(sampler, bench_now_ns(), info.progress);
+        }
+        pthread_mutex_unlock(&sampler->request_lock);
+        bench_sleep_ms(sampler->interval_ms);
+    }
+    return NULL;
+}
+
+int rate_sampler_start(struct vm *vm, unsigned interval_ms, struct rate_sampler **out,
+                       struct forkd_error *err)
+{
+    struct vm_status status;
+    vm_get_status(vm, &status);
+    struct rate_sampler *sampler = calloc(1, sizeof(*sampler));
+    if (!sampler)
+        return forkd_error_set(err, -ENOMEM, "rate sampler: out of memory");
+    sampler->interval_ms = interval_ms;
+    pthread_mutex_init(&sampler->request_lock, NULL);
+    pthread_mutex_init(&sampler->samples_lock, NULL);
+    int rc = vmm_client_open(status.api_socket_path, &sampler->client, err);
+    if (rc == 0 && (rc = -pthread_create(&sampler->thread, NULL, sampler_loop, sampler)) < 0)
+        forkd_error_set(err, rc, "rate sampler thread: %s", strerror(-rc));
+    if (rc < 0) {
+        vmm_client_close(sampler->client);
+        free(sampler);
+        return rc;
+    }
+    *out = sampler;
+    return 0;
+}
+
+void rate_sampler_stop(struct rate_sampler *sampler)
+{
+    if (!sampler)
+        return;
+    atomic_store(&sampler->stop, true);
+    pthread_join(sampler->thread, NULL);
+    vmm_client_close(sampler->client);
+    pthread_mutex_destroy(&sampler->request_lock);
+    pthread_mutex_destroy(&sampler->samples_lock);
+    free(sampler->samples);
+    free(sampler);
+}
+
+void rate_sampler_quiet(struct rate_sampler *sampler, bool quiet)
+{
+    pthread_mutex_lock(&sampler->request_lock);
+    sampler->quiet = quiet;
+    pthread_mutex_unlock(&sampler->request_lock);
+}
+
+double rate_sampler_rate(struct rate_sampler *sampler, uint64_t from_ns, uint64_t to_ns)
+{
+    const struct rate_sample *first = NULL, *last = NULL;
+    pthread_mutex_lock(&sampler->samples_lock);
+    for (size_t i = 0; i < sampler->count; i++) {
+        const struct rate_sample *sample = &sampler->samples[i];
+        if (sample->at_ns < from_ns || sample->at_ns > to_ns)
+            continue;
+        if (!first)
+            first = sample;
+        last = sample;
+    }
+    double rate = first && last != first && last->at_ns > first->at_ns
+                      ? (double)(last->progress - first->progress) * 1e9 /
+                            (double)(last->at_ns - first->at_ns)
+                      : -1;
+    pthread_mutex_unlock(&sampler->samples_lock);
+    return rate;
+}
+
+double rate_sampler_measure(struct rate_sampler *sampler, unsigned window_ms)
+{
+    uint64_t from = bench_now_ns();
+    bench_sleep_ms(window_ms);
+    return rate_sampler_rate(sampler, from, bench_now_ns());
+}
+
+double rate_sampler_settle(struct rate_sampler *sampler, unsigned window_ms, unsigned max_ms)
+{
+    uint64_t deadline = bench_now_ns() + (uint64_t)max_ms * 1000000ULL;
+    double previous = -1, rate = -1;
+    while (bench_now_ns() < deadline) {
+        rate = rate_sampler_measure(sampler, window_ms);
+        if (previous > 0 && rate > 0 && fabs(rate - previous) <= 0.1 * previous)
+            break;
+        previous = rate;
+    }
+    return rate;
+}
+
+/* ---- seed snapshots --------------------------------------------------------------------- */
+
+static bool seed_socket_answers(const char *path)
+{
+    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    if (snprintf(address.sun_path, sizeof(address.sun_path), "%s", path) >=
+        (int)sizeof(address.sun_path))
+        return false;
+    return fd >= 0 && connect(fd, (struct sockaddr *)&address, sizeof(address)) == 0;
+}
+
+static int seed_spawn(const char *socket_path, const char *log_path, pid_t *pid,
+                      struct forkd_error *err)
+{
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, log_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    char *argv[] = {(char *)FORKD_TESTVM_PATH, (char *)"--api-sock", (char *)socket_path, NULL};
+    int rc = posix_spawn(pid, FORKD_TESTVM_PATH, &actions, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0)
+        return forkd_error_set(err, -rc, "spawn %s: %s", FORKD_TESTVM_PATH, strerror(rc));
+    for (int i = 0; i < 1000 && !seed_socket_answers(socket_path); i++)
+        bench_sleep_ms(10);
+    return 0;
+}
+
+/* Boots, lets the guest run, pauses and writes a Full snapshot. */
+static int seed_drive(struct vmm_client *client, unsigned mem_mib, const char *dir,
+                      uint64_t *boot_ns, struct forkd_error *err)
+{
+    vmm_client_set_timeout_ms(client, 600000); /* the VMM touches all memory at boot */
+    uint64_t start = bench_now_ns();
+    int rc = vmm_put_machine_config(client, BENCH_VCPUS, mem_mib, err);
+    if (rc == 0)
+        rc = vmm_put_boot_source(client, FORKD_GUEST_PATH, BENCH_WORKLOAD, err);
+    if (rc == 0)
+        rc = vmm_start(client, err);
+    if (rc < 0)
+        return rc;
+    *boot_ns = bench_now_ns() - start;
+    struct guest_info info = {0};
+    for (int i = 0; i < 500 && info.progress == 0; i++) {
+        bench_sleep_ms(10);
+        if ((rc = guest_get_info(client, &info, err)) < 0)
+            return rc;
+    }
+    char vmstate[4200], memory[4200];
+    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", dir);
+    snprintf(memory, sizeof(memory), "%s/memory.bin", dir);
+    rc = vmm_pause(client, err);
+    if (rc == 0)
+        rc = vmm_snapshot_create(client, VMM_SNAPSHOT_FULL, vmstate, memory, err);
+    return rc;
+}
+
+int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib, const char *dir,
+                        uint64_t *boot_ns, struct forkd_error *err)
+{
+    (void)options;
+    char socket_path[4200], log_path[4200];
+    snprintf(socket_path, sizeof(socket_path), "%s/seed.sock", dir);
+    snprintf(log_path, sizeof(log_path), "%s/seed.log", dir);
+    pid_t pid = 0;
+    int rc = seed_spawn(socket_path, log_path, &pid, err);
+    if (rc < 0)
+        return rc;
+    struct vmm_client *client = NULL;
+    rc = vmm_client_open(socket_path, &client, err);
+    if (rc == 0)
+        rc = seed_drive(client, mem_mib, dir, boot_ns, err);
+    vmm_client_close(client);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    unlink(socket_path);
+    if (rc < 0)
+        forkd_error_prefix(err, "seed snapshot of %u MiB (log %s): ", mem_mib, log_path);
+    return rc;
+}

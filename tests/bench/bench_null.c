@@ -1,0 +1,158 @@
+/*
+ * The null fault handler: the same userfaultfd set-up as a live branch (PUT /uffd/wp, the
+ * handshake, write-protect armed on every region), the same loop shape as the engine's handler
+ * (wait, read up to 64 messages, serve each, at SCHED_FIFO), but serving a fault is only
+ * "unprotect the page" (which wakes the vCPU). The engine's copy-mode handler adds the claim
+ * and the capture of the page to that, so the ratio of the two is what forkd's own work costs
+ * a faulting vCPU.
+ */
+#include "bench.h"
+
+#include "forkd/cleanup.h"
+#include "forkd/thread_priority.h"
+#include "forkd/uffd.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define NULL_BATCH        64 /* the engine's HANDLER_BATCH */
+#define NULL_HANDSHAKE_MS 5000
+
+struct null_samples {
+    uint64_t *ns;
+    size_t count, capacity;
+};
+
+static void null_record(struct null_samples *samples, uint64_t ns)
+{
+    if (samples->count == samples->capacity) {
+        size_t capacity = samples->capacity ? samples->capacity * 2 : 65536;
+        uint64_t *grown = realloc(samples->ns, capacity * sizeof(*grown));
+        if (!grown)
+            return; /* keep what we have: percentiles of fewer samples */
+        samples->ns = grown;
+        samples->capacity = capacity;
+    }
+    samples->ns[samples->count++] = ns;
+}
+
+static const struct uffd_region *null_region_of(const struct uffd_handshake *handshake,
+                                                uint64_t address)
+{
+    for (size_t i = 0; i < handshake->region_count; i++) {
+        const struct uffd_region *region = &handshake->regions[i];
+        if (address >= region->host_base && address - region->host_base < region->size)
+            return region;
+    }
+    return NULL;
+}
+
+static int null_protect_all(const struct uffd_handshake *handshake, bool protect,
+                            struct forkd_error *err)
+{
+    for (size_t i = 0; i < handshake->region_count; i++) {
+        const struct uffd_region *region = &handshake->regions[i];
+        int rc = uffd_write_protect(handshake->uffd, region->host_base, region->size,
+                                    region->page_size, protect, false, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Serves write faults until deadline, timing each from the start of its handling to the
+ * return of the unprotect, as the engine does. */
+static int null_serve(const struct uffd_handshake *handshake, uint64_t deadline,
+                      struct null_samples *samples, struct forkd_error *err)
+{
+    struct uffd_msg messages[NULL_BATCH];
+    for (uint64_t now = bench_now_ns(); now < deadline; now = bench_now_ns()) {
+        int timeout_ms = (int)((deadline - now) / 1000000) + 1;
+        int ready = uffd_wait_peer(handshake->uffd, handshake->connection, -1, timeout_ms);
+        if (ready < 0)
+            return forkd_error_set(err, ready, "null handler: userfaultfd: %s", strerror(-ready));
+        int count = ready ? uffd_read_events(handshake->uffd, messages, NULL_BATCH, err) : 0;
+        if (count < 0)
+            return count;
+        for (int i = 0; i < count; i++) {
+            if (messages[i].event != UFFD_EVENT_PAGEFAULT || !uffd_is_wp_fault(&messages[i]))
+                continue;
+            uint64_t address = messages[i].arg.pagefault.address;
+            const struct uffd_region *region = null_region_of(handshake, address);
+            if (!region)
+                continue;
+            uint64_t page = address & ~(region->page_size - 1);
+            uint64_t started = bench_now_ns(); /* where the engine starts its clock */
+            int rc = uffd_write_protect(handshake->uffd, page, region->page_size, region->page_size,
+                                        false, false, err);
+            if (rc < 0)
+                return rc;
+            null_record(samples, bench_now_ns() - started);
+        }
+    }
+    return 0;
+}
+
+static int compare_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void null_summarise(struct null_samples *samples, struct null_result *out)
+{
+    qsort(samples->ns, samples->count, sizeof(uint64_t), compare_u64);
+    out->faults = samples->count;
+    out->exact_p50_ns = bench_percentile(samples->ns, samples->count, 50);
+    out->p50_ns = bench_bucket_upper_ns(out->exact_p50_ns);
+    out->p99_ns = bench_bucket_upper_ns(bench_percentile(samples->ns, samples->count, 99));
+    out->max_ns = samples->count ? samples->ns[samples->count - 1] : 0;
+}
+
+static int null_receive(struct vm *vm, struct uffd_handshake *handshake, struct forkd_error *err)
+{
+    struct vm_status status;
+    vm_get_status(vm, &status);
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%.*s.null.sock", (int)(strlen(status.api_socket_path) - 5),
+             status.api_socket_path);
+    _cleanup_close_ int listener = uffd_listen(path, err);
+    if (listener < 0)
+        return listener;
+    int rc = vmm_uffd_wp(vm_client(vm), path, err);
+    if (rc == 0)
+        rc = uffd_accept_handshake(listener, NULL_HANDSHAKE_MS, handshake, err);
+    unlink(path);
+    return rc;
+}
+
+int bench_null_handler(struct vm *vm, unsigned duration_ms, struct null_result *out,
+                       struct forkd_error *err)
+{
+    memset(out, 0, sizeof(*out));
+    struct uffd_handshake handshake = {.uffd = -1, .connection = -1};
+    int rc = null_receive(vm, &handshake, err);
+    if (rc < 0)
+        return rc;
+    struct thread_priority priority; /* as the engine's handler: a vCPU waits on each fault */
+    thread_priority_raise(&priority);
+    struct null_samples samples = {0};
+    rc = null_protect_all(&handshake, true, err);
+    out->armed_ns = bench_now_ns();
+    if (rc == 0)
+        rc = null_serve(&handshake, out->armed_ns + (uint64_t)duration_ms * 1000000ULL, &samples,
+                        err);
+    out->finished_ns = bench_now_ns();
+    /* Unprotecting wakes every vCPU still waiting; closing the fd drops the registration. */
+    struct forkd_error ignored;
+    null_protect_all(&handshake, false, &ignored);
+    thread_priority_restore(&priority);
+    uffd_handshake_release(&handshake);
+    null_summarise(&samples, out);
+    free(samples.ns);
+    return rc;
+}

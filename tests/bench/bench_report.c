@@ -1,0 +1,218 @@
+/* The table on stdout and the JSON report. */
+#include "bench.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+static const char *const mode_names[MODE_COUNT] = {"LIVE", "ARM_IN_PAUSE", "FULL"};
+
+/* "median [min..max]" with a precision that suits the magnitude. */
+static const char *fmt(const struct series *series, char *out, size_t size)
+{
+    if (!series->count) {
+        snprintf(out, size, "-");
+        return out;
+    }
+    double median = series_median(series);
+    int digits = fabs(median) >= 100 ? 0 : fabs(median) >= 10 ? 1 : fabs(median) >= 1 ? 2 : 3;
+    snprintf(out, size, "%.*f [%.*f..%.*f]", digits, median, digits, series_min(series), digits,
+             series_max(series));
+    return out;
+}
+
+static void row3(const char *label, const struct series *a, const struct series *b,
+                 const struct series *c)
+{
+    char x[64], y[64], z[64];
+    printf("  %-30s %-26s %-26s %s\n", label, fmt(a, x, sizeof(x)), b ? fmt(b, y, sizeof(y)) : "",
+           c ? fmt(c, z, sizeof(z)) : "");
+}
+
+static void report_pause(const struct size_result *r)
+{
+    const struct pause_figures *p = r->pause;
+    printf("  %-30s %-26s %-26s %s\n", "Pause window (ms)", "LIVE (pre-arm)", "ARM_IN_PAUSE",
+           "FULL");
+    row3("window: request to resume ack", &p[0].window_ms, &p[1].window_ms, &p[2].window_ms);
+    row3("engine's part (window - VMM)", &p[0].engine_ms, &p[1].engine_ms, &p[2].engine_ms);
+    row3("  write-protect in the pause", &p[0].protect_ms, &p[1].protect_ms, &p[2].protect_ms);
+    row3("  pause request round trip", &p[0].pause_rpc_ms, &p[1].pause_rpc_ms, &p[2].pause_rpc_ms);
+    row3("  snapshot/create round trip", &p[0].vmstate_rpc_ms, &p[1].vmstate_rpc_ms,
+         &p[2].vmstate_rpc_ms);
+    row3("  resume request round trip", &p[0].resume_rpc_ms, &p[1].resume_rpc_ms,
+         &p[2].resume_rpc_ms);
+    row3("VMM: pause (signal to parked)", &p[0].vmm_pause_ms, &p[1].vmm_pause_ms,
+         &p[2].vmm_pause_ms);
+    row3("VMM: snapshot/create handler", &p[0].vmm_snapshot_ms, &p[1].vmm_snapshot_ms,
+         &p[2].vmm_snapshot_ms);
+    row3("VMM: resume", &p[0].vmm_resume_ms, &p[1].vmm_resume_ms, &p[2].vmm_resume_ms);
+    row3("pre-arm, outside the pause", &p[0].prearm_ms, NULL, NULL);
+    row3("pages re-armed in the pause", &p[0].rearmed_pages, NULL, NULL);
+    row3("ratio FULL / LIVE window", &r->full_over_live, NULL, NULL);
+}
+
+static void report_copy_and_faults(const struct size_result *r)
+{
+    printf("  %-30s %-26s %-26s %s\n", "Copy of memory.bin (MB/s)", "engine (LIVE)",
+           "baseline memfd->file", "ratio");
+    row3("bytes / copy_ns, fsync incl.", &r->copy_mb_s, &r->baseline_mb_s, &r->copy_ratio);
+    printf("  %-30s %-26s %-26s %s\n", "Write-fault service (us)", "p50", "p99", "max");
+    row3("engine, LIVE copy mode", &r->fault_p50_us, &r->fault_p99_us, &r->fault_max_us);
+    row3("null handler (unprotect only)", &r->null_p50_us, &r->null_p99_us, &r->null_max_us);
+    row3("ratio engine / null", &r->fault_ratio_p50, &r->fault_ratio_p99, NULL);
+    row3("faults: engine, null, on bulk", &r->faults_served, &r->null_faults, &r->faults_on_bulk);
+    printf("  %-30s %-26s %-26s %s\n", "Guest writes per second", "no branch", "during copy",
+           "ratio");
+    row3("guest_progress deltas", &r->rate_idle, &r->rate_copy, &r->rate_ratio);
+    row3("during the null handler", &r->rate_null, NULL, NULL);
+}
+
+void report_size(const struct size_result *r)
+{
+    printf("\n== %u MiB guest, %u region%s, %u repetitions: median [min..max] ==\n", r->mem_mib,
+           r->regions, r->regions == 1 ? "" : "s", r->reps);
+    report_pause(r);
+    report_copy_and_faults(r);
+    fflush(stdout);
+}
+
+static cJSON *pause_json(const struct pause_figures *p)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddItemToObject(o, "window_ms", series_json(&p->window_ms));
+    cJSON_AddItemToObject(o, "engine_part_ms", series_json(&p->engine_ms));
+    cJSON_AddItemToObject(o, "protect_in_pause_ms", series_json(&p->protect_ms));
+    cJSON_AddItemToObject(o, "pause_request_ms", series_json(&p->pause_rpc_ms));
+    cJSON_AddItemToObject(o, "snapshot_create_request_ms", series_json(&p->vmstate_rpc_ms));
+    cJSON_AddItemToObject(o, "resume_request_ms", series_json(&p->resume_rpc_ms));
+    cJSON_AddItemToObject(o, "vmm_pause_ms", series_json(&p->vmm_pause_ms));
+    cJSON_AddItemToObject(o, "vmm_snapshot_ms", series_json(&p->vmm_snapshot_ms));
+    cJSON_AddItemToObject(o, "vmm_resume_ms", series_json(&p->vmm_resume_ms));
+    cJSON_AddItemToObject(o, "prearm_ms", series_json(&p->prearm_ms));
+    cJSON_AddItemToObject(o, "rearmed_pages", series_json(&p->rearmed_pages));
+    return o;
+}
+
+cJSON *size_json(const struct size_result *r)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "mem_mib", r->mem_mib);
+    cJSON_AddNumberToObject(o, "regions", r->regions);
+    cJSON_AddNumberToObject(o, "repetitions", r->reps);
+    cJSON_AddNumberToObject(o, "seed_boot_s", r->boot_s);
+    cJSON *pause = cJSON_AddObjectToObject(o, "pause");
+    for (int m = 0; m < MODE_COUNT; m++)
+        cJSON_AddItemToObject(pause, mode_names[m], pause_json(&r->pause[m]));
+    cJSON_AddItemToObject(pause, "ratio_full_over_live", series_json(&r->full_over_live));
+    cJSON *copy = cJSON_AddObjectToObject(o, "copy");
+    cJSON_AddItemToObject(copy, "engine_mb_s", series_json(&r->copy_mb_s));
+    cJSON_AddItemToObject(copy, "baseline_mb_s", series_json(&r->baseline_mb_s));
+    cJSON_AddItemToObject(copy, "ratio", series_json(&r->copy_ratio));
+    cJSON *faults = cJSON_AddObjectToObject(o, "fault_service");
+    cJSON_AddItemToObject(faults, "engine_p50_us", series_json(&r->fault_p50_us));
+    cJSON_AddItemToObject(faults, "engine_p99_us", series_json(&r->fault_p99_us));
+    cJSON_AddItemToObject(faults, "engine_max_us", series_json(&r->fault_max_us));
+    cJSON_AddItemToObject(faults, "engine_faults", series_json(&r->faults_served));
+    cJSON_AddItemToObject(faults, "engine_faults_on_bulk_claimed_pages",
+                          series_json(&r->faults_on_bulk));
+    cJSON_AddItemToObject(faults, "null_p50_us", series_json(&r->null_p50_us));
+    cJSON_AddItemToObject(faults, "null_p99_us", series_json(&r->null_p99_us));
+    cJSON_AddItemToObject(faults, "null_max_us", series_json(&r->null_max_us));
+    cJSON_AddItemToObject(faults, "null_exact_p50_us", series_json(&r->null_exact_p50_us));
+    cJSON_AddItemToObject(faults, "null_faults", series_json(&r->null_faults));
+    cJSON_AddItemToObject(faults, "ratio_p50", series_json(&r->fault_ratio_p50));
+    cJSON_AddItemToObject(faults, "ratio_p99", series_json(&r->fault_ratio_p99));
+    cJSON *rate = cJSON_AddObjectToObject(o, "guest_write_rate");
+    cJSON_AddItemToObject(rate, "no_branch_per_s", series_json(&r->rate_idle));
+    cJSON_AddItemToObject(rate, "during_copy_per_s", series_json(&r->rate_copy));
+    cJSON_AddItemToObject(rate, "ratio", series_json(&r->rate_ratio));
+    cJSON_AddItemToObject(rate, "during_null_handler_per_s", series_json(&r->rate_null));
+    return o;
+}
+
+static double median_ratio(const struct series *a, const struct series *b)
+{
+    return a->count && b->count ? series_median(a) / series_median(b) : NAN;
+}
+
+void report_cross_size(const struct size_result *results, size_t count, cJSON *json)
+{
+    const struct size_result *small = NULL, *large = NULL;
+    for (size_t i = 0; i < count; i++) {
+        if (!small || results[i].mem_mib < small->mem_mib)
+            small = &results[i];
+        if (!large || results[i].mem_mib > large->mem_mib)
+            large = &results[i];
+    }
+    if (!small || small == large)
+        return;
+    printf("\n== LIVE pause, %u MiB / %u MiB (ratio of medians) ==\n", large->mem_mib,
+           small->mem_mib);
+    cJSON *o = cJSON_AddObjectToObject(json, "live_pause_large_over_small");
+    cJSON_AddNumberToObject(o, "large_mib", large->mem_mib);
+    cJSON_AddNumberToObject(o, "small_mib", small->mem_mib);
+    for (int m = 0; m < MODE_FULL; m++) {
+        double window = median_ratio(&large->pause[m].window_ms, &small->pause[m].window_ms);
+        double engine = median_ratio(&large->pause[m].engine_ms, &small->pause[m].engine_ms);
+        printf("  %-14s window %.2fx   engine's part %.2fx\n", mode_names[m], window, engine);
+        cJSON *mode = cJSON_AddObjectToObject(o, mode_names[m]);
+        cJSON_AddNumberToObject(mode, "window", window);
+        cJSON_AddNumberToObject(mode, "engine_part", engine);
+    }
+}
+
+void report_fanout(const struct fanout_result *results, size_t count)
+{
+    printf("\n== Fan-out: forks of the 256 MiB LIVE snapshot ==\n");
+    printf("  %-6s %5s %10s %11s %9s %9s %9s %9s\n", "backend", "forks", "spawn ms", "running ms",
+           "MiB/fork", "VMM Pss", "memfd", "template");
+    for (size_t i = 0; i < count; i++) {
+        const struct fanout_result *r = &results[i];
+        if (r->error) {
+            printf("  %-6s %5u  not measured: %s\n", r->backend, r->forks, r->message);
+            continue;
+        }
+        printf("  %-7s %5u %10.1f %11.1f %9.1f %9.1f %9.1f %9.1f\n", r->backend, r->forks,
+               r->spawn_ms, r->running_ms, r->pss_mib_per_fork, r->vmm_pss_mib, r->memfd_mib,
+               r->template_mib);
+    }
+    printf("\n== Page server (UFFD forks) ==\n");
+    printf("  %5s %12s %10s %10s %10s %10s\n", "forks", "faults/s", "p50 us", "p99 us", "max us",
+           "faults");
+    for (size_t i = 0; i < count; i++) {
+        const struct fanout_result *r = &results[i];
+        if (r->has_page_server)
+            printf("  %5u %12.0f %10.1f %10.1f %10.1f %10llu\n", r->forks, r->ps_faults_per_s,
+                   r->ps_p50_us, r->ps_p99_us, r->ps_max_us, (unsigned long long)r->ps_faults);
+    }
+    fflush(stdout);
+}
+
+cJSON *fanout_json(const struct fanout_result *r)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "backend", r->backend);
+    cJSON_AddNumberToObject(o, "forks", r->forks);
+    if (r->error) {
+        cJSON_AddStringToObject(o, "error", r->message);
+        return o;
+    }
+    cJSON_AddNumberToObject(o, "spawn_ms", r->spawn_ms);
+    cJSON_AddNumberToObject(o, "all_running_ms", r->running_ms);
+    cJSON_AddNumberToObject(o, "memory_per_fork_mib", r->pss_mib_per_fork);
+    cJSON_AddNumberToObject(o, "vmm_pss_total_mib", r->vmm_pss_mib);
+    cJSON_AddNumberToObject(o, "vmm_pss_shmem_total_mib", r->vmm_shmem_mib);
+    cJSON_AddNumberToObject(o, "memfd_allocated_total_mib", r->memfd_mib);
+    cJSON_AddNumberToObject(o, "template_mapping_pss_mib", r->template_mib);
+    if (r->has_page_server) {
+        cJSON *ps = cJSON_AddObjectToObject(o, "page_server");
+        cJSON_AddNumberToObject(ps, "faults_per_s", r->ps_faults_per_s);
+        cJSON_AddNumberToObject(ps, "window_s", r->ps_window_s);
+        cJSON_AddNumberToObject(ps, "faults_served", (double)r->ps_faults);
+        cJSON_AddNumberToObject(ps, "service_p50_us", r->ps_p50_us);
+        cJSON_AddNumberToObject(ps, "service_p99_us", r->ps_p99_us);
+        cJSON_AddNumberToObject(ps, "service_max_us", r->ps_max_us);
+    }
+    return o;
+}
