@@ -4,6 +4,19 @@
 #include <errno.h>
 #include <string.h>
 
+static void convert_page_server_stats(const struct page_server_stats *stats,
+                                      Forkd__V1__PageServerStats *out)
+{
+    *out = (Forkd__V1__PageServerStats)FORKD__V1__PAGE_SERVER_STATS__INIT;
+    out->faults_served = stats->faults_served;
+    out->bytes_copied = stats->bytes_copied;
+    out->pages_prefetched = stats->pages_prefetched;
+    out->zero_pages = stats->zero_pages;
+    out->service_p50_ns = stats->service_p50_ns;
+    out->service_p99_ns = stats->service_p99_ns;
+    out->service_max_ns = stats->service_max_ns;
+}
+
 void convert_vm(struct vm *vm, struct vm_message *out)
 {
     vm_get_status(vm, &out->status);
@@ -24,6 +37,20 @@ void convert_vm(struct vm *vm, struct vm_message *out)
     out->vm.created_at_unix_ms = status->created_at_unix_ms;
     out->vm.exit_reason = out->status.exit_reason;
     out->vm.active_branch_id = out->status.active_branch_id;
+    struct page_server_stats stats;
+    if (vm_page_server_stats(vm, &stats) == 0) {
+        convert_page_server_stats(&stats, &out->page_server);
+        out->vm.page_server = &out->page_server;
+    }
+}
+
+void convert_snapshot_page_server(struct page_server *server, struct snapshot_message *out)
+{
+    struct page_server_template_info info;
+    if (page_server_template_describe(server, out->record.name, &info) < 0)
+        return;
+    convert_page_server_stats(&info.stats, &out->page_server);
+    out->snapshot.page_server = &out->page_server;
 }
 
 void convert_figures(const struct store_figures *figures, Forkd__V1__BranchFigures *out)

@@ -10,6 +10,7 @@
 
 #include "forkd/branch.h"
 #include "forkd/error.h"
+#include "forkd/page_server.h"
 #include "forkd/store.h"
 #include "forkd/vm.h"
 #include "forkd/v1/forkd.pb-c.h"
@@ -17,6 +18,7 @@
 struct vm_message {
     Forkd__V1__Vm vm;
     Forkd__V1__MachineConfig machine;
+    Forkd__V1__PageServerStats page_server;
     struct vm_status status;
 };
 
@@ -29,8 +31,12 @@ struct snapshot_message {
     Forkd__V1__MemoryRegion *region_pointers[STORE_MAX_REGIONS];
     Forkd__V1__Snapshot__LabelsEntry labels[STORE_MAX_LABELS];
     Forkd__V1__Snapshot__LabelsEntry *label_pointers[STORE_MAX_LABELS];
+    Forkd__V1__PageServerStats page_server;
     struct store_snapshot record;
 };
+
+/* Adds a template's page-server figures to a snapshot message (when it has UFFD forks). */
+void convert_snapshot_page_server(struct page_server *server, struct snapshot_message *out);
 
 void convert_vm(struct vm *vm, struct vm_message *out);
 void convert_snapshot(const struct store_snapshot *record, struct snapshot_message *out);

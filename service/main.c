@@ -128,6 +128,11 @@ static int main_open_engine(struct daemon_state *daemon)
         log_error("VM registry: %s", err.message);
         return err.code;
     }
+    struct page_server_config page_config = {0};
+    if (page_server_open(&page_config, &daemon->page_server, &err) < 0) {
+        log_error("page server: %s", err.message);
+        return err.code;
+    }
     daemon->branches = branch_table_new(opts->max_branches);
     return daemon->branches ? 0 : -ENOMEM;
 }
@@ -138,6 +143,8 @@ static void main_close_engine(struct daemon_state *daemon)
     if (daemon->registry)
         log_info("%s the VMs", daemon->options->keep_vms ? "leaving running" : "stopping");
     vm_registry_close(daemon->registry, daemon->options->keep_vms, 2000);
+    /* After the VMs: a UFFD fork whose page server is gone hangs on its next fault. */
+    page_server_close(daemon->page_server);
     store_close(daemon->store);
 }
 

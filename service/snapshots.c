@@ -29,6 +29,7 @@ grpc_status_code handle_get_snapshot(struct rpc_call *call, const ProtobufCMessa
     if (!reply)
         return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     convert_snapshot(&record, reply);
+    convert_snapshot_page_server(daemon->page_server, reply);
     int rc = call_set_response(call, &reply->snapshot.base);
     free(reply);
     return rc < 0 ? rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory")
@@ -52,6 +53,7 @@ grpc_status_code handle_list_snapshots(struct rpc_call *call, const ProtobufCMes
     } else {
         for (size_t i = 0; i < count; i++) {
             convert_snapshot(&records[i], &messages[i]);
+            convert_snapshot_page_server(daemon->page_server, &messages[i]);
             pointers[i] = &messages[i].snapshot;
         }
         Forkd__V1__ListSnapshotsResponse response = FORKD__V1__LIST_SNAPSHOTS_RESPONSE__INIT;
@@ -77,6 +79,7 @@ grpc_status_code handle_delete_snapshot(struct rpc_call *call, const ProtobufCMe
     struct forkd_error err = {0};
     if (store_delete(daemon->store, request->name, request->force, &err) < 0)
         return convert_error(status, &err);
+    page_server_template_forget(daemon->page_server, request->name);
     log_info("deleted snapshot %s%s", request->name, request->force ? " (forced)" : "");
     Forkd__V1__DeleteSnapshotResponse response = FORKD__V1__DELETE_SNAPSHOT_RESPONSE__INIT;
     call_set_response(call, &response.base);

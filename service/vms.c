@@ -198,9 +198,8 @@ static grpc_status_code vms_check_spawn(const Forkd__V1__SpawnRequest *request,
         *memory = VM_MEMORY_MEMFD;
         return GRPC_STATUS_OK;
     case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_UFFD:
-        return rpc_status_set(status, GRPC_STATUS_UNIMPLEMENTED,
-                              "the UFFD backend needs the page server, which this forkd does "
-                              "not have yet: use FILE or MEMFD");
+        *memory = VM_MEMORY_UFFD;
+        return GRPC_STATUS_OK;
     default:
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
                               "backend %d is not one of FILE, MEMFD, UFFD", (int)request->backend);
@@ -228,6 +227,7 @@ static int vms_spawn_one(struct daemon_state *daemon, const Forkd__V1__SpawnRequ
         .memory_path = memory_path,
         .memory = memory,
         .start_paused = request->start_paused,
+        .page_server = daemon->page_server,
     };
     rc = vm_restore(daemon->registry, &config, out, err);
     if (rc < 0)
@@ -260,6 +260,20 @@ static grpc_status_code vms_spawn_reply(struct rpc_call *call, struct vm **vms, 
     return code;
 }
 
+/* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
+static int vms_set_prefetch(struct daemon_state *daemon, const Forkd__V1__SpawnRequest *request,
+                            struct forkd_error *err)
+{
+    struct store_snapshot snapshot;
+    int rc = store_get(daemon->store, request->snapshot, &snapshot, err);
+    if (rc < 0)
+        return rc;
+    char memory_path[PATH_MAX + 16];
+    snprintf(memory_path, sizeof(memory_path), "%s/memory.bin", snapshot.path);
+    return page_server_template_set_prefetch(daemon->page_server, request->snapshot, memory_path,
+                                             request->prefetch_record_ms, err);
+}
+
 grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *message,
                               struct rpc_status *status)
 {
@@ -268,11 +282,14 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
     enum vm_memory memory = VM_MEMORY_FILE;
     if (vms_check_spawn(request, &memory, status) != GRPC_STATUS_OK)
         return status->code;
+    struct forkd_error err = {0};
+    if (memory == VM_MEMORY_UFFD && request->prefetch_record_ms &&
+        vms_set_prefetch(daemon, request, &err) < 0)
+        return convert_error(status, &err);
     uint64_t start = forkd_monotonic_ns();
     struct vm **vms = calloc(request->count, sizeof(*vms));
     if (!vms)
         return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-    struct forkd_error err = {0};
     size_t started = 0;
     int rc = 0;
     while (started < request->count && rc == 0 && !call_is_cancelled(call)) {

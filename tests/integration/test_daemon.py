@@ -62,15 +62,6 @@ def test_unknown_method_is_unimplemented_not_a_hang(daemon):
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_spawn_with_uffd_is_unimplemented_until_the_page_server(daemon):
-    stub = daemon.forkd()
-    with pytest.raises(grpc.RpcError) as error:
-        stub.Spawn(forkd_pb2.SpawnRequest(snapshot="s", count=1,
-                                          backend=forkd_pb2.MEMORY_BACKEND_UFFD), timeout=10)
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "page server" in error.value.details()
-
-
 def test_malformed_request_is_invalid_argument_and_daemon_serves_on(daemon):
     raw = daemon.channel.unary_unary("/forkd.v1.Forkd/GetInfo")
     for garbage in (b"\xff\xff\xff", b"\x0a\x64\x01", b"\x08" + b"\xff" * 11):

@@ -90,6 +90,30 @@ def test_boot_branch_spawn_list_delete_stop(forkd):
     assert stub.GetVm(P.GetVmRequest(vm_id="agent"), timeout=10).state == P.VM_STATE_RUNNING
 
 
+def test_uffd_forks_are_served_by_the_page_server(forkd):
+    stub = forkd.forkd()
+    vm = forkd.boot(mem_mib=64, workload="pattern=hotset seed=3")
+    forkd.branch(vm.id, "template")
+    reply = stub.Spawn(P.SpawnRequest(snapshot="template", count=3,
+                                      backend=P.MEMORY_BACKEND_UFFD, prefetch_record_ms=200),
+                       timeout=120)
+    assert [v.memory_backend for v in reply.vms] == [P.MEMORY_BACKEND_UFFD] * 3
+    # A UFFD fork runs on: branch it (FULL: its memory is not write-protectable) and verify.
+    done = forkd.branch(reply.vms[0].id, "uffd-child", mode=P.BRANCH_MODE_FULL)[-1]
+    assert done.phase == P.BRANCH_PHASE_DONE
+    assert verify_snapshot(done.snapshot.path)[0] == 0
+    fork = stub.GetVm(P.GetVmRequest(vm_id=reply.vms[0].id), timeout=10)
+    assert fork.page_server.faults_served > 0 and fork.page_server.bytes_copied > 0
+    template = stub.GetSnapshot(P.GetSnapshotRequest(name="template"), timeout=10)
+    assert template.page_server.faults_served >= fork.page_server.faults_served
+    with pytest.raises(grpc.RpcError) as error:
+        forkd.branch(reply.vms[1].id, "live-of-uffd")
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    for v in reply.vms:
+        stub.StopVm(P.StopVmRequest(vm_id=v.id), timeout=30)
+    assert stub.GetVm(P.GetVmRequest(vm_id=vm.id), timeout=10).state == P.VM_STATE_RUNNING
+
+
 def test_full_branch_and_live_refused_on_file_memory(forkd):
     vm = forkd.boot()
     events = forkd.branch(vm.id, "full", mode=P.BRANCH_MODE_FULL)
