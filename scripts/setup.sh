@@ -13,8 +13,10 @@ packages=(
   protobuf-compiler protobuf-compiler-grpc
   # C/C++ tests
   googletest libgtest-dev
-  # Python client and its tests
-  python3 python3-grpcio python3-protobuf python3-pytest
+  # Python client and its tests (rich: forkctl's progress display; setuptools, wheel and pip:
+  # the offline install of clients/python)
+  python3 python3-grpcio python3-protobuf python3-pytest python3-rich
+  python3-setuptools python3-wheel python3-pip
   # Go client (built offline; see REFERENCE: golang-goprotobuf-dev conflicts)
   golang-go golang-google-grpc-dev golang-google-protobuf-dev
   golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc

@@ -1,0 +1,294 @@
+"""The forkd client: a thin, typed layer over the generated forkd.v1 stubs."""
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Callable, TypeVar
+
+import grpc
+
+try:
+    from ._gen import forkd_pb2 as pb
+    from ._gen import forkd_pb2_grpc as pb_grpc
+except ModuleNotFoundError as missing:  # a source checkout where nobody generated them yet
+    raise ImportError("forkd's gRPC stubs are not generated: install the package "
+                      "(pip install clients/python) or run clients/python/gen_stubs.py"
+                      ) from missing
+from .errors import ForkdError, Unavailable
+from .types import (BranchEvent, BranchMode, BranchPhase, Info, MemoryBackend, Snapshot,
+                    SpawnResult, Vm)
+
+__all__ = ["Client", "Branch", "DEFAULT_TARGET", "default_target"]
+
+#: Where forkd listens unless told otherwise (forkd --listen's default).
+DEFAULT_TARGET = "unix:/run/forkd/forkd.sock"
+
+T = TypeVar("T")
+
+
+class _Default:
+    """Marks "use the client's default timeout"; None already means "no deadline"."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+_DEFAULT: Any = _Default()
+
+
+def default_target() -> str:
+    """$FORKD_ADDR if set, else forkd's default Unix socket."""
+    return normalize_target(os.environ.get("FORKD_ADDR") or DEFAULT_TARGET)
+
+
+def normalize_target(target: str) -> str:
+    """Accepts a bare socket path as well as a gRPC target (unix:PATH, HOST:PORT)."""
+    return "unix:" + target if target.startswith("/") else target
+
+
+def _id(vm: str | Vm) -> str:
+    return vm.id if isinstance(vm, Vm) else vm
+
+
+class Client:
+    """A connection to one forkd daemon.
+
+    >>> with Client() as client:                       # $FORKD_ADDR or the default socket
+    ...     vm = client.boot("/path/to/kernel", mem_size_mib=256)
+    ...     for event in (branch := client.branch(vm, "base")):
+    ...         print(event.phase.name, event.progress)
+    ...     print(branch.snapshot.path)
+
+    Unary calls get ``timeout`` seconds (None: no deadline) unless a call passes its own;
+    branch streams have no deadline unless given one. Failures raise ``ForkdError``
+    subclasses carrying the daemon's status code and message.
+    """
+
+    def __init__(self, target: str | None = None, *, timeout: float | None = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.target = normalize_target(target) if target else default_target()
+        self.timeout = timeout
+        if credentials is not None:
+            self._channel = grpc.secure_channel(self.target, credentials, options=options)
+        else:
+            # forkd serves plaintext only on a Unix socket (or TCP with --insecure-tcp).
+            self._channel = grpc.insecure_channel(self.target, options=options)
+        self.stub = pb_grpc.ForkdStub(self._channel)
+        """The generated stub, for anything this class does not wrap."""
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the channel; running branch streams are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Blocks until the daemon answers; raises Unavailable after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE,
+                              f"forkd at {self.target} did not answer within {timeout:g}s"
+                              ) from None
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def _unary(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        try:
+            return method(request, timeout=self.timeout if timeout is _DEFAULT else timeout)
+        except grpc.RpcError as error:
+            raise ForkdError.from_rpc_error(error) from error
+
+    def info(self, *, timeout: float | None = _DEFAULT) -> Info:
+        """The daemon's version and what its host can do."""
+        return Info.from_proto(self._unary(self.stub.GetInfo, pb.GetInfoRequest(), timeout))
+
+    def boot(self, kernel_image_path: str, *, name: str = "", vcpu_count: int = 1,
+             mem_size_mib: int = 128, boot_args: str = "",
+             labels: Mapping[str, str] | None = None,
+             timeout: float | None = _DEFAULT) -> Vm:
+        """Boots a fresh VM; returns it once its vCPUs run.
+
+        ``kernel_image_path`` is an absolute path on the daemon's host (a kernel, or the test
+        VMM's guest program, whose workload ``boot_args`` describes).
+        """
+        request = pb.BootRequest(
+            name=name, kernel_image_path=kernel_image_path, boot_args=boot_args,
+            machine=pb.MachineConfig(vcpu_count=vcpu_count, mem_size_mib=mem_size_mib),
+            labels=dict(labels or {}))
+        return Vm.from_proto(self._unary(self.stub.Boot, request, timeout))
+
+    def spawn(self, snapshot: str | Snapshot, count: int = 1, *,
+              backend: MemoryBackend = MemoryBackend.FILE, name_prefix: str = "",
+              start_paused: bool = False, labels: Mapping[str, str] | None = None,
+              timeout: float | None = _DEFAULT) -> SpawnResult:
+        """Starts ``count`` VMs restored from a READY snapshot (all or none)."""
+        request = pb.SpawnRequest(
+            snapshot=snapshot.name if isinstance(snapshot, Snapshot) else snapshot,
+            count=count, backend=int(backend), name_prefix=name_prefix,
+            start_paused=start_paused, labels=dict(labels or {}))
+        return SpawnResult.from_proto(self._unary(self.stub.Spawn, request, timeout))
+
+    def branch(self, vm: str | Vm, snapshot_name: str, *, mode: BranchMode = BranchMode.LIVE,
+               detach: bool = False, progress_interval: float = 0.1,
+               labels: Mapping[str, str] | None = None,
+               timeout: float | None = None) -> Branch:
+        """Branches a running VM into a new snapshot; returns the running branch.
+
+        Iterate the result for its events (``BranchEvent``, phases in order, COPYING
+        progress coalesced to at most one per ``progress_interval`` seconds) or call
+        ``wait()``; both end with the READY snapshot or raise the branch's error. Cancelling
+        the branch (``cancel()``, leaving its ``with`` block early, closing the client) aborts
+        it and leaves no snapshot, unless ``detach`` was set: then it goes on without the
+        client and ``watch()`` re-attaches.
+        """
+        request = pb.BranchRequest(
+            vm_id=_id(vm), snapshot_name=snapshot_name, mode=int(mode), detach=detach,
+            progress_interval_ms=_interval_ms(progress_interval), labels=dict(labels or {}))
+        return Branch(self.stub.Branch(request, timeout=timeout), snapshot_name)
+
+    def watch(self, branch_id: str | None = None, *, snapshot_name: str | None = None,
+              progress_interval: float = 0.1, timeout: float | None = None) -> Branch:
+        """Re-attaches to a branch by id or by the snapshot it writes: replays its phases so
+        far, then follows it. Leaving a watch does not cancel the branch."""
+        if (branch_id is None) == (snapshot_name is None):
+            raise ValueError("watch() takes either a branch id or snapshot_name=")
+        request = pb.WatchBranchRequest(progress_interval_ms=_interval_ms(progress_interval))
+        if branch_id is not None:
+            request.branch_id = branch_id
+        else:
+            request.snapshot_name = snapshot_name
+        return Branch(self.stub.WatchBranch(request, timeout=timeout), snapshot_name)
+
+    def vms(self, *, timeout: float | None = _DEFAULT) -> list[Vm]:
+        """Every VM the daemon started, including exited ones not yet stopped."""
+        reply = self._unary(self.stub.ListVms, pb.ListVmsRequest(), timeout)
+        return [Vm.from_proto(v) for v in reply.vms]
+
+    def vm(self, vm: str | Vm, *, timeout: float | None = _DEFAULT) -> Vm:
+        """One VM by id or name."""
+        return Vm.from_proto(self._unary(self.stub.GetVm, pb.GetVmRequest(vm_id=_id(vm)),
+                                         timeout))
+
+    def stop(self, vm: str | Vm, *, grace: float | None = None,
+             timeout: float | None = _DEFAULT) -> Vm:
+        """Stops a VM and forgets it; returns its last record. ``grace`` is how long (seconds)
+        its VMM gets after SIGTERM before SIGKILL (daemon default: 2 s)."""
+        request = pb.StopVmRequest(vm_id=_id(vm),
+                                   grace_ms=0 if grace is None else max(1, round(grace * 1000)))
+        return Vm.from_proto(self._unary(self.stub.StopVm, request, timeout).vm)
+
+    def snapshots(self, *, timeout: float | None = _DEFAULT) -> list[Snapshot]:
+        """Every snapshot, READY and WRITING, sorted by name."""
+        reply = self._unary(self.stub.ListSnapshots, pb.ListSnapshotsRequest(), timeout)
+        return [Snapshot.from_proto(s) for s in reply.snapshots]
+
+    def snapshot(self, name: str, *, timeout: float | None = _DEFAULT) -> Snapshot:
+        """One snapshot by name."""
+        return Snapshot.from_proto(self._unary(self.stub.GetSnapshot,
+                                               pb.GetSnapshotRequest(name=name), timeout))
+
+    def delete_snapshot(self, name: str | Snapshot, *, force: bool = False,
+                        timeout: float | None = _DEFAULT) -> None:
+        """Deletes a snapshot; ``force`` also when VMs use it or a branch writes it."""
+        name = name.name if isinstance(name, Snapshot) else name
+        self._unary(self.stub.DeleteSnapshot, pb.DeleteSnapshotRequest(name=name, force=force),
+                    timeout)
+
+
+def _interval_ms(seconds: float) -> int:
+    # 0 would mean the daemon's default (100 ms); the smallest explicit interval is 1 ms.
+    return max(1, round(seconds * 1000))
+
+
+class Branch:
+    """A branch in progress, as a stream of ``BranchEvent``.
+
+    Iterating yields the events as they arrive; the iteration's return value (``yield from``)
+    and ``snapshot`` are the READY snapshot once DONE arrived. If the branch fails, iteration
+    yields the FAILED (or CANCELLED) event and then raises the ``ForkdError`` of the call's
+    status. Used as a context manager, leaving the block before the branch ended cancels it.
+    """
+
+    def __init__(self, call: Any, snapshot_name: str | None) -> None:
+        self._call = call
+        self.snapshot_name = snapshot_name
+        self.branch_id: str | None = None
+        self.events: list[BranchEvent] = []
+        self.snapshot: Snapshot | None = None
+        self._error: ForkdError | None = None
+        self._ended = False
+
+    def __iter__(self) -> Generator[BranchEvent, None, Snapshot]:
+        # Several loops over one Branch continue the same stream, they do not restart it.
+        while not self._ended:
+            try:
+                message = next(self._call)
+            except StopIteration:
+                self._ended = True
+                if self.snapshot is None:
+                    self._error = ForkdError(grpc.StatusCode.UNKNOWN,
+                                             "the branch stream ended without a DONE event")
+                break
+            except grpc.RpcError as error:
+                self._ended = True
+                self._error = ForkdError.from_rpc_error(error)
+                break
+            event = BranchEvent.from_proto(message)
+            self.events.append(event)
+            self.branch_id = self.branch_id or event.branch_id or None
+            self.snapshot_name = self.snapshot_name or event.snapshot_name or None
+            if event.phase == BranchPhase.DONE:
+                self.snapshot = event.snapshot
+            yield event
+        if self._error is not None:
+            raise self._error
+        assert self.snapshot is not None
+        return self.snapshot
+
+    def wait(self) -> Snapshot:
+        """Follows the branch to its end; returns the READY snapshot or raises its error."""
+        for _ in self:
+            pass
+        assert self.snapshot is not None
+        return self.snapshot
+
+    def cancel(self) -> None:
+        """Leaves the stream. The daemon aborts the branch (VM resumed, no snapshot left)
+        unless it was started detached or this is a watch."""
+        if not self._ended:
+            self._call.cancel()
+
+    @property
+    def done(self) -> bool:
+        """True once the stream ended, with a snapshot or an error."""
+        return self._ended
+
+    @property
+    def last(self) -> BranchEvent | None:
+        """The latest event received."""
+        return self.events[-1] if self.events else None
+
+    def __enter__(self) -> Branch:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cancel()
+
+    def __repr__(self) -> str:
+        phase = self.last.phase.name if self.last else "pending"
+        return f"<Branch {self.branch_id or '?'} -> {self.snapshot_name or '?'}: {phase}>"
+

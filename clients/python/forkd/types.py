@@ -1,0 +1,266 @@
+"""Plain Python views of the forkd.v1 messages: enums and frozen dataclasses.
+
+Field names are the proto's, so the API reference (proto/forkd/v1/forkd.proto) applies
+unchanged: durations in nanoseconds (``*_ns``), sizes in bytes (``*_bytes``), times of day in
+Unix epoch milliseconds (``*_unix_ms``). Message fields the daemon may leave unset are ``None``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any, TypeVar
+
+__all__ = [
+    "VmState", "MemoryBackend", "BranchMode", "BranchPhase", "SnapshotState",
+    "MachineConfig", "PageServerStats", "Vm", "SpawnResult", "BranchProgress", "BranchFigures",
+    "MemoryRegion", "Snapshot", "BranchEvent", "HostCapabilities", "Info",
+]
+
+
+class VmState(enum.IntEnum):
+    UNSPECIFIED = 0
+    STARTING = 1
+    RUNNING = 2
+    PAUSED = 3
+    STOPPED = 4
+    FAILED = 5
+
+
+class MemoryBackend(enum.IntEnum):
+    """Where a VM's guest memory lives; it decides which branch modes the VM supports."""
+    UNSPECIFIED = 0
+    ANONYMOUS = 1  # a freshly booted VM: LIVE and FULL
+    FILE = 2       # private map of memory.bin: densest to spawn, FULL only
+    MEMFD = 3      # forkd-owned memfd: LIVE and FULL
+    UFFD = 4       # filled lazily by the page server: FULL only
+
+
+class BranchMode(enum.IntEnum):
+    UNSPECIFIED = 0  # the daemon treats it as LIVE
+    LIVE = 1
+    LIVE_ARM_IN_PAUSE = 2
+    FULL = 3
+
+
+class BranchPhase(enum.IntEnum):
+    UNSPECIFIED = 0
+    STARTED = 1
+    ARMED = 2
+    PAUSED = 3
+    VMSTATE_SAVED = 4
+    RESUMED = 5
+    COPYING = 6
+    PUBLISHING = 7
+    DONE = 8
+    FAILED = 9
+    CANCELLED = 10
+
+    @property
+    def terminal(self) -> bool:
+        """True for the phases that end a branch."""
+        return self in (BranchPhase.DONE, BranchPhase.FAILED, BranchPhase.CANCELLED)
+
+
+class SnapshotState(enum.IntEnum):
+    UNSPECIFIED = 0
+    WRITING = 1
+    READY = 2
+
+
+M = TypeVar("M", bound="_Message")
+
+
+class _Message:
+    """Conversion between a dataclass below and its protobuf message, and to plain dicts."""
+
+    @classmethod
+    def from_proto(cls: type[M], message: Any) -> M:
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: _field_from_proto(hints[f.name], message, f.name)
+                      for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: enums become their names, nested messages dicts."""
+        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _field_from_proto(hint: Any, message: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        # "X | None": a message field, None when the daemon left it unset.
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _value_from_proto(inner, getattr(message, name)) if message.HasField(name) \
+            else None
+    value = getattr(message, name)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return [_value_from_proto(inner, v) for v in value]
+    if origin is dict:
+        return dict(value)
+    return _value_from_proto(hint, value)
+
+
+def _value_from_proto(hint: Any, value: Any) -> Any:
+    if isinstance(hint, type) and issubclass(hint, _Message):
+        return hint.from_proto(value)
+    if isinstance(hint, type) and issubclass(hint, enum.IntEnum):
+        try:
+            return hint(value)
+        except ValueError:
+            return value  # a value from a newer daemon: keep the number
+    return value
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, _Message):
+        return value.to_dict()
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, list):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineConfig(_Message):
+    vcpu_count: int
+    mem_size_mib: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PageServerStats(_Message):
+    """Figures of the page server that serves UFFD-backed forks their memory on demand."""
+    faults_served: int
+    bytes_copied: int
+    pages_prefetched: int
+    zero_pages: int
+    service_p50_ns: int
+    service_p99_ns: int
+    service_max_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Vm(_Message):
+    id: str
+    name: str
+    state: VmState
+    memory_backend: MemoryBackend
+    machine: MachineConfig | None
+    vmm_pid: int
+    api_socket_path: str
+    vmm_binary: str
+    source_snapshot: str
+    created_at_unix_ms: int
+    exit_reason: str
+    active_branch_id: str
+    labels: dict[str, str]
+    page_server: PageServerStats | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpawnResult(_Message):
+    vms: list[Vm]  # in index order
+    elapsed_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchProgress(_Message):
+    bytes_copied: int
+    bytes_total: int
+    pages_by_fault: int
+    pages_by_bulk: int
+    page_size: int
+
+    @property
+    def fraction(self) -> float:
+        """Share of guest memory copied so far, 0.0 to 1.0."""
+        return self.bytes_copied / self.bytes_total if self.bytes_total else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchFigures(_Message):
+    pause_ns: int
+    arm_ns: int
+    rearm_ns: int
+    rearmed_pages: int
+    vmstate_ns: int
+    copy_ns: int
+    publish_ns: int
+    total_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRegion(_Message):
+    guest_phys_addr: int
+    size_bytes: int
+    file_offset: int
+    page_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot(_Message):
+    name: str
+    state: SnapshotState
+    source_vm_id: str
+    source_vm_name: str
+    parent_snapshot: str
+    mode: BranchMode
+    machine: MachineConfig | None
+    memory_bytes: int
+    vmstate_bytes: int
+    regions: list[MemoryRegion]
+    figures: BranchFigures | None
+    progress: BranchProgress | None
+    vmm_binary: str
+    vmm_version: str
+    created_at_unix_ms: int
+    path: str
+    labels: dict[str, str]
+    vms_using: int
+    page_server: PageServerStats | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchEvent(_Message):
+    """One event of a branch's stream. ``progress`` is set on COPYING, RESUMED and DONE,
+    ``snapshot`` on DONE, ``error_message`` on FAILED and CANCELLED."""
+    branch_id: str
+    phase: BranchPhase
+    vm_id: str
+    snapshot_name: str
+    time_unix_ms: int
+    figures: BranchFigures | None
+    progress: BranchProgress | None
+    snapshot: Snapshot | None
+    error_message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCapabilities(_Message):
+    kernel_release: str
+    kvm_usable: bool
+    kvm_api_version: int
+    kvm_error: str
+    userfaultfd_usable: bool
+    userfaultfd_features: int
+    userfaultfd_wp_anonymous: bool
+    userfaultfd_wp_shmem: bool
+    userfaultfd_wp_unpopulated: bool
+    userfaultfd_error: str
+    unprivileged_userfaultfd: int
+    live_branch_supported: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Info(_Message):
+    version: str
+    host: HostCapabilities | None
+    started_at_unix_ms: int
+    state_dir: str
+    vmm_binary: str
+    max_concurrent_branches: int
+    pid: int
