@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TaskID,
                            TaskProgressColumn, TextColumn)
 from rich.table import Table
@@ -68,7 +68,7 @@ def phase_name(phase: BranchPhase | int) -> str:
 
 
 def enum_name(value: Any) -> str:
-    return value.name if hasattr(value, "name") else str(value)
+    return str(value.name) if hasattr(value, "name") else str(value)
 
 
 # -- output --------------------------------------------------------------------------------
@@ -87,8 +87,8 @@ class Output:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
-    def say(self, text: str | Text) -> None:
-        # Text objects carry their own style; plain strings are printed verbatim, never
+    def say(self, text: RenderableType) -> None:
+        # Text and tables carry their own style; plain strings are printed verbatim, never
         # parsed as markup (daemon messages and names may contain brackets).
         self.out.print(text, markup=False)
 
@@ -267,7 +267,7 @@ def cmd_info(client: Client, args: argparse.Namespace, out: Output) -> int:
                             f"shmem {'yes' if host.userfaultfd_wp_shmem else 'no'}"
              if host.userfaultfd_usable else f"NOT usable: {host.userfaultfd_error}"),
             ("live branch", "supported" if host.live_branch_supported else "NOT supported")]
-    out.say(details(pairs))  # type: ignore[arg-type]
+    out.say(details(pairs))
     return EXIT_OK
 
 
@@ -344,7 +344,7 @@ def cmd_spawn(client: Client, args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
     out.say(f"spawned {len(result.vms)} VMs from {args.snapshot} "
             f"({args.backend.upper()}) in {fmt_ns(result.elapsed_ns)}")
-    out.say(vm_table(result.vms))  # type: ignore[arg-type]
+    out.say(vm_table(result.vms))
     return EXIT_OK
 
 
@@ -354,13 +354,13 @@ def cmd_vms(client: Client, args: argparse.Namespace, out: Output) -> int:
         if out.json:
             out.emit(vm.to_dict())
         else:
-            out.say(details(list(vars_of(vm).items())))  # type: ignore[arg-type]
+            out.say(details(list(vars_of(vm).items())))
         return EXIT_OK
     vms = client.vms()
     if out.json:
         out.emit([vm.to_dict() for vm in vms])
     elif vms:
-        out.say(vm_table(vms))  # type: ignore[arg-type]
+        out.say(vm_table(vms))
     else:
         out.say("no VMs")
     return EXIT_OK
@@ -372,13 +372,13 @@ def cmd_snapshots(client: Client, args: argparse.Namespace, out: Output) -> int:
         if out.json:
             out.emit(snapshot.to_dict())
         else:
-            out.say(details(list(vars_of(snapshot).items())))  # type: ignore[arg-type]
+            out.say(details(list(vars_of(snapshot).items())))
         return EXIT_OK
     snapshots = client.snapshots()
     if out.json:
         out.emit([s.to_dict() for s in snapshots])
     elif snapshots:
-        out.say(snapshot_table(snapshots))  # type: ignore[arg-type]
+        out.say(snapshot_table(snapshots))
     else:
         out.say("no snapshots")
     return EXIT_OK
@@ -400,9 +400,10 @@ def cmd_stop(client: Client, args: argparse.Namespace, out: Output) -> int:
     stopped = [client.stop(vm, grace=args.grace) for vm in args.vms]
     if out.json:
         out.emit([vm.to_dict() for vm in stopped])
-    for vm in stopped if not out.json else ():
-        out.say(f"stopped {vm.id} ({vm.name})" + (f": {vm.exit_reason}" if vm.exit_reason
-                                                   else ""))
+        return EXIT_OK
+    for vm in stopped:
+        reason = f": {vm.exit_reason}" if vm.exit_reason else ""
+        out.say(f"stopped {vm.id} ({vm.name}){reason}")
     return EXIT_OK
 
 

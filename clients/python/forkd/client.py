@@ -137,7 +137,7 @@ class Client:
         """Starts ``count`` VMs restored from a READY snapshot (all or none)."""
         request = pb.SpawnRequest(
             snapshot=snapshot.name if isinstance(snapshot, Snapshot) else snapshot,
-            count=count, backend=int(backend), name_prefix=name_prefix,
+            count=count, backend=_enum(backend), name_prefix=name_prefix,
             start_paused=start_paused, labels=dict(labels or {}))
         return SpawnResult.from_proto(self._unary(self.stub.Spawn, request, timeout))
 
@@ -155,7 +155,7 @@ class Client:
         client and ``watch()`` re-attaches.
         """
         request = pb.BranchRequest(
-            vm_id=_id(vm), snapshot_name=snapshot_name, mode=int(mode), detach=detach,
+            vm_id=_id(vm), snapshot_name=snapshot_name, mode=_enum(mode), detach=detach,
             progress_interval_ms=_interval_ms(progress_interval), labels=dict(labels or {}))
         return Branch(self.stub.Branch(request, timeout=timeout), snapshot_name)
 
@@ -168,7 +168,7 @@ class Client:
         request = pb.WatchBranchRequest(progress_interval_ms=_interval_ms(progress_interval))
         if branch_id is not None:
             request.branch_id = branch_id
-        else:
+        elif snapshot_name is not None:
             request.snapshot_name = snapshot_name
         return Branch(self.stub.WatchBranch(request, timeout=timeout), snapshot_name)
 
@@ -206,6 +206,12 @@ class Client:
         name = name.name if isinstance(name, Snapshot) else name
         self._unary(self.stub.DeleteSnapshot, pb.DeleteSnapshotRequest(name=name, force=force),
                     timeout)
+
+
+def _enum(value: int) -> Any:
+    # The generated stubs type enum fields as their own wrapper; ours are IntEnums of the
+    # same numbers, which protobuf accepts.
+    return int(value)
 
 
 def _interval_ms(seconds: float) -> int:

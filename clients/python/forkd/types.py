@@ -79,7 +79,7 @@ class _Message:
     def from_proto(cls: type[M], message: Any) -> M:
         hints = typing.get_type_hints(cls)
         return cls(**{f.name: _field_from_proto(hints[f.name], message, f.name)
-                      for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+                      for f in dataclasses.fields(cls)})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: enums become their names, nested messages dicts."""
