@@ -21,16 +21,16 @@
 
 static void usage(FILE *out)
 {
-    fprintf(
-        out,
-        "usage: forkd-bench [--quick] [--sizes MIB,...] [--reps N] [--reps-large N]\n"
-        "                   [--fanout N,...] [--json PATH] [--state-dir DIR] [--seed-dir DIR]\n"
-        "                   [--null-ms MS] [--rate-ms MS] [--settle-ms MS] [--copier-fifo]\n"
-        "                   [--no-branch] [--no-fanout]\n"
-        "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 4 GiB and up); fan-out 1,8,32;\n"
-        "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
-        "--copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler (a diagnosis).\n"
-        "Needs root, /dev/kvm and userfaultfd.\n");
+    fprintf(out,
+            "usage: forkd-bench [--quick] [--sizes MIB,...] [--reps N] [--reps-large N]\n"
+            "                   [--fanout N,...] [--json PATH] [--state-dir DIR] [--seed-dir DIR]\n"
+            "                   [--null-ms MS] [--rate-ms MS] [--settle-ms MS] [--copier-fifo]\n"
+            "                   [--spawn-paused] [--no-branch] [--no-fanout]\n"
+            "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 4 GiB and up); fan-out 1,8,32;\n"
+            "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
+            "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
+            "--spawn-paused restores every fork paused and resumes them all at the end.\n"
+            "Needs root, /dev/kvm and userfaultfd.\n");
 }
 
 static int parse_list(const char *text, unsigned *out, size_t max, size_t *count)
@@ -80,6 +80,7 @@ enum {
     OPT_NO_BRANCH,
     OPT_NO_FANOUT,
     OPT_QUICK,
+    OPT_SPAWN_PAUSED,
     OPT_HELP
 };
 
@@ -96,6 +97,7 @@ static const struct option long_options[] = {
     {"rate-ms", required_argument, NULL, OPT_RATE},
     {"settle-ms", required_argument, NULL, OPT_SETTLE},
     {"copier-fifo", no_argument, NULL, OPT_FIFO},
+    {"spawn-paused", no_argument, NULL, OPT_SPAWN_PAUSED},
     {"no-branch", no_argument, NULL, OPT_NO_BRANCH},
     {"no-fanout", no_argument, NULL, OPT_NO_FANOUT},
     {"help", no_argument, NULL, OPT_HELP},
@@ -141,6 +143,9 @@ static int apply_option(struct bench_options *o, int option, const char *arg)
         return 0;
     case OPT_FIFO:
         o->copier_fifo = true;
+        return 0;
+    case OPT_SPAWN_PAUSED:
+        o->spawn_paused = true;
         return 0;
     case OPT_NO_BRANCH:
         o->skip_branch = true;

@@ -37,6 +37,7 @@ struct bench_options {
     unsigned rate_ms;   /* window of the guest's undisturbed write rate */
     unsigned settle_ms; /* forks run this long before their memory is read */
     bool copier_fifo;   /* diagnosis: the bulk copier (branch thread) at SCHED_FIFO */
+    bool spawn_paused;  /* diagnosis: restore every fork paused, resume them all at the end */
     bool skip_branch, skip_fanout;
     const char *json_path;
     const char *state_dir; /* NULL: a fresh directory under /var/tmp */
@@ -95,8 +96,9 @@ void rate_sampler_quiet(struct rate_sampler *sampler, bool quiet);
  * fewer than two samples fall there. */
 double rate_sampler_rate(struct rate_sampler *sampler, uint64_t from_ns, uint64_t to_ns);
 /* Waits until the write rate over consecutive windows of window_ms is steady (two in a row
- * within 10%) or max_ms passes: after a boot, a restore or a branch, a nested guest runs slow
- * until its shadow page tables are rebuilt. Returns the last window's rate. */
+ * within 10%, and at least half the best window seen on this VM) or max_ms passes: after a boot, a
+ * restore or a branch, a nested guest runs slow until its shadow page tables are rebuilt. Returns
+ * the last window's rate. */
 double rate_sampler_settle(struct rate_sampler *sampler, unsigned window_ms, unsigned max_ms);
 /* Measures the write rate over the next window_ms. */
 double rate_sampler_measure(struct rate_sampler *sampler, unsigned window_ms);
@@ -106,6 +108,19 @@ double rate_sampler_measure(struct rate_sampler *sampler, unsigned window_ms);
  * a guest whose boot takes longer than the VMM client's timeout (a 4 GiB guest here). */
 int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib, const char *dir,
                         uint64_t *boot_ns, struct forkd_error *err);
+
+/* The scheduler's run delay (time runnable but waiting for a CPU, from schedstat) of each
+ * vCPU thread of a VMM: a vCPU that waits for a CPU cannot take the pause signal. */
+#define RUN_DELAY_THREADS 32
+struct run_delay {
+    unsigned count;
+    pid_t tid[RUN_DELAY_THREADS];
+    uint64_t delay_ns[RUN_DELAY_THREADS];
+};
+
+void guest_read_run_delay(pid_t pid, struct run_delay *out);
+/* The largest growth of one thread's run delay between two readings. */
+uint64_t guest_run_delay_max(const struct run_delay *before, const struct run_delay *after);
 
 /* ---- the parts of the run --------------------------------------------------------------- */
 
@@ -126,6 +141,7 @@ struct pause_figures {
     struct series window_ms, engine_ms, protect_ms, prearm_ms, rearmed_pages;
     struct series vmm_pause_ms, vmm_snapshot_ms, vmm_resume_ms, vmstate_rpc_ms;
     struct series pause_rpc_ms, resume_rpc_ms;
+    struct series vcpu_wait_ms; /* LIVE: longest vCPU run delay from ARMED to RESUMED */
 };
 
 struct size_result {

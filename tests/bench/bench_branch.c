@@ -10,6 +10,7 @@
 #include "forkd/vmm_client.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +31,8 @@ struct branch_watch {
     struct branch *branch;
     struct rate_sampler *sampler;
     bool cancel_on_resume;
+    pid_t vmm_pid;
+    struct run_delay armed, resumed; /* LIVE: vCPU threads' run delay around the pause */
     uint64_t at[BRANCH_PHASE_CANCELLED + 1];
 };
 
@@ -39,6 +42,12 @@ static void watch_phase(void *context, enum branch_phase phase,
     (void)progress;
     struct branch_watch *watch = context;
     watch->at[phase] = bench_now_ns();
+    /* Read outside the pause (ARMED comes just before the pause request): the reading must
+     * not lengthen what it explains. */
+    if (phase == BRANCH_PHASE_ARMED)
+        guest_read_run_delay(watch->vmm_pid, &watch->armed);
+    if (phase == BRANCH_PHASE_RESUMED && watch->armed.count)
+        guest_read_run_delay(watch->vmm_pid, &watch->resumed);
     if (phase == BRANCH_PHASE_STARTED)
         rate_sampler_quiet(watch->sampler, true);
     if (phase == BRANCH_PHASE_RESUMED || phase >= BRANCH_PHASE_DONE)
@@ -63,7 +72,8 @@ static double ms(uint64_t ns)
 }
 
 static void record_pause(struct size_run *run, enum bench_mode mode,
-                         const struct branch_progress *progress, const struct guest_info *vmm)
+                         const struct branch_progress *progress, const struct branch_watch *watch,
+                         const struct guest_info *vmm)
 {
     struct pause_figures *pause = &run->result->pause[mode];
     const struct store_figures *figures = &progress->figures;
@@ -84,6 +94,8 @@ static void record_pause(struct size_run *run, enum bench_mode mode,
     }
     series_add(&pause->pause_rpc_ms, ms(figures->pause_request_ns));
     series_add(&pause->resume_rpc_ms, ms(figures->resume_request_ns));
+    if (watch->armed.count && watch->resumed.count)
+        series_add(&pause->vcpu_wait_ms, ms(guest_run_delay_max(&watch->armed, &watch->resumed)));
 }
 
 static void record_copy(struct size_run *run, const struct branch_progress *progress,
@@ -113,8 +125,10 @@ static int run_branch(struct size_run *run, enum bench_mode mode, const char *na
     struct branch *branch = branch_new();
     if (!branch)
         return forkd_error_set(err, -ENOMEM, "branch: out of memory");
-    *watch = (struct branch_watch){
-        .branch = branch, .sampler = run->sampler, .cancel_on_resume = mode == MODE_ARM_IN_PAUSE};
+    *watch = (struct branch_watch){.branch = branch,
+                                   .sampler = run->sampler,
+                                   .cancel_on_resume = mode == MODE_ARM_IN_PAUSE,
+                                   .vmm_pid = vm_pid(run->vm)};
     struct branch_request request = {.vm = run->vm,
                                      .snapshot_name = name,
                                      .mode = store_modes[mode],
@@ -155,7 +169,7 @@ static int measure_mode(struct size_run *run, enum bench_mode mode, struct forkd
     rc = guest_get_info(vm_client(run->vm), &vmm, err);
     if (rc < 0)
         return rc;
-    record_pause(run, mode, &progress, &vmm);
+    record_pause(run, mode, &progress, &watch, &vmm);
     if (mode == MODE_LIVE)
         record_copy(run, &progress, &watch);
     bool keep = mode == MODE_LIVE && run->keep_live;
@@ -166,21 +180,26 @@ static int measure_mode(struct size_run *run, enum bench_mode mode, struct forkd
     return 0;
 }
 
-static int measure_copy_baseline(struct size_run *run, struct forkd_error *err)
+/* Lets the disk finish what earlier steps left (deleted snapshots are discarded, dirty pages
+ * written back), so neither copy pays for the other's leftovers. */
+static void quiet_disk(struct size_run *run)
+{
+    _cleanup_close_ int fd = open(run->context->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0)
+        syncfs(fd);
+}
+
+static int measure_copy_baseline(struct size_run *run, double *mb_s, struct forkd_error *err)
 {
     _cleanup_close_ int memfd = vm_dup_memfd(run->vm);
     if (memfd < 0)
         return forkd_error_set(err, memfd, "the source VM has no memfd");
+    quiet_disk(run);
     double rate = 0;
     int rc =
         bench_copy_baseline(memfd, vm_memory_bytes(run->vm), run->context->state_dir, &rate, err);
-    if (rc < 0)
-        return rc;
-    struct size_result *result = run->result;
-    series_add(&result->baseline_mb_s, rate / 1e6);
-    series_add(&result->copy_ratio,
-               result->copy_mb_s.values[result->copy_mb_s.count - 1] / (rate / 1e6));
-    return 0;
+    *mb_s = rate / 1e6;
+    return rc;
 }
 
 static int measure_null(struct size_run *run, struct forkd_error *err)
@@ -212,21 +231,41 @@ static void settle(struct size_run *run)
 }
 
 /* One repetition: every figure of this size once, each baseline next to what it judges. */
+/* The LIVE branch and the copy baseline, in alternating order (the disk is shared and its
+ * speed drifts), with the undisturbed write rate measured just before the branch. */
+static int measure_live_and_copy(struct size_run *run, struct forkd_error *err)
+{
+    struct size_result *result = run->result;
+    bool baseline_first = run->rep % 2 == 1;
+    double baseline = 0;
+    int rc = baseline_first ? measure_copy_baseline(run, &baseline, err) : 0;
+    if (rc < 0)
+        return rc;
+    settle(run);
+    double idle = rate_sampler_measure(run->sampler, run->context->options->rate_ms);
+    quiet_disk(run);
+    unsigned copies = result->copy_mb_s.count, rates = result->rate_copy.count;
+    if ((rc = measure_mode(run, MODE_LIVE, err)) < 0)
+        return rc;
+    if (!baseline_first && (rc = measure_copy_baseline(run, &baseline, err)) < 0)
+        return rc;
+    series_add(&result->baseline_mb_s, baseline);
+    if (result->copy_mb_s.count > copies)
+        series_add(&result->copy_ratio, result->copy_mb_s.values[copies] / baseline);
+    if (idle > 0 && result->rate_copy.count > rates) {
+        series_add(&result->rate_idle, idle);
+        series_add(&result->rate_ratio, result->rate_copy.values[rates] / idle);
+    }
+    return 0;
+}
+
+/* One repetition: every figure of this size once, each baseline next to what it judges. */
 static int measure_rep(struct size_run *run, struct forkd_error *err)
 {
     struct size_result *result = run->result;
-    settle(run);
-    double idle = rate_sampler_measure(run->sampler, run->context->options->rate_ms);
-    int rc = measure_mode(run, MODE_LIVE, err);
-    if (rc == 0)
-        rc = measure_copy_baseline(run, err);
+    int rc = measure_live_and_copy(run, err);
     if (rc < 0)
         return rc;
-    if (idle > 0 && result->rate_copy.count) {
-        series_add(&result->rate_idle, idle);
-        series_add(&result->rate_ratio,
-                   result->rate_copy.values[result->rate_copy.count - 1] / idle);
-    }
     settle(run);
     if ((rc = measure_null(run, err)) < 0)
         return rc;
@@ -234,6 +273,7 @@ static int measure_rep(struct size_run *run, struct forkd_error *err)
     if ((rc = measure_mode(run, MODE_ARM_IN_PAUSE, err)) < 0)
         return rc;
     settle(run);
+    quiet_disk(run);
     if ((rc = measure_mode(run, MODE_FULL, err)) < 0)
         return rc;
     unsigned last = result->pause[MODE_FULL].window_ms.count - 1;

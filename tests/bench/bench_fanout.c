@@ -83,6 +83,7 @@ static int spawn_one(struct fanout_run *run, unsigned index, struct forkd_error 
                                        .vmstate_path = vmstate,
                                        .memory_path = run->memory_path,
                                        .memory = run->memory,
+                                       .start_paused = run->context->options->spawn_paused,
                                        .page_server = run->context->page_server};
     rc = vm_restore(run->context->registry, &config, &run->vms[index], err);
     if (rc < 0) {
@@ -202,6 +203,9 @@ int bench_fanout(struct bench_context *context, const char *snapshot, unsigned f
     uint64_t start = bench_now_ns();
     for (unsigned i = 0; i < forks && rc == 0; i++)
         rc = spawn_one(&run, i, err);
+    /* --spawn-paused: the forks started so far do not compete with the next restore. */
+    for (unsigned i = 0; i < run.started && rc == 0 && context->options->spawn_paused; i++)
+        rc = vmm_resume(vm_client(run.vms[i]), err);
     out->spawn_ms = (double)(bench_now_ns() - start) / 1e6;
     if (rc == 0)
         rc = wait_running(&run, err);

@@ -47,6 +47,7 @@ static void report_pause(const struct size_result *r)
     row3("VMM: snapshot/create handler", &p[0].vmm_snapshot_ms, &p[1].vmm_snapshot_ms,
          &p[2].vmm_snapshot_ms);
     row3("VMM: resume", &p[0].vmm_resume_ms, &p[1].vmm_resume_ms, &p[2].vmm_resume_ms);
+    row3("vCPU wait for a CPU (schedstat)", &p[0].vcpu_wait_ms, NULL, NULL);
     row3("pre-arm, outside the pause", &p[0].prearm_ms, NULL, NULL);
     row3("pages re-armed in the pause", &p[0].rearmed_pages, NULL, NULL);
     row3("ratio FULL / LIVE window", &r->full_over_live, NULL, NULL);
@@ -89,6 +90,7 @@ static cJSON *pause_json(const struct pause_figures *p)
     cJSON_AddItemToObject(o, "vmm_pause_ms", series_json(&p->vmm_pause_ms));
     cJSON_AddItemToObject(o, "vmm_snapshot_ms", series_json(&p->vmm_snapshot_ms));
     cJSON_AddItemToObject(o, "vmm_resume_ms", series_json(&p->vmm_resume_ms));
+    cJSON_AddItemToObject(o, "vcpu_run_delay_max_ms", series_json(&p->vcpu_wait_ms));
     cJSON_AddItemToObject(o, "prearm_ms", series_json(&p->prearm_ms));
     cJSON_AddItemToObject(o, "rearmed_pages", series_json(&p->rearmed_pages));
     return o;
