@@ -523,7 +523,8 @@ static int branch_compare_addresses(const void *a, const void *b)
 static long branch_rearm(struct branch_run_state *run, struct dirty_list *list,
                          struct forkd_error *err)
 {
-    qsort(list->addresses, list->count, sizeof(uint64_t), branch_compare_addresses);
+    if (list->count > 1) /* an empty list has no array at all */
+        qsort(list->addresses, list->count, sizeof(uint64_t), branch_compare_addresses);
     long pages = 0;
     size_t i = 0;
     while (i < list->count) {
