@@ -8,9 +8,12 @@
 
 #include "forkd/cleanup.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
 #include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,11 +28,13 @@ static void usage(FILE *out)
             "usage: forkd-bench [--quick] [--sizes MIB,...] [--reps N] [--reps-large N]\n"
             "                   [--fanout N,...] [--json PATH] [--state-dir DIR] [--seed-dir DIR]\n"
             "                   [--null-ms MS] [--rate-ms MS] [--settle-ms MS] [--copier-fifo]\n"
-            "                   [--spawn-paused] [--no-branch] [--no-fanout]\n"
+            "                   [--boost-vcpus] [--spawn-paused] [--no-branch] [--no-fanout]\n"
             "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 4 GiB and up); fan-out 1,8,32;\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
             "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
-            "--spawn-paused restores every fork paused and resumes them all at the end.\n"
+            "--boost-vcpus runs the VMM's vCPU threads at SCHED_FIFO from just before a LIVE\n"
+            "pause request until it is acknowledged; --spawn-paused restores every fork paused\n"
+            "and resumes them all at the end.\n"
             "Needs root, /dev/kvm and userfaultfd.\n");
 }
 
@@ -81,6 +86,7 @@ enum {
     OPT_NO_FANOUT,
     OPT_QUICK,
     OPT_SPAWN_PAUSED,
+    OPT_BOOST,
     OPT_HELP
 };
 
@@ -98,6 +104,7 @@ static const struct option long_options[] = {
     {"settle-ms", required_argument, NULL, OPT_SETTLE},
     {"copier-fifo", no_argument, NULL, OPT_FIFO},
     {"spawn-paused", no_argument, NULL, OPT_SPAWN_PAUSED},
+    {"boost-vcpus", no_argument, NULL, OPT_BOOST},
     {"no-branch", no_argument, NULL, OPT_NO_BRANCH},
     {"no-fanout", no_argument, NULL, OPT_NO_FANOUT},
     {"help", no_argument, NULL, OPT_HELP},
@@ -143,6 +150,9 @@ static int apply_option(struct bench_options *o, int option, const char *arg)
         return 0;
     case OPT_FIFO:
         o->copier_fifo = true;
+        return 0;
+    case OPT_BOOST:
+        o->boost_vcpus = true;
         return 0;
     case OPT_SPAWN_PAUSED:
         o->spawn_paused = true;
@@ -227,6 +237,57 @@ static void close_context(struct bench_context *context)
         store_close(context->store);
     if (!context->options->state_dir && context->state_dir[0])
         nftw(context->state_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* ---- interruption ----------------------------------------------------------------------- */
+
+/* On SIGINT/SIGTERM: the VMMs are our children and outlive us unless killed, and the state
+ * directory holds gigabytes. A thread waits for the signal, kills the children, removes what
+ * we created, and exits; the main thread may be anywhere in a measurement. */
+static struct bench_context *interrupt_context;
+
+static void kill_children(void)
+{
+    DIR *tasks = opendir("/proc/self/task");
+    struct dirent *task;
+    while (tasks && (task = readdir(tasks))) {
+        char path[300];
+        snprintf(path, sizeof(path), "/proc/self/task/%s/children", task->d_name);
+        _cleanup_fclose_ FILE *f = task->d_name[0] != '.' ? fopen(path, "re") : NULL;
+        int pid;
+        while (f && fscanf(f, "%d", &pid) == 1)
+            kill(pid, SIGKILL);
+    }
+    if (tasks)
+        closedir(tasks);
+}
+
+static void *interrupt_loop(void *arg)
+{
+    sigset_t *signals = arg;
+    int signal_number = 0;
+    sigwait(signals, &signal_number);
+    fprintf(stderr, "forkd-bench: interrupted, stopping the VMs\n");
+    kill_children();
+    struct bench_context *context = interrupt_context;
+    if (!context->options->state_dir && context->state_dir[0])
+        nftw(context->state_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    if (context->seed_path[0])
+        nftw(context->seed_path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    _exit(128 + signal_number);
+}
+
+static void watch_interrupts(struct bench_context *context)
+{
+    static sigset_t signals;
+    sigemptyset(&signals);
+    sigaddset(&signals, SIGINT);
+    sigaddset(&signals, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &signals, NULL); /* every thread created later inherits it */
+    interrupt_context = context;
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, interrupt_loop, &signals) == 0)
+        pthread_detach(thread);
 }
 
 /* ---- the run ---------------------------------------------------------------------------- */
@@ -325,6 +386,7 @@ int main(int argc, char **argv)
         return 2;
     uint64_t start = bench_now_ns();
     struct bench_context context = {.options = &options, .json = cJSON_CreateObject()};
+    watch_interrupts(&context);
     cJSON_AddItemToObject(context.json, "machine", machine_json());
     struct forkd_error err = {0};
     int rc = open_context(&context, &err);

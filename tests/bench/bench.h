@@ -37,6 +37,7 @@ struct bench_options {
     unsigned rate_ms;   /* window of the guest's undisturbed write rate */
     unsigned settle_ms; /* forks run this long before their memory is read */
     bool copier_fifo;   /* diagnosis: the bulk copier (branch thread) at SCHED_FIFO */
+    bool boost_vcpus;   /* diagnosis: vCPU threads at SCHED_FIFO while a LIVE pause is requested */
     bool spawn_paused;  /* diagnosis: restore every fork paused, resume them all at the end */
     bool skip_branch, skip_fanout;
     const char *json_path;
@@ -121,6 +122,8 @@ struct run_delay {
 void guest_read_run_delay(pid_t pid, struct run_delay *out);
 /* The largest growth of one thread's run delay between two readings. */
 uint64_t guest_run_delay_max(const struct run_delay *before, const struct run_delay *after);
+/* Sets the scheduling policy of the threads of a reading (--boost-vcpus). */
+int guest_set_vcpu_policy(const struct run_delay *threads, int policy);
 
 /* ---- the parts of the run --------------------------------------------------------------- */
 
@@ -132,6 +135,7 @@ struct bench_context {
     struct page_server *page_server;
     char fanout_snapshot[STORE_NAME_MAX + 1]; /* kept by the branch part for the fan-out */
     cJSON *json;                              /* the report being built */
+    char seed_path[4096];                     /* a seed snapshot being made, "" otherwise */
     unsigned snapshot_seq;
 };
 

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdatomic.h>
@@ -318,4 +319,14 @@ uint64_t guest_run_delay_max(const struct run_delay *before, const struct run_de
             if (after->tid[i] == before->tid[j] && after->delay_ns[i] - before->delay_ns[j] > max)
                 max = after->delay_ns[i] - before->delay_ns[j];
     return max;
+}
+
+int guest_set_vcpu_policy(const struct run_delay *threads, int policy)
+{
+    struct sched_param param = {.sched_priority = policy == SCHED_FIFO ? 1 : 0};
+    int rc = 0;
+    for (unsigned i = 0; i < threads->count; i++)
+        if (sched_setscheduler(threads->tid[i], policy, &param) < 0)
+            rc = -errno;
+    return rc;
 }
