@@ -39,12 +39,15 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PS_SMALL_PAGE       4096ULL
-#define PS_HUGE_PAGE        (2ULL << 20)
-#define PS_MESSAGE_BATCH    64
-#define PS_EPOLL_BATCH      64
-#define PS_RETRY_DELAY_NS   1000000ULL   /* EAGAIN: the next try after 1 ms (or the next round) */
-#define PS_RETRY_LIMIT      2000         /* ~2 s of EAGAIN on one fault: the fork is dropped */
+#define PS_SMALL_PAGE     4096ULL
+#define PS_HUGE_PAGE      (2ULL << 20)
+#define PS_MESSAGE_BATCH  64
+#define PS_EPOLL_BATCH    64
+#define PS_RETRY_DELAY_NS 1000000ULL /* EAGAIN: the next try after 1 ms (or the next round) */
+/* EAGAIN lasts while a REMOVE is unread or being applied: a guest discarding memory in a
+ * long burst may keep a fault waiting that long. One refused for this long means a broken
+ * VMM, and the fork is dropped. */
+#define PS_RETRY_GIVE_UP_NS (30ULL * 1000000000ULL)
 #define PS_PREFETCH_MAX_RUN (1ULL << 20) /* one prefetch ioctl copies at most this */
 #define PS_HIST_BUCKETS     496          /* 16 linear + 60 powers of two x 8 sub-buckets */
 #define PS_NAME_MAX         128
@@ -167,7 +170,6 @@ enum ps_fork_state { PS_PENDING, PS_QUEUED, PS_ACTIVE, PS_FAILED, PS_DROPPED };
 struct ps_retry {
     uint64_t address;
     uint64_t start_ns;
-    unsigned tries;
 };
 
 struct page_server_fork {
@@ -644,7 +646,7 @@ static int ps_retry_add(struct page_server_fork *fork, uint64_t address, uint64_
         fork->retries = grown;
         fork->retry_capacity = capacity;
     }
-    fork->retries[fork->retry_count++] = (struct ps_retry){address, start_ns, 0};
+    fork->retries[fork->retry_count++] = (struct ps_retry){address, start_ns};
     ps_count(&fork->counters.retries, 1);
     ps_count(&fork->template->counters.retries, 1);
     return 0;
@@ -675,7 +677,7 @@ static void ps_retry_faults(struct page_server *server, struct page_server_fork 
             ps_account_fault(fork, rc, zero_filled, retry.start_ns);
         } else if (rc != -EAGAIN) {
             ps_drop_errno(server, fork, "resolve a retried fault", rc);
-        } else if (++retry.tries >= PS_RETRY_LIMIT) {
+        } else if (ps_now_ns() - retry.start_ns >= PS_RETRY_GIVE_UP_NS) {
             ps_drop(server, fork, "a fault kept failing with EAGAIN");
         } else {
             fork->retries[kept++] = retry;

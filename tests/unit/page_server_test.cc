@@ -408,6 +408,52 @@ TEST_F(PageServerTest, ConcurrentFaultsOnTheSamePagesAllSeeTheTemplate)
     page_server_fork_release(fork);
 }
 
+// Faults racing REMOVE events: the kernel refuses ioctls with EAGAIN while a REMOVE is being
+// applied; those faults are retried later and every read still sees the template or zeros.
+TEST_F(PageServerTest, FaultsRacingRemoveEventsAreRetriedAndStayCorrect)
+{
+    FakeVmm vmm({1 << 20}, kPage);
+    struct page_server_fork *fork = Attach(vmm, "race.sock");
+    ASSERT_NE(nullptr, fork);
+    uint8_t *base = vmm.Region(0);
+    std::atomic<bool> stop{false};
+    std::atomic<int> torn{0};
+    std::vector<std::thread> readers;
+    for (int t = 0; t < 2; t++)
+        readers.emplace_back([&, t] {
+            while (!stop)
+                for (uint64_t page = t; page < 256 && !stop; page += 2) {
+                    const uint8_t *p = base + page * kPage;
+                    if (!PageMatches(p, page * kPage, kPage) && !PageIsZero(p, kPage))
+                        torn++;
+                }
+        });
+    // Discard 16 pages at a time while the readers fault, pacing the discards on the
+    // readers' progress so that both go on (bounded: 5 s).
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    for (int round = 0; std::chrono::steady_clock::now() < deadline; round++) {
+        ASSERT_EQ(0, madvise(base + (round % 16) * 16 * kPage, 16 * kPage, MADV_DONTNEED));
+        uint64_t before = Stats(fork).faults_served;
+        WaitFor([&] { return Stats(fork).faults_served >= before + 4; }, 1000);
+        struct page_server_stats now = Stats(fork);
+        if (round >= 100 && now.retries > 0)
+            break;
+    }
+    stop = true;
+    for (auto &reader : readers)
+        reader.join();
+    struct page_server_stats stats = Stats(fork);
+    printf("REMOVE race: %llu REMOVE events, %llu faults, %llu zero pages, %llu EAGAIN retries\n",
+           (unsigned long long)stats.remove_events, (unsigned long long)stats.faults_served,
+           (unsigned long long)stats.zero_pages, (unsigned long long)stats.retries);
+    EXPECT_EQ(0, torn.load()) << "a page is the template's or zeros, nothing else";
+    EXPECT_TRUE(page_server_fork_active(fork)) << "retries do not drop the fork";
+    EXPECT_GT(stats.zero_pages, 0u);
+    EXPECT_GE(stats.faults_served, 256u + 100u * 4u);
+    EXPECT_GT(stats.retries, 0u) << "some faults met a REMOVE in flight (EAGAIN)";
+    page_server_fork_release(fork);
+}
+
 TEST_F(PageServerTest, PeerHangupDropsTheForkAndClosesItsFd)
 {
     FakeVmm keep({1 << 20}, kPage), leave({1 << 20}, kPage);
