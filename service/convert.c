@@ -37,6 +37,14 @@ void convert_vm(struct vm *vm, struct vm_message *out)
     out->vm.created_at_unix_ms = status->created_at_unix_ms;
     out->vm.exit_reason = out->status.exit_reason;
     out->vm.active_branch_id = out->status.active_branch_id;
+    for (size_t i = 0; i < out->status.label_count; i++) {
+        out->labels[i] = (Forkd__V1__Vm__LabelsEntry)FORKD__V1__VM__LABELS_ENTRY__INIT;
+        out->labels[i].key = out->status.labels[i].key;
+        out->labels[i].value = out->status.labels[i].value;
+        out->label_pointers[i] = &out->labels[i];
+    }
+    out->vm.n_labels = out->status.label_count;
+    out->vm.labels = out->label_pointers;
     struct page_server_stats stats;
     if (vm_page_server_stats(vm, &stats) == 0) {
         convert_page_server_stats(&stats, &out->page_server);

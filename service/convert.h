@@ -18,6 +18,8 @@
 struct vm_message {
     Forkd__V1__Vm vm;
     Forkd__V1__MachineConfig machine;
+    Forkd__V1__Vm__LabelsEntry labels[VM_MAX_LABELS];
+    Forkd__V1__Vm__LabelsEntry *label_pointers[VM_MAX_LABELS];
     Forkd__V1__PageServerStats page_server;
     struct vm_status status;
 };

@@ -49,6 +49,34 @@ static grpc_status_code vms_check_boot(const Forkd__V1__BootRequest *request,
     return GRPC_STATUS_OK;
 }
 
+/* Every protobuf-c map<string, string> entry has this layout (BootRequest__LabelsEntry,
+ * SpawnRequest__LabelsEntry, ...), so one copier serves them all. */
+struct vms_label_entry {
+    ProtobufCMessage base;
+    char *key;
+    char *value;
+};
+
+/* Copies request labels, refusing what a VM record cannot hold. */
+static grpc_status_code vms_copy_labels(size_t count, void *const *entries, struct vm_label *out,
+                                        struct rpc_status *status)
+{
+    if (count > VM_MAX_LABELS)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "at most %d labels",
+                              VM_MAX_LABELS);
+    for (size_t i = 0; i < count; i++) {
+        const struct vms_label_entry *entry = entries[i];
+        if (!*entry->key || strlen(entry->key) >= sizeof(out[i].key) ||
+            strlen(entry->value) >= sizeof(out[i].value))
+            return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                                  "label '%.64s': keys are 1..63 bytes, values at most 255",
+                                  entry->key);
+        strcpy(out[i].key, entry->key);
+        strcpy(out[i].value, entry->value);
+    }
+    return GRPC_STATUS_OK;
+}
+
 static grpc_status_code vms_reply(struct rpc_call *call, struct vm *vm, struct rpc_status *status)
 {
     struct vm_message message;
@@ -65,12 +93,18 @@ grpc_status_code handle_boot(struct rpc_call *call, const ProtobufCMessage *mess
     struct daemon_state *daemon = call->daemon;
     if (vms_check_boot(request, status) != GRPC_STATUS_OK)
         return status->code;
+    struct vm_label labels[VM_MAX_LABELS];
+    if (vms_copy_labels(request->n_labels, (void *const *)request->labels, labels, status) !=
+        GRPC_STATUS_OK)
+        return status->code;
     struct vm_boot_config config = {
         .name = request->name,
         .vcpu_count = request->machine->vcpu_count,
         .mem_size_mib = request->machine->mem_size_mib,
         .kernel_image_path = request->kernel_image_path,
         .boot_args = request->boot_args,
+        .labels = labels,
+        .label_count = request->n_labels,
     };
     struct vm *vm = NULL;
     struct forkd_error err = {0};
@@ -208,8 +242,8 @@ static grpc_status_code vms_check_spawn(const Forkd__V1__SpawnRequest *request,
 
 /* Restores one fork, holding a use of the snapshot for as long as the VM is listed. */
 static int vms_spawn_one(struct daemon_state *daemon, const Forkd__V1__SpawnRequest *request,
-                         enum vm_memory memory, unsigned index, struct vm **out,
-                         struct forkd_error *err)
+                         enum vm_memory memory, const struct vm_label *labels, unsigned index,
+                         struct vm **out, struct forkd_error *err)
 {
     struct store_snapshot snapshot;
     int rc = store_acquire(daemon->store, request->snapshot, &snapshot, err);
@@ -227,6 +261,9 @@ static int vms_spawn_one(struct daemon_state *daemon, const Forkd__V1__SpawnRequ
         .memory_path = memory_path,
         .memory = memory,
         .start_paused = request->start_paused,
+        .vcpu_count = snapshot.vcpu_count,
+        .labels = labels,
+        .label_count = request->n_labels,
         .page_server = daemon->page_server,
     };
     rc = vm_restore(daemon->registry, &config, out, err);
@@ -282,6 +319,10 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
     enum vm_memory memory = VM_MEMORY_FILE;
     if (vms_check_spawn(request, &memory, status) != GRPC_STATUS_OK)
         return status->code;
+    struct vm_label labels[VM_MAX_LABELS];
+    if (vms_copy_labels(request->n_labels, (void *const *)request->labels, labels, status) !=
+        GRPC_STATUS_OK)
+        return status->code;
     struct forkd_error err = {0};
     if (memory == VM_MEMORY_UFFD && request->prefetch_record_ms &&
         vms_set_prefetch(daemon, request, &err) < 0)
@@ -293,7 +334,7 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
     size_t started = 0;
     int rc = 0;
     while (started < request->count && rc == 0 && !call_is_cancelled(call)) {
-        rc = vms_spawn_one(daemon, request, memory, (unsigned)started, &vms[started], &err);
+        rc = vms_spawn_one(daemon, request, memory, labels, (unsigned)started, &vms[started], &err);
         if (rc == 0)
             started++;
     }

@@ -44,6 +44,8 @@ struct vm {
     enum vm_memory memory;
     unsigned vcpu_count;
     uint64_t mem_size_mib;
+    size_t label_count;
+    struct vm_label labels[VM_MAX_LABELS];
     uint64_t memory_bytes;
     char api_socket_path[PATH_MAX];
     char log_path[PATH_MAX];
@@ -230,6 +232,8 @@ void vm_get_status(struct vm *vm, struct vm_status *out)
     out->memory = vm->memory;
     out->vcpu_count = vm->vcpu_count;
     out->mem_size_mib = vm->mem_size_mib;
+    out->label_count = vm->label_count;
+    memcpy(out->labels, vm->labels, vm->label_count * sizeof(vm->labels[0]));
     snprintf(out->api_socket_path, sizeof(out->api_socket_path), "%s", vm->api_socket_path);
     snprintf(out->vmm_binary, sizeof(out->vmm_binary), "%s", vm->registry->vmm_binary);
     snprintf(out->source_snapshot, sizeof(out->source_snapshot), "%s", vm->source_snapshot);
@@ -634,12 +638,27 @@ static void vm_abandon_start(struct vm *vm, int rc, struct forkd_error *err)
     vm_unref(vm);
 }
 
-static int vm_launch(struct vm_registry *registry, const char *name, const char *const *extra_args,
+/* What a VM is launched with, besides its VMM's configuration. */
+struct vm_launch_params {
+    const char *name;
+    const char *const *extra_args;
+    const struct vm_label *labels;
+    size_t label_count;
+};
+
+static int vm_launch(struct vm_registry *registry, const struct vm_launch_params *params,
                      struct vm **out, struct forkd_error *err)
 {
+    if (params->label_count > VM_MAX_LABELS)
+        return forkd_error_set(err, -EINVAL, "at most %d labels per VM", VM_MAX_LABELS);
     struct vm *vm = vm_new(registry);
     if (!vm)
         return forkd_error_set(err, -ENOMEM, "VM: out of memory");
+    vm->label_count = params->label_count;
+    if (params->label_count)
+        memcpy(vm->labels, params->labels, params->label_count * sizeof(*params->labels));
+    const char *name = params->name;
+    const char *const *extra_args = params->extra_args;
     int rc = vm_enlist(registry, vm, name, err);
     if (rc < 0) {
         vm_unref(vm);
@@ -676,7 +695,9 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
         return forkd_error_set(err, -errno, "kernel image %s: %s", config->kernel_image_path,
                                strerror(errno));
     struct vm *vm;
-    int rc = vm_launch(registry, config->name, config->extra_vmm_args, &vm, err);
+    struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
+                                      config->label_count};
+    int rc = vm_launch(registry, &params, &vm, err);
     if (rc < 0)
         return rc;
     vm->memory = VM_MEMORY_ANONYMOUS;
@@ -783,10 +804,13 @@ int vm_restore(struct vm_registry *registry, const struct vm_restore_config *con
                                "restore: memory backend %d is not FILE, MEMFD or UFFD",
                                (int)config->memory);
     struct vm *vm;
-    int rc = vm_launch(registry, config->name, config->extra_vmm_args, &vm, err);
+    struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
+                                      config->label_count};
+    int rc = vm_launch(registry, &params, &vm, err);
     if (rc < 0)
         return rc;
     vm->memory = config->memory;
+    vm->vcpu_count = config->vcpu_count;
     snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s",
              config->snapshot_name ? config->snapshot_name : "");
     rc = vm_load_snapshot(vm, config, err);

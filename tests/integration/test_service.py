@@ -39,8 +39,13 @@ def leftovers(d):
 
 def test_boot_branch_spawn_list_delete_stop(forkd):
     stub = forkd.forkd()
-    vm = forkd.boot(mem_mib=64, vcpus=2, workload="pattern=random seed=1", name="agent")
+    vm = stub.Boot(P.BootRequest(
+        name="agent", kernel_image_path=os.environ["FORKD_GUEST"],
+        boot_args="pattern=random seed=1", labels={"team": "evals", "run": "7"},
+        machine=P.MachineConfig(vcpu_count=2, mem_size_mib=64)), timeout=60)
     assert vm.state == P.VM_STATE_RUNNING and vm.memory_backend == P.MEMORY_BACKEND_ANONYMOUS
+    assert dict(stub.GetVm(P.GetVmRequest(vm_id="agent"), timeout=10).labels) == \
+        {"team": "evals", "run": "7"}
     assert vm.name == "agent" and vm.vmm_pid > 0
 
     events = forkd.branch(vm.id, "base", progress_interval_ms=10)
@@ -61,6 +66,7 @@ def test_boot_branch_spawn_list_delete_stop(forkd):
                                           name_prefix="f%d" % backend), timeout=120)
         assert len(reply.vms) == 4 and reply.elapsed_ns > 0
         assert all(v.memory_backend == backend and v.source_snapshot == "base" for v in reply.vms)
+        assert all(v.machine.vcpu_count == 2 for v in reply.vms)
         forks.extend(reply.vms)
     assert stub.GetSnapshot(P.GetSnapshotRequest(name="base"), timeout=10).vms_using == 8
 

@@ -39,8 +39,15 @@ enum vm_state {
     VM_STATE_FAILED = 5,
 };
 
-#define VM_ID_MAX   32
-#define VM_NAME_MAX 64
+#define VM_ID_MAX     32
+#define VM_NAME_MAX   64
+#define VM_MAX_LABELS 16
+
+/* Free-form key/value kept with a VM for its users (the proto's labels). */
+struct vm_label {
+    char key[64];
+    char value[256];
+};
 
 struct vm;
 struct vm_registry;
@@ -57,8 +64,10 @@ struct vm_boot_config {
     uint64_t mem_size_mib;
     const char *kernel_image_path;
     const char *boot_args;
-    const char *const
-        *extra_vmm_args; /* NULL-terminated, appended to the VMM's argv; may be NULL */
+    /* NULL-terminated, appended to the VMM's argv; may be NULL */
+    const char *const *extra_vmm_args;
+    const struct vm_label *labels;
+    size_t label_count; /* at most VM_MAX_LABELS */
 };
 
 struct vm_restore_config {
@@ -68,7 +77,10 @@ struct vm_restore_config {
     const char *memory_path; /* memory.bin */
     enum vm_memory memory;   /* FILE, MEMFD, or UFFD (needs page_server) */
     bool start_paused;
+    unsigned vcpu_count; /* from the snapshot's record, for status reports; 0 if unknown */
     const char *const *extra_vmm_args;
+    const struct vm_label *labels;
+    size_t label_count; /* at most VM_MAX_LABELS */
     /* UFFD: serves the fork's memory. The fork's socket is <run_dir>/<id>.uffd; the template
      * is named snapshot_name (memory_path when none). The fork stays registered until the
      * VM's last reference goes (the page server drops it by itself when the VMM exits). */
@@ -90,6 +102,8 @@ struct vm_status {
     int64_t created_at_unix_ms;
     char exit_reason[128];
     char active_branch_id[64];
+    size_t label_count;
+    struct vm_label labels[VM_MAX_LABELS];
 };
 
 int vm_registry_open(const struct vm_registry_config *config, struct vm_registry **out,
