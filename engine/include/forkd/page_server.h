@@ -25,6 +25,13 @@
  *   fault during their first record_ms; forks prepared after that window get those pages
  *   copied in >= 64 KiB UFFDIO_COPY batches before they run.
  *
+ * Using it (the service): one server per daemon (page_server_open at start-up, close at
+ * shut-down after the VMs are stopped). Spawn(UFFD): vm_restore with memory = VM_MEMORY_UFFD
+ * and config.page_server set does the whole fork side (socket, load, handshake, prefetch,
+ * resume). GetVm: vm_page_server_stats. GetSnapshot: page_server_template_describe with the
+ * snapshot name (-ENOENT: no UFFD fork yet, leave page_server unset). DeleteSnapshot:
+ * page_server_template_forget. Prefetch for a snapshot: page_server_template_set_prefetch.
+ *
  * Threads: any thread may call any function here. Statistics are atomics written by the loop
  * and read by anyone; the fault path takes no lock shared between forks.
  */
