@@ -28,7 +28,8 @@ static void usage(FILE *out)
             "usage: forkd-bench [--quick] [--sizes MIB,...] [--reps N] [--reps-large N]\n"
             "                   [--fanout N,...] [--json PATH] [--state-dir DIR] [--seed-dir DIR]\n"
             "                   [--null-ms MS] [--rate-ms MS] [--settle-ms MS] [--copier-fifo]\n"
-            "                   [--boost-vcpus] [--spawn-paused] [--no-branch] [--no-fanout]\n"
+            "                   [--boost-vcpus] [--null-sweep] [--spawn-paused] [--no-branch]\n"
+            "                   [--no-fanout]\n"
             "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 4 GiB and up); fan-out 1,8,32;\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
             "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
@@ -87,6 +88,7 @@ enum {
     OPT_QUICK,
     OPT_SPAWN_PAUSED,
     OPT_BOOST,
+    OPT_NULL_SWEEP,
     OPT_HELP
 };
 
@@ -105,6 +107,7 @@ static const struct option long_options[] = {
     {"copier-fifo", no_argument, NULL, OPT_FIFO},
     {"spawn-paused", no_argument, NULL, OPT_SPAWN_PAUSED},
     {"boost-vcpus", no_argument, NULL, OPT_BOOST},
+    {"null-sweep", no_argument, NULL, OPT_NULL_SWEEP},
     {"no-branch", no_argument, NULL, OPT_NO_BRANCH},
     {"no-fanout", no_argument, NULL, OPT_NO_FANOUT},
     {"help", no_argument, NULL, OPT_HELP},
@@ -150,6 +153,9 @@ static int apply_option(struct bench_options *o, int option, const char *arg)
         return 0;
     case OPT_FIFO:
         o->copier_fifo = true;
+        return 0;
+    case OPT_NULL_SWEEP:
+        o->null_sweep = true;
         return 0;
     case OPT_BOOST:
         o->boost_vcpus = true;

@@ -38,6 +38,7 @@ struct bench_options {
     unsigned settle_ms; /* forks run this long before their memory is read */
     bool copier_fifo;   /* diagnosis: the bulk copier (branch thread) at SCHED_FIFO */
     bool boost_vcpus;   /* diagnosis: vCPU threads at SCHED_FIFO while a LIVE pause is requested */
+    bool null_sweep;    /* diagnosis: the null handler with a copier-like unprotect sweep */
     bool spawn_paused;  /* diagnosis: restore every fork paused, resume them all at the end */
     bool skip_branch, skip_fanout;
     const char *json_path;
@@ -180,9 +181,11 @@ struct null_result {
     uint64_t armed_ns, finished_ns; /* window in which faults were served */
 };
 
-/* The null handler: the engine's fault path reduced to "unprotect", on the same uffd set-up. */
-int bench_null_handler(struct vm *vm, unsigned duration_ms, struct null_result *out,
-                       struct forkd_error *err);
+/* The null handler: the engine's fault path reduced to "unprotect", on the same uffd set-up.
+ * With sweep_bytes_per_s > 0 (--null-sweep), a thread meanwhile unprotects memory in 2 MiB
+ * steps at that rate, as the bulk copier does. */
+int bench_null_handler(struct vm *vm, unsigned duration_ms, double sweep_bytes_per_s,
+                       struct null_result *out, struct forkd_error *err);
 
 struct fanout_result {
     const char *backend;

@@ -215,7 +215,11 @@ static int measure_copy_baseline(struct size_run *run, double *mb_s, struct fork
 static int measure_null(struct size_run *run, struct forkd_error *err)
 {
     struct null_result null;
-    int rc = bench_null_handler(run->vm, run->context->options->null_ms, &null, err);
+    const struct series *copy = &run->result->copy_mb_s;
+    double sweep = run->context->options->null_sweep && copy->count
+                       ? copy->values[copy->count - 1] * 1e6 /* this repetition's LIVE copy */
+                       : 0;
+    int rc = bench_null_handler(run->vm, run->context->options->null_ms, sweep, &null, err);
     if (rc < 0)
         return rc;
     struct size_result *result = run->result;

@@ -13,6 +13,7 @@
 #include "forkd/uffd.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,6 +98,40 @@ static int null_serve(const struct uffd_handshake *handshake, uint64_t deadline,
     return 0;
 }
 
+/* --null-sweep: unprotects memory in the bulk copier's 2 MiB steps at a given rate while the
+ * null handler serves, as the engine's copier does during a LIVE copy, without its copying. */
+struct null_sweep {
+    const struct uffd_handshake *handshake;
+    double bytes_per_s;
+    uint64_t started_ns, deadline_ns;
+    pthread_t thread;
+};
+
+#define SWEEP_CHUNK_BYTES (2ULL << 20) /* the engine's BULK_CHUNK_BYTES */
+
+static void *null_sweep_loop(void *arg)
+{
+    struct null_sweep *sweep = arg;
+    uint64_t done = 0;
+    for (size_t r = 0; r < sweep->handshake->region_count; r++) {
+        const struct uffd_region *region = &sweep->handshake->regions[r];
+        for (uint64_t offset = 0; offset < region->size; offset += SWEEP_CHUNK_BYTES) {
+            uint64_t due = sweep->started_ns + (uint64_t)((double)done * 1e9 / sweep->bytes_per_s);
+            uint64_t now = bench_now_ns();
+            if (due > sweep->deadline_ns)
+                return NULL;
+            if (due > now)
+                bench_sleep_ms((unsigned)((due - now) / 1000000));
+            uint64_t length = region->size - offset < SWEEP_CHUNK_BYTES ? region->size - offset
+                                                                        : SWEEP_CHUNK_BYTES;
+            uffd_write_protect(sweep->handshake->uffd, region->host_base + offset, length,
+                               region->page_size, false, false, NULL);
+            done += length;
+        }
+    }
+    return NULL;
+}
+
 static int compare_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -130,8 +165,8 @@ static int null_receive(struct vm *vm, struct uffd_handshake *handshake, struct 
     return rc;
 }
 
-int bench_null_handler(struct vm *vm, unsigned duration_ms, struct null_result *out,
-                       struct forkd_error *err)
+int bench_null_handler(struct vm *vm, unsigned duration_ms, double sweep_bytes_per_s,
+                       struct null_result *out, struct forkd_error *err)
 {
     memset(out, 0, sizeof(*out));
     struct uffd_handshake handshake = {.uffd = -1, .connection = -1};
@@ -143,9 +178,14 @@ int bench_null_handler(struct vm *vm, unsigned duration_ms, struct null_result *
     struct null_samples samples = {0};
     rc = null_protect_all(&handshake, true, err);
     out->armed_ns = bench_now_ns();
+    uint64_t deadline = out->armed_ns + (uint64_t)duration_ms * 1000000ULL;
+    struct null_sweep sweep = {&handshake, sweep_bytes_per_s, out->armed_ns, deadline, 0};
+    bool sweeping = rc == 0 && sweep_bytes_per_s > 0 &&
+                    pthread_create(&sweep.thread, NULL, null_sweep_loop, &sweep) == 0;
     if (rc == 0)
-        rc = null_serve(&handshake, out->armed_ns + (uint64_t)duration_ms * 1000000ULL, &samples,
-                        err);
+        rc = null_serve(&handshake, deadline, &samples, err);
+    if (sweeping)
+        pthread_join(sweep.thread, NULL);
     out->finished_ns = bench_now_ns();
     /* Unprotecting wakes every vCPU still waiting; closing the fd drops the registration. */
     struct forkd_error ignored;
