@@ -128,6 +128,13 @@ static int main_open_engine(struct daemon_state *daemon)
         log_error("VM registry: %s", err.message);
         return err.code;
     }
+    struct vm_stale_report stale;
+    if (vm_registry_clean_stale(daemon->registry, &stale, &err) < 0)
+        log_warn("VM run directory: %s", err.message);
+    else if (stale.killed || stale.kept)
+        log_warn("an earlier forkd on %s left VMs: %u killed (it had died without stopping "
+                 "them), %u left running as kept (--keep-vms; not managed by this forkd)",
+                 opts->state_dir, stale.killed, stale.kept);
     struct page_server_config page_config = {0};
     if (page_server_open(&page_config, &daemon->page_server, &err) < 0) {
         log_error("page server: %s", err.message);

@@ -12,6 +12,7 @@
 #include "forkd/fsutil.h"
 #include "forkd/pause.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -396,15 +397,115 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
     return 0;
 }
 
+/* A VM left running on purpose: a marker next to its socket tells the next forkd on this state
+ * directory to leave it alone rather than treat it as a crash leftover. */
+static void vm_mark_kept(struct vm *vm)
+{
+    char path[PATH_MAX + 64];
+    if (snprintf(path, sizeof(path), "%s/%s.kept", vm->registry->run_dir, vm->id) <
+        (int)sizeof(path)) {
+        _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    }
+}
+
+/* Parses "vm-<n>" at the start of a file name; 0 when it is not one. */
+static unsigned long vm_file_id(const char *file_name)
+{
+    unsigned long id = 0;
+    int used = 0;
+    if (sscanf(file_name, "vm-%lu%n", &id, &used) != 1 || file_name[used] != '.')
+        return 0;
+    return id;
+}
+
+/* The pid of the process answering on a Unix socket, or 0 when none answers. */
+static pid_t vm_socket_owner(const char *path)
+{
+    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    if (fd < 0 || snprintf(address.sun_path, sizeof(address.sun_path), "%s", path) >=
+                      (int)sizeof(address.sun_path))
+        return 0;
+    if (connect(fd, (struct sockaddr *)&address, sizeof(address)) < 0)
+        return 0;
+    struct ucred peer;
+    socklen_t length = sizeof(peer);
+    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &length) == 0 ? peer.pid : 0;
+}
+
+/* Handles one API socket left in the run directory by an earlier forkd. */
+static void vm_clean_one(struct vm_registry *registry, const char *file_name,
+                         struct vm_stale_report *report)
+{
+    char path[PATH_MAX + 256], kept[PATH_MAX + 256];
+    snprintf(path, sizeof(path), "%s/%s", registry->run_dir, file_name);
+    snprintf(kept, sizeof(kept), "%s/%.*s.kept", registry->run_dir,
+             (int)(strlen(file_name) - strlen(".sock")), file_name);
+    pid_t owner = vm_socket_owner(path);
+    if (owner > 0 && access(kept, F_OK) == 0) {
+        report->kept++;
+        return;
+    }
+    if (owner > 0 && owner != getpid() && kill(owner, SIGKILL) == 0)
+        report->killed++;
+    unlink(path);
+    unlink(kept);
+}
+
+/* "vm-<n>.sock" is a VMM's API socket; forkd's own listeners are "vm-<n>.wp.sock" and the
+ * like, and die with the forkd that made them. */
+static bool vm_is_api_socket_name(const char *name)
+{
+    unsigned long id;
+    int used = 0;
+    return sscanf(name, "vm-%lu%n", &id, &used) == 1 && strcmp(name + used, ".sock") == 0;
+}
+
+static bool vm_is_listener_name(const char *name)
+{
+    size_t length = strlen(name);
+    return vm_file_id(name) && !vm_is_api_socket_name(name) && length > 5 &&
+           (strcmp(name + length - 5, ".sock") == 0 || strcmp(name + length - 5, ".uffd") == 0);
+}
+
+int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report *report,
+                            struct forkd_error *err)
+{
+    *report = (struct vm_stale_report){0};
+    DIR *dir = opendir(registry->run_dir);
+    if (!dir)
+        return forkd_error_set(err, -errno, "open %s: %s", registry->run_dir, strerror(errno));
+    unsigned long highest = 0;
+    for (struct dirent *entry; (entry = readdir(dir));) {
+        unsigned long id = vm_file_id(entry->d_name);
+        highest = id > highest ? id : highest;
+        if (vm_is_api_socket_name(entry->d_name)) {
+            vm_clean_one(registry, entry->d_name, report);
+        } else if (vm_is_listener_name(entry->d_name)) {
+            char path[PATH_MAX + 256];
+            snprintf(path, sizeof(path), "%s/%s", registry->run_dir, entry->d_name);
+            unlink(path);
+        }
+    }
+    closedir(dir);
+    pthread_mutex_lock(&registry->lock);
+    registry->next_id = highest; /* new ids never reuse the files of an earlier VM */
+    pthread_mutex_unlock(&registry->lock);
+    return 0;
+}
+
 void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned grace_ms)
 {
     if (!registry)
         return;
     struct vm **vms;
     size_t count = vm_list(registry, &vms);
-    for (size_t i = 0; i < count; i++)
-        if (!keep_vms)
+    for (size_t i = 0; i < count; i++) {
+        if (keep_vms)
+            vm_mark_kept(vms[i]);
+        else
             vm_terminate(vms[i], grace_ms);
+    }
     vm_list_free(vms, count);
     uint64_t one = 1;
     if (write(registry->stop_fd, &one, sizeof(one)) != sizeof(one))

@@ -108,7 +108,20 @@ struct vm_status {
 
 int vm_registry_open(const struct vm_registry_config *config, struct vm_registry **out,
                      struct forkd_error *err);
-/* Stops every VM (SIGTERM, then SIGKILL after grace_ms) unless keep_vms, then frees. */
+/* What an earlier forkd left in the run directory. */
+struct vm_stale_report {
+    unsigned killed; /* VMMs of a forkd that died without stopping them: killed now */
+    unsigned kept;   /* VMMs left running on purpose (keep_vms): left alone, not managed */
+};
+
+/* Call once after opening: kills VMMs that an earlier forkd on this run directory left behind
+ * by dying (a live process answering on a "vm-<n>.sock" without a keep marker), removes dead
+ * sockets, and makes new VM ids follow the highest one found, so no file is reused. */
+int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report *report,
+                            struct forkd_error *err);
+
+/* Stops every VM (SIGTERM, then SIGKILL after grace_ms) unless keep_vms, then frees. With
+ * keep_vms each VM is marked as kept, so a later forkd leaves it running. */
 void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned grace_ms);
 
 /* Launches a VMM, configures and starts the guest. *out holds a reference. -EEXIST for a name
