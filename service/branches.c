@@ -14,6 +14,7 @@
 #include "log.h"
 
 #include "forkd/branch.h"
+#include "forkd/clock.h"
 #include "forkd/pause.h"
 
 #include <errno.h>
@@ -70,13 +71,6 @@ struct branch_table {
     unsigned long next_id;
 };
 
-static int64_t branches_now_unix_ms(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
-}
-
 /* ---- jobs and the table ----------------------------------------------------------------- */
 
 static void job_unref(struct branch_job *job)
@@ -123,12 +117,7 @@ void branch_table_cancel_all(struct branch_table *table)
 
 bool branch_table_wait_idle(struct branch_table *table, int timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    uint64_t ns =
-        (uint64_t)deadline.tv_nsec + (uint64_t)(timeout_ms < 0 ? 0 : timeout_ms) * 1000000;
-    deadline.tv_sec += (time_t)(ns / 1000000000);
-    deadline.tv_nsec = (long)(ns % 1000000000);
+    struct timespec deadline = forkd_realtime_after_ms(timeout_ms);
     pthread_mutex_lock(&table->lock);
     while (table->running > 0) {
         if (timeout_ms < 0)
@@ -222,7 +211,7 @@ static void job_on_phase(void *context, enum branch_phase phase,
     pthread_mutex_lock(&job->lock);
     if (job->event_count < JOB_EVENTS_MAX) {
         job->events[job->event_count++] = (struct job_event){
-            .phase = phase, .progress = *progress, .time_unix_ms = branches_now_unix_ms()};
+            .phase = phase, .progress = *progress, .time_unix_ms = forkd_unix_ms()};
     }
     pthread_cond_broadcast(&job->changed);
     pthread_mutex_unlock(&job->lock);
@@ -248,7 +237,7 @@ static void *job_worker(void *arg)
                  job->vm_id, (double)snapshot.figures.pause_ns / 1e6);
     else
         log_warn("%s: %s", job->id, err.message);
-    struct job_event end = {.time_unix_ms = branches_now_unix_ms()};
+    struct job_event end = {.time_unix_ms = forkd_unix_ms()};
     branch_get_progress(job->engine, &end.progress);
     end.phase = end.progress.phase;
     pthread_mutex_lock(&job->lock);
@@ -309,18 +298,11 @@ struct follow_state {
 static size_t job_take_new(struct branch_job *job, struct follow_state *state,
                            struct job_event *out, bool *finished, bool *copying)
 {
-    uint64_t wait_ns = state->interval_ns < FOLLOW_WAKE_MS * 1000000ULL
-                           ? state->interval_ns
-                           : FOLLOW_WAKE_MS * 1000000ULL;
+    uint64_t wait_ms = state->interval_ns / 1000000 < FOLLOW_WAKE_MS ? state->interval_ns / 1000000
+                                                                     : FOLLOW_WAKE_MS;
     pthread_mutex_lock(&job->lock);
     if (state->sent == job->event_count && !job->finished) {
-        struct timespec deadline;
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_nsec += (long)wait_ns;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
+        struct timespec deadline = forkd_realtime_after_ms((int64_t)wait_ms);
         pthread_cond_timedwait(&job->changed, &job->lock, &deadline);
     }
     size_t count = job->event_count - state->sent;
@@ -347,8 +329,7 @@ static int job_send(struct rpc_call *call, const struct branch_job *job,
 /* A coalesced COPYING event with the progress as of now. */
 static int job_send_progress(struct rpc_call *call, struct branch_job *job)
 {
-    struct job_event event = {.phase = BRANCH_PHASE_COPYING,
-                              .time_unix_ms = branches_now_unix_ms()};
+    struct job_event event = {.phase = BRANCH_PHASE_COPYING, .time_unix_ms = forkd_unix_ms()};
     branch_get_progress(job->engine, &event.progress);
     if (event.progress.phase != BRANCH_PHASE_COPYING)
         return 0;

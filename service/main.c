@@ -11,6 +11,7 @@
 #include "server.h"
 
 #include "forkd/cleanup.h"
+#include "forkd/clock.h"
 #include "forkd/fsutil.h"
 #include "forkd/pause.h"
 
@@ -22,13 +23,6 @@
 #include <string.h>
 #include <sys/file.h>
 #include <time.h>
-
-static int64_t main_now_unix_ms(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
-}
 
 /* Creates the state directory and takes its lock, held for the daemon's life: two daemons on
  * one state directory would corrupt each other's snapshots. Returns the lock fd or -errno. */
@@ -215,7 +209,7 @@ int main(int argc, char **argv)
 
     static struct daemon_state daemon;
     daemon.options = &opts;
-    daemon.started_at_unix_ms = main_now_unix_ms();
+    daemon.started_at_unix_ms = forkd_unix_ms();
     probe_host(&daemon.caps);
     main_log_capabilities(&daemon.caps);
 

@@ -5,6 +5,7 @@
 #include "log.h"
 
 #include "forkd/cleanup.h"
+#include "forkd/clock.h"
 #include "forkd/fsutil.h"
 
 #include <errno.h>
@@ -262,14 +263,7 @@ void server_begin_shutdown(struct server *server)
 
 bool server_wait_idle(struct server *server, int timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    struct timespec deadline = forkd_realtime_after_ms(timeout_ms);
     pthread_mutex_lock(&server->lock);
     while (server->active_calls > 0) {
         if (timeout_ms < 0)

@@ -1018,9 +1018,7 @@ static void branch_fill_record(struct branch *branch, const struct branch_run_st
     struct stat st;
     if (stat(store_writer_vmstate_path(run->writer), &st) == 0)
         meta->vmstate_bytes = (uint64_t)st.st_size;
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    meta->created_at_unix_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    meta->created_at_unix_ms = forkd_unix_ms();
     meta->label_count =
         request->label_count < STORE_MAX_LABELS ? request->label_count : STORE_MAX_LABELS;
     for (size_t i = 0; i < meta->label_count; i++)

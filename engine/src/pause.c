@@ -1,15 +1,6 @@
 /* The pause guard (see forkd/pause.h). */
 #include "forkd/pause.h"
 
-#include <time.h>
-
-uint64_t forkd_monotonic_ns(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
-}
-
 struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err)
 {
     struct pause_guard guard = {.vm = vm};

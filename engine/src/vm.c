@@ -9,6 +9,7 @@
 #include "forkd/vm.h"
 
 #include "forkd/cleanup.h"
+#include "forkd/clock.h"
 #include "forkd/fsutil.h"
 #include "forkd/pause.h"
 
@@ -82,13 +83,6 @@ struct vm_registry {
     pthread_t reaper;
 };
 
-static int64_t vm_now_unix_ms(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
-}
-
 /* ---- records ---------------------------------------------------------------------------- */
 
 void vm_ref(struct vm *vm)
@@ -121,7 +115,7 @@ static struct vm *vm_new(struct vm_registry *registry)
     vm->pidfd = -1;
     vm->memfd = -1;
     vm->state = VM_STATE_STARTING;
-    vm->created_at_unix_ms = vm_now_unix_ms();
+    vm->created_at_unix_ms = forkd_unix_ms();
     pthread_mutex_init(&vm->lock, NULL);
     pthread_cond_init(&vm->exited_cond, NULL);
     return vm;
@@ -330,11 +324,7 @@ static int vm_watch(struct vm *vm, struct forkd_error *err)
 /* Waits until the reaper recorded the exit, up to timeout_ms. True when exited. */
 static bool vm_wait_exit(struct vm *vm, unsigned timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    uint64_t ns = (uint64_t)deadline.tv_nsec + (uint64_t)timeout_ms * 1000000ULL;
-    deadline.tv_sec += (time_t)(ns / 1000000000ULL);
-    deadline.tv_nsec = (long)(ns % 1000000000ULL);
+    struct timespec deadline = forkd_realtime_after_ms(timeout_ms);
     pthread_mutex_lock(&vm->lock);
     while (!vm->exited)
         if (pthread_cond_timedwait(&vm->exited_cond, &vm->lock, &deadline) == ETIMEDOUT)

@@ -13,6 +13,7 @@
 #ifndef FORKD_PAUSE_H
 #define FORKD_PAUSE_H
 
+#include "forkd/clock.h"
 #include "forkd/error.h"
 #include "forkd/thread_priority.h"
 #include "forkd/vm.h"
@@ -47,8 +48,6 @@ void pause_guard_release(struct pause_guard *guard);
 /* The pause window in ns: request to resume acknowledgement (0 before the resume). */
 uint64_t pause_guard_window_ns(const struct pause_guard *guard);
 void pause_guard_cleanup(struct pause_guard *guard);
-
-uint64_t forkd_monotonic_ns(void);
 
 #define FORKD_PAUSE_GUARD(guard, vm, err)                                                          \
     struct pause_guard guard __attribute__((cleanup(pause_guard_cleanup))) =                       \
