@@ -143,30 +143,38 @@ grpc_status_code handle_get_vm(struct rpc_call *call, const ProtobufCMessage *me
     return code;
 }
 
+/* Replies with a list of VMs: a SpawnResponse (with its elapsed time) or a ListVmsResponse. */
+static grpc_status_code vms_reply_list(struct rpc_call *call, struct vm **vms, size_t count,
+                                       bool spawned, uint64_t elapsed_ns, struct rpc_status *status)
+{
+    struct vm_message *messages = calloc(count ? count : 1, sizeof(*messages));
+    Forkd__V1__Vm **pointers = calloc(count ? count : 1, sizeof(*pointers));
+    int rc = -ENOMEM;
+    if (messages && pointers) {
+        for (size_t i = 0; i < count; i++) {
+            convert_vm(vms[i], &messages[i]);
+            pointers[i] = &messages[i].vm;
+        }
+        Forkd__V1__SpawnResponse spawn = FORKD__V1__SPAWN_RESPONSE__INIT;
+        Forkd__V1__ListVmsResponse list = FORKD__V1__LIST_VMS_RESPONSE__INIT;
+        spawn.n_vms = list.n_vms = count;
+        spawn.vms = list.vms = pointers;
+        spawn.elapsed_ns = elapsed_ns;
+        rc = call_set_response(call, spawned ? &spawn.base : &list.base);
+    }
+    free(messages);
+    free(pointers);
+    return rc < 0 ? rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory")
+                  : GRPC_STATUS_OK;
+}
+
 grpc_status_code handle_list_vms(struct rpc_call *call, const ProtobufCMessage *message,
                                  struct rpc_status *status)
 {
     struct daemon_state *daemon = call->daemon;
     struct vm **vms;
     size_t count = vm_list(daemon->registry, &vms);
-    struct vm_message *messages = calloc(count ? count : 1, sizeof(*messages));
-    Forkd__V1__Vm **pointers = calloc(count ? count : 1, sizeof(*pointers));
-    grpc_status_code code = GRPC_STATUS_OK;
-    if (!messages || !pointers) {
-        code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-    } else {
-        for (size_t i = 0; i < count; i++) {
-            convert_vm(vms[i], &messages[i]);
-            pointers[i] = &messages[i].vm;
-        }
-        Forkd__V1__ListVmsResponse response = FORKD__V1__LIST_VMS_RESPONSE__INIT;
-        response.n_vms = count;
-        response.vms = pointers;
-        if (call_set_response(call, &response.base) < 0)
-            code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-    }
-    free(pointers);
-    free(messages);
+    grpc_status_code code = vms_reply_list(call, vms, count, false, 0, status);
     vm_list_free(vms, count);
     return code;
 }
@@ -272,31 +280,6 @@ static int vms_spawn_one(struct daemon_state *daemon, const Forkd__V1__SpawnRequ
     return rc;
 }
 
-static grpc_status_code vms_spawn_reply(struct rpc_call *call, struct vm **vms, size_t count,
-                                        uint64_t elapsed_ns, struct rpc_status *status)
-{
-    struct vm_message *messages = calloc(count, sizeof(*messages));
-    Forkd__V1__Vm **pointers = calloc(count, sizeof(*pointers));
-    grpc_status_code code = GRPC_STATUS_OK;
-    if (!messages || !pointers) {
-        code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-    } else {
-        for (size_t i = 0; i < count; i++) {
-            convert_vm(vms[i], &messages[i]);
-            pointers[i] = &messages[i].vm;
-        }
-        Forkd__V1__SpawnResponse response = FORKD__V1__SPAWN_RESPONSE__INIT;
-        response.n_vms = count;
-        response.vms = pointers;
-        response.elapsed_ns = elapsed_ns;
-        if (call_set_response(call, &response.base) < 0)
-            code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-    }
-    free(messages);
-    free(pointers);
-    return code;
-}
-
 /* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
 static int vms_set_prefetch(struct daemon_state *daemon, const Forkd__V1__SpawnRequest *request,
                             struct forkd_error *err)
@@ -350,7 +333,7 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
     } else {
         log_info("spawned %u forks of %s in %.1f ms", request->count, request->snapshot,
                  (double)(forkd_monotonic_ns() - start) / 1e6);
-        code = vms_spawn_reply(call, vms, started, forkd_monotonic_ns() - start, status);
+        code = vms_reply_list(call, vms, started, true, forkd_monotonic_ns() - start, status);
     }
     for (size_t i = 0; i < started; i++)
         vm_unref(vms[i]);
