@@ -30,7 +30,7 @@ static void usage(FILE *out)
             "                   [--null-ms MS] [--rate-ms MS] [--settle-ms MS] [--copier-fifo]\n"
             "                   [--boost-vcpus] [--null-sweep] [--spawn-paused] [--no-branch]\n"
             "                   [--no-fanout]\n"
-            "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 4 GiB and up); fan-out 1,8,32;\n"
+            "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 1 GiB and up); fan-out 1,8,32;\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
             "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
             "--boost-vcpus runs the VMM's vCPU threads at SCHED_FIFO from just before a LIVE\n"

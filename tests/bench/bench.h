@@ -30,7 +30,7 @@ struct bench_options {
     size_t size_count;
     unsigned sizes_mib[BENCH_MAX_SIZES];
     unsigned reps;       /* per size and mode */
-    unsigned reps_large; /* for guests of 4 GiB and more */
+    unsigned reps_large; /* for guests of 1 GiB and more */
     size_t fanout_count;
     unsigned fanout[BENCH_MAX_FANOUT];
     unsigned null_ms;   /* how long the null handler serves faults */

@@ -354,7 +354,7 @@ int bench_size(struct bench_context *context, unsigned mem_mib, struct size_resu
     const struct bench_options *options = context->options;
     memset(out, 0, sizeof(*out));
     out->mem_mib = mem_mib;
-    out->reps = mem_mib >= 4096 ? options->reps_large : options->reps;
+    out->reps = mem_mib >= 1024 ? options->reps_large : options->reps;
     struct size_run run = {.context = context, .result = out};
     fprintf(stderr, "forkd-bench: %u MiB: booting and seeding the source VM\n", mem_mib);
     int rc = make_source_vm(context, mem_mib, out, &run.vm, err);
