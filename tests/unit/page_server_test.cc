@@ -586,8 +586,10 @@ TEST_F(PageServerTest, ReleaseCancelsAPendingHandshakeAtOnce)
 TEST_F(PageServerTest, PrefetchCopiesTheRecordedHotSetBeforeTheForkRuns)
 {
     struct forkd_error err = {};
+    // The window must outlast the 24 touches below even on a loaded machine; the test waits
+    // for it to close rather than for a fixed time.
     ASSERT_EQ(0,
-              page_server_template_set_prefetch(server_, "tmpl", memory_path_.c_str(), 300, &err))
+              page_server_template_set_prefetch(server_, "tmpl", memory_path_.c_str(), 2000, &err))
         << err.message;
     FakeVmm first({2 << 20}, kPage);
     struct page_server_fork *recorder = Attach(first, "first.sock");
@@ -598,10 +600,12 @@ TEST_F(PageServerTest, PrefetchCopiesTheRecordedHotSetBeforeTheForkRuns)
         ASSERT_TRUE(Touch(first, first.Region(0) + page * kPage));
     EXPECT_EQ(24u, Settled(recorder, 24).faults_served);
     struct page_server_template_info info = {};
-    ASSERT_TRUE(WaitFor([&] {
-        page_server_template_describe(server_, "tmpl", &info);
-        return info.hot_set_ready;
-    }));
+    ASSERT_TRUE(WaitFor(
+        [&] {
+            page_server_template_describe(server_, "tmpl", &info);
+            return info.hot_set_ready;
+        },
+        10000));
     EXPECT_EQ(24u, info.hot_pages);
 
     FakeVmm second({2 << 20}, kPage);
