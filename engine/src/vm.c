@@ -501,8 +501,15 @@ void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned gra
     if (write(registry->stop_fd, &one, sizeof(one)) != sizeof(one))
         abort(); /* an eventfd write of 1 cannot fail; the reaper would never stop */
     pthread_join(registry->reaper, NULL);
-    for (size_t i = 0; i < registry->count; i++)
-        vm_unref(registry->vms[i]);
+    for (size_t i = 0; i < registry->count; i++) {
+        struct vm *vm = registry->vms[i];
+        pthread_mutex_lock(&vm->lock);
+        bool watched = !vm->exited; /* a kept VM: the stopped reaper still holds a reference */
+        pthread_mutex_unlock(&vm->lock);
+        if (watched)
+            vm_unref(vm);
+        vm_unref(vm);
+    }
     free(registry->vms);
     close(registry->epoll_fd);
     close(registry->stop_fd);
