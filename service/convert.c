@@ -88,6 +88,7 @@ void convert_progress(const struct branch_progress *progress, Forkd__V1__BranchP
     out->fault_service_p50_ns = progress->fault_service_p50_ns;
     out->fault_service_p99_ns = progress->fault_service_p99_ns;
     out->fault_service_max_ns = progress->fault_service_max_ns;
+    out->faults_left_to_bulk = progress->faults_left_to_bulk;
 }
 
 static void convert_snapshot_regions(struct snapshot_message *out)

@@ -268,7 +268,7 @@ static int vms_spawn_one(struct daemon_state *daemon, const Forkd__V1__SpawnRequ
         .vmstate_path = vmstate,
         .memory_path = memory_path,
         .memory = memory,
-        .start_paused = request->start_paused,
+        .start_paused = true, /* all are resumed together once all are restored */
         .vcpu_count = snapshot.vcpu_count,
         .labels = labels,
         .label_count = request->n_labels,
@@ -278,6 +278,20 @@ static int vms_spawn_one(struct daemon_state *daemon, const Forkd__V1__SpawnRequ
     if (rc < 0)
         store_release(daemon->store, request->snapshot);
     return rc;
+}
+
+/* Forks are restored paused and resumed together: restoring the later ones does not compete
+ * with the earlier ones running (two running forks can take both cores of a small host), and
+ * the forks start from the snapshot at the same moment. */
+static int vms_resume_all(struct vm **vms, size_t count, struct forkd_error *err)
+{
+    for (size_t i = 0; i < count; i++) {
+        int rc = vmm_resume(vm_client(vms[i]), err);
+        if (rc < 0)
+            return forkd_error_prefix(err, "resume %s: ", vm_id(vms[i]));
+        vm_set_state(vms[i], VM_STATE_RUNNING);
+    }
+    return 0;
 }
 
 /* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
@@ -321,6 +335,8 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
         if (rc == 0)
             started++;
     }
+    if (rc == 0 && started == request->count && !request->start_paused)
+        rc = vms_resume_all(vms, started, &err);
     grpc_status_code code;
     if (rc < 0 || started < request->count) {
         /* All or none: the forks of a failed spawn are stopped again. */

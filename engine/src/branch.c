@@ -99,6 +99,7 @@ struct branch {
     atomic_bool cancel;
     atomic_uint_fast64_t service_buckets[SERVICE_BUCKETS];
     atomic_uint_fast64_t service_max_ns;
+    atomic_uint_fast64_t faults_left_to_bulk;
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
     uint64_t bytes_total;
@@ -168,6 +169,7 @@ static void branch_service_percentiles(struct branch *branch, struct branch_prog
         total += counts[i] = atomic_load(&branch->service_buckets[i]);
     out->faults_served = total;
     out->fault_service_max_ns = atomic_load(&branch->service_max_ns);
+    out->faults_left_to_bulk = atomic_load(&branch->faults_left_to_bulk);
     uint64_t seen = 0;
     for (unsigned i = 0; i < SERVICE_BUCKETS && total; i++) {
         seen += counts[i];
@@ -350,10 +352,12 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
             branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
                                 (unsigned long long)page_address, strerror(-rc));
         atomic_fetch_or(&region->pages[index], (uint8_t)PAGE_CAPTURED);
-    } else {
-        /* The bulk copier claimed it and is reading its chunk right now: a few microseconds. */
-        while (!(atomic_load(&region->pages[index]) & PAGE_CAPTURED))
-            sched_yield();
+    } else if (!(atomic_load(&region->pages[index]) & PAGE_CAPTURED)) {
+        /* The bulk copier claimed it and has not captured it yet. It unprotects (and so wakes
+         * this vCPU) right after capturing; waiting here would hold the one handler thread, at
+         * real-time priority, against the very copier it waits for. */
+        atomic_fetch_add(&branch->faults_left_to_bulk, 1);
+        return;
     }
     struct forkd_error err;
     if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
@@ -811,6 +815,9 @@ static int branch_map_guest(struct branch_run_state *run, struct forkd_error *er
     void *map = mmap(NULL, run->total_bytes, PROT_READ, MAP_SHARED, memfd, 0);
     if (map == MAP_FAILED)
         return forkd_error_set(err, -errno, "map guest memfd: %s", strerror(errno));
+    /* Map every page now, outside the pause: a capture on the fault path then costs a copy,
+     * not a page fault of forkd's own on top of the vCPU's. */
+    madvise(map, run->total_bytes, MADV_POPULATE_READ);
     run->guest_map = map;
     run->guest_map_size = run->total_bytes;
     return 0;
@@ -964,9 +971,12 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
         return guard.rc;
     branch_set_phase(branch, BRANCH_PHASE_PAUSED);
     uint64_t start = forkd_monotonic_ns();
+    /* The VMM writes all of memory before it answers: allow for it. */
+    vmm_client_set_timeout_ms(vm_client(run->vm), vm_slow_call_timeout_ms(run->vm));
     int rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_FULL,
                                  store_writer_vmstate_path(run->writer),
                                  store_writer_memory_path(run->writer), err);
+    vmm_client_set_timeout_ms(vm_client(run->vm), VMM_CLIENT_DEFAULT_TIMEOUT_MS);
     if (rc < 0)
         return rc;
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);

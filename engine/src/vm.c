@@ -121,6 +121,12 @@ static struct vm *vm_new(struct vm_registry *registry)
     return vm;
 }
 
+unsigned vm_slow_call_timeout_ms(const struct vm *vm)
+{
+    /* 10 s, plus 20 ms per MiB: writing or filling 4 GiB takes 12-25 s on a nested host. */
+    return VMM_CLIENT_DEFAULT_TIMEOUT_MS + (unsigned)((vm->memory_bytes >> 20) * 20);
+}
+
 const char *vm_id(const struct vm *vm)
 {
     return vm->id;
@@ -781,8 +787,12 @@ static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
     int rc = vmm_put_machine_config(vm->client, config->vcpu_count, config->mem_size_mib, err);
     if (rc == 0)
         rc = vmm_put_boot_source(vm->client, config->kernel_image_path, config->boot_args, err);
-    if (rc == 0)
+    if (rc == 0) {
+        /* A VMM may touch all guest memory while starting (the test VMM fills it). */
+        vmm_client_set_timeout_ms(vm->client, vm_slow_call_timeout_ms(vm));
         rc = vmm_start(vm->client, err);
+        vmm_client_set_timeout_ms(vm->client, VMM_CLIENT_DEFAULT_TIMEOUT_MS);
+    }
     return rc;
 }
 

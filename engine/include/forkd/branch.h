@@ -54,6 +54,9 @@ struct branch_progress {
      * vCPU (capture + unprotect), as percentiles of a histogram with 19% wide buckets. */
     uint64_t faults_served;
     uint64_t fault_service_p50_ns, fault_service_p99_ns, fault_service_max_ns;
+    /* Faults on pages the bulk copier had claimed but not yet captured: left to it, since its
+     * unprotect right after the capture wakes the vCPU (not in the service times). */
+    uint64_t faults_left_to_bulk;
 };
 
 /* Called on the branch's thread at every phase change; must not block. */

@@ -168,6 +168,9 @@ uint64_t vm_memory_bytes(const struct vm *vm);
 /* Page-server figures of a UFFD VM (they stay readable after it exits); -ENOENT otherwise. */
 int vm_page_server_stats(struct vm *vm, struct page_server_stats *out);
 unsigned vm_vcpu_count(const struct vm *vm);
+/* Time limit for VMM calls that touch all guest memory (start, Full snapshot): it grows with
+ * the guest's size. */
+unsigned vm_slow_call_timeout_ms(const struct vm *vm);
 const char *vm_source_snapshot(const struct vm *vm);
 
 /* Records the VM's state as seen by forkd (RUNNING/PAUSED) for status reports. */
