@@ -22,15 +22,6 @@ extern "C" {
 namespace
 {
 
-std::string VmmState(struct vm *vm)
-{
-    struct vmm_info info = {};
-    struct forkd_error err = {};
-    if (vmm_get_info(vm_client(vm), &info, &err) < 0)
-        return std::string("error: ") + err.message;
-    return info.state;
-}
-
 // Entries of a directory other than . and ..
 std::vector<std::string> DirEntries(const std::string &path)
 {
@@ -227,15 +218,8 @@ TEST_F(BranchTest, BranchesOfRestoredVmsContinueTheGuest)
     for (enum vm_memory memory : {VM_MEMORY_FILE, VM_MEMORY_MEMFD}) {
         SCOPED_TRACE(memory == VM_MEMORY_FILE ? "FILE" : "MEMFD");
         ASSERT_EQ(0, store_acquire(store_, "base", &snapshot, &err)) << err.message;
-        std::string vmstate = std::string(snapshot.path) + "/vmstate";
-        std::string mem = std::string(snapshot.path) + "/memory.bin";
-        struct vm_restore_config config = {};
-        config.snapshot_name = "base";
-        config.vmstate_path = vmstate.c_str();
-        config.memory_path = mem.c_str();
-        config.memory = memory;
-        struct vm *fork = nullptr;
-        ASSERT_EQ(0, vm_restore(registry_, &config, &fork, &err)) << err.message;
+        struct vm *fork = Restore(snapshot.path, memory, "base");
+        ASSERT_NE(nullptr, fork);
         // A branch of the branch: LIVE where memory is a memfd, FULL on a private file map.
         enum store_mode mode = memory == VM_MEMORY_MEMFD ? STORE_MODE_LIVE : STORE_MODE_FULL;
         std::string name = std::string("child-") + (memory == VM_MEMORY_MEMFD ? "memfd" : "file");
@@ -255,15 +239,8 @@ TEST_F(BranchTest, LiveOnAFileBackedVmIsRefusedWithTheReason)
     struct vm *source = Boot(1, 32, "pattern=random");
     ASSERT_NE(nullptr, source);
     BranchAndVerify(source, "base", STORE_MODE_FULL);
-    std::string dir = SnapshotDir("base");
-    std::string vmstate = dir + "/vmstate", mem = dir + "/memory.bin";
-    struct vm_restore_config config = {};
-    config.vmstate_path = vmstate.c_str();
-    config.memory_path = mem.c_str();
-    config.memory = VM_MEMORY_FILE;
-    struct vm *fork = nullptr;
-    struct forkd_error err = {};
-    ASSERT_EQ(0, vm_restore(registry_, &config, &fork, &err)) << err.message;
+    struct vm *fork = Restore(SnapshotDir("base"), VM_MEMORY_FILE);
+    ASSERT_NE(nullptr, fork);
     Result result = Branch(fork, "nope", STORE_MODE_LIVE);
     EXPECT_EQ(-EOPNOTSUPP, result.rc);
     EXPECT_NE(std::string::npos, result.error.find("FILE memory")) << result.error;
@@ -341,15 +318,8 @@ TEST_F(BranchTest, VmmDeathMidCopyFailsCleanly)
     // itself can stop the copy.
     Result base = Branch(vm, "base", STORE_MODE_FULL);
     ASSERT_EQ(0, base.rc) << base.error;
-    std::string dir = SnapshotDir("base");
-    std::string vmstate = dir + "/vmstate", mem = dir + "/memory.bin";
-    struct vm_restore_config config = {};
-    config.vmstate_path = vmstate.c_str();
-    config.memory_path = mem.c_str();
-    config.memory = VM_MEMORY_MEMFD;
-    struct vm *fork = nullptr;
-    struct forkd_error err = {};
-    ASSERT_EQ(0, vm_restore(registry_, &config, &fork, &err)) << err.message;
+    struct vm *fork = Restore(SnapshotDir("base"), VM_MEMORY_MEMFD);
+    ASSERT_NE(nullptr, fork);
     Result fork_result = Branch(fork, "orphan-fork", STORE_MODE_LIVE, KillVmmOnCopy, fork);
     EXPECT_EQ(-ESRCH, fork_result.rc) << fork_result.error;
     ExpectStoreClean("orphan-fork");
@@ -451,14 +421,8 @@ TEST_F(BranchTest, NoFdOrProcessOutlivesItsVm)
         struct vm *target = vm;
         if (memory == VM_MEMORY_MEMFD) {
             BranchAndVerify(vm, "seed", STORE_MODE_FULL);
-            std::string dir = SnapshotDir("seed");
-            std::string vmstate = dir + "/vmstate", mem = dir + "/memory.bin";
-            struct vm_restore_config config = {};
-            config.vmstate_path = vmstate.c_str();
-            config.memory_path = mem.c_str();
-            config.memory = VM_MEMORY_MEMFD;
-            struct forkd_error err = {};
-            ASSERT_EQ(0, vm_restore(registry_, &config, &target, &err)) << err.message;
+            target = Restore(SnapshotDir("seed"), VM_MEMORY_MEMFD);
+            ASSERT_NE(nullptr, target);
         }
         BranchAndVerify(target, "leak-check", STORE_MODE_LIVE);
         Result cancelled = Branch(target, "leak-cancel", STORE_MODE_LIVE, KillVmmOnCopy, target);

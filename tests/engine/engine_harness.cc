@@ -50,6 +50,31 @@ struct vm *EngineTest::Boot(unsigned vcpus, unsigned mem_mib, const std::string 
     return vm;
 }
 
+struct vm *EngineTest::Restore(const std::string &dir, enum vm_memory memory,
+                               const char *snapshot_name)
+{
+    std::string vmstate = dir + "/vmstate", mem = dir + "/memory.bin";
+    struct vm_restore_config config = {};
+    config.snapshot_name = snapshot_name;
+    config.vmstate_path = vmstate.c_str();
+    config.memory_path = mem.c_str();
+    config.memory = memory;
+    struct vm *vm = nullptr;
+    struct forkd_error err = {};
+    int rc = vm_restore(registry_, &config, &vm, &err);
+    EXPECT_EQ(0, rc) << err.message;
+    return rc == 0 ? vm : nullptr;
+}
+
+std::string EngineTest::VmmState(struct vm *vm)
+{
+    struct vmm_info info = {};
+    struct forkd_error err = {};
+    if (vmm_get_info(vm_client(vm), &info, &err) < 0)
+        return std::string("error: ") + err.message;
+    return info.state;
+}
+
 static unsigned long long GuestWrites(struct vm *vm)
 {
     char *body = nullptr;

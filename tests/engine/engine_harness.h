@@ -13,7 +13,8 @@ struct VerifyResult {
     std::string output;
 };
 
-class EngineTest : public ::testing::Test {
+class EngineTest : public ::testing::Test
+{
   protected:
     void SetUp() override;
     void TearDown() override;
@@ -25,6 +26,14 @@ class EngineTest : public ::testing::Test {
     // Waits (bounded) until the guest's vCPUs have counted at least `writes` page writes in
     // total, as the test VMM reports in GET /; fails the test otherwise.
     static void WaitForGuestWrites(struct vm *vm, unsigned long long writes);
+
+    // Restores the snapshot in dir (vmstate + memory.bin) with the given memory backend;
+    // fails the test and returns nullptr on error.
+    struct vm *Restore(const std::string &dir, enum vm_memory memory,
+                       const char *snapshot_name = nullptr);
+
+    // The state the VMM reports in GET / ("Running", "Paused"), or the error.
+    static std::string VmmState(struct vm *vm);
 
     // Runs `forkd-testvm verify` on a snapshot directory (vmstate + memory.bin).
     static VerifyResult Verify(const std::string &dir);

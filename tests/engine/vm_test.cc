@@ -12,16 +12,8 @@ extern "C" {
 #include "forkd/vmm_client.h"
 }
 
-namespace {
-
-std::string VmmState(struct vm *vm)
+namespace
 {
-    struct vmm_info info = {};
-    struct forkd_error err = {};
-    if (vmm_get_info(vm_client(vm), &info, &err) < 0)
-        return std::string("error: ") + err.message;
-    return info.state;
-}
 
 // Pauses, takes a Full snapshot into dir, resumes. Returns the pause window in ns.
 uint64_t FullSnapshot(struct vm *vm, const std::string &dir)
@@ -48,7 +40,7 @@ int PauseAndBailOut(struct vm *vm)
     return -EIO;
 }
 
-}  // namespace
+} // namespace
 
 TEST_F(EngineTest, BootPauseFullSnapshotVerifies)
 {
@@ -101,22 +93,16 @@ TEST_F(EngineTest, RestoreWithFileAndMemfdContinuesTheGuest)
 
     for (enum vm_memory memory : {VM_MEMORY_FILE, VM_MEMORY_MEMFD}) {
         SCOPED_TRACE(memory == VM_MEMORY_FILE ? "FILE" : "MEMFD");
-        std::string vmstate = snap + "/vmstate", mem = snap + "/memory.bin";
-        struct vm_restore_config config = {};
-        config.snapshot_name = "base";
-        config.vmstate_path = vmstate.c_str();
-        config.memory_path = mem.c_str();
-        config.memory = memory;
-        struct vm *fork = nullptr;
+        struct vm *fork = Restore(snap, memory, "base");
+        ASSERT_NE(nullptr, fork);
         struct forkd_error err = {};
-        ASSERT_EQ(0, vm_restore(registry_, &config, &fork, &err)) << err.message;
         EXPECT_EQ(memory == VM_MEMORY_MEMFD, vm_memfd(fork) >= 0);
         EXPECT_STREQ("base", vm_source_snapshot(fork));
         // The restored guest runs on from the snapshot: its totals grow past the base's.
         unsigned long long total = 0;
         for (int attempt = 0; attempt < 50 && total <= base_total; attempt++) {
-            std::string again = state_dir_ + "/again-" + std::to_string(memory) + "-" +
-                                std::to_string(attempt);
+            std::string again =
+                state_dir_ + "/again-" + std::to_string(memory) + "-" + std::to_string(attempt);
             FullSnapshot(fork, again);
             VerifyResult verify = Verify(again);
             ASSERT_EQ(0, verify.exit_code) << verify.output;
