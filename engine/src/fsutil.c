@@ -6,7 +6,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <stdio.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 
 int fs_mkdir_parents(const char *path, mode_t mode)
 {
@@ -35,4 +38,14 @@ int fs_sync_dir(const char *path)
     if (fd < 0)
         return -errno;
     return fsync(fd) < 0 ? -errno : 0;
+}
+
+bool fs_unix_socket_answers(const char *path)
+{
+    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    if (snprintf(address.sun_path, sizeof(address.sun_path), "%s", path) >=
+        (int)sizeof(address.sun_path))
+        return false;
+    return fd >= 0 && connect(fd, (struct sockaddr *)&address, sizeof(address)) == 0;
 }

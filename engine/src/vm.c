@@ -697,21 +697,11 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
     return vm_watch(vm, err);
 }
 
-static bool vm_socket_answers(const char *path)
-{
-    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un address = {.sun_family = AF_UNIX};
-    if (snprintf(address.sun_path, sizeof(address.sun_path), "%s", path) >=
-        (int)sizeof(address.sun_path))
-        return false;
-    return fd >= 0 && connect(fd, (struct sockaddr *)&address, sizeof(address)) == 0;
-}
-
 /* Waits for the VMM's API socket to accept connections, or for the VMM to die. */
 static int vm_wait_for_api(struct vm *vm, struct forkd_error *err)
 {
     uint64_t deadline = forkd_monotonic_ns() + vm->registry->start_timeout_ms * 1000000ULL;
-    while (!vm_socket_answers(vm->api_socket_path)) {
+    while (!fs_unix_socket_answers(vm->api_socket_path)) {
         if (vm_wait_exit(vm, 2)) {
             char tail[256];
             vm_log_tail(vm, tail, sizeof(tail));

@@ -2,6 +2,7 @@
 #include "bench.h"
 
 #include "forkd/cleanup.h"
+#include "forkd/fsutil.h"
 #include "forkd/vmm_client.h"
 
 #include <dirent.h>
@@ -204,16 +205,6 @@ double rate_sampler_settle(struct rate_sampler *sampler, unsigned window_ms, uns
 
 /* ---- seed snapshots --------------------------------------------------------------------- */
 
-static bool seed_socket_answers(const char *path)
-{
-    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un address = {.sun_family = AF_UNIX};
-    if (snprintf(address.sun_path, sizeof(address.sun_path), "%s", path) >=
-        (int)sizeof(address.sun_path))
-        return false;
-    return fd >= 0 && connect(fd, (struct sockaddr *)&address, sizeof(address)) == 0;
-}
-
 static int seed_spawn(const char *socket_path, const char *log_path, pid_t *pid,
                       struct forkd_error *err)
 {
@@ -226,7 +217,7 @@ static int seed_spawn(const char *socket_path, const char *log_path, pid_t *pid,
     posix_spawn_file_actions_destroy(&actions);
     if (rc != 0)
         return forkd_error_set(err, -rc, "spawn %s: %s", FORKD_TESTVM_PATH, strerror(rc));
-    for (int i = 0; i < 1000 && !seed_socket_answers(socket_path); i++)
+    for (int i = 0; i < 1000 && !fs_unix_socket_answers(socket_path); i++)
         bench_sleep_ms(10);
     return 0;
 }

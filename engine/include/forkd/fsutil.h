@@ -2,6 +2,7 @@
 #ifndef FORKD_FSUTIL_H
 #define FORKD_FSUTIL_H
 
+#include <stdbool.h>
 #include <sys/types.h>
 
 #ifdef __cplusplus
@@ -10,6 +11,9 @@ extern "C" {
 
 /* Creates path and any missing parents with mode (like mkdir -p). Returns 0 or -errno. */
 int fs_mkdir_parents(const char *path, mode_t mode);
+
+/* True when something accepts connections on the Unix socket at path. */
+bool fs_unix_socket_answers(const char *path);
 
 /* fsync()s a directory, making renames and creations inside it durable. Returns 0 or -errno. */
 int fs_sync_dir(const char *path);
