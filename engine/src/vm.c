@@ -398,10 +398,12 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
 static void vm_mark_kept(struct vm *vm)
 {
     char path[PATH_MAX + 64];
-    if (snprintf(path, sizeof(path), "%s/%s.kept", vm->registry->run_dir, vm->id) <
-        (int)sizeof(path)) {
-        _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
-    }
+    if (snprintf(path, sizeof(path), "%s/%s.kept", vm->registry->run_dir, vm->id) >=
+        (int)sizeof(path))
+        return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    if (fd >= 0)
+        close(fd);
 }
 
 /* Parses "vm-<n>" at the start of a file name; 0 when it is not one. */
