@@ -447,6 +447,7 @@ static void *branch_handler_loop(void *arg)
         for (int i = 0; i < count; i++)
             branch_handle_message(branch, run, &messages[i], buffer);
         branch_handler_serve_request(run);
+        thread_priority_check(&priority);
     }
     branch_handler_serve_request(run);
     thread_priority_restore(&priority);
@@ -976,7 +977,7 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
     int rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_FULL,
                                  store_writer_vmstate_path(run->writer),
                                  store_writer_memory_path(run->writer), err);
-    vmm_client_set_timeout_ms(vm_client(run->vm), VMM_CLIENT_DEFAULT_TIMEOUT_MS);
+    vmm_client_set_timeout_ms(vm_client(run->vm), vm_call_timeout_ms(run->vm));
     if (rc < 0)
         return rc;
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);

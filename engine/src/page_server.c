@@ -887,6 +887,7 @@ static void *ps_loop_main(void *arg)
         for (int i = 0; i < n; i++)
             ps_dispatch(server, &events[i], &closing);
         ps_bury(server);
+        thread_priority_check(&priority);
     }
     return NULL;
 }
