@@ -166,6 +166,7 @@ grpc_status_code convert_status_code(int code)
     case -EBUSY:
     case -EAGAIN:
     case -EOPNOTSUPP:
+    case -ENODEV: /* the host cannot run VMs (no usable KVM) */
         return GRPC_STATUS_FAILED_PRECONDITION;
     case -ENOSPC:
     case -EDQUOT:

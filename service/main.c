@@ -14,6 +14,7 @@
 #include "forkd/clock.h"
 #include "forkd/fsutil.h"
 #include "forkd/pause.h"
+#include "forkd/thread_priority.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -117,7 +118,12 @@ static int main_open_engine(struct daemon_state *daemon)
     }
     char run_dir[4096];
     snprintf(run_dir, sizeof(run_dir), "%s/vms", opts->state_dir);
-    struct vm_registry_config config = {.vmm_binary = opts->vmm_binary, .run_dir = run_dir};
+    struct vm_registry_config config = {
+        .vmm_binary = opts->vmm_binary,
+        .run_dir = run_dir,
+        .timeout_scale = opts->timeout_scale,
+        .kvm_unusable_reason = daemon->caps.kvm_usable ? NULL : daemon->caps.kvm_error,
+    };
     if (vm_registry_open(&config, &daemon->registry, &err) < 0) {
         log_error("VM registry: %s", err.message);
         return err.code;
@@ -147,6 +153,10 @@ static void main_close_engine(struct daemon_state *daemon)
     /* After the VMs: a UFFD fork whose page server is gone hangs on its next fault. */
     page_server_close(daemon->page_server);
     store_close(daemon->store);
+    if (thread_priority_demotions())
+        log_warn("%lu real-time threads went back to normal priority after using more than "
+                 "%u%% of a core (--realtime-max-percent)",
+                 thread_priority_demotions(), daemon->options->realtime_max_percent);
 }
 
 static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
@@ -210,6 +220,7 @@ int main(int argc, char **argv)
     static struct daemon_state daemon;
     daemon.options = &opts;
     daemon.started_at_unix_ms = forkd_unix_ms();
+    thread_priority_configure(opts.realtime, opts.realtime_max_percent);
     probe_host(&daemon.caps);
     main_log_capabilities(&daemon.caps);
 

@@ -19,6 +19,9 @@ enum {
     OPT_MAX_BRANCHES,
     OPT_MAX_MESSAGE_BYTES,
     OPT_SHUTDOWN_GRACE_MS,
+    OPT_TIMEOUT_SCALE,
+    OPT_NO_REALTIME,
+    OPT_REALTIME_MAX_PERCENT,
     OPT_LOG_LEVEL,
     OPT_VERSION,
 };
@@ -34,6 +37,9 @@ static const struct option long_options[] = {
     {"max-branches", required_argument, NULL, OPT_MAX_BRANCHES},
     {"max-message-bytes", required_argument, NULL, OPT_MAX_MESSAGE_BYTES},
     {"shutdown-grace-ms", required_argument, NULL, OPT_SHUTDOWN_GRACE_MS},
+    {"timeout-scale", required_argument, NULL, OPT_TIMEOUT_SCALE},
+    {"no-realtime", no_argument, NULL, OPT_NO_REALTIME},
+    {"realtime-max-percent", required_argument, NULL, OPT_REALTIME_MAX_PERCENT},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"version", no_argument, NULL, OPT_VERSION},
     {"help", no_argument, NULL, 'h'},
@@ -74,6 +80,15 @@ static void options_print_help(FILE *out)
             "                           RESOURCE_EXHAUSTED (default 4194304).\n"
             "  --shutdown-grace-ms N    on SIGTERM/SIGINT, how long running calls may finish\n"
             "                           before they are cancelled (default 10000).\n"
+            "  --timeout-scale N        multiply every time limit forkd puts on a VMM (start,\n"
+            "                           API calls, snapshots) by N, for slow or emulated hosts\n"
+            "                           (default 1).\n"
+            "  --no-realtime            never raise threads to SCHED_FIFO. By default the thread\n"
+            "                           inside a branch's pause and the threads serving guest\n"
+            "                           page faults run SCHED_FIFO (a vCPU waits on them).\n"
+            "  --realtime-max-percent N a SCHED_FIFO thread that uses more than N%% of a core\n"
+            "                           over 100 ms goes back to normal priority for good, so it\n"
+            "                           can never starve the host (default 50).\n"
             "  --log-level LEVEL        error, warn, info or debug (default info). Logs go to\n"
             "                           stderr.\n"
             "  --version                print the version and exit.\n"
@@ -119,6 +134,16 @@ static int options_apply_number(int option, const char *text, struct forkd_optio
             return -EINVAL;
         opts->shutdown_grace_ms = (unsigned)value;
         return 0;
+    case OPT_TIMEOUT_SCALE:
+        if (options_parse_number(text, 1, 1000, &value) < 0)
+            return -EINVAL;
+        opts->timeout_scale = (unsigned)value;
+        return 0;
+    case OPT_REALTIME_MAX_PERCENT:
+        if (options_parse_number(text, 1, 100, &value) < 0)
+            return -EINVAL;
+        opts->realtime_max_percent = (unsigned)value;
+        return 0;
     }
     return -EINVAL;
 }
@@ -132,6 +157,9 @@ static void options_set_defaults(struct forkd_options *opts)
         .max_branches = 4,
         .max_message_bytes = 4u << 20,
         .shutdown_grace_ms = 10000,
+        .timeout_scale = 1,
+        .realtime = true,
+        .realtime_max_percent = 50,
         .log_level = LOG_LEVEL_INFO,
     };
 }
@@ -147,6 +175,9 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
         return 0;
     case OPT_KEEP_VMS:
         opts->keep_vms = true;
+        return 0;
+    case OPT_NO_REALTIME:
+        opts->realtime = false;
         return 0;
     case OPT_TLS_CERT:
         opts->tls_cert = arg;

@@ -22,6 +22,9 @@ struct forkd_options {
     unsigned max_branches;
     size_t max_message_bytes;
     unsigned shutdown_grace_ms;
+    unsigned timeout_scale;         /* multiplies every VMM time limit */
+    bool realtime;                  /* SCHED_FIFO for the pause and fault-serving threads */
+    unsigned realtime_max_percent;  /* CPU share a real-time thread may use before demotion */
     enum log_level log_level;
 };
 

@@ -321,6 +321,8 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
         GRPC_STATUS_OK)
         return status->code;
     struct forkd_error err = {0};
+    if (vm_registry_check_host(daemon->registry, &err) < 0)
+        return convert_error(status, &err);
     if (memory == VM_MEMORY_UFFD && request->prefetch_record_ms &&
         vms_set_prefetch(daemon, request, &err) < 0)
         return convert_error(status, &err);

@@ -72,6 +72,8 @@ struct vm_registry {
     char vmm_binary[PATH_MAX];
     char run_dir[PATH_MAX];
     unsigned start_timeout_ms;
+    unsigned timeout_scale;
+    char kvm_unusable_reason[200]; /* empty: VMs may start */
 
     pthread_mutex_t lock; /* guards vms, count, next_id */
     struct vm **vms;
@@ -124,7 +126,13 @@ static struct vm *vm_new(struct vm_registry *registry)
 unsigned vm_slow_call_timeout_ms(const struct vm *vm)
 {
     /* 10 s, plus 20 ms per MiB: writing or filling 4 GiB takes 12-25 s on a nested host. */
-    return VMM_CLIENT_DEFAULT_TIMEOUT_MS + (unsigned)((vm->memory_bytes >> 20) * 20);
+    return (VMM_CLIENT_DEFAULT_TIMEOUT_MS + (unsigned)((vm->memory_bytes >> 20) * 20)) *
+           vm->registry->timeout_scale;
+}
+
+unsigned vm_call_timeout_ms(const struct vm *vm)
+{
+    return VMM_CLIENT_DEFAULT_TIMEOUT_MS * vm->registry->timeout_scale;
 }
 
 const char *vm_id(const struct vm *vm)
@@ -375,7 +383,12 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
         return forkd_error_set(err, -ENOMEM, "VM registry: out of memory");
     snprintf(registry->vmm_binary, sizeof(registry->vmm_binary), "%s", config->vmm_binary);
     snprintf(registry->run_dir, sizeof(registry->run_dir), "%s", config->run_dir);
-    registry->start_timeout_ms = config->start_timeout_ms ? config->start_timeout_ms : 10000;
+    registry->timeout_scale = config->timeout_scale ? config->timeout_scale : 1;
+    registry->start_timeout_ms =
+        (config->start_timeout_ms ? config->start_timeout_ms : 10000) * registry->timeout_scale;
+    if (config->kvm_unusable_reason)
+        snprintf(registry->kvm_unusable_reason, sizeof(registry->kvm_unusable_reason), "%s",
+                 config->kvm_unusable_reason[0] ? config->kvm_unusable_reason : "unknown reason");
     pthread_mutex_init(&registry->lock, NULL);
     registry->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     registry->stop_fd = eventfd(0, EFD_CLOEXEC);
@@ -715,7 +728,18 @@ static int vm_wait_for_api(struct vm *vm, struct forkd_error *err)
             return forkd_error_set(err, -ETIMEDOUT, "VMM API socket %s not ready after %u ms",
                                    vm->api_socket_path, vm->registry->start_timeout_ms);
     }
-    return vmm_client_open(vm->api_socket_path, &vm->client, err);
+    int rc = vmm_client_open(vm->api_socket_path, &vm->client, err);
+    if (rc == 0)
+        vmm_client_set_timeout_ms(vm->client, vm_call_timeout_ms(vm));
+    return rc;
+}
+
+int vm_registry_check_host(const struct vm_registry *registry, struct forkd_error *err)
+{
+    if (!registry->kvm_unusable_reason[0])
+        return 0;
+    return forkd_error_set(err, -ENODEV, "KVM is not usable on this host: %s",
+                           registry->kvm_unusable_reason);
 }
 
 /* Undoes a failed start: the VMM killed and reaped, the VM unlisted. The error is kept, with
@@ -783,7 +807,7 @@ static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
         /* A VMM may touch all guest memory while starting (the test VMM fills it). */
         vmm_client_set_timeout_ms(vm->client, vm_slow_call_timeout_ms(vm));
         rc = vmm_start(vm->client, err);
-        vmm_client_set_timeout_ms(vm->client, VMM_CLIENT_DEFAULT_TIMEOUT_MS);
+        vmm_client_set_timeout_ms(vm->client, vm_call_timeout_ms(vm));
     }
     return rc;
 }
@@ -791,13 +815,16 @@ static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
 int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, struct vm **out,
             struct forkd_error *err)
 {
+    int rc = vm_registry_check_host(registry, err);
+    if (rc < 0)
+        return rc;
     if (access(config->kernel_image_path, R_OK) < 0)
         return forkd_error_set(err, -errno, "kernel image %s: %s", config->kernel_image_path,
                                strerror(errno));
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
-    int rc = vm_launch(registry, &params, &vm, err);
+    rc = vm_launch(registry, &params, &vm, err);
     if (rc < 0)
         return rc;
     vm->memory = VM_MEMORY_ANONYMOUS;
@@ -896,6 +923,9 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
 int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
                struct vm **out, struct forkd_error *err)
 {
+    int rc = vm_registry_check_host(registry, err);
+    if (rc < 0)
+        return rc;
     if (config->memory == VM_MEMORY_UFFD && !config->page_server)
         return forkd_error_set(err, -EINVAL, "restore: UFFD memory needs a page server");
     if (config->memory != VM_MEMORY_FILE && config->memory != VM_MEMORY_MEMFD &&
@@ -906,7 +936,7 @@ int vm_restore(struct vm_registry *registry, const struct vm_restore_config *con
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
-    int rc = vm_launch(registry, &params, &vm, err);
+    rc = vm_launch(registry, &params, &vm, err);
     if (rc < 0)
         return rc;
     vm->memory = config->memory;

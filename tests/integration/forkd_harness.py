@@ -3,6 +3,7 @@
 Paths come from the environment ctest sets: FORKD_BIN (the daemon) and FORKD_PROTO_PYTHON (the
 stubs generated from proto/ at build time).
 """
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,32 @@ from health.v1 import health_pb2, health_pb2_grpc  # noqa: E402,F401
 
 FORKD_BIN = os.environ["FORKD_BIN"]
 
+# Guard times grow with the machine: the nested-KVM runner emulates the CPU and sets
+# FORKD_TIME_SCALE. Tests wait for conditions and never assert how fast anything is.
+TIME_SCALE = max(1.0, float(os.environ.get("FORKD_TIME_SCALE", "1") or 1))
+
+
+def scaled(seconds):
+    """A guard time in seconds, scaled for this machine."""
+    return seconds * TIME_SCALE
+
+
+class _ScaledStub:
+    """A generated stub whose calls get their timeout= guard scaled for this machine."""
+
+    def __init__(self, stub):
+        self._stub = stub
+
+    def __getattr__(self, name):
+        method = getattr(self._stub, name)
+
+        def call(*args, **kwargs):
+            if kwargs.get("timeout") is not None:
+                kwargs["timeout"] = scaled(kwargs["timeout"])
+            return method(*args, **kwargs)
+
+        return call
+
 
 class Daemon:
     """One forkd process on a private socket and state directory."""
@@ -32,7 +59,8 @@ class Daemon:
         self.state_dir = os.path.join(workdir, "state")
         self.log_path = os.path.join(workdir, "forkd.log")
         self.args = [FORKD_BIN, "--listen", "unix:" + self.socket_path,
-                     "--state-dir", self.state_dir, "--log-level", "debug", *extra_args]
+                     "--state-dir", self.state_dir, "--log-level", "debug",
+                     "--timeout-scale", str(math.ceil(TIME_SCALE)), *extra_args]
         self.process = None
         self.channel = None
         if start:
@@ -48,16 +76,16 @@ class Daemon:
         self.channel = grpc.insecure_channel(self.target)
         try:
             # Blocks until the daemon answers (or fails clearly if it exited).
-            grpc.channel_ready_future(self.channel).result(timeout=ready_timeout)
+            grpc.channel_ready_future(self.channel).result(timeout=scaled(ready_timeout))
         except grpc.FutureTimeoutError:
             raise AssertionError("forkd did not come up; log:\n" + self.log())
         return self
 
     def forkd(self):
-        return forkd_pb2_grpc.ForkdStub(self.channel)
+        return _ScaledStub(forkd_pb2_grpc.ForkdStub(self.channel))
 
     def health(self):
-        return health_pb2_grpc.HealthStub(self.channel)
+        return _ScaledStub(health_pb2_grpc.HealthStub(self.channel))
 
     def log(self):
         with open(self.log_path, "rb") as f:
@@ -67,7 +95,7 @@ class Daemon:
         self.process.send_signal(signum)
 
     def wait(self, timeout=30.0):
-        return self.process.wait(timeout=timeout)
+        return self.process.wait(timeout=scaled(timeout))
 
     def stop(self):
         if self.channel is not None:
@@ -76,7 +104,7 @@ class Daemon:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=scaled(30))
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -91,10 +119,12 @@ class Daemon:
 
 def run_forkd(*args, timeout=20.0):
     """Runs forkd to completion (for flags that make it exit) and returns the result."""
-    return subprocess.run([FORKD_BIN, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([FORKD_BIN, *args], capture_output=True, text=True,
+                          timeout=scaled(timeout))
 
 
 def wait_until(predicate, timeout, what):
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -128,5 +158,5 @@ class VmDaemon(Daemon):
 def verify_snapshot(path):
     """Runs the test VMM's verifier on a snapshot directory."""
     result = subprocess.run([FORKD_TESTVM, "verify", path], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=scaled(120))
     return result.returncode, result.stdout + result.stderr

@@ -33,6 +33,23 @@ TEST(Options, DefaultsListenOnTheUnixSocket)
     EXPECT_EQ(4u, opts.max_branches);
     EXPECT_EQ(4u << 20, opts.max_message_bytes);
     EXPECT_EQ(10000u, opts.shutdown_grace_ms);
+    EXPECT_EQ(1u, opts.timeout_scale);
+    EXPECT_TRUE(opts.realtime);
+    EXPECT_EQ(50u, opts.realtime_max_percent);
+}
+
+TEST(Options, TimeScaleAndRealTimeFlags)
+{
+    struct forkd_options opts;
+    ASSERT_EQ(OPTIONS_RUN, Parse({"--timeout-scale", "12", "--no-realtime",
+                                  "--realtime-max-percent", "20"},
+                                 &opts));
+    EXPECT_EQ(12u, opts.timeout_scale);
+    EXPECT_FALSE(opts.realtime);
+    EXPECT_EQ(20u, opts.realtime_max_percent);
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--timeout-scale", "0"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--realtime-max-percent", "101"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--realtime-max-percent", "0"}, &opts));
 }
 
 TEST(Options, EveryFlagIsApplied)

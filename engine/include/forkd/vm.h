@@ -56,6 +56,12 @@ struct vm_registry_config {
     const char *vmm_binary;    /* path, or a name looked up in PATH */
     const char *run_dir;       /* VMM sockets and logs go here; created if missing */
     unsigned start_timeout_ms; /* VMM socket must answer within this; 0 means 10000 */
+    /* Every time limit on a VMM (start, API calls, slow calls) is multiplied by this: a slow or
+     * emulated host is slow, not broken. 0 means 1. */
+    unsigned timeout_scale;
+    /* Non-NULL: this host cannot run VMs, for this reason (the probe's words). Boot and restore
+     * then refuse with -ENODEV before any VMM is launched. */
+    const char *kvm_unusable_reason;
 };
 
 struct vm_boot_config {
@@ -124,6 +130,10 @@ int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report
  * keep_vms each VM is marked as kept, so a later forkd leaves it running. */
 void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned grace_ms);
 
+/* 0 when this host can run VMs; otherwise -ENODEV naming why ("KVM is not usable on this host:
+ * open /dev/kvm: ..."). Boot and restore check it before launching anything. */
+int vm_registry_check_host(const struct vm_registry *registry, struct forkd_error *err);
+
 /* Launches a VMM, configures and starts the guest. *out holds a reference. -EEXIST for a name
  * in use, -ENOENT for a missing kernel, -EIO with the VMM's words when it refuses. On failure
  * the VMM process is gone and nothing is listed. */
@@ -171,6 +181,8 @@ unsigned vm_vcpu_count(const struct vm *vm);
 /* Time limit for VMM calls that touch all guest memory (start, Full snapshot): it grows with
  * the guest's size. */
 unsigned vm_slow_call_timeout_ms(const struct vm *vm);
+/* The time limit of an ordinary VMM API call for this VM (the default, scaled). */
+unsigned vm_call_timeout_ms(const struct vm *vm);
 const char *vm_source_snapshot(const struct vm *vm);
 
 /* Records the VM's state as seen by forkd (RUNNING/PAUSED) for status reports. */
