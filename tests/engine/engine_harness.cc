@@ -1,11 +1,13 @@
 #include <gtest/gtest.h>
 
 #include "engine_harness.h"
+#include "test_time.h"
 
 extern "C" {
 #include "forkd/vmm_client.h"
 }
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +23,7 @@ void EngineTest::SetUp()
     config.vmm_binary = FORKD_TESTVM_PATH;
     std::string run_dir = state_dir_ + "/vms";
     config.run_dir = run_dir.c_str();
+    config.timeout_scale = static_cast<unsigned>(std::ceil(forkd_time_scale()));
     struct forkd_error err = {};
     ASSERT_EQ(0, vm_registry_open(&config, &registry_, &err)) << err.message;
 }
@@ -100,12 +103,14 @@ static unsigned long long GuestWrites(struct vm *vm)
 
 void EngineTest::WaitForGuestWrites(struct vm *vm, unsigned long long writes)
 {
-    for (int i = 0; i < 2000; i++) {
+    auto guard = std::chrono::steady_clock::now() + scaled(std::chrono::seconds(10));
+    while (std::chrono::steady_clock::now() < guard) {
         if (GuestWrites(vm) >= writes)
             return;
         usleep(5000);
     }
-    ADD_FAILURE() << "the guest did not reach " << writes << " writes within 10 s";
+    ADD_FAILURE() << "the guest did not reach " << writes << " writes within "
+                  << scaled(std::chrono::seconds(10)).count() << " s";
 }
 
 VerifyResult EngineTest::Verify(const std::string &dir)

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "engine_harness.h"
+#include "test_time.h"
 
 #include <algorithm>
 #include <chrono>
@@ -31,7 +32,7 @@ using Clock = std::chrono::steady_clock;
 
 template <typename Cond> bool WaitFor(Cond cond, int timeout_ms)
 {
-    auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    auto deadline = Clock::now() + scaled(std::chrono::milliseconds(timeout_ms));
     while (!cond()) {
         if (Clock::now() > deadline)
             return false;
@@ -84,7 +85,7 @@ class PageServerKvmTest : public EngineTest
     {
         EngineTest::SetUp();
         struct page_server_config config = {};
-        config.handshake_timeout_ms = 10000;
+        config.handshake_timeout_ms = scaled_ms(10000);
         struct forkd_error err = {};
         ASSERT_EQ(0, page_server_open(&config, &server_, &err)) << err.message;
     }
@@ -286,7 +287,7 @@ TEST_F(PageServerKvmTest, HandshakeAbuseLeavesRunningForksServed)
 TEST_F(PageServerKvmTest, PrefetchedGenerationTakesFewerDemandFaults)
 {
     MakeTemplate("base", 32, "pages=1500 pattern=random seed=7");
-    const unsigned window_ms = 1500;
+    const unsigned window_ms = scaled_ms(1500);
     struct forkd_error err = {};
     ASSERT_EQ(0, page_server_template_set_prefetch(server_, template_name_.c_str(),
                                                    (template_dir_ + "/memory.bin").c_str(),

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "engine_harness.h"
+#include "test_time.h"
 
 #include <csignal>
 #include <string>
@@ -169,7 +170,7 @@ TEST_F(EngineTest, VmmDeathIsReportedAndReaped)
     ASSERT_GT(pid, 0);
     ASSERT_EQ(0, kill(pid, SIGKILL));
     struct vm_status status = {};
-    for (int i = 0; i < 500 && status.state != VM_STATE_FAILED; i++) {
+    for (int i = 0; i < scaled_ms(500) && status.state != VM_STATE_FAILED; i++) {
         vm_get_status(vm, &status);
         usleep(10000);
     }

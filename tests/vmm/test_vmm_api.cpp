@@ -271,49 +271,28 @@ TEST_F(ApiTest, PauseAndResumeAreIdempotent)
 
 // The figures quoted in the README. Warm the working set up first (first touches are slow
 // exits on nested KVM), then measure the steady state.
-TEST_F(ApiTest, PerformanceFigures)
+// Many pause/resume cycles in a row: each is answered 204, the VMM reports how long its pause
+// took, a paused guest makes no progress, and the guest carries on after every resume. (How fast
+// pausing is belongs to the benchmark, tests/bench, never to a test.)
+TEST_F(ApiTest, RepeatedPauseAndResumeKeepTheGuestRunning)
 {
     ASSERT_NO_FATAL_FAILURE(vmm_->boot(2, 32, "pages=256 pattern=random"));
     ASSERT_NO_FATAL_FAILURE(vmm_->wait_progress(1u << 20));
-    auto start_values = vmm_->progress();
-    auto start = Clock::now();
-    std::this_thread::sleep_for(500ms); // a measurement interval, not a wait for a condition
-    auto end_values = vmm_->progress();
-    double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    for (size_t v = 0; v < start_values.size(); v++) {
-        double rate = (end_values[v] - start_values[v]) / seconds;
-        std::printf("guest write rate vCPU %zu: %.0f pages/s\n", v, rate);
-        RecordProperty("write_rate_vcpu" + std::to_string(v), std::to_string(rate));
-        EXPECT_GT(rate, 1e5);
-    }
-
-    std::vector<double> pause_us, resume_us, internal_us;
     for (int i = 0; i < 200; i++) {
-        auto t0 = Clock::now();
         auto r = vmm_->api().request("PATCH", "/vm", R"({"state":"Paused"})");
-        auto t1 = Clock::now();
         ASSERT_EQ(r.status, 204) << r.body;
-        internal_us.push_back(Json(vmm_->api().request("GET", "/").body).number("last_pause_ns") /
-                              1000.0);
-        auto t2 = Clock::now();
+        EXPECT_GT(Json(vmm_->api().request("GET", "/").body).number("last_pause_ns"), 0);
+        if (i % 50 == 0) {
+            auto paused = vmm_->progress();
+            auto again = vmm_->progress();
+            EXPECT_EQ(paused, again) << "a paused guest made progress";
+        }
         r = vmm_->api().request("PATCH", "/vm", R"({"state":"Resumed"})");
-        auto t3 = Clock::now();
         ASSERT_EQ(r.status, 204) << r.body;
-        pause_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-        resume_us.push_back(std::chrono::duration<double, std::micro>(t3 - t2).count());
     }
-    auto percentile = [](std::vector<double> v, double p) {
-        std::sort(v.begin(), v.end());
-        return v[static_cast<size_t>(p * (v.size() - 1))];
-    };
-    std::printf("PATCH Paused round trip: p50 %.1f us, p99 %.1f us (inside the VMM: p50 %.1f us)\n",
-                percentile(pause_us, 0.5), percentile(pause_us, 0.99),
-                percentile(internal_us, 0.5));
-    std::printf("PATCH Resumed round trip: p50 %.1f us, p99 %.1f us\n", percentile(resume_us, 0.5),
-                percentile(resume_us, 0.99));
-    RecordProperty("pause_p50_us", std::to_string(percentile(pause_us, 0.5)));
-    RecordProperty("resume_p50_us", std::to_string(percentile(resume_us, 0.5)));
-    EXPECT_LT(percentile(pause_us, 0.5), 1000.0) << "the pause window must be sub-millisecond";
+    auto after_cycles = vmm_->progress();
+    uint64_t highest = *std::max_element(after_cycles.begin(), after_cycles.end());
+    ASSERT_NO_FATAL_FAILURE(vmm_->wait_progress(highest + 1000));
 }
 
 TEST_F(ApiTest, RateLimitedGuestKeepsItsRate)

@@ -21,6 +21,8 @@
 
 #include <gtest/gtest.h>
 
+#include "test_time.h"
+
 extern "C" {
 #include <linux/userfaultfd.h>
 }
@@ -114,15 +116,26 @@ ApiClient::~ApiClient()
 
 void ApiClient::send_only(const std::string &bytes)
 {
+    if (!send_until_closed(bytes))
+        throw std::runtime_error(errno_text("send"));
+}
+
+// Sends all of bytes; false when the VMM closed the connection first (it may answer an oversized
+// request before reading all of it, and its answer is then waiting in the socket).
+bool ApiClient::send_until_closed(const std::string &bytes)
+{
     size_t done = 0;
     while (done < bytes.size()) {
         ssize_t n = send(fd_, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n < 0 && (errno == EPIPE || errno == ECONNRESET))
+            return false;
         if (n < 0)
             throw std::runtime_error(errno_text("send"));
         done += static_cast<size_t>(n);
     }
+    return true;
 }
 
 HttpResponse ApiClient::read_response()
@@ -132,7 +145,7 @@ HttpResponse ApiClient::read_response()
     char chunk[4096];
 
     auto fill = [&]() {
-        if (!wait_readable(fd_, kResponseTimeoutMs))
+        if (!wait_readable(fd_, scaled_ms(kResponseTimeoutMs)))
             throw std::runtime_error("timed out waiting for the VMM to answer");
         ssize_t n = recv(fd_, chunk, sizeof(chunk), 0);
         if (n < 0)
@@ -161,7 +174,7 @@ HttpResponse ApiClient::read_response()
 
 HttpResponse ApiClient::raw(const std::string &bytes)
 {
-    send_only(bytes);
+    send_until_closed(bytes);
     return read_response();
 }
 
@@ -198,7 +211,7 @@ TestVmm::TestVmm(const std::string &dir, std::vector<std::string> extra_args)
         execv(argv[0], argv.data());
         _exit(127);
     }
-    auto deadline = Clock::now() + std::chrono::seconds(10);
+    auto deadline = Clock::now() + scaled(std::chrono::seconds(10));
     while (Clock::now() < deadline && alive()) {
         int fd = connect_unix(socket_path_);
         if (fd >= 0) {
@@ -298,7 +311,7 @@ std::string TestVmm::state()
 
 void TestVmm::wait_progress(uint64_t minimum, std::chrono::seconds timeout)
 {
-    auto deadline = Clock::now() + timeout;
+    auto deadline = Clock::now() + scaled(timeout);
     std::vector<uint64_t> values;
     while (Clock::now() < deadline) {
         values = progress();
@@ -312,7 +325,7 @@ void TestVmm::wait_progress(uint64_t minimum, std::chrono::seconds timeout)
     std::string seen;
     for (uint64_t v : values)
         seen += std::to_string(v) + " ";
-    FAIL() << "guest progress did not reach " << minimum << " within " << timeout.count()
+    FAIL() << "guest progress did not reach " << minimum << " within " << scaled(timeout).count()
            << " s; last seen: " << seen;
 }
 
@@ -381,12 +394,12 @@ HandshakeListener::~HandshakeListener()
 Handshake HandshakeListener::receive(std::chrono::milliseconds timeout)
 {
     Handshake handshake;
-    if (!wait_readable(fd_, static_cast<int>(timeout.count())))
+    if (!wait_readable(fd_, static_cast<int>(scaled(timeout).count())))
         throw std::runtime_error("no handshake connection on " + path_);
     handshake.connection = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (handshake.connection < 0)
         throw std::runtime_error(errno_text("accept"));
-    if (!wait_readable(handshake.connection, static_cast<int>(timeout.count())))
+    if (!wait_readable(handshake.connection, static_cast<int>(scaled(timeout).count())))
         throw std::runtime_error("no handshake message on " + path_);
 
     char body[8192];

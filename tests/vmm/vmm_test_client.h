@@ -88,6 +88,7 @@ class ApiClient
     // Sends bytes as they are and reads one response (status 0 when the server closed).
     HttpResponse raw(const std::string &bytes);
     void send_only(const std::string &bytes);
+    bool send_until_closed(const std::string &bytes);
     HttpResponse read_response();
     int fd() const
     {

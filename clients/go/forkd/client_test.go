@@ -2,9 +2,11 @@ package forkd_test
 
 import (
 	"context"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -28,7 +30,7 @@ func daemon(t *testing.T) (*forkd.Client, string) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, "--listen", "unix:"+sock, "--state-dir", filepath.Join(dir, "state"),
-		"--vmm-binary", testvm)
+		"--vmm-binary", testvm, "--timeout-scale", timeScaleArg())
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -42,7 +44,7 @@ func daemon(t *testing.T) (*forkd.Client, string) {
 			t.Logf("forkd log:\n%s", out)
 		}
 	})
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(scaled(20 * time.Second)); ; time.Sleep(10 * time.Millisecond) {
 		if _, err := os.Stat(sock); err == nil {
 			break
 		}
@@ -58,6 +60,21 @@ func daemon(t *testing.T) (*forkd.Client, string) {
 	return c, dir
 }
 
+// scaled stretches a guard time for this machine: the nested-KVM runner emulates the CPU and
+// sets FORKD_TIME_SCALE. Tests wait for conditions; none asserts how fast anything is.
+func scaled(d time.Duration) time.Duration {
+	factor, err := strconv.ParseFloat(os.Getenv("FORKD_TIME_SCALE"), 64)
+	if err != nil || factor < 1 {
+		return d
+	}
+	return time.Duration(float64(d) * factor)
+}
+
+// timeScaleArg is forkd's --timeout-scale for this machine.
+func timeScaleArg() string {
+	return strconv.Itoa(int(math.Ceil(float64(scaled(time.Second)) / float64(time.Second))))
+}
+
 func requiredPath(t *testing.T, name string) string {
 	t.Helper()
 	path := os.Getenv(name)
@@ -69,7 +86,7 @@ func requiredPath(t *testing.T, name string) string {
 
 func boot(t *testing.T, c *forkd.Client, name string, memMiB uint64) *forkdv1.Vm {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), scaled(time.Minute))
 	defer cancel()
 	vm, err := c.Boot(ctx, &forkdv1.BootRequest{
 		Name:            name,
@@ -111,7 +128,7 @@ func TestTarget(t *testing.T) {
 
 func TestBootBranchSpawnListDelete(t *testing.T) {
 	c, _ := daemon(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), scaled(2*time.Minute))
 	defer cancel()
 
 	info, err := c.Info(ctx)
@@ -174,7 +191,7 @@ func TestBootBranchSpawnListDelete(t *testing.T) {
 		t.Fatalf("deleting a snapshot in use: %v", err)
 	}
 	for _, fork := range forks.Vms {
-		last, err := c.StopVm(ctx, fork.Id, 5*time.Second)
+		last, err := c.StopVm(ctx, fork.Id, scaled(5*time.Second))
 		if err != nil || last.State != forkdv1.VmState_VM_STATE_STOPPED {
 			t.Fatalf("stop %s: %v, %v", fork.Id, last, err)
 		}
@@ -200,7 +217,7 @@ func TestCancelBranchWithContext(t *testing.T) {
 		t.Fatalf("a cancelled branch ended with %v", err)
 	}
 	// The daemon remembers how the branch ended.
-	wctx, wcancel := context.WithTimeout(context.Background(), time.Minute)
+	wctx, wcancel := context.WithTimeout(context.Background(), scaled(time.Minute))
 	defer wcancel()
 	w, err := c.Watch(wctx, &forkdv1.WatchBranchRequest{Target: &forkdv1.WatchBranchRequest_BranchId{BranchId: b.ID()}})
 	if err != nil {
@@ -229,7 +246,7 @@ func TestCancelBranchWithContext(t *testing.T) {
 	if _, err := b.Wait(); status.Code(err) != codes.Canceled {
 		t.Fatalf("Cancel: %v", err)
 	}
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(scaled(30 * time.Second)); ; time.Sleep(50 * time.Millisecond) {
 		if v, err := c.GetVm(wctx, vm.Id); err == nil && v.ActiveBranchId == "" {
 			break
 		}
@@ -250,7 +267,7 @@ func TestCancelBranchWithContext(t *testing.T) {
 
 func TestErrorsAreStatuses(t *testing.T) {
 	c, dir := daemon(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), scaled(time.Minute))
 	defer cancel()
 	expect := func(what string, want codes.Code, err error) {
 		t.Helper()

@@ -5,6 +5,7 @@ package, stubs generated, on PYTHONPATH. A missing one fails the tests: nothing 
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,15 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import forkd
+
+# Guard times grow with the machine: the nested-KVM runner emulates the CPU and sets
+# FORKD_TIME_SCALE. Tests wait for conditions; none asserts how fast anything is.
+TIME_SCALE = max(1.0, float(os.environ.get("FORKD_TIME_SCALE", "1") or 1))
+
+
+def scaled(seconds: float) -> float:
+    """A guard time in seconds, scaled for this machine."""
+    return seconds * TIME_SCALE
 
 
 def required_path(name: str) -> str:
@@ -38,18 +48,19 @@ class Daemon:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [required_path("FORKD_BIN"), "--listen", self.target, "--state-dir",
-                 self.state_dir, "--vmm-binary", self.testvm, "--log-level", "debug"],
+                 self.state_dir, "--vmm-binary", self.testvm, "--log-level", "debug",
+                 "--timeout-scale", str(math.ceil(TIME_SCALE))],
                 stdout=log, stderr=subprocess.STDOUT)
         # Wait for the socket first: a connection refused now would put the channel into
         # reconnect backoff and cost a second.
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(20)
         while not os.path.exists(self.socket_path) and time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail("forkd exited at start-up; log:\n" + self.log())
             time.sleep(0.01)
         with forkd.Client(self.target) as client:
             try:
-                client.wait_ready(timeout=20)
+                client.wait_ready(timeout=scaled(20))
             except forkd.Unavailable:
                 pytest.fail("forkd did not come up; log:\n" + self.log())
 
@@ -65,7 +76,7 @@ class Daemon:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=scaled(30))
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -73,7 +84,7 @@ class Daemon:
     def verify(self, snapshot_path: str) -> None:
         """Asserts that the test VMM's verifier finds the snapshot consistent."""
         result = subprocess.run([self.testvm, "verify", snapshot_path], capture_output=True,
-                                text=True, timeout=120)
+                                text=True, timeout=scaled(120))
         assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -89,11 +100,12 @@ def daemon() -> Iterator[Daemon]:
 
 @pytest.fixture
 def client(daemon: Daemon) -> Iterator[forkd.Client]:
-    with forkd.Client(daemon.target, timeout=60) as c:
+    with forkd.Client(daemon.target, timeout=scaled(60)) as c:
         yield c
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import Daemon, forkctl_command
+from conftest import Daemon, forkctl_command, scaled
 
 LIVE_PHASES = ["STARTED", "ARMED", "PAUSED", "VMSTATE_SAVED", "RESUMED", "COPYING",
                "PUBLISHING", "DONE"]
@@ -25,7 +25,7 @@ LIVE_PHASES = ["STARTED", "ARMED", "PAUSED", "VMSTATE_SAVED", "RESUMED", "COPYIN
 def forkctl(daemon: Daemon, *args: str, check: bool = True,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(forkctl_command("--addr", daemon.target, *args),
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, text=True, timeout=scaled(timeout))
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -61,7 +61,7 @@ def run_in_pty(argv: list[str], on_output: Callable[[str, int], None] | None = N
             os._exit(127)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     output = b""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([fd], [], [], 0.1)
@@ -170,7 +170,7 @@ def test_failures_exit_non_zero_with_the_daemons_message(daemon: Daemon) -> None
     assert result.returncode == 1 and "FAILED_PRECONDITION" in result.stderr
     assert forkctl(daemon, "branch", "v", check=False).returncode == 2  # usage
     absent = subprocess.run(forkctl_command("--addr", daemon.workdir + "/none.sock", "vms"),
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=scaled(60))
     assert absent.returncode == 1 and "UNAVAILABLE" in absent.stderr
 
 
