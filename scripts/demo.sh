@@ -2,13 +2,24 @@
 # The live-branch demo: sets up a Debian 12 machine, builds forkd and its test VMM, starts forkd
 # on a private socket and state directory, and runs scripts/demo.py against it (boot, live
 # branch with progress, forks, verification, figures); then stops everything. Run as root
-# (forkd drives KVM and userfaultfd).
+# (forkd drives KVM and userfaultfd). On a host without a usable /dev/kvm the demo runs itself
+# inside the nested-KVM runner (scripts/kvm-runner.sh) and says so.
+#   scripts/demo.sh             set up, build, run
+#   scripts/demo.sh --no-setup  run what is built (how the runner starts it inside its VM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j"$(nproc)" >/dev/null
+if [ "${1:-}" != "--no-setup" ]; then
+  bash scripts/setup.sh
+  cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  cmake --build build -j"$(nproc)" >/dev/null
+  if ! { exec 3<>/dev/kvm; } 2>/dev/null; then
+    echo "demo: /dev/kvm is not usable on this host, so the demo runs inside a QEMU VM with" \
+         "nested KVM (scripts/kvm-runner.sh, Debian 12's kernel): expect it to be much slower"
+    exec bash scripts/kvm-runner.sh --quiet --timeout 3600 -- bash scripts/demo.sh --no-setup
+  fi
+  exec 3>&-
+fi
 
 workdir=$(mktemp -d /tmp/forkd-demo.XXXXXX)
 forkd_pid=
@@ -22,7 +33,8 @@ cleanup() {
 trap cleanup EXIT
 
 ./build/service/forkd --listen "unix:$workdir/forkd.sock" --state-dir "$workdir/state" \
-  --vmm-binary "$PWD/build/tests/vmm/forkd-testvm" 2>"$workdir/forkd.log" &
+  --vmm-binary "$PWD/build/tests/vmm/forkd-testvm" --timeout-scale "${FORKD_TIME_SCALE:-1}" \
+  2>"$workdir/forkd.log" &
 forkd_pid=$!
 
 FORKD_PROTO_PYTHON="$PWD/build/proto/python" FORKD_TESTVM="$PWD/build/tests/vmm/forkd-testvm" \
