@@ -22,6 +22,7 @@
 #   --cache DIR       where the kernel and busybox are kept (default /var/cache/forkd/kvm-runner,
 #                     or $FORKD_RUNNER_CACHE)
 #   --kernel-package  PKG   the Debian kernel package to boot (default: what linux-image-amd64 names)
+#   --kernel-arg ARG  one more word for the guest kernel's command line (repeatable)
 #   --quiet           no runner status lines on standard error
 #
 # Exit status: the command's; 124 when it timed out; 125 when the guest did not boot or stopped
@@ -38,6 +39,7 @@ mem_mib=8192
 cpus=2
 cache=${FORKD_RUNNER_CACHE:-/var/cache/forkd/kvm-runner}
 kernel_pkg=
+kernel_args=()
 quiet=0
 
 say() { [ "$quiet" = 1 ] || echo "kvm-runner: $*" >&2; }
@@ -55,6 +57,8 @@ while [ $# -gt 0 ]; do
     --cache) [ -n "${2:-}" ] || die "--cache needs a directory"; cache=$2; shift 2 ;;
     --kernel-package) [ -n "${2:-}" ] || die "--kernel-package needs a name"; kernel_pkg=$2
                       shift 2 ;;
+    --kernel-arg) [ -n "${2:-}" ] || die "--kernel-arg needs a value"; kernel_args+=("$2")
+                  shift 2 ;;
     --quiet) quiet=1; shift ;;
     --) shift; break ;;
     -*) die "unknown option $1 (see the top of $0)" ;;
@@ -242,7 +246,7 @@ say "kernel $kver (Debian $kernel_pkg), QEMU TCG single-threaded, $cpus vCPUs, $
 qemu-system-x86_64 \
   -accel tcg,thread=single -machine q35 -cpu max -smp "$cpus" -m "$mem_mib" \
   -kernel "$vmlinuz" -initrd "$run_dir/initramfs.cpio" \
-  -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off rdinit=/init" \
+  -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off rdinit=/init ${kernel_args[*]}" \
   -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
   -virtfs "local,path=$ctl,mount_tag=ctl,security_model=none,multidevs=remap" \
   -nic none -display none -vga none -no-reboot -nodefaults \
