@@ -7,6 +7,7 @@
 #include "bench.h"
 
 #include "forkd/cleanup.h"
+#include "forkd/thread_priority.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -29,13 +30,16 @@ static void usage(FILE *out)
             "                   [--fanout N,...] [--json PATH] [--state-dir DIR] [--seed-dir DIR]\n"
             "                   [--null-ms MS] [--rate-ms MS] [--settle-ms MS] [--copier-fifo]\n"
             "                   [--boost-vcpus] [--null-sweep] [--spawn-paused] [--no-branch]\n"
-            "                   [--no-fanout]\n"
+            "                   [--no-fanout] [--no-realtime] [--timeout-scale N]\n"
             "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 1 GiB and up); fan-out 1,8,32;\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
             "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
             "--boost-vcpus runs the VMM's vCPU threads at SCHED_FIFO from just before a LIVE\n"
             "pause request until it is acknowledged; --spawn-paused restores every fork paused\n"
-            "and resumes them all at the end.\n"
+            "and resumes them all at the end; --no-realtime runs every engine thread at normal\n"
+            "priority (forkd --no-realtime), to measure what real-time priority buys.\n"
+            "--timeout-scale N multiplies the engine's VMM time limits (slow or emulated hosts;\n"
+            "default: $FORKD_TIME_SCALE, else 1).\n"
             "Needs root, /dev/kvm and userfaultfd.\n");
 }
 
@@ -67,6 +71,8 @@ static void set_defaults(struct bench_options *o, bool quick)
     o->null_ms = quick ? 500 : 1000;
     o->rate_ms = quick ? 500 : 1000;
     o->settle_ms = quick ? 500 : 1000;
+    const char *scale = getenv("FORKD_TIME_SCALE");
+    o->timeout_scale = scale && atoi(scale) > 0 ? (unsigned)atoi(scale) : 1;
     o->json_path = "build/bench.json";
     o->seed_dir = "/dev/shm";
 }
@@ -85,6 +91,8 @@ enum {
     OPT_FIFO,
     OPT_NO_BRANCH,
     OPT_NO_FANOUT,
+    OPT_NO_REALTIME,
+    OPT_TIMEOUT_SCALE,
     OPT_QUICK,
     OPT_SPAWN_PAUSED,
     OPT_BOOST,
@@ -110,6 +118,8 @@ static const struct option long_options[] = {
     {"null-sweep", no_argument, NULL, OPT_NULL_SWEEP},
     {"no-branch", no_argument, NULL, OPT_NO_BRANCH},
     {"no-fanout", no_argument, NULL, OPT_NO_FANOUT},
+    {"no-realtime", no_argument, NULL, OPT_NO_REALTIME},
+    {"timeout-scale", required_argument, NULL, OPT_TIMEOUT_SCALE},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -169,6 +179,17 @@ static int apply_option(struct bench_options *o, int option, const char *arg)
     case OPT_NO_FANOUT:
         o->skip_fanout = true;
         return 0;
+    case OPT_NO_REALTIME:
+        o->no_realtime = true;
+        return 0;
+    case OPT_TIMEOUT_SCALE: {
+        char *end;
+        unsigned long value = strtoul(arg, &end, 10);
+        if (*end || value == 0 || value > 1000)
+            return -EINVAL;
+        o->timeout_scale = (unsigned)value;
+        return 0;
+    }
     default:
         return -EINVAL;
     }
@@ -215,7 +236,10 @@ static int open_context(struct bench_context *context, struct forkd_error *err)
     }
     char run_dir[sizeof(context->state_dir) + 8];
     snprintf(run_dir, sizeof(run_dir), "%s/vms", context->state_dir);
-    struct vm_registry_config registry = {.vmm_binary = FORKD_TESTVM_PATH, .run_dir = run_dir};
+    struct vm_registry_config registry = {.vmm_binary = FORKD_TESTVM_PATH,
+                                          .run_dir = run_dir,
+                                          .timeout_scale = o->timeout_scale};
+    thread_priority_configure(!o->no_realtime, 50);
     int rc = vm_registry_open(&registry, &context->registry, err);
     if (rc == 0)
         rc = store_open(context->state_dir, &context->store, err);

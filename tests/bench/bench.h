@@ -27,6 +27,8 @@
 
 struct bench_options {
     bool quick;
+    bool no_realtime;       /* every engine thread at normal priority */
+    unsigned timeout_scale; /* engine VMM time limits multiplied by this */
     size_t size_count;
     unsigned sizes_mib[BENCH_MAX_SIZES];
     unsigned reps;       /* per size and mode */
