@@ -33,6 +33,10 @@
 # scale their guard timeouts by it, since everything here runs many times slower than on hardware.
 set -euo pipefail
 
+# Everything runs inside main, so bash has read the whole file before the first command runs
+# (editing the script while it runs cannot derail a run in progress).
+main() {
+
 timeout_s=3600
 boot_timeout_s=180
 mem_mib=8192
@@ -150,7 +154,7 @@ trap 'exit 143' TERM
 
 # A module's dependencies are in its .modinfo section ("depends=a,b"); the package has no
 # modules.dep (depmod runs at install time), so resolve them here, dependencies first.
-declare -A module_path=() module_done=()
+declare -gA module_path=() module_done=()
 while IFS= read -r ko; do
   name=${ko##*/}; name=${name%.ko}; name=${name//-/_}
   module_path[$name]=$ko
@@ -307,3 +311,6 @@ rc=$(cat "$ctl/status")
 say "command exited with status $rc after $((SECONDS - ${command_started:-started_at})) s" \
     "(kernel $(cat "$ctl/kernel"))"
 exit "$rc"
+}
+
+main "$@"
