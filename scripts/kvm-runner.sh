@@ -201,6 +201,8 @@ for m in $(cat /modules/order); do
   case "$m" in kvm|kvm_amd|ccp) insmod "/modules/$m.ko" || fail "insmod $m failed" ;; esac
 done
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm_amd (does the CPU model expose SVM?)"
+# No network device, but tests talk over loopback (127.0.0.1, [::1]).
+ip link set lo up || fail "cannot bring up the loopback interface"
 mount -t tmpfs -o mode=0755 upper /upper
 mkdir -p /upper/data /upper/work
 mount -t overlay -o lowerdir=/host,upperdir=/upper/data,workdir=/upper/work overlay /newroot \

@@ -11,7 +11,7 @@ import textwrap
 import grpc
 import pytest
 
-from forkd_harness import (Daemon, forkd_pb2, health_pb2, run_forkd, wait_until,
+from forkd_harness import (Daemon, forkd_pb2, health_pb2, run_forkd, scaled, wait_until,
                            FORKD_BIN)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -201,16 +201,17 @@ def test_insecure_tcp_when_asked(tmp_path):
                              "--state-dir", str(tmp_path / "s")], stderr=subprocess.PIPE)
     try:
         channel = grpc.insecure_channel("127.0.0.1:%d" % port)
-        grpc.channel_ready_future(channel).result(timeout=20)
+        grpc.channel_ready_future(channel).result(timeout=scaled(20))
         stub = forkd_pb2.DESCRIPTOR.services_by_name["Forkd"]
         assert stub.methods_by_name["GetInfo"]
         from forkd.v1 import forkd_pb2_grpc
-        info = forkd_pb2_grpc.ForkdStub(channel).GetInfo(forkd_pb2.GetInfoRequest(), timeout=10)
+        info = forkd_pb2_grpc.ForkdStub(channel).GetInfo(forkd_pb2.GetInfoRequest(),
+                                                         timeout=scaled(10))
         assert info.pid == proc.pid
         channel.close()
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=scaled(30)) == 0
 
 
 def test_bad_flags_exit_with_usage_error():

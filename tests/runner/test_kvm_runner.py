@@ -41,14 +41,19 @@ def no_qemu_left():
     assert set(qemu_processes()) <= before, "a QEMU process was left running"
 
 
-def test_command_runs_in_the_same_directory_with_kvm_and_its_status_comes_back(tmp_path):
-    script = "pwd; test -c /dev/kvm && echo kvm-present; uname -r; exit 7"
+def test_command_runs_in_the_same_directory_with_kvm_and_loopback_and_its_status_comes_back(
+        tmp_path):
+    loopback = ("import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+                "socket.create_connection(s.getsockname()); print('loopback-works')")
+    script = ("pwd; test -c /dev/kvm && echo kvm-present; uname -r; /usr/bin/python3 -c \"%s\"; "
+              "exit 7" % loopback)
     result = run("--", "sh", "-c", script, cwd=str(tmp_path))
     assert result.returncode == 7, result.stderr
     lines = result.stdout.split()
     assert lines[0] == str(tmp_path)
     assert "kvm-present" in lines
     assert lines[2].endswith("-amd64")
+    assert "loopback-works" in lines
     assert "kernel " + lines[2] in result.stderr
 
 
