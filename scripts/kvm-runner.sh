@@ -90,6 +90,11 @@ ensure_host_package() { # package, program it provides
   command -v "$2" >/dev/null 2>&1 || die "$1 is installed but $2 is not on PATH"
 }
 
+# Runners may start side by side (CI runs two legs at once): one at a time installs, downloads
+# and unpacks; the others wait for it and then find everything in place.
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
 ensure_host_package qemu-system-x86 qemu-system-x86_64
 ensure_host_package binutils objcopy
 
@@ -115,7 +120,6 @@ unpack_package() { # package, destination
   mv "$dest.tmp" "$dest"
 }
 
-mkdir -p "$cache"
 if [ -z "$kernel_pkg" ]; then
   apt-cache show linux-image-amd64 >/dev/null 2>&1 || { apt_updated=0; apt_update_once; }
   kernel_pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
@@ -132,6 +136,8 @@ kver=${vmlinuz##*/vmlinuz-}
 moddir=$kroot/lib/modules/$kver
 busybox=$cache/busybox-static/bin/busybox
 [ -x "$busybox" ] || die "busybox-static has no bin/busybox"
+flock -u 9
+exec 9>&-
 
 # --- Initramfs: busybox, /init and the modules for 9p, overlay and KVM ----------------------
 

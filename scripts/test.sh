@@ -70,7 +70,7 @@ run_leg() { # description, then the command
   [ "$rc" -eq 0 ] || status=1
   total_passed=$((total_passed + passed))
   total_failed=$((total_failed + failed))
-  legs+=("leg: kernel $kernel, $description: $run run, $passed passed, $failed failed," \
+  legs+=("leg: kernel $kernel, $build_dir, $description: $run run, $passed passed, $failed failed," \
          "exit $rc, $((SECONDS - started)) s")
 }
 
