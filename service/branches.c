@@ -231,7 +231,7 @@ static void *job_worker(void *arg)
     };
     struct store_snapshot snapshot;
     struct forkd_error err = {0};
-    int rc = branch_run(job->engine, job->daemon->store, &request, &snapshot, &err);
+    int rc = branch_run(job->engine, engine_store(job->daemon->engine), &request, &snapshot, &err);
     if (rc == 0)
         log_info("%s: snapshot %s of %s READY, pause %.3f ms", job->id, job->snapshot_name,
                  job->vm_id, (double)snapshot.figures.pause_ns / 1e6);
@@ -430,7 +430,7 @@ static grpc_status_code branches_check(struct daemon_state *daemon,
     if (atomic_load(&daemon->shutting_down))
         return rpc_status_set(status, GRPC_STATUS_UNAVAILABLE, "forkd is shutting down");
     struct store_snapshot existing;
-    if (store_get(daemon->store, request->snapshot_name, &existing, NULL) == 0)
+    if (store_get(engine_store(daemon->engine), request->snapshot_name, &existing, NULL) == 0)
         return rpc_status_set(status, GRPC_STATUS_ALREADY_EXISTS, "snapshot '%s' already exists",
                               request->snapshot_name);
     return GRPC_STATUS_OK;
@@ -497,7 +497,7 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
     enum store_mode mode = STORE_MODE_LIVE;
     if (branches_check(daemon, request, &mode, status) != GRPC_STATUS_OK)
         return status->code;
-    struct vm *vm = vm_lookup(daemon->registry, request->vm_id);
+    struct vm *vm = vm_lookup(engine_registry(daemon->engine), request->vm_id);
     if (!vm)
         return rpc_status_set(status, GRPC_STATUS_NOT_FOUND, "no VM '%s'", request->vm_id);
     struct vm_status vm_now;

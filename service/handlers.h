@@ -31,11 +31,4 @@ FORKD_HANDLER(handle_delete_snapshot);
 FORKD_HANDLER(handle_branch);
 FORKD_HANDLER(handle_watch_branch);
 
-struct daemon_state;
-struct vm;
-struct forkd_error;
-/* Stops a VM and gives back its use of the snapshot it was spawned from (vms.c). */
-int vms_stop(struct daemon_state *daemon, struct vm *vm, unsigned grace_ms,
-             struct forkd_error *err);
-
 #endif

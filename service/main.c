@@ -111,29 +111,18 @@ static int main_open_engine(struct daemon_state *daemon)
 {
     const struct forkd_options *opts = daemon->options;
     struct forkd_error err = {0};
-    if (store_open(opts->state_dir, &daemon->store, &err) < 0) {
-        log_error("snapshot store: %s", err.message);
-        return err.code;
-    }
-    char run_dir[4096];
-    snprintf(run_dir, sizeof(run_dir), "%s/vms", opts->state_dir);
-    struct vm_registry_config config = {.vmm_binary = opts->vmm_binary, .run_dir = run_dir};
-    if (vm_registry_open(&config, &daemon->registry, &err) < 0) {
-        log_error("VM registry: %s", err.message);
+    struct engine_config config = {.state_dir = opts->state_dir, .vmm_binary = opts->vmm_binary};
+    if (engine_open(&config, &daemon->engine, &err) < 0) {
+        log_error("%s", err.message);
         return err.code;
     }
     struct vm_stale_report stale;
-    if (vm_registry_clean_stale(daemon->registry, &stale, &err) < 0)
+    if (vm_registry_clean_stale(engine_registry(daemon->engine), &stale, &err) < 0)
         log_warn("VM run directory: %s", err.message);
     else if (stale.killed || stale.kept)
         log_warn("an earlier forkd on %s left VMs: %u killed (it had died without stopping "
                  "them), %u left running as kept (--keep-vms; not managed by this forkd)",
                  opts->state_dir, stale.killed, stale.kept);
-    struct page_server_config page_config = {0};
-    if (page_server_open(&page_config, &daemon->page_server, &err) < 0) {
-        log_error("page server: %s", err.message);
-        return err.code;
-    }
     daemon->branches = branch_table_new(opts->max_branches);
     return daemon->branches ? 0 : -ENOMEM;
 }
@@ -141,12 +130,9 @@ static int main_open_engine(struct daemon_state *daemon)
 static void main_close_engine(struct daemon_state *daemon)
 {
     branch_table_free(daemon->branches);
-    if (daemon->registry)
+    if (daemon->engine)
         log_info("%s the VMs", daemon->options->keep_vms ? "leaving running" : "stopping");
-    vm_registry_close(daemon->registry, daemon->options->keep_vms, 2000);
-    /* After the VMs: a UFFD fork whose page server is gone hangs on its next fault. */
-    page_server_close(daemon->page_server);
-    store_close(daemon->store);
+    engine_close(daemon->engine, daemon->options->keep_vms, 2000);
 }
 
 static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)

@@ -55,6 +55,7 @@ struct vm {
     int64_t created_at_unix_ms;
     struct vmm_client *client;
     struct page_server_fork *page_fork; /* UFFD: our registration with the page server */
+    struct store *store; /* holds a use of source_snapshot until stopped (under lock) */
 
     pthread_mutex_t lock; /* guards the fields below */
     pthread_cond_t exited_cond;
@@ -155,11 +156,6 @@ int vm_page_server_stats(struct vm *vm, struct page_server_stats *out)
     return 0;
 }
 
-unsigned vm_vcpu_count(const struct vm *vm)
-{
-    return vm->vcpu_count;
-}
-
 const char *vm_source_snapshot(const struct vm *vm)
 {
     return vm->source_snapshot;
@@ -217,12 +213,29 @@ int vm_dup_memfd(struct vm *vm)
     return fd;
 }
 
-void vm_set_state(struct vm *vm, enum vm_state state)
+/* The one writer of a live VM's state (the reaper records the end states itself). */
+static void vm_set_state(struct vm *vm, enum vm_state state)
 {
     pthread_mutex_lock(&vm->lock);
     if (!vm->exited)
         vm->state = state;
     pthread_mutex_unlock(&vm->lock);
+}
+
+int vm_pause(struct vm *vm, struct forkd_error *err)
+{
+    int rc = vmm_pause(vm->client, err);
+    if (rc == 0)
+        vm_set_state(vm, VM_STATE_PAUSED);
+    return rc;
+}
+
+int vm_resume(struct vm *vm, struct forkd_error *err)
+{
+    int rc = vmm_resume(vm->client, err);
+    if (rc == 0)
+        vm_set_state(vm, VM_STATE_RUNNING);
+    return rc;
 }
 
 void vm_get_status(struct vm *vm, struct vm_status *out)
@@ -893,8 +906,8 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
                              shared, !config->start_paused, err);
 }
 
-int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
-               struct vm **out, struct forkd_error *err)
+static int vm_restore_held(struct vm_registry *registry, const struct vm_restore_config *config,
+                           struct vm **out, struct forkd_error *err)
 {
     if (config->memory == VM_MEMORY_UFFD && !config->page_server)
         return forkd_error_set(err, -EINVAL, "restore: UFFD memory needs a page server");
@@ -920,8 +933,20 @@ int vm_restore(struct vm_registry *registry, const struct vm_restore_config *con
     }
     vm->mem_size_mib = vm->memory_bytes >> 20;
     vm_set_state(vm, config->start_paused ? VM_STATE_PAUSED : VM_STATE_RUNNING);
+    pthread_mutex_lock(&vm->lock);
+    vm->store = config->store;
+    pthread_mutex_unlock(&vm->lock);
     *out = vm;
     return 0;
+}
+
+int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
+               struct vm **out, struct forkd_error *err)
+{
+    int rc = vm_restore_held(registry, config, out, err);
+    if (rc < 0 && config->store && config->snapshot_name)
+        store_release(config->store, config->snapshot_name);
+    return rc;
 }
 
 int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, struct forkd_error *err)
@@ -934,5 +959,10 @@ int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, stru
                                vm->active_branch_id);
     vm_terminate(vm, grace_ms);
     vm_delist(registry, vm);
+    pthread_mutex_lock(&vm->lock);
+    struct store *store = take_ptr(vm->store);
+    pthread_mutex_unlock(&vm->lock);
+    if (store)
+        store_release(store, vm->source_snapshot);
     return 0;
 }

@@ -213,17 +213,15 @@ static int open_context(struct bench_context *context, struct forkd_error *err)
         if (!mkdtemp(context->state_dir))
             return forkd_error_set(err, -errno, "mkdtemp: %s", strerror(errno));
     }
-    char run_dir[sizeof(context->state_dir) + 8];
-    snprintf(run_dir, sizeof(run_dir), "%s/vms", context->state_dir);
-    struct vm_registry_config registry = {.vmm_binary = FORKD_TESTVM_PATH, .run_dir = run_dir};
-    int rc = vm_registry_open(&registry, &context->registry, err);
-    if (rc == 0)
-        rc = store_open(context->state_dir, &context->store, err);
-    struct page_server_config server = {0};
-    struct forkd_error server_err;
-    if (rc == 0 && page_server_open(&server, &context->page_server, &server_err) < 0)
-        fprintf(stderr, "forkd-bench: no page server, UFFD not measured: %s\n", server_err.message);
-    return rc;
+    struct engine_config config = {.state_dir = context->state_dir,
+                                   .vmm_binary = FORKD_TESTVM_PATH};
+    int rc = engine_open(&config, &context->engine, err);
+    if (rc < 0)
+        return rc;
+    context->registry = engine_registry(context->engine);
+    context->store = engine_store(context->engine);
+    context->page_server = engine_page_server(context->engine);
+    return 0;
 }
 
 static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
@@ -235,12 +233,7 @@ static int remove_entry(const char *path, const struct stat *st, int flag, struc
 
 static void close_context(struct bench_context *context)
 {
-    if (context->registry)
-        vm_registry_close(context->registry, false, 2000);
-    if (context->page_server)
-        page_server_close(context->page_server);
-    if (context->store)
-        store_close(context->store);
+    engine_close(context->engine, false, 2000);
     if (!context->options->state_dir && context->state_dir[0])
         nftw(context->state_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }

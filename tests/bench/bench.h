@@ -6,6 +6,7 @@
 #ifndef FORKD_BENCH_H
 #define FORKD_BENCH_H
 
+#include "forkd/engine.h"
 #include "forkd/error.h"
 #include "forkd/page_server.h"
 #include "forkd/store.h"
@@ -131,6 +132,8 @@ int guest_set_vcpu_policy(const struct run_delay *threads, int policy);
 struct bench_context {
     const struct bench_options *options;
     char state_dir[4096];
+    struct engine *engine;
+    /* The engine's parts (borrowed from it). */
     struct vm_registry *registry;
     struct store *store;
     struct page_server *page_server;
