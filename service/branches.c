@@ -14,8 +14,7 @@
 #include "log.h"
 
 #include "forkd/branch.h"
-#include "forkd/clock.h"
-#include "forkd/pause.h"
+#include "basic/clock.h"
 
 #include <errno.h>
 #include <pthread.h>

@@ -10,10 +10,9 @@
 #include "routes.h"
 #include "server.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/clock.h"
-#include "forkd/fsutil.h"
-#include "forkd/pause.h"
+#include "basic/cleanup.h"
+#include "basic/clock.h"
+#include "basic/fsutil.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -4,9 +4,9 @@
 #include "call.h"
 #include "log.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/clock.h"
-#include "forkd/fsutil.h"
+#include "basic/cleanup.h"
+#include "basic/clock.h"
+#include "basic/fsutil.h"
 
 #include <errno.h>
 #include <grpc/grpc.h>

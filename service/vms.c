@@ -4,7 +4,7 @@
 #include "handlers.h"
 #include "log.h"
 
-#include "forkd/pause.h"
+#include "basic/clock.h"
 
 #include <errno.h>
 #include <stdio.h>

@@ -13,10 +13,11 @@
  */
 #include "forkd/branch.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/pause.h"
-#include "forkd/thread_priority.h"
-#include "forkd/uffd.h"
+#include "basic/cleanup.h"
+#include "vmm_client.h"
+#include "pause.h"
+#include "thread_priority.h"
+#include "uffd.h"
 
 #include <errno.h>
 #include <fcntl.h>

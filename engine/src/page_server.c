@@ -15,9 +15,9 @@
  */
 #include "forkd/page_server.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/thread_priority.h"
-#include "forkd/uffd.h"
+#include "basic/cleanup.h"
+#include "thread_priority.h"
+#include "uffd.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -1,5 +1,5 @@
 /* The pause guard (see forkd/pause.h). */
-#include "forkd/pause.h"
+#include "pause.h"
 
 struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err)
 {

@@ -9,8 +9,8 @@
  */
 #include "forkd/store.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/fsutil.h"
+#include "basic/cleanup.h"
+#include "basic/fsutil.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -927,10 +927,11 @@ static int store_check_meta_strings(const struct store_snapshot *meta, struct fo
 
 static bool store_figures_fit_json(const struct store_figures *f)
 {
-    const uint64_t v[] = {f->pause_ns,       f->arm_ns,        f->rearm_ns,    f->rearmed_pages,
-                          f->vmstate_ns,     f->copy_ns,       f->publish_ns,  f->total_ns,
-                          f->pages_by_fault, f->pages_by_bulk, f->bytes_copied,
-                          f->pause_request_ns, f->resume_request_ns};
+    const uint64_t v[] = {f->pause_ns,         f->arm_ns,       f->rearm_ns,
+                          f->rearmed_pages,    f->vmstate_ns,   f->copy_ns,
+                          f->publish_ns,       f->total_ns,     f->pages_by_fault,
+                          f->pages_by_bulk,    f->bytes_copied, f->pause_request_ns,
+                          f->resume_request_ns};
     for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
         if (v[i] > STORE_JSON_INT_MAX)
             return false;

@@ -1,5 +1,5 @@
 /* Real-time priority for latency-critical threads (see forkd/thread_priority.h). */
-#include "forkd/thread_priority.h"
+#include "thread_priority.h"
 
 #include <errno.h>
 #include <pthread.h>

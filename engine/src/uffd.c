@@ -5,9 +5,9 @@
  * once per guest write fault, so they allocate nothing, touch no JSON and log nothing; they only
  * format a message when they fail.
  */
-#include "forkd/uffd.h"
+#include "uffd.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

@@ -8,10 +8,11 @@
  */
 #include "forkd/vm.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/clock.h"
-#include "forkd/fsutil.h"
-#include "forkd/pause.h"
+#include "basic/cleanup.h"
+#include "vmm_client.h"
+#include "basic/clock.h"
+#include "basic/fsutil.h"
+#include "pause.h"
 
 #include <dirent.h>
 #include <errno.h>

@@ -1,7 +1,7 @@
 /* The VMM API client over the VMM's Unix socket (see forkd/vmm_client.h). */
-#include "forkd/vmm_client.h"
+#include "vmm_client.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
 
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
@@ -96,11 +96,6 @@ void vmm_client_set_timeout_ms(struct vmm_client *client, long timeout_ms)
     pthread_mutex_lock(&client->lock);
     client->timeout_ms = timeout_ms;
     pthread_mutex_unlock(&client->lock);
-}
-
-const char *vmm_client_socket_path(const struct vmm_client *client)
-{
-    return client->socket_path;
 }
 
 /* "fault_message" of an error body, or the body itself when it is not that JSON. */
@@ -209,19 +204,6 @@ int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path
     if (boot_args && *boot_args)
         cJSON_AddStringToObject(body, "boot_args", boot_args);
     return vmm_send_json(client, "PUT", "/boot-source", body, err);
-}
-
-int vmm_put_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
-                  bool is_root_device, bool is_read_only, struct forkd_error *err)
-{
-    char path[256];
-    snprintf(path, sizeof(path), "/drives/%s", drive_id);
-    cJSON *body = cJSON_CreateObject();
-    cJSON_AddStringToObject(body, "drive_id", drive_id);
-    cJSON_AddStringToObject(body, "path_on_host", path_on_host);
-    cJSON_AddBoolToObject(body, "is_root_device", is_root_device);
-    cJSON_AddBoolToObject(body, "is_read_only", is_read_only);
-    return vmm_send_json(client, "PUT", path, body, err);
 }
 
 int vmm_start(struct vmm_client *client, struct forkd_error *err)

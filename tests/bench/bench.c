@@ -6,7 +6,7 @@
  */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
 
 #include <dirent.h>
 #include <errno.h>

@@ -7,7 +7,7 @@
 #define FORKD_BENCH_H
 
 #include "forkd/engine.h"
-#include "forkd/error.h"
+#include "basic/error.h"
 #include "forkd/page_server.h"
 #include "forkd/store.h"
 #include "forkd/vm.h"

@@ -5,9 +5,9 @@
 #include "bench.h"
 
 #include "forkd/branch.h"
-#include "forkd/cleanup.h"
-#include "forkd/thread_priority.h"
-#include "forkd/vmm_client.h"
+#include "basic/cleanup.h"
+#include "thread_priority.h"
+#include "vmm_client.h"
 
 #include <errno.h>
 #include <fcntl.h>

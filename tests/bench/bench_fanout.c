@@ -5,8 +5,8 @@
  */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/vmm_client.h"
+#include "basic/cleanup.h"
+#include "vmm_client.h"
 
 #include <errno.h>
 #include <limits.h>

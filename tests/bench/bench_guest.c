@@ -1,9 +1,9 @@
 /* The guests: GET / of the test VMM, write-rate sampling, seed snapshots. */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/fsutil.h"
-#include "forkd/vmm_client.h"
+#include "basic/cleanup.h"
+#include "basic/fsutil.h"
+#include "vmm_client.h"
 
 #include <dirent.h>
 #include <errno.h>

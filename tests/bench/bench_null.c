@@ -8,9 +8,10 @@
  */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/thread_priority.h"
-#include "forkd/uffd.h"
+#include "basic/cleanup.h"
+#include "thread_priority.h"
+#include "uffd.h"
+#include "vmm_client.h"
 
 #include <errno.h>
 #include <pthread.h>

@@ -1,7 +1,7 @@
 /* Repeated measurements, percentiles, clocks. */
 #include "bench.h"
 
-#include "forkd/pause.h"
+#include "pause.h"
 
 #include <errno.h>
 #include <math.h>

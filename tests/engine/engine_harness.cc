@@ -3,7 +3,7 @@
 #include "engine_harness.h"
 
 extern "C" {
-#include "forkd/vmm_client.h"
+#include "vmm_client.h"
 }
 
 #include <cstdio>

@@ -11,8 +11,9 @@
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
-#include <forkd/cleanup.h>
 #include <forkd_compat/userfaultfd.h>
+
+#include "basic/cleanup.h"
 
 #include "guest_boot.h"
 #include "uffd_handshake.h"

@@ -9,8 +9,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <forkd/cleanup.h>
 #include <forkd_compat/userfaultfd.h>
+
+#include "basic/cleanup.h"
 
 #include "guest_layout.h"
 #include "uffd_handshake.h"

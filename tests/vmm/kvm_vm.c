@@ -14,7 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <forkd/cleanup.h>
+#include "basic/cleanup.h"
 
 #include "vmm_error.h"
 

@@ -10,7 +10,7 @@
 #ifndef FORKD_ENGINE_H
 #define FORKD_ENGINE_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 #include "forkd/page_server.h"
 #include "forkd/store.h"
 #include "forkd/vm.h"

@@ -10,7 +10,7 @@
 #ifndef FORKD_STORE_H
 #define FORKD_STORE_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 
 #include <limits.h>
 #include <stdbool.h>

@@ -10,10 +10,9 @@
 #ifndef FORKD_VM_H
 #define FORKD_VM_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 #include "forkd/page_server.h"
 #include "forkd/store.h"
-#include "forkd/vmm_client.h"
 
 #include <limits.h>
 #include <stdbool.h>
@@ -52,6 +51,7 @@ struct vm_label {
 
 struct vm;
 struct vm_registry;
+struct vmm_client; /* the engine's VMM API client (internal) */
 
 struct vm_registry_config {
     const char *vmm_binary;    /* path, or a name looked up in PATH */

@@ -1,5 +1,5 @@
 /* The engine's error report (see forkd/error.h). */
-#include "forkd/error.h"
+#include "basic/error.h"
 
 #include <stdarg.h>
 #include <stdio.h>

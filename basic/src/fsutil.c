@@ -1,7 +1,7 @@
 /* Small file-system helpers (see forkd/fsutil.h). */
-#include "forkd/fsutil.h"
+#include "basic/fsutil.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -7,7 +7,7 @@
 #ifndef FORKD_VMM_CLIENT_H
 #define FORKD_VMM_CLIENT_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -33,7 +33,6 @@ int vmm_client_open(const char *socket_path, struct vmm_client **out, struct for
 void vmm_client_close(struct vmm_client *client);
 /* Limit for each later call (connect + request + response). */
 void vmm_client_set_timeout_ms(struct vmm_client *client, long timeout_ms);
-const char *vmm_client_socket_path(const struct vmm_client *client);
 
 /* One request. body may be NULL. On a 2xx answer returns 0 and, if response is not NULL,
  * *response holds the body (malloc'd, NUL-terminated, may be empty). Otherwise -EIO (HTTP
@@ -45,8 +44,6 @@ int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint6
                            struct forkd_error *err);
 int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path,
                         const char *boot_args, struct forkd_error *err);
-int vmm_put_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
-                  bool is_root_device, bool is_read_only, struct forkd_error *err);
 int vmm_start(struct vmm_client *client, struct forkd_error *err);
 int vmm_pause(struct vmm_client *client, struct forkd_error *err);
 int vmm_resume(struct vmm_client *client, struct forkd_error *err);

@@ -1,5 +1,5 @@
 /* Clocks (see forkd/clock.h). */
-#include "forkd/clock.h"
+#include "basic/clock.h"
 
 uint64_t forkd_monotonic_ns(void)
 {
