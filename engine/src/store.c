@@ -73,12 +73,6 @@ struct store_writer {
     char memory_path[PATH_MAX];
 };
 
-static void store_closedirp(DIR **dir)
-{
-    if (*dir)
-        closedir(*dir);
-}
-
 static void store_cjson_deletep(cJSON **json)
 {
     cJSON_Delete(*json);
@@ -243,7 +237,7 @@ static int store_remove_tree_at(int parent_fd, const char *name)
             return -errno;
         return unlinkat(parent_fd, name, 0) < 0 && errno != ENOENT ? -errno : 0;
     }
-    _cleanup_(store_closedirp) DIR *dir = fdopendir(fd);
+    _cleanup_closedir_ DIR *dir = fdopendir(fd);
     if (!dir) {
         int saved = errno;
         close(fd);
@@ -315,7 +309,7 @@ static bool store_mode_parse(const char *text, enum store_mode *out)
 {
     static const enum store_mode modes[] = {STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE,
                                             STORE_MODE_FULL};
-    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+    for (size_t i = 0; i < ARRAY_SIZE(modes); i++) {
         if (strcmp(text, store_mode_name(modes[i])) == 0) {
             *out = modes[i];
             return true;
@@ -736,7 +730,7 @@ static int store_scan_entry(struct store *store, int dir_fd, const char *name,
 
 static int store_scan(struct store *store, struct forkd_error *err)
 {
-    _cleanup_(store_closedirp) DIR *dir = opendir(store->dir);
+    _cleanup_closedir_ DIR *dir = opendir(store->dir);
     if (!dir)
         return forkd_error_set(err, -errno, "open store: opendir %s: %s", store->dir,
                                strerror(errno));
@@ -932,7 +926,7 @@ static bool store_figures_fit_json(const struct store_figures *f)
                           f->publish_ns,       f->total_ns,     f->pages_by_fault,
                           f->pages_by_bulk,    f->bytes_copied, f->pause_request_ns,
                           f->resume_request_ns};
-    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
+    for (size_t i = 0; i < ARRAY_SIZE(v); i++)
         if (v[i] > STORE_JSON_INT_MAX)
             return false;
     return true;

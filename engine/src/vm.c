@@ -484,7 +484,7 @@ int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report
                             struct forkd_error *err)
 {
     *report = (struct vm_stale_report){0};
-    DIR *dir = opendir(registry->run_dir);
+    _cleanup_closedir_ DIR *dir = opendir(registry->run_dir);
     if (!dir)
         return forkd_error_set(err, -errno, "open %s: %s", registry->run_dir, strerror(errno));
     unsigned long highest = 0;
@@ -499,7 +499,6 @@ int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report
             unlink(path);
         }
     }
-    closedir(dir);
     pthread_mutex_lock(&registry->lock);
     registry->next_id = highest; /* new ids never reuse the files of an earlier VM */
     pthread_mutex_unlock(&registry->lock);
@@ -706,9 +705,9 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
     vm->pid = pid;
     vm->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (vm->pidfd < 0) {
-        kill(pid, SIGKILL);
-        waitpid(pid, NULL, 0);
-        return forkd_error_set(err, -errno, "pidfd_open(%d): %s", pid, strerror(errno));
+        int saved = errno;
+        forkd_kill_reapp(&pid);
+        return forkd_error_set(err, -saved, "pidfd_open(%d): %s", vm->pid, strerror(saved));
     }
     return vm_watch(vm, err);
 }

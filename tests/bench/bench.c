@@ -247,7 +247,7 @@ static struct bench_context *interrupt_context;
 
 static void kill_children(void)
 {
-    DIR *tasks = opendir("/proc/self/task");
+    _cleanup_closedir_ DIR *tasks = opendir("/proc/self/task");
     struct dirent *task;
     while (tasks && (task = readdir(tasks))) {
         char path[300];
@@ -257,8 +257,6 @@ static void kill_children(void)
         while (f && fscanf(f, "%d", &pid) == 1)
             kill(pid, SIGKILL);
     }
-    if (tasks)
-        closedir(tasks);
 }
 
 static void *interrupt_loop(void *arg)

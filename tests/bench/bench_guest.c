@@ -258,7 +258,7 @@ int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib, c
     char socket_path[4200], log_path[4200];
     snprintf(socket_path, sizeof(socket_path), "%s/seed.sock", dir);
     snprintf(log_path, sizeof(log_path), "%s/seed.log", dir);
-    pid_t pid = 0;
+    _cleanup_pid_ pid_t pid = 0;
     int rc = seed_spawn(socket_path, log_path, &pid, err);
     if (rc < 0)
         return rc;
@@ -267,8 +267,7 @@ int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib, c
     if (rc == 0)
         rc = seed_drive(client, mem_mib, dir, boot_ns, err);
     vmm_client_close(client);
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
+    forkd_kill_reapp(&pid); /* before the socket goes: the VMM must not be left serving it */
     unlink(socket_path);
     if (rc < 0)
         forkd_error_prefix(err, "seed snapshot of %u MiB (log %s): ", mem_mib, log_path);
@@ -282,7 +281,7 @@ void guest_read_run_delay(pid_t pid, struct run_delay *out)
     memset(out, 0, sizeof(*out));
     char path[64];
     snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-    DIR *dir = opendir(path);
+    _cleanup_closedir_ DIR *dir = opendir(path);
     if (!dir)
         return;
     struct dirent *entry;
@@ -299,7 +298,6 @@ void guest_read_run_delay(pid_t pid, struct run_delay *out)
         out->tid[out->count] = tid;
         out->delay_ns[out->count++] = delay_ns;
     }
-    closedir(dir);
 }
 
 uint64_t guest_run_delay_max(const struct run_delay *before, const struct run_delay *after)

@@ -721,7 +721,7 @@ static const struct route *find_route(const struct http_request *request, bool *
                                       const char **resource_id)
 {
     *path_known = false;
-    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
+    for (size_t i = 0; i < ARRAY_SIZE(routes); i++) {
         if (!route_matches(&routes[i], request->path, resource_id))
             continue;
         *path_known = true;
