@@ -49,8 +49,9 @@ static int main_lock_state_dir(const char *state_dir)
     }
     char pid[32];
     int length = snprintf(pid, sizeof(pid), "%d\n", (int)getpid());
-    if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, (size_t)length, 0) != length)
-        log_warn("cannot record the pid in %s: %s", path, strerror(errno));
+    rc = ftruncate(fd, 0) < 0 ? -errno : fs_pwrite_all(fd, pid, (size_t)length, 0);
+    if (rc < 0)
+        log_warn("cannot record the pid in %s: %s", path, strerror(-rc));
     return take_fd(fd);
 }
 

@@ -14,6 +14,7 @@
 #include "forkd/branch.h"
 
 #include "basic/cleanup.h"
+#include "basic/fsutil.h"
 #include "vmm_client.h"
 #include "pause.h"
 #include "thread_priority.h"
@@ -256,22 +257,6 @@ static int branch_read_guest(const struct branch_run_state *run, const struct br
     return n < 0 ? -errno : -EIO;
 }
 
-static int branch_write_file(int fd, const void *buffer, size_t length, uint64_t offset)
-{
-    const uint8_t *bytes = buffer;
-    while (length > 0) {
-        ssize_t n = pwrite(fd, bytes, length, (off_t)offset);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? -errno : -EIO;
-        bytes += n;
-        length -= (size_t)n;
-        offset += (uint64_t)n;
-    }
-    return 0;
-}
-
 static void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pages)
 {
     if (!region->write_counts)
@@ -367,8 +352,8 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
     branch_record_service(branch, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
     if (!ours)
         return;
-    int rc = branch_write_file(run->memory_fd, buffer, page_size,
-                               region->uffd.file_offset + index * page_size);
+    int rc = fs_pwrite_all(run->memory_fd, buffer, page_size,
+                           (off_t)(region->uffd.file_offset + index * page_size));
     if (rc < 0)
         branch_handler_fail(run, rc, "write memory.bin: %s", strerror(-rc));
     branch_count_write(region, index, 1);
@@ -689,7 +674,7 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
                             false, false, err);
     if (rc < 0)
         return rc;
-    rc = branch_write_file(run->memory_fd, buffer, length, region->uffd.file_offset + offset);
+    rc = fs_pwrite_all(run->memory_fd, buffer, length, (off_t)(region->uffd.file_offset + offset));
     if (rc < 0)
         return forkd_error_set(err, rc, "write memory.bin at %llu: %s",
                                (unsigned long long)(region->uffd.file_offset + offset),

@@ -83,8 +83,8 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
     char name[VM_NAME_MAX + 1] = "", vmstate[PATH_MAX + 16], memory_path[PATH_MAX + 16];
     if (request->name_prefix && *request->name_prefix)
         snprintf(name, sizeof(name), "%s-%u", request->name_prefix, index);
-    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", snapshot.path);
-    snprintf(memory_path, sizeof(memory_path), "%s/memory.bin", snapshot.path);
+    store_file_path(snapshot.path, STORE_FILE_VMSTATE, vmstate, sizeof(vmstate));
+    store_file_path(snapshot.path, STORE_FILE_MEMORY, memory_path, sizeof(memory_path));
     struct vm_restore_config config = {
         .name = name,
         .snapshot_name = request->snapshot,
@@ -110,7 +110,7 @@ static int engine_set_prefetch(struct engine *engine, const struct engine_spawn_
     if (rc < 0)
         return rc;
     char memory_path[PATH_MAX + 16];
-    snprintf(memory_path, sizeof(memory_path), "%s/memory.bin", snapshot.path);
+    store_file_path(snapshot.path, STORE_FILE_MEMORY, memory_path, sizeof(memory_path));
     return page_server_template_set_prefetch(engine->page_server, request->snapshot, memory_path,
                                              request->prefetch_record_ms, err);
 }

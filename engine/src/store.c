@@ -146,6 +146,18 @@ static bool store_join(char *buf, size_t size, const char *dir, const char *file
     return n >= 0 && (size_t)n < size;
 }
 
+int store_file_path(const char *dir, enum store_file file, char *out, size_t size)
+{
+    static const char *const names[] = {
+        [STORE_FILE_VMSTATE] = STORE_VMSTATE_FILE,
+        [STORE_FILE_MEMORY] = STORE_MEMORY_FILE,
+        [STORE_FILE_METADATA] = STORE_METADATA_FILE,
+    };
+    if ((size_t)file >= ARRAY_SIZE(names) || !store_join(out, size, dir, names[file]))
+        return -ENAMETOOLONG;
+    return 0;
+}
+
 /* ---- the table (caller holds store->lock) ---- */
 
 static struct store_entry *store_find(struct store *store, const char *name)
@@ -981,20 +993,6 @@ static int store_sync_data_file(const char *path, uint64_t *size, struct forkd_e
     return 0;
 }
 
-static int store_write_all(int fd, const char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = write(fd, buf, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        buf += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 static int store_write_metadata(const struct store_writer *w, const struct store_snapshot *meta,
                                 struct forkd_error *err)
 {
@@ -1008,7 +1006,7 @@ static int store_write_metadata(const struct store_writer *w, const struct store
     _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
         return forkd_error_set(err, -errno, "create %s: %s", path, strerror(errno));
-    int r = store_write_all(fd, text, strlen(text));
+    int r = fs_write_all(fd, text, strlen(text));
     if (r < 0)
         return forkd_error_set(err, r, "write %s: %s", path, strerror(-r));
     if (fsync(fd) < 0)

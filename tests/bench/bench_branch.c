@@ -311,8 +311,8 @@ static int make_source_vm(struct bench_context *context, unsigned mem_mib,
     int rc = guest_seed_snapshot(context->options, mem_mib, seed, &boot_ns, err);
     result->boot_s = (double)boot_ns / 1e9;
     char vmstate[PATH_MAX + 16], memory[PATH_MAX + 16], name[64];
-    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", seed);
-    snprintf(memory, sizeof(memory), "%s/memory.bin", seed);
+    store_file_path(seed, STORE_FILE_VMSTATE, vmstate, sizeof(vmstate));
+    store_file_path(seed, STORE_FILE_MEMORY, memory, sizeof(memory));
     snprintf(name, sizeof(name), "source-%u", mem_mib);
     struct vm_restore_config config = {
         .name = name, .vmstate_path = vmstate, .memory_path = memory, .memory = VM_MEMORY_MEMFD};

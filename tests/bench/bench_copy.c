@@ -7,6 +7,7 @@
 #include "bench.h"
 
 #include "basic/cleanup.h"
+#include "basic/fsutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -26,10 +27,9 @@ static int copy_chunks(int from, int to, uint64_t bytes, uint8_t *buffer, struct
         if (n <= 0)
             return forkd_error_set(err, n < 0 ? -errno : -EIO, "baseline: read memfd: %s",
                                    n < 0 ? strerror(errno) : "short");
-        ssize_t written = pwrite(to, buffer, (size_t)n, (off_t)offset);
-        if (written != n)
-            return forkd_error_set(err, written < 0 ? -errno : -EIO, "baseline: write: %s",
-                                   written < 0 ? strerror(errno) : "short");
+        int rc = fs_pwrite_all(to, buffer, (size_t)n, (off_t)offset);
+        if (rc < 0)
+            return forkd_error_set(err, rc, "baseline: write: %s", strerror(-rc));
         offset += (uint64_t)n;
     }
     return 0;

@@ -187,7 +187,7 @@ int bench_fanout(struct bench_context *context, const char *snapshot, unsigned f
     int rc = store_get(context->store, snapshot, &run.snapshot, err);
     if (rc < 0)
         return rc;
-    snprintf(run.memory_path, sizeof(run.memory_path), "%s/memory.bin", run.snapshot.path);
+    store_file_path(run.snapshot.path, STORE_FILE_MEMORY, run.memory_path, sizeof(run.memory_path));
     snprintf(run.name_prefix, sizeof(run.name_prefix), "fork-%s-%u-%u", out->backend, forks,
              context->snapshot_seq++);
     uint64_t start = bench_now_ns();

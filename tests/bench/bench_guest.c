@@ -243,8 +243,8 @@ static int seed_drive(struct vmm_client *client, unsigned mem_mib, const char *d
             return rc;
     }
     char vmstate[4200], memory[4200];
-    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", dir);
-    snprintf(memory, sizeof(memory), "%s/memory.bin", dir);
+    store_file_path(dir, STORE_FILE_VMSTATE, vmstate, sizeof(vmstate));
+    store_file_path(dir, STORE_FILE_MEMORY, memory, sizeof(memory));
     rc = vmm_pause(client, err);
     if (rc == 0)
         rc = vmm_snapshot_create(client, VMM_SNAPSHOT_FULL, vmstate, memory, err);

@@ -79,6 +79,12 @@ struct store_snapshot {
 struct store;
 struct store_writer;
 
+/* The files of a snapshot directory. Their names are spelled only in the store. */
+enum store_file { STORE_FILE_VMSTATE, STORE_FILE_MEMORY, STORE_FILE_METADATA };
+
+/* Writes <dir>/<the file's name> into out. -ENAMETOOLONG when it does not fit. */
+int store_file_path(const char *dir, enum store_file file, char *out, size_t size);
+
 /* Checks a snapshot name; -EINVAL with the reason otherwise. */
 int store_validate_name(const char *name, struct forkd_error *err);
 
