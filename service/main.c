@@ -80,22 +80,15 @@ static int main_wait_for_stop_signal(const sigset_t *signals)
     }
 }
 
-/* Milliseconds left until deadline_ns (CLOCK_MONOTONIC), at least 0. */
-static int main_ms_left(uint64_t deadline_ns)
-{
-    uint64_t now = forkd_monotonic_ns();
-    return now >= deadline_ns ? 0 : (int)((deadline_ns - now) / 1000000);
-}
-
 /* Stop accepting; give running calls and branches the grace period; cancel what remains. */
 static void main_shutdown(struct server *server, struct daemon_state *daemon)
 {
     atomic_store(&daemon->shutting_down, true);
     server_begin_shutdown(server);
     unsigned grace = daemon->options->shutdown_grace_ms;
-    uint64_t deadline = forkd_monotonic_ns() + (uint64_t)grace * 1000000;
-    bool calls_done = server_wait_idle(server, main_ms_left(deadline));
-    bool branches_done = branch_table_wait_idle(daemon->branches, main_ms_left(deadline));
+    uint64_t deadline = forkd_deadline_after_ms(grace);
+    bool calls_done = server_wait_idle(server, forkd_ms_left(deadline));
+    bool branches_done = branch_table_wait_idle(daemon->branches, forkd_ms_left(deadline));
     if (!calls_done || !branches_done) {
         log_warn("calls or branches still running after the %u ms grace period: cancelling them",
                  grace);

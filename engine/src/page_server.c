@@ -16,6 +16,7 @@
 #include "forkd/page_server.h"
 
 #include "basic/cleanup.h"
+#include "basic/clock.h"
 #include "thread_priority.h"
 #include "uffd.h"
 
@@ -1163,12 +1164,7 @@ static bool ps_fork_settled(enum ps_fork_state state)
 int page_server_fork_wait_ready(struct page_server_fork *fork, int timeout_ms,
                                 struct forkd_error *err)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    uint64_t ns =
-        (uint64_t)deadline.tv_nsec + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ULL;
-    deadline.tv_sec += (time_t)(ns / 1000000000ULL);
-    deadline.tv_nsec = (long)(ns % 1000000000ULL);
+    struct timespec deadline = forkd_monotonic_after_ms(timeout_ms);
     pthread_mutex_lock(&fork->lock);
     int rc = 0;
     while (!ps_fork_settled(fork->state) && rc == 0)

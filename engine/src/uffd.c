@@ -8,6 +8,7 @@
 #include "uffd.h"
 
 #include "basic/cleanup.h"
+#include "basic/clock.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -38,33 +39,12 @@
 
 /* ---------------------------------------------------------------- time */
 
-/* Absolute CLOCK_MONOTONIC deadline in ms, or -1 for no limit. */
-static int64_t uffd_deadline(int timeout_ms)
-{
-    if (timeout_ms < 0)
-        return -1;
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000 + timeout_ms;
-}
-
-/* Milliseconds left before deadline for poll(): -1 for none, 0 once passed. */
-static int uffd_remaining_ms(int64_t deadline)
-{
-    if (deadline < 0)
-        return -1;
-    int64_t left = deadline - uffd_deadline(0);
-    if (left <= 0)
-        return 0;
-    return left > INT_MAX ? INT_MAX : (int)left;
-}
-
 /* Polls one fd for input until deadline: 1 when ready, -ETIMEDOUT, or -errno. */
-static int uffd_poll_in(int fd, int64_t deadline)
+static int uffd_poll_in(int fd, uint64_t deadline)
 {
     for (;;) {
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
-        int ready = poll(&pfd, 1, uffd_remaining_ms(deadline));
+        int ready = poll(&pfd, 1, forkd_ms_left(deadline));
         if (ready > 0)
             return 1;
         if (ready == 0)
@@ -171,7 +151,7 @@ static void uffd_scan(struct uffd_json_scan *scan, const char *bytes, size_t len
 
 struct uffd_receiver {
     int connection;
-    int64_t deadline;
+    uint64_t deadline;
     int timeout_ms;
     char *buffer; /* UFFD_HANDSHAKE_MAX_BYTES + 1: one more byte reveals an oversize message */
     size_t used;
@@ -305,7 +285,7 @@ static int uffd_receive_json(struct uffd_receiver *rx, struct forkd_error *err)
     return 0;
 }
 
-static int uffd_accept_connection(int listen_fd, int64_t deadline, int timeout_ms,
+static int uffd_accept_connection(int listen_fd, uint64_t deadline, int timeout_ms,
                                   struct forkd_error *err)
 {
     for (;;) {
@@ -377,7 +357,7 @@ int uffd_accept_handshake(int listen_fd, int timeout_ms, struct uffd_handshake *
                           struct forkd_error *err)
 {
     uffd_handshake_init(out);
-    int64_t deadline = uffd_deadline(timeout_ms);
+    uint64_t deadline = forkd_deadline_after_ms(timeout_ms);
     _cleanup_close_ int connection = uffd_accept_connection(listen_fd, deadline, timeout_ms, err);
     if (connection < 0)
         return connection;
@@ -835,7 +815,7 @@ int uffd_wait_peer(int uffd, int connection, int stop_fd, int timeout_ms)
         {.fd = stop_fd, .events = POLLIN},
         {.fd = connection, .events = POLLIN | POLLRDHUP},
     };
-    int64_t deadline = timeout_ms > 0 ? uffd_deadline(timeout_ms) : -1;
+    uint64_t deadline = timeout_ms > 0 ? forkd_deadline_after_ms(timeout_ms) : FORKD_NO_DEADLINE;
     int wait_ms = timeout_ms;
     for (;;) {
         int ready = poll(fds, 3, wait_ms);
@@ -845,8 +825,8 @@ int uffd_wait_peer(int uffd, int connection, int stop_fd, int timeout_ms)
             return 0;
         if (errno != EINTR)
             return -errno;
-        if (deadline >= 0)
-            wait_ms = uffd_remaining_ms(deadline);
+        if (deadline != FORKD_NO_DEADLINE)
+            wait_ms = forkd_ms_left(deadline);
     }
 }
 

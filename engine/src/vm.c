@@ -715,7 +715,7 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
 /* Waits for the VMM's API socket to accept connections, or for the VMM to die. */
 static int vm_wait_for_api(struct vm *vm, struct forkd_error *err)
 {
-    uint64_t deadline = forkd_monotonic_ns() + vm->registry->start_timeout_ms * 1000000ULL;
+    uint64_t deadline = forkd_deadline_after_ms(vm->registry->start_timeout_ms);
     while (!fs_unix_socket_answers(vm->api_socket_path)) {
         if (vm_wait_exit(vm, 2)) {
             char tail[256];
