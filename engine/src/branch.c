@@ -15,6 +15,7 @@
 
 #include "basic/cleanup.h"
 #include "basic/fsutil.h"
+#include "latency.h"
 #include "vmm_client.h"
 #include "pause.h"
 #include "thread_priority.h"
@@ -94,13 +95,9 @@ struct branch_run_state {
     atomic_uint_fast64_t pages_written;
 };
 
-/* Fault service times: 4 buckets per power of two of nanoseconds, up to 2^40 ns. */
-#define SERVICE_BUCKETS (4 * 40)
-
 struct branch {
     atomic_bool cancel;
-    atomic_uint_fast64_t service_buckets[SERVICE_BUCKETS];
-    atomic_uint_fast64_t service_max_ns;
+    struct latency_histogram service; /* fault service times */
     atomic_uint_fast64_t faults_left_to_bulk;
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
@@ -139,49 +136,15 @@ void branch_cancel(struct branch *branch)
     atomic_store(&branch->cancel, true);
 }
 
-static unsigned branch_service_bucket(uint64_t ns)
-{
-    if (ns < 4)
-        return 0;
-    unsigned log2 = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned quarter = (unsigned)((ns >> (log2 - 2)) & 3); /* the two bits below the top one */
-    unsigned bucket = 4 * log2 + quarter;
-    return bucket < SERVICE_BUCKETS ? bucket : SERVICE_BUCKETS - 1;
-}
-
-/* The upper bound of a bucket, in ns. */
-static uint64_t branch_service_bucket_limit(unsigned bucket)
-{
-    unsigned log2 = bucket / 4, quarter = bucket % 4;
-    return (1ULL << log2) + ((uint64_t)(quarter + 1) << log2) / 4;
-}
-
-static void branch_record_service(struct branch *branch, uint64_t ns)
-{
-    atomic_fetch_add(&branch->service_buckets[branch_service_bucket(ns)], 1);
-    uint64_t max = atomic_load(&branch->service_max_ns);
-    while (ns > max && !atomic_compare_exchange_weak(&branch->service_max_ns, &max, ns)) {
-    }
-}
-
 static void branch_service_percentiles(struct branch *branch, struct branch_progress *out)
 {
-    uint64_t counts[SERVICE_BUCKETS], total = 0;
-    for (unsigned i = 0; i < SERVICE_BUCKETS; i++)
-        total += counts[i] = atomic_load(&branch->service_buckets[i]);
-    out->faults_served = total;
-    out->fault_service_max_ns = atomic_load(&branch->service_max_ns);
+    struct latency_summary service;
+    latency_summarize(&branch->service, &service);
+    out->faults_served = service.count;
+    out->fault_service_p50_ns = service.p50_ns;
+    out->fault_service_p99_ns = service.p99_ns;
+    out->fault_service_max_ns = service.max_ns;
     out->faults_left_to_bulk = atomic_load(&branch->faults_left_to_bulk);
-    uint64_t seen = 0;
-    for (unsigned i = 0; i < SERVICE_BUCKETS && total; i++) {
-        seen += counts[i];
-        if (!out->fault_service_p50_ns && seen * 2 >= total)
-            out->fault_service_p50_ns = branch_service_bucket_limit(i);
-        if (seen * 100 >= total * 99) {
-            out->fault_service_p99_ns = branch_service_bucket_limit(i);
-            break;
-        }
-    }
 }
 
 void branch_get_progress(struct branch *branch, struct branch_progress *out)
@@ -349,7 +312,7 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
     if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
                            &err) < 0)
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
-    branch_record_service(branch, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
+    latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
     if (!ours)
         return;
     int rc = fs_pwrite_all(run->memory_fd, buffer, page_size,

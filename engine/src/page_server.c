@@ -17,6 +17,7 @@
 
 #include "basic/cleanup.h"
 #include "basic/clock.h"
+#include "latency.h"
 #include "thread_priority.h"
 #include "uffd.h"
 
@@ -50,15 +51,14 @@
  * VMM, and the fork is dropped. */
 #define PS_RETRY_GIVE_UP_NS (30ULL * 1000000000ULL)
 #define PS_PREFETCH_MAX_RUN (1ULL << 20) /* one prefetch ioctl copies at most this */
-#define PS_HIST_BUCKETS     496          /* 16 linear + 60 powers of two x 8 sub-buckets */
 #define PS_NAME_MAX         128
 #define PS_REASON_MAX       128
 
 /* ---------------------------------------------------------------- statistics */
 
 struct page_server_counters {
-    atomic_uint_fast64_t faults, bytes, prefetched, zero, existed, retries, removes, max_ns;
-    atomic_uint_fast64_t histogram[PS_HIST_BUCKETS];
+    atomic_uint_fast64_t faults, bytes, prefetched, zero, existed, retries, removes;
+    struct latency_histogram service;
 };
 
 static uint64_t ps_now_ns(void)
@@ -68,49 +68,9 @@ static uint64_t ps_now_ns(void)
     return (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
 }
 
-/* Log-linear buckets: exact below 16 ns, then 8 per power of two (12.5% resolution). */
-static unsigned ps_bucket(uint64_t ns)
-{
-    if (ns < 16)
-        return (unsigned)ns;
-    unsigned exponent = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned sub = (unsigned)(ns >> (exponent - 3)) & 7u;
-    return 16u + (exponent - 4u) * 8u + sub;
-}
-
-static uint64_t ps_bucket_upper(unsigned bucket)
-{
-    if (bucket < 16)
-        return bucket;
-    unsigned exponent = (bucket - 16u) / 8u + 4u, sub = (bucket - 16u) % 8u;
-    return ((9ULL + sub) << (exponent - 3)) - 1; /* wraps to UINT64_MAX for the last one */
-}
-
 static void ps_count(atomic_uint_fast64_t *counter, uint64_t amount)
 {
     atomic_fetch_add_explicit(counter, amount, memory_order_relaxed);
-}
-
-static void ps_record_time(struct page_server_counters *c, uint64_t ns)
-{
-    ps_count(&c->histogram[ps_bucket(ns)], 1);
-    /* One writer per counter set at a time (the loop), so load-compare-store is enough. */
-    if (ns > atomic_load_explicit(&c->max_ns, memory_order_relaxed))
-        atomic_store_explicit(&c->max_ns, ns, memory_order_relaxed);
-}
-
-static uint64_t ps_percentile(const uint64_t *buckets, uint64_t total, unsigned permille,
-                              uint64_t max_ns)
-{
-    if (total == 0)
-        return 0;
-    uint64_t rank = (total * permille + 999) / 1000, seen = 0;
-    for (unsigned b = 0; b < PS_HIST_BUCKETS; b++) {
-        seen += buckets[b];
-        if (seen >= rank)
-            return ps_bucket_upper(b) < max_ns ? ps_bucket_upper(b) : max_ns;
-    }
-    return max_ns;
 }
 
 static uint64_t ps_load(const atomic_uint_fast64_t *counter)
@@ -121,21 +81,20 @@ static uint64_t ps_load(const atomic_uint_fast64_t *counter)
 static void ps_counters_read(const struct page_server_counters *c, struct page_server_stats *out)
 {
     uint64_t faults = atomic_load_explicit(&c->faults, memory_order_acquire);
-    uint64_t buckets[PS_HIST_BUCKETS], total = 0;
-    for (unsigned b = 0; b < PS_HIST_BUCKETS; b++)
-        total += buckets[b] = ps_load(&c->histogram[b]);
+    struct latency_summary service;
+    latency_summarize(&c->service, &service);
     *out = (struct page_server_stats){
         .faults_served = faults,
         .bytes_copied = ps_load(&c->bytes),
         .pages_prefetched = ps_load(&c->prefetched),
         .zero_pages = ps_load(&c->zero),
-        .service_max_ns = ps_load(&c->max_ns),
+        .service_p50_ns = service.p50_ns,
+        .service_p99_ns = service.p99_ns,
+        .service_max_ns = service.max_ns,
         .already_present = ps_load(&c->existed),
         .retries = ps_load(&c->retries),
         .remove_events = ps_load(&c->removes),
     };
-    out->service_p50_ns = ps_percentile(buckets, total, 500, out->service_max_ns);
-    out->service_p99_ns = ps_percentile(buckets, total, 990, out->service_max_ns);
 }
 
 /* ---------------------------------------------------------------- objects */
@@ -558,8 +517,8 @@ static void ps_account_fault(struct page_server_fork *fork, int rc, bool zero_fi
         ps_count(&mine->zero, 1);
         ps_count(&all->zero, 1);
     }
-    ps_record_time(mine, elapsed);
-    ps_record_time(all, elapsed);
+    latency_record(&mine->service, elapsed);
+    latency_record(&all->service, elapsed);
     /* Last and with release order: a reader that sees the fault counted sees its figures. */
     atomic_fetch_add_explicit(&mine->faults, 1, memory_order_release);
     atomic_fetch_add_explicit(&all->faults, 1, memory_order_release);

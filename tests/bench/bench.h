@@ -62,10 +62,6 @@ double series_max(const struct series *series);
 /* {"median","min","max","n","values"} or null when empty. */
 cJSON *series_json(const struct series *series);
 
-/* The engine's fault-service histogram: 4 buckets per power of two; a value is reported as
- * its bucket's upper bound. The null handler is quantised the same way so ratios compare like
- * with like. */
-uint64_t bench_bucket_upper_ns(uint64_t ns);
 /* Exact percentile (0..100) of a sorted array. */
 uint64_t bench_percentile(const uint64_t *sorted, size_t count, double percentile);
 

@@ -9,6 +9,7 @@
 #include "bench.h"
 
 #include "basic/cleanup.h"
+#include "latency.h"
 #include "thread_priority.h"
 #include "uffd.h"
 #include "vmm_client.h"
@@ -144,8 +145,8 @@ static void null_summarise(struct null_samples *samples, struct null_result *out
     qsort(samples->ns, samples->count, sizeof(uint64_t), compare_u64);
     out->faults = samples->count;
     out->exact_p50_ns = bench_percentile(samples->ns, samples->count, 50);
-    out->p50_ns = bench_bucket_upper_ns(out->exact_p50_ns);
-    out->p99_ns = bench_bucket_upper_ns(bench_percentile(samples->ns, samples->count, 99));
+    out->p50_ns = latency_quantize(out->exact_p50_ns);
+    out->p99_ns = latency_quantize(bench_percentile(samples->ns, samples->count, 99));
     out->max_ns = samples->count ? samples->ns[samples->count - 1] : 0;
 }
 
