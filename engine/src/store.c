@@ -345,22 +345,34 @@ static cJSON *store_json_put_object(cJSON *obj, const char *key)
     return cJSON_AddObjectToObject(obj, key);
 }
 
+#define STORE_FIGURE(name)                                                                         \
+    {                                                                                              \
+#name, offsetof(struct store_figures, name)                                                \
+    }
+const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT] = {
+    STORE_FIGURE(pause_ns),          STORE_FIGURE(arm_ns),       STORE_FIGURE(rearm_ns),
+    STORE_FIGURE(rearmed_pages),     STORE_FIGURE(vmstate_ns),   STORE_FIGURE(copy_ns),
+    STORE_FIGURE(publish_ns),        STORE_FIGURE(total_ns),     STORE_FIGURE(pages_by_fault),
+    STORE_FIGURE(pages_by_bulk),     STORE_FIGURE(bytes_copied), STORE_FIGURE(pause_request_ns),
+    STORE_FIGURE(resume_request_ns),
+};
+_Static_assert(STORE_FIGURE_COUNT * sizeof(uint64_t) == sizeof(struct store_figures),
+               "store_figure_fields must name every figure");
+
+static uint64_t *store_figure_at(struct store_figures *figures,
+                                 const struct store_figure_field *field)
+{
+    return (uint64_t *)((char *)figures + field->offset);
+}
+
 static bool store_json_put_figures(cJSON *parent, const struct store_figures *f)
 {
     cJSON *obj = store_json_put_object(parent, "figures");
-    return obj && store_json_put_u64(obj, "pause_ns", f->pause_ns) &&
-           store_json_put_u64(obj, "arm_ns", f->arm_ns) &&
-           store_json_put_u64(obj, "rearm_ns", f->rearm_ns) &&
-           store_json_put_u64(obj, "rearmed_pages", f->rearmed_pages) &&
-           store_json_put_u64(obj, "vmstate_ns", f->vmstate_ns) &&
-           store_json_put_u64(obj, "copy_ns", f->copy_ns) &&
-           store_json_put_u64(obj, "publish_ns", f->publish_ns) &&
-           store_json_put_u64(obj, "total_ns", f->total_ns) &&
-           store_json_put_u64(obj, "pages_by_fault", f->pages_by_fault) &&
-           store_json_put_u64(obj, "pages_by_bulk", f->pages_by_bulk) &&
-           store_json_put_u64(obj, "bytes_copied", f->bytes_copied) &&
-           store_json_put_u64(obj, "pause_request_ns", f->pause_request_ns) &&
-           store_json_put_u64(obj, "resume_request_ns", f->resume_request_ns);
+    for (size_t i = 0; obj && i < STORE_FIGURE_COUNT; i++)
+        if (!store_json_put_u64(obj, store_figure_fields[i].name,
+                                store_figure_get(f, &store_figure_fields[i])))
+            return false;
+    return obj != NULL;
 }
 
 static bool store_json_put_regions(cJSON *parent, const struct store_snapshot *meta)
@@ -490,21 +502,14 @@ static int store_json_get_figures(const cJSON *root, struct store_figures *f,
                                   struct forkd_error *err)
 {
     const cJSON *obj = store_json_get_object(root, "figures", err);
-    const uint64_t max = STORE_JSON_INT_MAX;
-    if (!obj || store_json_get_u64(obj, "pause_ns", max, &f->pause_ns, err) ||
-        store_json_get_u64(obj, "arm_ns", max, &f->arm_ns, err) ||
-        store_json_get_u64(obj, "rearm_ns", max, &f->rearm_ns, err) ||
-        store_json_get_u64(obj, "rearmed_pages", max, &f->rearmed_pages, err) ||
-        store_json_get_u64(obj, "vmstate_ns", max, &f->vmstate_ns, err) ||
-        store_json_get_u64(obj, "copy_ns", max, &f->copy_ns, err) ||
-        store_json_get_u64(obj, "publish_ns", max, &f->publish_ns, err) ||
-        store_json_get_u64(obj, "total_ns", max, &f->total_ns, err) ||
-        store_json_get_u64(obj, "pages_by_fault", max, &f->pages_by_fault, err) ||
-        store_json_get_u64(obj, "pages_by_bulk", max, &f->pages_by_bulk, err) ||
-        store_json_get_u64(obj, "bytes_copied", max, &f->bytes_copied, err) ||
-        store_json_get_u64(obj, "pause_request_ns", max, &f->pause_request_ns, err) ||
-        store_json_get_u64(obj, "resume_request_ns", max, &f->resume_request_ns, err))
+    if (!obj)
         return forkd_error_prefix(err, "figures: ");
+    for (size_t i = 0; i < STORE_FIGURE_COUNT; i++) {
+        const struct store_figure_field *field = &store_figure_fields[i];
+        if (store_json_get_u64(obj, field->name, STORE_JSON_INT_MAX, store_figure_at(f, field),
+                               err))
+            return forkd_error_prefix(err, "figures: ");
+    }
     return 0;
 }
 
@@ -933,13 +938,8 @@ static int store_check_meta_strings(const struct store_snapshot *meta, struct fo
 
 static bool store_figures_fit_json(const struct store_figures *f)
 {
-    const uint64_t v[] = {f->pause_ns,         f->arm_ns,       f->rearm_ns,
-                          f->rearmed_pages,    f->vmstate_ns,   f->copy_ns,
-                          f->publish_ns,       f->total_ns,     f->pages_by_fault,
-                          f->pages_by_bulk,    f->bytes_copied, f->pause_request_ns,
-                          f->resume_request_ns};
-    for (size_t i = 0; i < ARRAY_SIZE(v); i++)
-        if (v[i] > STORE_JSON_INT_MAX)
+    for (size_t i = 0; i < STORE_FIGURE_COUNT; i++)
+        if (store_figure_get(f, &store_figure_fields[i]) > STORE_JSON_INT_MAX)
             return false;
     return true;
 }

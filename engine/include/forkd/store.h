@@ -44,6 +44,21 @@ struct store_figures {
     uint64_t pause_request_ns, resume_request_ns;
 };
 
+/* Every field of struct store_figures, by name, for the code that treats them alike (the
+ * snapshot.json codec, the proto conversion). */
+struct store_figure_field {
+    const char *name;
+    size_t offset; /* of a uint64_t in struct store_figures */
+};
+#define STORE_FIGURE_COUNT 13
+extern const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT];
+
+static inline uint64_t store_figure_get(const struct store_figures *figures,
+                                        const struct store_figure_field *field)
+{
+    return *(const uint64_t *)((const char *)figures + field->offset);
+}
+
 struct store_label {
     char key[64];
     char value[256];
