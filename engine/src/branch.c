@@ -627,9 +627,9 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
     uint64_t offset = first * page_size, length = count * page_size;
     int rc = branch_read_guest(run, region, offset, buffer, length);
     if (rc < 0)
-        return forkd_error_set(err, rc, "read guest memory at 0x%llx+0x%llx: %s",
-                               (unsigned long long)(region->uffd.host_base + offset),
-                               (unsigned long long)length, strerror(-rc));
+        return forkd_error_errno(err, rc, "read guest memory at 0x%llx+0x%llx",
+                                 (unsigned long long)(region->uffd.host_base + offset),
+                                 (unsigned long long)length);
     for (uint64_t p = first; p < first + count; p++)
         atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
     /* Captured: the guest may write these pages now without a fault. */
@@ -639,9 +639,8 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
         return rc;
     rc = fs_pwrite_all(run->memory_fd, buffer, length, (off_t)(region->uffd.file_offset + offset));
     if (rc < 0)
-        return forkd_error_set(err, rc, "write memory.bin at %llu: %s",
-                               (unsigned long long)(region->uffd.file_offset + offset),
-                               strerror(-rc));
+        return forkd_error_errno(err, rc, "write memory.bin at %llu",
+                                 (unsigned long long)(region->uffd.file_offset + offset));
     branch_count_write(region, first, count);
     atomic_fetch_add(&branch->pages_by_bulk, count);
     atomic_fetch_add(&branch->bytes_copied, length);
@@ -763,7 +762,7 @@ static int branch_map_guest(struct branch_run_state *run, struct forkd_error *er
                                (long long)st.st_size, (unsigned long long)run->total_bytes);
     void *map = mmap(NULL, run->total_bytes, PROT_READ, MAP_SHARED, memfd, 0);
     if (map == MAP_FAILED)
-        return forkd_error_set(err, -errno, "map guest memfd: %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "map guest memfd");
     /* Map every page now, outside the pause: a capture on the fault path then costs a copy,
      * not a page fault of forkd's own on top of the vCPU's. */
     madvise(map, run->total_bytes, MADV_POPULATE_READ);
@@ -796,10 +795,10 @@ static int branch_open_memory_file(struct branch_run_state *run, struct forkd_er
     const char *path = store_writer_memory_path(run->writer);
     run->memory_fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (run->memory_fd < 0)
-        return forkd_error_set(err, -errno, "create %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "create %s", path);
     if (ftruncate(run->memory_fd, (off_t)run->total_bytes) < 0)
-        return forkd_error_set(err, -errno, "size %s to %llu bytes: %s", path,
-                               (unsigned long long)run->total_bytes, strerror(errno));
+        return forkd_error_errno(err, -errno, "size %s to %llu bytes", path,
+                                 (unsigned long long)run->total_bytes);
     return 0;
 }
 
@@ -863,7 +862,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     enum handler_mode first_mode = run->mode == STORE_MODE_LIVE ? HANDLER_TRACKING : HANDLER_COPY;
     int rc = branch_handler_start(branch, run, first_mode, &handler_args);
     if (rc < 0)
-        return forkd_error_set(err, rc, "start the fault handler: %s", strerror(-rc));
+        return forkd_error_errno(err, rc, "start the fault handler");
     if (run->mode == STORE_MODE_LIVE) {
         rc = branch_prearm(branch, run, err);
         if (rc < 0)
@@ -881,7 +880,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     if (rc == 0)
         rc = branch_wait_all_written(branch, run, err);
     if (rc == 0 && fsync(run->memory_fd) < 0)
-        rc = forkd_error_set(err, -errno, "fsync memory.bin: %s", strerror(errno));
+        rc = forkd_error_errno(err, -errno, "fsync memory.bin");
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
     return rc;
 }
@@ -898,7 +897,7 @@ static int branch_run_live(struct branch *branch, struct branch_run_state *run,
                                vm_id(run->vm), memory == VM_MEMORY_FILE ? "FILE" : "UFFD");
     run->control_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (run->control_fd < 0)
-        return forkd_error_set(err, -errno, "eventfd: %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "eventfd");
     pthread_mutex_init(&run->control_lock, NULL);
     pthread_cond_init(&run->control_cond, NULL);
     int rc = branch_live_setup(branch, run, request, err);
@@ -936,8 +935,7 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
         return rc;
     struct stat st;
     if (stat(store_writer_memory_path(run->writer), &st) < 0)
-        return forkd_error_set(err, -errno, "memory.bin after a Full snapshot: %s",
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "memory.bin after a Full snapshot");
     run->total_bytes = (uint64_t)st.st_size;
     branch->bytes_total = run->total_bytes;
     branch->page_size = 4096;

@@ -239,7 +239,7 @@ static int ps_map_memory(struct page_server_template *t, const char *path, struc
     _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0)
-        return forkd_error_set(err, -errno, "page server: open %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "page server: open %s", path);
     if (st.st_size <= 0 || (uint64_t)st.st_size % PS_SMALL_PAGE)
         return forkd_error_set(err, -EINVAL,
                                "page server: %s: size %lld is not a non-zero "
@@ -247,7 +247,7 @@ static int ps_map_memory(struct page_server_template *t, const char *path, struc
                                path, (long long)st.st_size);
     void *memory = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
     if (memory == MAP_FAILED)
-        return forkd_error_set(err, -errno, "page server: mmap %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "page server: mmap %s", path);
     t->memory = memory;
     t->size = (uint64_t)st.st_size;
     t->dev = st.st_dev;
@@ -1086,7 +1086,7 @@ static int ps_fork_start(struct page_server *server, struct page_server_fork *fo
     if (rc < 0) {
         atomic_fetch_sub(&fork->refs, 1);
         unlink(config->socket_path);
-        return forkd_error_set(err, rc, "page server: handshake thread: %s", strerror(-rc));
+        return forkd_error_errno(err, rc, "page server: handshake thread");
     }
     server->handshakes++;
     fork->queue_next = server->pending;
@@ -1270,7 +1270,7 @@ int page_server_open(const struct page_server_config *config, struct page_server
         rc = -pthread_create(&server->loop, NULL, ps_loop_main, server);
     if (rc < 0) {
         ps_server_free(server);
-        return forkd_error_set(err, rc, "page server: start: %s", strerror(-rc));
+        return forkd_error_errno(err, rc, "page server: start");
     }
     server->loop_started = true;
     *out = server;

@@ -290,14 +290,12 @@ static int store_unpublish(struct store *store, const char *name, char *moved_to
     if (n < 0 || (size_t)n >= size)
         return forkd_error_set(err, -ENAMETOOLONG, "delete %s: path too long", path);
     if (!mkdtemp(moved_to))
-        return forkd_error_set(err, -errno, "delete %s: mkdtemp %s: %s", path, moved_to,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "delete %s: mkdtemp %s", path, moved_to);
     /* rename(2) atomically replaces the empty directory mkdtemp just made. */
     if (rename(path, moved_to) < 0) {
         int saved = errno;
         rmdir(moved_to);
-        return forkd_error_set(err, -saved, "delete %s: rename to %s: %s", path, moved_to,
-                               strerror(saved));
+        return forkd_error_errno(err, -saved, "delete %s: rename to %s", path, moved_to);
     }
     return 0;
 }
@@ -734,8 +732,7 @@ static int store_scan_entry(struct store *store, int dir_fd, const char *name,
     if (strncmp(name, STORE_TMP_PREFIX, strlen(STORE_TMP_PREFIX)) == 0) {
         int r = store_remove_tree_at(dir_fd, name);
         if (r < 0)
-            return forkd_error_set(err, r, "open store: remove leftover %s/%s: %s", store->dir,
-                                   name, strerror(-r));
+            return forkd_error_errno(err, r, "open store: remove leftover %s/%s", store->dir, name);
         return 0;
     }
     struct stat st;
@@ -749,8 +746,7 @@ static int store_scan(struct store *store, struct forkd_error *err)
 {
     _cleanup_closedir_ DIR *dir = opendir(store->dir);
     if (!dir)
-        return forkd_error_set(err, -errno, "open store: opendir %s: %s", store->dir,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "open store: opendir %s", store->dir);
     struct dirent *de;
     while ((errno = 0, de = readdir(dir))) {
         if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
@@ -760,11 +756,10 @@ static int store_scan(struct store *store, struct forkd_error *err)
             return r;
     }
     if (errno)
-        return forkd_error_set(err, -errno, "open store: readdir %s: %s", store->dir,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "open store: readdir %s", store->dir);
     int r = fs_sync_dir(store->dir);
     if (r < 0)
-        return forkd_error_set(err, r, "open store: fsync %s: %s", store->dir, strerror(-r));
+        return forkd_error_errno(err, r, "open store: fsync %s", store->dir);
     return 0;
 }
 
@@ -780,7 +775,7 @@ int store_open(const char *state_dir, struct store **out, struct forkd_error *er
     if (n < 0 || (size_t)n >= sizeof(store->dir))
         r = forkd_error_set(err, -ENAMETOOLONG, "open store: state dir %s is too long", state_dir);
     if (r == 0 && (r = fs_mkdir_parents(store->dir, 0700)) < 0)
-        forkd_error_set(err, r, "open store: mkdir %s: %s", store->dir, strerror(-r));
+        forkd_error_errno(err, r, "open store: mkdir %s", store->dir);
     if (r == 0)
         r = store_scan(store, err);
     if (r < 0) {
@@ -813,8 +808,7 @@ static int store_writer_paths(struct store_writer *w, struct forkd_error *err)
         return forkd_error_set(err, -ENAMETOOLONG, "begin snapshot '%s': path under %s too long",
                                w->name, w->store->dir);
     if (!mkdtemp(w->dir))
-        return forkd_error_set(err, -errno, "begin snapshot '%s': mkdtemp %s: %s", w->name, w->dir,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "begin snapshot '%s': mkdtemp %s", w->name, w->dir);
     /* The file paths were formatted from the template: give them the X's mkdtemp filled in. */
     memcpy(w->vmstate_path, w->dir, strlen(w->dir));
     memcpy(w->memory_path, w->dir, strlen(w->dir));
@@ -984,11 +978,11 @@ static int store_sync_data_file(const char *path, uint64_t *size, struct forkd_e
                                strerror(ENOENT));
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0)
-        return forkd_error_set(err, -errno, "open %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "open %s", path);
     if (!S_ISREG(st.st_mode))
         return forkd_error_set(err, -EINVAL, "%s is not a regular file", path);
     if (fsync(fd) < 0)
-        return forkd_error_set(err, -errno, "fsync %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "fsync %s", path);
     *size = (uint64_t)st.st_size;
     return 0;
 }
@@ -1005,12 +999,12 @@ static int store_write_metadata(const struct store_writer *w, const struct store
         return forkd_error_set(err, -ENOMEM, "format %s: out of memory", path);
     _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
-        return forkd_error_set(err, -errno, "create %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "create %s", path);
     int r = fs_write_all(fd, text, strlen(text));
     if (r < 0)
-        return forkd_error_set(err, r, "write %s: %s", path, strerror(-r));
+        return forkd_error_errno(err, r, "write %s", path);
     if (fsync(fd) < 0)
-        return forkd_error_set(err, -errno, "fsync %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "fsync %s", path);
     return 0;
 }
 
@@ -1040,7 +1034,7 @@ static int store_prepare(struct store_writer *w, struct store_snapshot *meta,
     meta->path[0] = '\0';
     r = store_write_metadata(w, meta, err);
     if (r == 0 && (r = fs_sync_dir(w->dir)) < 0)
-        forkd_error_set(err, r, "fsync %s: %s", w->dir, strerror(-r));
+        forkd_error_errno(err, r, "fsync %s", w->dir);
     return r;
 }
 
@@ -1061,8 +1055,7 @@ static int store_rename_into_place(struct store_writer *w, const char *final_pat
     if (store_writer_abandoned(w))
         r = store_cancelled(w, err);
     else if (renameat2(AT_FDCWD, w->dir, AT_FDCWD, final_path, RENAME_NOREPLACE) < 0)
-        r = forkd_error_set(err, -errno, "rename %s to %s: %s", w->dir, final_path,
-                            strerror(errno));
+        r = forkd_error_errno(err, -errno, "rename %s to %s", w->dir, final_path);
     pthread_mutex_unlock(&store->lock);
     return r;
 }
@@ -1108,7 +1101,7 @@ static int store_publish_steps(struct store_writer *w, struct store_snapshot *me
     }
     int sync_result = fs_sync_dir(w->store->dir);
     if (sync_result < 0)
-        forkd_error_set(err, sync_result, "fsync %s: %s", w->store->dir, strerror(-sync_result));
+        forkd_error_errno(err, sync_result, "fsync %s", w->store->dir);
     return store_make_ready(w, meta, sync_result, err);
 }
 
@@ -1279,7 +1272,6 @@ int store_delete(struct store *store, const char *name, bool force, struct forkd
                                name, moved_to, strerror(-r));
     r = fs_sync_dir(store->dir);
     if (r < 0)
-        return forkd_error_set(err, r, "delete snapshot '%s': fsync %s: %s", name, store->dir,
-                               strerror(-r));
+        return forkd_error_errno(err, r, "delete snapshot '%s': fsync %s", name, store->dir);
     return 0;
 }

@@ -336,7 +336,7 @@ static int vm_watch(struct vm *vm, struct forkd_error *err)
     struct epoll_event event = {.events = EPOLLIN, .data.ptr = vm};
     if (epoll_ctl(vm->registry->epoll_fd, EPOLL_CTL_ADD, vm->pidfd, &event) < 0) {
         vm_unref(vm);
-        return forkd_error_set(err, -errno, "watch VMM pid %d: %s", vm->pid, strerror(errno));
+        return forkd_error_errno(err, -errno, "watch VMM pid %d", vm->pid);
     }
     return 0;
 }
@@ -382,8 +382,7 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
 {
     int rc = fs_mkdir_parents(config->run_dir, 0700);
     if (rc < 0)
-        return forkd_error_set(err, rc, "create VM run directory %s: %s", config->run_dir,
-                               strerror(-rc));
+        return forkd_error_errno(err, rc, "create VM run directory %s", config->run_dir);
     struct vm_registry *registry = calloc(1, sizeof(*registry));
     if (!registry)
         return forkd_error_set(err, -ENOMEM, "VM registry: out of memory");
@@ -397,7 +396,7 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
     if (registry->epoll_fd < 0 || registry->stop_fd < 0 ||
         epoll_ctl(registry->epoll_fd, EPOLL_CTL_ADD, registry->stop_fd, &stop) < 0 ||
         pthread_create(&registry->reaper, NULL, vm_reaper_loop, registry) != 0) {
-        rc = forkd_error_set(err, -errno, "VM registry: reaper set-up: %s", strerror(errno));
+        rc = forkd_error_errno(err, -errno, "VM registry: reaper set-up");
         close(registry->epoll_fd);
         close(registry->stop_fd);
         free(registry);
@@ -486,7 +485,7 @@ int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report
     *report = (struct vm_stale_report){0};
     _cleanup_closedir_ DIR *dir = opendir(registry->run_dir);
     if (!dir)
-        return forkd_error_set(err, -errno, "open %s: %s", registry->run_dir, strerror(errno));
+        return forkd_error_errno(err, -errno, "open %s", registry->run_dir);
     unsigned long highest = 0;
     for (struct dirent *entry; (entry = readdir(dir));) {
         unsigned long id = vm_file_id(entry->d_name);
@@ -701,13 +700,13 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attributes);
     if (rc != 0)
-        return forkd_error_set(err, -rc, "start VMM %s: %s", registry->vmm_binary, strerror(rc));
+        return forkd_error_errno(err, -rc, "start VMM %s", registry->vmm_binary);
     vm->pid = pid;
     vm->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (vm->pidfd < 0) {
         int saved = errno;
         forkd_kill_reapp(&pid);
-        return forkd_error_set(err, -saved, "pidfd_open(%d): %s", vm->pid, strerror(saved));
+        return forkd_error_errno(err, -saved, "pidfd_open(%d)", vm->pid);
     }
     return vm_watch(vm, err);
 }
@@ -805,8 +804,7 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
             struct forkd_error *err)
 {
     if (access(config->kernel_image_path, R_OK) < 0)
-        return forkd_error_set(err, -errno, "kernel image %s: %s", config->kernel_image_path,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "kernel image %s", config->kernel_image_path);
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
@@ -833,13 +831,13 @@ static int vm_fill_memfd(struct vm *vm, const char *memory_path, struct forkd_er
     _cleanup_close_ int source = open(memory_path, O_RDONLY | O_CLOEXEC);
     struct stat st;
     if (source < 0 || fstat(source, &st) < 0)
-        return forkd_error_set(err, -errno, "open %s: %s", memory_path, strerror(errno));
+        return forkd_error_errno(err, -errno, "open %s", memory_path);
     char name[64];
     snprintf(name, sizeof(name), "forkd-guest-%s", vm->id);
     _cleanup_close_ int memfd = memfd_create(name, MFD_CLOEXEC);
     if (memfd < 0 || ftruncate(memfd, st.st_size) < 0)
-        return forkd_error_set(err, -errno, "memfd for %s (%lld bytes): %s", vm->id,
-                               (long long)st.st_size, strerror(errno));
+        return forkd_error_errno(err, -errno, "memfd for %s (%lld bytes)", vm->id,
+                                 (long long)st.st_size);
     off_t offset = 0;
     while (offset < st.st_size) {
         /* sendfile copies page cache to the memfd in the kernel, in large steps. */
@@ -898,7 +896,7 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
     } else {
         struct stat st;
         if (stat(config->memory_path, &st) < 0)
-            return forkd_error_set(err, -errno, "%s: %s", config->memory_path, strerror(errno));
+            return forkd_error_errno(err, -errno, "%s", config->memory_path);
         vm->memory_bytes = (uint64_t)st.st_size;
         snprintf(backend_path, sizeof(backend_path), "%s", config->memory_path);
     }

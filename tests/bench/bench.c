@@ -207,11 +207,11 @@ static int open_context(struct bench_context *context, struct forkd_error *err)
     if (o->state_dir) {
         snprintf(context->state_dir, sizeof(context->state_dir), "%s", o->state_dir);
         if (mkdir(o->state_dir, 0700) < 0 && errno != EEXIST)
-            return forkd_error_set(err, -errno, "mkdir %s: %s", o->state_dir, strerror(errno));
+            return forkd_error_errno(err, -errno, "mkdir %s", o->state_dir);
     } else {
         snprintf(context->state_dir, sizeof(context->state_dir), "/var/tmp/forkd-bench-XXXXXX");
         if (!mkdtemp(context->state_dir))
-            return forkd_error_set(err, -errno, "mkdtemp: %s", strerror(errno));
+            return forkd_error_errno(err, -errno, "mkdtemp");
     }
     struct engine_config config = {.state_dir = context->state_dir,
                                    .vmm_binary = FORKD_TESTVM_PATH};

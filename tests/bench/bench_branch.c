@@ -305,7 +305,7 @@ static int make_source_vm(struct bench_context *context, unsigned mem_mib,
     char seed[PATH_MAX];
     snprintf(seed, sizeof(seed), "%s/forkd-bench-seed-XXXXXX", context->options->seed_dir);
     if (!mkdtemp(seed))
-        return forkd_error_set(err, -errno, "mkdtemp %s: %s", seed, strerror(errno));
+        return forkd_error_errno(err, -errno, "mkdtemp %s", seed);
     snprintf(context->seed_path, sizeof(context->seed_path), "%s", seed);
     uint64_t boot_ns = 0;
     int rc = guest_seed_snapshot(context->options, mem_mib, seed, &boot_ns, err);

@@ -129,7 +129,7 @@ int rate_sampler_start(struct vm *vm, unsigned interval_ms, struct rate_sampler 
     pthread_mutex_init(&sampler->samples_lock, NULL);
     int rc = vmm_client_open(status.api_socket_path, &sampler->client, err);
     if (rc == 0 && (rc = -pthread_create(&sampler->thread, NULL, sampler_loop, sampler)) < 0)
-        forkd_error_set(err, rc, "rate sampler thread: %s", strerror(-rc));
+        forkd_error_errno(err, rc, "rate sampler thread");
     if (rc < 0) {
         vmm_client_close(sampler->client);
         free(sampler);
@@ -216,7 +216,7 @@ static int seed_spawn(const char *socket_path, const char *log_path, pid_t *pid,
     int rc = posix_spawn(pid, FORKD_TESTVM_PATH, &actions, NULL, argv, environ);
     posix_spawn_file_actions_destroy(&actions);
     if (rc != 0)
-        return forkd_error_set(err, -rc, "spawn %s: %s", FORKD_TESTVM_PATH, strerror(rc));
+        return forkd_error_errno(err, -rc, "spawn %s", FORKD_TESTVM_PATH);
     for (int i = 0; i < 1000 && !fs_unix_socket_answers(socket_path); i++)
         bench_sleep_ms(10);
     return 0;

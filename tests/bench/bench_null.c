@@ -77,7 +77,7 @@ static int null_serve(const struct uffd_handshake *handshake, uint64_t deadline,
         int timeout_ms = (int)((deadline - now) / 1000000) + 1;
         int ready = uffd_wait_peer(handshake->uffd, handshake->connection, -1, timeout_ms);
         if (ready < 0)
-            return forkd_error_set(err, ready, "null handler: userfaultfd: %s", strerror(-ready));
+            return forkd_error_errno(err, ready, "null handler: userfaultfd");
         int count = ready ? uffd_read_events(handshake->uffd, messages, NULL_BATCH, err) : 0;
         if (count < 0)
             return count;
