@@ -140,10 +140,10 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
         .daemon = daemon,
     };
     struct server *server = NULL;
-    char err[512];
-    int rc = server_start(&config, &server, err, sizeof(err));
+    struct forkd_error err = {0};
+    int rc = server_start(&config, &server, &err);
     if (rc < 0) {
-        log_error("%s", err);
+        log_error("%s", err.message);
         return rc;
     }
     log_info("forkd %s listening on %s (state dir %s, vmm %s)", FORKD_VERSION, opts->listen,
