@@ -15,14 +15,17 @@
 
 #include "basic/cleanup.h"
 #include "basic/fsutil.h"
+
 #include "latency.h"
-#include "vmm_client.h"
 #include "pause.h"
 #include "thread_priority.h"
 #include "uffd.h"
+#include "vmm_client.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
@@ -33,6 +36,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -93,6 +97,11 @@ struct branch_run_state {
     _Atomic int handler_error;  /* negative errno once the handler failed */
     char handler_error_message[FORKD_ERROR_MESSAGE_MAX];
     atomic_uint_fast64_t pages_written;
+    /* Futex word bumped by the fault handler after each page it wrote, woken only while the
+     * copier waits for the last of them (written_waiting), so the fault path makes no system
+     * call otherwise and takes no lock. */
+    _Atomic uint32_t written_seq;
+    atomic_bool written_waiting;
 };
 
 struct branch {
@@ -323,6 +332,9 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
     atomic_fetch_add(&branch->pages_by_fault, 1);
     atomic_fetch_add(&branch->bytes_copied, page_size);
     atomic_fetch_add(&run->pages_written, 1);
+    atomic_fetch_add(&run->written_seq, 1);
+    if (atomic_load(&run->written_waiting))
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
 static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
@@ -705,21 +717,29 @@ static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
     return 0;
 }
 
-/* Waits for the fault handler to finish writing the pages it claimed. */
+/* Waits for the fault handler to finish writing the pages it claimed: woken by each page it
+ * writes, and every WRITTEN_CHECK_MS to see whether the branch was cancelled or failed. */
+#define WRITTEN_CHECK_MS 10
 static int branch_wait_all_written(struct branch *branch, struct branch_run_state *run,
                                    struct forkd_error *err)
 {
     uint64_t total_pages = 0;
     for (size_t r = 0; r < run->region_count; r++)
         total_pages += run->regions[r].page_count;
-    while (atomic_load(&run->pages_written) < total_pages) {
-        int rc = branch_check_alive(branch, run, err);
-        if (rc < 0)
-            return rc;
-        struct timespec pause = {.tv_nsec = 50000};
-        nanosleep(&pause, NULL);
+    atomic_store(&run->written_waiting, true);
+    int rc = 0;
+    for (;;) {
+        uint32_t seen = atomic_load(&run->written_seq);
+        if (atomic_load(&run->pages_written) >= total_pages)
+            break;
+        if ((rc = branch_check_alive(branch, run, err)) < 0)
+            break;
+        /* Returns at once if a page was written since `seen` was read. */
+        struct timespec check = {.tv_nsec = WRITTEN_CHECK_MS * 1000000L};
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAIT_PRIVATE, seen, &check, NULL, 0);
     }
-    return 0;
+    atomic_store(&run->written_waiting, false);
+    return rc;
 }
 
 /* ---- set-up and tear-down of a live branch ---------------------------------------------- */
