@@ -2,12 +2,12 @@
  * The RPC handlers the method table routes to, one module per group: info.c (GetInfo),
  * health.c (grpc.health.v1), vms.c (Boot, Spawn, ListVms, GetVm, StopVm), snapshots.c
  * (ListSnapshots, GetSnapshot, DeleteSnapshot), branches.c (Branch, WatchBranch). Each has the
- * rpc_handler_fn signature.
+ * rpc_handler_fn signature (call.h).
  */
 #ifndef FORKD_SERVICE_HANDLERS_H
 #define FORKD_SERVICE_HANDLERS_H
 
-#include "routes.h"
+#include "call.h"
 
 grpc_status_code handle_get_info(struct rpc_call *call, const ProtobufCMessage *request,
                                  struct rpc_status *status);
