@@ -88,13 +88,13 @@ static void main_shutdown(struct server *server, struct daemon_state *daemon)
     unsigned grace = daemon->options->shutdown_grace_ms;
     uint64_t deadline = forkd_deadline_after_ms(grace);
     bool calls_done = server_wait_idle(server, forkd_ms_left(deadline));
-    bool branches_done = branch_table_wait_idle(daemon->branches, forkd_ms_left(deadline));
+    bool branches_done = branches_wait_idle(daemon->branches, forkd_ms_left(deadline));
     if (!calls_done || !branches_done) {
         log_warn("calls or branches still running after the %u ms grace period: cancelling them",
                  grace);
-        branch_table_cancel_all(daemon->branches);
+        branches_cancel_all(daemon->branches);
         server_cancel_all(server);
-        branch_table_wait_idle(daemon->branches, -1);
+        branches_wait_idle(daemon->branches, -1);
         server_wait_idle(server, -1);
     }
     server_destroy(server);
@@ -116,13 +116,13 @@ static int main_open_engine(struct daemon_state *daemon)
         log_warn("an earlier forkd on %s left VMs: %u killed (it had died without stopping "
                  "them), %u left running as kept (--keep-vms; not managed by this forkd)",
                  opts->state_dir, stale.killed, stale.kept);
-    daemon->branches = branch_table_new(opts->max_branches);
+    daemon->branches = branches_table_new(opts->max_branches);
     return daemon->branches ? 0 : -ENOMEM;
 }
 
 static void main_close_engine(struct daemon_state *daemon)
 {
-    branch_table_free(daemon->branches);
+    branches_table_free(daemon->branches);
     if (daemon->engine)
         log_info("%s the VMs", daemon->options->keep_vms ? "leaving running" : "stopping");
     engine_close(daemon->engine, daemon->options->keep_vms, 2000);
