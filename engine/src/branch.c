@@ -940,11 +940,9 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
     branch_set_phase(branch, BRANCH_PHASE_PAUSED);
     uint64_t start = forkd_monotonic_ns();
     /* The VMM writes all of memory before it answers: allow for it. */
-    vmm_client_set_timeout_ms(vm_client(run->vm), vm_slow_call_timeout_ms(run->vm));
-    int rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_FULL,
-                                 store_writer_vmstate_path(run->writer),
-                                 store_writer_memory_path(run->writer), err);
-    vmm_client_set_timeout_ms(vm_client(run->vm), VMM_CLIENT_DEFAULT_TIMEOUT_MS);
+    int rc = vmm_snapshot_create_within(
+        vm_client(run->vm), VMM_SNAPSHOT_FULL, store_writer_vmstate_path(run->writer),
+        store_writer_memory_path(run->writer), vm_slow_call_timeout_ms(run->vm), err);
     if (rc < 0)
         return rc;
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);

@@ -793,9 +793,7 @@ static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
         rc = vmm_put_boot_source(vm->client, config->kernel_image_path, config->boot_args, err);
     if (rc == 0) {
         /* A VMM may touch all guest memory while starting (the test VMM fills it). */
-        vmm_client_set_timeout_ms(vm->client, vm_slow_call_timeout_ms(vm));
-        rc = vmm_start(vm->client, err);
-        vmm_client_set_timeout_ms(vm->client, VMM_CLIENT_DEFAULT_TIMEOUT_MS);
+        rc = vmm_start_within(vm->client, vm_slow_call_timeout_ms(vm), err);
     }
     return rc;
 }
