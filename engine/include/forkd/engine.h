@@ -6,6 +6,9 @@
  *
  * Each action states when it is allowed; the caller (the gRPC layer) turns a request into an
  * action and an action's error (negative errno + message) into its own status.
+ *
+ * engine/README.md maps the files and the threads (who starts each, what it owns, how work is
+ * handed from one to another).
  */
 #ifndef FORKD_ENGINE_H
 #define FORKD_ENGINE_H
