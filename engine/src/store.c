@@ -1,7 +1,7 @@
 /*
  * The snapshot store (see forkd/store.h): owns <state-dir>/snapshots, the on-disk layout of a
- * snapshot, snapshot.json (format_version 1), the atomic publish protocol, crash clean-up at
- * open, and the in-memory table of names (READY, WRITING, corrupt) with their use counts.
+ * snapshot, the atomic publish protocol, crash clean-up at open, and the in-memory table of names
+ * (READY, WRITING, corrupt) with their use counts.
  *
  * The table is the truth after store_open: READY entries hold the parsed snapshot.json, so list,
  * get and acquire never touch the disk. One mutex guards the table; under it the store only does
@@ -12,7 +12,8 @@
 #include "basic/cleanup.h"
 #include "basic/fsutil.h"
 
-#include <cjson/cJSON.h>
+#include "snapshot_json.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -26,7 +27,6 @@
 #include <unistd.h>
 
 #define STORE_NAME_RULE       "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-#define STORE_FORMAT_VERSION  1
 #define STORE_TMP_PREFIX      ".tmp-"
 #define STORE_DELETING_PREFIX ".tmp-deleting-"
 #define STORE_METADATA_FILE   "snapshot.json"
@@ -34,7 +34,6 @@
 #define STORE_MEMORY_FILE     "memory.bin"
 #define STORE_METADATA_MAX    (1 << 20)
 /* Integers above 2^53 do not survive a JSON number (a double); refuse them on both sides. */
-#define STORE_JSON_INT_MAX (UINT64_C(1) << 53)
 
 enum store_entry_kind {
     STORE_ENTRY_READY,
@@ -72,11 +71,6 @@ struct store_writer {
     char vmstate_path[PATH_MAX];
     char memory_path[PATH_MAX];
 };
-
-static void store_cjson_deletep(cJSON **json)
-{
-    cJSON_Delete(*json);
-}
 
 /* ---- names ---- */
 
@@ -300,53 +294,11 @@ static int store_unpublish(struct store *store, const char *name, char *moved_to
     return 0;
 }
 
-/* ---- snapshot.json: writing ---- */
+/* ---- the record's figures ---- */
 
-static const char *store_mode_name(enum store_mode mode)
-{
-    switch (mode) {
-    case STORE_MODE_LIVE:
-        return "live";
-    case STORE_MODE_LIVE_ARM_IN_PAUSE:
-        return "live_arm_in_pause";
-    case STORE_MODE_FULL:
-        return "full";
-    }
-    return NULL;
-}
-
-static bool store_mode_parse(const char *text, enum store_mode *out)
-{
-    static const enum store_mode modes[] = {STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE,
-                                            STORE_MODE_FULL};
-    for (size_t i = 0; i < ARRAY_SIZE(modes); i++) {
-        if (strcmp(text, store_mode_name(modes[i])) == 0) {
-            *out = modes[i];
-            return true;
-        }
-    }
-    return false;
-}
-
-static bool store_json_put_u64(cJSON *obj, const char *key, uint64_t value)
-{
-    return cJSON_AddNumberToObject(obj, key, (double)value) != NULL;
-}
-
-static bool store_json_put_str(cJSON *obj, const char *key, const char *value)
-{
-    return cJSON_AddStringToObject(obj, key, value) != NULL;
-}
-
-static cJSON *store_json_put_object(cJSON *obj, const char *key)
-{
-    return cJSON_AddObjectToObject(obj, key);
-}
-
-#define STORE_FIGURE(name)                                                                         \
-    {                                                                                              \
-#name, offsetof(struct store_figures, name)                                                \
-    }
+/* clang-format off */
+#define STORE_FIGURE(name) {#name, offsetof(struct store_figures, name)}
+/* clang-format on */
 const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT] = {
     STORE_FIGURE(pause_ns),          STORE_FIGURE(arm_ns),       STORE_FIGURE(rearm_ns),
     STORE_FIGURE(rearmed_pages),     STORE_FIGURE(vmstate_ns),   STORE_FIGURE(copy_ns),
@@ -356,291 +308,6 @@ const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT] = {
 };
 _Static_assert(STORE_FIGURE_COUNT * sizeof(uint64_t) == sizeof(struct store_figures),
                "store_figure_fields must name every figure");
-
-static uint64_t *store_figure_at(struct store_figures *figures,
-                                 const struct store_figure_field *field)
-{
-    return (uint64_t *)((char *)figures + field->offset);
-}
-
-static bool store_json_put_figures(cJSON *parent, const struct store_figures *f)
-{
-    cJSON *obj = store_json_put_object(parent, "figures");
-    for (size_t i = 0; obj && i < STORE_FIGURE_COUNT; i++)
-        if (!store_json_put_u64(obj, store_figure_fields[i].name,
-                                store_figure_get(f, &store_figure_fields[i])))
-            return false;
-    return obj != NULL;
-}
-
-static bool store_json_put_regions(cJSON *parent, const struct store_snapshot *meta)
-{
-    cJSON *array = cJSON_AddArrayToObject(parent, "regions");
-    if (!array)
-        return false;
-    for (size_t i = 0; i < meta->region_count; i++) {
-        const struct store_region *r = &meta->regions[i];
-        cJSON *obj = cJSON_CreateObject();
-        if (!obj || !cJSON_AddItemToArray(array, obj))
-            return cJSON_Delete(obj), false;
-        if (!store_json_put_u64(obj, "guest_phys_addr", r->guest_phys_addr) ||
-            !store_json_put_u64(obj, "size", r->size) ||
-            !store_json_put_u64(obj, "file_offset", r->file_offset) ||
-            !store_json_put_u64(obj, "page_size", r->page_size))
-            return false;
-    }
-    return true;
-}
-
-static bool store_json_put_labels(cJSON *parent, const struct store_snapshot *meta)
-{
-    cJSON *obj = store_json_put_object(parent, "labels");
-    if (!obj)
-        return false;
-    for (size_t i = 0; i < meta->label_count; i++)
-        if (!store_json_put_str(obj, meta->labels[i].key, meta->labels[i].value))
-            return false;
-    return true;
-}
-
-static bool store_json_put_snapshot(cJSON *root, const struct store_snapshot *meta)
-{
-    cJSON *source, *machine, *vmm;
-    return store_json_put_u64(root, "format_version", STORE_FORMAT_VERSION) &&
-           store_json_put_str(root, "name", meta->name) &&
-           (source = store_json_put_object(root, "source_vm")) &&
-           store_json_put_str(source, "id", meta->source_vm_id) &&
-           store_json_put_str(source, "name", meta->source_vm_name) &&
-           store_json_put_str(root, "parent_snapshot", meta->parent_snapshot) &&
-           store_json_put_str(root, "mode", store_mode_name(meta->mode)) &&
-           (machine = store_json_put_object(root, "machine")) &&
-           store_json_put_u64(machine, "vcpu_count", meta->vcpu_count) &&
-           store_json_put_u64(machine, "mem_size_mib", meta->mem_size_mib) &&
-           store_json_put_u64(root, "memory_bytes", meta->memory_bytes) &&
-           store_json_put_u64(root, "vmstate_bytes", meta->vmstate_bytes) &&
-           store_json_put_u64(root, "page_size", meta->page_size) &&
-           store_json_put_regions(root, meta) && store_json_put_figures(root, &meta->figures) &&
-           (vmm = store_json_put_object(root, "vmm")) &&
-           store_json_put_str(vmm, "binary", meta->vmm_binary) &&
-           store_json_put_str(vmm, "version", meta->vmm_version) &&
-           cJSON_AddNumberToObject(root, "created_at_unix_ms", (double)meta->created_at_unix_ms) &&
-           store_json_put_labels(root, meta);
-}
-
-/* Returns a malloc'd, pretty-printed snapshot.json, or NULL when out of memory. */
-static char *store_json_format(const struct store_snapshot *meta)
-{
-    _cleanup_(store_cjson_deletep) cJSON *root = cJSON_CreateObject();
-    if (!root || !store_json_put_snapshot(root, meta))
-        return NULL;
-    return cJSON_Print(root);
-}
-
-/* ---- snapshot.json: reading (strict: a missing field or a wrong type is corruption) ---- */
-
-static const cJSON *store_json_field(const cJSON *obj, const char *key, struct forkd_error *err)
-{
-    const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, key);
-    if (!item)
-        forkd_error_set(err, -EIO, "field \"%s\" is missing", key);
-    return item;
-}
-
-static int store_json_get_u64(const cJSON *obj, const char *key, uint64_t max, uint64_t *out,
-                              struct forkd_error *err)
-{
-    const cJSON *item = store_json_field(obj, key, err);
-    if (!item)
-        return -EIO;
-    double d = item->valuedouble;
-    /* Written so that NaN fails too, before the cast that would be undefined for it. */
-    if (!cJSON_IsNumber(item) || !(d >= 0 && d <= (double)max) || d != (double)(uint64_t)d)
-        return forkd_error_set(err, -EIO, "field \"%s\" must be an integer from 0 to %llu", key,
-                               (unsigned long long)max);
-    *out = (uint64_t)d;
-    return 0;
-}
-
-static int store_json_get_u32(const cJSON *obj, const char *key, uint32_t *out,
-                              struct forkd_error *err)
-{
-    uint64_t value;
-    int r = store_json_get_u64(obj, key, UINT32_MAX, &value, err);
-    if (r == 0)
-        *out = (uint32_t)value;
-    return r;
-}
-
-static int store_json_get_str(const cJSON *obj, const char *key, char *buf, size_t size,
-                              struct forkd_error *err)
-{
-    const cJSON *item = store_json_field(obj, key, err);
-    if (!item)
-        return -EIO;
-    if (!cJSON_IsString(item))
-        return forkd_error_set(err, -EIO, "field \"%s\" must be a string", key);
-    if (strlen(item->valuestring) >= size)
-        return forkd_error_set(err, -EIO, "field \"%s\" is longer than %zu bytes", key, size - 1);
-    memcpy(buf, item->valuestring, strlen(item->valuestring) + 1);
-    return 0;
-}
-
-static const cJSON *store_json_get_object(const cJSON *obj, const char *key,
-                                          struct forkd_error *err)
-{
-    const cJSON *item = store_json_field(obj, key, err);
-    if (item && !cJSON_IsObject(item)) {
-        forkd_error_set(err, -EIO, "field \"%s\" must be an object", key);
-        return NULL;
-    }
-    return item;
-}
-
-static int store_json_get_figures(const cJSON *root, struct store_figures *f,
-                                  struct forkd_error *err)
-{
-    const cJSON *obj = store_json_get_object(root, "figures", err);
-    if (!obj)
-        return forkd_error_prefix(err, "figures: ");
-    for (size_t i = 0; i < STORE_FIGURE_COUNT; i++) {
-        const struct store_figure_field *field = &store_figure_fields[i];
-        if (store_json_get_u64(obj, field->name, STORE_JSON_INT_MAX, store_figure_at(f, field),
-                               err))
-            return forkd_error_prefix(err, "figures: ");
-    }
-    return 0;
-}
-
-static int store_json_get_regions(const cJSON *root, struct store_snapshot *meta,
-                                  struct forkd_error *err)
-{
-    const cJSON *array = store_json_field(root, "regions", err);
-    if (!array)
-        return -EIO;
-    if (!cJSON_IsArray(array) || cJSON_GetArraySize(array) > STORE_MAX_REGIONS)
-        return forkd_error_set(err, -EIO, "field \"regions\" must be an array of at most %d",
-                               STORE_MAX_REGIONS);
-    const cJSON *item;
-    cJSON_ArrayForEach(item, array)
-    {
-        struct store_region *r = &meta->regions[meta->region_count];
-        if (!cJSON_IsObject(item) ||
-            store_json_get_u64(item, "guest_phys_addr", STORE_JSON_INT_MAX, &r->guest_phys_addr,
-                               err) ||
-            store_json_get_u64(item, "size", STORE_JSON_INT_MAX, &r->size, err) ||
-            store_json_get_u64(item, "file_offset", STORE_JSON_INT_MAX, &r->file_offset, err) ||
-            store_json_get_u32(item, "page_size", &r->page_size, err)) {
-            if (!cJSON_IsObject(item))
-                forkd_error_set(err, -EIO, "not an object");
-            return forkd_error_prefix(err, "regions[%zu]: ", meta->region_count);
-        }
-        meta->region_count++;
-    }
-    return 0;
-}
-
-static int store_json_get_label(const cJSON *item, struct store_snapshot *meta,
-                                struct forkd_error *err)
-{
-    struct store_label *label = &meta->labels[meta->label_count];
-    if (strlen(item->string) >= sizeof(label->key))
-        return forkd_error_set(err, -EIO, "key \"%.64s...\" is too long", item->string);
-    for (size_t i = 0; i < meta->label_count; i++)
-        if (strcmp(meta->labels[i].key, item->string) == 0)
-            return forkd_error_set(err, -EIO, "key \"%s\" appears twice", item->string);
-    if (!cJSON_IsString(item) || strlen(item->valuestring) >= sizeof(label->value))
-        return forkd_error_set(err, -EIO, "\"%s\" must be a string of less than %zu bytes",
-                               item->string, sizeof(label->value));
-    memcpy(label->key, item->string, strlen(item->string) + 1);
-    memcpy(label->value, item->valuestring, strlen(item->valuestring) + 1);
-    meta->label_count++;
-    return 0;
-}
-
-static int store_json_get_labels(const cJSON *root, struct store_snapshot *meta,
-                                 struct forkd_error *err)
-{
-    const cJSON *obj = store_json_get_object(root, "labels", err);
-    if (!obj)
-        return -EIO;
-    if (cJSON_GetArraySize(obj) > STORE_MAX_LABELS)
-        return forkd_error_set(err, -EIO, "more than %d labels", STORE_MAX_LABELS);
-    const cJSON *item;
-    cJSON_ArrayForEach(item, obj)
-    {
-        if (store_json_get_label(item, meta, err))
-            return forkd_error_prefix(err, "labels: ");
-    }
-    return 0;
-}
-
-static int store_json_get_identity(const cJSON *root, struct store_snapshot *meta,
-                                   struct forkd_error *err)
-{
-    uint64_t version;
-    char mode[32];
-    const cJSON *source, *machine, *vmm;
-    if (store_json_get_u64(root, "format_version", STORE_JSON_INT_MAX, &version, err))
-        return -EIO;
-    if (version != STORE_FORMAT_VERSION)
-        return forkd_error_set(err, -EIO, "format_version %llu is not supported (expected %d)",
-                               (unsigned long long)version, STORE_FORMAT_VERSION);
-    if (store_json_get_str(root, "name", meta->name, sizeof(meta->name), err) ||
-        !(source = store_json_get_object(root, "source_vm", err)) ||
-        store_json_get_str(source, "id", meta->source_vm_id, sizeof(meta->source_vm_id), err) ||
-        store_json_get_str(source, "name", meta->source_vm_name, sizeof(meta->source_vm_name),
-                           err) ||
-        store_json_get_str(root, "parent_snapshot", meta->parent_snapshot,
-                           sizeof(meta->parent_snapshot), err) ||
-        store_json_get_str(root, "mode", mode, sizeof(mode), err) ||
-        !(machine = store_json_get_object(root, "machine", err)) ||
-        store_json_get_u32(machine, "vcpu_count", &meta->vcpu_count, err) ||
-        store_json_get_u64(machine, "mem_size_mib", STORE_JSON_INT_MAX, &meta->mem_size_mib, err) ||
-        !(vmm = store_json_get_object(root, "vmm", err)) ||
-        store_json_get_str(vmm, "binary", meta->vmm_binary, sizeof(meta->vmm_binary), err) ||
-        store_json_get_str(vmm, "version", meta->vmm_version, sizeof(meta->vmm_version), err))
-        return -EIO;
-    if (!store_mode_parse(mode, &meta->mode))
-        return forkd_error_set(err, -EIO, "mode \"%s\" is not live, live_arm_in_pause or full",
-                               mode);
-    return 0;
-}
-
-static int store_json_get_created_at(const cJSON *root, int64_t *out, struct forkd_error *err)
-{
-    const cJSON *item = store_json_field(root, "created_at_unix_ms", err);
-    if (!item)
-        return -EIO;
-    double d = item->valuedouble;
-    if (!cJSON_IsNumber(item) ||
-        !(d >= -(double)STORE_JSON_INT_MAX && d <= (double)STORE_JSON_INT_MAX) ||
-        d != (double)(int64_t)d)
-        return forkd_error_set(err, -EIO, "field \"created_at_unix_ms\" must be an integer");
-    *out = (int64_t)d;
-    return 0;
-}
-
-static int store_json_parse(const char *text, size_t len, struct store_snapshot *meta,
-                            struct forkd_error *err)
-{
-    _cleanup_(store_cjson_deletep) cJSON *root = cJSON_ParseWithLength(text, len);
-    if (!root)
-        return forkd_error_set(err, -EIO, "not valid JSON");
-    if (!cJSON_IsObject(root))
-        return forkd_error_set(err, -EIO, "not a JSON object");
-    memset(meta, 0, sizeof(*meta));
-    if (store_json_get_identity(root, meta, err) ||
-        store_json_get_u64(root, "memory_bytes", STORE_JSON_INT_MAX, &meta->memory_bytes, err) ||
-        store_json_get_u64(root, "vmstate_bytes", STORE_JSON_INT_MAX, &meta->vmstate_bytes, err) ||
-        store_json_get_u32(root, "page_size", &meta->page_size, err) ||
-        store_json_get_regions(root, meta, err) ||
-        store_json_get_figures(root, &meta->figures, err) ||
-        store_json_get_created_at(root, &meta->created_at_unix_ms, err) ||
-        store_json_get_labels(root, meta, err))
-        return -EIO;
-    meta->state = STORE_STATE_READY;
-    return 0;
-}
 
 /* ---- loading at open ---- */
 
@@ -689,7 +356,7 @@ static int store_load_snapshot(int dir_fd, const char *name, struct store_snapsh
     size_t len = 0;
     int r = store_read_small_file(snap_fd, STORE_METADATA_FILE, &text, &len, err);
     if (r == 0)
-        r = store_json_parse(text, len, meta, err);
+        r = snapshot_json_parse(text, len, meta, err);
     if (r == 0 && strcmp(meta->name, name) != 0)
         r = forkd_error_set(err, -EIO, "it names snapshot '%s'", meta->name);
     if (r < 0)
@@ -930,41 +597,19 @@ static int store_check_meta_strings(const struct store_snapshot *meta, struct fo
     return 0;
 }
 
-static bool store_figures_fit_json(const struct store_figures *f)
-{
-    for (size_t i = 0; i < STORE_FIGURE_COUNT; i++)
-        if (store_figure_get(f, &store_figure_fields[i]) > STORE_JSON_INT_MAX)
-            return false;
-    return true;
-}
-
-static bool store_numbers_fit_json(const struct store_snapshot *meta)
-{
-    for (size_t i = 0; i < meta->region_count; i++) {
-        const struct store_region *r = &meta->regions[i];
-        if (r->guest_phys_addr > STORE_JSON_INT_MAX || r->size > STORE_JSON_INT_MAX ||
-            r->file_offset > STORE_JSON_INT_MAX)
-            return false;
-    }
-    return meta->mem_size_mib <= STORE_JSON_INT_MAX &&
-           meta->created_at_unix_ms <= (int64_t)STORE_JSON_INT_MAX &&
-           meta->created_at_unix_ms >= -(int64_t)STORE_JSON_INT_MAX &&
-           store_figures_fit_json(&meta->figures);
-}
-
 static int store_check_meta(const struct store_writer *w, const struct store_snapshot *meta,
                             struct forkd_error *err)
 {
     if (strncmp(meta->name, w->name, sizeof(meta->name)) != 0)
         return forkd_error_set(err, -EINVAL, "metadata names snapshot '%.*s'", (int)STORE_NAME_MAX,
                                meta->name);
-    if (!store_mode_name(meta->mode))
+    if (!snapshot_json_mode_known(meta->mode))
         return forkd_error_set(err, -EINVAL, "mode %d is not a store_mode", (int)meta->mode);
     if (meta->region_count > STORE_MAX_REGIONS || meta->label_count > STORE_MAX_LABELS)
         return forkd_error_set(err, -EINVAL, "%zu regions and %zu labels (at most %d and %d)",
                                meta->region_count, meta->label_count, STORE_MAX_REGIONS,
                                STORE_MAX_LABELS);
-    if (!store_numbers_fit_json(meta))
+    if (!snapshot_json_numbers_fit(meta))
         return forkd_error_set(err, -EINVAL, "a number is above 2^53 or below -2^53");
     return store_check_meta_strings(meta, err);
 }
@@ -994,7 +639,7 @@ static int store_write_metadata(const struct store_writer *w, const struct store
     if (!store_join(path, sizeof(path), w->dir, STORE_METADATA_FILE))
         return forkd_error_set(err, -ENAMETOOLONG, "%s/%s: path too long", w->dir,
                                STORE_METADATA_FILE);
-    _cleanup_free_ char *text = store_json_format(meta);
+    _cleanup_free_ char *text = snapshot_json_format(meta);
     if (!text)
         return forkd_error_set(err, -ENOMEM, "format %s: out of memory", path);
     _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
