@@ -1,15 +1,13 @@
 """The live-branch demo: boots a guest that writes memory flat out, live-branches it while
 showing progress, spawns forks from the branch, branches a fork, checks every snapshot with the
-test VMM's verifier and prints the figures. Talks to forkd only through its gRPC API."""
+test VMM's verifier and prints the figures. Talks to forkd only through the project's Python
+client (clients/python: forkd.Client), as a user would."""
 import os
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.environ["FORKD_PROTO_PYTHON"])
-
-import grpc  # noqa: E402
-from forkd.v1 import forkd_pb2 as P, forkd_pb2_grpc  # noqa: E402
+import forkd
 
 TESTVM = os.environ["FORKD_TESTVM"]
 GUEST = os.environ["FORKD_GUEST"]
@@ -48,24 +46,22 @@ class Progress:
         self.drawn = False
 
 
-def branch(stub, vm_id, name):
+def branch(client, vm, name):
     """Runs a live branch, printing its phases; returns the DONE event."""
-    names = {v.number: v.name.replace("BRANCH_PHASE_", "").lower()
-             for v in P.BranchPhase.DESCRIPTOR.values}
     started = time.time()
     progress = Progress()
-    request = P.BranchRequest(vm_id=vm_id, snapshot_name=name, mode=P.BRANCH_MODE_LIVE,
-                              progress_interval_ms=50)
-    for event in stub.Branch(request, timeout=300):
-        if event.phase == P.BRANCH_PHASE_COPYING:
+    running = client.branch(vm, name, mode=forkd.BranchMode.LIVE, progress_interval=0.05,
+                            timeout=300)
+    for event in running:
+        if event.phase == forkd.BranchPhase.COPYING:
             progress.show(event, started)
         else:
             progress.end()
             detail = ""
-            if event.phase == P.BRANCH_PHASE_RESUMED:
+            if event.phase == forkd.BranchPhase.RESUMED:
                 detail = "  (paused for %s)" % ms(event.figures.pause_ns)
-            print("  %s%s" % (names[event.phase], detail))
-    return event
+            print("  %s%s" % (event.phase.name.lower(), detail))
+    return running.last
 
 
 def verify(path):
@@ -94,38 +90,37 @@ def figures(done):
 
 
 def main(target):
-    channel = grpc.insecure_channel(target)
-    grpc.channel_ready_future(channel).result(timeout=30)
-    stub = forkd_pb2_grpc.ForkdStub(channel)
-    info = stub.GetInfo(P.GetInfoRequest(), timeout=10)
+    with forkd.Client(target, timeout=10) as client:
+        return demo(client, target)
+
+
+def demo(client, target):
+    client.wait_ready(timeout=30)
+    info = client.info()
     print("forkd %s on %s (kernel %s, live branch %s)" % (
         info.version, target, info.host.kernel_release,
         "supported" if info.host.live_branch_supported else "NOT supported"))
 
-    vm = stub.Boot(P.BootRequest(name="demo", kernel_image_path=GUEST,
-                                 boot_args="pattern=random rate=0",
-                                 machine=P.MachineConfig(vcpu_count=2, mem_size_mib=MEM_MIB)),
-                   timeout=120)
+    vm = client.boot(GUEST, name="demo", vcpu_count=2, mem_size_mib=MEM_MIB,
+                     boot_args="pattern=random rate=0", timeout=120)
     print("booted %s: 2 vCPUs, %d MiB, guest writing random pages flat out" % (vm.id, MEM_MIB))
 
     print("live branch of %s into 'demo-branch':" % vm.id)
-    done = branch(stub, vm.id, "demo-branch")
+    done = branch(client, vm, "demo-branch")
     figures(done)
 
-    forks = stub.Spawn(P.SpawnRequest(snapshot="demo-branch", count=3,
-                                      backend=P.MEMORY_BACKEND_MEMFD, name_prefix="fork"),
-                       timeout=300)
+    forks = client.spawn("demo-branch", 3, backend=forkd.MemoryBackend.MEMFD,
+                         name_prefix="fork", timeout=300)
     print("spawned %d forks (MEMFD) in %s: %s" % (len(forks.vms), ms(forks.elapsed_ns),
                                                   ", ".join(v.name for v in forks.vms)))
     print("live branch of %s (a fork) into 'demo-fork-branch':" % forks.vms[0].name)
-    child = branch(stub, forks.vms[0].id, "demo-fork-branch")
+    child = branch(client, forks.vms[0], "demo-fork-branch")
     print("  pause window      %s" % ms(child.figures.pause_ns))
 
     print("checking every snapshot (vCPU totals against per-page counters):")
-    ok = all(verify(s.path) for s in
-             stub.ListSnapshots(P.ListSnapshotsRequest(), timeout=10).snapshots)
-    for v in stub.ListVms(P.ListVmsRequest(), timeout=10).vms:
-        stub.StopVm(P.StopVmRequest(vm_id=v.id), timeout=60)
+    ok = all(verify(s.path) for s in client.snapshots())
+    for v in client.vms():
+        client.stop(v, timeout=60)
     print("stopped every VM; %s" % ("all snapshots consistent" if ok else "INCONSISTENT"))
     return 0 if ok else 1
 

@@ -37,7 +37,7 @@ trap cleanup EXIT
   2>"$workdir/forkd.log" &
 forkd_pid=$!
 
-FORKD_PROTO_PYTHON="$PWD/build/proto/python" FORKD_TESTVM="$PWD/build/tests/vmm/forkd-testvm" \
+PYTHONPATH="$PWD/build/clients/python/lib" FORKD_TESTVM="$PWD/build/tests/vmm/forkd-testvm" \
   FORKD_GUEST="$PWD/build/tests/vmm/guest.bin" \
   /usr/bin/python3 scripts/demo.py "unix:$workdir/forkd.sock" \
   || { echo "--- forkd log ---"; cat "$workdir/forkd.log"; exit 1; }

@@ -14,8 +14,7 @@
 #include "log.h"
 
 #include "forkd/branch.h"
-#include "forkd/clock.h"
-#include "forkd/pause.h"
+#include "basic/clock.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -73,7 +72,7 @@ struct branch_table {
 
 /* ---- jobs and the table ----------------------------------------------------------------- */
 
-static void job_unref(struct branch_job *job)
+static void branches_job_unref(struct branch_job *job)
 {
     if (!job || atomic_fetch_sub(&job->refs, 1) != 1)
         return;
@@ -84,7 +83,7 @@ static void job_unref(struct branch_job *job)
     free(job);
 }
 
-struct branch_table *branch_table_new(unsigned max_running)
+struct branch_table *branches_table_new(unsigned max_running)
 {
     struct branch_table *table = calloc(1, sizeof(*table));
     if (!table)
@@ -95,19 +94,19 @@ struct branch_table *branch_table_new(unsigned max_running)
     return table;
 }
 
-void branch_table_free(struct branch_table *table)
+void branches_table_free(struct branch_table *table)
 {
     if (!table)
         return;
-    branch_table_wait_idle(table, -1);
+    branches_wait_idle(table, -1);
     for (size_t i = 0; i < table->count; i++)
-        job_unref(table->jobs[i]);
+        branches_job_unref(table->jobs[i]);
     pthread_mutex_destroy(&table->lock);
     pthread_cond_destroy(&table->idle);
     free(table);
 }
 
-void branch_table_cancel_all(struct branch_table *table)
+void branches_cancel_all(struct branch_table *table)
 {
     pthread_mutex_lock(&table->lock);
     for (size_t i = 0; i < table->count; i++)
@@ -115,7 +114,7 @@ void branch_table_cancel_all(struct branch_table *table)
     pthread_mutex_unlock(&table->lock);
 }
 
-bool branch_table_wait_idle(struct branch_table *table, int timeout_ms)
+bool branches_wait_idle(struct branch_table *table, int timeout_ms)
 {
     struct timespec deadline = forkd_realtime_after_ms(timeout_ms);
     pthread_mutex_lock(&table->lock);
@@ -131,7 +130,7 @@ bool branch_table_wait_idle(struct branch_table *table, int timeout_ms)
 }
 
 /* Drops the oldest finished job when the list is full; the caller holds table->lock. */
-static void table_make_room(struct branch_table *table)
+static void branches_make_room(struct branch_table *table)
 {
     if (table->count < sizeof(table->jobs) / sizeof(table->jobs[0]))
         return;
@@ -144,18 +143,18 @@ static void table_make_room(struct branch_table *table)
             continue;
         memmove(&table->jobs[i], &table->jobs[i + 1], (table->count - i - 1) * sizeof(job));
         table->count--;
-        job_unref(job);
+        branches_job_unref(job);
         return;
     }
 }
 
 /* Lists a job as running, unless the limit is reached. */
-static grpc_status_code table_add(struct branch_table *table, struct branch_job *job,
-                                  struct rpc_status *status)
+static grpc_status_code branches_add(struct branch_table *table, struct branch_job *job,
+                                     struct rpc_status *status)
 {
     pthread_mutex_lock(&table->lock);
     grpc_status_code code = GRPC_STATUS_OK;
-    table_make_room(table);
+    branches_make_room(table);
     if (table->running >= table->max_running)
         code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED,
                               "%u branches are running, the limit (--max-branches); retry later",
@@ -172,7 +171,7 @@ static grpc_status_code table_add(struct branch_table *table, struct branch_job 
     return code;
 }
 
-static void table_job_ended(struct branch_table *table)
+static void branches_job_ended(struct branch_table *table)
 {
     pthread_mutex_lock(&table->lock);
     if (--table->running == 0)
@@ -181,8 +180,8 @@ static void table_job_ended(struct branch_table *table)
 }
 
 /* A job by branch id, or the latest one writing or having written a snapshot name. */
-static struct branch_job *table_find(struct branch_table *table, const char *id,
-                                     const char *snapshot_name)
+static struct branch_job *branches_find(struct branch_table *table, const char *id,
+                                        const char *snapshot_name)
 {
     struct branch_job *found = NULL;
     pthread_mutex_lock(&table->lock);
@@ -201,13 +200,13 @@ static struct branch_job *table_find(struct branch_table *table, const char *id,
 /* ---- the worker ------------------------------------------------------------------------- */
 
 /* Engine callback on the worker thread: record the phase; never blocks on a client. */
-static void job_on_phase(void *context, enum branch_phase phase,
-                         const struct branch_progress *progress)
+static void branches_on_phase(void *context, enum branch_phase phase,
+                              const struct branch_progress *progress)
 {
     struct branch_job *job = context;
     if (phase == BRANCH_PHASE_DONE || phase == BRANCH_PHASE_FAILED ||
         phase == BRANCH_PHASE_CANCELLED)
-        return; /* job_worker records the end together with its outcome */
+        return; /* branches_worker records the end together with its outcome */
     pthread_mutex_lock(&job->lock);
     if (job->event_count < JOB_EVENTS_MAX) {
         job->events[job->event_count++] = (struct job_event){
@@ -217,7 +216,7 @@ static void job_on_phase(void *context, enum branch_phase phase,
     pthread_mutex_unlock(&job->lock);
 }
 
-static void *job_worker(void *arg)
+static void *branches_worker(void *arg)
 {
     struct branch_job *job = arg;
     struct branch_request request = {
@@ -226,12 +225,12 @@ static void *job_worker(void *arg)
         .mode = job->mode,
         .labels = job->labels,
         .label_count = job->label_count,
-        .on_phase = job_on_phase,
+        .on_phase = branches_on_phase,
         .context = job,
     };
     struct store_snapshot snapshot;
     struct forkd_error err = {0};
-    int rc = branch_run(job->engine, job->daemon->store, &request, &snapshot, &err);
+    int rc = branch_run(job->engine, engine_store(job->daemon->engine), &request, &snapshot, &err);
     if (rc == 0)
         log_info("%s: snapshot %s of %s READY, pause %.3f ms", job->id, job->snapshot_name,
                  job->vm_id, (double)snapshot.figures.pause_ns / 1e6);
@@ -251,8 +250,8 @@ static void *job_worker(void *arg)
         job->events[job->event_count++] = end;
     pthread_cond_broadcast(&job->changed);
     pthread_mutex_unlock(&job->lock);
-    table_job_ended(job->daemon->branches);
-    job_unref(job);
+    branches_job_ended(job->daemon->branches);
+    branches_job_unref(job);
     return NULL;
 }
 
@@ -265,8 +264,8 @@ struct event_message {
     struct snapshot_message snapshot;
 };
 
-static void job_build_event(const struct branch_job *job, const struct job_event *event,
-                            const char *error_message, struct event_message *out)
+static void branches_build_event(const struct branch_job *job, const struct job_event *event,
+                                 const char *error_message, struct event_message *out)
 {
     Forkd__V1__BranchEvent *e = &out->event;
     *e = (Forkd__V1__BranchEvent)FORKD__V1__BRANCH_EVENT__INIT;
@@ -295,8 +294,8 @@ struct follow_state {
 };
 
 /* Takes a copy of what is new under the lock, so nothing is sent while holding it. */
-static size_t job_take_new(struct branch_job *job, struct follow_state *state,
-                           struct job_event *out, bool *finished, bool *copying)
+static size_t branches_take_new(struct branch_job *job, struct follow_state *state,
+                                struct job_event *out, bool *finished, bool *copying)
 {
     uint64_t wait_ms = state->interval_ns / 1000000 < FOLLOW_WAKE_MS ? state->interval_ns / 1000000
                                                                      : FOLLOW_WAKE_MS;
@@ -314,40 +313,40 @@ static size_t job_take_new(struct branch_job *job, struct follow_state *state,
     return count;
 }
 
-static int job_send(struct rpc_call *call, const struct branch_job *job,
-                    const struct job_event *event)
+static int branches_send(struct rpc_call *call, const struct branch_job *job,
+                         const struct job_event *event)
 {
     struct event_message *message = malloc(sizeof(*message));
     if (!message)
         return -ENOMEM;
-    job_build_event(job, event, job->final_message, message);
+    branches_build_event(job, event, job->final_message, message);
     int rc = call_send_message(call, &message->event.base);
     free(message);
     return rc;
 }
 
 /* A coalesced COPYING event with the progress as of now. */
-static int job_send_progress(struct rpc_call *call, struct branch_job *job)
+static int branches_send_progress(struct rpc_call *call, struct branch_job *job)
 {
     struct job_event event = {.phase = BRANCH_PHASE_COPYING, .time_unix_ms = forkd_unix_ms()};
     branch_get_progress(job->engine, &event.progress);
     if (event.progress.phase != BRANCH_PHASE_COPYING)
         return 0;
-    return job_send(call, job, &event);
+    return branches_send(call, job, &event);
 }
 
 /* Streams a job's events to a call until the job ends (its status becomes the call's) or the
  * client leaves (-ECANCELED). */
-static int job_follow(struct rpc_call *call, struct branch_job *job, unsigned interval_ms,
-                      struct rpc_status *status)
+static int branches_follow(struct rpc_call *call, struct branch_job *job, unsigned interval_ms,
+                           struct rpc_status *status)
 {
     struct follow_state state = {.interval_ns = (uint64_t)interval_ms * 1000000};
     for (;;) {
         struct job_event fresh[JOB_EVENTS_MAX];
         bool finished, copying;
-        size_t count = job_take_new(job, &state, fresh, &finished, &copying);
+        size_t count = branches_take_new(job, &state, fresh, &finished, &copying);
         for (size_t i = 0; i < count; i++) {
-            if (job_send(call, job, &fresh[i]) < 0)
+            if (branches_send(call, job, &fresh[i]) < 0)
                 return -ECANCELED;
             state.sent++;
             if (fresh[i].phase == BRANCH_PHASE_COPYING)
@@ -363,7 +362,7 @@ static int job_follow(struct rpc_call *call, struct branch_job *job, unsigned in
             return -ECANCELED;
         if (copying && !finished &&
             forkd_monotonic_ns() - state.last_progress_ns >= state.interval_ns) {
-            if (job_send_progress(call, job) < 0)
+            if (branches_send_progress(call, job) < 0)
                 return -ECANCELED;
             state.last_progress_ns = forkd_monotonic_ns();
         }
@@ -430,7 +429,7 @@ static grpc_status_code branches_check(struct daemon_state *daemon,
     if (atomic_load(&daemon->shutting_down))
         return rpc_status_set(status, GRPC_STATUS_UNAVAILABLE, "forkd is shutting down");
     struct store_snapshot existing;
-    if (store_get(daemon->store, request->snapshot_name, &existing, NULL) == 0)
+    if (store_get(engine_store(daemon->engine), request->snapshot_name, &existing, NULL) == 0)
         return rpc_status_set(status, GRPC_STATUS_ALREADY_EXISTS, "snapshot '%s' already exists",
                               request->snapshot_name);
     return GRPC_STATUS_OK;
@@ -467,13 +466,13 @@ static struct branch_job *branches_new_job(struct daemon_state *daemon, struct v
 static grpc_status_code branches_start(struct daemon_state *daemon, struct branch_job *job,
                                        struct rpc_status *status)
 {
-    if (table_add(daemon->branches, job, status) != GRPC_STATUS_OK)
+    if (branches_add(daemon->branches, job, status) != GRPC_STATUS_OK)
         return status->code;
     atomic_fetch_add(&job->refs, 1); /* the worker's */
     pthread_attr_t attributes;
     pthread_attr_init(&attributes);
     pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&job->worker, &attributes, job_worker, job);
+    int rc = pthread_create(&job->worker, &attributes, branches_worker, job);
     pthread_attr_destroy(&attributes);
     if (rc != 0) {
         /* Never started: finish the job as failed so followers and the table see its end. */
@@ -481,8 +480,8 @@ static grpc_status_code branches_start(struct daemon_state *daemon, struct branc
         job->finished = true;
         job->final_code = GRPC_STATUS_RESOURCE_EXHAUSTED;
         pthread_mutex_unlock(&job->lock);
-        table_job_ended(daemon->branches);
-        job_unref(job);
+        branches_job_ended(daemon->branches);
+        branches_job_unref(job);
         return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED,
                               "cannot start a branch thread: %s", strerror(rc));
     }
@@ -497,7 +496,7 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
     enum store_mode mode = STORE_MODE_LIVE;
     if (branches_check(daemon, request, &mode, status) != GRPC_STATUS_OK)
         return status->code;
-    struct vm *vm = vm_lookup(daemon->registry, request->vm_id);
+    struct vm *vm = vm_lookup(engine_registry(daemon->engine), request->vm_id);
     if (!vm)
         return rpc_status_set(status, GRPC_STATUS_NOT_FOUND, "no VM '%s'", request->vm_id);
     struct vm_status vm_now;
@@ -514,19 +513,19 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
         return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     }
     if (branches_start(daemon, job, status) != GRPC_STATUS_OK) {
-        job_unref(job);
+        branches_job_unref(job);
         return status->code;
     }
     log_info("%s: %s branch of %s into snapshot %s%s", job->id,
              mode == STORE_MODE_FULL ? "FULL" : "LIVE", job->vm_id, job->snapshot_name,
              job->detach ? " (detached)" : "");
-    if (job_follow(call, job, branches_interval(request->progress_interval_ms), status) < 0) {
+    if (branches_follow(call, job, branches_interval(request->progress_interval_ms), status) < 0) {
         if (!job->detach)
             branch_cancel(job->engine); /* the engine resumes, unprotects and cleans up */
         rpc_status_set(status, GRPC_STATUS_CANCELLED, "the client left the branch stream%s",
                        job->detach ? "; the branch goes on (detached)" : ": branch cancelled");
     }
-    job_unref(job);
+    branches_job_unref(job);
     return status->code;
 }
 
@@ -544,12 +543,12 @@ grpc_status_code handle_watch_branch(struct rpc_call *call, const ProtobufCMessa
     if (!*id && !*name)
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
                               "give a branch_id or a snapshot_name");
-    struct branch_job *job = table_find(daemon->branches, id, name);
+    struct branch_job *job = branches_find(daemon->branches, id, name);
     if (!job)
         return rpc_status_set(status, GRPC_STATUS_NOT_FOUND, "no branch %s '%s'",
                               *id ? "with id" : "writing snapshot", *id ? id : name);
-    if (job_follow(call, job, branches_interval(request->progress_interval_ms), status) < 0)
+    if (branches_follow(call, job, branches_interval(request->progress_interval_ms), status) < 0)
         rpc_status_set(status, GRPC_STATUS_CANCELLED, "the watcher left; the branch goes on");
-    job_unref(job);
+    branches_job_unref(job);
     return status->code;
 }

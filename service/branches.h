@@ -12,13 +12,13 @@
 
 struct branch_table;
 
-struct branch_table *branch_table_new(unsigned max_running);
+struct branch_table *branches_table_new(unsigned max_running);
 /* Waits for every job's worker to end, then frees the table. */
-void branch_table_free(struct branch_table *table);
+void branches_table_free(struct branch_table *table);
 
 /* Asks every running branch to abort (they clean up on their own threads). */
-void branch_table_cancel_all(struct branch_table *table);
+void branches_cancel_all(struct branch_table *table);
 /* Waits until no branch runs, up to timeout_ms (< 0: no limit). True when none runs. */
-bool branch_table_wait_idle(struct branch_table *table, int timeout_ms);
+bool branches_wait_idle(struct branch_table *table, int timeout_ms);
 
 #endif

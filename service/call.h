@@ -71,6 +71,12 @@ bool call_wait_cancelled(struct rpc_call *call, int timeout_ms);
 /* Milliseconds left before the client's deadline; INT64_MAX when it set none. */
 long long call_deadline_remaining_ms(const struct rpc_call *call);
 
+/* A handler decodes nothing and encodes nothing itself: it gets the decoded request and either
+ * calls call_set_response (unary) or call_send_message per message (streaming), and returns the
+ * final status. A NULL handler answers UNIMPLEMENTED. */
+typedef grpc_status_code (*rpc_handler_fn)(struct rpc_call *call, const ProtobufCMessage *request,
+                                           struct rpc_status *status);
+
 #ifdef __cplusplus
 }
 #endif

@@ -64,16 +64,15 @@ void convert_snapshot_page_server(struct page_server *server, struct snapshot_me
 void convert_figures(const struct store_figures *figures, Forkd__V1__BranchFigures *out)
 {
     *out = (Forkd__V1__BranchFigures)FORKD__V1__BRANCH_FIGURES__INIT;
-    out->pause_ns = figures->pause_ns;
-    out->arm_ns = figures->arm_ns;
-    out->rearm_ns = figures->rearm_ns;
-    out->rearmed_pages = figures->rearmed_pages;
-    out->vmstate_ns = figures->vmstate_ns;
-    out->copy_ns = figures->copy_ns;
-    out->publish_ns = figures->publish_ns;
-    out->total_ns = figures->total_ns;
-    out->pause_request_ns = figures->pause_request_ns;
-    out->resume_request_ns = figures->resume_request_ns;
+    /* The proto carries the figures of the same name; the page counts travel in progress. */
+    for (size_t i = 0; i < STORE_FIGURE_COUNT; i++) {
+        const struct store_figure_field *figure = &store_figure_fields[i];
+        const ProtobufCFieldDescriptor *field = protobuf_c_message_descriptor_get_field_by_name(
+            &forkd__v1__branch_figures__descriptor, figure->name);
+        if (field && field->type == PROTOBUF_C_TYPE_UINT64 &&
+            field->label != PROTOBUF_C_LABEL_REPEATED)
+            *(uint64_t *)((char *)out + field->offset) = store_figure_get(figures, figure);
+    }
 }
 
 void convert_progress(const struct branch_progress *progress, Forkd__V1__BranchProgress *out)

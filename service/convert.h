@@ -9,7 +9,7 @@
 #include "call.h"
 
 #include "forkd/branch.h"
-#include "forkd/error.h"
+#include "basic/error.h"
 #include "forkd/page_server.h"
 #include "forkd/store.h"
 #include "forkd/vm.h"

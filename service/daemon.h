@@ -8,10 +8,8 @@
 
 #include "options.h"
 
-#include "forkd/page_server.h"
+#include "forkd/engine.h"
 #include "forkd/probe.h"
-#include "forkd/store.h"
-#include "forkd/vm.h"
 
 #include <stdatomic.h>
 #include <stdint.h>
@@ -23,10 +21,8 @@ struct daemon_state {
     struct probe_host_caps caps;
     int64_t started_at_unix_ms;
     atomic_bool shutting_down;
-    struct store *store;             /* thread-safe */
-    struct vm_registry *registry;    /* thread-safe */
-    struct branch_table *branches;   /* thread-safe (branches.c) */
-    struct page_server *page_server; /* thread-safe; serves UFFD forks */
+    struct engine *engine;         /* thread-safe: store, VM registry, page server */
+    struct branch_table *branches; /* thread-safe (branches.c) */
 };
 
 #endif

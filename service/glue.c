@@ -1,7 +1,7 @@
 /* protobuf-c <-> gRPC byte buffer glue (see glue.h). */
 #include "glue.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
 
 #include <errno.h>
 #include <grpc/byte_buffer_reader.h>

@@ -2,12 +2,12 @@
  * The RPC handlers the method table routes to, one module per group: info.c (GetInfo),
  * health.c (grpc.health.v1), vms.c (Boot, Spawn, ListVms, GetVm, StopVm), snapshots.c
  * (ListSnapshots, GetSnapshot, DeleteSnapshot), branches.c (Branch, WatchBranch). Each has the
- * rpc_handler_fn signature.
+ * rpc_handler_fn signature (call.h).
  */
 #ifndef FORKD_SERVICE_HANDLERS_H
 #define FORKD_SERVICE_HANDLERS_H
 
-#include "routes.h"
+#include "call.h"
 
 grpc_status_code handle_get_info(struct rpc_call *call, const ProtobufCMessage *request,
                                  struct rpc_status *status);
@@ -30,12 +30,5 @@ FORKD_HANDLER(handle_get_snapshot);
 FORKD_HANDLER(handle_delete_snapshot);
 FORKD_HANDLER(handle_branch);
 FORKD_HANDLER(handle_watch_branch);
-
-struct daemon_state;
-struct vm;
-struct forkd_error;
-/* Stops a VM and gives back its use of the snapshot it was spawned from (vms.c). */
-int vms_stop(struct daemon_state *daemon, struct vm *vm, unsigned grace_ms,
-             struct forkd_error *err);
 
 #endif

@@ -10,11 +10,9 @@
 #include "routes.h"
 #include "server.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/clock.h"
-#include "forkd/fsutil.h"
-#include "forkd/pause.h"
-#include "forkd/thread_priority.h"
+#include "basic/cleanup.h"
+#include "basic/clock.h"
+#include "basic/fsutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -51,8 +49,9 @@ static int main_lock_state_dir(const char *state_dir)
     }
     char pid[32];
     int length = snprintf(pid, sizeof(pid), "%d\n", (int)getpid());
-    if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, (size_t)length, 0) != length)
-        log_warn("cannot record the pid in %s: %s", path, strerror(errno));
+    rc = ftruncate(fd, 0) < 0 ? -errno : fs_pwrite_all(fd, pid, (size_t)length, 0);
+    if (rc < 0)
+        log_warn("cannot record the pid in %s: %s", path, strerror(-rc));
     return take_fd(fd);
 }
 
@@ -81,28 +80,21 @@ static int main_wait_for_stop_signal(const sigset_t *signals)
     }
 }
 
-/* Milliseconds left until deadline_ns (CLOCK_MONOTONIC), at least 0. */
-static int main_ms_left(uint64_t deadline_ns)
-{
-    uint64_t now = forkd_monotonic_ns();
-    return now >= deadline_ns ? 0 : (int)((deadline_ns - now) / 1000000);
-}
-
 /* Stop accepting; give running calls and branches the grace period; cancel what remains. */
 static void main_shutdown(struct server *server, struct daemon_state *daemon)
 {
     atomic_store(&daemon->shutting_down, true);
     server_begin_shutdown(server);
     unsigned grace = daemon->options->shutdown_grace_ms;
-    uint64_t deadline = forkd_monotonic_ns() + (uint64_t)grace * 1000000;
-    bool calls_done = server_wait_idle(server, main_ms_left(deadline));
-    bool branches_done = branch_table_wait_idle(daemon->branches, main_ms_left(deadline));
+    uint64_t deadline = forkd_deadline_after_ms(grace);
+    bool calls_done = server_wait_idle(server, forkd_ms_left(deadline));
+    bool branches_done = branches_wait_idle(daemon->branches, forkd_ms_left(deadline));
     if (!calls_done || !branches_done) {
         log_warn("calls or branches still running after the %u ms grace period: cancelling them",
                  grace);
-        branch_table_cancel_all(daemon->branches);
+        branches_cancel_all(daemon->branches);
         server_cancel_all(server);
-        branch_table_wait_idle(daemon->branches, -1);
+        branches_wait_idle(daemon->branches, -1);
         server_wait_idle(server, -1);
     }
     server_destroy(server);
@@ -112,51 +104,39 @@ static int main_open_engine(struct daemon_state *daemon)
 {
     const struct forkd_options *opts = daemon->options;
     struct forkd_error err = {0};
-    if (store_open(opts->state_dir, &daemon->store, &err) < 0) {
-        log_error("snapshot store: %s", err.message);
-        return err.code;
-    }
-    char run_dir[4096];
-    snprintf(run_dir, sizeof(run_dir), "%s/vms", opts->state_dir);
-    struct vm_registry_config config = {
+    struct engine_config config = {
+        .state_dir = opts->state_dir,
         .vmm_binary = opts->vmm_binary,
-        .run_dir = run_dir,
         .timeout_scale = opts->timeout_scale,
         .kvm_unusable_reason = daemon->caps.kvm_usable ? NULL : daemon->caps.kvm_error,
+        .no_realtime = !opts->realtime,
+        .realtime_max_percent = opts->realtime_max_percent,
     };
-    if (vm_registry_open(&config, &daemon->registry, &err) < 0) {
-        log_error("VM registry: %s", err.message);
+    if (engine_open(&config, &daemon->engine, &err) < 0) {
+        log_error("%s", err.message);
         return err.code;
     }
     struct vm_stale_report stale;
-    if (vm_registry_clean_stale(daemon->registry, &stale, &err) < 0)
+    if (vm_registry_clean_stale(engine_registry(daemon->engine), &stale, &err) < 0)
         log_warn("VM run directory: %s", err.message);
     else if (stale.killed || stale.kept)
         log_warn("an earlier forkd on %s left VMs: %u killed (it had died without stopping "
                  "them), %u left running as kept (--keep-vms; not managed by this forkd)",
                  opts->state_dir, stale.killed, stale.kept);
-    struct page_server_config page_config = {0};
-    if (page_server_open(&page_config, &daemon->page_server, &err) < 0) {
-        log_error("page server: %s", err.message);
-        return err.code;
-    }
-    daemon->branches = branch_table_new(opts->max_branches);
+    daemon->branches = branches_table_new(opts->max_branches);
     return daemon->branches ? 0 : -ENOMEM;
 }
 
 static void main_close_engine(struct daemon_state *daemon)
 {
-    branch_table_free(daemon->branches);
-    if (daemon->registry)
+    branches_table_free(daemon->branches);
+    if (daemon->engine)
         log_info("%s the VMs", daemon->options->keep_vms ? "leaving running" : "stopping");
-    vm_registry_close(daemon->registry, daemon->options->keep_vms, 2000);
-    /* After the VMs: a UFFD fork whose page server is gone hangs on its next fault. */
-    page_server_close(daemon->page_server);
-    store_close(daemon->store);
-    if (thread_priority_demotions())
+    engine_close(daemon->engine, daemon->options->keep_vms, 2000);
+    if (engine_realtime_demotions())
         log_warn("%lu real-time threads went back to normal priority after using more than "
                  "%u%% of a core (--realtime-max-percent)",
-                 thread_priority_demotions(), daemon->options->realtime_max_percent);
+                 engine_realtime_demotions(), daemon->options->realtime_max_percent);
 }
 
 static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
@@ -171,10 +151,10 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
         .daemon = daemon,
     };
     struct server *server = NULL;
-    char err[512];
-    int rc = server_start(&config, &server, err, sizeof(err));
+    struct forkd_error err = {0};
+    int rc = server_start(&config, &server, &err);
     if (rc < 0) {
-        log_error("%s", err);
+        log_error("%s", err.message);
         return rc;
     }
     log_info("forkd %s listening on %s (state dir %s, vmm %s)", FORKD_VERSION, opts->listen,
@@ -220,7 +200,6 @@ int main(int argc, char **argv)
     static struct daemon_state daemon;
     daemon.options = &opts;
     daemon.started_at_unix_ms = forkd_unix_ms();
-    thread_priority_configure(opts.realtime, opts.realtime_max_percent);
     probe_host(&daemon.caps);
     main_log_capabilities(&daemon.caps);
 

@@ -6,6 +6,8 @@
 #include "forkd/v1/forkd.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 
+#include "basic/cleanup.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
@@ -33,7 +35,7 @@ static const struct route_entry route_entries[] = {
     {&grpc__health__v1__health__descriptor, "Watch", true, handle_health_watch},
 };
 
-#define ROUTE_COUNT (sizeof(route_entries) / sizeof(route_entries[0]))
+#define ROUTE_COUNT (ARRAY_SIZE(route_entries))
 
 static const ProtobufCServiceDescriptor *const served_services[] = {
     &forkd__v1__forkd__descriptor,
@@ -75,7 +77,7 @@ static int routes_add_service(const ProtobufCServiceDescriptor *service, char *e
 int routes_init(char *err, size_t err_len)
 {
     route_count = 0;
-    for (size_t s = 0; s < sizeof(served_services) / sizeof(served_services[0]); s++) {
+    for (size_t s = 0; s < ARRAY_SIZE(served_services); s++) {
         int rc = routes_add_service(served_services[s], err, err_len);
         if (rc < 0)
             return rc;

@@ -14,12 +14,6 @@
 extern "C" {
 #endif
 
-/* A handler decodes nothing and encodes nothing itself: it gets the decoded request and either
- * calls call_set_response (unary) or call_send_message per message (streaming), and returns the
- * final status. A NULL handler answers UNIMPLEMENTED. */
-typedef grpc_status_code (*rpc_handler_fn)(struct rpc_call *call, const ProtobufCMessage *request,
-                                           struct rpc_status *status);
-
 struct route {
     char path[160];
     const ProtobufCServiceDescriptor *service;

@@ -4,9 +4,9 @@
 #include "call.h"
 #include "log.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/clock.h"
-#include "forkd/fsutil.h"
+#include "basic/cleanup.h"
+#include "basic/clock.h"
+#include "basic/fsutil.h"
 
 #include <errno.h>
 #include <grpc/grpc.h>
@@ -112,50 +112,46 @@ static void *server_dispatch_loop(void *arg)
 
 /* Prepares a Unix socket path: parent directory created, a stale socket removed, a live one
  * (another daemon) or a non-socket file refused. */
-static int server_prepare_unix_path(const char *path, char *err, size_t err_len)
+static int server_prepare_unix_path(const char *path, struct forkd_error *err)
 {
     if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-        snprintf(err, err_len, "socket path %s is longer than a Unix socket address allows", path);
-        return -ENAMETOOLONG;
+        return forkd_error_set(err, -ENAMETOOLONG,
+                               "socket path %s is longer than a Unix socket address allows", path);
     }
     _cleanup_free_ char *parent = strdup(path);
     if (!parent)
-        return -ENOMEM;
+        return forkd_error_set(err, -ENOMEM, "out of memory");
     char *slash = strrchr(parent, '/');
     if (slash && slash != parent) {
         *slash = '\0';
         int rc = fs_mkdir_parents(parent, 0755);
-        if (rc < 0) {
-            snprintf(err, err_len, "create socket directory %s: %s", parent, strerror(-rc));
-            return rc;
-        }
+        if (rc < 0)
+            return forkd_error_errno(err, rc, "create socket directory %s", parent);
     }
     struct stat st;
     if (lstat(path, &st) < 0)
-        return errno == ENOENT ? 0 : -errno;
+        return errno == ENOENT ? 0 : forkd_error_errno(err, -errno, "stat %s", path);
     if (!S_ISSOCK(st.st_mode)) {
-        snprintf(err, err_len, "%s exists and is not a socket; refusing to replace it", path);
-        return -EEXIST;
+        return forkd_error_set(err, -EEXIST,
+                               "%s exists and is not a socket; refusing to replace it", path);
     }
     _cleanup_close_ int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un address = {.sun_family = AF_UNIX};
     snprintf(address.sun_path, sizeof(address.sun_path), "%s", path);
     if (probe >= 0 && connect(probe, (struct sockaddr *)&address, sizeof(address)) == 0) {
-        snprintf(err, err_len, "another process is already listening on %s", path);
-        return -EADDRINUSE;
+        return forkd_error_set(err, -EADDRINUSE, "another process is already listening on %s",
+                               path);
     }
-    if (unlink(path) < 0 && errno != ENOENT) {
-        snprintf(err, err_len, "remove stale socket %s: %s", path, strerror(errno));
-        return -errno;
-    }
+    if (unlink(path) < 0 && errno != ENOENT)
+        return forkd_error_errno(err, -errno, "remove stale socket %s", path);
     return 0;
 }
 
-static char *server_read_file(const char *path, char *err, size_t err_len)
+static char *server_read_file(const char *path, struct forkd_error *err)
 {
     _cleanup_fclose_ FILE *f = fopen(path, "re");
     if (!f) {
-        snprintf(err, err_len, "read %s: %s", path, strerror(errno));
+        forkd_error_errno(err, -errno, "read %s", path);
         return NULL;
     }
     char *text = NULL;
@@ -163,35 +159,36 @@ static char *server_read_file(const char *path, char *err, size_t err_len)
     /* PEM files hold no NUL byte, so this reads the whole file. */
     if (getdelim(&text, &capacity, '\0', f) <= 0) {
         free(text);
-        snprintf(err, err_len, "read %s: file is empty or unreadable", path);
+        forkd_error_set(err, -EINVAL, "read %s: file is empty or unreadable", path);
         return NULL;
     }
     return text;
 }
 
 static grpc_server_credentials *server_credentials(const struct server_config *config, bool tcp,
-                                                   char *err, size_t err_len)
+                                                   struct forkd_error *err)
 {
     bool tls = config->tls_cert_path && config->tls_key_path;
     if (!tcp || !tls) {
         if (tcp && !config->insecure_tcp) {
-            snprintf(err, err_len,
-                     "listening on TCP (%s) needs --tls-cert and --tls-key, or --insecure-tcp",
-                     config->listen_address);
+            forkd_error_set(
+                err, -EINVAL,
+                "listening on TCP (%s) needs --tls-cert and --tls-key, or --insecure-tcp",
+                config->listen_address);
             return NULL;
         }
         return grpc_insecure_server_credentials_create();
     }
-    _cleanup_free_ char *cert = server_read_file(config->tls_cert_path, err, err_len);
-    _cleanup_free_ char *key = server_read_file(config->tls_key_path, err, err_len);
+    _cleanup_free_ char *cert = server_read_file(config->tls_cert_path, err);
+    _cleanup_free_ char *key = server_read_file(config->tls_key_path, err);
     if (!cert || !key)
         return NULL;
     grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
     return grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL);
 }
 
-static int server_bind(struct server *server, const struct server_config *config, char *err,
-                       size_t err_len)
+static int server_bind(struct server *server, const struct server_config *config,
+                       struct forkd_error *err)
 {
     const char *address = config->listen_address;
     bool tcp = strncmp(address, "unix:", 5) != 0;
@@ -199,29 +196,27 @@ static int server_bind(struct server *server, const struct server_config *config
         address += 4;
     if (!tcp) {
         snprintf(server->unix_path, sizeof(server->unix_path), "%s", address + 5);
-        int rc = server_prepare_unix_path(server->unix_path, err, err_len);
+        int rc = server_prepare_unix_path(server->unix_path, err);
         if (rc < 0)
             return rc;
     }
-    grpc_server_credentials *credentials = server_credentials(config, tcp, err, err_len);
+    grpc_server_credentials *credentials = server_credentials(config, tcp, err);
     if (!credentials)
-        return -EINVAL;
+        return err->code;
     mode_t old_mask = umask(0177); /* the socket is created 0600: only root may drive VMs */
     int port = grpc_server_add_http2_port(server->grpc, address, credentials);
     umask(old_mask);
     grpc_server_credentials_release(credentials);
-    if (port <= 0) {
-        snprintf(err, err_len, "cannot listen on %s", config->listen_address);
-        return -EADDRNOTAVAIL;
-    }
+    if (port <= 0)
+        return forkd_error_set(err, -EADDRNOTAVAIL, "cannot listen on %s", config->listen_address);
     return 0;
 }
 
-int server_start(const struct server_config *config, struct server **out, char *err, size_t err_len)
+int server_start(const struct server_config *config, struct server **out, struct forkd_error *err)
 {
     struct server *server = calloc(1, sizeof(*server));
     if (!server)
-        return -ENOMEM;
+        return forkd_error_set(err, -ENOMEM, "out of memory");
     pthread_mutex_init(&server->lock, NULL);
     pthread_cond_init(&server->idle, NULL);
     server->daemon = config->daemon;
@@ -236,7 +231,7 @@ int server_start(const struct server_config *config, struct server **out, char *
     server->notify_queue = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(server->grpc, server->notify_queue, NULL);
 
-    int rc = server_bind(server, config, err, err_len);
+    int rc = server_bind(server, config, err);
     if (rc < 0) {
         grpc_server_destroy(server->grpc);
         grpc_completion_queue_shutdown(server->notify_queue);

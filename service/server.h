@@ -9,6 +9,8 @@
 #ifndef FORKD_SERVICE_SERVER_H
 #define FORKD_SERVICE_SERVER_H
 
+#include "basic/error.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 
@@ -24,8 +26,7 @@ struct server_config {
 };
 
 /* Binds, starts the dispatcher. Returns 0 or a negative errno with the reason in err. */
-int server_start(const struct server_config *config, struct server **out, char *err,
-                 size_t err_len);
+int server_start(const struct server_config *config, struct server **out, struct forkd_error *err);
 
 /* Stops accepting calls; calls already running go on. */
 void server_begin_shutdown(struct server *server);

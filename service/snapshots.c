@@ -23,13 +23,13 @@ grpc_status_code handle_get_snapshot(struct rpc_call *call, const ProtobufCMessa
         return status->code;
     struct store_snapshot record;
     struct forkd_error err = {0};
-    if (store_get(daemon->store, request->name, &record, &err) < 0)
+    if (store_get(engine_store(daemon->engine), request->name, &record, &err) < 0)
         return convert_error(status, &err);
     struct snapshot_message *reply = malloc(sizeof(*reply));
     if (!reply)
         return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     convert_snapshot(&record, reply);
-    convert_snapshot_page_server(daemon->page_server, reply);
+    convert_snapshot_page_server(engine_page_server(daemon->engine), reply);
     int rc = call_set_response(call, &reply->snapshot.base);
     free(reply);
     return rc < 0 ? rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory")
@@ -43,7 +43,7 @@ grpc_status_code handle_list_snapshots(struct rpc_call *call, const ProtobufCMes
     struct store_snapshot *records = NULL;
     size_t count = 0;
     struct forkd_error err = {0};
-    if (store_list(daemon->store, &records, &count, &err) < 0)
+    if (store_list(engine_store(daemon->engine), &records, &count, &err) < 0)
         return convert_error(status, &err);
     struct snapshot_message *messages = calloc(count ? count : 1, sizeof(*messages));
     Forkd__V1__Snapshot **pointers = calloc(count ? count : 1, sizeof(*pointers));
@@ -53,7 +53,7 @@ grpc_status_code handle_list_snapshots(struct rpc_call *call, const ProtobufCMes
     } else {
         for (size_t i = 0; i < count; i++) {
             convert_snapshot(&records[i], &messages[i]);
-            convert_snapshot_page_server(daemon->page_server, &messages[i]);
+            convert_snapshot_page_server(engine_page_server(daemon->engine), &messages[i]);
             pointers[i] = &messages[i].snapshot;
         }
         Forkd__V1__ListSnapshotsResponse response = FORKD__V1__LIST_SNAPSHOTS_RESPONSE__INIT;
@@ -77,9 +77,8 @@ grpc_status_code handle_delete_snapshot(struct rpc_call *call, const ProtobufCMe
     if (snapshots_check_name(request->name, status) != GRPC_STATUS_OK)
         return status->code;
     struct forkd_error err = {0};
-    if (store_delete(daemon->store, request->name, request->force, &err) < 0)
+    if (engine_delete_snapshot(daemon->engine, request->name, request->force, &err) < 0)
         return convert_error(status, &err);
-    page_server_template_forget(daemon->page_server, request->name);
     log_info("deleted snapshot %s%s", request->name, request->force ? " (forced)" : "");
     Forkd__V1__DeleteSnapshotResponse response = FORKD__V1__DELETE_SNAPSHOT_RESPONSE__INIT;
     call_set_response(call, &response.base);

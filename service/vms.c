@@ -4,7 +4,7 @@
 #include "handlers.h"
 #include "log.h"
 
-#include "forkd/pause.h"
+#include "basic/clock.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -108,7 +108,7 @@ grpc_status_code handle_boot(struct rpc_call *call, const ProtobufCMessage *mess
     };
     struct vm *vm = NULL;
     struct forkd_error err = {0};
-    int rc = vm_boot(daemon->registry, &config, &vm, &err);
+    int rc = vm_boot(engine_registry(daemon->engine), &config, &vm, &err);
     if (rc == -EIO) /* the VMM refused the configuration: the caller's input */
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "boot: %s", err.message);
     if (rc < 0)
@@ -125,7 +125,7 @@ static grpc_status_code vms_lookup(struct daemon_state *daemon, const char *id, 
 {
     if (!*id)
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "vm_id is required");
-    *out = vm_lookup(daemon->registry, id);
+    *out = vm_lookup(engine_registry(daemon->engine), id);
     if (!*out)
         return rpc_status_set(status, GRPC_STATUS_NOT_FOUND, "no VM '%s'", id);
     return GRPC_STATUS_OK;
@@ -173,19 +173,10 @@ grpc_status_code handle_list_vms(struct rpc_call *call, const ProtobufCMessage *
 {
     struct daemon_state *daemon = call->daemon;
     struct vm **vms;
-    size_t count = vm_list(daemon->registry, &vms);
+    size_t count = vm_list(engine_registry(daemon->engine), &vms);
     grpc_status_code code = vms_reply_list(call, vms, count, false, 0, status);
     vm_list_free(vms, count);
     return code;
-}
-
-/* Stops a VM and gives back its use of the snapshot it was spawned from. */
-int vms_stop(struct daemon_state *daemon, struct vm *vm, unsigned grace_ms, struct forkd_error *err)
-{
-    int rc = vm_stop(daemon->registry, vm, grace_ms, err);
-    if (rc == 0 && vm_source_snapshot(vm)[0])
-        store_release(daemon->store, vm_source_snapshot(vm));
-    return rc;
 }
 
 grpc_status_code handle_stop_vm(struct rpc_call *call, const ProtobufCMessage *message,
@@ -195,9 +186,10 @@ grpc_status_code handle_stop_vm(struct rpc_call *call, const ProtobufCMessage *m
     struct vm *vm;
     if (vms_lookup(call->daemon, request->vm_id, &vm, status) != GRPC_STATUS_OK)
         return status->code;
+    struct daemon_state *daemon = call->daemon;
     struct forkd_error err = {0};
     unsigned grace = request->grace_ms ? request->grace_ms : STOP_DEFAULT_GRACE_MS;
-    int rc = vms_stop(call->daemon, vm, grace, &err);
+    int rc = vm_stop(engine_registry(daemon->engine), vm, grace, &err);
     grpc_status_code code;
     if (rc < 0) {
         code = convert_error(status, &err);
@@ -215,8 +207,36 @@ grpc_status_code handle_stop_vm(struct rpc_call *call, const ProtobufCMessage *m
     return code;
 }
 
-static grpc_status_code vms_check_spawn(const Forkd__V1__SpawnRequest *request,
-                                        enum vm_memory *memory, struct rpc_status *status)
+static grpc_status_code vms_memory_backend(Forkd__V1__MemoryBackend backend, enum vm_memory *out,
+                                           struct rpc_status *status)
+{
+    switch (backend) {
+    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_UNSPECIFIED:
+    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_FILE:
+        *out = VM_MEMORY_FILE;
+        return GRPC_STATUS_OK;
+    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_MEMFD:
+        *out = VM_MEMORY_MEMFD;
+        return GRPC_STATUS_OK;
+    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_UFFD:
+        *out = VM_MEMORY_UFFD;
+        return GRPC_STATUS_OK;
+    default:
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "backend %d is not one of FILE, MEMFD, UFFD", (int)backend);
+    }
+}
+
+static bool vms_call_cancelled(void *call)
+{
+    return call_is_cancelled(call);
+}
+
+/* Turns a SpawnRequest into the engine's request; labels must outlive it. */
+static grpc_status_code vms_check_spawn(struct rpc_call *call,
+                                        const Forkd__V1__SpawnRequest *request,
+                                        struct vm_label *labels, struct engine_spawn_request *out,
+                                        struct rpc_status *status)
 {
     struct forkd_error err = {0};
     if (store_validate_name(request->snapshot, &err) < 0)
@@ -231,130 +251,39 @@ static grpc_status_code vms_check_spawn(const Forkd__V1__SpawnRequest *request,
             return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
                                   "name_prefix gives invalid VM names: %s", err.message);
     }
-    switch (request->backend) {
-    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_UNSPECIFIED:
-    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_FILE:
-        *memory = VM_MEMORY_FILE;
-        return GRPC_STATUS_OK;
-    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_MEMFD:
-        *memory = VM_MEMORY_MEMFD;
-        return GRPC_STATUS_OK;
-    case FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_UFFD:
-        *memory = VM_MEMORY_UFFD;
-        return GRPC_STATUS_OK;
-    default:
-        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
-                              "backend %d is not one of FILE, MEMFD, UFFD", (int)request->backend);
-    }
-}
-
-/* Restores one fork, holding a use of the snapshot for as long as the VM is listed. */
-static int vms_spawn_one(struct daemon_state *daemon, const Forkd__V1__SpawnRequest *request,
-                         enum vm_memory memory, const struct vm_label *labels, unsigned index,
-                         struct vm **out, struct forkd_error *err)
-{
-    struct store_snapshot snapshot;
-    int rc = store_acquire(daemon->store, request->snapshot, &snapshot, err);
-    if (rc < 0)
-        return rc;
-    char name[VM_NAME_MAX + 1] = "", vmstate[PATH_MAX + 16], memory_path[PATH_MAX + 16];
-    if (*request->name_prefix)
-        snprintf(name, sizeof(name), "%s-%u", request->name_prefix, index);
-    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", snapshot.path);
-    snprintf(memory_path, sizeof(memory_path), "%s/memory.bin", snapshot.path);
-    struct vm_restore_config config = {
-        .name = name,
-        .snapshot_name = request->snapshot,
-        .vmstate_path = vmstate,
-        .memory_path = memory_path,
-        .memory = memory,
-        .start_paused = true, /* all are resumed together once all are restored */
-        .vcpu_count = snapshot.vcpu_count,
+    *out = (struct engine_spawn_request){
+        .snapshot = request->snapshot,
+        .count = request->count,
+        .name_prefix = request->name_prefix,
+        .start_paused = request->start_paused,
+        .prefetch_record_ms = request->prefetch_record_ms,
         .labels = labels,
         .label_count = request->n_labels,
-        .page_server = daemon->page_server,
+        .cancelled = vms_call_cancelled,
+        .cancelled_arg = call,
     };
-    rc = vm_restore(daemon->registry, &config, out, err);
-    if (rc < 0)
-        store_release(daemon->store, request->snapshot);
-    return rc;
-}
-
-/* Forks are restored paused and resumed together: restoring the later ones does not compete
- * with the earlier ones running (two running forks can take both cores of a small host), and
- * the forks start from the snapshot at the same moment. */
-static int vms_resume_all(struct vm **vms, size_t count, struct forkd_error *err)
-{
-    for (size_t i = 0; i < count; i++) {
-        int rc = vmm_resume(vm_client(vms[i]), err);
-        if (rc < 0)
-            return forkd_error_prefix(err, "resume %s: ", vm_id(vms[i]));
-        vm_set_state(vms[i], VM_STATE_RUNNING);
-    }
-    return 0;
-}
-
-/* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
-static int vms_set_prefetch(struct daemon_state *daemon, const Forkd__V1__SpawnRequest *request,
-                            struct forkd_error *err)
-{
-    struct store_snapshot snapshot;
-    int rc = store_get(daemon->store, request->snapshot, &snapshot, err);
-    if (rc < 0)
-        return rc;
-    char memory_path[PATH_MAX + 16];
-    snprintf(memory_path, sizeof(memory_path), "%s/memory.bin", snapshot.path);
-    return page_server_template_set_prefetch(daemon->page_server, request->snapshot, memory_path,
-                                             request->prefetch_record_ms, err);
+    if (vms_memory_backend(request->backend, &out->memory, status) != GRPC_STATUS_OK)
+        return status->code;
+    return vms_copy_labels(request->n_labels, (void *const *)request->labels, labels, status);
 }
 
 grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *message,
                               struct rpc_status *status)
 {
     const Forkd__V1__SpawnRequest *request = (const Forkd__V1__SpawnRequest *)message;
-    struct daemon_state *daemon = call->daemon;
-    enum vm_memory memory = VM_MEMORY_FILE;
-    if (vms_check_spawn(request, &memory, status) != GRPC_STATUS_OK)
-        return status->code;
     struct vm_label labels[VM_MAX_LABELS];
-    if (vms_copy_labels(request->n_labels, (void *const *)request->labels, labels, status) !=
-        GRPC_STATUS_OK)
+    struct engine_spawn_request spawn;
+    if (vms_check_spawn(call, request, labels, &spawn, status) != GRPC_STATUS_OK)
         return status->code;
-    struct forkd_error err = {0};
-    if (vm_registry_check_host(daemon->registry, &err) < 0)
-        return convert_error(status, &err);
-    if (memory == VM_MEMORY_UFFD && request->prefetch_record_ms &&
-        vms_set_prefetch(daemon, request, &err) < 0)
-        return convert_error(status, &err);
+    struct daemon_state *daemon = call->daemon;
     uint64_t start = forkd_monotonic_ns();
-    struct vm **vms = calloc(request->count, sizeof(*vms));
-    if (!vms)
-        return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-    size_t started = 0;
-    int rc = 0;
-    while (started < request->count && rc == 0 && !call_is_cancelled(call)) {
-        rc = vms_spawn_one(daemon, request, memory, labels, (unsigned)started, &vms[started], &err);
-        if (rc == 0)
-            started++;
-    }
-    if (rc == 0 && started == request->count && !request->start_paused)
-        rc = vms_resume_all(vms, started, &err);
-    grpc_status_code code;
-    if (rc < 0 || started < request->count) {
-        /* All or none: the forks of a failed spawn are stopped again. */
-        for (size_t i = 0; i < started; i++)
-            vms_stop(daemon, vms[i], 0, NULL);
-        code = rc < 0 ? convert_error(status, &err)
-                      : rpc_status_set(status, GRPC_STATUS_CANCELLED, "spawn cancelled");
-        if (rc == -EAGAIN)
-            code = rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION, "%s", err.message);
-    } else {
-        log_info("spawned %u forks of %s in %.1f ms", request->count, request->snapshot,
-                 (double)(forkd_monotonic_ns() - start) / 1e6);
-        code = vms_reply_list(call, vms, started, true, forkd_monotonic_ns() - start, status);
-    }
-    for (size_t i = 0; i < started; i++)
-        vm_unref(vms[i]);
-    free(vms);
+    struct vm **vms;
+    struct forkd_error err = {0};
+    if (engine_spawn(daemon->engine, &spawn, &vms, &err) < 0)
+        return convert_error(status, &err);
+    uint64_t elapsed_ns = forkd_monotonic_ns() - start;
+    log_info("spawned %u forks of %s in %.1f ms", spawn.count, spawn.snapshot, elapsed_ns / 1e6);
+    grpc_status_code code = vms_reply_list(call, vms, spawn.count, true, elapsed_ns, status);
+    vm_list_free(vms, spawn.count);
     return code;
 }

@@ -13,13 +13,19 @@
  */
 #include "forkd/branch.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/pause.h"
-#include "forkd/thread_priority.h"
-#include "forkd/uffd.h"
+#include "basic/cleanup.h"
+#include "basic/fsutil.h"
+
+#include "latency.h"
+#include "pause.h"
+#include "thread_priority.h"
+#include "uffd.h"
+#include "vmm_client.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
@@ -30,6 +36,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -90,15 +97,16 @@ struct branch_run_state {
     _Atomic int handler_error;  /* negative errno once the handler failed */
     char handler_error_message[FORKD_ERROR_MESSAGE_MAX];
     atomic_uint_fast64_t pages_written;
+    /* Futex word bumped by the fault handler after each page it wrote, woken only while the
+     * copier waits for the last of them (written_waiting), so the fault path makes no system
+     * call otherwise and takes no lock. */
+    _Atomic uint32_t written_seq;
+    atomic_bool written_waiting;
 };
-
-/* Fault service times: 4 buckets per power of two of nanoseconds, up to 2^40 ns. */
-#define SERVICE_BUCKETS (4 * 40)
 
 struct branch {
     atomic_bool cancel;
-    atomic_uint_fast64_t service_buckets[SERVICE_BUCKETS];
-    atomic_uint_fast64_t service_max_ns;
+    struct latency_histogram service; /* fault service times */
     atomic_uint_fast64_t faults_left_to_bulk;
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
@@ -137,49 +145,15 @@ void branch_cancel(struct branch *branch)
     atomic_store(&branch->cancel, true);
 }
 
-static unsigned branch_service_bucket(uint64_t ns)
-{
-    if (ns < 4)
-        return 0;
-    unsigned log2 = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned quarter = (unsigned)((ns >> (log2 - 2)) & 3); /* the two bits below the top one */
-    unsigned bucket = 4 * log2 + quarter;
-    return bucket < SERVICE_BUCKETS ? bucket : SERVICE_BUCKETS - 1;
-}
-
-/* The upper bound of a bucket, in ns. */
-static uint64_t branch_service_bucket_limit(unsigned bucket)
-{
-    unsigned log2 = bucket / 4, quarter = bucket % 4;
-    return (1ULL << log2) + ((uint64_t)(quarter + 1) << log2) / 4;
-}
-
-static void branch_record_service(struct branch *branch, uint64_t ns)
-{
-    atomic_fetch_add(&branch->service_buckets[branch_service_bucket(ns)], 1);
-    uint64_t max = atomic_load(&branch->service_max_ns);
-    while (ns > max && !atomic_compare_exchange_weak(&branch->service_max_ns, &max, ns)) {
-    }
-}
-
 static void branch_service_percentiles(struct branch *branch, struct branch_progress *out)
 {
-    uint64_t counts[SERVICE_BUCKETS], total = 0;
-    for (unsigned i = 0; i < SERVICE_BUCKETS; i++)
-        total += counts[i] = atomic_load(&branch->service_buckets[i]);
-    out->faults_served = total;
-    out->fault_service_max_ns = atomic_load(&branch->service_max_ns);
+    struct latency_summary service;
+    latency_summarize(&branch->service, &service);
+    out->faults_served = service.count;
+    out->fault_service_p50_ns = service.p50_ns;
+    out->fault_service_p99_ns = service.p99_ns;
+    out->fault_service_max_ns = service.max_ns;
     out->faults_left_to_bulk = atomic_load(&branch->faults_left_to_bulk);
-    uint64_t seen = 0;
-    for (unsigned i = 0; i < SERVICE_BUCKETS && total; i++) {
-        seen += counts[i];
-        if (!out->fault_service_p50_ns && seen * 2 >= total)
-            out->fault_service_p50_ns = branch_service_bucket_limit(i);
-        if (seen * 100 >= total * 99) {
-            out->fault_service_p99_ns = branch_service_bucket_limit(i);
-            break;
-        }
-    }
 }
 
 void branch_get_progress(struct branch *branch, struct branch_progress *out)
@@ -253,22 +227,6 @@ static int branch_read_guest(const struct branch_run_state *run, const struct br
     if (n == (ssize_t)length)
         return 0;
     return n < 0 ? -errno : -EIO;
-}
-
-static int branch_write_file(int fd, const void *buffer, size_t length, uint64_t offset)
-{
-    const uint8_t *bytes = buffer;
-    while (length > 0) {
-        ssize_t n = pwrite(fd, bytes, length, (off_t)offset);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? -errno : -EIO;
-        bytes += n;
-        length -= (size_t)n;
-        offset += (uint64_t)n;
-    }
-    return 0;
 }
 
 static void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pages)
@@ -363,17 +321,20 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
     if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
                            &err) < 0)
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
-    branch_record_service(branch, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
+    latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
     if (!ours)
         return;
-    int rc = branch_write_file(run->memory_fd, buffer, page_size,
-                               region->uffd.file_offset + index * page_size);
+    int rc = fs_pwrite_all(run->memory_fd, buffer, page_size,
+                           (off_t)(region->uffd.file_offset + index * page_size));
     if (rc < 0)
         branch_handler_fail(run, rc, "write memory.bin: %s", strerror(-rc));
     branch_count_write(region, index, 1);
     atomic_fetch_add(&branch->pages_by_fault, 1);
     atomic_fetch_add(&branch->bytes_copied, page_size);
     atomic_fetch_add(&run->pages_written, 1);
+    atomic_fetch_add(&run->written_seq, 1);
+    if (atomic_load(&run->written_waiting))
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
 static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
@@ -679,9 +640,9 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
     uint64_t offset = first * page_size, length = count * page_size;
     int rc = branch_read_guest(run, region, offset, buffer, length);
     if (rc < 0)
-        return forkd_error_set(err, rc, "read guest memory at 0x%llx+0x%llx: %s",
-                               (unsigned long long)(region->uffd.host_base + offset),
-                               (unsigned long long)length, strerror(-rc));
+        return forkd_error_errno(err, rc, "read guest memory at 0x%llx+0x%llx",
+                                 (unsigned long long)(region->uffd.host_base + offset),
+                                 (unsigned long long)length);
     for (uint64_t p = first; p < first + count; p++)
         atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
     /* Captured: the guest may write these pages now without a fault. */
@@ -689,11 +650,10 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
                             false, false, err);
     if (rc < 0)
         return rc;
-    rc = branch_write_file(run->memory_fd, buffer, length, region->uffd.file_offset + offset);
+    rc = fs_pwrite_all(run->memory_fd, buffer, length, (off_t)(region->uffd.file_offset + offset));
     if (rc < 0)
-        return forkd_error_set(err, rc, "write memory.bin at %llu: %s",
-                               (unsigned long long)(region->uffd.file_offset + offset),
-                               strerror(-rc));
+        return forkd_error_errno(err, rc, "write memory.bin at %llu",
+                                 (unsigned long long)(region->uffd.file_offset + offset));
     branch_count_write(region, first, count);
     atomic_fetch_add(&branch->pages_by_bulk, count);
     atomic_fetch_add(&branch->bytes_copied, length);
@@ -758,21 +718,29 @@ static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
     return 0;
 }
 
-/* Waits for the fault handler to finish writing the pages it claimed. */
+/* Waits for the fault handler to finish writing the pages it claimed: woken by each page it
+ * writes, and every WRITTEN_CHECK_MS to see whether the branch was cancelled or failed. */
+#define WRITTEN_CHECK_MS 10
 static int branch_wait_all_written(struct branch *branch, struct branch_run_state *run,
                                    struct forkd_error *err)
 {
     uint64_t total_pages = 0;
     for (size_t r = 0; r < run->region_count; r++)
         total_pages += run->regions[r].page_count;
-    while (atomic_load(&run->pages_written) < total_pages) {
-        int rc = branch_check_alive(branch, run, err);
-        if (rc < 0)
-            return rc;
-        struct timespec pause = {.tv_nsec = 50000};
-        nanosleep(&pause, NULL);
+    atomic_store(&run->written_waiting, true);
+    int rc = 0;
+    for (;;) {
+        uint32_t seen = atomic_load(&run->written_seq);
+        if (atomic_load(&run->pages_written) >= total_pages)
+            break;
+        if ((rc = branch_check_alive(branch, run, err)) < 0)
+            break;
+        /* Returns at once if a page was written since `seen` was read. */
+        struct timespec check = {.tv_nsec = WRITTEN_CHECK_MS * 1000000L};
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAIT_PRIVATE, seen, &check, NULL, 0);
     }
-    return 0;
+    atomic_store(&run->written_waiting, false);
+    return rc;
 }
 
 /* ---- set-up and tear-down of a live branch ---------------------------------------------- */
@@ -815,7 +783,7 @@ static int branch_map_guest(struct branch_run_state *run, struct forkd_error *er
                                (long long)st.st_size, (unsigned long long)run->total_bytes);
     void *map = mmap(NULL, run->total_bytes, PROT_READ, MAP_SHARED, memfd, 0);
     if (map == MAP_FAILED)
-        return forkd_error_set(err, -errno, "map guest memfd: %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "map guest memfd");
     /* Map every page now, outside the pause: a capture on the fault path then costs a copy,
      * not a page fault of forkd's own on top of the vCPU's. */
     madvise(map, run->total_bytes, MADV_POPULATE_READ);
@@ -848,10 +816,10 @@ static int branch_open_memory_file(struct branch_run_state *run, struct forkd_er
     const char *path = store_writer_memory_path(run->writer);
     run->memory_fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (run->memory_fd < 0)
-        return forkd_error_set(err, -errno, "create %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "create %s", path);
     if (ftruncate(run->memory_fd, (off_t)run->total_bytes) < 0)
-        return forkd_error_set(err, -errno, "size %s to %llu bytes: %s", path,
-                               (unsigned long long)run->total_bytes, strerror(errno));
+        return forkd_error_errno(err, -errno, "size %s to %llu bytes", path,
+                                 (unsigned long long)run->total_bytes);
     return 0;
 }
 
@@ -915,7 +883,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     enum handler_mode first_mode = run->mode == STORE_MODE_LIVE ? HANDLER_TRACKING : HANDLER_COPY;
     int rc = branch_handler_start(branch, run, first_mode, &handler_args);
     if (rc < 0)
-        return forkd_error_set(err, rc, "start the fault handler: %s", strerror(-rc));
+        return forkd_error_errno(err, rc, "start the fault handler");
     if (run->mode == STORE_MODE_LIVE) {
         rc = branch_prearm(branch, run, err);
         if (rc < 0)
@@ -933,7 +901,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     if (rc == 0)
         rc = branch_wait_all_written(branch, run, err);
     if (rc == 0 && fsync(run->memory_fd) < 0)
-        rc = forkd_error_set(err, -errno, "fsync memory.bin: %s", strerror(errno));
+        rc = forkd_error_errno(err, -errno, "fsync memory.bin");
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
     return rc;
 }
@@ -950,7 +918,7 @@ static int branch_run_live(struct branch *branch, struct branch_run_state *run,
                                vm_id(run->vm), memory == VM_MEMORY_FILE ? "FILE" : "UFFD");
     run->control_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (run->control_fd < 0)
-        return forkd_error_set(err, -errno, "eventfd: %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "eventfd");
     pthread_mutex_init(&run->control_lock, NULL);
     pthread_cond_init(&run->control_cond, NULL);
     int rc = branch_live_setup(branch, run, request, err);
@@ -973,11 +941,9 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
     branch_set_phase(branch, BRANCH_PHASE_PAUSED);
     uint64_t start = forkd_monotonic_ns();
     /* The VMM writes all of memory before it answers: allow for it. */
-    vmm_client_set_timeout_ms(vm_client(run->vm), vm_slow_call_timeout_ms(run->vm));
-    int rc = vmm_snapshot_create(vm_client(run->vm), VMM_SNAPSHOT_FULL,
-                                 store_writer_vmstate_path(run->writer),
-                                 store_writer_memory_path(run->writer), err);
-    vmm_client_set_timeout_ms(vm_client(run->vm), vm_call_timeout_ms(run->vm));
+    int rc = vmm_snapshot_create_within(
+        vm_client(run->vm), VMM_SNAPSHOT_FULL, store_writer_vmstate_path(run->writer),
+        store_writer_memory_path(run->writer), vm_slow_call_timeout_ms(run->vm), err);
     if (rc < 0)
         return rc;
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
@@ -988,8 +954,7 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
         return rc;
     struct stat st;
     if (stat(store_writer_memory_path(run->writer), &st) < 0)
-        return forkd_error_set(err, -errno, "memory.bin after a Full snapshot: %s",
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "memory.bin after a Full snapshot");
     run->total_bytes = (uint64_t)st.st_size;
     branch->bytes_total = run->total_bytes;
     branch->page_size = 4096;

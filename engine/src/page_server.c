@@ -15,9 +15,11 @@
  */
 #include "forkd/page_server.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/thread_priority.h"
-#include "forkd/uffd.h"
+#include "basic/cleanup.h"
+#include "basic/clock.h"
+#include "latency.h"
+#include "thread_priority.h"
+#include "uffd.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -39,102 +41,62 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PS_SMALL_PAGE     4096ULL
-#define PS_HUGE_PAGE      (2ULL << 20)
-#define PS_MESSAGE_BATCH  64
-#define PS_EPOLL_BATCH    64
-#define PS_RETRY_DELAY_NS 1000000ULL /* EAGAIN: the next try after 1 ms (or the next round) */
+#define PAGE_SERVER_SMALL_PAGE    4096ULL
+#define PAGE_SERVER_HUGE_PAGE     (2ULL << 20)
+#define PAGE_SERVER_MESSAGE_BATCH 64
+#define PAGE_SERVER_EPOLL_BATCH   64
+#define PAGE_SERVER_RETRY_DELAY_NS                                                                 \
+    1000000ULL /* EAGAIN: the next try after 1 ms (or the next round) */
 /* EAGAIN lasts while a REMOVE is unread or being applied: a guest discarding memory in a
  * long burst may keep a fault waiting that long. One refused for this long means a broken
  * VMM, and the fork is dropped. */
-#define PS_RETRY_GIVE_UP_NS (30ULL * 1000000000ULL)
-#define PS_PREFETCH_MAX_RUN (1ULL << 20) /* one prefetch ioctl copies at most this */
-#define PS_HIST_BUCKETS     496          /* 16 linear + 60 powers of two x 8 sub-buckets */
-#define PS_NAME_MAX         128
-#define PS_REASON_MAX       128
+#define PAGE_SERVER_RETRY_GIVE_UP_NS (30ULL * 1000000000ULL)
+#define PAGE_SERVER_PREFETCH_MAX_RUN (1ULL << 20) /* one prefetch ioctl copies at most this */
+#define PAGE_SERVER_NAME_MAX         128
+#define PAGE_SERVER_REASON_MAX       128
 
 /* ---------------------------------------------------------------- statistics */
 
 struct page_server_counters {
-    atomic_uint_fast64_t faults, bytes, prefetched, zero, existed, retries, removes, max_ns;
-    atomic_uint_fast64_t histogram[PS_HIST_BUCKETS];
+    atomic_uint_fast64_t faults, bytes, prefetched, zero, existed, retries, removes;
+    struct latency_histogram service;
 };
 
-static uint64_t ps_now_ns(void)
+static uint64_t page_server_now_ns(void)
 {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
 }
 
-/* Log-linear buckets: exact below 16 ns, then 8 per power of two (12.5% resolution). */
-static unsigned ps_bucket(uint64_t ns)
-{
-    if (ns < 16)
-        return (unsigned)ns;
-    unsigned exponent = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned sub = (unsigned)(ns >> (exponent - 3)) & 7u;
-    return 16u + (exponent - 4u) * 8u + sub;
-}
-
-static uint64_t ps_bucket_upper(unsigned bucket)
-{
-    if (bucket < 16)
-        return bucket;
-    unsigned exponent = (bucket - 16u) / 8u + 4u, sub = (bucket - 16u) % 8u;
-    return ((9ULL + sub) << (exponent - 3)) - 1; /* wraps to UINT64_MAX for the last one */
-}
-
-static void ps_count(atomic_uint_fast64_t *counter, uint64_t amount)
+static void page_server_count(atomic_uint_fast64_t *counter, uint64_t amount)
 {
     atomic_fetch_add_explicit(counter, amount, memory_order_relaxed);
 }
 
-static void ps_record_time(struct page_server_counters *c, uint64_t ns)
-{
-    ps_count(&c->histogram[ps_bucket(ns)], 1);
-    /* One writer per counter set at a time (the loop), so load-compare-store is enough. */
-    if (ns > atomic_load_explicit(&c->max_ns, memory_order_relaxed))
-        atomic_store_explicit(&c->max_ns, ns, memory_order_relaxed);
-}
-
-static uint64_t ps_percentile(const uint64_t *buckets, uint64_t total, unsigned permille,
-                              uint64_t max_ns)
-{
-    if (total == 0)
-        return 0;
-    uint64_t rank = (total * permille + 999) / 1000, seen = 0;
-    for (unsigned b = 0; b < PS_HIST_BUCKETS; b++) {
-        seen += buckets[b];
-        if (seen >= rank)
-            return ps_bucket_upper(b) < max_ns ? ps_bucket_upper(b) : max_ns;
-    }
-    return max_ns;
-}
-
-static uint64_t ps_load(const atomic_uint_fast64_t *counter)
+static uint64_t page_server_load(const atomic_uint_fast64_t *counter)
 {
     return atomic_load_explicit(counter, memory_order_relaxed);
 }
 
-static void ps_counters_read(const struct page_server_counters *c, struct page_server_stats *out)
+static void page_server_counters_read(const struct page_server_counters *c,
+                                      struct page_server_stats *out)
 {
     uint64_t faults = atomic_load_explicit(&c->faults, memory_order_acquire);
-    uint64_t buckets[PS_HIST_BUCKETS], total = 0;
-    for (unsigned b = 0; b < PS_HIST_BUCKETS; b++)
-        total += buckets[b] = ps_load(&c->histogram[b]);
+    struct latency_summary service;
+    latency_summarize(&c->service, &service);
     *out = (struct page_server_stats){
         .faults_served = faults,
-        .bytes_copied = ps_load(&c->bytes),
-        .pages_prefetched = ps_load(&c->prefetched),
-        .zero_pages = ps_load(&c->zero),
-        .service_max_ns = ps_load(&c->max_ns),
-        .already_present = ps_load(&c->existed),
-        .retries = ps_load(&c->retries),
-        .remove_events = ps_load(&c->removes),
+        .bytes_copied = page_server_load(&c->bytes),
+        .pages_prefetched = page_server_load(&c->prefetched),
+        .zero_pages = page_server_load(&c->zero),
+        .service_p50_ns = service.p50_ns,
+        .service_p99_ns = service.p99_ns,
+        .service_max_ns = service.max_ns,
+        .already_present = page_server_load(&c->existed),
+        .retries = page_server_load(&c->retries),
+        .remove_events = page_server_load(&c->removes),
     };
-    out->service_p50_ns = ps_percentile(buckets, total, 500, out->service_max_ns);
-    out->service_p99_ns = ps_percentile(buckets, total, 990, out->service_max_ns);
 }
 
 /* ---------------------------------------------------------------- objects */
@@ -142,7 +104,7 @@ static void ps_counters_read(const struct page_server_counters *c, struct page_s
 struct page_server_template {
     atomic_int refs; /* the server's list (while listed) and every fork */
     struct page_server_template *next;
-    char name[PS_NAME_MAX];
+    char name[PAGE_SERVER_NAME_MAX];
     char path[PATH_MAX];
     dev_t dev;
     ino_t ino;
@@ -157,17 +119,28 @@ struct page_server_template {
     struct page_server_counters counters;
 };
 
-enum ps_watch_kind { PS_WATCH_WAKE, PS_WATCH_TIMER, PS_WATCH_UFFD, PS_WATCH_CONNECTION };
+enum page_server_watch_kind {
+    PAGE_SERVER_WATCH_WAKE,
+    PAGE_SERVER_WATCH_TIMER,
+    PAGE_SERVER_WATCH_UFFD,
+    PAGE_SERVER_WATCH_CONNECTION
+};
 
-struct ps_watch {
-    enum ps_watch_kind kind;
+struct page_server_watch {
+    enum page_server_watch_kind kind;
     struct page_server_fork *fork;
 };
 
-enum ps_fork_state { PS_PENDING, PS_QUEUED, PS_ACTIVE, PS_FAILED, PS_DROPPED };
+enum page_server_fork_state {
+    PAGE_SERVER_PENDING,
+    PAGE_SERVER_QUEUED,
+    PAGE_SERVER_ACTIVE,
+    PAGE_SERVER_FAILED,
+    PAGE_SERVER_DROPPED
+};
 
 /* A fault that got EAGAIN, tried again later. */
-struct ps_retry {
+struct page_server_retry {
     uint64_t address;
     uint64_t start_ns;
 };
@@ -184,10 +157,10 @@ struct page_server_fork {
 
     pthread_mutex_t lock; /* guards the fields down to drop_reason */
     pthread_cond_t changed;
-    enum ps_fork_state state;
+    enum page_server_fork_state state;
     bool released;
     struct forkd_error error;
-    char drop_reason[PS_REASON_MAX];
+    char drop_reason[PAGE_SERVER_REASON_MAX];
 
     /* Handshake thread until queued for attach, then the loop thread. */
     int listen_fd;
@@ -196,13 +169,13 @@ struct page_server_fork {
     uint64_t memory_bytes;
 
     /* Loop thread only. */
-    struct ps_watch uffd_watch, connection_watch;
+    struct page_server_watch uffd_watch, connection_watch;
     bool in_loop;
     struct page_server_fork *loop_next, *queue_next, *grave_next, *retry_next;
     bool retry_listed;
     uint64_t record_until_ns;
     atomic_uint_fast64_t *removed[UFFD_MAX_REGIONS]; /* pages removed (REMOVE), lazily made */
-    struct ps_retry *retries;
+    struct page_server_retry *retries;
     size_t retry_count, retry_capacity;
 
     atomic_bool active;
@@ -213,10 +186,10 @@ struct page_server {
     atomic_int refs; /* the owner until page_server_close, and every fork */
     int handshake_timeout_ms;
     int epoll_fd, wake_fd, timer_fd;
-    struct ps_watch wake_watch, timer_watch;
+    struct page_server_watch wake_watch, timer_watch;
     pthread_t loop;
     bool loop_started;
-    const uint8_t *zero_page; /* PS_HUGE_PAGE of zeros: the source of 2 MiB zero fills */
+    const uint8_t *zero_page; /* PAGE_SERVER_HUGE_PAGE of zeros: the source of 2 MiB zero fills */
     atomic_uint active_forks;
 
     pthread_mutex_t lock; /* guards the fields down to handshakes */
@@ -232,9 +205,9 @@ struct page_server {
     bool timer_armed;
 };
 
-static void ps_server_unref(struct page_server *server);
+static void page_server_server_unref(struct page_server *server);
 
-static void ps_template_unref(struct page_server_template *t)
+static void page_server_template_unref(struct page_server_template *t)
 {
     if (!t || atomic_fetch_sub(&t->refs, 1) != 1)
         return;
@@ -244,12 +217,12 @@ static void ps_template_unref(struct page_server_template *t)
     free(t);
 }
 
-static void ps_fork_ref(struct page_server_fork *fork)
+static void page_server_fork_ref(struct page_server_fork *fork)
 {
     atomic_fetch_add(&fork->refs, 1);
 }
 
-static void ps_fork_unref(struct page_server_fork *fork)
+static void page_server_fork_unref(struct page_server_fork *fork)
 {
     if (!fork || atomic_fetch_sub(&fork->refs, 1) != 1)
         return;
@@ -260,34 +233,35 @@ static void ps_fork_unref(struct page_server_fork *fork)
     for (size_t i = 0; i < UFFD_MAX_REGIONS; i++)
         free(fork->removed[i]);
     free(fork->retries);
-    ps_template_unref(fork->template);
+    page_server_template_unref(fork->template);
     pthread_mutex_destroy(&fork->lock);
     pthread_cond_destroy(&fork->changed);
     free(fork);
-    ps_server_unref(server);
+    page_server_server_unref(server);
 }
 
-static const char *ps_fork_label(const struct page_server_fork *fork)
+static const char *page_server_fork_label(const struct page_server_fork *fork)
 {
     return fork->label[0] ? fork->label : fork->socket_path;
 }
 
 /* ---------------------------------------------------------------- templates */
 
-static int ps_map_memory(struct page_server_template *t, const char *path, struct forkd_error *err)
+static int page_server_map_memory(struct page_server_template *t, const char *path,
+                                  struct forkd_error *err)
 {
     _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0)
-        return forkd_error_set(err, -errno, "page server: open %s: %s", path, strerror(errno));
-    if (st.st_size <= 0 || (uint64_t)st.st_size % PS_SMALL_PAGE)
+        return forkd_error_errno(err, -errno, "page server: open %s", path);
+    if (st.st_size <= 0 || (uint64_t)st.st_size % PAGE_SERVER_SMALL_PAGE)
         return forkd_error_set(err, -EINVAL,
                                "page server: %s: size %lld is not a non-zero "
                                "multiple of 4096",
                                path, (long long)st.st_size);
     void *memory = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
     if (memory == MAP_FAILED)
-        return forkd_error_set(err, -errno, "page server: mmap %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "page server: mmap %s", path);
     t->memory = memory;
     t->size = (uint64_t)st.st_size;
     t->dev = st.st_dev;
@@ -295,8 +269,8 @@ static int ps_map_memory(struct page_server_template *t, const char *path, struc
     return 0;
 }
 
-static int ps_template_new(const char *name, const char *path, unsigned times_mapped,
-                           struct page_server_template **out, struct forkd_error *err)
+static int page_server_template_new(const char *name, const char *path, unsigned times_mapped,
+                                    struct page_server_template **out, struct forkd_error *err)
 {
     struct page_server_template *t = calloc(1, sizeof(*t));
     if (!t)
@@ -305,7 +279,7 @@ static int ps_template_new(const char *name, const char *path, unsigned times_ma
     snprintf(t->name, sizeof(t->name), "%s", name);
     snprintf(t->path, sizeof(t->path), "%s", path);
     t->times_mapped = times_mapped;
-    int rc = ps_map_memory(t, path, err);
+    int rc = page_server_map_memory(t, path, err);
     if (rc < 0) {
         free(t);
         return rc;
@@ -315,14 +289,15 @@ static int ps_template_new(const char *name, const char *path, unsigned times_ma
 }
 
 /* The template's file is still the one mapped (same path and inode). */
-static bool ps_template_current(const struct page_server_template *t, const char *path)
+static bool page_server_template_current(const struct page_server_template *t, const char *path)
 {
     struct stat st;
     return strcmp(t->path, path) == 0 && stat(path, &st) == 0 && st.st_dev == t->dev &&
            st.st_ino == t->ino;
 }
 
-static struct page_server_template **ps_template_slot(struct page_server *server, const char *name)
+static struct page_server_template **page_server_template_slot(struct page_server *server,
+                                                               const char *name)
 {
     struct page_server_template **slot = &server->templates;
     while (*slot && strcmp((*slot)->name, name) != 0)
@@ -330,10 +305,10 @@ static struct page_server_template **ps_template_slot(struct page_server *server
     return slot;
 }
 
-static int ps_template_enable_recording(struct page_server_template *t, unsigned record_ms,
-                                        struct forkd_error *err)
+static int page_server_template_enable_recording(struct page_server_template *t, unsigned record_ms,
+                                                 struct forkd_error *err)
 {
-    size_t words = (size_t)((t->size / PS_SMALL_PAGE + 63) / 64);
+    size_t words = (size_t)((t->size / PAGE_SERVER_SMALL_PAGE + 63) / 64);
     if (record_ms && !t->hot) {
         t->hot = calloc(words, sizeof(*t->hot));
         if (!t->hot)
@@ -344,30 +319,31 @@ static int ps_template_enable_recording(struct page_server_template *t, unsigned
 }
 
 /* Finds or maps the template; under server->lock. Returns it without an extra reference. */
-static int ps_template_get_locked(struct page_server *server, const char *name, const char *path,
-                                  struct page_server_template **out, struct forkd_error *err)
+static int page_server_template_get_locked(struct page_server *server, const char *name,
+                                           const char *path, struct page_server_template **out,
+                                           struct forkd_error *err)
 {
-    if (strlen(name) >= PS_NAME_MAX)
+    if (strlen(name) >= PAGE_SERVER_NAME_MAX)
         return forkd_error_set(err, -ENAMETOOLONG, "page server: template name too long");
-    struct page_server_template **slot = ps_template_slot(server, name);
-    if (*slot && ps_template_current(*slot, path)) {
+    struct page_server_template **slot = page_server_template_slot(server, name);
+    if (*slot && page_server_template_current(*slot, path)) {
         *out = *slot;
         return 0;
     }
     unsigned times = *slot ? (*slot)->times_mapped + 1 : 1;
     struct page_server_template *fresh = NULL;
-    int rc = ps_template_new(name, path, times, &fresh, err);
+    int rc = page_server_template_new(name, path, times, &fresh, err);
     if (rc < 0)
         return rc;
     if (*slot) { /* replaced on disk: the old mapping lives on for its forks */
         struct page_server_template *old = *slot;
-        rc = ps_template_enable_recording(fresh, old->record_ms, err);
+        rc = page_server_template_enable_recording(fresh, old->record_ms, err);
         if (rc < 0) {
-            ps_template_unref(fresh);
+            page_server_template_unref(fresh);
             return rc;
         }
         fresh->next = old->next;
-        ps_template_unref(old);
+        page_server_template_unref(old);
     }
     *slot = fresh;
     *out = fresh;
@@ -380,15 +356,15 @@ int page_server_template_set_prefetch(struct page_server *server, const char *na
 {
     pthread_mutex_lock(&server->lock);
     struct page_server_template *t = NULL;
-    int rc =
-        ps_template_get_locked(server, name && *name ? name : memory_path, memory_path, &t, err);
+    int rc = page_server_template_get_locked(server, name && *name ? name : memory_path,
+                                             memory_path, &t, err);
     if (rc == 0)
-        rc = ps_template_enable_recording(t, record_ms, err);
+        rc = page_server_template_enable_recording(t, record_ms, err);
     pthread_mutex_unlock(&server->lock);
     return rc;
 }
 
-static bool ps_hot_ready(const struct page_server_template *t, uint64_t now)
+static bool page_server_hot_ready(const struct page_server_template *t, uint64_t now)
 {
     uint64_t ready = atomic_load(&t->hot_ready_ns);
     return ready != 0 && now >= ready;
@@ -398,15 +374,15 @@ int page_server_template_describe(struct page_server *server, const char *name,
                                   struct page_server_template_info *out)
 {
     pthread_mutex_lock(&server->lock);
-    struct page_server_template *t = *ps_template_slot(server, name);
+    struct page_server_template *t = *page_server_template_slot(server, name);
     if (t) {
         *out = (struct page_server_template_info){
             .memory_bytes = t->size,
             .times_mapped = t->times_mapped,
-            .hot_pages = ps_load(&t->hot_pages),
-            .hot_set_ready = t->hot && ps_hot_ready(t, ps_now_ns()),
+            .hot_pages = page_server_load(&t->hot_pages),
+            .hot_set_ready = t->hot && page_server_hot_ready(t, page_server_now_ns()),
         };
-        ps_counters_read(&t->counters, &out->stats);
+        page_server_counters_read(&t->counters, &out->stats);
         out->stats.forks_active = atomic_load(&t->forks_active);
         out->stats.forks_total = atomic_load(&t->forks_total);
     }
@@ -417,12 +393,12 @@ int page_server_template_describe(struct page_server *server, const char *name,
 int page_server_template_forget(struct page_server *server, const char *name)
 {
     pthread_mutex_lock(&server->lock);
-    struct page_server_template **slot = ps_template_slot(server, name);
+    struct page_server_template **slot = page_server_template_slot(server, name);
     struct page_server_template *t = *slot;
     if (t)
         *slot = t->next;
     pthread_mutex_unlock(&server->lock);
-    ps_template_unref(t);
+    page_server_template_unref(t);
     return t ? 0 : -ENOENT;
 }
 
@@ -433,7 +409,8 @@ unsigned page_server_active_forks(struct page_server *server)
 
 /* ---------------------------------------------------------------- fork state */
 
-static void ps_fork_set_state(struct page_server_fork *fork, enum ps_fork_state state)
+static void page_server_fork_set_state(struct page_server_fork *fork,
+                                       enum page_server_fork_state state)
 {
     pthread_mutex_lock(&fork->lock);
     fork->state = state;
@@ -441,16 +418,16 @@ static void ps_fork_set_state(struct page_server_fork *fork, enum ps_fork_state 
     pthread_mutex_unlock(&fork->lock);
 }
 
-static void ps_fork_fail(struct page_server_fork *fork, const struct forkd_error *error)
+static void page_server_fork_fail(struct page_server_fork *fork, const struct forkd_error *error)
 {
     pthread_mutex_lock(&fork->lock);
     fork->error = *error;
-    fork->state = PS_FAILED;
+    fork->state = PAGE_SERVER_FAILED;
     pthread_cond_broadcast(&fork->changed);
     pthread_mutex_unlock(&fork->lock);
 }
 
-static void ps_wake_loop(struct page_server *server)
+static void page_server_wake_loop(struct page_server *server)
 {
     uint64_t one = 1;
     if (write(server->wake_fd, &one, sizeof(one)) != sizeof(one))
@@ -459,8 +436,8 @@ static void ps_wake_loop(struct page_server *server)
 
 /* ---------------------------------------------------------------- fault resolution */
 
-static const struct uffd_region *ps_region_of(const struct page_server_fork *fork, uint64_t address,
-                                              size_t *index)
+static const struct uffd_region *page_server_region_of(const struct page_server_fork *fork,
+                                                       uint64_t address, size_t *index)
 {
     const struct uffd_handshake *h = &fork->handshake;
     for (size_t i = 0; i < h->region_count; i++) {
@@ -473,13 +450,13 @@ static const struct uffd_region *ps_region_of(const struct page_server_fork *for
     return NULL;
 }
 
-static bool ps_bit_test(atomic_uint_fast64_t *bits, uint64_t index)
+static bool page_server_bit_test(atomic_uint_fast64_t *bits, uint64_t index)
 {
-    return bits && (ps_load(&bits[index / 64]) >> (index % 64)) & 1;
+    return bits && (page_server_load(&bits[index / 64]) >> (index % 64)) & 1;
 }
 
 /* Sets a bit; true when it was clear. */
-static bool ps_bit_set(atomic_uint_fast64_t *bits, uint64_t index)
+static bool page_server_bit_set(atomic_uint_fast64_t *bits, uint64_t index)
 {
     uint64_t mask = 1ULL << (index % 64);
     return !(atomic_fetch_or_explicit(&bits[index / 64], mask, memory_order_relaxed) & mask);
@@ -487,14 +464,14 @@ static bool ps_bit_set(atomic_uint_fast64_t *bits, uint64_t index)
 
 /* UFFDIO_COPY of one page (which wakes the faulting threads): 0, 1 when it was there
  * already (then woken), or -errno (-EAGAIN: try again later). */
-static int ps_copy_page(struct page_server_fork *fork, uint64_t page, const void *source,
-                        uint64_t length)
+static int page_server_copy_page(struct page_server_fork *fork, uint64_t page, const void *source,
+                                 uint64_t length)
 {
     struct uffdio_copy copy = {.dst = page, .src = (uint64_t)(uintptr_t)source, .len = length};
     int uffd = fork->handshake.uffd;
     if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) {
-        ps_count(&fork->counters.bytes, length);
-        ps_count(&fork->template->counters.bytes, length);
+        page_server_count(&fork->counters.bytes, length);
+        page_server_count(&fork->template->counters.bytes, length);
         return 0;
     }
     int rc = -errno;
@@ -505,11 +482,11 @@ static int ps_copy_page(struct page_server_fork *fork, uint64_t page, const void
     return ioctl(uffd, UFFDIO_WAKE, &range) == 0 ? 1 : -errno;
 }
 
-static int ps_zero_page(struct page_server_fork *fork, uint64_t page, uint64_t length)
+static int page_server_zero_page(struct page_server_fork *fork, uint64_t page, uint64_t length)
 {
     /* UFFDIO_ZEROPAGE maps the shared zero page but has no hugetlb support: copy zeros there. */
-    if (length != PS_SMALL_PAGE)
-        return ps_copy_page(fork, page, fork->server->zero_page, length);
+    if (length != PAGE_SERVER_SMALL_PAGE)
+        return page_server_copy_page(fork, page, fork->server->zero_page, length);
     struct uffdio_zeropage zero = {.range = {.start = page, .len = length}};
     if (ioctl(fork->handshake.uffd, UFFDIO_ZEROPAGE, &zero) == 0)
         return 0;
@@ -519,46 +496,47 @@ static int ps_zero_page(struct page_server_fork *fork, uint64_t page, uint64_t l
     return ioctl(fork->handshake.uffd, UFFDIO_WAKE, &range) == 0 ? 1 : -errno;
 }
 
-static void ps_record_hot(struct page_server_fork *fork, uint64_t file_offset, uint64_t now)
+static void page_server_record_hot(struct page_server_fork *fork, uint64_t file_offset,
+                                   uint64_t now)
 {
     struct page_server_template *t = fork->template;
     if (now >= fork->record_until_ns || !t->hot)
         return;
-    if (ps_bit_set(t->hot, file_offset / PS_SMALL_PAGE))
-        ps_count(&t->hot_pages, 1);
+    if (page_server_bit_set(t->hot, file_offset / PAGE_SERVER_SMALL_PAGE))
+        page_server_count(&t->hot_pages, 1);
 }
 
 /* Resolves one fault: 0 or 1 (resolved; 1: was present), or -errno. */
-static int ps_resolve(struct page_server_fork *fork, uint64_t address, bool *zero_filled)
+static int page_server_resolve(struct page_server_fork *fork, uint64_t address, bool *zero_filled)
 {
     size_t index;
-    const struct uffd_region *r = ps_region_of(fork, address, &index);
+    const struct uffd_region *r = page_server_region_of(fork, address, &index);
     if (!r)
         return -ERANGE;
     uint64_t page = address & ~(r->page_size - 1);
     uint64_t offset = r->file_offset + (page - r->host_base);
-    *zero_filled = ps_bit_test(fork->removed[index], (page - r->host_base) / r->page_size);
+    *zero_filled = page_server_bit_test(fork->removed[index], (page - r->host_base) / r->page_size);
     if (*zero_filled)
-        return ps_zero_page(fork, page, r->page_size);
+        return page_server_zero_page(fork, page, r->page_size);
     if (fork->record_until_ns)
-        ps_record_hot(fork, offset, ps_now_ns());
-    return ps_copy_page(fork, page, fork->template->memory + offset, r->page_size);
+        page_server_record_hot(fork, offset, page_server_now_ns());
+    return page_server_copy_page(fork, page, fork->template->memory + offset, r->page_size);
 }
 
-static void ps_account_fault(struct page_server_fork *fork, int rc, bool zero_filled,
-                             uint64_t start_ns)
+static void page_server_account_fault(struct page_server_fork *fork, int rc, bool zero_filled,
+                                      uint64_t start_ns)
 {
     struct page_server_counters *mine = &fork->counters, *all = &fork->template->counters;
-    uint64_t elapsed = ps_now_ns() - start_ns;
+    uint64_t elapsed = page_server_now_ns() - start_ns;
     if (rc == 1) {
-        ps_count(&mine->existed, 1);
-        ps_count(&all->existed, 1);
+        page_server_count(&mine->existed, 1);
+        page_server_count(&all->existed, 1);
     } else if (zero_filled) {
-        ps_count(&mine->zero, 1);
-        ps_count(&all->zero, 1);
+        page_server_count(&mine->zero, 1);
+        page_server_count(&all->zero, 1);
     }
-    ps_record_time(mine, elapsed);
-    ps_record_time(all, elapsed);
+    latency_record(&mine->service, elapsed);
+    latency_record(&all->service, elapsed);
     /* Last and with release order: a reader that sees the fault counted sees its figures. */
     atomic_fetch_add_explicit(&mine->faults, 1, memory_order_release);
     atomic_fetch_add_explicit(&all->faults, 1, memory_order_release);
@@ -566,7 +544,7 @@ static void ps_account_fault(struct page_server_fork *fork, int rc, bool zero_fi
 
 /* ---------------------------------------------------------------- dropping forks */
 
-static void ps_retry_unlist(struct page_server *server, struct page_server_fork *fork)
+static void page_server_retry_unlist(struct page_server *server, struct page_server_fork *fork)
 {
     struct page_server_fork **p = &server->retry_list;
     while (*p && *p != fork)
@@ -576,7 +554,7 @@ static void ps_retry_unlist(struct page_server *server, struct page_server_fork 
     fork->retry_listed = false;
 }
 
-static void ps_loop_unlist(struct page_server *server, struct page_server_fork *fork)
+static void page_server_loop_unlist(struct page_server *server, struct page_server_fork *fork)
 {
     struct page_server_fork **p = &server->forks;
     while (*p && *p != fork)
@@ -587,7 +565,8 @@ static void ps_loop_unlist(struct page_server *server, struct page_server_fork *
 
 /* Loop thread: releases everything the fork holds but its figures; the loop's reference goes
  * at the end of the event batch (later events of the batch may still name the fork). */
-static void ps_drop(struct page_server *server, struct page_server_fork *fork, const char *why)
+static void page_server_drop(struct page_server *server, struct page_server_fork *fork,
+                             const char *why)
 {
     if (!fork->in_loop)
         return;
@@ -603,56 +582,56 @@ static void ps_drop(struct page_server *server, struct page_server_fork *fork, c
     fork->retries = NULL;
     fork->retry_count = fork->retry_capacity = 0;
     if (fork->retry_listed)
-        ps_retry_unlist(server, fork);
-    ps_loop_unlist(server, fork);
+        page_server_retry_unlist(server, fork);
+    page_server_loop_unlist(server, fork);
     atomic_store(&fork->active, false);
     atomic_fetch_sub(&fork->template->forks_active, 1);
     atomic_fetch_sub(&server->active_forks, 1);
     pthread_mutex_lock(&fork->lock);
     snprintf(fork->drop_reason, sizeof(fork->drop_reason), "%s", why);
-    fork->state = PS_DROPPED;
+    fork->state = PAGE_SERVER_DROPPED;
     pthread_cond_broadcast(&fork->changed);
     pthread_mutex_unlock(&fork->lock);
     fork->grave_next = server->graveyard;
     server->graveyard = fork;
 }
 
-static void ps_drop_errno(struct page_server *server, struct page_server_fork *fork,
-                          const char *what, int rc)
+static void page_server_drop_errno(struct page_server *server, struct page_server_fork *fork,
+                                   const char *what, int rc)
 {
-    char why[PS_REASON_MAX];
+    char why[PAGE_SERVER_REASON_MAX];
     snprintf(why, sizeof(why), "%s: %s", what, strerror(-rc));
-    ps_drop(server, fork, why);
+    page_server_drop(server, fork, why);
 }
 
-static void ps_bury(struct page_server *server)
+static void page_server_bury(struct page_server *server)
 {
     while (server->graveyard) {
         struct page_server_fork *fork = server->graveyard;
         server->graveyard = fork->grave_next;
-        ps_fork_unref(fork);
+        page_server_fork_unref(fork);
     }
 }
 
 /* ---------------------------------------------------------------- EAGAIN retries */
 
-static int ps_retry_add(struct page_server_fork *fork, uint64_t address, uint64_t start_ns)
+static int page_server_retry_add(struct page_server_fork *fork, uint64_t address, uint64_t start_ns)
 {
     if (fork->retry_count == fork->retry_capacity) {
         size_t capacity = fork->retry_capacity ? fork->retry_capacity * 2 : 8;
-        struct ps_retry *grown = realloc(fork->retries, capacity * sizeof(*grown));
+        struct page_server_retry *grown = realloc(fork->retries, capacity * sizeof(*grown));
         if (!grown)
             return -ENOMEM;
         fork->retries = grown;
         fork->retry_capacity = capacity;
     }
-    fork->retries[fork->retry_count++] = (struct ps_retry){address, start_ns};
-    ps_count(&fork->counters.retries, 1);
-    ps_count(&fork->template->counters.retries, 1);
+    fork->retries[fork->retry_count++] = (struct page_server_retry){address, start_ns};
+    page_server_count(&fork->counters.retries, 1);
+    page_server_count(&fork->template->counters.retries, 1);
     return 0;
 }
 
-static void ps_arm_timer(struct page_server *server, struct page_server_fork *fork)
+static void page_server_arm_timer(struct page_server *server, struct page_server_fork *fork)
 {
     if (!fork->retry_listed) {
         fork->retry_listed = true;
@@ -661,24 +640,24 @@ static void ps_arm_timer(struct page_server *server, struct page_server_fork *fo
     }
     if (server->timer_armed)
         return;
-    struct itimerspec when = {.it_value = {.tv_nsec = (long)PS_RETRY_DELAY_NS}};
+    struct itimerspec when = {.it_value = {.tv_nsec = (long)PAGE_SERVER_RETRY_DELAY_NS}};
     server->timer_armed = timerfd_settime(server->timer_fd, 0, &when, NULL) == 0;
 }
 
 /* Tries the fork's EAGAIN'd faults again; those still refused wait for the timer. */
-static void ps_retry_faults(struct page_server *server, struct page_server_fork *fork)
+static void page_server_retry_faults(struct page_server *server, struct page_server_fork *fork)
 {
     size_t kept = 0;
     for (size_t i = 0; i < fork->retry_count && fork->in_loop; i++) {
-        struct ps_retry retry = fork->retries[i];
+        struct page_server_retry retry = fork->retries[i];
         bool zero_filled = false;
-        int rc = ps_resolve(fork, retry.address, &zero_filled);
+        int rc = page_server_resolve(fork, retry.address, &zero_filled);
         if (rc >= 0) {
-            ps_account_fault(fork, rc, zero_filled, retry.start_ns);
+            page_server_account_fault(fork, rc, zero_filled, retry.start_ns);
         } else if (rc != -EAGAIN) {
-            ps_drop_errno(server, fork, "resolve a retried fault", rc);
-        } else if (ps_now_ns() - retry.start_ns >= PS_RETRY_GIVE_UP_NS) {
-            ps_drop(server, fork, "a fault kept failing with EAGAIN");
+            page_server_drop_errno(server, fork, "resolve a retried fault", rc);
+        } else if (page_server_now_ns() - retry.start_ns >= PAGE_SERVER_RETRY_GIVE_UP_NS) {
+            page_server_drop(server, fork, "a fault kept failing with EAGAIN");
         } else {
             fork->retries[kept++] = retry;
         }
@@ -687,10 +666,10 @@ static void ps_retry_faults(struct page_server *server, struct page_server_fork 
         return;
     fork->retry_count = kept;
     if (kept)
-        ps_arm_timer(server, fork);
+        page_server_arm_timer(server, fork);
 }
 
-static void ps_on_timer(struct page_server *server)
+static void page_server_on_timer(struct page_server *server)
 {
     uint64_t expirations;
     if (read(server->timer_fd, &expirations, sizeof(expirations)) < 0 && errno != EAGAIN)
@@ -703,32 +682,33 @@ static void ps_on_timer(struct page_server *server)
         list = fork->retry_next;
         fork->retry_listed = false;
         if (fork->in_loop)
-            ps_retry_faults(server, fork);
+            page_server_retry_faults(server, fork);
     }
 }
 
 /* ---------------------------------------------------------------- events */
 
-static void ps_on_fault(struct page_server *server, struct page_server_fork *fork, uint64_t address,
-                        uint64_t start_ns)
+static void page_server_on_fault(struct page_server *server, struct page_server_fork *fork,
+                                 uint64_t address, uint64_t start_ns)
 {
     bool zero_filled = false;
-    int rc = ps_resolve(fork, address, &zero_filled);
+    int rc = page_server_resolve(fork, address, &zero_filled);
     if (rc >= 0)
-        ps_account_fault(fork, rc, zero_filled, start_ns);
-    else if (rc == -EAGAIN && ps_retry_add(fork, address, start_ns) < 0)
-        ps_drop(server, fork, "out of memory queueing a retry");
+        page_server_account_fault(fork, rc, zero_filled, start_ns);
+    else if (rc == -EAGAIN && page_server_retry_add(fork, address, start_ns) < 0)
+        page_server_drop(server, fork, "out of memory queueing a retry");
     else if (rc == -ERANGE)
-        ps_drop(server, fork, "fault outside every announced region");
+        page_server_drop(server, fork, "fault outside every announced region");
     else if (rc != -EAGAIN)
-        ps_drop_errno(server, fork, "resolve a fault", rc); /* ESRCH/ENOSPC: the VMM is gone */
+        page_server_drop_errno(server, fork, "resolve a fault",
+                               rc); /* ESRCH/ENOSPC: the VMM is gone */
 }
 
 /* Marks [start, end) removed in the regions it touches: later faults there get zeros. */
-static int ps_on_remove(struct page_server_fork *fork, uint64_t start, uint64_t end)
+static int page_server_on_remove(struct page_server_fork *fork, uint64_t start, uint64_t end)
 {
-    ps_count(&fork->counters.removes, 1);
-    ps_count(&fork->template->counters.removes, 1);
+    page_server_count(&fork->counters.removes, 1);
+    page_server_count(&fork->template->counters.removes, 1);
     for (size_t i = 0; i < fork->handshake.region_count; i++) {
         const struct uffd_region *r = &fork->handshake.regions[i];
         uint64_t from = start > r->host_base ? start : r->host_base;
@@ -742,66 +722,67 @@ static int ps_on_remove(struct page_server_fork *fork, uint64_t start, uint64_t 
             return -ENOMEM;
         for (uint64_t p = (from - r->host_base) / r->page_size;
              p < (to - r->host_base + r->page_size - 1) / r->page_size; p++)
-            ps_bit_set(fork->removed[i], p);
+            page_server_bit_set(fork->removed[i], p);
     }
     return 0;
 }
 
-static void ps_on_message(struct page_server *server, struct page_server_fork *fork,
-                          const struct uffd_msg *message, uint64_t start_ns)
+static void page_server_on_message(struct page_server *server, struct page_server_fork *fork,
+                                   const struct uffd_msg *message, uint64_t start_ns)
 {
     if (message->event == UFFD_EVENT_PAGEFAULT) {
-        ps_on_fault(server, fork, message->arg.pagefault.address, start_ns);
+        page_server_on_fault(server, fork, message->arg.pagefault.address, start_ns);
     } else if (message->event == UFFD_EVENT_REMOVE) {
-        if (ps_on_remove(fork, message->arg.remove.start, message->arg.remove.end) < 0)
-            ps_drop(server, fork, "out of memory recording a removed range");
+        if (page_server_on_remove(fork, message->arg.remove.start, message->arg.remove.end) < 0)
+            page_server_drop(server, fork, "out of memory recording a removed range");
     }
     /* Other events need features the VMM did not ask for; nothing to do for them. */
 }
 
-static void ps_on_uffd(struct page_server *server, struct page_server_fork *fork)
+static void page_server_on_uffd(struct page_server *server, struct page_server_fork *fork)
 {
-    struct uffd_msg messages[PS_MESSAGE_BATCH];
+    struct uffd_msg messages[PAGE_SERVER_MESSAGE_BATCH];
     struct forkd_error err = {0};
-    int count = uffd_read_events(fork->handshake.uffd, messages, PS_MESSAGE_BATCH, &err);
+    int count = uffd_read_events(fork->handshake.uffd, messages, PAGE_SERVER_MESSAGE_BATCH, &err);
     if (count < 0) {
-        ps_drop(server, fork, err.message);
+        page_server_drop(server, fork, err.message);
         return;
     }
-    uint64_t start_ns = ps_now_ns();
+    uint64_t start_ns = page_server_now_ns();
     for (int i = 0; i < count && fork->in_loop; i++)
-        ps_on_message(server, fork, &messages[i], start_ns);
+        page_server_on_message(server, fork, &messages[i], start_ns);
     /* A REMOVE read just now ends the EAGAIN window of faults queued behind it. */
     if (fork->in_loop && fork->retry_count)
-        ps_retry_faults(server, fork);
+        page_server_retry_faults(server, fork);
 }
 
-static void ps_on_connection(struct page_server *server, struct page_server_fork *fork,
-                             uint32_t events)
+static void page_server_on_connection(struct page_server *server, struct page_server_fork *fork,
+                                      uint32_t events)
 {
     if (events & (EPOLLHUP | EPOLLRDHUP | EPOLLERR))
-        ps_drop(server, fork, "peer hung up");
+        page_server_drop(server, fork, "peer hung up");
     else
-        ps_drop(server, fork, "peer sent data after the handshake (protocol breach)");
+        page_server_drop(server, fork, "peer sent data after the handshake (protocol breach)");
 }
 
 /* ---------------------------------------------------------------- attach and detach */
 
-static int ps_epoll_add(struct page_server *server, int fd, uint32_t events, struct ps_watch *watch)
+static int page_server_epoll_add(struct page_server *server, int fd, uint32_t events,
+                                 struct page_server_watch *watch)
 {
     struct epoll_event event = {.events = events, .data.ptr = watch};
     return epoll_ctl(server->epoll_fd, EPOLL_CTL_ADD, fd, &event) < 0 ? -errno : 0;
 }
 
 /* Loop thread: starts serving a fork whose handshake thread queued it (with its reference). */
-static void ps_attach(struct page_server *server, struct page_server_fork *fork)
+static void page_server_attach(struct page_server *server, struct page_server_fork *fork)
 {
-    fork->uffd_watch = (struct ps_watch){PS_WATCH_UFFD, fork};
-    fork->connection_watch = (struct ps_watch){PS_WATCH_CONNECTION, fork};
-    int rc = ps_epoll_add(server, fork->handshake.uffd, EPOLLIN, &fork->uffd_watch);
+    fork->uffd_watch = (struct page_server_watch){PAGE_SERVER_WATCH_UFFD, fork};
+    fork->connection_watch = (struct page_server_watch){PAGE_SERVER_WATCH_CONNECTION, fork};
+    int rc = page_server_epoll_add(server, fork->handshake.uffd, EPOLLIN, &fork->uffd_watch);
     if (rc == 0)
-        rc = ps_epoll_add(server, fork->handshake.connection, EPOLLIN | EPOLLRDHUP,
-                          &fork->connection_watch);
+        rc = page_server_epoll_add(server, fork->handshake.connection, EPOLLIN | EPOLLRDHUP,
+                                   &fork->connection_watch);
     fork->in_loop = true;
     fork->loop_next = server->forks;
     server->forks = fork;
@@ -810,23 +791,23 @@ static void ps_attach(struct page_server *server, struct page_server_fork *fork)
     atomic_fetch_add(&fork->template->forks_total, 1);
     atomic_fetch_add(&server->active_forks, 1);
     if (fork->record_ms) {
-        fork->record_until_ns = ps_now_ns() + fork->record_ms * 1000000ULL;
+        fork->record_until_ns = page_server_now_ns() + fork->record_ms * 1000000ULL;
         uint_fast64_t none = 0;
         atomic_compare_exchange_strong(&fork->template->hot_ready_ns, &none, fork->record_until_ns);
     }
     pthread_mutex_lock(&fork->lock);
     bool released = fork->released;
-    fork->state = PS_ACTIVE;
+    fork->state = PAGE_SERVER_ACTIVE;
     pthread_cond_broadcast(&fork->changed);
     pthread_mutex_unlock(&fork->lock);
     if (rc < 0)
-        ps_drop_errno(server, fork, "epoll_ctl", rc);
+        page_server_drop_errno(server, fork, "epoll_ctl", rc);
     else if (released)
-        ps_drop(server, fork, "released by its owner");
+        page_server_drop(server, fork, "released by its owner");
 }
 
 /* Loop thread: takes the queued requests. */
-static bool ps_on_wake(struct page_server *server)
+static bool page_server_on_wake(struct page_server *server)
 {
     uint64_t count;
     if (read(server->wake_fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
@@ -839,41 +820,42 @@ static bool ps_on_wake(struct page_server *server)
     while (attach) {
         struct page_server_fork *fork = attach;
         attach = fork->queue_next;
-        ps_attach(server, fork);
+        page_server_attach(server, fork);
     }
     while (detach) {
         struct page_server_fork *fork = detach;
         detach = fork->queue_next;
-        ps_drop(server, fork, "released by its owner");
-        ps_fork_unref(fork); /* the request's reference */
+        page_server_drop(server, fork, "released by its owner");
+        page_server_fork_unref(fork); /* the request's reference */
     }
     while (closing && server->forks)
-        ps_drop(server, server->forks, "page server closed");
+        page_server_drop(server, server->forks, "page server closed");
     return closing;
 }
 
-static void ps_dispatch(struct page_server *server, const struct epoll_event *event, bool *closing)
+static void page_server_dispatch(struct page_server *server, const struct epoll_event *event,
+                                 bool *closing)
 {
-    struct ps_watch *watch = event->data.ptr;
+    struct page_server_watch *watch = event->data.ptr;
     switch (watch->kind) {
-    case PS_WATCH_WAKE:
-        *closing = ps_on_wake(server);
+    case PAGE_SERVER_WATCH_WAKE:
+        *closing = page_server_on_wake(server);
         break;
-    case PS_WATCH_TIMER:
-        ps_on_timer(server);
+    case PAGE_SERVER_WATCH_TIMER:
+        page_server_on_timer(server);
         break;
-    case PS_WATCH_UFFD:
+    case PAGE_SERVER_WATCH_UFFD:
         if (watch->fork->in_loop)
-            ps_on_uffd(server, watch->fork);
+            page_server_on_uffd(server, watch->fork);
         break;
-    case PS_WATCH_CONNECTION:
+    case PAGE_SERVER_WATCH_CONNECTION:
         if (watch->fork->in_loop)
-            ps_on_connection(server, watch->fork, event->events);
+            page_server_on_connection(server, watch->fork, event->events);
         break;
     }
 }
 
-static void *ps_loop_main(void *arg)
+static void *page_server_loop_main(void *arg)
 {
     struct page_server *server = arg;
     /* A vCPU waits on every fault: on busy cores an ordinary thread may wait a tick to run.
@@ -882,11 +864,11 @@ static void *ps_loop_main(void *arg)
     thread_priority_raise(&priority);
     bool closing = false;
     while (!closing) {
-        struct epoll_event events[PS_EPOLL_BATCH];
-        int n = epoll_wait(server->epoll_fd, events, PS_EPOLL_BATCH, -1);
+        struct epoll_event events[PAGE_SERVER_EPOLL_BATCH];
+        int n = epoll_wait(server->epoll_fd, events, PAGE_SERVER_EPOLL_BATCH, -1);
         for (int i = 0; i < n; i++)
-            ps_dispatch(server, &events[i], &closing);
-        ps_bury(server);
+            page_server_dispatch(server, &events[i], &closing);
+        page_server_bury(server);
         thread_priority_check(&priority);
     }
     return NULL;
@@ -895,18 +877,20 @@ static void *ps_loop_main(void *arg)
 /* ---------------------------------------------------------------- prefetch */
 
 /* Any hot 4 KiB page in the file range [offset, offset + length). */
-static bool ps_hot_in(const struct page_server_template *t, uint64_t offset, uint64_t length)
+static bool page_server_hot_in(const struct page_server_template *t, uint64_t offset,
+                               uint64_t length)
 {
-    for (uint64_t p = offset / PS_SMALL_PAGE; p < (offset + length) / PS_SMALL_PAGE; p++)
-        if (ps_bit_test(t->hot, p))
+    for (uint64_t p = offset / PAGE_SERVER_SMALL_PAGE;
+         p < (offset + length) / PAGE_SERVER_SMALL_PAGE; p++)
+        if (page_server_bit_test(t->hot, p))
             return true;
     return false;
 }
 
 /* Copies one run of whole pages; pages already there are skipped. -EAGAIN (an event waits
  * to be read) or another error ends the prefetch: the rest is served on demand. */
-static int ps_prefetch_run(struct page_server_fork *fork, const struct uffd_region *r,
-                           uint64_t start, uint64_t length)
+static int page_server_prefetch_run(struct page_server_fork *fork, const struct uffd_region *r,
+                                    uint64_t start, uint64_t length)
 {
     const struct page_server_template *t = fork->template;
     while (length > 0) {
@@ -917,8 +901,8 @@ static int ps_prefetch_run(struct page_server_fork *fork, const struct uffd_regi
         };
         int rc = ioctl(fork->handshake.uffd, UFFDIO_COPY, &copy) == 0 ? 0 : -errno;
         uint64_t done = copy.copy > 0 ? (uint64_t)copy.copy : 0;
-        ps_count(&fork->counters.bytes, done);
-        ps_count(&fork->counters.prefetched, done / r->page_size);
+        page_server_count(&fork->counters.bytes, done);
+        page_server_count(&fork->counters.prefetched, done / r->page_size);
         if (rc == 0)
             return 0;
         if (rc != -EEXIST)
@@ -931,8 +915,8 @@ static int ps_prefetch_run(struct page_server_fork *fork, const struct uffd_regi
 }
 
 /* Handshake thread, before the fork runs: copies every 64 KiB chunk holding a hot page, in
- * runs of adjacent chunks (at least 64 KiB per ioctl, at most PS_PREFETCH_MAX_RUN). */
-static int ps_prefetch_region(struct page_server_fork *fork, const struct uffd_region *r)
+ * runs of adjacent chunks (at least 64 KiB per ioctl, at most PAGE_SERVER_PREFETCH_MAX_RUN). */
+static int page_server_prefetch_region(struct page_server_fork *fork, const struct uffd_region *r)
 {
     const struct page_server_template *t = fork->template;
     uint64_t chunk = r->page_size > PAGE_SERVER_PREFETCH_BATCH_BYTES
@@ -941,13 +925,14 @@ static int ps_prefetch_region(struct page_server_fork *fork, const struct uffd_r
     uint64_t run_start = 0, run_length = 0;
     for (uint64_t at = 0; at < r->size; at += chunk) {
         uint64_t length = r->size - at < chunk ? r->size - at : chunk;
-        bool hot = ps_hot_in(t, r->file_offset + at, length);
+        bool hot = page_server_hot_in(t, r->file_offset + at, length);
         if (hot && run_length == 0)
             run_start = at;
         if (hot)
             run_length += length;
-        if (run_length && (!hot || run_length >= PS_PREFETCH_MAX_RUN || at + length >= r->size)) {
-            int rc = ps_prefetch_run(fork, r, run_start, run_length);
+        if (run_length &&
+            (!hot || run_length >= PAGE_SERVER_PREFETCH_MAX_RUN || at + length >= r->size)) {
+            int rc = page_server_prefetch_run(fork, r, run_start, run_length);
             if (rc < 0)
                 return rc;
             run_length = 0;
@@ -956,19 +941,19 @@ static int ps_prefetch_region(struct page_server_fork *fork, const struct uffd_r
     return 0;
 }
 
-static void ps_prefetch(struct page_server_fork *fork)
+static void page_server_prefetch(struct page_server_fork *fork)
 {
     for (size_t i = 0; i < fork->handshake.region_count; i++)
-        if (ps_prefetch_region(fork, &fork->handshake.regions[i]) < 0)
+        if (page_server_prefetch_region(fork, &fork->handshake.regions[i]) < 0)
             break;
     struct page_server_counters *all = &fork->template->counters;
-    ps_count(&all->bytes, ps_load(&fork->counters.bytes));
-    ps_count(&all->prefetched, ps_load(&fork->counters.prefetched));
+    page_server_count(&all->bytes, page_server_load(&fork->counters.bytes));
+    page_server_count(&all->prefetched, page_server_load(&fork->counters.prefetched));
 }
 
 /* ---------------------------------------------------------------- handshake thread */
 
-static int ps_check_handshake(const struct page_server_fork *fork, struct forkd_error *err)
+static int page_server_check_handshake(const struct page_server_fork *fork, struct forkd_error *err)
 {
     const struct uffd_handshake *h = &fork->handshake;
     if (fork->expected_pid > 0 && h->peer_pid != fork->expected_pid)
@@ -984,7 +969,7 @@ static int ps_check_handshake(const struct page_server_fork *fork, struct forkd_
     return 0;
 }
 
-static void ps_handshake_done(struct page_server *server)
+static void page_server_handshake_done(struct page_server *server)
 {
     pthread_mutex_lock(&server->lock);
     server->handshakes--;
@@ -992,7 +977,8 @@ static void ps_handshake_done(struct page_server *server)
     pthread_mutex_unlock(&server->lock);
 }
 
-static void ps_unlist_pending_locked(struct page_server *server, struct page_server_fork *fork)
+static void page_server_unlist_pending_locked(struct page_server *server,
+                                              struct page_server_fork *fork)
 {
     struct page_server_fork **p = &server->pending;
     while (*p && *p != fork)
@@ -1003,25 +989,25 @@ static void ps_unlist_pending_locked(struct page_server *server, struct page_ser
 }
 
 /* Hands a received fork to the loop, unless its owner or the server gave up on it. */
-static int ps_queue_attach(struct page_server *server, struct page_server_fork *fork,
-                           struct forkd_error *err)
+static int page_server_queue_attach(struct page_server *server, struct page_server_fork *fork,
+                                    struct forkd_error *err)
 {
     pthread_mutex_lock(&server->lock);
-    ps_unlist_pending_locked(server, fork);
+    page_server_unlist_pending_locked(server, fork);
     int rc = 0;
     if (server->closing) {
         rc = forkd_error_set(err, -ESHUTDOWN, "page server: closing");
     } else {
-        ps_fork_set_state(fork, PS_QUEUED);
+        page_server_fork_set_state(fork, PAGE_SERVER_QUEUED);
         fork->queue_next = server->attach_queue;
         server->attach_queue = fork;
-        ps_wake_loop(server);
+        page_server_wake_loop(server);
     }
     pthread_mutex_unlock(&server->lock);
     return rc;
 }
 
-static int ps_receive(struct page_server_fork *fork, struct forkd_error *err)
+static int page_server_receive(struct page_server_fork *fork, struct forkd_error *err)
 {
     int rc = uffd_accept_handshake(fork->listen_fd, fork->server->handshake_timeout_ms,
                                    &fork->handshake, err);
@@ -1029,42 +1015,42 @@ static int ps_receive(struct page_server_fork *fork, struct forkd_error *err)
     fork->listen_fd = -1;
     unlink(fork->socket_path); /* one VMM per socket: no one else may connect */
     if (rc == 0)
-        rc = ps_check_handshake(fork, err);
+        rc = page_server_check_handshake(fork, err);
     if (rc < 0) {
         uffd_handshake_release(&fork->handshake);
-        return forkd_error_prefix(err, "fork %s: ", ps_fork_label(fork));
+        return forkd_error_prefix(err, "fork %s: ", page_server_fork_label(fork));
     }
     atomic_store(&fork->peer_pid, fork->handshake.peer_pid);
     fork->memory_bytes = uffd_total_size(&fork->handshake);
     return 0;
 }
 
-static void *ps_handshake_main(void *arg)
+static void *page_server_handshake_main(void *arg)
 {
     struct page_server_fork *fork = arg;
     struct page_server *server = fork->server;
     struct forkd_error err = {0};
-    int rc = ps_receive(fork, &err);
+    int rc = page_server_receive(fork, &err);
     if (rc == 0 && fork->prefetch)
-        ps_prefetch(fork);
+        page_server_prefetch(fork);
     if (rc == 0)
-        rc = ps_queue_attach(server, fork, &err); /* gives our reference to the loop */
+        rc = page_server_queue_attach(server, fork, &err); /* gives our reference to the loop */
     if (rc < 0) {
         pthread_mutex_lock(&server->lock);
-        ps_unlist_pending_locked(server, fork);
+        page_server_unlist_pending_locked(server, fork);
         pthread_mutex_unlock(&server->lock);
         uffd_handshake_release(&fork->handshake);
-        ps_fork_fail(fork, &err);
-        ps_fork_unref(fork);
+        page_server_fork_fail(fork, &err);
+        page_server_fork_unref(fork);
     }
-    ps_handshake_done(server);
+    page_server_handshake_done(server);
     return NULL;
 }
 
 /* ---------------------------------------------------------------- forks: public API */
 
-static struct page_server_fork *ps_fork_new(struct page_server *server,
-                                            const struct page_server_fork_config *config)
+static struct page_server_fork *page_server_fork_new(struct page_server *server,
+                                                     const struct page_server_fork_config *config)
 {
     struct page_server_fork *fork = calloc(1, sizeof(*fork));
     if (!fork)
@@ -1075,7 +1061,7 @@ static struct page_server_fork *ps_fork_new(struct page_server *server,
     fork->listen_fd = -1;
     fork->handshake.uffd = fork->handshake.connection = -1;
     fork->expected_pid = config->vmm_pid;
-    fork->state = PS_PENDING;
+    fork->state = PAGE_SERVER_PENDING;
     snprintf(fork->label, sizeof(fork->label), "%s", config->label ? config->label : "");
     pthread_mutex_init(&fork->lock, NULL);
     pthread_condattr_t attributes;
@@ -1087,31 +1073,32 @@ static struct page_server_fork *ps_fork_new(struct page_server *server,
 }
 
 /* Under server->lock: the fork's template (with a reference) and its prefetch role. */
-static int ps_fork_bind_template(struct page_server *server, struct page_server_fork *fork,
-                                 const struct page_server_fork_config *config,
-                                 struct forkd_error *err)
+static int page_server_fork_bind_template(struct page_server *server, struct page_server_fork *fork,
+                                          const struct page_server_fork_config *config,
+                                          struct forkd_error *err)
 {
     const char *name = config->template_name && *config->template_name ? config->template_name
                                                                        : config->memory_path;
     struct page_server_template *t;
-    int rc = ps_template_get_locked(server, name, config->memory_path, &t, err);
+    int rc = page_server_template_get_locked(server, name, config->memory_path, &t, err);
     if (rc < 0)
         return rc;
     atomic_fetch_add(&t->refs, 1);
     fork->template = t;
-    if (t->record_ms && t->hot && ps_hot_ready(t, ps_now_ns()))
-        fork->prefetch = ps_load(&t->hot_pages) > 0;
+    if (t->record_ms && t->hot && page_server_hot_ready(t, page_server_now_ns()))
+        fork->prefetch = page_server_load(&t->hot_pages) > 0;
     else if (t->record_ms)
         fork->record_ms = t->record_ms;
     return 0;
 }
 
-static int ps_fork_start(struct page_server *server, struct page_server_fork *fork,
-                         const struct page_server_fork_config *config, struct forkd_error *err)
+static int page_server_fork_start(struct page_server *server, struct page_server_fork *fork,
+                                  const struct page_server_fork_config *config,
+                                  struct forkd_error *err)
 {
     if (server->closing)
         return forkd_error_set(err, -ESHUTDOWN, "page server: closing");
-    int rc = ps_fork_bind_template(server, fork, config, err);
+    int rc = page_server_fork_bind_template(server, fork, config, err);
     if (rc < 0)
         return rc;
     fork->listen_fd = uffd_listen(config->socket_path, err);
@@ -1121,13 +1108,13 @@ static int ps_fork_start(struct page_server *server, struct page_server_fork *fo
     pthread_attr_init(&attributes);
     pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
     pthread_t thread;
-    ps_fork_ref(fork); /* the handshake thread's */
-    rc = -pthread_create(&thread, &attributes, ps_handshake_main, fork);
+    page_server_fork_ref(fork); /* the handshake thread's */
+    rc = -pthread_create(&thread, &attributes, page_server_handshake_main, fork);
     pthread_attr_destroy(&attributes);
     if (rc < 0) {
         atomic_fetch_sub(&fork->refs, 1);
         unlink(config->socket_path);
-        return forkd_error_set(err, rc, "page server: handshake thread: %s", strerror(-rc));
+        return forkd_error_errno(err, rc, "page server: handshake thread");
     }
     server->handshakes++;
     fork->queue_next = server->pending;
@@ -1141,57 +1128,52 @@ int page_server_fork_prepare(struct page_server *server,
 {
     if (!config->socket_path || !config->memory_path)
         return forkd_error_set(err, -EINVAL, "page server: socket and memory paths required");
-    struct page_server_fork *fork = ps_fork_new(server, config);
+    struct page_server_fork *fork = page_server_fork_new(server, config);
     if (!fork)
         return forkd_error_set(err, -ENOMEM, "page server: out of memory");
     snprintf(fork->socket_path, sizeof(fork->socket_path), "%s", config->socket_path);
     pthread_mutex_lock(&server->lock);
-    int rc = ps_fork_start(server, fork, config, err);
+    int rc = page_server_fork_start(server, fork, config, err);
     pthread_mutex_unlock(&server->lock);
     if (rc < 0) {
-        ps_fork_unref(fork);
+        page_server_fork_unref(fork);
         return rc;
     }
     *out = fork;
     return 0;
 }
 
-static bool ps_fork_settled(enum ps_fork_state state)
+static bool page_server_fork_settled(enum page_server_fork_state state)
 {
-    return state != PS_PENDING && state != PS_QUEUED;
+    return state != PAGE_SERVER_PENDING && state != PAGE_SERVER_QUEUED;
 }
 
 int page_server_fork_wait_ready(struct page_server_fork *fork, int timeout_ms,
                                 struct forkd_error *err)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    uint64_t ns =
-        (uint64_t)deadline.tv_nsec + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ULL;
-    deadline.tv_sec += (time_t)(ns / 1000000000ULL);
-    deadline.tv_nsec = (long)(ns % 1000000000ULL);
+    struct timespec deadline = forkd_monotonic_after_ms(timeout_ms);
     pthread_mutex_lock(&fork->lock);
     int rc = 0;
-    while (!ps_fork_settled(fork->state) && rc == 0)
+    while (!page_server_fork_settled(fork->state) && rc == 0)
         rc = timeout_ms < 0 ? pthread_cond_wait(&fork->changed, &fork->lock)
                             : pthread_cond_timedwait(&fork->changed, &fork->lock, &deadline);
-    enum ps_fork_state state = fork->state;
+    enum page_server_fork_state state = fork->state;
     struct forkd_error error = fork->error;
     pthread_mutex_unlock(&fork->lock);
-    if (state == PS_FAILED) {
+    if (state == PAGE_SERVER_FAILED) {
         if (err)
             *err = error;
         return error.code;
     }
-    if (!ps_fork_settled(state))
+    if (!page_server_fork_settled(state))
         return forkd_error_set(err, -ETIMEDOUT, "fork %s: handshake not done after %d ms",
-                               ps_fork_label(fork), timeout_ms);
+                               page_server_fork_label(fork), timeout_ms);
     return 0;
 }
 
 void page_server_fork_stats(const struct page_server_fork *fork, struct page_server_stats *out)
 {
-    ps_counters_read(&fork->counters, out);
+    page_server_counters_read(&fork->counters, out);
     out->forks_active = atomic_load(&fork->active) ? 1 : 0;
     out->forks_total = atomic_load(&fork->peer_pid) != 0 ? 1 : 0;
 }
@@ -1221,7 +1203,7 @@ void page_server_fork_drop_reason(const struct page_server_fork *fork, char *out
 
 /* Wakes a handshake thread still waiting for its VMM to connect: our own connection closes
  * at once, which ends its wait with -ECONNRESET. */
-static void ps_cancel_accept(const char *socket_path)
+static void page_server_cancel_accept(const char *socket_path)
 {
     _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     struct sockaddr_un address = {.sun_family = AF_UNIX};
@@ -1230,14 +1212,14 @@ static void ps_cancel_accept(const char *socket_path)
         (void)connect(fd, (struct sockaddr *)&address, sizeof(address));
 }
 
-static void ps_queue_detach(struct page_server *server, struct page_server_fork *fork)
+static void page_server_queue_detach(struct page_server *server, struct page_server_fork *fork)
 {
     pthread_mutex_lock(&server->lock);
     if (!server->closing) {
-        ps_fork_ref(fork);
+        page_server_fork_ref(fork);
         fork->queue_next = server->detach_queue;
         server->detach_queue = fork;
-        ps_wake_loop(server);
+        page_server_wake_loop(server);
     }
     pthread_mutex_unlock(&server->lock);
 }
@@ -1248,18 +1230,18 @@ void page_server_fork_release(struct page_server_fork *fork)
         return;
     pthread_mutex_lock(&fork->lock);
     fork->released = true;
-    enum ps_fork_state state = fork->state;
+    enum page_server_fork_state state = fork->state;
     pthread_mutex_unlock(&fork->lock);
-    if (state == PS_PENDING)
-        ps_cancel_accept(fork->socket_path);
-    else if (state == PS_ACTIVE)
-        ps_queue_detach(fork->server, fork);
-    ps_fork_unref(fork);
+    if (state == PAGE_SERVER_PENDING)
+        page_server_cancel_accept(fork->socket_path);
+    else if (state == PAGE_SERVER_ACTIVE)
+        page_server_queue_detach(fork->server, fork);
+    page_server_fork_unref(fork);
 }
 
 /* ---------------------------------------------------------------- the server */
 
-static void ps_server_free(struct page_server *server)
+static void page_server_server_free(struct page_server *server)
 {
     if (server->epoll_fd >= 0)
         close(server->epoll_fd);
@@ -1268,33 +1250,34 @@ static void ps_server_free(struct page_server *server)
     if (server->timer_fd >= 0)
         close(server->timer_fd);
     if (server->zero_page && server->zero_page != MAP_FAILED)
-        munmap((void *)server->zero_page, PS_HUGE_PAGE);
+        munmap((void *)server->zero_page, PAGE_SERVER_HUGE_PAGE);
     pthread_mutex_destroy(&server->lock);
     pthread_cond_destroy(&server->handshakes_done);
     free(server);
 }
 
-static void ps_server_unref(struct page_server *server)
+static void page_server_server_unref(struct page_server *server)
 {
     if (atomic_fetch_sub(&server->refs, 1) == 1)
-        ps_server_free(server);
+        page_server_server_free(server);
 }
 
-static int ps_server_fds(struct page_server *server)
+static int page_server_server_fds(struct page_server *server)
 {
     server->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     server->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     server->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
     /* Read-only anonymous memory reads as zeros and costs nothing until read. */
-    server->zero_page = mmap(NULL, PS_HUGE_PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    server->zero_page =
+        mmap(NULL, PAGE_SERVER_HUGE_PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (server->epoll_fd < 0 || server->wake_fd < 0 || server->timer_fd < 0 ||
         server->zero_page == MAP_FAILED)
         return -errno;
-    server->wake_watch = (struct ps_watch){PS_WATCH_WAKE, NULL};
-    server->timer_watch = (struct ps_watch){PS_WATCH_TIMER, NULL};
-    int rc = ps_epoll_add(server, server->wake_fd, EPOLLIN, &server->wake_watch);
+    server->wake_watch = (struct page_server_watch){PAGE_SERVER_WATCH_WAKE, NULL};
+    server->timer_watch = (struct page_server_watch){PAGE_SERVER_WATCH_TIMER, NULL};
+    int rc = page_server_epoll_add(server, server->wake_fd, EPOLLIN, &server->wake_watch);
     if (rc == 0)
-        rc = ps_epoll_add(server, server->timer_fd, EPOLLIN, &server->timer_watch);
+        rc = page_server_epoll_add(server, server->timer_fd, EPOLLIN, &server->timer_watch);
     return rc;
 }
 
@@ -1311,12 +1294,12 @@ int page_server_open(const struct page_server_config *config, struct page_server
                                        : PAGE_SERVER_DEFAULT_HANDSHAKE_TIMEOUT_MS;
     pthread_mutex_init(&server->lock, NULL);
     pthread_cond_init(&server->handshakes_done, NULL);
-    int rc = ps_server_fds(server);
+    int rc = page_server_server_fds(server);
     if (rc == 0)
-        rc = -pthread_create(&server->loop, NULL, ps_loop_main, server);
+        rc = -pthread_create(&server->loop, NULL, page_server_loop_main, server);
     if (rc < 0) {
-        ps_server_free(server);
-        return forkd_error_set(err, rc, "page server: start: %s", strerror(-rc));
+        page_server_server_free(server);
+        return forkd_error_errno(err, rc, "page server: start");
     }
     server->loop_started = true;
     *out = server;
@@ -1324,11 +1307,11 @@ int page_server_open(const struct page_server_config *config, struct page_server
 }
 
 /* Wakes every handshake thread still waiting for a VMM, then waits for them all. */
-static void ps_stop_handshakes(struct page_server *server)
+static void page_server_stop_handshakes(struct page_server *server)
 {
     pthread_mutex_lock(&server->lock);
     for (struct page_server_fork *fork = server->pending; fork; fork = fork->queue_next)
-        ps_cancel_accept(fork->socket_path);
+        page_server_cancel_accept(fork->socket_path);
     while (server->handshakes > 0)
         pthread_cond_wait(&server->handshakes_done, &server->lock);
     pthread_mutex_unlock(&server->lock);
@@ -1340,14 +1323,14 @@ void page_server_close(struct page_server *server)
         return;
     pthread_mutex_lock(&server->lock);
     server->closing = true;
-    ps_wake_loop(server);
+    page_server_wake_loop(server);
     pthread_mutex_unlock(&server->lock);
     pthread_join(server->loop, NULL);
-    ps_stop_handshakes(server);
+    page_server_stop_handshakes(server);
     while (server->templates) {
         struct page_server_template *t = server->templates;
         server->templates = t->next;
-        ps_template_unref(t);
+        page_server_template_unref(t);
     }
-    ps_server_unref(server);
+    page_server_server_unref(server);
 }

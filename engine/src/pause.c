@@ -1,16 +1,15 @@
 /* The pause guard (see forkd/pause.h). */
-#include "forkd/pause.h"
+#include "pause.h"
 
 struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err)
 {
     struct pause_guard guard = {.vm = vm};
     thread_priority_raise(&guard.priority);
     guard.requested_ns = forkd_monotonic_ns();
-    guard.rc = vmm_pause(vm_client(vm), err);
+    guard.rc = vm_pause(vm, err);
     if (guard.rc == 0) {
         guard.paused_ns = forkd_monotonic_ns();
         guard.paused = true;
-        vm_set_state(vm, VM_STATE_PAUSED);
     } else {
         thread_priority_restore(&guard.priority);
     }
@@ -23,11 +22,9 @@ int pause_guard_resume(struct pause_guard *guard, struct forkd_error *err)
         return 0;
     guard->paused = false;
     guard->resume_requested_ns = forkd_monotonic_ns();
-    int rc = vmm_resume(vm_client(guard->vm), err);
+    int rc = vm_resume(guard->vm, err);
     guard->resumed_ns = forkd_monotonic_ns();
     thread_priority_restore(&guard->priority);
-    if (rc == 0)
-        vm_set_state(guard->vm, VM_STATE_RUNNING);
     return rc;
 }
 

@@ -1,10 +1,11 @@
 /*
  * Host capability probe (see forkd/probe.h). Runs once at daemon start; each check creates and
- * destroys what it tests (a KVM VM, a userfaultfd, two small mappings), so it leaves nothing behind.
+ * destroys what it tests (a KVM VM, a userfaultfd, two small mappings), so it leaves nothing
+ * behind.
  */
 #include "forkd/probe.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
 #include <forkd_compat/userfaultfd.h>
 
 #include <errno.h>
@@ -19,7 +20,6 @@
 
 /* The KVM API version has been 12 since Linux 2.6.22; anything else is not a KVM we know. */
 #define KVM_STABLE_API_VERSION 12
-
 
 static void probe_kvm(struct probe_host_caps *caps)
 {

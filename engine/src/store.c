@@ -1,7 +1,7 @@
 /*
  * The snapshot store (see forkd/store.h): owns <state-dir>/snapshots, the on-disk layout of a
- * snapshot, snapshot.json (format_version 1), the atomic publish protocol, crash clean-up at
- * open, and the in-memory table of names (READY, WRITING, corrupt) with their use counts.
+ * snapshot, the atomic publish protocol, crash clean-up at open, and the in-memory table of names
+ * (READY, WRITING, corrupt) with their use counts.
  *
  * The table is the truth after store_open: READY entries hold the parsed snapshot.json, so list,
  * get and acquire never touch the disk. One mutex guards the table; under it the store only does
@@ -9,10 +9,11 @@
  */
 #include "forkd/store.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/fsutil.h"
+#include "basic/cleanup.h"
+#include "basic/fsutil.h"
 
-#include <cjson/cJSON.h>
+#include "snapshot_json.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -26,7 +27,6 @@
 #include <unistd.h>
 
 #define STORE_NAME_RULE       "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-#define STORE_FORMAT_VERSION  1
 #define STORE_TMP_PREFIX      ".tmp-"
 #define STORE_DELETING_PREFIX ".tmp-deleting-"
 #define STORE_METADATA_FILE   "snapshot.json"
@@ -34,7 +34,6 @@
 #define STORE_MEMORY_FILE     "memory.bin"
 #define STORE_METADATA_MAX    (1 << 20)
 /* Integers above 2^53 do not survive a JSON number (a double); refuse them on both sides. */
-#define STORE_JSON_INT_MAX (UINT64_C(1) << 53)
 
 enum store_entry_kind {
     STORE_ENTRY_READY,
@@ -72,17 +71,6 @@ struct store_writer {
     char vmstate_path[PATH_MAX];
     char memory_path[PATH_MAX];
 };
-
-static void store_closedirp(DIR **dir)
-{
-    if (*dir)
-        closedir(*dir);
-}
-
-static void store_cjson_deletep(cJSON **json)
-{
-    cJSON_Delete(*json);
-}
 
 /* ---- names ---- */
 
@@ -150,6 +138,18 @@ static bool store_join(char *buf, size_t size, const char *dir, const char *file
 {
     int n = snprintf(buf, size, "%s/%s", dir, file);
     return n >= 0 && (size_t)n < size;
+}
+
+int store_file_path(const char *dir, enum store_file file, char *out, size_t size)
+{
+    static const char *const names[] = {
+        [STORE_FILE_VMSTATE] = STORE_VMSTATE_FILE,
+        [STORE_FILE_MEMORY] = STORE_MEMORY_FILE,
+        [STORE_FILE_METADATA] = STORE_METADATA_FILE,
+    };
+    if ((size_t)file >= ARRAY_SIZE(names) || !store_join(out, size, dir, names[file]))
+        return -ENAMETOOLONG;
+    return 0;
 }
 
 /* ---- the table (caller holds store->lock) ---- */
@@ -243,7 +243,7 @@ static int store_remove_tree_at(int parent_fd, const char *name)
             return -errno;
         return unlinkat(parent_fd, name, 0) < 0 && errno != ENOENT ? -errno : 0;
     }
-    _cleanup_(store_closedirp) DIR *dir = fdopendir(fd);
+    _cleanup_closedir_ DIR *dir = fdopendir(fd);
     if (!dir) {
         int saved = errno;
         close(fd);
@@ -284,354 +284,30 @@ static int store_unpublish(struct store *store, const char *name, char *moved_to
     if (n < 0 || (size_t)n >= size)
         return forkd_error_set(err, -ENAMETOOLONG, "delete %s: path too long", path);
     if (!mkdtemp(moved_to))
-        return forkd_error_set(err, -errno, "delete %s: mkdtemp %s: %s", path, moved_to,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "delete %s: mkdtemp %s", path, moved_to);
     /* rename(2) atomically replaces the empty directory mkdtemp just made. */
     if (rename(path, moved_to) < 0) {
         int saved = errno;
         rmdir(moved_to);
-        return forkd_error_set(err, -saved, "delete %s: rename to %s: %s", path, moved_to,
-                               strerror(saved));
+        return forkd_error_errno(err, -saved, "delete %s: rename to %s", path, moved_to);
     }
     return 0;
 }
 
-/* ---- snapshot.json: writing ---- */
+/* ---- the record's figures ---- */
 
-static const char *store_mode_name(enum store_mode mode)
-{
-    switch (mode) {
-    case STORE_MODE_LIVE:
-        return "live";
-    case STORE_MODE_LIVE_ARM_IN_PAUSE:
-        return "live_arm_in_pause";
-    case STORE_MODE_FULL:
-        return "full";
-    }
-    return NULL;
-}
-
-static bool store_mode_parse(const char *text, enum store_mode *out)
-{
-    static const enum store_mode modes[] = {STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE,
-                                            STORE_MODE_FULL};
-    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
-        if (strcmp(text, store_mode_name(modes[i])) == 0) {
-            *out = modes[i];
-            return true;
-        }
-    }
-    return false;
-}
-
-static bool store_json_put_u64(cJSON *obj, const char *key, uint64_t value)
-{
-    return cJSON_AddNumberToObject(obj, key, (double)value) != NULL;
-}
-
-static bool store_json_put_str(cJSON *obj, const char *key, const char *value)
-{
-    return cJSON_AddStringToObject(obj, key, value) != NULL;
-}
-
-static cJSON *store_json_put_object(cJSON *obj, const char *key)
-{
-    return cJSON_AddObjectToObject(obj, key);
-}
-
-static bool store_json_put_figures(cJSON *parent, const struct store_figures *f)
-{
-    cJSON *obj = store_json_put_object(parent, "figures");
-    return obj && store_json_put_u64(obj, "pause_ns", f->pause_ns) &&
-           store_json_put_u64(obj, "arm_ns", f->arm_ns) &&
-           store_json_put_u64(obj, "rearm_ns", f->rearm_ns) &&
-           store_json_put_u64(obj, "rearmed_pages", f->rearmed_pages) &&
-           store_json_put_u64(obj, "vmstate_ns", f->vmstate_ns) &&
-           store_json_put_u64(obj, "copy_ns", f->copy_ns) &&
-           store_json_put_u64(obj, "publish_ns", f->publish_ns) &&
-           store_json_put_u64(obj, "total_ns", f->total_ns) &&
-           store_json_put_u64(obj, "pages_by_fault", f->pages_by_fault) &&
-           store_json_put_u64(obj, "pages_by_bulk", f->pages_by_bulk) &&
-           store_json_put_u64(obj, "bytes_copied", f->bytes_copied) &&
-           store_json_put_u64(obj, "pause_request_ns", f->pause_request_ns) &&
-           store_json_put_u64(obj, "resume_request_ns", f->resume_request_ns);
-}
-
-static bool store_json_put_regions(cJSON *parent, const struct store_snapshot *meta)
-{
-    cJSON *array = cJSON_AddArrayToObject(parent, "regions");
-    if (!array)
-        return false;
-    for (size_t i = 0; i < meta->region_count; i++) {
-        const struct store_region *r = &meta->regions[i];
-        cJSON *obj = cJSON_CreateObject();
-        if (!obj || !cJSON_AddItemToArray(array, obj))
-            return cJSON_Delete(obj), false;
-        if (!store_json_put_u64(obj, "guest_phys_addr", r->guest_phys_addr) ||
-            !store_json_put_u64(obj, "size", r->size) ||
-            !store_json_put_u64(obj, "file_offset", r->file_offset) ||
-            !store_json_put_u64(obj, "page_size", r->page_size))
-            return false;
-    }
-    return true;
-}
-
-static bool store_json_put_labels(cJSON *parent, const struct store_snapshot *meta)
-{
-    cJSON *obj = store_json_put_object(parent, "labels");
-    if (!obj)
-        return false;
-    for (size_t i = 0; i < meta->label_count; i++)
-        if (!store_json_put_str(obj, meta->labels[i].key, meta->labels[i].value))
-            return false;
-    return true;
-}
-
-static bool store_json_put_snapshot(cJSON *root, const struct store_snapshot *meta)
-{
-    cJSON *source, *machine, *vmm;
-    return store_json_put_u64(root, "format_version", STORE_FORMAT_VERSION) &&
-           store_json_put_str(root, "name", meta->name) &&
-           (source = store_json_put_object(root, "source_vm")) &&
-           store_json_put_str(source, "id", meta->source_vm_id) &&
-           store_json_put_str(source, "name", meta->source_vm_name) &&
-           store_json_put_str(root, "parent_snapshot", meta->parent_snapshot) &&
-           store_json_put_str(root, "mode", store_mode_name(meta->mode)) &&
-           (machine = store_json_put_object(root, "machine")) &&
-           store_json_put_u64(machine, "vcpu_count", meta->vcpu_count) &&
-           store_json_put_u64(machine, "mem_size_mib", meta->mem_size_mib) &&
-           store_json_put_u64(root, "memory_bytes", meta->memory_bytes) &&
-           store_json_put_u64(root, "vmstate_bytes", meta->vmstate_bytes) &&
-           store_json_put_u64(root, "page_size", meta->page_size) &&
-           store_json_put_regions(root, meta) && store_json_put_figures(root, &meta->figures) &&
-           (vmm = store_json_put_object(root, "vmm")) &&
-           store_json_put_str(vmm, "binary", meta->vmm_binary) &&
-           store_json_put_str(vmm, "version", meta->vmm_version) &&
-           cJSON_AddNumberToObject(root, "created_at_unix_ms", (double)meta->created_at_unix_ms) &&
-           store_json_put_labels(root, meta);
-}
-
-/* Returns a malloc'd, pretty-printed snapshot.json, or NULL when out of memory. */
-static char *store_json_format(const struct store_snapshot *meta)
-{
-    _cleanup_(store_cjson_deletep) cJSON *root = cJSON_CreateObject();
-    if (!root || !store_json_put_snapshot(root, meta))
-        return NULL;
-    return cJSON_Print(root);
-}
-
-/* ---- snapshot.json: reading (strict: a missing field or a wrong type is corruption) ---- */
-
-static const cJSON *store_json_field(const cJSON *obj, const char *key, struct forkd_error *err)
-{
-    const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, key);
-    if (!item)
-        forkd_error_set(err, -EIO, "field \"%s\" is missing", key);
-    return item;
-}
-
-static int store_json_get_u64(const cJSON *obj, const char *key, uint64_t max, uint64_t *out,
-                              struct forkd_error *err)
-{
-    const cJSON *item = store_json_field(obj, key, err);
-    if (!item)
-        return -EIO;
-    double d = item->valuedouble;
-    /* Written so that NaN fails too, before the cast that would be undefined for it. */
-    if (!cJSON_IsNumber(item) || !(d >= 0 && d <= (double)max) || d != (double)(uint64_t)d)
-        return forkd_error_set(err, -EIO, "field \"%s\" must be an integer from 0 to %llu", key,
-                               (unsigned long long)max);
-    *out = (uint64_t)d;
-    return 0;
-}
-
-static int store_json_get_u32(const cJSON *obj, const char *key, uint32_t *out,
-                              struct forkd_error *err)
-{
-    uint64_t value;
-    int r = store_json_get_u64(obj, key, UINT32_MAX, &value, err);
-    if (r == 0)
-        *out = (uint32_t)value;
-    return r;
-}
-
-static int store_json_get_str(const cJSON *obj, const char *key, char *buf, size_t size,
-                              struct forkd_error *err)
-{
-    const cJSON *item = store_json_field(obj, key, err);
-    if (!item)
-        return -EIO;
-    if (!cJSON_IsString(item))
-        return forkd_error_set(err, -EIO, "field \"%s\" must be a string", key);
-    if (strlen(item->valuestring) >= size)
-        return forkd_error_set(err, -EIO, "field \"%s\" is longer than %zu bytes", key, size - 1);
-    memcpy(buf, item->valuestring, strlen(item->valuestring) + 1);
-    return 0;
-}
-
-static const cJSON *store_json_get_object(const cJSON *obj, const char *key,
-                                          struct forkd_error *err)
-{
-    const cJSON *item = store_json_field(obj, key, err);
-    if (item && !cJSON_IsObject(item)) {
-        forkd_error_set(err, -EIO, "field \"%s\" must be an object", key);
-        return NULL;
-    }
-    return item;
-}
-
-static int store_json_get_figures(const cJSON *root, struct store_figures *f,
-                                  struct forkd_error *err)
-{
-    const cJSON *obj = store_json_get_object(root, "figures", err);
-    const uint64_t max = STORE_JSON_INT_MAX;
-    if (!obj || store_json_get_u64(obj, "pause_ns", max, &f->pause_ns, err) ||
-        store_json_get_u64(obj, "arm_ns", max, &f->arm_ns, err) ||
-        store_json_get_u64(obj, "rearm_ns", max, &f->rearm_ns, err) ||
-        store_json_get_u64(obj, "rearmed_pages", max, &f->rearmed_pages, err) ||
-        store_json_get_u64(obj, "vmstate_ns", max, &f->vmstate_ns, err) ||
-        store_json_get_u64(obj, "copy_ns", max, &f->copy_ns, err) ||
-        store_json_get_u64(obj, "publish_ns", max, &f->publish_ns, err) ||
-        store_json_get_u64(obj, "total_ns", max, &f->total_ns, err) ||
-        store_json_get_u64(obj, "pages_by_fault", max, &f->pages_by_fault, err) ||
-        store_json_get_u64(obj, "pages_by_bulk", max, &f->pages_by_bulk, err) ||
-        store_json_get_u64(obj, "bytes_copied", max, &f->bytes_copied, err) ||
-        store_json_get_u64(obj, "pause_request_ns", max, &f->pause_request_ns, err) ||
-        store_json_get_u64(obj, "resume_request_ns", max, &f->resume_request_ns, err))
-        return forkd_error_prefix(err, "figures: ");
-    return 0;
-}
-
-static int store_json_get_regions(const cJSON *root, struct store_snapshot *meta,
-                                  struct forkd_error *err)
-{
-    const cJSON *array = store_json_field(root, "regions", err);
-    if (!array)
-        return -EIO;
-    if (!cJSON_IsArray(array) || cJSON_GetArraySize(array) > STORE_MAX_REGIONS)
-        return forkd_error_set(err, -EIO, "field \"regions\" must be an array of at most %d",
-                               STORE_MAX_REGIONS);
-    const cJSON *item;
-    cJSON_ArrayForEach(item, array)
-    {
-        struct store_region *r = &meta->regions[meta->region_count];
-        if (!cJSON_IsObject(item) ||
-            store_json_get_u64(item, "guest_phys_addr", STORE_JSON_INT_MAX, &r->guest_phys_addr,
-                               err) ||
-            store_json_get_u64(item, "size", STORE_JSON_INT_MAX, &r->size, err) ||
-            store_json_get_u64(item, "file_offset", STORE_JSON_INT_MAX, &r->file_offset, err) ||
-            store_json_get_u32(item, "page_size", &r->page_size, err)) {
-            if (!cJSON_IsObject(item))
-                forkd_error_set(err, -EIO, "not an object");
-            return forkd_error_prefix(err, "regions[%zu]: ", meta->region_count);
-        }
-        meta->region_count++;
-    }
-    return 0;
-}
-
-static int store_json_get_label(const cJSON *item, struct store_snapshot *meta,
-                                struct forkd_error *err)
-{
-    struct store_label *label = &meta->labels[meta->label_count];
-    if (strlen(item->string) >= sizeof(label->key))
-        return forkd_error_set(err, -EIO, "key \"%.64s...\" is too long", item->string);
-    for (size_t i = 0; i < meta->label_count; i++)
-        if (strcmp(meta->labels[i].key, item->string) == 0)
-            return forkd_error_set(err, -EIO, "key \"%s\" appears twice", item->string);
-    if (!cJSON_IsString(item) || strlen(item->valuestring) >= sizeof(label->value))
-        return forkd_error_set(err, -EIO, "\"%s\" must be a string of less than %zu bytes",
-                               item->string, sizeof(label->value));
-    memcpy(label->key, item->string, strlen(item->string) + 1);
-    memcpy(label->value, item->valuestring, strlen(item->valuestring) + 1);
-    meta->label_count++;
-    return 0;
-}
-
-static int store_json_get_labels(const cJSON *root, struct store_snapshot *meta,
-                                 struct forkd_error *err)
-{
-    const cJSON *obj = store_json_get_object(root, "labels", err);
-    if (!obj)
-        return -EIO;
-    if (cJSON_GetArraySize(obj) > STORE_MAX_LABELS)
-        return forkd_error_set(err, -EIO, "more than %d labels", STORE_MAX_LABELS);
-    const cJSON *item;
-    cJSON_ArrayForEach(item, obj)
-    {
-        if (store_json_get_label(item, meta, err))
-            return forkd_error_prefix(err, "labels: ");
-    }
-    return 0;
-}
-
-static int store_json_get_identity(const cJSON *root, struct store_snapshot *meta,
-                                   struct forkd_error *err)
-{
-    uint64_t version;
-    char mode[32];
-    const cJSON *source, *machine, *vmm;
-    if (store_json_get_u64(root, "format_version", STORE_JSON_INT_MAX, &version, err))
-        return -EIO;
-    if (version != STORE_FORMAT_VERSION)
-        return forkd_error_set(err, -EIO, "format_version %llu is not supported (expected %d)",
-                               (unsigned long long)version, STORE_FORMAT_VERSION);
-    if (store_json_get_str(root, "name", meta->name, sizeof(meta->name), err) ||
-        !(source = store_json_get_object(root, "source_vm", err)) ||
-        store_json_get_str(source, "id", meta->source_vm_id, sizeof(meta->source_vm_id), err) ||
-        store_json_get_str(source, "name", meta->source_vm_name, sizeof(meta->source_vm_name),
-                           err) ||
-        store_json_get_str(root, "parent_snapshot", meta->parent_snapshot,
-                           sizeof(meta->parent_snapshot), err) ||
-        store_json_get_str(root, "mode", mode, sizeof(mode), err) ||
-        !(machine = store_json_get_object(root, "machine", err)) ||
-        store_json_get_u32(machine, "vcpu_count", &meta->vcpu_count, err) ||
-        store_json_get_u64(machine, "mem_size_mib", STORE_JSON_INT_MAX, &meta->mem_size_mib, err) ||
-        !(vmm = store_json_get_object(root, "vmm", err)) ||
-        store_json_get_str(vmm, "binary", meta->vmm_binary, sizeof(meta->vmm_binary), err) ||
-        store_json_get_str(vmm, "version", meta->vmm_version, sizeof(meta->vmm_version), err))
-        return -EIO;
-    if (!store_mode_parse(mode, &meta->mode))
-        return forkd_error_set(err, -EIO, "mode \"%s\" is not live, live_arm_in_pause or full",
-                               mode);
-    return 0;
-}
-
-static int store_json_get_created_at(const cJSON *root, int64_t *out, struct forkd_error *err)
-{
-    const cJSON *item = store_json_field(root, "created_at_unix_ms", err);
-    if (!item)
-        return -EIO;
-    double d = item->valuedouble;
-    if (!cJSON_IsNumber(item) ||
-        !(d >= -(double)STORE_JSON_INT_MAX && d <= (double)STORE_JSON_INT_MAX) ||
-        d != (double)(int64_t)d)
-        return forkd_error_set(err, -EIO, "field \"created_at_unix_ms\" must be an integer");
-    *out = (int64_t)d;
-    return 0;
-}
-
-static int store_json_parse(const char *text, size_t len, struct store_snapshot *meta,
-                            struct forkd_error *err)
-{
-    _cleanup_(store_cjson_deletep) cJSON *root = cJSON_ParseWithLength(text, len);
-    if (!root)
-        return forkd_error_set(err, -EIO, "not valid JSON");
-    if (!cJSON_IsObject(root))
-        return forkd_error_set(err, -EIO, "not a JSON object");
-    memset(meta, 0, sizeof(*meta));
-    if (store_json_get_identity(root, meta, err) ||
-        store_json_get_u64(root, "memory_bytes", STORE_JSON_INT_MAX, &meta->memory_bytes, err) ||
-        store_json_get_u64(root, "vmstate_bytes", STORE_JSON_INT_MAX, &meta->vmstate_bytes, err) ||
-        store_json_get_u32(root, "page_size", &meta->page_size, err) ||
-        store_json_get_regions(root, meta, err) ||
-        store_json_get_figures(root, &meta->figures, err) ||
-        store_json_get_created_at(root, &meta->created_at_unix_ms, err) ||
-        store_json_get_labels(root, meta, err))
-        return -EIO;
-    meta->state = STORE_STATE_READY;
-    return 0;
-}
+/* clang-format off */
+#define STORE_FIGURE(name) {#name, offsetof(struct store_figures, name)}
+/* clang-format on */
+const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT] = {
+    STORE_FIGURE(pause_ns),          STORE_FIGURE(arm_ns),       STORE_FIGURE(rearm_ns),
+    STORE_FIGURE(rearmed_pages),     STORE_FIGURE(vmstate_ns),   STORE_FIGURE(copy_ns),
+    STORE_FIGURE(publish_ns),        STORE_FIGURE(total_ns),     STORE_FIGURE(pages_by_fault),
+    STORE_FIGURE(pages_by_bulk),     STORE_FIGURE(bytes_copied), STORE_FIGURE(pause_request_ns),
+    STORE_FIGURE(resume_request_ns),
+};
+_Static_assert(STORE_FIGURE_COUNT * sizeof(uint64_t) == sizeof(struct store_figures),
+               "store_figure_fields must name every figure");
 
 /* ---- loading at open ---- */
 
@@ -680,7 +356,7 @@ static int store_load_snapshot(int dir_fd, const char *name, struct store_snapsh
     size_t len = 0;
     int r = store_read_small_file(snap_fd, STORE_METADATA_FILE, &text, &len, err);
     if (r == 0)
-        r = store_json_parse(text, len, meta, err);
+        r = snapshot_json_parse(text, len, meta, err);
     if (r == 0 && strcmp(meta->name, name) != 0)
         r = forkd_error_set(err, -EIO, "it names snapshot '%s'", meta->name);
     if (r < 0)
@@ -723,8 +399,7 @@ static int store_scan_entry(struct store *store, int dir_fd, const char *name,
     if (strncmp(name, STORE_TMP_PREFIX, strlen(STORE_TMP_PREFIX)) == 0) {
         int r = store_remove_tree_at(dir_fd, name);
         if (r < 0)
-            return forkd_error_set(err, r, "open store: remove leftover %s/%s: %s", store->dir,
-                                   name, strerror(-r));
+            return forkd_error_errno(err, r, "open store: remove leftover %s/%s", store->dir, name);
         return 0;
     }
     struct stat st;
@@ -736,10 +411,9 @@ static int store_scan_entry(struct store *store, int dir_fd, const char *name,
 
 static int store_scan(struct store *store, struct forkd_error *err)
 {
-    _cleanup_(store_closedirp) DIR *dir = opendir(store->dir);
+    _cleanup_closedir_ DIR *dir = opendir(store->dir);
     if (!dir)
-        return forkd_error_set(err, -errno, "open store: opendir %s: %s", store->dir,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "open store: opendir %s", store->dir);
     struct dirent *de;
     while ((errno = 0, de = readdir(dir))) {
         if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
@@ -749,11 +423,10 @@ static int store_scan(struct store *store, struct forkd_error *err)
             return r;
     }
     if (errno)
-        return forkd_error_set(err, -errno, "open store: readdir %s: %s", store->dir,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "open store: readdir %s", store->dir);
     int r = fs_sync_dir(store->dir);
     if (r < 0)
-        return forkd_error_set(err, r, "open store: fsync %s: %s", store->dir, strerror(-r));
+        return forkd_error_errno(err, r, "open store: fsync %s", store->dir);
     return 0;
 }
 
@@ -769,7 +442,7 @@ int store_open(const char *state_dir, struct store **out, struct forkd_error *er
     if (n < 0 || (size_t)n >= sizeof(store->dir))
         r = forkd_error_set(err, -ENAMETOOLONG, "open store: state dir %s is too long", state_dir);
     if (r == 0 && (r = fs_mkdir_parents(store->dir, 0700)) < 0)
-        forkd_error_set(err, r, "open store: mkdir %s: %s", store->dir, strerror(-r));
+        forkd_error_errno(err, r, "open store: mkdir %s", store->dir);
     if (r == 0)
         r = store_scan(store, err);
     if (r < 0) {
@@ -802,8 +475,7 @@ static int store_writer_paths(struct store_writer *w, struct forkd_error *err)
         return forkd_error_set(err, -ENAMETOOLONG, "begin snapshot '%s': path under %s too long",
                                w->name, w->store->dir);
     if (!mkdtemp(w->dir))
-        return forkd_error_set(err, -errno, "begin snapshot '%s': mkdtemp %s: %s", w->name, w->dir,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "begin snapshot '%s': mkdtemp %s", w->name, w->dir);
     /* The file paths were formatted from the template: give them the X's mkdtemp filled in. */
     memcpy(w->vmstate_path, w->dir, strlen(w->dir));
     memcpy(w->memory_path, w->dir, strlen(w->dir));
@@ -925,45 +597,19 @@ static int store_check_meta_strings(const struct store_snapshot *meta, struct fo
     return 0;
 }
 
-static bool store_figures_fit_json(const struct store_figures *f)
-{
-    const uint64_t v[] = {f->pause_ns,       f->arm_ns,        f->rearm_ns,    f->rearmed_pages,
-                          f->vmstate_ns,     f->copy_ns,       f->publish_ns,  f->total_ns,
-                          f->pages_by_fault, f->pages_by_bulk, f->bytes_copied,
-                          f->pause_request_ns, f->resume_request_ns};
-    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
-        if (v[i] > STORE_JSON_INT_MAX)
-            return false;
-    return true;
-}
-
-static bool store_numbers_fit_json(const struct store_snapshot *meta)
-{
-    for (size_t i = 0; i < meta->region_count; i++) {
-        const struct store_region *r = &meta->regions[i];
-        if (r->guest_phys_addr > STORE_JSON_INT_MAX || r->size > STORE_JSON_INT_MAX ||
-            r->file_offset > STORE_JSON_INT_MAX)
-            return false;
-    }
-    return meta->mem_size_mib <= STORE_JSON_INT_MAX &&
-           meta->created_at_unix_ms <= (int64_t)STORE_JSON_INT_MAX &&
-           meta->created_at_unix_ms >= -(int64_t)STORE_JSON_INT_MAX &&
-           store_figures_fit_json(&meta->figures);
-}
-
 static int store_check_meta(const struct store_writer *w, const struct store_snapshot *meta,
                             struct forkd_error *err)
 {
     if (strncmp(meta->name, w->name, sizeof(meta->name)) != 0)
         return forkd_error_set(err, -EINVAL, "metadata names snapshot '%.*s'", (int)STORE_NAME_MAX,
                                meta->name);
-    if (!store_mode_name(meta->mode))
+    if (!snapshot_json_mode_known(meta->mode))
         return forkd_error_set(err, -EINVAL, "mode %d is not a store_mode", (int)meta->mode);
     if (meta->region_count > STORE_MAX_REGIONS || meta->label_count > STORE_MAX_LABELS)
         return forkd_error_set(err, -EINVAL, "%zu regions and %zu labels (at most %d and %d)",
                                meta->region_count, meta->label_count, STORE_MAX_REGIONS,
                                STORE_MAX_LABELS);
-    if (!store_numbers_fit_json(meta))
+    if (!snapshot_json_numbers_fit(meta))
         return forkd_error_set(err, -EINVAL, "a number is above 2^53 or below -2^53");
     return store_check_meta_strings(meta, err);
 }
@@ -977,26 +623,12 @@ static int store_sync_data_file(const char *path, uint64_t *size, struct forkd_e
                                strerror(ENOENT));
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0)
-        return forkd_error_set(err, -errno, "open %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "open %s", path);
     if (!S_ISREG(st.st_mode))
         return forkd_error_set(err, -EINVAL, "%s is not a regular file", path);
     if (fsync(fd) < 0)
-        return forkd_error_set(err, -errno, "fsync %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "fsync %s", path);
     *size = (uint64_t)st.st_size;
-    return 0;
-}
-
-static int store_write_all(int fd, const char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = write(fd, buf, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        buf += n;
-        len -= (size_t)n;
-    }
     return 0;
 }
 
@@ -1007,17 +639,17 @@ static int store_write_metadata(const struct store_writer *w, const struct store
     if (!store_join(path, sizeof(path), w->dir, STORE_METADATA_FILE))
         return forkd_error_set(err, -ENAMETOOLONG, "%s/%s: path too long", w->dir,
                                STORE_METADATA_FILE);
-    _cleanup_free_ char *text = store_json_format(meta);
+    _cleanup_free_ char *text = snapshot_json_format(meta);
     if (!text)
         return forkd_error_set(err, -ENOMEM, "format %s: out of memory", path);
     _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
-        return forkd_error_set(err, -errno, "create %s: %s", path, strerror(errno));
-    int r = store_write_all(fd, text, strlen(text));
+        return forkd_error_errno(err, -errno, "create %s", path);
+    int r = fs_write_all(fd, text, strlen(text));
     if (r < 0)
-        return forkd_error_set(err, r, "write %s: %s", path, strerror(-r));
+        return forkd_error_errno(err, r, "write %s", path);
     if (fsync(fd) < 0)
-        return forkd_error_set(err, -errno, "fsync %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "fsync %s", path);
     return 0;
 }
 
@@ -1047,7 +679,7 @@ static int store_prepare(struct store_writer *w, struct store_snapshot *meta,
     meta->path[0] = '\0';
     r = store_write_metadata(w, meta, err);
     if (r == 0 && (r = fs_sync_dir(w->dir)) < 0)
-        forkd_error_set(err, r, "fsync %s: %s", w->dir, strerror(-r));
+        forkd_error_errno(err, r, "fsync %s", w->dir);
     return r;
 }
 
@@ -1068,8 +700,7 @@ static int store_rename_into_place(struct store_writer *w, const char *final_pat
     if (store_writer_abandoned(w))
         r = store_cancelled(w, err);
     else if (renameat2(AT_FDCWD, w->dir, AT_FDCWD, final_path, RENAME_NOREPLACE) < 0)
-        r = forkd_error_set(err, -errno, "rename %s to %s: %s", w->dir, final_path,
-                            strerror(errno));
+        r = forkd_error_errno(err, -errno, "rename %s to %s", w->dir, final_path);
     pthread_mutex_unlock(&store->lock);
     return r;
 }
@@ -1115,7 +746,7 @@ static int store_publish_steps(struct store_writer *w, struct store_snapshot *me
     }
     int sync_result = fs_sync_dir(w->store->dir);
     if (sync_result < 0)
-        forkd_error_set(err, sync_result, "fsync %s: %s", w->store->dir, strerror(-sync_result));
+        forkd_error_errno(err, sync_result, "fsync %s", w->store->dir);
     return store_make_ready(w, meta, sync_result, err);
 }
 
@@ -1286,7 +917,6 @@ int store_delete(struct store *store, const char *name, bool force, struct forkd
                                name, moved_to, strerror(-r));
     r = fs_sync_dir(store->dir);
     if (r < 0)
-        return forkd_error_set(err, r, "delete snapshot '%s': fsync %s: %s", name, store->dir,
-                               strerror(-r));
+        return forkd_error_errno(err, r, "delete snapshot '%s': fsync %s", name, store->dir);
     return 0;
 }

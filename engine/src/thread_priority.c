@@ -1,7 +1,7 @@
-/* Real-time priority for latency-critical threads, bounded (see forkd/thread_priority.h). */
-#include "forkd/thread_priority.h"
+/* Real-time priority for latency-critical threads, bounded (see thread_priority.h). */
+#include "thread_priority.h"
 
-#include "forkd/clock.h"
+#include "basic/clock.h"
 
 #include <errno.h>
 #include <pthread.h>

@@ -5,9 +5,10 @@
  * once per guest write fault, so they allocate nothing, touch no JSON and log nothing; they only
  * format a message when they fail.
  */
-#include "forkd/uffd.h"
+#include "uffd.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
+#include "basic/clock.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -38,33 +39,12 @@
 
 /* ---------------------------------------------------------------- time */
 
-/* Absolute CLOCK_MONOTONIC deadline in ms, or -1 for no limit. */
-static int64_t uffd_deadline(int timeout_ms)
-{
-    if (timeout_ms < 0)
-        return -1;
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000 + timeout_ms;
-}
-
-/* Milliseconds left before deadline for poll(): -1 for none, 0 once passed. */
-static int uffd_remaining_ms(int64_t deadline)
-{
-    if (deadline < 0)
-        return -1;
-    int64_t left = deadline - uffd_deadline(0);
-    if (left <= 0)
-        return 0;
-    return left > INT_MAX ? INT_MAX : (int)left;
-}
-
 /* Polls one fd for input until deadline: 1 when ready, -ETIMEDOUT, or -errno. */
-static int uffd_poll_in(int fd, int64_t deadline)
+static int uffd_poll_in(int fd, uint64_t deadline)
 {
     for (;;) {
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
-        int ready = poll(&pfd, 1, uffd_remaining_ms(deadline));
+        int ready = poll(&pfd, 1, forkd_ms_left(deadline));
         if (ready > 0)
             return 1;
         if (ready == 0)
@@ -94,13 +74,13 @@ static int uffd_remove_stale_socket(const char *path, struct forkd_error *err)
     if (lstat(path, &st) < 0) {
         if (errno == ENOENT)
             return 0;
-        return forkd_error_set(err, -errno, "stat %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "stat %s", path);
     }
     if (!S_ISSOCK(st.st_mode))
         return forkd_error_set(err, -EEXIST, "%s exists and is not a socket: not replacing it",
                                path);
     if (unlink(path) < 0 && errno != ENOENT)
-        return forkd_error_set(err, -errno, "unlink stale socket %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "unlink stale socket %s", path);
     return 0;
 }
 
@@ -116,11 +96,11 @@ int uffd_listen(const char *path, struct forkd_error *err)
     /* Non-blocking so that accept() after poll() cannot hang on a connection that was reset. */
     _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0)
-        return forkd_error_set(err, -errno, "socket(AF_UNIX): %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "socket(AF_UNIX)");
     if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
-        return forkd_error_set(err, -errno, "bind %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "bind %s", path);
     if (listen(fd, UFFD_LISTEN_BACKLOG) < 0)
-        return forkd_error_set(err, -errno, "listen %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "listen %s", path);
     return take_fd(fd);
 }
 
@@ -171,7 +151,7 @@ static void uffd_scan(struct uffd_json_scan *scan, const char *bytes, size_t len
 
 struct uffd_receiver {
     int connection;
-    int64_t deadline;
+    uint64_t deadline;
     int timeout_ms;
     char *buffer; /* UFFD_HANDSHAKE_MAX_BYTES + 1: one more byte reveals an oversize message */
     size_t used;
@@ -251,7 +231,7 @@ static ssize_t uffd_receive_chunk(struct uffd_receiver *rx, struct forkd_error *
     if (n < 0) {
         if (errno == EAGAIN)
             return -EAGAIN;
-        return forkd_error_set(err, -errno, "uffd handshake: recvmsg: %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "uffd handshake: recvmsg");
     }
     if (n == 0)
         return 0; /* end of stream carries no fds */
@@ -286,7 +266,7 @@ static int uffd_receive_json(struct uffd_receiver *rx, struct forkd_error *err)
         if (r == -ETIMEDOUT)
             return uffd_receive_timeout(rx, err);
         if (r < 0)
-            return forkd_error_set(err, r, "uffd handshake: poll: %s", strerror(-r));
+            return forkd_error_errno(err, r, "uffd handshake: poll");
         ssize_t n = uffd_receive_chunk(rx, err);
         if (n == -EAGAIN)
             continue;
@@ -305,7 +285,7 @@ static int uffd_receive_json(struct uffd_receiver *rx, struct forkd_error *err)
     return 0;
 }
 
-static int uffd_accept_connection(int listen_fd, int64_t deadline, int timeout_ms,
+static int uffd_accept_connection(int listen_fd, uint64_t deadline, int timeout_ms,
                                   struct forkd_error *err)
 {
     for (;;) {
@@ -314,13 +294,13 @@ static int uffd_accept_connection(int listen_fd, int64_t deadline, int timeout_m
             return forkd_error_set(err, -ETIMEDOUT, "uffd handshake: no VMM connected within %d ms",
                                    timeout_ms);
         if (r < 0)
-            return forkd_error_set(err, r, "uffd handshake: poll: %s", strerror(-r));
+            return forkd_error_errno(err, r, "uffd handshake: poll");
         int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
         if (fd >= 0)
             return fd;
         /* The pending connection may have gone between poll() and accept(): wait again. */
         if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
-            return forkd_error_set(err, -errno, "uffd handshake: accept: %s", strerror(errno));
+            return forkd_error_errno(err, -errno, "uffd handshake: accept");
     }
 }
 
@@ -329,7 +309,7 @@ static int uffd_peer_pid(int connection, pid_t *pid, struct forkd_error *err)
     struct ucred cred;
     socklen_t length = sizeof(cred);
     if (getsockopt(connection, SOL_SOCKET, SO_PEERCRED, &cred, &length) < 0)
-        return forkd_error_set(err, -errno, "uffd handshake: SO_PEERCRED: %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "uffd handshake: SO_PEERCRED");
     *pid = cred.pid;
     return 0;
 }
@@ -358,10 +338,9 @@ static int uffd_ensure_nonblocking(int fd, struct forkd_error *err)
 {
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0)
-        return forkd_error_set(err, -errno, "uffd handshake: F_GETFL: %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "uffd handshake: F_GETFL");
     if (!(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
-        return forkd_error_set(err, -errno, "uffd handshake: F_SETFL O_NONBLOCK: %s",
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "uffd handshake: F_SETFL O_NONBLOCK");
     return 0;
 }
 
@@ -377,7 +356,7 @@ int uffd_accept_handshake(int listen_fd, int timeout_ms, struct uffd_handshake *
                           struct forkd_error *err)
 {
     uffd_handshake_init(out);
-    int64_t deadline = uffd_deadline(timeout_ms);
+    uint64_t deadline = forkd_deadline_after_ms(timeout_ms);
     _cleanup_close_ int connection = uffd_accept_connection(listen_fd, deadline, timeout_ms, err);
     if (connection < 0)
         return connection;
@@ -652,7 +631,7 @@ static int uffd_send_all(int socket_fd, const char *bytes, size_t length, struct
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
-            return forkd_error_set(err, -errno, "uffd handshake: send: %s", strerror(errno));
+            return forkd_error_errno(err, -errno, "uffd handshake: send");
         bytes += n;
         length -= (size_t)n;
     }
@@ -690,7 +669,7 @@ int uffd_send_handshake(int socket_fd, int uffd, const struct uffd_region *regio
         n = sendmsg(socket_fd, &msg, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     if (n < 0)
-        return forkd_error_set(err, -errno, "uffd handshake: sendmsg: %s", strerror(errno));
+        return forkd_error_errno(err, -errno, "uffd handshake: sendmsg");
     /* A stream may take a large message in parts; the fd went with the first. */
     return uffd_send_all(socket_fd, json + n, length - (size_t)n, err);
 }
@@ -800,7 +779,7 @@ int uffd_read_events(int uffd, struct uffd_msg *messages, size_t max, struct for
         if (errno == EAGAIN)
             return 0;
         if (errno != EINTR)
-            return forkd_error_set(err, -errno, "read userfaultfd: %s", strerror(errno));
+            return forkd_error_errno(err, -errno, "read userfaultfd");
     }
 }
 
@@ -835,7 +814,7 @@ int uffd_wait_peer(int uffd, int connection, int stop_fd, int timeout_ms)
         {.fd = stop_fd, .events = POLLIN},
         {.fd = connection, .events = POLLIN | POLLRDHUP},
     };
-    int64_t deadline = timeout_ms > 0 ? uffd_deadline(timeout_ms) : -1;
+    uint64_t deadline = timeout_ms > 0 ? forkd_deadline_after_ms(timeout_ms) : FORKD_NO_DEADLINE;
     int wait_ms = timeout_ms;
     for (;;) {
         int ready = poll(fds, 3, wait_ms);
@@ -845,8 +824,8 @@ int uffd_wait_peer(int uffd, int connection, int stop_fd, int timeout_ms)
             return 0;
         if (errno != EINTR)
             return -errno;
-        if (deadline >= 0)
-            wait_ms = uffd_remaining_ms(deadline);
+        if (deadline != FORKD_NO_DEADLINE)
+            wait_ms = forkd_ms_left(deadline);
     }
 }
 

@@ -8,10 +8,11 @@
  */
 #include "forkd/vm.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/clock.h"
-#include "forkd/fsutil.h"
-#include "forkd/pause.h"
+#include "basic/cleanup.h"
+#include "vmm_client.h"
+#include "basic/clock.h"
+#include "basic/fsutil.h"
+#include "pause.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -55,6 +56,7 @@ struct vm {
     int64_t created_at_unix_ms;
     struct vmm_client *client;
     struct page_server_fork *page_fork; /* UFFD: our registration with the page server */
+    struct store *store; /* holds a use of source_snapshot until stopped (under lock) */
 
     pthread_mutex_t lock; /* guards the fields below */
     pthread_cond_t exited_cond;
@@ -163,11 +165,6 @@ int vm_page_server_stats(struct vm *vm, struct page_server_stats *out)
     return 0;
 }
 
-unsigned vm_vcpu_count(const struct vm *vm)
-{
-    return vm->vcpu_count;
-}
-
 const char *vm_source_snapshot(const struct vm *vm)
 {
     return vm->source_snapshot;
@@ -225,12 +222,29 @@ int vm_dup_memfd(struct vm *vm)
     return fd;
 }
 
-void vm_set_state(struct vm *vm, enum vm_state state)
+/* The one writer of a live VM's state (the reaper records the end states itself). */
+static void vm_set_state(struct vm *vm, enum vm_state state)
 {
     pthread_mutex_lock(&vm->lock);
     if (!vm->exited)
         vm->state = state;
     pthread_mutex_unlock(&vm->lock);
+}
+
+int vm_pause(struct vm *vm, struct forkd_error *err)
+{
+    int rc = vmm_pause(vm->client, err);
+    if (rc == 0)
+        vm_set_state(vm, VM_STATE_PAUSED);
+    return rc;
+}
+
+int vm_resume(struct vm *vm, struct forkd_error *err)
+{
+    int rc = vmm_resume(vm->client, err);
+    if (rc == 0)
+        vm_set_state(vm, VM_STATE_RUNNING);
+    return rc;
 }
 
 void vm_get_status(struct vm *vm, struct vm_status *out)
@@ -330,7 +344,7 @@ static int vm_watch(struct vm *vm, struct forkd_error *err)
     struct epoll_event event = {.events = EPOLLIN, .data.ptr = vm};
     if (epoll_ctl(vm->registry->epoll_fd, EPOLL_CTL_ADD, vm->pidfd, &event) < 0) {
         vm_unref(vm);
-        return forkd_error_set(err, -errno, "watch VMM pid %d: %s", vm->pid, strerror(errno));
+        return forkd_error_errno(err, -errno, "watch VMM pid %d", vm->pid);
     }
     return 0;
 }
@@ -376,8 +390,7 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
 {
     int rc = fs_mkdir_parents(config->run_dir, 0700);
     if (rc < 0)
-        return forkd_error_set(err, rc, "create VM run directory %s: %s", config->run_dir,
-                               strerror(-rc));
+        return forkd_error_errno(err, rc, "create VM run directory %s", config->run_dir);
     struct vm_registry *registry = calloc(1, sizeof(*registry));
     if (!registry)
         return forkd_error_set(err, -ENOMEM, "VM registry: out of memory");
@@ -396,7 +409,7 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
     if (registry->epoll_fd < 0 || registry->stop_fd < 0 ||
         epoll_ctl(registry->epoll_fd, EPOLL_CTL_ADD, registry->stop_fd, &stop) < 0 ||
         pthread_create(&registry->reaper, NULL, vm_reaper_loop, registry) != 0) {
-        rc = forkd_error_set(err, -errno, "VM registry: reaper set-up: %s", strerror(errno));
+        rc = forkd_error_errno(err, -errno, "VM registry: reaper set-up");
         close(registry->epoll_fd);
         close(registry->stop_fd);
         free(registry);
@@ -483,9 +496,9 @@ int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report
                             struct forkd_error *err)
 {
     *report = (struct vm_stale_report){0};
-    DIR *dir = opendir(registry->run_dir);
+    _cleanup_closedir_ DIR *dir = opendir(registry->run_dir);
     if (!dir)
-        return forkd_error_set(err, -errno, "open %s: %s", registry->run_dir, strerror(errno));
+        return forkd_error_errno(err, -errno, "open %s", registry->run_dir);
     unsigned long highest = 0;
     for (struct dirent *entry; (entry = readdir(dir));) {
         unsigned long id = vm_file_id(entry->d_name);
@@ -498,7 +511,6 @@ int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report
             unlink(path);
         }
     }
-    closedir(dir);
     pthread_mutex_lock(&registry->lock);
     registry->next_id = highest; /* new ids never reuse the files of an earlier VM */
     pthread_mutex_unlock(&registry->lock);
@@ -701,13 +713,13 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attributes);
     if (rc != 0)
-        return forkd_error_set(err, -rc, "start VMM %s: %s", registry->vmm_binary, strerror(rc));
+        return forkd_error_errno(err, -rc, "start VMM %s", registry->vmm_binary);
     vm->pid = pid;
     vm->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (vm->pidfd < 0) {
-        kill(pid, SIGKILL);
-        waitpid(pid, NULL, 0);
-        return forkd_error_set(err, -errno, "pidfd_open(%d): %s", pid, strerror(errno));
+        int saved = errno;
+        forkd_kill_reapp(&pid);
+        return forkd_error_errno(err, -saved, "pidfd_open(%d)", vm->pid);
     }
     return vm_watch(vm, err);
 }
@@ -715,7 +727,7 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
 /* Waits for the VMM's API socket to accept connections, or for the VMM to die. */
 static int vm_wait_for_api(struct vm *vm, struct forkd_error *err)
 {
-    uint64_t deadline = forkd_monotonic_ns() + vm->registry->start_timeout_ms * 1000000ULL;
+    uint64_t deadline = forkd_deadline_after_ms(vm->registry->start_timeout_ms);
     while (!fs_unix_socket_answers(vm->api_socket_path)) {
         if (vm_wait_exit(vm, 2)) {
             char tail[256];
@@ -805,9 +817,7 @@ static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
         rc = vmm_put_boot_source(vm->client, config->kernel_image_path, config->boot_args, err);
     if (rc == 0) {
         /* A VMM may touch all guest memory while starting (the test VMM fills it). */
-        vmm_client_set_timeout_ms(vm->client, vm_slow_call_timeout_ms(vm));
-        rc = vmm_start(vm->client, err);
-        vmm_client_set_timeout_ms(vm->client, vm_call_timeout_ms(vm));
+        rc = vmm_start_within(vm->client, vm_slow_call_timeout_ms(vm), err);
     }
     return rc;
 }
@@ -819,8 +829,7 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
     if (rc < 0)
         return rc;
     if (access(config->kernel_image_path, R_OK) < 0)
-        return forkd_error_set(err, -errno, "kernel image %s: %s", config->kernel_image_path,
-                               strerror(errno));
+        return forkd_error_errno(err, -errno, "kernel image %s", config->kernel_image_path);
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
@@ -847,13 +856,13 @@ static int vm_fill_memfd(struct vm *vm, const char *memory_path, struct forkd_er
     _cleanup_close_ int source = open(memory_path, O_RDONLY | O_CLOEXEC);
     struct stat st;
     if (source < 0 || fstat(source, &st) < 0)
-        return forkd_error_set(err, -errno, "open %s: %s", memory_path, strerror(errno));
+        return forkd_error_errno(err, -errno, "open %s", memory_path);
     char name[64];
     snprintf(name, sizeof(name), "forkd-guest-%s", vm->id);
     _cleanup_close_ int memfd = memfd_create(name, MFD_CLOEXEC);
     if (memfd < 0 || ftruncate(memfd, st.st_size) < 0)
-        return forkd_error_set(err, -errno, "memfd for %s (%lld bytes): %s", vm->id,
-                               (long long)st.st_size, strerror(errno));
+        return forkd_error_errno(err, -errno, "memfd for %s (%lld bytes)", vm->id,
+                                 (long long)st.st_size);
     off_t offset = 0;
     while (offset < st.st_size) {
         /* sendfile copies page cache to the memfd in the kernel, in large steps. */
@@ -912,7 +921,7 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
     } else {
         struct stat st;
         if (stat(config->memory_path, &st) < 0)
-            return forkd_error_set(err, -errno, "%s: %s", config->memory_path, strerror(errno));
+            return forkd_error_errno(err, -errno, "%s", config->memory_path);
         vm->memory_bytes = (uint64_t)st.st_size;
         snprintf(backend_path, sizeof(backend_path), "%s", config->memory_path);
     }
@@ -920,8 +929,8 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
                              shared, !config->start_paused, err);
 }
 
-int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
-               struct vm **out, struct forkd_error *err)
+static int vm_restore_held(struct vm_registry *registry, const struct vm_restore_config *config,
+                           struct vm **out, struct forkd_error *err)
 {
     int rc = vm_registry_check_host(registry, err);
     if (rc < 0)
@@ -950,8 +959,20 @@ int vm_restore(struct vm_registry *registry, const struct vm_restore_config *con
     }
     vm->mem_size_mib = vm->memory_bytes >> 20;
     vm_set_state(vm, config->start_paused ? VM_STATE_PAUSED : VM_STATE_RUNNING);
+    pthread_mutex_lock(&vm->lock);
+    vm->store = config->store;
+    pthread_mutex_unlock(&vm->lock);
     *out = vm;
     return 0;
+}
+
+int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
+               struct vm **out, struct forkd_error *err)
+{
+    int rc = vm_restore_held(registry, config, out, err);
+    if (rc < 0 && config->store && config->snapshot_name)
+        store_release(config->store, config->snapshot_name);
+    return rc;
 }
 
 int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, struct forkd_error *err)
@@ -964,5 +985,10 @@ int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, stru
                                vm->active_branch_id);
     vm_terminate(vm, grace_ms);
     vm_delist(registry, vm);
+    pthread_mutex_lock(&vm->lock);
+    struct store *store = take_ptr(vm->store);
+    pthread_mutex_unlock(&vm->lock);
+    if (store)
+        store_release(store, vm->source_snapshot);
     return 0;
 }

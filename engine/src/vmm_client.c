@@ -1,7 +1,7 @@
 /* The VMM API client over the VMM's Unix socket (see forkd/vmm_client.h). */
-#include "forkd/vmm_client.h"
+#include "vmm_client.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
 
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
@@ -98,11 +98,6 @@ void vmm_client_set_timeout_ms(struct vmm_client *client, long timeout_ms)
     pthread_mutex_unlock(&client->lock);
 }
 
-const char *vmm_client_socket_path(const struct vmm_client *client)
-{
-    return client->socket_path;
-}
-
 /* "fault_message" of an error body, or the body itself when it is not that JSON. */
 static void vmm_fault_message(const char *body, char *out, size_t out_len)
 {
@@ -128,8 +123,8 @@ static int vmm_curl_errno(CURLcode code)
 }
 
 static int vmm_perform(struct vmm_client *client, const char *method, const char *path,
-                       const char *body, struct vmm_response *response, long *status,
-                       struct forkd_error *err)
+                       const char *body, long timeout_ms, struct vmm_response *response,
+                       long *status, struct forkd_error *err)
 {
     char url[512];
     snprintf(url, sizeof(url), "http://localhost%s", path);
@@ -146,7 +141,7 @@ static int vmm_perform(struct vmm_client *client, const char *method, const char
         curl_easy_setopt(curl, CURLOPT_POSTFIELDS, "");
         curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, 0L);
     }
-    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, client->timeout_ms);
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, timeout_ms > 0 ? timeout_ms : client->timeout_ms);
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, response);
     CURLcode code = curl_easy_perform(curl);
     if (code != CURLE_OK) {
@@ -162,10 +157,17 @@ static int vmm_perform(struct vmm_client *client, const char *method, const char
 int vmm_request(struct vmm_client *client, const char *method, const char *path, const char *body,
                 char **response_out, struct forkd_error *err)
 {
+    return vmm_request_within(client, method, path, body, 0, response_out, err);
+}
+
+int vmm_request_within(struct vmm_client *client, const char *method, const char *path,
+                       const char *body, long timeout_ms, char **response_out,
+                       struct forkd_error *err)
+{
     struct vmm_response response = {0};
     long status = 0;
     pthread_mutex_lock(&client->lock);
-    int rc = vmm_perform(client, method, path, body, &response, &status, err);
+    int rc = vmm_perform(client, method, path, body, timeout_ms, &response, &status, err);
     pthread_mutex_unlock(&client->lock);
     if (rc == 0 && (status < 200 || status > 299)) {
         char fault[FORKD_ERROR_MESSAGE_MAX];
@@ -180,8 +182,8 @@ int vmm_request(struct vmm_client *client, const char *method, const char *path,
 }
 
 /* Sends a JSON body built by the caller; frees it. */
-static int vmm_send_json(struct vmm_client *client, const char *method, const char *path,
-                         cJSON *body, struct forkd_error *err)
+static int vmm_send_json_within(struct vmm_client *client, const char *method, const char *path,
+                                cJSON *body, long timeout_ms, struct forkd_error *err)
 {
     if (!body)
         return forkd_error_set(err, -ENOMEM, "%s %s: out of memory", method, path);
@@ -189,7 +191,13 @@ static int vmm_send_json(struct vmm_client *client, const char *method, const ch
     cJSON_Delete(body);
     if (!text)
         return forkd_error_set(err, -ENOMEM, "%s %s: out of memory", method, path);
-    return vmm_request(client, method, path, text, NULL, err);
+    return vmm_request_within(client, method, path, text, timeout_ms, NULL, err);
+}
+
+static int vmm_send_json(struct vmm_client *client, const char *method, const char *path,
+                         cJSON *body, struct forkd_error *err)
+{
+    return vmm_send_json_within(client, method, path, body, 0, err);
 }
 
 int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint64_t mem_size_mib,
@@ -211,22 +219,15 @@ int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path
     return vmm_send_json(client, "PUT", "/boot-source", body, err);
 }
 
-int vmm_put_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
-                  bool is_root_device, bool is_read_only, struct forkd_error *err)
-{
-    char path[256];
-    snprintf(path, sizeof(path), "/drives/%s", drive_id);
-    cJSON *body = cJSON_CreateObject();
-    cJSON_AddStringToObject(body, "drive_id", drive_id);
-    cJSON_AddStringToObject(body, "path_on_host", path_on_host);
-    cJSON_AddBoolToObject(body, "is_root_device", is_root_device);
-    cJSON_AddBoolToObject(body, "is_read_only", is_read_only);
-    return vmm_send_json(client, "PUT", path, body, err);
-}
-
 int vmm_start(struct vmm_client *client, struct forkd_error *err)
 {
-    return vmm_request(client, "PUT", "/actions", "{\"action_type\":\"InstanceStart\"}", NULL, err);
+    return vmm_start_within(client, 0, err);
+}
+
+int vmm_start_within(struct vmm_client *client, long timeout_ms, struct forkd_error *err)
+{
+    return vmm_request_within(client, "PUT", "/actions", "{\"action_type\":\"InstanceStart\"}",
+                              timeout_ms, NULL, err);
 }
 
 int vmm_pause(struct vmm_client *client, struct forkd_error *err)
@@ -243,12 +244,19 @@ int vmm_snapshot_create(struct vmm_client *client, enum vmm_snapshot_type type,
                         const char *snapshot_path, const char *mem_file_path,
                         struct forkd_error *err)
 {
+    return vmm_snapshot_create_within(client, type, snapshot_path, mem_file_path, 0, err);
+}
+
+int vmm_snapshot_create_within(struct vmm_client *client, enum vmm_snapshot_type type,
+                               const char *snapshot_path, const char *mem_file_path,
+                               long timeout_ms, struct forkd_error *err)
+{
     cJSON *body = cJSON_CreateObject();
     cJSON_AddStringToObject(body, "snapshot_type",
                             type == VMM_SNAPSHOT_FULL ? "Full" : "VmstateOnly");
     cJSON_AddStringToObject(body, "snapshot_path", snapshot_path);
     cJSON_AddStringToObject(body, "mem_file_path", mem_file_path);
-    return vmm_send_json(client, "PUT", "/snapshot/create", body, err);
+    return vmm_send_json_within(client, "PUT", "/snapshot/create", body, timeout_ms, err);
 }
 
 int vmm_snapshot_load(struct vmm_client *client, const char *snapshot_path,

@@ -6,8 +6,7 @@
  */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/thread_priority.h"
+#include "basic/cleanup.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -228,26 +227,23 @@ static int open_context(struct bench_context *context, struct forkd_error *err)
     if (o->state_dir) {
         snprintf(context->state_dir, sizeof(context->state_dir), "%s", o->state_dir);
         if (mkdir(o->state_dir, 0700) < 0 && errno != EEXIST)
-            return forkd_error_set(err, -errno, "mkdir %s: %s", o->state_dir, strerror(errno));
+            return forkd_error_errno(err, -errno, "mkdir %s", o->state_dir);
     } else {
         snprintf(context->state_dir, sizeof(context->state_dir), "/var/tmp/forkd-bench-XXXXXX");
         if (!mkdtemp(context->state_dir))
-            return forkd_error_set(err, -errno, "mkdtemp: %s", strerror(errno));
+            return forkd_error_errno(err, -errno, "mkdtemp");
     }
-    char run_dir[sizeof(context->state_dir) + 8];
-    snprintf(run_dir, sizeof(run_dir), "%s/vms", context->state_dir);
-    struct vm_registry_config registry = {.vmm_binary = FORKD_TESTVM_PATH,
-                                          .run_dir = run_dir,
-                                          .timeout_scale = o->timeout_scale};
-    thread_priority_configure(!o->no_realtime, 50);
-    int rc = vm_registry_open(&registry, &context->registry, err);
-    if (rc == 0)
-        rc = store_open(context->state_dir, &context->store, err);
-    struct page_server_config server = {0};
-    struct forkd_error server_err;
-    if (rc == 0 && page_server_open(&server, &context->page_server, &server_err) < 0)
-        fprintf(stderr, "forkd-bench: no page server, UFFD not measured: %s\n", server_err.message);
-    return rc;
+    struct engine_config config = {.state_dir = context->state_dir,
+                                   .vmm_binary = FORKD_TESTVM_PATH,
+                                   .timeout_scale = o->timeout_scale,
+                                   .no_realtime = o->no_realtime};
+    int rc = engine_open(&config, &context->engine, err);
+    if (rc < 0)
+        return rc;
+    context->registry = engine_registry(context->engine);
+    context->store = engine_store(context->engine);
+    context->page_server = engine_page_server(context->engine);
+    return 0;
 }
 
 static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
@@ -259,12 +255,7 @@ static int remove_entry(const char *path, const struct stat *st, int flag, struc
 
 static void close_context(struct bench_context *context)
 {
-    if (context->registry)
-        vm_registry_close(context->registry, false, 2000);
-    if (context->page_server)
-        page_server_close(context->page_server);
-    if (context->store)
-        store_close(context->store);
+    engine_close(context->engine, false, 2000);
     if (!context->options->state_dir && context->state_dir[0])
         nftw(context->state_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
@@ -278,7 +269,7 @@ static struct bench_context *interrupt_context;
 
 static void kill_children(void)
 {
-    DIR *tasks = opendir("/proc/self/task");
+    _cleanup_closedir_ DIR *tasks = opendir("/proc/self/task");
     struct dirent *task;
     while (tasks && (task = readdir(tasks))) {
         char path[300];
@@ -288,8 +279,6 @@ static void kill_children(void)
         while (f && fscanf(f, "%d", &pid) == 1)
             kill(pid, SIGKILL);
     }
-    if (tasks)
-        closedir(tasks);
 }
 
 static void *interrupt_loop(void *arg)

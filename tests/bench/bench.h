@@ -6,7 +6,8 @@
 #ifndef FORKD_BENCH_H
 #define FORKD_BENCH_H
 
-#include "forkd/error.h"
+#include "forkd/engine.h"
+#include "basic/error.h"
 #include "forkd/page_server.h"
 #include "forkd/store.h"
 #include "forkd/vm.h"
@@ -63,10 +64,6 @@ double series_max(const struct series *series);
 /* {"median","min","max","n","values"} or null when empty. */
 cJSON *series_json(const struct series *series);
 
-/* The engine's fault-service histogram: 4 buckets per power of two; a value is reported as
- * its bucket's upper bound. The null handler is quantised the same way so ratios compare like
- * with like. */
-uint64_t bench_bucket_upper_ns(uint64_t ns);
 /* Exact percentile (0..100) of a sorted array. */
 uint64_t bench_percentile(const uint64_t *sorted, size_t count, double percentile);
 
@@ -133,6 +130,8 @@ int guest_set_vcpu_policy(const struct run_delay *threads, int policy);
 struct bench_context {
     const struct bench_options *options;
     char state_dir[4096];
+    struct engine *engine;
+    /* The engine's parts (borrowed from it). */
     struct vm_registry *registry;
     struct store *store;
     struct page_server *page_server;

@@ -5,9 +5,9 @@
 #include "bench.h"
 
 #include "forkd/branch.h"
-#include "forkd/cleanup.h"
-#include "forkd/thread_priority.h"
-#include "forkd/vmm_client.h"
+#include "basic/cleanup.h"
+#include "thread_priority.h"
+#include "vmm_client.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -305,14 +305,14 @@ static int make_source_vm(struct bench_context *context, unsigned mem_mib,
     char seed[PATH_MAX];
     snprintf(seed, sizeof(seed), "%s/forkd-bench-seed-XXXXXX", context->options->seed_dir);
     if (!mkdtemp(seed))
-        return forkd_error_set(err, -errno, "mkdtemp %s: %s", seed, strerror(errno));
+        return forkd_error_errno(err, -errno, "mkdtemp %s", seed);
     snprintf(context->seed_path, sizeof(context->seed_path), "%s", seed);
     uint64_t boot_ns = 0;
     int rc = guest_seed_snapshot(context->options, mem_mib, seed, &boot_ns, err);
     result->boot_s = (double)boot_ns / 1e9;
     char vmstate[PATH_MAX + 16], memory[PATH_MAX + 16], name[64];
-    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", seed);
-    snprintf(memory, sizeof(memory), "%s/memory.bin", seed);
+    store_file_path(seed, STORE_FILE_VMSTATE, vmstate, sizeof(vmstate));
+    store_file_path(seed, STORE_FILE_MEMORY, memory, sizeof(memory));
     snprintf(name, sizeof(name), "source-%u", mem_mib);
     struct vm_restore_config config = {
         .name = name, .vmstate_path = vmstate, .memory_path = memory, .memory = VM_MEMORY_MEMFD};

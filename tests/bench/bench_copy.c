@@ -6,7 +6,8 @@
  */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
+#include "basic/fsutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -26,10 +27,9 @@ static int copy_chunks(int from, int to, uint64_t bytes, uint8_t *buffer, struct
         if (n <= 0)
             return forkd_error_set(err, n < 0 ? -errno : -EIO, "baseline: read memfd: %s",
                                    n < 0 ? strerror(errno) : "short");
-        ssize_t written = pwrite(to, buffer, (size_t)n, (off_t)offset);
-        if (written != n)
-            return forkd_error_set(err, written < 0 ? -errno : -EIO, "baseline: write: %s",
-                                   written < 0 ? strerror(errno) : "short");
+        int rc = fs_pwrite_all(to, buffer, (size_t)n, (off_t)offset);
+        if (rc < 0)
+            return forkd_error_errno(err, rc, "baseline: write");
         offset += (uint64_t)n;
     }
     return 0;
@@ -43,16 +43,16 @@ int bench_copy_baseline(int memfd, uint64_t bytes, const char *dir, double *byte
     unlink(path);
     _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
-        return forkd_error_set(err, -errno, "baseline: create %s: %s", path, strerror(errno));
+        return forkd_error_errno(err, -errno, "baseline: create %s", path);
     _cleanup_free_ uint8_t *buffer = aligned_alloc(4096, COPY_CHUNK_BYTES);
     int rc = buffer ? 0 : forkd_error_set(err, -ENOMEM, "baseline: out of memory");
     if (rc == 0 && ftruncate(fd, (off_t)bytes) < 0)
-        rc = forkd_error_set(err, -errno, "baseline: size %s: %s", path, strerror(errno));
+        rc = forkd_error_errno(err, -errno, "baseline: size %s", path);
     uint64_t start = bench_now_ns();
     if (rc == 0)
         rc = copy_chunks(memfd, fd, bytes, buffer, err);
     if (rc == 0 && fsync(fd) < 0)
-        rc = forkd_error_set(err, -errno, "baseline: fsync: %s", strerror(errno));
+        rc = forkd_error_errno(err, -errno, "baseline: fsync");
     uint64_t elapsed = bench_now_ns() - start;
     unlink(path);
     if (rc == 0)

@@ -5,8 +5,8 @@
  */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/vmm_client.h"
+#include "basic/cleanup.h"
+#include "vmm_client.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -20,7 +20,7 @@
 struct fanout_run {
     struct bench_context *context;
     struct store_snapshot snapshot;
-    char template_name[STORE_NAME_MAX + 1];
+    char name_prefix[STORE_NAME_MAX + 1];
     char memory_path[PATH_MAX + 16];
     enum vm_memory memory;
     struct vm **vms;
@@ -66,31 +66,6 @@ static int read_smaps(const char *file, const char *path, struct smaps_figures *
         else if (strcmp(name, "Pss_Shmem") == 0)
             out->pss_shmem_kib += kib;
     }
-    return 0;
-}
-
-static int spawn_one(struct fanout_run *run, unsigned index, struct forkd_error *err)
-{
-    char vmstate[PATH_MAX + 16], name[STORE_NAME_MAX + 16];
-    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", run->snapshot.path);
-    snprintf(name, sizeof(name), "%s-%u", run->template_name, index);
-    struct store_snapshot acquired;
-    int rc = store_acquire(run->context->store, run->snapshot.name, &acquired, err);
-    if (rc < 0)
-        return rc;
-    struct vm_restore_config config = {.name = name,
-                                       .snapshot_name = run->template_name,
-                                       .vmstate_path = vmstate,
-                                       .memory_path = run->memory_path,
-                                       .memory = run->memory,
-                                       .start_paused = run->context->options->spawn_paused,
-                                       .page_server = run->context->page_server};
-    rc = vm_restore(run->context->registry, &config, &run->vms[index], err);
-    if (rc < 0) {
-        store_release(run->context->store, run->snapshot.name);
-        return rc;
-    }
-    run->started++;
     return 0;
 }
 
@@ -146,7 +121,7 @@ static void measure_memory(struct fanout_run *run, struct fanout_result *out)
 static int page_server_figures(struct fanout_run *run, struct page_server_stats *out)
 {
     struct page_server_template_info info;
-    int rc = page_server_template_describe(run->context->page_server, run->template_name, &info);
+    int rc = page_server_template_describe(run->context->page_server, run->snapshot.name, &info);
     if (rc == 0)
         *out = info.stats;
     return rc;
@@ -173,15 +148,33 @@ static void measure_running(struct fanout_run *run, struct fanout_result *out)
     out->ps_max_us = after.service_max_ns / 1e3;
 }
 
+/* Stops the forks (each gives back its use of the snapshot) and forgets the page server's
+ * template, so the next run maps memory.bin afresh. */
 static void stop_forks(struct fanout_run *run)
 {
-    for (unsigned i = 0; i < run->started; i++) {
+    for (unsigned i = 0; i < run->started; i++)
         vm_stop(run->context->registry, run->vms[i], 500, NULL);
-        vm_unref(run->vms[i]);
-        store_release(run->context->store, run->snapshot.name);
-    }
+    vm_list_free(run->vms, run->started);
     if (run->memory == VM_MEMORY_UFFD)
-        page_server_template_forget(run->context->page_server, run->template_name);
+        page_server_template_forget(run->context->page_server, run->snapshot.name);
+}
+
+/* The daemon's Spawn, through the engine. --spawn-paused restores every fork paused and
+ * resumes them all at the end (as the daemon does); otherwise each fork runs as restored, so
+ * the started ones compete with the next restore. */
+static int spawn_forks(struct fanout_run *run, unsigned forks, struct forkd_error *err)
+{
+    struct engine_spawn_request request = {
+        .snapshot = run->snapshot.name,
+        .count = forks,
+        .memory = run->memory,
+        .name_prefix = run->name_prefix,
+        .run_as_restored = !run->context->options->spawn_paused,
+    };
+    int rc = engine_spawn(run->context->engine, &request, &run->vms, err);
+    if (rc == 0)
+        run->started = forks;
+    return rc;
 }
 
 int bench_fanout(struct bench_context *context, const char *snapshot, unsigned forks,
@@ -194,18 +187,11 @@ int bench_fanout(struct bench_context *context, const char *snapshot, unsigned f
     int rc = store_get(context->store, snapshot, &run.snapshot, err);
     if (rc < 0)
         return rc;
-    snprintf(run.memory_path, sizeof(run.memory_path), "%s/memory.bin", run.snapshot.path);
-    snprintf(run.template_name, sizeof(run.template_name), "fork-%s-%u-%u", out->backend, forks,
+    store_file_path(run.snapshot.path, STORE_FILE_MEMORY, run.memory_path, sizeof(run.memory_path));
+    snprintf(run.name_prefix, sizeof(run.name_prefix), "fork-%s-%u-%u", out->backend, forks,
              context->snapshot_seq++);
-    run.vms = calloc(forks, sizeof(*run.vms));
-    if (!run.vms)
-        return forkd_error_set(err, -ENOMEM, "fan-out: out of memory");
     uint64_t start = bench_now_ns();
-    for (unsigned i = 0; i < forks && rc == 0; i++)
-        rc = spawn_one(&run, i, err);
-    /* --spawn-paused: the forks started so far do not compete with the next restore. */
-    for (unsigned i = 0; i < run.started && rc == 0 && context->options->spawn_paused; i++)
-        rc = vmm_resume(vm_client(run.vms[i]), err);
+    rc = spawn_forks(&run, forks, err);
     out->spawn_ms = (double)(bench_now_ns() - start) / 1e6;
     if (rc == 0)
         rc = wait_running(&run, err);
@@ -213,7 +199,6 @@ int bench_fanout(struct bench_context *context, const char *snapshot, unsigned f
     if (rc == 0)
         measure_running(&run, out);
     stop_forks(&run);
-    free(run.vms);
     if (rc < 0) {
         out->error = rc;
         snprintf(out->message, sizeof(out->message), "%s", err->message);

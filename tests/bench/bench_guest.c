@@ -1,9 +1,9 @@
 /* The guests: GET / of the test VMM, write-rate sampling, seed snapshots. */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/fsutil.h"
-#include "forkd/vmm_client.h"
+#include "basic/cleanup.h"
+#include "basic/fsutil.h"
+#include "vmm_client.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -129,7 +129,7 @@ int rate_sampler_start(struct vm *vm, unsigned interval_ms, struct rate_sampler 
     pthread_mutex_init(&sampler->samples_lock, NULL);
     int rc = vmm_client_open(status.api_socket_path, &sampler->client, err);
     if (rc == 0 && (rc = -pthread_create(&sampler->thread, NULL, sampler_loop, sampler)) < 0)
-        forkd_error_set(err, rc, "rate sampler thread: %s", strerror(-rc));
+        forkd_error_errno(err, rc, "rate sampler thread");
     if (rc < 0) {
         vmm_client_close(sampler->client);
         free(sampler);
@@ -216,7 +216,7 @@ static int seed_spawn(const char *socket_path, const char *log_path, pid_t *pid,
     int rc = posix_spawn(pid, FORKD_TESTVM_PATH, &actions, NULL, argv, environ);
     posix_spawn_file_actions_destroy(&actions);
     if (rc != 0)
-        return forkd_error_set(err, -rc, "spawn %s: %s", FORKD_TESTVM_PATH, strerror(rc));
+        return forkd_error_errno(err, -rc, "spawn %s", FORKD_TESTVM_PATH);
     for (int i = 0; i < 1000 && !fs_unix_socket_answers(socket_path); i++)
         bench_sleep_ms(10);
     return 0;
@@ -243,8 +243,8 @@ static int seed_drive(struct vmm_client *client, unsigned mem_mib, const char *d
             return rc;
     }
     char vmstate[4200], memory[4200];
-    snprintf(vmstate, sizeof(vmstate), "%s/vmstate", dir);
-    snprintf(memory, sizeof(memory), "%s/memory.bin", dir);
+    store_file_path(dir, STORE_FILE_VMSTATE, vmstate, sizeof(vmstate));
+    store_file_path(dir, STORE_FILE_MEMORY, memory, sizeof(memory));
     rc = vmm_pause(client, err);
     if (rc == 0)
         rc = vmm_snapshot_create(client, VMM_SNAPSHOT_FULL, vmstate, memory, err);
@@ -258,7 +258,7 @@ int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib, c
     char socket_path[4200], log_path[4200];
     snprintf(socket_path, sizeof(socket_path), "%s/seed.sock", dir);
     snprintf(log_path, sizeof(log_path), "%s/seed.log", dir);
-    pid_t pid = 0;
+    _cleanup_pid_ pid_t pid = 0;
     int rc = seed_spawn(socket_path, log_path, &pid, err);
     if (rc < 0)
         return rc;
@@ -267,8 +267,7 @@ int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib, c
     if (rc == 0)
         rc = seed_drive(client, mem_mib, dir, boot_ns, err);
     vmm_client_close(client);
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
+    forkd_kill_reapp(&pid); /* before the socket goes: the VMM must not be left serving it */
     unlink(socket_path);
     if (rc < 0)
         forkd_error_prefix(err, "seed snapshot of %u MiB (log %s): ", mem_mib, log_path);
@@ -282,7 +281,7 @@ void guest_read_run_delay(pid_t pid, struct run_delay *out)
     memset(out, 0, sizeof(*out));
     char path[64];
     snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-    DIR *dir = opendir(path);
+    _cleanup_closedir_ DIR *dir = opendir(path);
     if (!dir)
         return;
     struct dirent *entry;
@@ -299,7 +298,6 @@ void guest_read_run_delay(pid_t pid, struct run_delay *out)
         out->tid[out->count] = tid;
         out->delay_ns[out->count++] = delay_ns;
     }
-    closedir(dir);
 }
 
 uint64_t guest_run_delay_max(const struct run_delay *before, const struct run_delay *after)

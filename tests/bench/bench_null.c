@@ -8,9 +8,11 @@
  */
 #include "bench.h"
 
-#include "forkd/cleanup.h"
-#include "forkd/thread_priority.h"
-#include "forkd/uffd.h"
+#include "basic/cleanup.h"
+#include "latency.h"
+#include "thread_priority.h"
+#include "uffd.h"
+#include "vmm_client.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -75,7 +77,7 @@ static int null_serve(const struct uffd_handshake *handshake, uint64_t deadline,
         int timeout_ms = (int)((deadline - now) / 1000000) + 1;
         int ready = uffd_wait_peer(handshake->uffd, handshake->connection, -1, timeout_ms);
         if (ready < 0)
-            return forkd_error_set(err, ready, "null handler: userfaultfd: %s", strerror(-ready));
+            return forkd_error_errno(err, ready, "null handler: userfaultfd");
         int count = ready ? uffd_read_events(handshake->uffd, messages, NULL_BATCH, err) : 0;
         if (count < 0)
             return count;
@@ -143,8 +145,8 @@ static void null_summarise(struct null_samples *samples, struct null_result *out
     qsort(samples->ns, samples->count, sizeof(uint64_t), compare_u64);
     out->faults = samples->count;
     out->exact_p50_ns = bench_percentile(samples->ns, samples->count, 50);
-    out->p50_ns = bench_bucket_upper_ns(out->exact_p50_ns);
-    out->p99_ns = bench_bucket_upper_ns(bench_percentile(samples->ns, samples->count, 99));
+    out->p50_ns = latency_quantize(out->exact_p50_ns);
+    out->p99_ns = latency_quantize(bench_percentile(samples->ns, samples->count, 99));
     out->max_ns = samples->count ? samples->ns[samples->count - 1] : 0;
 }
 

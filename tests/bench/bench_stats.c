@@ -1,7 +1,7 @@
 /* Repeated measurements, percentiles, clocks. */
 #include "bench.h"
 
-#include "forkd/pause.h"
+#include "pause.h"
 
 #include <errno.h>
 #include <math.h>
@@ -62,16 +62,6 @@ cJSON *series_json(const struct series *series)
     cJSON_AddItemToObject(object, "values",
                           cJSON_CreateDoubleArray(series->values, (int)series->count));
     return object;
-}
-
-/* Mirrors branch.c's histogram: bucket = 4 * floor(log2 ns) + the two bits below the top one. */
-uint64_t bench_bucket_upper_ns(uint64_t ns)
-{
-    if (ns < 4)
-        return 1;
-    unsigned log2 = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned quarter = (unsigned)((ns >> (log2 - 2)) & 3);
-    return (1ULL << log2) + ((uint64_t)(quarter + 1) << log2) / 4;
 }
 
 uint64_t bench_percentile(const uint64_t *sorted, size_t count, double percentile)

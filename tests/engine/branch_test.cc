@@ -16,7 +16,7 @@
 extern "C" {
 #include "forkd/branch.h"
 #include "forkd/store.h"
-#include "forkd/vmm_client.h"
+#include "vmm_client.h"
 }
 
 namespace

@@ -4,7 +4,7 @@
 #include "test_time.h"
 
 extern "C" {
-#include "forkd/vmm_client.h"
+#include "vmm_client.h"
 }
 
 #include <cmath>

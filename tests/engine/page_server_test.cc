@@ -22,7 +22,7 @@
 
 extern "C" {
 #include "forkd/page_server.h"
-#include "forkd/vmm_client.h"
+#include "vmm_client.h"
 }
 
 namespace

@@ -9,8 +9,8 @@
 #include <sys/stat.h>
 
 extern "C" {
-#include "forkd/pause.h"
-#include "forkd/vmm_client.h"
+#include "pause.h"
+#include "vmm_client.h"
 }
 
 namespace

@@ -5,7 +5,7 @@
 #include <string>
 
 extern "C" {
-#include "forkd/error.h"
+#include "basic/error.h"
 }
 
 TEST(Error, SetRecordsCodeAndMessageAndReturnsCode)

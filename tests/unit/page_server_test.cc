@@ -24,7 +24,7 @@
 
 extern "C" {
 #include "forkd/page_server.h"
-#include "forkd/uffd.h"
+#include "uffd.h"
 }
 
 namespace

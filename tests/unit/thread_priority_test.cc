@@ -11,7 +11,7 @@
 #include "test_time.h"
 
 extern "C" {
-#include "forkd/thread_priority.h"
+#include "thread_priority.h"
 }
 
 namespace {

@@ -6,7 +6,7 @@
 
 extern "C" {
 #include "forkd/probe.h"
-#include "forkd/uffd.h"
+#include "uffd.h"
 #include <forkd_compat/userfaultfd.h>
 }
 

@@ -11,8 +11,9 @@
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
-#include <forkd/cleanup.h>
 #include <forkd_compat/userfaultfd.h>
+
+#include "basic/cleanup.h"
 
 #include "guest_boot.h"
 #include "uffd_handshake.h"
@@ -184,7 +185,7 @@ static void add_guest_status(cJSON *root, struct vmm *vmm)
     for (unsigned i = 0; progress && vmm->vm_created && i < vmm->vm.vcpu_count; i++)
         cJSON_AddItemToArray(progress,
                              cJSON_CreateNumber((double)atomic_load(&vmm->vm.vcpus[i].progress)));
-    if (vmm->vm_created && vm_failure(&vmm->vm, failure, sizeof(failure)))
+    if (vmm->vm_created && kvm_vm_failure(&vmm->vm, failure, sizeof(failure)))
         cJSON_AddStringToObject(root, "guest_error", failure);
     else
         cJSON_AddNullToObject(root, "guest_error");
@@ -333,7 +334,7 @@ static int handle_drive(struct vmm *vmm, const char *resource_id, const cJSON *b
 static void release_machine(struct vmm *vmm)
 {
     if (vmm->vm_created)
-        vm_destroy(&vmm->vm);
+        kvm_vm_destroy(&vmm->vm);
     vmm->vm_created = false;
     guest_memory_release(&vmm->memory);
 }
@@ -351,15 +352,15 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
         return r;
     /* Resident and non-zero from the start, so untouched pages are recognisable later. */
     guest_memory_fill_boot_pattern(&vmm->memory);
-    r = vm_create(&vmm->vm, &vmm->memory, vmm->vcpu_count, err, err_size);
+    r = kvm_vm_create(&vmm->vm, &vmm->memory, vmm->vcpu_count, err, err_size);
     vmm->vm_created = true;
     if (r == 0)
         r = guest_boot_prepare(&vmm->memory, vmm->kernel_image_path, &vmm->workload,
                                vmm->vcpu_count, vmm->vm.tsc_khz, &boot, err, err_size);
     if (r == 0)
-        r = vm_set_boot_state(&vmm->vm, boot.header.entry, err, err_size);
+        r = kvm_vm_set_boot_state(&vmm->vm, boot.header.entry, err, err_size);
     if (r == 0)
-        r = vm_start(&vmm->vm, false, err, err_size);
+        r = kvm_vm_start(&vmm->vm, false, err, err_size);
     if (r < 0)
         return r;
     vmm->guest_config = boot.config;
@@ -400,7 +401,7 @@ static int handle_actions(struct vmm *vmm, const char *resource_id, const cJSON 
 static int pause_machine(struct vmm *vmm, char *err, size_t err_size)
 {
     uint64_t start = monotonic_ns();
-    int r = vm_pause(&vmm->vm, vmm->pause_timeout_ms, err, err_size);
+    int r = kvm_vm_pause(&vmm->vm, vmm->pause_timeout_ms, err, err_size);
 
     if (r < 0)
         return r;
@@ -414,7 +415,7 @@ static void resume_machine(struct vmm *vmm)
 {
     uint64_t start = monotonic_ns();
 
-    vm_resume(&vmm->vm);
+    kvm_vm_resume(&vmm->vm);
     vmm->last_resume_ns = monotonic_ns() - start;
     vmm->state = VMM_RUNNING;
 }
@@ -460,7 +461,7 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
         state->regions[i].host = NULL;
     }
     for (unsigned i = 0; i < vmm->vcpu_count; i++) {
-        int r = vm_save_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
+        int r = kvm_vm_save_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
         if (r < 0)
             return r;
     }
@@ -492,7 +493,7 @@ static int handle_snapshot_create(struct vmm *vmm, const char *resource_id, cons
         return error_set(err, err_size, EINVAL,
                          "snapshot/create needs a paused microVM (state: %s)",
                          state_name(vmm->state));
-    if (vm_failure(&vmm->vm, failure, sizeof(failure)))
+    if (kvm_vm_failure(&vmm->vm, failure, sizeof(failure)))
         return error_set(err, err_size, EINVAL, "cannot snapshot a failed guest: %s", failure);
     state = malloc(sizeof(*state));
     if (!state)
@@ -560,13 +561,13 @@ static int restore_machine(struct vmm *vmm, const struct vmstate *state,
     if (r == 0)
         r = map_restore_memory(vmm, backend, err, err_size);
     if (r == 0) {
-        r = vm_create(&vmm->vm, &vmm->memory, state->vcpu_count, err, err_size);
+        r = kvm_vm_create(&vmm->vm, &vmm->memory, state->vcpu_count, err, err_size);
         vmm->vm_created = true;
     }
     for (unsigned i = 0; r == 0 && i < state->vcpu_count; i++)
-        r = vm_load_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
+        r = kvm_vm_load_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
     if (r == 0)
-        r = vm_start(&vmm->vm, !resume, err, err_size);
+        r = kvm_vm_start(&vmm->vm, !resume, err, err_size);
     return r;
 }
 
@@ -720,7 +721,7 @@ static const struct route *find_route(const struct http_request *request, bool *
                                       const char **resource_id)
 {
     *path_known = false;
-    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
+    for (size_t i = 0; i < ARRAY_SIZE(routes); i++) {
         if (!route_matches(&routes[i], request->path, resource_id))
             continue;
         *path_known = true;

@@ -46,7 +46,7 @@ struct vmm {
     unsigned drive_count;
 
     struct guest_memory memory;
-    struct vm vm;
+    struct kvm_vm vm;
     bool vm_created;
     struct guest_config guest_config;
     uint64_t increment_window;
@@ -55,7 +55,7 @@ struct vmm {
     int write_protect_socket; /* the last PUT /uffd/wp connection, kept open */
 
     uint64_t pause_count;
-    uint64_t last_pause_ns; /* vm_pause: request to every vCPU parked, measured here */
+    uint64_t last_pause_ns; /* kvm_vm_pause: request to every vCPU parked, measured here */
     uint64_t last_resume_ns;
     uint64_t last_snapshot_ns;
 };

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "basic/cleanup.h"
+
 #include "guest_layout.h"
 #include "vmm_error.h"
 
@@ -18,7 +20,7 @@ static const char *const pattern_names[] = {
 
 const char *boot_args_pattern_name(uint32_t pattern)
 {
-    if (pattern < sizeof(pattern_names) / sizeof(pattern_names[0]))
+    if (pattern < ARRAY_SIZE(pattern_names))
         return pattern_names[pattern];
     return "unknown";
 }
@@ -42,7 +44,7 @@ static int parse_u64(const char *key, const char *value, uint64_t *out, char *er
 
 static int parse_pattern(const char *value, uint32_t *out, char *err, size_t err_size)
 {
-    for (uint32_t i = 0; i < sizeof(pattern_names) / sizeof(pattern_names[0]); i++) {
+    for (uint32_t i = 0; i < ARRAY_SIZE(pattern_names); i++) {
         if (strcmp(value, pattern_names[i]) == 0) {
             *out = i;
             return 0;

@@ -8,7 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <forkd/cleanup.h>
+#include "basic/cleanup.h"
 
 #include "vmm_error.h"
 

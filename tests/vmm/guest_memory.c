@@ -9,8 +9,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <forkd/cleanup.h>
 #include <forkd_compat/userfaultfd.h>
+
+#include "basic/cleanup.h"
+#include "basic/fsutil.h"
 
 #include "guest_layout.h"
 #include "uffd_handshake.h"
@@ -184,13 +186,12 @@ static int write_all(int fd, const uint8_t *data, uint64_t length, const char *p
                      size_t err_size)
 {
     while (length > 0) {
-        ssize_t n = write(fd, data, length < WRITE_CHUNK ? length : WRITE_CHUNK);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return error_set(err, err_size, errno, "write(%s): %s", path, strerror(errno));
-        data += n;
-        length -= (uint64_t)n;
+        size_t chunk = length < WRITE_CHUNK ? length : WRITE_CHUNK;
+        int r = fs_write_all(fd, data, chunk);
+        if (r < 0)
+            return error_set(err, err_size, -r, "write(%s): %s", path, strerror(-r));
+        data += chunk;
+        length -= chunk;
     }
     return 0;
 }

@@ -14,7 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <forkd/cleanup.h>
+#include "basic/cleanup.h"
 
 #include "vmm_error.h"
 
@@ -56,7 +56,7 @@ static int install_kick_handler(char *err, size_t err_size)
     return 0;
 }
 
-static int init_sync(struct vm *vm, char *err, size_t err_size)
+static int init_sync(struct kvm_vm *vm, char *err, size_t err_size)
 {
     pthread_condattr_t attr;
 
@@ -75,7 +75,7 @@ static int init_sync(struct vm *vm, char *err, size_t err_size)
     return 0;
 }
 
-static int open_kvm(struct vm *vm, char *err, size_t err_size)
+static int open_kvm(struct kvm_vm *vm, char *err, size_t err_size)
 {
     vm->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (vm->kvm_fd < 0)
@@ -96,7 +96,7 @@ static int open_kvm(struct vm *vm, char *err, size_t err_size)
     return 0;
 }
 
-static int add_memory_slots(struct vm *vm, const struct guest_memory *memory, char *err,
+static int add_memory_slots(struct kvm_vm *vm, const struct guest_memory *memory, char *err,
                             size_t err_size)
 {
     for (unsigned i = 0; i < memory->region_count; i++) {
@@ -138,7 +138,7 @@ static struct kvm_cpuid2 *supported_cpuid(int kvm_fd, char *err, size_t err_size
     return NULL;
 }
 
-static int create_vcpus(struct vm *vm, unsigned vcpu_count, char *err, size_t err_size)
+static int create_vcpus(struct kvm_vm *vm, unsigned vcpu_count, char *err, size_t err_size)
 {
     _cleanup_free_ struct kvm_cpuid2 *cpuid = supported_cpuid(vm->kvm_fd, err, err_size);
 
@@ -162,8 +162,8 @@ static int create_vcpus(struct vm *vm, unsigned vcpu_count, char *err, size_t er
     return 0;
 }
 
-int vm_create(struct vm *vm, const struct guest_memory *memory, unsigned vcpu_count, char *err,
-              size_t err_size)
+int kvm_vm_create(struct kvm_vm *vm, const struct guest_memory *memory, unsigned vcpu_count,
+                  char *err, size_t err_size)
 {
     int r;
 
@@ -231,7 +231,7 @@ static void set_long_mode_sregs(struct kvm_sregs *sregs)
     sregs->efer = EFER_LME | EFER_LMA;
 }
 
-int vm_set_boot_state(struct vm *vm, uint64_t entry, char *err, size_t err_size)
+int kvm_vm_set_boot_state(struct kvm_vm *vm, uint64_t entry, char *err, size_t err_size)
 {
     for (unsigned i = 0; i < vm->vcpu_count; i++) {
         struct vcpu *vcpu = &vm->vcpus[i];
@@ -272,7 +272,8 @@ static void tsc_msr_init(union tsc_msr *msr, uint64_t value)
     msr->msrs.entries[0].data = value;
 }
 
-int vm_save_vcpu(struct vm *vm, unsigned index, struct vcpu_state *out, char *err, size_t err_size)
+int kvm_vm_save_vcpu(struct kvm_vm *vm, unsigned index, struct vcpu_state *out, char *err,
+                     size_t err_size)
 {
     struct vcpu *vcpu = &vm->vcpus[index];
     union tsc_msr msr;
@@ -290,8 +291,8 @@ int vm_save_vcpu(struct vm *vm, unsigned index, struct vcpu_state *out, char *er
     return 0;
 }
 
-int vm_load_vcpu(struct vm *vm, unsigned index, const struct vcpu_state *state, char *err,
-                 size_t err_size)
+int kvm_vm_load_vcpu(struct kvm_vm *vm, unsigned index, const struct vcpu_state *state, char *err,
+                     size_t err_size)
 {
     struct vcpu *vcpu = &vm->vcpus[index];
     union tsc_msr msr;
@@ -413,7 +414,7 @@ static void complete_pending_io(struct vcpu *vcpu)
 /* Parks until resumed; returns false when the VM is being destroyed. */
 static bool vcpu_park(struct vcpu *vcpu)
 {
-    struct vm *vm = vcpu->vm;
+    struct kvm_vm *vm = vcpu->vm;
     bool keep_running;
 
     pthread_mutex_lock(&vm->lock);
@@ -431,7 +432,7 @@ static bool vcpu_park(struct vcpu *vcpu)
 
 static void vcpu_mark_stopped(struct vcpu *vcpu)
 {
-    struct vm *vm = vcpu->vm;
+    struct kvm_vm *vm = vcpu->vm;
 
     pthread_mutex_lock(&vm->lock);
     vm->stopped_count++;
@@ -475,7 +476,7 @@ static void *vcpu_thread_main(void *arg)
     return NULL;
 }
 
-int vm_start(struct vm *vm, bool start_paused, char *err, size_t err_size)
+int kvm_vm_start(struct kvm_vm *vm, bool start_paused, char *err, size_t err_size)
 {
     sigset_t kick, previous;
 
@@ -506,14 +507,14 @@ int vm_start(struct vm *vm, bool start_paused, char *err, size_t err_size)
     return r == 0 ? 0 : -r;
 }
 
-static void kick_all(struct vm *vm)
+static void kick_all(struct kvm_vm *vm)
 {
     for (unsigned i = 0; i < vm->vcpu_count; i++)
         if (vm->vcpus[i].thread_started)
             pthread_kill(vm->vcpus[i].thread, VCPU_KICK_SIGNAL);
 }
 
-static unsigned started_vcpus(const struct vm *vm)
+static unsigned started_vcpus(const struct kvm_vm *vm)
 {
     unsigned started = 0;
     for (unsigned i = 0; i < vm->vcpu_count; i++)
@@ -521,7 +522,7 @@ static unsigned started_vcpus(const struct vm *vm)
     return started;
 }
 
-static void list_running_vcpus(struct vm *vm, char *out, size_t out_size)
+static void list_running_vcpus(struct kvm_vm *vm, char *out, size_t out_size)
 {
     size_t used = 0;
 
@@ -531,7 +532,7 @@ static void list_running_vcpus(struct vm *vm, char *out, size_t out_size)
             used += (size_t)snprintf(out + used, out_size - used, "%s%u", used ? "," : "", i);
 }
 
-int vm_pause(struct vm *vm, unsigned timeout_ms, char *err, size_t err_size)
+int kvm_vm_pause(struct kvm_vm *vm, unsigned timeout_ms, char *err, size_t err_size)
 {
     struct timespec deadline;
     unsigned expected = started_vcpus(vm);
@@ -566,7 +567,7 @@ int vm_pause(struct vm *vm, unsigned timeout_ms, char *err, size_t err_size)
     return 0;
 }
 
-void vm_resume(struct vm *vm)
+void kvm_vm_resume(struct kvm_vm *vm)
 {
     pthread_mutex_lock(&vm->lock);
     atomic_store(&vm->pause_requested, false);
@@ -574,7 +575,7 @@ void vm_resume(struct vm *vm)
     pthread_mutex_unlock(&vm->lock);
 }
 
-bool vm_failure(struct vm *vm, char *err, size_t err_size)
+bool kvm_vm_failure(struct kvm_vm *vm, char *err, size_t err_size)
 {
     for (unsigned i = 0; i < vm->vcpu_count; i++) {
         if (atomic_load(&vm->vcpus[i].failed)) {
@@ -585,7 +586,7 @@ bool vm_failure(struct vm *vm, char *err, size_t err_size)
     return false;
 }
 
-void vm_destroy(struct vm *vm)
+void kvm_vm_destroy(struct kvm_vm *vm)
 {
     if (vm->sync_initialised) {
         pthread_mutex_lock(&vm->lock);

@@ -5,7 +5,7 @@
  *  - The API thread creates, starts, pauses, resumes and destroys the VM, and reads or writes
  *    vCPU state only while every vCPU is parked (paused) or not yet started.
  *  - Each vCPU thread owns its vCPU's KVM_RUN loop and its kvm_run page. It talks to the API
- *    thread only through struct vm's pause fields (below) and its vcpu's atomics.
+ *    thread only through struct kvm_vm's pause fields (below) and its vcpu's atomics.
  *
  * Pausing: the API thread sets pause_requested, sends VCPU_KICK_SIGNAL to every vCPU thread
  * (its handler sets kvm_run->immediate_exit, which covers a signal that lands just before
@@ -27,10 +27,10 @@
 #include "guest_memory.h"
 #include "vmstate.h"
 
-struct vm;
+struct kvm_vm;
 
 struct vcpu {
-    struct vm *vm;
+    struct kvm_vm *vm;
     unsigned index;
     int fd;
     struct kvm_run *run;
@@ -43,7 +43,7 @@ struct vcpu {
     char error[160];
 };
 
-struct vm {
+struct kvm_vm {
     int kvm_fd;
     int vm_fd;
     size_t run_size;
@@ -61,33 +61,34 @@ struct vm {
 };
 
 /* Opens KVM, creates the VM with one memory slot per region and vcpu_count vCPUs (CPUID set). */
-int vm_create(struct vm *vm, const struct guest_memory *memory, unsigned vcpu_count, char *err,
-              size_t err_size);
+int kvm_vm_create(struct kvm_vm *vm, const struct guest_memory *memory, unsigned vcpu_count,
+                  char *err, size_t err_size);
 
 /* Puts every vCPU in 64-bit mode at entry with its own stack, %rdi = index, %rsi = config. */
-int vm_set_boot_state(struct vm *vm, uint64_t entry, char *err, size_t err_size);
+int kvm_vm_set_boot_state(struct kvm_vm *vm, uint64_t entry, char *err, size_t err_size);
 
 /* Only while paused or not started. */
-int vm_save_vcpu(struct vm *vm, unsigned index, struct vcpu_state *out, char *err, size_t err_size);
-int vm_load_vcpu(struct vm *vm, unsigned index, const struct vcpu_state *state, char *err,
-                 size_t err_size);
+int kvm_vm_save_vcpu(struct kvm_vm *vm, unsigned index, struct vcpu_state *out, char *err,
+                     size_t err_size);
+int kvm_vm_load_vcpu(struct kvm_vm *vm, unsigned index, const struct vcpu_state *state, char *err,
+                     size_t err_size);
 
 /* Starts the vCPU threads, parked when start_paused. */
-int vm_start(struct vm *vm, bool start_paused, char *err, size_t err_size);
+int kvm_vm_start(struct kvm_vm *vm, bool start_paused, char *err, size_t err_size);
 
 /*
  * Parks every vCPU; waits at most timeout_ms for all of them. On timeout the pause is undone
  * (the vCPUs that parked run again) and -ETIMEDOUT names the vCPUs that did not stop.
  */
-int vm_pause(struct vm *vm, unsigned timeout_ms, char *err, size_t err_size);
+int kvm_vm_pause(struct kvm_vm *vm, unsigned timeout_ms, char *err, size_t err_size);
 
 /* Lets parked vCPUs run again; does not wait for them to leave. */
-void vm_resume(struct vm *vm);
+void kvm_vm_resume(struct kvm_vm *vm);
 
 /* Copies the first vCPU failure into err and returns true, if a vCPU has failed. */
-bool vm_failure(struct vm *vm, char *err, size_t err_size);
+bool kvm_vm_failure(struct kvm_vm *vm, char *err, size_t err_size);
 
 /* Stops and joins the vCPU threads and closes everything; safe on a partly created VM. */
-void vm_destroy(struct vm *vm);
+void kvm_vm_destroy(struct kvm_vm *vm);
 
 #endif

@@ -10,7 +10,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <forkd/cleanup.h>
+#include "basic/cleanup.h"
 
 #include "http.h"
 #include "vmm_error.h"

@@ -12,8 +12,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <forkd/cleanup.h>
 #include <forkd_compat/userfaultfd.h>
+
+#include "basic/cleanup.h"
 
 #include "vmm_error.h"
 

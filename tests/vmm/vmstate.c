@@ -9,7 +9,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <forkd/cleanup.h>
+#include "basic/cleanup.h"
+#include "basic/fsutil.h"
 
 #include "vmm_error.h"
 
@@ -61,15 +62,9 @@ static int write_all_and_sync(const char *path, const uint8_t *data, size_t leng
 
     if (fd < 0)
         return error_set(err, err_size, errno, "open(%s): %s", path, strerror(errno));
-    while (length > 0) {
-        ssize_t n = write(fd, data, length);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return error_set(err, err_size, errno, "write(%s): %s", path, strerror(errno));
-        data += n;
-        length -= (size_t)n;
-    }
+    int r = fs_write_all(fd, data, length);
+    if (r < 0)
+        return error_set(err, err_size, -r, "write(%s): %s", path, strerror(-r));
     if (sync && fsync(fd) < 0)
         return error_set(err, err_size, errno, "fsync(%s): %s", path, strerror(errno));
     return 0;

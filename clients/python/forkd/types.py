@@ -174,6 +174,11 @@ class BranchProgress(_Message):
     pages_by_fault: int
     pages_by_bulk: int
     page_size: int
+    faults_served: int  # write faults the handler served (copy mode)
+    fault_service_p50_ns: int  # fault read to vCPU wake-up
+    fault_service_p99_ns: int
+    fault_service_max_ns: int
+    faults_left_to_bulk: int  # faults on pages the bulk copier had claimed
 
     @property
     def fraction(self) -> float:
@@ -191,6 +196,8 @@ class BranchFigures(_Message):
     copy_ns: int
     publish_ns: int
     total_ns: int
+    pause_request_ns: int  # inside pause_ns: the VMM answering the pause request
+    resume_request_ns: int  # inside pause_ns: the VMM answering the resume request
 
 
 @dataclasses.dataclass(frozen=True)

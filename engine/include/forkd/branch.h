@@ -18,7 +18,7 @@
 #ifndef FORKD_BRANCH_H
 #define FORKD_BRANCH_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 #include "forkd/store.h"
 #include "forkd/vm.h"
 

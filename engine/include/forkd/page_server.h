@@ -38,7 +38,7 @@
 #ifndef FORKD_PAGE_SERVER_H
 #define FORKD_PAGE_SERVER_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 
 #include <stdbool.h>
 #include <stdint.h>

@@ -10,7 +10,7 @@
 #ifndef FORKD_STORE_H
 #define FORKD_STORE_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 
 #include <limits.h>
 #include <stdbool.h>
@@ -43,6 +43,21 @@ struct store_figures {
     /* Inside pause_ns: the VMM's answers to the pause and to the resume request. */
     uint64_t pause_request_ns, resume_request_ns;
 };
+
+/* Every field of struct store_figures, by name, for the code that treats them alike (the
+ * snapshot.json codec, the proto conversion). */
+struct store_figure_field {
+    const char *name;
+    size_t offset; /* of a uint64_t in struct store_figures */
+};
+#define STORE_FIGURE_COUNT 13
+extern const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT];
+
+static inline uint64_t store_figure_get(const struct store_figures *figures,
+                                        const struct store_figure_field *field)
+{
+    return *(const uint64_t *)((const char *)figures + field->offset);
+}
 
 struct store_label {
     char key[64];
@@ -78,6 +93,12 @@ struct store_snapshot {
 
 struct store;
 struct store_writer;
+
+/* The files of a snapshot directory. Their names are spelled only in the store. */
+enum store_file { STORE_FILE_VMSTATE, STORE_FILE_MEMORY, STORE_FILE_METADATA };
+
+/* Writes <dir>/<the file's name> into out. -ENAMETOOLONG when it does not fit. */
+int store_file_path(const char *dir, enum store_file file, char *out, size_t size);
 
 /* Checks a snapshot name; -EINVAL with the reason otherwise. */
 int store_validate_name(const char *name, struct forkd_error *err);

@@ -10,9 +10,9 @@
 #ifndef FORKD_VM_H
 #define FORKD_VM_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 #include "forkd/page_server.h"
-#include "forkd/vmm_client.h"
+#include "forkd/store.h"
 
 #include <limits.h>
 #include <stdbool.h>
@@ -51,6 +51,7 @@ struct vm_label {
 
 struct vm;
 struct vm_registry;
+struct vmm_client; /* the engine's VMM API client (internal) */
 
 struct vm_registry_config {
     const char *vmm_binary;    /* path, or a name looked up in PATH */
@@ -79,6 +80,9 @@ struct vm_boot_config {
 struct vm_restore_config {
     const char *name;
     const char *snapshot_name; /* recorded as the VM's source */
+    /* When set, the caller took a use of snapshot_name with store_acquire and the VM takes it
+     * over: it is given back when the VM is stopped, or by vm_restore when it fails. */
+    struct store *store;
     const char *vmstate_path;
     const char *memory_path; /* memory.bin */
     enum vm_memory memory;   /* FILE, MEMFD, or UFFD (needs page_server) */
@@ -154,8 +158,9 @@ struct vm *vm_lookup(struct vm_registry *registry, const char *id_or_name);
 size_t vm_list(struct vm_registry *registry, struct vm ***out);
 void vm_list_free(struct vm **vms, size_t count);
 
-/* Terminates the VMM (SIGTERM, SIGKILL after grace_ms), waits for it, and unlists the VM.
- * -EBUSY while a branch runs on it. */
+/* Terminates the VMM (SIGTERM, SIGKILL after grace_ms), waits for it, and unlists the VM; a
+ * restored VM gives back its use of the snapshot. Accepts any state; -EBUSY while a branch
+ * runs on it. */
 int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms,
             struct forkd_error *err);
 
@@ -177,7 +182,6 @@ int vm_dup_memfd(struct vm *vm);
 uint64_t vm_memory_bytes(const struct vm *vm);
 /* Page-server figures of a UFFD VM (they stay readable after it exits); -ENOENT otherwise. */
 int vm_page_server_stats(struct vm *vm, struct page_server_stats *out);
-unsigned vm_vcpu_count(const struct vm *vm);
 /* Time limit for VMM calls that touch all guest memory (start, Full snapshot): it grows with
  * the guest's size. */
 unsigned vm_slow_call_timeout_ms(const struct vm *vm);
@@ -185,8 +189,11 @@ unsigned vm_slow_call_timeout_ms(const struct vm *vm);
 unsigned vm_call_timeout_ms(const struct vm *vm);
 const char *vm_source_snapshot(const struct vm *vm);
 
-/* Records the VM's state as seen by forkd (RUNNING/PAUSED) for status reports. */
-void vm_set_state(struct vm *vm, enum vm_state state);
+/* Pauses the guest (PATCH /vm Paused) and records PAUSED. Accepts RUNNING and PAUSED (pausing
+ * again is harmless); the VMM's error otherwise. The only way a VM becomes PAUSED after start. */
+int vm_pause(struct vm *vm, struct forkd_error *err);
+/* Resumes the guest (PATCH /vm Resumed) and records RUNNING. Accepts PAUSED and RUNNING. */
+int vm_resume(struct vm *vm, struct forkd_error *err);
 
 /* One branch per VM: true if none was running (branch_id recorded), false otherwise. */
 bool vm_try_begin_branch(struct vm *vm, const char *branch_id);

@@ -15,7 +15,7 @@
 #ifndef FORKD_UFFD_H
 #define FORKD_UFFD_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 
 #include <linux/userfaultfd.h>
 #include <stdbool.h>

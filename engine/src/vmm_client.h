@@ -7,7 +7,7 @@
 #ifndef FORKD_VMM_CLIENT_H
 #define FORKD_VMM_CLIENT_H
 
-#include "forkd/error.h"
+#include "basic/error.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -31,28 +31,34 @@ struct vmm_info {
 
 int vmm_client_open(const char *socket_path, struct vmm_client **out, struct forkd_error *err);
 void vmm_client_close(struct vmm_client *client);
-/* Limit for each later call (connect + request + response). */
+/* The client's limit for each later call (connect + request + response). A call that needs
+ * longer passes its own limit (the *_within functions) rather than changing this one, which
+ * other threads' calls share. */
 void vmm_client_set_timeout_ms(struct vmm_client *client, long timeout_ms);
-const char *vmm_client_socket_path(const struct vmm_client *client);
 
 /* One request. body may be NULL. On a 2xx answer returns 0 and, if response is not NULL,
  * *response holds the body (malloc'd, NUL-terminated, may be empty). Otherwise -EIO (HTTP
  * error), -ETIMEDOUT, -ECONNREFUSED/-ENOENT (no VMM there) with the message filled. */
 int vmm_request(struct vmm_client *client, const char *method, const char *path, const char *body,
                 char **response, struct forkd_error *err);
+/* The same with a limit of timeout_ms for this call only (0: the client's limit). */
+int vmm_request_within(struct vmm_client *client, const char *method, const char *path,
+                       const char *body, long timeout_ms, char **response, struct forkd_error *err);
 
 int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint64_t mem_size_mib,
                            struct forkd_error *err);
 int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path,
                         const char *boot_args, struct forkd_error *err);
-int vmm_put_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
-                  bool is_root_device, bool is_read_only, struct forkd_error *err);
 int vmm_start(struct vmm_client *client, struct forkd_error *err);
+int vmm_start_within(struct vmm_client *client, long timeout_ms, struct forkd_error *err);
 int vmm_pause(struct vmm_client *client, struct forkd_error *err);
 int vmm_resume(struct vmm_client *client, struct forkd_error *err);
 int vmm_snapshot_create(struct vmm_client *client, enum vmm_snapshot_type type,
                         const char *snapshot_path, const char *mem_file_path,
                         struct forkd_error *err);
+int vmm_snapshot_create_within(struct vmm_client *client, enum vmm_snapshot_type type,
+                               const char *snapshot_path, const char *mem_file_path,
+                               long timeout_ms, struct forkd_error *err);
 int vmm_snapshot_load(struct vmm_client *client, const char *snapshot_path,
                       enum vmm_memory_backend backend, const char *backend_path, bool shared,
                       bool resume_vm, struct forkd_error *err);

@@ -13,9 +13,9 @@
 #ifndef FORKD_PAUSE_H
 #define FORKD_PAUSE_H
 
-#include "forkd/clock.h"
-#include "forkd/error.h"
-#include "forkd/thread_priority.h"
+#include "basic/clock.h"
+#include "basic/error.h"
+#include "thread_priority.h"
 #include "forkd/vm.h"
 
 #include <stdbool.h>

@@ -1,7 +1,7 @@
 /* Small file-system helpers (see forkd/fsutil.h). */
-#include "forkd/fsutil.h"
+#include "basic/fsutil.h"
 
-#include "forkd/cleanup.h"
+#include "basic/cleanup.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -48,4 +48,35 @@ bool fs_unix_socket_answers(const char *path)
         (int)sizeof(address.sun_path))
         return false;
     return fd >= 0 && connect(fd, (struct sockaddr *)&address, sizeof(address)) == 0;
+}
+
+int fs_write_all(int fd, const void *buffer, size_t length)
+{
+    const char *bytes = buffer;
+    while (length > 0) {
+        ssize_t n = write(fd, bytes, length);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        bytes += n;
+        length -= (size_t)n;
+    }
+    return 0;
+}
+
+int fs_pwrite_all(int fd, const void *buffer, size_t length, off_t offset)
+{
+    const char *bytes = buffer;
+    while (length > 0) {
+        ssize_t n = pwrite(fd, bytes, length, offset);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        bytes += n;
+        length -= (size_t)n;
+        offset += n;
+    }
+    return 0;
 }

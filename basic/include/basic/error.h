@@ -24,6 +24,11 @@ struct forkd_error {
 int forkd_error_set(struct forkd_error *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* The same for a failed system call: the message gets ": " and strerror(-code) appended
+ * ("create /x: No such file or directory"). Pass -errno before anything can change errno. */
+int forkd_error_errno(struct forkd_error *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* Prefixes the message already in err with more context ("branch vm-1: " + message).
  * Returns err->code. */
 int forkd_error_prefix(struct forkd_error *err, const char *fmt, ...)

@@ -1,5 +1,5 @@
 /* The engine's error report (see forkd/error.h). */
-#include "forkd/error.h"
+#include "basic/error.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -13,6 +13,20 @@ int forkd_error_set(struct forkd_error *err, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof(err->message), fmt, ap);
     va_end(ap);
+    err->code = code;
+    return code;
+}
+
+int forkd_error_errno(struct forkd_error *err, int code, const char *fmt, ...)
+{
+    if (!err)
+        return code;
+    va_list ap;
+    va_start(ap, fmt);
+    int used = vsnprintf(err->message, sizeof(err->message), fmt, ap);
+    va_end(ap);
+    if (used >= 0 && (size_t)used < sizeof(err->message))
+        snprintf(err->message + used, sizeof(err->message) - (size_t)used, ": %s", strerror(-code));
     err->code = code;
     return code;
 }

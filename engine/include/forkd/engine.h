@@ -1,0 +1,97 @@
+/*
+ * The engine's front door: one object that owns the snapshot store, the VM registry and the
+ * page server, and the lifecycle actions that need more than one of them (Spawn, deleting a
+ * snapshot). A user opens one engine, reaches the three parts through the accessors for the
+ * actions that need one part only (Boot, GetVm, ListSnapshots, Branch, ...), and closes it.
+ *
+ * Each action states when it is allowed; the caller (the gRPC layer) turns a request into an
+ * action and an action's error (negative errno + message) into its own status.
+ *
+ * engine/README.md maps the files and the threads (who starts each, what it owns, how work is
+ * handed from one to another).
+ */
+#ifndef FORKD_ENGINE_H
+#define FORKD_ENGINE_H
+
+#include "basic/error.h"
+#include "forkd/page_server.h"
+#include "forkd/store.h"
+#include "forkd/vm.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct engine;
+
+struct engine_config {
+    const char *state_dir;    /* snapshots under <state_dir>/snapshots; created if missing */
+    const char *run_dir;      /* VMM sockets and logs; NULL or "": <state_dir>/vms */
+    const char *vmm_binary;   /* path, or a name looked up in PATH */
+    int handshake_timeout_ms; /* page server; 0: its default */
+    /* Every time limit on a VMM is multiplied by this (slow or emulated hosts); 0 means 1. */
+    unsigned timeout_scale;
+    /* Non-NULL: this host cannot run VMs, for this reason; Boot and Spawn then refuse with
+     * -ENODEV before launching anything. */
+    const char *kvm_unusable_reason;
+    /* Real-time priority for the pause and fault-serving threads: off when no_realtime; a
+     * raised thread using more than realtime_max_percent of a core (0: 50) is demoted. */
+    bool no_realtime;
+    unsigned realtime_max_percent;
+};
+
+/* Opens the store, the VM registry and the page server, in that order; on failure whatever was
+ * opened is closed again. */
+int engine_open(const struct engine_config *config, struct engine **out, struct forkd_error *err);
+
+/* Stops every VM (SIGTERM, SIGKILL after grace_ms) unless keep_vms, then closes the page
+ * server (only now: a UFFD fork whose page server is gone hangs on its next fault), then the
+ * store. Every branch must have ended first. NULL is a no-op. */
+void engine_close(struct engine *engine, bool keep_vms, unsigned grace_ms);
+
+/* How many real-time threads were demoted for using too much CPU (see engine_config). */
+unsigned long engine_realtime_demotions(void);
+
+struct store *engine_store(struct engine *engine);
+struct vm_registry *engine_registry(struct engine *engine);
+struct page_server *engine_page_server(struct engine *engine);
+
+struct engine_spawn_request {
+    const char *snapshot;    /* a READY snapshot (-EAGAIN while it is WRITING) */
+    unsigned count;          /* at least 1 */
+    enum vm_memory memory;   /* FILE, MEMFD or UFFD */
+    const char *name_prefix; /* forks are named <prefix>-<index>; NULL or "": by id only */
+    bool start_paused;       /* leave every fork paused */
+    /* Each fork runs as soon as it is restored, instead of all being restored paused and
+     * resumed together (the benchmark's default; the daemon never sets it). */
+    bool run_as_restored;
+    unsigned prefetch_record_ms; /* UFFD: record and prefetch hot pages (0: off) */
+    const struct vm_label *labels;
+    size_t label_count; /* at most VM_MAX_LABELS */
+    /* Asked between restores; true stops the spawn with -ECANCELED. May be NULL. */
+    bool (*cancelled)(void *arg);
+    void *cancelled_arg;
+};
+
+/* Spawn: starts request->count VMs restored from one snapshot, all or none. Refused with -ENODEV
+ * first, before anything else is looked at, on a host that cannot run VMs. Each VM holds a
+ * use of the snapshot (so it cannot be deleted without force) until it is stopped. On success
+ * *out is an array of request->count references (free with vm_list_free). On failure every
+ * fork started is stopped again and the error says why: -ENOENT (no such snapshot), -EAGAIN
+ * (still being written), -ECANCELED, or the restore's error. */
+int engine_spawn(struct engine *engine, const struct engine_spawn_request *request,
+                 struct vm ***out, struct forkd_error *err);
+
+/* DeleteSnapshot: removes it from the store (-EBUSY while VMs use it, unless force) and makes
+ * the page server forget its template, so a later snapshot of that name is mapped afresh. */
+int engine_delete_snapshot(struct engine *engine, const char *name, bool force,
+                           struct forkd_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

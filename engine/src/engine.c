@@ -1,0 +1,195 @@
+/* The engine's front door (see forkd/engine.h): owns the store, the registry, the page server. */
+#include "forkd/engine.h"
+
+#include "thread_priority.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+struct engine {
+    struct store *store;
+    struct vm_registry *registry;
+    struct page_server *page_server;
+};
+
+int engine_open(const struct engine_config *config, struct engine **out, struct forkd_error *err)
+{
+    struct engine *engine = calloc(1, sizeof(*engine));
+    if (!engine)
+        return forkd_error_set(err, -ENOMEM, "engine: out of memory");
+    char run_dir[PATH_MAX];
+    if (config->run_dir && *config->run_dir)
+        snprintf(run_dir, sizeof(run_dir), "%s", config->run_dir);
+    else if (snprintf(run_dir, sizeof(run_dir), "%s/vms", config->state_dir) >=
+             (int)sizeof(run_dir))
+        return free(engine), forkd_error_set(err, -ENAMETOOLONG, "state directory too long");
+    struct vm_registry_config registry = {
+        .vmm_binary = config->vmm_binary,
+        .run_dir = run_dir,
+        .timeout_scale = config->timeout_scale,
+        .kvm_unusable_reason = config->kvm_unusable_reason,
+    };
+    thread_priority_configure(!config->no_realtime, config->realtime_max_percent);
+    struct page_server_config server = {.handshake_timeout_ms = config->handshake_timeout_ms};
+    int rc = store_open(config->state_dir, &engine->store, err);
+    if (rc < 0)
+        forkd_error_prefix(err, "snapshot store: ");
+    if (rc == 0 && (rc = vm_registry_open(&registry, &engine->registry, err)) < 0)
+        forkd_error_prefix(err, "VM registry: ");
+    if (rc == 0 && (rc = page_server_open(&server, &engine->page_server, err)) < 0)
+        forkd_error_prefix(err, "page server: ");
+    if (rc < 0) {
+        engine_close(engine, false, 0);
+        return rc;
+    }
+    *out = engine;
+    return 0;
+}
+
+unsigned long engine_realtime_demotions(void)
+{
+    return thread_priority_demotions();
+}
+
+void engine_close(struct engine *engine, bool keep_vms, unsigned grace_ms)
+{
+    if (!engine)
+        return;
+    if (engine->registry)
+        vm_registry_close(engine->registry, keep_vms, grace_ms);
+    /* After the VMs: a UFFD fork whose page server is gone hangs on its next fault. */
+    if (engine->page_server)
+        page_server_close(engine->page_server);
+    if (engine->store)
+        store_close(engine->store);
+    free(engine);
+}
+
+struct store *engine_store(struct engine *engine)
+{
+    return engine->store;
+}
+
+struct vm_registry *engine_registry(struct engine *engine)
+{
+    return engine->registry;
+}
+
+struct page_server *engine_page_server(struct engine *engine)
+{
+    return engine->page_server;
+}
+
+/* ---- Spawn ------------------------------------------------------------------------------ */
+
+/* Restores one fork; the VM takes over the use of the snapshot acquired here. */
+static int engine_spawn_one(struct engine *engine, const struct engine_spawn_request *request,
+                            unsigned index, bool start_paused, struct vm **out,
+                            struct forkd_error *err)
+{
+    struct store_snapshot snapshot;
+    int rc = store_acquire(engine->store, request->snapshot, &snapshot, err);
+    if (rc < 0)
+        return rc;
+    char name[VM_NAME_MAX + 1] = "", vmstate[PATH_MAX + 16], memory_path[PATH_MAX + 16];
+    if (request->name_prefix && *request->name_prefix)
+        snprintf(name, sizeof(name), "%s-%u", request->name_prefix, index);
+    store_file_path(snapshot.path, STORE_FILE_VMSTATE, vmstate, sizeof(vmstate));
+    store_file_path(snapshot.path, STORE_FILE_MEMORY, memory_path, sizeof(memory_path));
+    struct vm_restore_config config = {
+        .name = name,
+        .snapshot_name = request->snapshot,
+        .store = engine->store,
+        .vmstate_path = vmstate,
+        .memory_path = memory_path,
+        .memory = request->memory,
+        .start_paused = start_paused,
+        .vcpu_count = snapshot.vcpu_count,
+        .labels = request->labels,
+        .label_count = request->label_count,
+        .page_server = engine->page_server,
+    };
+    return vm_restore(engine->registry, &config, out, err);
+}
+
+/* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
+static int engine_set_prefetch(struct engine *engine, const struct engine_spawn_request *request,
+                               struct forkd_error *err)
+{
+    struct store_snapshot snapshot;
+    int rc = store_get(engine->store, request->snapshot, &snapshot, err);
+    if (rc < 0)
+        return rc;
+    char memory_path[PATH_MAX + 16];
+    store_file_path(snapshot.path, STORE_FILE_MEMORY, memory_path, sizeof(memory_path));
+    return page_server_template_set_prefetch(engine->page_server, request->snapshot, memory_path,
+                                             request->prefetch_record_ms, err);
+}
+
+/* Forks are restored paused and resumed together: restoring the later ones does not compete
+ * with the earlier ones running (two running forks can take both cores of a small host), and
+ * the forks start from the snapshot at the same moment. */
+static int engine_resume_all(struct vm **vms, size_t count, struct forkd_error *err)
+{
+    for (size_t i = 0; i < count; i++) {
+        int rc = vm_resume(vms[i], err);
+        if (rc < 0)
+            return forkd_error_prefix(err, "resume %s: ", vm_id(vms[i]));
+    }
+    return 0;
+}
+
+static int engine_restore_all(struct engine *engine, const struct engine_spawn_request *request,
+                              struct vm **vms, size_t *started, struct forkd_error *err)
+{
+    bool paused = request->start_paused || !request->run_as_restored;
+    for (*started = 0; *started < request->count; (*started)++) {
+        if (request->cancelled && request->cancelled(request->cancelled_arg))
+            return forkd_error_set(err, -ECANCELED, "spawn cancelled");
+        int rc = engine_spawn_one(engine, request, (unsigned)*started, paused, &vms[*started], err);
+        if (rc < 0)
+            return rc;
+    }
+    if (request->start_paused || request->run_as_restored)
+        return 0;
+    return engine_resume_all(vms, *started, err);
+}
+
+int engine_spawn(struct engine *engine, const struct engine_spawn_request *request,
+                 struct vm ***out, struct forkd_error *err)
+{
+    int rc = vm_registry_check_host(engine->registry, err);
+    if (rc < 0)
+        return rc;
+    if (request->count < 1)
+        return forkd_error_set(err, -EINVAL, "spawn: count must be at least 1");
+    if (request->memory == VM_MEMORY_UFFD && request->prefetch_record_ms)
+        rc = engine_set_prefetch(engine, request, err);
+    if (rc < 0)
+        return rc;
+    struct vm **vms = calloc(request->count, sizeof(*vms));
+    if (!vms)
+        return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
+    size_t started = 0;
+    rc = engine_restore_all(engine, request, vms, &started, err);
+    if (rc < 0) {
+        /* All or none: the forks of a failed spawn are stopped again. */
+        for (size_t i = 0; i < started; i++)
+            vm_stop(engine->registry, vms[i], 0, NULL);
+        vm_list_free(vms, started);
+        return rc;
+    }
+    *out = vms;
+    return 0;
+}
+
+int engine_delete_snapshot(struct engine *engine, const char *name, bool force,
+                           struct forkd_error *err)
+{
+    int rc = store_delete(engine->store, name, force, err);
+    if (rc == 0)
+        page_server_template_forget(engine->page_server, name);
+    return rc;
+}
