@@ -12,6 +12,8 @@ import forkd
 TESTVM = os.environ["FORKD_TESTVM"]
 GUEST = os.environ["FORKD_GUEST"]
 MEM_MIB = int(os.environ.get("FORKD_DEMO_MEM_MIB", "512"))
+# Time limits grow on slow machines: the nested-KVM runner emulates the CPU and sets this.
+SCALE = max(1.0, float(os.environ.get("FORKD_TIME_SCALE", "1") or 1))
 
 
 def ms(ns):
@@ -51,7 +53,7 @@ def branch(client, vm, name):
     started = time.time()
     progress = Progress()
     running = client.branch(vm, name, mode=forkd.BranchMode.LIVE, progress_interval=0.05,
-                            timeout=300)
+                            timeout=300 * SCALE)
     for event in running:
         if event.phase == forkd.BranchPhase.COPYING:
             progress.show(event, started)
@@ -90,19 +92,19 @@ def figures(done):
 
 
 def main(target):
-    with forkd.Client(target, timeout=10) as client:
+    with forkd.Client(target, timeout=10 * SCALE) as client:
         return demo(client, target)
 
 
 def demo(client, target):
-    client.wait_ready(timeout=30)
+    client.wait_ready(timeout=30 * SCALE)
     info = client.info()
     print("forkd %s on %s (kernel %s, live branch %s)" % (
         info.version, target, info.host.kernel_release,
         "supported" if info.host.live_branch_supported else "NOT supported"))
 
     vm = client.boot(GUEST, name="demo", vcpu_count=2, mem_size_mib=MEM_MIB,
-                     boot_args="pattern=random rate=0", timeout=120)
+                     boot_args="pattern=random rate=0", timeout=120 * SCALE)
     print("booted %s: 2 vCPUs, %d MiB, guest writing random pages flat out" % (vm.id, MEM_MIB))
 
     print("live branch of %s into 'demo-branch':" % vm.id)
@@ -110,7 +112,7 @@ def demo(client, target):
     figures(done)
 
     forks = client.spawn("demo-branch", 3, backend=forkd.MemoryBackend.MEMFD,
-                         name_prefix="fork", timeout=300)
+                         name_prefix="fork", timeout=300 * SCALE)
     print("spawned %d forks (MEMFD) in %s: %s" % (len(forks.vms), ms(forks.elapsed_ns),
                                                   ", ".join(v.name for v in forks.vms)))
     print("live branch of %s (a fork) into 'demo-fork-branch':" % forks.vms[0].name)
@@ -120,7 +122,7 @@ def demo(client, target):
     print("checking every snapshot (vCPU totals against per-page counters):")
     ok = all(verify(s.path) for s in client.snapshots())
     for v in client.vms():
-        client.stop(v, timeout=60)
+        client.stop(v, timeout=60 * SCALE)
     print("stopped every VM; %s" % ("all snapshots consistent" if ok else "INCONSISTENT"))
     return 0 if ok else 1
 
