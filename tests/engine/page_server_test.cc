@@ -1,6 +1,6 @@
 // UFFD spawns on KVM: many forks of one template served by the page server from one mapping,
 // every fork checked by the test VMM's verifier; a fork killed mid-run, handshake abuse while
-// forks run, and prefetch. DISABLED_SpawnFanOut32 measures FILE, MEMFD and UFFD fan-out.
+// forks run, and prefetch.
 #include <gtest/gtest.h>
 
 #include "engine_harness.h"
@@ -319,82 +319,4 @@ TEST_F(PageServerKvmTest, PrefetchedGenerationTakesFewerDemandFaults)
         vm_unref(fork);
     for (struct vm *fork : second)
         vm_unref(fork);
-}
-
-// Spawn-to-running time and memory per fork for 32 forks with each backend. Run by hand:
-//   forkd_engine_tests --gtest_also_run_disabled_tests --gtest_filter='*SpawnFanOut32*'
-namespace
-{
-
-// A field of a process's smaps_rollup (Pss, Pss_Anon, Pss_File, Pss_Shmem), in KiB.
-uint64_t RollupKib(pid_t pid, const std::string &field)
-{
-    std::ifstream rollup("/proc/" + std::to_string(pid) + "/smaps_rollup");
-    for (std::string line; std::getline(rollup, line);)
-        if (line.rfind(field + ":", 0) == 0)
-            return std::stoull(line.substr(field.size() + 1));
-    return 0;
-}
-
-uint64_t PssKib(pid_t pid)
-{
-    return RollupKib(pid, "Pss");
-}
-
-// Memory a MEMFD fork's memfd holds, mapped by the VMM or not (PSS sees only mapped pages).
-uint64_t MemfdKib(struct vm *vm)
-{
-    struct stat st;
-    int fd = vm_memfd(vm);
-    return fd >= 0 && fstat(fd, &st) == 0 ? (uint64_t)st.st_blocks / 2 : 0;
-}
-
-const char *BackendName(enum vm_memory memory)
-{
-    return memory == VM_MEMORY_FILE ? "FILE" : memory == VM_MEMORY_MEMFD ? "MEMFD" : "UFFD";
-}
-
-} // namespace
-
-TEST_F(PageServerKvmTest, DISABLED_SpawnFanOut32)
-{
-    MakeTemplate("fanout", 64, "pages=2000 pattern=random seed=11");
-    for (enum vm_memory memory : {VM_MEMORY_FILE, VM_MEMORY_MEMFD, VM_MEMORY_UFFD}) {
-        std::vector<struct vm *> forks;
-        std::vector<double> spawn_ms;
-        uint64_t self_before = PssKib(getpid());
-        auto all_start = Clock::now();
-        for (int i = 0; i < 32; i++) {
-            auto start = Clock::now();
-            forks.push_back(Spawn(memory));
-            spawn_ms.push_back(
-                std::chrono::duration<double, std::milli>(Clock::now() - start).count());
-            ASSERT_NE(nullptr, forks.back());
-        }
-        double all_ms = std::chrono::duration<double, std::milli>(Clock::now() - all_start).count();
-        // Let every guest reach its working set before measuring memory.
-        std::this_thread::sleep_for(std::chrono::seconds(3));
-        uint64_t pss = 0, anon = 0, file = 0, shmem = 0, memfd = 0;
-        for (struct vm *fork : forks) {
-            pss += PssKib(vm_pid(fork));
-            anon += RollupKib(vm_pid(fork), "Pss_Anon");
-            file += RollupKib(vm_pid(fork), "Pss_File");
-            shmem += RollupKib(vm_pid(fork), "Pss_Shmem");
-            memfd += MemfdKib(fork);
-        }
-        uint64_t self_delta = PssKib(getpid()) - std::min(self_before, PssKib(getpid()));
-        std::sort(spawn_ms.begin(), spawn_ms.end());
-        const double per_fork_mib = 32.0 * 1024.0;
-        printf("%-5s 32 forks: spawn-to-running total %.1f ms, per fork p50 %.2f ms max %.2f ms; "
-               "VMM PSS per fork %.2f MiB (anon %.2f, file %.2f, shmem %.2f); memfd per fork "
-               "%.2f MiB; forkd PSS growth %.2f MiB\n",
-               BackendName(memory), all_ms, spawn_ms[16], spawn_ms.back(), pss / per_fork_mib,
-               anon / per_fork_mib, file / per_fork_mib, shmem / per_fork_mib, memfd / per_fork_mib,
-               self_delta / 1024.0);
-        struct forkd_error err = {};
-        for (struct vm *fork : forks) {
-            EXPECT_EQ(0, vm_stop(registry_, fork, 2000, &err)) << err.message;
-            vm_unref(fork);
-        }
-    }
 }
