@@ -168,6 +168,9 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
         .tls_cert_path = opts->tls_cert,
         .tls_key_path = opts->tls_key,
         .max_message_bytes = opts->max_message_bytes,
+        .max_calls = opts->max_calls,
+        .max_streams = opts->max_streams,
+        .request_timeout_ms = opts->request_timeout_ms,
         .daemon = daemon,
     };
     struct server *server = NULL;

@@ -23,6 +23,9 @@ enum {
     OPT_NO_REALTIME,
     OPT_REALTIME_MAX_PERCENT,
     OPT_LOG_LEVEL,
+    OPT_MAX_CALLS,
+    OPT_MAX_STREAMS,
+    OPT_REQUEST_TIMEOUT_MS,
     OPT_VERSION,
 };
 
@@ -41,6 +44,9 @@ static const struct option long_options[] = {
     {"no-realtime", no_argument, NULL, OPT_NO_REALTIME},
     {"realtime-max-percent", required_argument, NULL, OPT_REALTIME_MAX_PERCENT},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+    {"max-calls", required_argument, NULL, OPT_MAX_CALLS},
+    {"max-streams", required_argument, NULL, OPT_MAX_STREAMS},
+    {"request-timeout-ms", required_argument, NULL, OPT_REQUEST_TIMEOUT_MS},
     {"version", no_argument, NULL, OPT_VERSION},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
@@ -76,6 +82,16 @@ static void options_print_help(FILE *out)
             "                           killed by the next one.\n"
             "  --max-branches N         branches allowed to run at once; more are refused with\n"
             "                           RESOURCE_EXHAUSTED (default 4).\n"
+            "  --max-calls N            unary calls (everything but the streams below) in\n"
+            "                           flight at once; more are refused with\n"
+            "                           RESOURCE_EXHAUSTED (default 64).\n"
+            "  --max-streams N          streaming calls (Branch, WatchBranch, health Watch) in\n"
+            "                           flight at once, counted apart so they cannot starve\n"
+            "                           unary calls; more are refused with RESOURCE_EXHAUSTED\n"
+            "                           (default 32).\n"
+            "  --request-timeout-ms N   a call's request message must arrive within N ms of the\n"
+            "                           call, or the call ends with DEADLINE_EXCEEDED\n"
+            "                           (default 10000).\n"
             "  --max-message-bytes N    largest request accepted; larger ones are refused with\n"
             "                           RESOURCE_EXHAUSTED (default 4194304).\n"
             "  --shutdown-grace-ms N    on SIGTERM/SIGINT, how long running calls may finish\n"
@@ -129,6 +145,21 @@ static int options_apply_number(int option, const char *text, struct forkd_optio
             return -EINVAL;
         opts->max_message_bytes = (size_t)value;
         return 0;
+    case OPT_MAX_CALLS:
+        if (options_parse_number(text, 1, 4096, &value) < 0)
+            return -EINVAL;
+        opts->max_calls = (unsigned)value;
+        return 0;
+    case OPT_MAX_STREAMS:
+        if (options_parse_number(text, 1, 4096, &value) < 0)
+            return -EINVAL;
+        opts->max_streams = (unsigned)value;
+        return 0;
+    case OPT_REQUEST_TIMEOUT_MS:
+        if (options_parse_number(text, 10, 3600000, &value) < 0)
+            return -EINVAL;
+        opts->request_timeout_ms = (unsigned)value;
+        return 0;
     case OPT_SHUTDOWN_GRACE_MS:
         if (options_parse_number(text, 0, 3600000, &value) < 0)
             return -EINVAL;
@@ -156,6 +187,9 @@ static void options_set_defaults(struct forkd_options *opts)
         .vmm_binary = OPTIONS_DEFAULT_VMM,
         .max_branches = 4,
         .max_message_bytes = 4u << 20,
+        .max_calls = 64,
+        .max_streams = 32,
+        .request_timeout_ms = 10000,
         .shutdown_grace_ms = 10000,
         .timeout_scale = 1,
         .realtime = true,

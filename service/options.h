@@ -21,6 +21,9 @@ struct forkd_options {
     const char *vmm_binary;
     unsigned max_branches;
     size_t max_message_bytes;
+    unsigned max_calls;          /* unary calls in flight */
+    unsigned max_streams;        /* streaming calls in flight */
+    unsigned request_timeout_ms; /* deadline for a call's request message */
     unsigned shutdown_grace_ms;
     unsigned timeout_scale;         /* multiplies every VMM time limit */
     bool realtime;                  /* SCHED_FIFO for the pause and fault-serving threads */

@@ -3,6 +3,8 @@
 
 #include "call.h"
 #include "log.h"
+#include "routes.h"
+#include "workers.h"
 
 #include "forkd/cleanup.h"
 #include "forkd/clock.h"
@@ -23,58 +25,120 @@
 
 #define SHUTDOWN_TAG ((void *)1)
 
+/* How often the dispatcher wakes without events, to time out requests that do not arrive. */
+#define DISPATCH_TICK_MS 50
+/* A worker thread with nothing to do for this long exits. */
+#define WORKER_IDLE_MS 30000
+/* Streams one HTTP/2 connection may have open at once (further ones wait in the client). */
+#define MAX_STREAMS_PER_CONNECTION 64
+
 struct server {
     grpc_server *grpc;
-    grpc_completion_queue *notify_queue; /* dispatcher's; every new call is announced here */
+    grpc_completion_queue *queue; /* the one queue: new calls and every batch of every call */
     pthread_t dispatcher;
+    struct worker_pool *workers;
     void *daemon;
     char unix_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 
-    pthread_mutex_t lock; /* guards active_calls */
+    /* Dispatcher only. */
+    struct rpc_call *waiting_head; /* calls whose request is not in, oldest (first due) first */
+    struct rpc_call *waiting_tail;
+    unsigned waiting_calls;
+    unsigned max_waiting;
+    bool shutdown_notified;
+    bool queue_shut;
+    unsigned max_calls;
+    unsigned max_streams;
+    unsigned request_timeout_ms;
+
+    pthread_mutex_t lock; /* guards the counts below */
     pthread_cond_t idle;
-    unsigned active_calls;
+    unsigned active_calls;   /* accepted and not yet freed, admitted or not */
+    unsigned unary_calls;    /* admitted unary calls */
+    unsigned streaming_calls; /* admitted streaming calls */
 };
 
-static void *server_call_thread(void *arg)
+static void server_waiting_remove(struct server *server, struct rpc_call *call)
 {
-    struct rpc_call *call = arg;
-    struct server *server = call->server;
-    call_serve(call);
-    call_free(call);
+    if (call->waiting_prev)
+        call->waiting_prev->waiting_next = call->waiting_next;
+    else if (server->waiting_head == call)
+        server->waiting_head = call->waiting_next;
+    else
+        return; /* not in the list */
+    server->waiting_calls--;
+    if (call->waiting_next)
+        call->waiting_next->waiting_prev = call->waiting_prev;
+    else
+        server->waiting_tail = call->waiting_prev;
+    call->waiting_prev = call->waiting_next = NULL;
+}
+
+static void server_waiting_append(struct server *server, struct rpc_call *call)
+{
+    call->request_deadline_ns =
+        forkd_monotonic_ns() + (uint64_t)server->request_timeout_ms * 1000000;
+    call->waiting_next = NULL;
+    call->waiting_prev = server->waiting_tail;
+    if (server->waiting_tail)
+        server->waiting_tail->waiting_next = call;
+    else
+        server->waiting_head = call;
+    server->waiting_tail = call;
+    server->waiting_calls++;
+}
+
+/* Frees a call no batch refers to any more and gives back its budget. */
+static void server_release_call(struct server *server, struct rpc_call *call)
+{
     pthread_mutex_lock(&server->lock);
+    if (call->admitted && call->streaming)
+        server->streaming_calls--;
+    else if (call->admitted)
+        server->unary_calls--;
     if (--server->active_calls == 0)
         pthread_cond_broadcast(&server->idle);
     pthread_mutex_unlock(&server->lock);
-    return NULL;
+    call_free(call);
 }
 
-static void server_start_call_thread(struct server *server, struct rpc_call *call)
+static void server_run_call(struct rpc_call *call, void *context)
 {
+    call_serve(call);
+    server_release_call(context, call);
+}
+
+/* Counts the call against its budget (unary or streaming, so long-lived streams cannot take the
+ * places of unary calls). Returns false, with the refusal in status, when the budget is full. */
+static bool server_admit(struct server *server, struct rpc_call *call, struct rpc_status *status)
+{
+    call->streaming = call->route->server_streaming;
     pthread_mutex_lock(&server->lock);
-    server->active_calls++;
+    unsigned *count = call->streaming ? &server->streaming_calls : &server->unary_calls;
+    unsigned max = call->streaming ? server->max_streams : server->max_calls;
+    bool admitted = *count < max;
+    if (admitted)
+        (*count)++;
     pthread_mutex_unlock(&server->lock);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_t thread;
-    int rc = pthread_create(&thread, &attr, server_call_thread, call);
-    pthread_attr_destroy(&attr);
-    if (rc != 0) {
-        /* No thread: the call still gets an answer, on this thread, so the client never hangs. */
-        log_error("%s: cannot start a call thread: %s", "dispatcher", strerror(rc));
-        server_call_thread(call);
-    }
+    call->admitted = admitted;
+    if (!admitted)
+        rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                       "%s: forkd is serving its limit of %u %s calls at once (%s); try again "
+                       "later",
+                       call->method, max, call->streaming ? "streaming" : "unary",
+                       call->streaming ? "--max-streams" : "--max-calls");
+    return admitted;
 }
 
 /* Posts the catch-all request for the next call, whatever its method. */
 static struct rpc_call *server_request_next_call(struct server *server)
 {
-    struct rpc_call *call = call_new(server, server->daemon);
+    struct rpc_call *call = call_new(server, server->daemon, server->queue);
     if (!call)
         return NULL;
-    grpc_call_error rc =
-        grpc_server_request_call(server->grpc, &call->call, &call->details, &call->request_metadata,
-                                 call->queue, server->notify_queue, call);
+    grpc_call_error rc = grpc_server_request_call(server->grpc, &call->call, &call->details,
+                                                  &call->request_metadata, server->queue,
+                                                  server->queue, &call->tags[CALL_OP_NEW]);
     if (rc != GRPC_CALL_OK) {
         log_error("grpc_server_request_call failed (%d)", (int)rc);
         call_free(call);
@@ -83,29 +147,131 @@ static struct rpc_call *server_request_next_call(struct server *server)
     return call;
 }
 
+/* Too many calls wait for their request: the oldest goes. A real client sends its request
+ * with the call's headers, so the oldest waiting call is the likeliest to be idle on purpose;
+ * refusing the new call instead would let idle streams lock everyone else out. */
+static void server_evict_oldest_waiting(struct server *server)
+{
+    struct rpc_call *call = server->waiting_head;
+    server_waiting_remove(server, call);
+    char message[sizeof(call->method) + 128];
+    snprintf(message, sizeof(message),
+             "%s: ended: its request had not arrived and %u newer calls were waiting for theirs "
+             "(4 x (--max-calls + --max-streams))",
+             call->method, server->max_waiting);
+    call_refuse(call, GRPC_STATUS_RESOURCE_EXHAUSTED, message);
+}
+
+/* A new call: refused at once (unknown method) or waiting for its request. */
+static void server_on_new_call(struct server *server, struct rpc_call *call)
+{
+    pthread_mutex_lock(&server->lock);
+    server->active_calls++;
+    pthread_mutex_unlock(&server->lock);
+    struct rpc_status status = {.code = GRPC_STATUS_OK};
+    call_identify(call);
+    if (server->waiting_calls >= server->max_waiting)
+        server_evict_oldest_waiting(server);
+    if (call_accept(call, &status) == 0) {
+        server_waiting_append(server, call);
+        return;
+    }
+    call_refuse(call, status.code, status.message);
+    if (call_quiet(call))
+        server_release_call(server, call);
+}
+
+/* The request is in (or will never come): hand the call to a worker, or end it. Returns true
+ * when a worker has the call (it may be gone already: do not touch it). */
+static bool server_on_request(struct server *server, struct rpc_call *call, bool success)
+{
+    server_waiting_remove(server, call);
+    if (!success || !call->request) {
+        /* Client gone, cancelled (request deadline) or half-closed without a message. */
+        call_refuse(call, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
+        return false;
+    }
+    struct rpc_status status = {.code = GRPC_STATUS_OK};
+    if (!server_admit(server, call, &status)) {
+        call_refuse(call, status.code, status.message);
+        return false;
+    }
+    call->has_worker = true;
+    int rc = worker_pool_submit(server->workers, call);
+    if (rc == 0)
+        return true;
+    log_error("%s: cannot start a worker thread: %s", call->method, strerror(-rc));
+    call->has_worker = false;
+    call_refuse(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "forkd cannot start a thread now");
+    return false;
+}
+
+/* Ends the calls whose request did not arrive in time. */
+static void server_expire_waiting(struct server *server)
+{
+    uint64_t now = forkd_monotonic_ns();
+    char message[sizeof(server->waiting_head->method) + 96];
+    while (server->waiting_head && server->waiting_head->request_deadline_ns <= now) {
+        struct rpc_call *call = server->waiting_head;
+        server_waiting_remove(server, call);
+        snprintf(message, sizeof(message),
+                 "%s: the request message did not arrive within %u ms (--request-timeout-ms)",
+                 call->method, server->request_timeout_ms);
+        call_refuse(call, GRPC_STATUS_DEADLINE_EXCEEDED, message);
+    }
+}
+
+static void server_on_event(struct server *server, grpc_event event, bool *accepting)
+{
+    if (event.tag == SHUTDOWN_TAG) {
+        server->shutdown_notified = true;
+        return;
+    }
+    struct call_tag *tag = event.tag;
+    struct rpc_call *call = tag->call;
+    if (tag->op == CALL_OP_NEW) {
+        if (!event.success) {
+            /* The server is shutting down: the pending request is failed, not a call. */
+            call_free(call);
+            *accepting = false;
+            return;
+        }
+        if (*accepting)
+            *accepting = server_request_next_call(server) != NULL;
+        server_on_new_call(server, call);
+        return;
+    }
+    /* Read before the completion is recorded: from then on a worker may free the call. */
+    bool worker = call->has_worker;
+    call_complete(call, tag->op, event.success);
+    if (worker)
+        return;
+    if (tag->op == CALL_OP_RECV && server_on_request(server, call, event.success))
+        return;
+    if (call_quiet(call))
+        server_release_call(server, call);
+}
+
 static void *server_dispatch_loop(void *arg)
 {
     struct server *server = arg;
     bool accepting = server_request_next_call(server) != NULL;
     for (;;) {
-        grpc_event event = grpc_completion_queue_next(server->notify_queue,
-                                                      gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        gpr_timespec tick = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                         gpr_time_from_millis(DISPATCH_TICK_MS, GPR_TIMESPAN));
+        grpc_event event = grpc_completion_queue_next(server->queue, tick, NULL);
         if (event.type == GRPC_QUEUE_SHUTDOWN)
             break;
-        if (event.tag == SHUTDOWN_TAG) {
-            grpc_completion_queue_shutdown(server->notify_queue);
-            continue;
+        if (event.type == GRPC_OP_COMPLETE)
+            server_on_event(server, event, &accepting);
+        server_expire_waiting(server);
+        pthread_mutex_lock(&server->lock);
+        bool done = server->shutdown_notified && server->active_calls == 0;
+        pthread_mutex_unlock(&server->lock);
+        if (done && !server->queue_shut) {
+            server->queue_shut = true;
+            grpc_completion_queue_shutdown(server->queue);
         }
-        struct rpc_call *call = event.tag;
-        if (!event.success) {
-            /* The server is shutting down: the pending request is failed, not a call. */
-            call_free(call);
-            accepting = false;
-            continue;
-        }
-        if (accepting)
-            accepting = server_request_next_call(server) != NULL;
-        server_start_call_thread(server, call);
     }
     return NULL;
 }
@@ -226,25 +392,41 @@ int server_start(const struct server_config *config, struct server **out, char *
     pthread_cond_init(&server->idle, NULL);
     server->daemon = config->daemon;
 
+    server->max_calls = config->max_calls;
+    server->max_streams = config->max_streams;
+    server->request_timeout_ms = config->request_timeout_ms;
+    /* Waiting calls cost memory only, but every one is a record and a stream: bounded too. */
+    server->max_waiting = 4 * (config->max_calls + config->max_streams);
+    /* The budgets bound the calls that can hold a thread: the pool never needs more. */
+    if (worker_pool_new(config->max_calls + config->max_streams, WORKER_IDLE_MS, server_run_call,
+                        server, &server->workers) < 0) {
+        free(server);
+        return -ENOMEM;
+    }
+
     grpc_arg args[] = {
         {.type = GRPC_ARG_INTEGER,
          .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = (int)config->max_message_bytes},
+        {.type = GRPC_ARG_INTEGER,
+         .key = GRPC_ARG_MAX_CONCURRENT_STREAMS,
+         .value.integer = MAX_STREAMS_PER_CONNECTION},
     };
-    grpc_channel_args channel_args = {.num_args = 1, .args = args};
+    grpc_channel_args channel_args = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     server->grpc = grpc_server_create(&channel_args, NULL);
-    server->notify_queue = grpc_completion_queue_create_for_next(NULL);
-    grpc_server_register_completion_queue(server->grpc, server->notify_queue, NULL);
+    server->queue = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(server->grpc, server->queue, NULL);
 
     int rc = server_bind(server, config, err, err_len);
     if (rc < 0) {
         grpc_server_destroy(server->grpc);
-        grpc_completion_queue_shutdown(server->notify_queue);
-        while (grpc_completion_queue_next(server->notify_queue, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+        grpc_completion_queue_shutdown(server->queue);
+        while (grpc_completion_queue_next(server->queue, gpr_inf_future(GPR_CLOCK_MONOTONIC),
                                           NULL)
                    .type != GRPC_QUEUE_SHUTDOWN) {
         }
-        grpc_completion_queue_destroy(server->notify_queue);
+        grpc_completion_queue_destroy(server->queue);
+        worker_pool_free(server->workers);
         free(server);
         return rc;
     }
@@ -258,7 +440,7 @@ int server_start(const struct server_config *config, struct server **out, char *
 
 void server_begin_shutdown(struct server *server)
 {
-    grpc_server_shutdown_and_notify(server->grpc, server->notify_queue, SHUTDOWN_TAG);
+    grpc_server_shutdown_and_notify(server->grpc, server->queue, SHUTDOWN_TAG);
 }
 
 bool server_wait_idle(struct server *server, int timeout_ms)
@@ -285,7 +467,8 @@ void server_destroy(struct server *server)
 {
     pthread_join(server->dispatcher, NULL);
     grpc_server_destroy(server->grpc);
-    grpc_completion_queue_destroy(server->notify_queue);
+    grpc_completion_queue_destroy(server->queue);
+    worker_pool_free(server->workers);
     if (server->unix_path[0])
         unlink(server->unix_path);
     pthread_mutex_destroy(&server->lock);
