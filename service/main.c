@@ -165,6 +165,7 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
     struct server_config config = {
         .listen_address = opts->listen,
         .insecure_tcp = opts->insecure_tcp,
+        .allow_abstract_socket = opts->allow_abstract_socket,
         .tls_cert_path = opts->tls_cert,
         .tls_key_path = opts->tls_key,
         .max_message_bytes = opts->max_message_bytes,

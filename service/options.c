@@ -24,6 +24,7 @@ enum {
     OPT_REALTIME_MAX_PERCENT,
     OPT_LOG_LEVEL,
     OPT_MAX_CALLS,
+    OPT_ALLOW_ABSTRACT_SOCKET,
     OPT_MAX_STREAMS,
     OPT_REQUEST_TIMEOUT_MS,
     OPT_VERSION,
@@ -45,6 +46,7 @@ static const struct option long_options[] = {
     {"realtime-max-percent", required_argument, NULL, OPT_REALTIME_MAX_PERCENT},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
     {"max-calls", required_argument, NULL, OPT_MAX_CALLS},
+    {"allow-abstract-socket", no_argument, NULL, OPT_ALLOW_ABSTRACT_SOCKET},
     {"max-streams", required_argument, NULL, OPT_MAX_STREAMS},
     {"request-timeout-ms", required_argument, NULL, OPT_REQUEST_TIMEOUT_MS},
     {"version", no_argument, NULL, OPT_VERSION},
@@ -67,6 +69,11 @@ static void options_print_help(FILE *out)
             "                           directory created if missing. HOST:PORT (or\n"
             "                           tcp:HOST:PORT) is TCP and needs --tls-cert/--tls-key or\n"
             "                           --insecure-tcp.\n"
+            "                           An empty or abstract Unix name (unix-abstract:NAME,\n"
+            "                           unix:@NAME) is refused unless --allow-abstract-socket.\n"
+            "  --allow-abstract-socket  accept an abstract Unix socket address: it has no file\n"
+            "                           permissions, so any local user in this network\n"
+            "                           namespace can connect and drive VMs as root.\n"
             "  --insecure-tcp           allow a TCP listener without TLS (anyone who reaches the\n"
             "                           port can drive VMs).\n"
             "  --tls-cert PATH          PEM certificate chain for a TCP listener.\n"
@@ -209,6 +216,9 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
         return 0;
     case OPT_KEEP_VMS:
         opts->keep_vms = true;
+        return 0;
+    case OPT_ALLOW_ABSTRACT_SOCKET:
+        opts->allow_abstract_socket = true;
         return 0;
     case OPT_NO_REALTIME:
         opts->realtime = false;

@@ -14,6 +14,7 @@
 struct forkd_options {
     const char *listen;
     bool insecure_tcp;
+    bool allow_abstract_socket;
     bool keep_vms;
     const char *tls_cert;
     const char *tls_key;

@@ -2,6 +2,7 @@
 #include "server.h"
 
 #include "call.h"
+#include "listen.h"
 #include "log.h"
 #include "routes.h"
 #include "workers.h"
@@ -280,10 +281,6 @@ static void *server_dispatch_loop(void *arg)
  * (another daemon) or a non-socket file refused. */
 static int server_prepare_unix_path(const char *path, char *err, size_t err_len)
 {
-    if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-        snprintf(err, err_len, "socket path %s is longer than a Unix socket address allows", path);
-        return -ENAMETOOLONG;
-    }
     _cleanup_free_ char *parent = strdup(path);
     if (!parent)
         return -ENOMEM;
@@ -359,13 +356,15 @@ static grpc_server_credentials *server_credentials(const struct server_config *c
 static int server_bind(struct server *server, const struct server_config *config, char *err,
                        size_t err_len)
 {
-    const char *address = config->listen_address;
-    bool tcp = strncmp(address, "unix:", 5) != 0;
-    if (strncmp(address, "tcp:", 4) == 0)
-        address += 4;
-    if (!tcp) {
-        snprintf(server->unix_path, sizeof(server->unix_path), "%s", address + 5);
-        int rc = server_prepare_unix_path(server->unix_path, err, err_len);
+    struct listen_address address;
+    int rc = listen_parse(config->listen_address, config->allow_abstract_socket, &address, err,
+                          err_len);
+    if (rc < 0)
+        return rc;
+    bool tcp = address.kind == LISTEN_TCP;
+    if (address.kind == LISTEN_UNIX) {
+        memcpy(server->unix_path, address.unix_path, sizeof(server->unix_path));
+        rc = server_prepare_unix_path(server->unix_path, err, err_len);
         if (rc < 0)
             return rc;
     }
@@ -373,11 +372,12 @@ static int server_bind(struct server *server, const struct server_config *config
     if (!credentials)
         return -EINVAL;
     mode_t old_mask = umask(0177); /* the socket is created 0600: only root may drive VMs */
-    int port = grpc_server_add_http2_port(server->grpc, address, credentials);
+    int port = grpc_server_add_http2_port(server->grpc, address.target, credentials);
     umask(old_mask);
     grpc_server_credentials_release(credentials);
     if (port <= 0) {
-        snprintf(err, err_len, "cannot listen on %s", config->listen_address);
+        server->unix_path[0] = '\0'; /* not ours: never unlink it */
+        listen_explain_failure(&address, err, err_len);
         return -EADDRNOTAVAIL;
     }
     return 0;
@@ -411,6 +411,8 @@ int server_start(const struct server_config *config, struct server **out, char *
         {.type = GRPC_ARG_INTEGER,
          .key = GRPC_ARG_MAX_CONCURRENT_STREAMS,
          .value.integer = MAX_STREAMS_PER_CONNECTION},
+        /* A second forkd on the same port must fail, not share it. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
     };
     grpc_channel_args channel_args = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     server->grpc = grpc_server_create(&channel_args, NULL);

@@ -38,8 +38,9 @@
 struct server;
 
 struct server_config {
-    const char *listen_address; /* "unix:/path", "HOST:PORT" or "tcp:HOST:PORT" */
+    const char *listen_address; /* "unix:/path", "HOST:PORT" or "tcp:HOST:PORT" (listen.h) */
     bool insecure_tcp;          /* allow TCP without TLS */
+    bool allow_abstract_socket; /* allow abstract Unix socket names */
     const char *tls_cert_path;  /* PEM; TLS on TCP when both are set */
     const char *tls_key_path;
     size_t max_message_bytes; /* largest request accepted */

@@ -169,3 +169,82 @@ def test_sigterm_during_idle_flood_exits_cleanly(plain):
     finally:
         flood.close()
     assert not os.path.exists(plain.socket_path)
+
+
+# 3. Listen addresses.
+
+def run_until_exit(args, timeout=10):
+    """Runs forkd expecting it to refuse to start; a forkd that serves instead is stopped."""
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=scaled(timeout))
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        output, _ = process.communicate()
+        raise AssertionError("forkd started instead of refusing; output:\n" + output)
+    return process.returncode, output
+
+
+def forkd_args(tmp_path, listen, *extra):
+    from forkd_harness import FORKD_BIN
+    return [FORKD_BIN, "--listen", listen, "--state-dir", str(tmp_path / "state"), *extra]
+
+
+@pytest.mark.parametrize("listen", ["unix:", "unix-abstract:forkd-test", "unix:@forkd-test"])
+def test_empty_and_abstract_unix_names_are_refused(tmp_path, listen):
+    code, output = run_until_exit(forkd_args(tmp_path, listen))
+    assert code != 0
+    assert "any local user can reach" in output, output
+
+
+def test_abstract_socket_allowed_only_by_its_flag(tmp_path):
+    name = "forkd-test-%d" % os.getpid()
+    d = Daemon("--allow-abstract-socket", workdir=str(tmp_path), start=False)
+    d.args[d.args.index("--listen") + 1] = "unix-abstract:" + name
+    d.socket_path = "\0" + name
+    try:
+        d.process = subprocess.Popen(d.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        channel = grpc.insecure_channel("unix-abstract:" + name)
+        grpc.channel_ready_future(channel).result(timeout=scaled(20))
+        channel.close()
+    finally:
+        d.process.terminate()
+        d.process.wait(timeout=scaled(30))
+
+
+def test_socket_path_too_long_is_refused_with_its_length(tmp_path):
+    path = str(tmp_path / ("s" * 120)) + ".sock"
+    code, output = run_until_exit(forkd_args(tmp_path, "unix:" + path))
+    assert code != 0
+    assert "%d bytes" % len(path) in output, output
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_second_forkd_on_the_same_tcp_port_is_refused(tmp_path):
+    listen = "127.0.0.1:%d" % _free_port()
+    first = Daemon("--insecure-tcp", workdir=str(tmp_path / "a"), start=False)
+    os.makedirs(first.workdir)
+    first.args[first.args.index("--listen") + 1] = listen
+    first.process = subprocess.Popen(first.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        channel = grpc.insecure_channel(listen)
+        grpc.channel_ready_future(channel).result(timeout=scaled(20))
+        channel.close()
+        code, output = run_until_exit(forkd_args(tmp_path, listen, "--insecure-tcp"))
+        assert code != 0
+        assert "cannot listen on %s: Address already in use" % listen in output, output
+    finally:
+        first.process.terminate()
+        first.process.wait(timeout=scaled(30))
+
+
+def test_cannot_listen_names_the_reason(tmp_path):
+    code, output = run_until_exit(forkd_args(tmp_path, "192.0.2.1:1", "--insecure-tcp"))
+    assert code != 0
+    assert "cannot listen on 192.0.2.1:1: Cannot assign requested address" in output, output
