@@ -1,7 +1,7 @@
 /*
  * forkd's entry point and lifecycle: flags, the state-directory lock, the host probe, the
- * server, and the staged shutdown on SIGTERM/SIGINT. Signals are blocked in every thread and
- * taken synchronously here with sigwaitinfo, so no handler runs on an arbitrary thread.
+ * server, and the staged shutdown on SIGTERM/SIGINT/SIGHUP/SIGQUIT. Signals are blocked in every
+ * thread and taken synchronously here with sigwaitinfo, so no handler runs on an arbitrary thread.
  */
 #include "branches.h"
 #include "daemon.h"
@@ -69,14 +69,42 @@ static void main_log_capabilities(const struct probe_host_caps *caps)
                  caps->kvm_usable ? "" : caps->kvm_error, caps->uffd_error);
 }
 
+/* Signals that stop the daemon the staged way (SIGTERM's way). SIGHUP and SIGQUIT would kill it
+ * by their default action, leaving the socket behind and the VMs orphaned. */
+static const int main_stop_signals[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT};
+/* Signals whose default action would also kill the daemon: logged and otherwise ignored. */
+static const int main_ignored_signals[] = {SIGUSR1, SIGUSR2, SIGALRM,  SIGVTALRM,
+                                           SIGPROF, SIGIO,   SIGXCPU,  SIGPWR};
+
+static bool main_is_stop_signal(int signal_number)
+{
+    for (size_t i = 0; i < sizeof(main_stop_signals) / sizeof(main_stop_signals[0]); i++)
+        if (main_stop_signals[i] == signal_number)
+            return true;
+    return false;
+}
+
+/* Fills set with every signal main() takes synchronously. */
+static void main_signal_set(sigset_t *set)
+{
+    sigemptyset(set);
+    for (size_t i = 0; i < sizeof(main_stop_signals) / sizeof(main_stop_signals[0]); i++)
+        sigaddset(set, main_stop_signals[i]);
+    for (size_t i = 0; i < sizeof(main_ignored_signals) / sizeof(main_ignored_signals[0]); i++)
+        sigaddset(set, main_ignored_signals[i]);
+}
+
 static int main_wait_for_stop_signal(const sigset_t *signals)
 {
     for (;;) {
         siginfo_t info;
         int signal_number = sigwaitinfo(signals, &info);
-        if (signal_number > 0)
+        if (signal_number > 0 && main_is_stop_signal(signal_number))
             return signal_number;
-        if (errno != EINTR)
+        if (signal_number > 0)
+            log_warn("%s (from pid %d) ignored: SIGTERM, SIGINT, SIGHUP or SIGQUIT stop forkd",
+                     strsignal(signal_number), (int)info.si_pid);
+        else if (errno != EINTR)
             return -errno;
     }
 }
@@ -206,11 +234,10 @@ int main(int argc, char **argv)
 
     /* Block before any thread exists so every thread (gRPC's included) inherits the mask. */
     sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
+    main_signal_set(&stop_signals);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGXFSZ, SIG_IGN); /* a write past the file size limit fails with EFBIG instead */
 
     char route_err[256];
     if (routes_init(route_err, sizeof(route_err)) < 0) {

@@ -101,8 +101,8 @@ static void options_print_help(FILE *out)
             "                           (default 10000).\n"
             "  --max-message-bytes N    largest request accepted; larger ones are refused with\n"
             "                           RESOURCE_EXHAUSTED (default 4194304).\n"
-            "  --shutdown-grace-ms N    on SIGTERM/SIGINT, how long running calls may finish\n"
-            "                           before they are cancelled (default 10000).\n"
+            "  --shutdown-grace-ms N    on a stop signal (see below), how long running calls\n"
+            "                           may finish before they are cancelled (default 10000).\n"
             "  --timeout-scale N        multiply every time limit forkd puts on a VMM (start,\n"
             "                           API calls, snapshots) by N, for slow or emulated hosts\n"
             "                           (default 1).\n"
@@ -117,9 +117,11 @@ static void options_print_help(FILE *out)
             "  --version                print the version and exit.\n"
             "  -h, --help               print this help and exit.\n"
             "\n"
-            "Signals: SIGTERM or SIGINT stop accepting calls, let running calls and branches\n"
-            "finish within the grace period, cancel the rest (a cancelled branch leaves its VM\n"
-            "running and no snapshot), stop the VMs (unless --keep-vms) and exit 0.\n",
+            "Signals: SIGTERM, SIGINT, SIGHUP or SIGQUIT stop accepting calls, let running\n"
+            "calls and branches finish within the grace period, cancel the rest (a cancelled\n"
+            "branch leaves its VM running and no snapshot), stop the VMs (unless --keep-vms)\n"
+            "and exit 0. SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGXCPU and\n"
+            "SIGPWR are logged and ignored; SIGPIPE and SIGXFSZ are ignored.\n",
             OPTIONS_DEFAULT_LISTEN, OPTIONS_DEFAULT_STATE_DIR, OPTIONS_DEFAULT_VMM);
 }
 

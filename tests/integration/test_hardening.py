@@ -248,3 +248,24 @@ def test_cannot_listen_names_the_reason(tmp_path):
     code, output = run_until_exit(forkd_args(tmp_path, "192.0.2.1:1", "--insecure-tcp"))
     assert code != 0
     assert "cannot listen on 192.0.2.1:1: Cannot assign requested address" in output, output
+
+
+# 7. Signals and memory.
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT])
+def test_hup_and_quit_stop_the_daemon_cleanly(plain, signum):
+    plain.start()
+    assert get_info(plain).pid == plain.process.pid
+    plain.signal(signum)
+    assert plain.wait(timeout=30) == 0, plain.log()
+    assert not os.path.exists(plain.socket_path)
+    assert "stopped" in plain.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM])
+def test_other_deadly_signals_are_ignored(plain, signum):
+    plain.start()
+    plain.signal(signum)
+    wait_until(lambda: "ignored" in plain.log(), 10, "the signal to be logged")
+    assert plain.process.poll() is None
+    assert get_info(plain).pid == plain.process.pid
