@@ -196,6 +196,8 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
         .allow_abstract_socket = opts->allow_abstract_socket,
         .tls_cert_path = opts->tls_cert,
         .tls_key_path = opts->tls_key,
+        .tls_client_ca_path = opts->tls_client_ca,
+        .tls_no_client_auth = opts->tls_no_client_auth,
         .max_message_bytes = opts->max_message_bytes,
         .max_calls = opts->max_calls,
         .max_streams = opts->max_streams,

@@ -24,6 +24,8 @@ enum {
     OPT_REALTIME_MAX_PERCENT,
     OPT_LOG_LEVEL,
     OPT_MAX_CALLS,
+    OPT_TLS_CLIENT_CA,
+    OPT_TLS_NO_CLIENT_AUTH,
     OPT_ALLOW_ABSTRACT_SOCKET,
     OPT_MAX_STREAMS,
     OPT_REQUEST_TIMEOUT_MS,
@@ -36,6 +38,8 @@ static const struct option long_options[] = {
     {"keep-vms", no_argument, NULL, OPT_KEEP_VMS},
     {"tls-cert", required_argument, NULL, OPT_TLS_CERT},
     {"tls-key", required_argument, NULL, OPT_TLS_KEY},
+    {"tls-client-ca", required_argument, NULL, OPT_TLS_CLIENT_CA},
+    {"tls-no-client-auth", no_argument, NULL, OPT_TLS_NO_CLIENT_AUTH},
     {"state-dir", required_argument, NULL, OPT_STATE_DIR},
     {"vmm-binary", required_argument, NULL, OPT_VMM_BINARY},
     {"max-branches", required_argument, NULL, OPT_MAX_BRANCHES},
@@ -67,8 +71,8 @@ static void options_print_help(FILE *out)
             "  --listen ADDR            where to serve gRPC (default %s).\n"
             "                           unix:PATH is a Unix socket created mode 0600, its\n"
             "                           directory created if missing. HOST:PORT (or\n"
-            "                           tcp:HOST:PORT) is TCP and needs --tls-cert/--tls-key or\n"
-            "                           --insecure-tcp.\n"
+            "                           tcp:HOST:PORT) is TCP and needs --tls-cert, --tls-key\n"
+            "                           and --tls-client-ca, or --insecure-tcp.\n"
             "                           An empty or abstract Unix name (unix-abstract:NAME,\n"
             "                           unix:@NAME) is refused unless --allow-abstract-socket.\n"
             "  --allow-abstract-socket  accept an abstract Unix socket address: it has no file\n"
@@ -78,6 +82,13 @@ static void options_print_help(FILE *out)
             "                           port can drive VMs).\n"
             "  --tls-cert PATH          PEM certificate chain for a TCP listener.\n"
             "  --tls-key PATH           PEM private key for a TCP listener.\n"
+            "  --tls-client-ca PATH     PEM CA certificates: with TLS, every client must present\n"
+            "                           a certificate that chains to one of them (mutual TLS).\n"
+            "                           Required with --tls-cert unless --tls-no-client-auth.\n"
+            "  --tls-no-client-auth     server-only TLS: clients are not authenticated, so any\n"
+            "                           client that reaches the port and trusts the server\n"
+            "                           certificate drives VMs as root. Use only behind\n"
+            "                           another layer that authenticates clients.\n"
             "  --state-dir DIR          where snapshots and VM records live (default %s).\n"
             "                           One forkd per state directory: a second one refuses.\n"
             "  --vmm-binary PATH        the VMM to launch per VM: a patched firecracker or\n"
@@ -231,6 +242,12 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
     case OPT_TLS_KEY:
         opts->tls_key = arg;
         return 0;
+    case OPT_TLS_CLIENT_CA:
+        opts->tls_client_ca = arg;
+        return 0;
+    case OPT_TLS_NO_CLIENT_AUTH:
+        opts->tls_no_client_auth = true;
+        return 0;
     case OPT_STATE_DIR:
         opts->state_dir = arg;
         return 0;
@@ -277,6 +294,14 @@ enum options_result options_parse(int argc, char **argv, struct forkd_options *o
     }
     if (!opts->tls_cert != !opts->tls_key) {
         fprintf(stderr, "forkd: --tls-cert and --tls-key go together\n");
+        return OPTIONS_EXIT_USAGE;
+    }
+    if ((opts->tls_client_ca || opts->tls_no_client_auth) && !opts->tls_cert) {
+        fprintf(stderr, "forkd: --tls-client-ca and --tls-no-client-auth need --tls-cert\n");
+        return OPTIONS_EXIT_USAGE;
+    }
+    if (opts->tls_client_ca && opts->tls_no_client_auth) {
+        fprintf(stderr, "forkd: --tls-client-ca and --tls-no-client-auth contradict each other\n");
         return OPTIONS_EXIT_USAGE;
     }
     return OPTIONS_RUN;

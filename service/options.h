@@ -18,6 +18,8 @@ struct forkd_options {
     bool keep_vms;
     const char *tls_cert;
     const char *tls_key;
+    const char *tls_client_ca;
+    bool tls_no_client_auth;
     const char *state_dir;
     const char *vmm_binary;
     unsigned max_branches;

@@ -332,6 +332,39 @@ static char *server_read_file(const char *path, char *err, size_t err_len)
     return text;
 }
 
+/* TLS for a TCP listener: client certificates signed by --tls-client-ca are required, unless
+ * server-only TLS was asked for explicitly (--tls-no-client-auth). */
+static grpc_server_credentials *server_tls_credentials(const struct server_config *config,
+                                                       char *err, size_t err_len)
+{
+    if (!config->tls_client_ca_path && !config->tls_no_client_auth) {
+        snprintf(err, err_len,
+                 "TLS on %s needs --tls-client-ca (client certificates), or --tls-no-client-auth "
+                 "to let any client that trusts the server certificate drive VMs",
+                 config->listen_address);
+        return NULL;
+    }
+    _cleanup_free_ char *cert = server_read_file(config->tls_cert_path, err, err_len);
+    _cleanup_free_ char *key = cert ? server_read_file(config->tls_key_path, err, err_len) : NULL;
+    if (!cert || !key)
+        return NULL;
+    _cleanup_free_ char *client_ca = NULL;
+    if (config->tls_client_ca_path) {
+        client_ca = server_read_file(config->tls_client_ca_path, err, err_len);
+        if (!client_ca)
+            return NULL;
+    }
+    grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
+    grpc_ssl_client_certificate_request_type request =
+        client_ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                  : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
+    grpc_server_credentials *credentials =
+        grpc_ssl_server_credentials_create_ex(client_ca, &pair, 1, request, NULL);
+    if (!credentials)
+        snprintf(err, err_len, "TLS: gRPC refused the certificate, key or client CA");
+    return credentials;
+}
+
 static grpc_server_credentials *server_credentials(const struct server_config *config, bool tcp,
                                                    char *err, size_t err_len)
 {
@@ -339,18 +372,14 @@ static grpc_server_credentials *server_credentials(const struct server_config *c
     if (!tcp || !tls) {
         if (tcp && !config->insecure_tcp) {
             snprintf(err, err_len,
-                     "listening on TCP (%s) needs --tls-cert and --tls-key, or --insecure-tcp",
+                     "listening on TCP (%s) needs --tls-cert, --tls-key and --tls-client-ca, or "
+                     "--insecure-tcp",
                      config->listen_address);
             return NULL;
         }
         return grpc_insecure_server_credentials_create();
     }
-    _cleanup_free_ char *cert = server_read_file(config->tls_cert_path, err, err_len);
-    _cleanup_free_ char *key = server_read_file(config->tls_key_path, err, err_len);
-    if (!cert || !key)
-        return NULL;
-    grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
-    return grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL);
+    return server_tls_credentials(config, err, err_len);
 }
 
 static int server_bind(struct server *server, const struct server_config *config, char *err,

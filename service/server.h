@@ -43,6 +43,8 @@ struct server_config {
     bool allow_abstract_socket; /* allow abstract Unix socket names */
     const char *tls_cert_path;  /* PEM; TLS on TCP when both are set */
     const char *tls_key_path;
+    const char *tls_client_ca_path; /* PEM; client certificates must chain to it */
+    bool tls_no_client_auth;        /* explicit opt-in to server-only TLS */
     size_t max_message_bytes; /* largest request accepted */
     unsigned max_calls;          /* unary calls in flight; more are refused */
     unsigned max_streams;        /* streaming calls in flight; more are refused */

@@ -269,3 +269,98 @@ def test_other_deadly_signals_are_ignored(plain, signum):
     wait_until(lambda: "ignored" in plain.log(), 10, "the signal to be logged")
     assert plain.process.poll() is None
     assert get_info(plain).pid == plain.process.pid
+
+
+# 2. Mutual TLS.
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True,
+                   timeout=scaled(60))
+
+
+def _issue(cwd, name, ca, extensions=None):
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", name + ".key",
+             "-out", name + ".csr", "-subj", "/CN=" + name, cwd=cwd)
+    args = ["x509", "-req", "-in", name + ".csr", "-CA", ca + ".crt", "-CAkey", ca + ".key",
+            "-CAcreateserial", "-days", "2", "-out", name + ".crt"]
+    if extensions:
+        with open(os.path.join(cwd, name + ".ext"), "w") as f:
+            f.write(extensions)
+        args += ["-extfile", name + ".ext"]
+    _openssl(*args, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1, a client certificate from the CA and one from
+    another CA, all made by openssl."""
+    d = str(tmp_path_factory.mktemp("pki"))
+    for ca in ("ca", "rogue-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca + ".key",
+                 "-out", ca + ".crt", "-days", "2", "-subj", "/CN=" + ca, cwd=d)
+    _issue(d, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _issue(d, "client", "ca")
+    _issue(d, "rogue", "rogue-ca")
+
+    def read(name):
+        with open(os.path.join(d, name), "rb") as f:
+            return f.read()
+    return d, read
+
+
+def _tls_daemon(tmp_path, pki_dir, *extra):
+    listen = "127.0.0.1:%d" % _free_port()
+    args = forkd_args(tmp_path, listen, "--tls-cert", os.path.join(pki_dir, "server.crt"),
+                      "--tls-key", os.path.join(pki_dir, "server.key"), *extra)
+    return listen, args
+
+
+def _tls_get_info(listen, read, client=None):
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read("ca.crt"),
+        private_key=read(client + ".key") if client else None,
+        certificate_chain=read(client + ".crt") if client else None)
+    with grpc.secure_channel(listen, credentials) as channel:
+        from forkd_harness import forkd_pb2_grpc
+        stub = forkd_pb2_grpc.ForkdStub(channel)
+        return stub.GetInfo(forkd_pb2.GetInfoRequest(), timeout=scaled(10))
+
+
+def test_tls_requires_client_certificates(tmp_path, pki):
+    pki_dir, read = pki
+    listen, args = _tls_daemon(tmp_path, pki_dir, "--tls-client-ca",
+                               os.path.join(pki_dir, "ca.crt"))
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _tls_answers(listen, read, "client"), 20, "forkd to serve over TLS")
+        assert _tls_get_info(listen, read, "client").pid == process.pid
+        for client in (None, "rogue"):
+            with pytest.raises(grpc.RpcError) as refused:
+                _tls_get_info(listen, read, client)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        process.terminate()
+        process.wait(timeout=scaled(30))
+
+
+def _tls_answers(listen, read, client):
+    try:
+        _tls_get_info(listen, read, client)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_server_only_tls_needs_its_explicit_flag(tmp_path, pki):
+    pki_dir, read = pki
+    listen, args = _tls_daemon(tmp_path, pki_dir)
+    code, output = run_until_exit(args)
+    assert code != 0
+    assert "--tls-client-ca" in output and "--tls-no-client-auth" in output, output
+    listen, args = _tls_daemon(tmp_path, pki_dir, "--tls-no-client-auth")
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _tls_answers(listen, read, None), 20, "server-only TLS to serve")
+    finally:
+        process.terminate()
+        process.wait(timeout=scaled(30))
