@@ -18,10 +18,12 @@
 grpc_status_code rpc_status_set(struct rpc_status *status, grpc_status_code code, const char *fmt,
                                 ...)
 {
+    char raw[sizeof(status->message)];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(status->message, sizeof(status->message), fmt, ap);
+    vsnprintf(raw, sizeof(raw), fmt, ap);
     va_end(ap);
+    log_escape(raw, status->message, sizeof(status->message));
     status->code = code;
     return code;
 }

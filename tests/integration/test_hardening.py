@@ -364,3 +364,61 @@ def test_server_only_tls_needs_its_explicit_flag(tmp_path, pki):
     finally:
         process.terminate()
         process.wait(timeout=scaled(30))
+
+
+# 4. Strings.
+
+def _field(number, payload):
+    assert len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def _raw_call(daemon, method, payload):
+    call = daemon.channel.unary_unary("/forkd.v1.Forkd/" + method)
+    with pytest.raises(grpc.RpcError) as error:
+        call(payload, timeout=scaled(10))
+    return error.value
+
+
+def test_string_with_nul_byte_is_refused_not_cut(plain):
+    plain.start()
+    error = _raw_call(plain, "DeleteSnapshot", _field(1, b"good-1\0../../etc"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "DeleteSnapshotRequest.name holds a NUL byte" in error.details()
+    boot = _field(3, b"guest.bin\0junk")
+    error = _raw_call(plain, "Boot", boot)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "kernel_image_path holds a NUL byte" in error.details()
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"ok\xe2\x82"])
+def test_invalid_utf8_is_refused(plain, bad):
+    plain.start()
+    error = _raw_call(plain, "GetSnapshot", _field(1, bad))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "GetSnapshotRequest.name is not valid UTF-8" in error.details()
+
+
+def test_nested_strings_are_checked(plain):
+    plain.start()
+    entry = _field(1, b"k") + _field(2, b"v\0x")
+    error = _raw_call(plain, "Boot", _field(5, entry))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "holds a NUL byte" in error.details()
+
+
+def test_duplicate_label_keys_are_refused(plain):
+    plain.start()
+    entry = _field(1, b"team") + _field(2, b"a")
+    other = _field(1, b"team") + _field(2, b"b")
+    error = _raw_call(plain, "Boot", _field(3, b"/x") + _field(5, entry) + _field(5, other))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "repeats the key 'team'" in error.details()
+
+
+def test_control_characters_are_escaped_in_messages_and_logs(plain):
+    plain.start()
+    error = _raw_call(plain, "GetVm", _field(1, b"x\n\x1b[31mFAKE"))
+    assert "\n" not in error.details() and "\x1b" not in error.details()
+    assert "\\x0a\\x1b[31mFAKE" in error.details(), error.details()
+    assert "\x1b" not in plain.log()
