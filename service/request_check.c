@@ -1,45 +1,14 @@
 /* Request checks protobuf-c does not make (see request_check.h). */
 #include "request_check.h"
 
+#include "forkd/utf8.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
 /* Nested messages deeper than this are left to the decoder's own limits. */
 #define CHECK_MAX_DEPTH 32
-
-bool utf8_valid(const uint8_t *s, size_t length)
-{
-    size_t i = 0;
-    while (i < length) {
-        uint8_t c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t n;
-        uint32_t min, cp;
-        if ((c & 0xE0) == 0xC0)
-            n = 1, min = 0x80, cp = c & 0x1F;
-        else if ((c & 0xF0) == 0xE0)
-            n = 2, min = 0x800, cp = c & 0x0F;
-        else if ((c & 0xF8) == 0xF0)
-            n = 3, min = 0x10000, cp = c & 0x07;
-        else
-            return false;
-        if (length - i <= n)
-            return false;
-        for (size_t k = 1; k <= n; k++) {
-            if ((s[i + k] & 0xC0) != 0x80)
-                return false;
-            cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-            return false;
-        i += n + 1;
-    }
-    return true;
-}
 
 /* Reads a varint; returns bytes used, 0 when malformed or truncated. */
 static size_t check_varint(const uint8_t *data, size_t length, uint64_t *out)
@@ -60,7 +29,7 @@ static int check_string(const ProtobufCMessageDescriptor *descriptor,
                         char *err, size_t err_len)
 {
     const char *problem = memchr(data, '\0', length) ? "holds a NUL byte"
-                          : !utf8_valid(data, length) ? "is not valid UTF-8"
+                          : !forkd_utf8_valid(data, length) ? "is not valid UTF-8"
                                                       : NULL;
     if (!problem)
         return 0;

@@ -19,10 +19,6 @@
 extern "C" {
 #endif
 
-/* True when data[0..length) is valid UTF-8 (no overlong forms, surrogates or code points past
- * U+10FFFF). */
-bool utf8_valid(const uint8_t *data, size_t length);
-
 /* Walks the encoded message of type descriptor: every string field, nested ones included, must
  * be valid UTF-8 without NUL. Returns 0, or -EINVAL with the field named in err. Malformed
  * framing is left to the decoder (returns 0). */

@@ -11,6 +11,7 @@
 
 #include "forkd/cleanup.h"
 #include "forkd/fsutil.h"
+#include "forkd/utf8.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -614,6 +615,10 @@ static int store_json_get_created_at(const cJSON *root, int64_t *out, struct for
 static int store_json_parse(const char *text, size_t len, struct store_snapshot *meta,
                             struct forkd_error *err)
 {
+    /* Strings from here reach clients that refuse invalid UTF-8 (proto3): one bad label would
+     * break every ListSnapshots. A NUL byte would cut a string short silently. */
+    if (memchr(text, '\0', len) || !forkd_utf8_valid(text, len))
+        return forkd_error_set(err, -EIO, "not valid UTF-8 text");
     _cleanup_(store_cjson_deletep) cJSON *root = cJSON_ParseWithLength(text, len);
     if (!root)
         return forkd_error_set(err, -EIO, "not valid JSON");
@@ -638,7 +643,8 @@ static int store_json_parse(const char *text, size_t len, struct store_snapshot 
 static int store_read_small_file(int dir_fd, const char *path, char **out, size_t *len,
                                  struct forkd_error *err)
 {
-    _cleanup_close_ int fd = openat(dir_fd, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO planted here must not hang start-up in open(); fstat then refuses it. */
+    _cleanup_close_ int fd = openat(dir_fd, path, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0)
         return forkd_error_set(err, -EIO, "%s", strerror(errno));
