@@ -21,9 +21,48 @@
 #include <grpc/grpc.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <time.h>
+
+/* Refuses a directory that someone other than forkd's user could change: whoever can write
+ * there can plant snapshots or VM sockets for a root daemon to act on. A parent with the sticky
+ * bit (/tmp) is accepted: others cannot rename or remove what is ours in it. */
+static int main_check_dir_private(const char *path, bool parent)
+{
+    struct stat st;
+    if (stat(path, &st) < 0) {
+        log_error("cannot check %s: %s", path, strerror(errno));
+        return -errno;
+    }
+    bool shared = (st.st_mode & (S_IWGRP | S_IWOTH)) && !(parent && (st.st_mode & S_ISVTX));
+    if (shared || (!parent && st.st_uid != geteuid()) ||
+        (parent && st.st_uid != geteuid() && st.st_uid != 0)) {
+        log_error("%s directory %s is writable by others or owned by another user (mode %04o, "
+                  "owner %u): refusing to use it",
+                  parent ? "the state directory's parent" : "state", path,
+                  (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid);
+        return -EPERM;
+    }
+    return 0;
+}
+
+static int main_check_state_dir(const char *state_dir)
+{
+    char parent[4096];
+    snprintf(parent, sizeof(parent), "%s", state_dir);
+    char *slash = strrchr(parent, '/');
+    if (slash == parent)
+        slash[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(parent, sizeof(parent), ".");
+    int rc = main_check_dir_private(state_dir, false);
+    return rc < 0 ? rc : main_check_dir_private(parent, true);
+}
 
 /* Creates the state directory and takes its lock, held for the daemon's life: two daemons on
  * one state directory would corrupt each other's snapshots. Returns the lock fd or -errno. */
@@ -34,6 +73,9 @@ static int main_lock_state_dir(const char *state_dir)
         log_error("cannot create state directory %s: %s", state_dir, strerror(-rc));
         return rc;
     }
+    rc = main_check_state_dir(state_dir);
+    if (rc < 0)
+        return rc;
     char path[4096];
     snprintf(path, sizeof(path), "%s/forkd.lock", state_dir);
     _cleanup_close_ int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -136,6 +178,23 @@ static void main_shutdown(struct server *server, struct daemon_state *daemon)
     server_destroy(server);
 }
 
+/* A corrupt snapshot is kept (it is user data) and listed as CORRUPT; say so once, loudly. */
+static void main_log_corrupt_snapshots(struct store *store)
+{
+    struct store_snapshot *list = NULL;
+    size_t count = 0;
+    struct forkd_error err = {0};
+    if (store_list(store, &list, &count, &err) < 0) {
+        log_warn("snapshot store: %s", err.message);
+        return;
+    }
+    for (size_t i = 0; i < count; i++)
+        if (list[i].state == STORE_STATE_CORRUPT)
+            log_warn("%s; it is listed as CORRUPT and kept until deleted",
+                     list[i].corrupt_reason);
+    free(list);
+}
+
 static int main_open_engine(struct daemon_state *daemon)
 {
     const struct forkd_options *opts = daemon->options;
@@ -144,6 +203,7 @@ static int main_open_engine(struct daemon_state *daemon)
         log_error("snapshot store: %s", err.message);
         return err.code;
     }
+    main_log_corrupt_snapshots(daemon->store);
     char run_dir[4096];
     snprintf(run_dir, sizeof(run_dir), "%s/vms", opts->state_dir);
     struct vm_registry_config config = {
@@ -159,10 +219,11 @@ static int main_open_engine(struct daemon_state *daemon)
     struct vm_stale_report stale;
     if (vm_registry_clean_stale(daemon->registry, &stale, &err) < 0)
         log_warn("VM run directory: %s", err.message);
-    else if (stale.killed || stale.kept)
+    else if (stale.killed || stale.kept || stale.foreign)
         log_warn("an earlier forkd on %s left VMs: %u killed (it had died without stopping "
-                 "them), %u left running as kept (--keep-vms; not managed by this forkd)",
-                 opts->state_dir, stale.killed, stale.kept);
+                 "them), %u left running as kept (--keep-vms; not managed by this forkd), %u "
+                 "processes on VM sockets spared (not proven to be a VMM forkd started)",
+                 opts->state_dir, stale.killed, stale.kept, stale.foreign);
     struct page_server_config page_config = {0};
     if (page_server_open(&page_config, &daemon->page_server, &err) < 0) {
         log_error("page server: %s", err.message);

@@ -165,7 +165,8 @@ static struct store_entry *store_find(struct store *store, const char *name)
 
 static bool store_entry_visible(const struct store_entry *entry)
 {
-    return entry->kind == STORE_ENTRY_READY || entry->kind == STORE_ENTRY_WRITING;
+    return entry->kind == STORE_ENTRY_READY || entry->kind == STORE_ENTRY_WRITING ||
+           entry->kind == STORE_ENTRY_CORRUPT;
 }
 
 static struct store_entry *store_entry_add(struct store *store, const char *name,
@@ -222,6 +223,12 @@ static void store_fill_snapshot(const struct store *store, const struct store_en
         *out = *entry->meta;
         out->state = STORE_STATE_READY;
         store_path(store, entry->name, out->path, sizeof(out->path), NULL);
+    } else if (entry->kind == STORE_ENTRY_CORRUPT) {
+        memset(out, 0, sizeof(*out));
+        memcpy(out->name, entry->name, sizeof(out->name));
+        out->state = STORE_STATE_CORRUPT;
+        store_path(store, entry->name, out->path, sizeof(out->path), NULL);
+        memcpy(out->corrupt_reason, entry->corrupt.message, sizeof(out->corrupt_reason));
     } else {
         memset(out, 0, sizeof(*out));
         memcpy(out->name, entry->name, sizeof(out->name));

@@ -422,3 +422,74 @@ def test_control_characters_are_escaped_in_messages_and_logs(plain):
     assert "\n" not in error.details() and "\x1b" not in error.details()
     assert "\\x0a\\x1b[31mFAKE" in error.details(), error.details()
     assert "\x1b" not in plain.log()
+
+
+# 6. State directory safety.
+
+def test_state_dir_writable_by_others_is_refused(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    code, output = run_until_exit(forkd_args(tmp_path, "unix:" + str(tmp_path / "s.sock")))
+    assert code != 0
+    assert "writable by others" in output, output
+    state.chmod(0o700)
+    tmp_path.chmod(0o775)
+    code, output = run_until_exit(forkd_args(tmp_path, "unix:" + str(tmp_path / "s.sock")))
+    assert code != 0
+    assert "parent" in output and "writable by others" in output, output
+
+
+LISTENER = ("import socket, sys, time\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.bind(sys.argv[1])\n"
+            "s.listen()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(float(sys.argv[2]))\n")
+
+
+def _listener(path):
+    import sys
+    process = subprocess.Popen([sys.executable, "-c", LISTENER, path, str(scaled(60))],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def test_stale_vm_cleanup_never_kills_what_it_did_not_start(tmp_path):
+    vms = tmp_path / "state" / "vms"
+    vms.mkdir(parents=True, mode=0o700)
+    (tmp_path / "state").chmod(0o700)
+    elsewhere = _listener(str(tmp_path / "someone-else.sock"))
+    planted = _listener(str(vms / "vm-2.sock"))
+    os.symlink(str(tmp_path / "someone-else.sock"), str(vms / "vm-1.sock"))
+    d = Daemon(workdir=str(tmp_path), start=False)
+    try:
+        d.start()
+        assert get_info(d).pid == d.process.pid
+        assert elsewhere.poll() is None, "forkd followed a symlink and killed its target"
+        assert planted.poll() is None, "forkd killed a process it did not start"
+        assert "1 processes on VM sockets spared" in d.log(), d.log()
+    finally:
+        d.cleanup()
+        for p in (elsewhere, planted):
+            p.kill()
+            p.wait()
+
+
+def test_corrupt_snapshots_are_logged_and_listed_as_such(tmp_path):
+    broken = tmp_path / "state" / "snapshots" / "broken"
+    broken.mkdir(parents=True)
+    for p in (tmp_path / "state", tmp_path / "state" / "snapshots", broken):
+        p.chmod(0o700)
+    (broken / "snapshot.json").write_text("{ not json")
+    d = Daemon(workdir=str(tmp_path), start=False)
+    try:
+        d.start()
+        assert "snapshot 'broken' is corrupt" in d.log()
+        listed = d.forkd().ListSnapshots(forkd_pb2.ListSnapshotsRequest(), timeout=10).snapshots
+        assert [s.name for s in listed] == ["broken"]
+        assert listed[0].state == forkd_pb2.SNAPSHOT_STATE_CORRUPT
+        assert "not valid JSON" in listed[0].corrupt_reason
+    finally:
+        d.cleanup()

@@ -508,7 +508,7 @@ TEST_F(StoreTest, LeftoversAreRemovedAtOpenAndOtherFilesKept)
     EXPECT_EQ(-ENOENT, Get("crashed", &got, &err));
 }
 
-TEST_F(StoreTest, CorruptSnapshotsAreHiddenButReportedAndNeverDeletedAtOpen)
+TEST_F(StoreTest, CorruptSnapshotsAreListedAsSuchAndNeverDeletedAtOpen)
 {
     Publish("good");
     std::string good_json = read_file(snapshots_ + "/good/snapshot.json");
@@ -532,8 +532,14 @@ TEST_F(StoreTest, CorruptSnapshotsAreHiddenButReportedAndNeverDeletedAtOpen)
     size_t count = 0;
     struct forkd_error err = {};
     ASSERT_EQ(0, store_list(store_, &list, &count, &err));
-    ASSERT_EQ(1u, count);
-    EXPECT_STREQ("good", list[0].name);
+    ASSERT_EQ(5u, count);
+    for (size_t i = 0; i < count; i++) {
+        SCOPED_TRACE(list[i].name);
+        bool good = strcmp(list[i].name, "good") == 0;
+        EXPECT_EQ(good ? STORE_STATE_READY : STORE_STATE_CORRUPT, list[i].state);
+        EXPECT_EQ(good, list[i].corrupt_reason[0] == '\0') << list[i].corrupt_reason;
+        EXPECT_EQ(snapshots_ + "/" + list[i].name, list[i].path);
+    }
     free(list);
 
     struct Case {
@@ -592,8 +598,10 @@ TEST_F(StoreTest, InvalidUtf8AndNonRegularSnapshotJsonAreCorruptNotAHang)
     size_t count = 0;
     struct forkd_error err = {};
     ASSERT_EQ(0, store_list(store_, &list, &count, &err));
-    ASSERT_EQ(1u, count);
-    EXPECT_STREQ("good", list[0].name);
+    ASSERT_EQ(3u, count);
+    EXPECT_EQ(STORE_STATE_CORRUPT, list[0].state); // bad-utf8
+    EXPECT_EQ(STORE_STATE_CORRUPT, list[1].state); // fifo
+    EXPECT_EQ(STORE_STATE_READY, list[2].state);   // good
     free(list);
     struct store_snapshot got;
     EXPECT_EQ(-EIO, Get("bad-utf8", &got, &err));

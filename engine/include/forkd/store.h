@@ -25,7 +25,7 @@ extern "C" {
 #define STORE_MAX_REGIONS 16
 #define STORE_MAX_LABELS  16
 
-enum store_state { STORE_STATE_WRITING = 1, STORE_STATE_READY = 2 };
+enum store_state { STORE_STATE_WRITING = 1, STORE_STATE_READY = 2, STORE_STATE_CORRUPT = 3 };
 
 /* Matches the proto's BranchMode values. */
 enum store_mode { STORE_MODE_LIVE = 1, STORE_MODE_LIVE_ARM_IN_PAUSE = 2, STORE_MODE_FULL = 3 };
@@ -74,6 +74,7 @@ struct store_snapshot {
     char path[PATH_MAX]; /* directory of the snapshot (set by the store; the temporary one
                           * while WRITING) */
     uint32_t users;      /* VMs holding it through store_acquire (set by the store) */
+    char corrupt_reason[FORKD_ERROR_MESSAGE_MAX]; /* CORRUPT: why, naming the file (set by the store) */
 };
 
 struct store;
@@ -84,8 +85,9 @@ int store_validate_name(const char *name, struct forkd_error *err);
 
 /* Opens (creating) <state_dir>/snapshots and removes crash leftovers (.tmp-* directories).
  * A directory with a valid name whose snapshot.json is unreadable (or whose data files do not
- * match it) is left alone: hidden from store_list, -EIO from store_get/store_acquire with the
- * file and the reason, -EEXIST from store_begin; store_delete removes it. */
+ * match it) is left alone: listed by store_list as CORRUPT with the reason, -EIO from
+ * store_get/store_acquire with the file and the reason, -EEXIST from store_begin;
+ * store_delete removes it. */
 int store_open(const char *state_dir, struct store **out, struct forkd_error *err);
 /* Every writer must have been published or aborted first. */
 void store_close(struct store *store);
@@ -116,7 +118,8 @@ int store_publish(struct store_writer *writer, const struct store_snapshot *meta
 /* Removes the temporary directory and releases the name. Frees the writer. */
 void store_abort(struct store_writer *writer);
 
-/* All snapshots, READY and WRITING, sorted by name. *out is malloc'd (free it; NULL when
+/* All snapshots, READY, WRITING and CORRUPT (only name, path and corrupt_reason filled), sorted
+ * by name. *out is malloc'd (free it; NULL when
  * *count is 0). */
 int store_list(struct store *store, struct store_snapshot **out, size_t *count,
                struct forkd_error *err);
