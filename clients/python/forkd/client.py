@@ -191,7 +191,7 @@ class Client:
         return Vm.from_proto(self._unary(self.stub.StopVm, request, timeout).vm)
 
     def snapshots(self, *, timeout: float | None = _DEFAULT) -> list[Snapshot]:
-        """Every snapshot, READY and WRITING, sorted by name."""
+        """Every snapshot, READY, WRITING and CORRUPT, sorted by name."""
         reply = self._unary(self.stub.ListSnapshots, pb.ListSnapshotsRequest(), timeout)
         return [Snapshot.from_proto(s) for s in reply.snapshots]
 
