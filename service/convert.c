@@ -192,7 +192,10 @@ grpc_status_code convert_status_code(int code)
     case -ECONNRESET:
     case -EPIPE:
     case -ETIMEDOUT:
+    case -EREMOTEIO: /* the VMM refused the request */
         return GRPC_STATUS_UNAVAILABLE;
+    case -EIO: /* a snapshot's files are corrupt or unreadable */
+        return GRPC_STATUS_DATA_LOSS;
     case -ECANCELED:
         return GRPC_STATUS_CANCELLED;
     default:

@@ -15,13 +15,14 @@
 #define VM_MIN_MEMORY_MIB     16
 #define VM_MAX_MEMORY_MIB     (1024 * 1024)
 #define SPAWN_MAX_COUNT       256
+#define VM_MAX_BOOT_ARGS      2048 /* x86 Linux COMMAND_LINE_SIZE, Firecracker's limit too */
 #define STOP_DEFAULT_GRACE_MS 2000
 
 static grpc_status_code vms_check_name(const char *name, struct rpc_status *status)
 {
     struct forkd_error err = {0};
-    if (*name && store_validate_name(name, &err) < 0)
-        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "VM name: %s", err.message);
+    if (*name && store_validate_name_of("VM name", name, &err) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "%s", err.message);
     return GRPC_STATUS_OK;
 }
 
@@ -42,6 +43,11 @@ static grpc_status_code vms_check_boot(const Forkd__V1__BootRequest *request,
         return rpc_status_set(
             status, GRPC_STATUS_INVALID_ARGUMENT, "mem_size_mib %llu is out of range %d..%d",
             (unsigned long long)machine->mem_size_mib, VM_MIN_MEMORY_MIB, VM_MAX_MEMORY_MIB);
+    size_t boot_args_length = strlen(request->boot_args);
+    if (boot_args_length > VM_MAX_BOOT_ARGS)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "boot_args is %zu bytes; a kernel command line holds at most %d",
+                              boot_args_length, VM_MAX_BOOT_ARGS);
     if (request->kernel_image_path[0] != '/')
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
                               "kernel_image_path must be an absolute path, got '%s'",
@@ -227,7 +233,7 @@ static grpc_status_code vms_check_spawn(const Forkd__V1__SpawnRequest *request,
     if (*request->name_prefix) {
         char longest[128];
         snprintf(longest, sizeof(longest), "%s-%u", request->name_prefix, request->count - 1);
-        if (store_validate_name(longest, &err) < 0)
+        if (store_validate_name_of("VM name", longest, &err) < 0)
             return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
                                   "name_prefix gives invalid VM names: %s", err.message);
     }

@@ -111,31 +111,36 @@ static void store_quote_name(const char *name, char out[STORE_QUOTED_MAX])
     strcpy(out + used, name[i] ? "..." : "");
 }
 
-int store_validate_name(const char *name, struct forkd_error *err)
+int store_validate_name_of(const char *what, const char *name, struct forkd_error *err)
 {
     if (!name || !*name)
-        return forkd_error_set(err, -EINVAL, "snapshot name is empty; names match %s",
+        return forkd_error_set(err, -EINVAL, "%s is empty; names match %s", what,
                                STORE_NAME_RULE);
     char quoted[STORE_QUOTED_MAX];
     store_quote_name(name, quoted);
     size_t len = strnlen(name, STORE_NAME_MAX + 1);
     if (len > STORE_NAME_MAX)
         return forkd_error_set(err, -EINVAL,
-                               "snapshot name '%s' is longer than %d characters; names match %s",
-                               quoted, STORE_NAME_MAX, STORE_NAME_RULE);
+                               "%s '%s' is longer than %d characters; names match %s",
+                               what, quoted, STORE_NAME_MAX, STORE_NAME_RULE);
     if (!store_name_char_ok(name[0], true))
         return forkd_error_set(err, -EINVAL,
-                               "snapshot name '%s' must start with a letter or a digit; names "
+                               "%s '%s' must start with a letter or a digit; names "
                                "match %s",
-                               quoted, STORE_NAME_RULE);
+                               what, quoted, STORE_NAME_RULE);
     for (size_t i = 1; i < len; i++) {
         if (!store_name_char_ok(name[i], false))
             return forkd_error_set(err, -EINVAL,
-                                   "snapshot name '%s' has a character other than letters, digits, "
+                                   "%s '%s' has a character other than letters, digits, "
                                    "'_', '.' and '-' at position %zu; names match %s",
-                                   quoted, i, STORE_NAME_RULE);
+                                   what, quoted, i, STORE_NAME_RULE);
     }
     return 0;
+}
+
+int store_validate_name(const char *name, struct forkd_error *err)
+{
+    return store_validate_name_of("snapshot name", name, err);
 }
 
 /* Copies a validated name into a STORE_NAME_MAX + 1 buffer. */

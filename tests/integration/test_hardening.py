@@ -493,3 +493,45 @@ def test_corrupt_snapshots_are_logged_and_listed_as_such(tmp_path):
         assert "not valid JSON" in listed[0].corrupt_reason
     finally:
         d.cleanup()
+
+
+# 8. Status codes and messages.
+
+def test_corrupt_snapshot_is_data_loss(tmp_path):
+    broken = tmp_path / "state" / "snapshots" / "broken"
+    broken.mkdir(parents=True)
+    for p in (tmp_path / "state", tmp_path / "state" / "snapshots", broken):
+        p.chmod(0o700)
+    (broken / "snapshot.json").write_text("{ not json")
+    d = Daemon(workdir=str(tmp_path), start=False)
+    try:
+        d.start()
+        with pytest.raises(grpc.RpcError) as error:
+            d.forkd().GetSnapshot(forkd_pb2.GetSnapshotRequest(name="broken"), timeout=10)
+        assert error.value.code() == grpc.StatusCode.DATA_LOSS, error.value.details()
+        assert "corrupt" in error.value.details()
+    finally:
+        d.cleanup()
+
+
+def _boot(daemon, **fields):
+    request = forkd_pb2.BootRequest(
+        kernel_image_path="/guest.bin",
+        machine=forkd_pb2.MachineConfig(vcpu_count=1, mem_size_mib=32), **fields)
+    with pytest.raises(grpc.RpcError) as error:
+        daemon.forkd().Boot(request, timeout=10)
+    return error.value
+
+
+def test_vm_name_errors_name_the_vm(plain):
+    plain.start()
+    error = _boot(plain, name="-bad")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "VM name '-bad'" in error.details() and "snapshot" not in error.details()
+
+
+def test_boot_args_length_is_checked_by_forkd(plain):
+    plain.start()
+    error = _boot(plain, boot_args="x" * (1 << 20))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "boot_args is 1048576 bytes" in error.details(), error.details()

@@ -82,6 +82,9 @@ struct store_writer;
 
 /* Checks a snapshot name; -EINVAL with the reason otherwise. */
 int store_validate_name(const char *name, struct forkd_error *err);
+/* The same rule for another kind of name (VMs share it): what names it in the message ("VM
+ * name"). */
+int store_validate_name_of(const char *what, const char *name, struct forkd_error *err);
 
 /* Opens (creating) <state_dir>/snapshots and removes crash leftovers (.tmp-* directories).
  * A directory with a valid name whose snapshot.json is unreadable (or whose data files do not
