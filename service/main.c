@@ -21,7 +21,6 @@
 #include <grpc/grpc.h>
 #include <signal.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -179,20 +178,10 @@ static void main_shutdown(struct server *server, struct daemon_state *daemon)
 }
 
 /* A corrupt snapshot is kept (it is user data) and listed as CORRUPT; say so once, loudly. */
-static void main_log_corrupt_snapshots(struct store *store)
+static void main_log_corrupt_snapshot(const char *reason, void *context)
 {
-    struct store_snapshot *list = NULL;
-    size_t count = 0;
-    struct forkd_error err = {0};
-    if (store_list(store, &list, &count, &err) < 0) {
-        log_warn("snapshot store: %s", err.message);
-        return;
-    }
-    for (size_t i = 0; i < count; i++)
-        if (list[i].state == STORE_STATE_CORRUPT)
-            log_warn("%s; it is listed as CORRUPT and kept until deleted",
-                     list[i].corrupt_reason);
-    free(list);
+    (void)context;
+    log_warn("%s; it is listed as CORRUPT and kept until deleted", reason);
 }
 
 static int main_open_engine(struct daemon_state *daemon)
@@ -203,7 +192,7 @@ static int main_open_engine(struct daemon_state *daemon)
         log_error("snapshot store: %s", err.message);
         return err.code;
     }
-    main_log_corrupt_snapshots(daemon->store);
+    store_for_each_corrupt(daemon->store, main_log_corrupt_snapshot, NULL);
     char run_dir[4096];
     snprintf(run_dir, sizeof(run_dir), "%s/vms", opts->state_dir);
     struct vm_registry_config config = {

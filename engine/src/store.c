@@ -1189,6 +1189,16 @@ int store_list(struct store *store, struct store_snapshot **out, size_t *count,
     return 0;
 }
 
+void store_for_each_corrupt(struct store *store, void (*fn)(const char *reason, void *context),
+                            void *context)
+{
+    pthread_mutex_lock(&store->lock);
+    for (struct store_entry *e = store->entries; e; e = e->next)
+        if (e->kind == STORE_ENTRY_CORRUPT)
+            fn(e->corrupt.message, context);
+    pthread_mutex_unlock(&store->lock);
+}
+
 /* Finds a name for get/acquire/delete: 0, or -EINVAL, -ENOENT, or -EIO for a corrupt one (whose
  * entry is still returned, so it can be deleted). Caller holds the lock. */
 static int store_lookup(struct store *store, const char *name, struct store_entry **out,

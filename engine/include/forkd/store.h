@@ -127,6 +127,11 @@ void store_abort(struct store_writer *writer);
 int store_list(struct store *store, struct store_snapshot **out, size_t *count,
                struct forkd_error *err);
 
+/* Calls fn with the reason of each CORRUPT snapshot (under the store's lock: fn must not call
+ * back into the store). Cheaper than store_list when only those are wanted. */
+void store_for_each_corrupt(struct store *store, void (*fn)(const char *reason, void *context),
+                            void *context);
+
 /* One snapshot (READY or WRITING). -ENOENT when there is none. */
 int store_get(struct store *store, const char *name, struct store_snapshot *out,
               struct forkd_error *err);
