@@ -3,6 +3,7 @@
 #include "daemon.h"
 #include "handlers.h"
 #include "log.h"
+#include "paging.h"
 
 #include "forkd/pause.h"
 
@@ -151,7 +152,8 @@ grpc_status_code handle_get_vm(struct rpc_call *call, const ProtobufCMessage *me
 
 /* Replies with a list of VMs: a SpawnResponse (with its elapsed time) or a ListVmsResponse. */
 static grpc_status_code vms_reply_list(struct rpc_call *call, struct vm **vms, size_t count,
-                                       bool spawned, uint64_t elapsed_ns, struct rpc_status *status)
+                                       bool spawned, uint64_t elapsed_ns, const char *next_token,
+                                       struct rpc_status *status)
 {
     struct vm_message *messages = calloc(count ? count : 1, sizeof(*messages));
     Forkd__V1__Vm **pointers = calloc(count ? count : 1, sizeof(*pointers));
@@ -166,6 +168,7 @@ static grpc_status_code vms_reply_list(struct rpc_call *call, struct vm **vms, s
         spawn.n_vms = list.n_vms = count;
         spawn.vms = list.vms = pointers;
         spawn.elapsed_ns = elapsed_ns;
+        list.next_page_token = (char *)next_token;
         rc = call_set_response(call, spawned ? &spawn.base : &list.base);
     }
     free(messages);
@@ -177,10 +180,26 @@ static grpc_status_code vms_reply_list(struct rpc_call *call, struct vm **vms, s
 grpc_status_code handle_list_vms(struct rpc_call *call, const ProtobufCMessage *message,
                                  struct rpc_status *status)
 {
+    const Forkd__V1__ListVmsRequest *request = (const Forkd__V1__ListVmsRequest *)message;
     struct daemon_state *daemon = call->daemon;
+    unsigned long after;
+    if (paging_vm_token(request->page_token, &after) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "page_token '%.64s' is not a VM id from an earlier page",
+                              request->page_token);
     struct vm **vms;
     size_t count = vm_list(daemon->registry, &vms);
-    grpc_status_code code = vms_reply_list(call, vms, count, false, 0, status);
+    /* The registry lists VMs in creation order, which is id order. */
+    size_t first = 0;
+    unsigned long number;
+    while (first < count && paging_vm_token(vm_id(vms[first]), &number) == 0 && number <= after)
+        first++;
+    size_t page = paging_size(request->page_size);
+    if (page > count - first)
+        page = count - first;
+    bool more = first + page < count;
+    grpc_status_code code = vms_reply_list(call, vms + first, page, false, 0,
+                                           more ? vm_id(vms[first + page - 1]) : "", status);
     vm_list_free(vms, count);
     return code;
 }
@@ -357,7 +376,8 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
     } else {
         log_info("spawned %u forks of %s in %.1f ms", request->count, request->snapshot,
                  (double)(forkd_monotonic_ns() - start) / 1e6);
-        code = vms_reply_list(call, vms, started, true, forkd_monotonic_ns() - start, status);
+        code = vms_reply_list(call, vms, started, true, forkd_monotonic_ns() - start, "",
+                              status);
     }
     for (size_t i = 0; i < started; i++)
         vm_unref(vms[i]);

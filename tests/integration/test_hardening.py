@@ -535,3 +535,41 @@ def test_boot_args_length_is_checked_by_forkd(plain):
     error = _boot(plain, boot_args="x" * (1 << 20))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "boot_args is 1048576 bytes" in error.details(), error.details()
+
+
+# 5. Listing at scale.
+
+def test_list_snapshots_pages(tmp_path):
+    from measure_abuse import plant_snapshots
+    d = Daemon(workdir=str(tmp_path), start=False)
+    plant_snapshots(d.state_dir, 25)
+    try:
+        d.start()
+        names, token, pages = [], "", 0
+        while True:
+            reply = d.forkd().ListSnapshots(
+                forkd_pb2.ListSnapshotsRequest(page_size=10, page_token=token), timeout=10)
+            assert len(reply.snapshots) <= 10
+            names += [s.name for s in reply.snapshots]
+            pages += 1
+            token = reply.next_page_token
+            if not token:
+                break
+        assert pages == 3
+        assert names == ["snap-%05d" % i for i in range(25)]
+        whole = d.forkd().ListSnapshots(forkd_pb2.ListSnapshotsRequest(), timeout=10)
+        assert len(whole.snapshots) == 25 and whole.next_page_token == ""
+        with pytest.raises(grpc.RpcError) as error:
+            d.forkd().ListSnapshots(forkd_pb2.ListSnapshotsRequest(page_token="../x"), timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        d.cleanup()
+
+
+def test_list_vms_page_token_is_checked(plain):
+    plain.start()
+    reply = plain.forkd().ListVms(forkd_pb2.ListVmsRequest(page_size=5), timeout=10)
+    assert len(reply.vms) == 0 and reply.next_page_token == ""
+    with pytest.raises(grpc.RpcError) as error:
+        plain.forkd().ListVms(forkd_pb2.ListVmsRequest(page_token="nope"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -127,6 +127,13 @@ void store_abort(struct store_writer *writer);
 int store_list(struct store *store, struct store_snapshot **out, size_t *count,
                struct forkd_error *err);
 
+/* One page of store_list: at most max snapshots whose names sort after `after` ("" for the
+ * first page), sorted by name; *more tells whether others follow. Copies only the page's
+ * records, so a page costs the same whatever the store holds. *out as for store_list. */
+int store_list_page(struct store *store, const char *after, size_t max,
+                    struct store_snapshot **out, size_t *count, bool *more,
+                    struct forkd_error *err);
+
 /* Calls fn with the reason of each CORRUPT snapshot (under the store's lock: fn must not call
  * back into the store). Cheaper than store_list when only those are wanted. */
 void store_for_each_corrupt(struct store *store, void (*fn)(const char *reason, void *context),
