@@ -650,6 +650,12 @@ static int store_json_parse(const char *text, size_t len, struct store_snapshot 
     return 0;
 }
 
+int store_parse_metadata(const char *text, size_t len, struct store_snapshot *out,
+                         struct forkd_error *err)
+{
+    return store_json_parse(text, len, out, err);
+}
+
 /* ---- loading at open ---- */
 
 static int store_read_small_file(int dir_fd, const char *path, char **out, size_t *len,

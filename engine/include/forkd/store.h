@@ -134,6 +134,11 @@ int store_list_page(struct store *store, const char *after, size_t max,
                     struct store_snapshot **out, size_t *count, bool *more,
                     struct forkd_error *err);
 
+/* Parses snapshot.json text as store_open does (strictly: UTF-8, every field, right types).
+ * Returns 0 or -EIO with the reason in err. For tests and fuzzing; the store calls it itself. */
+int store_parse_metadata(const char *text, size_t len, struct store_snapshot *out,
+                         struct forkd_error *err);
+
 /* Calls fn with the reason of each CORRUPT snapshot (under the store's lock: fn must not call
  * back into the store). Cheaper than store_list when only those are wanted. */
 void store_for_each_corrupt(struct store *store, void (*fn)(const char *reason, void *context),
