@@ -11,8 +11,8 @@ packages=(
   libcurl4-openssl-dev libcjson-dev
   # protoc and the gRPC code generator plugins (grpc_python_plugin)
   protobuf-compiler protobuf-compiler-grpc
-  # C/C++ tests
-  googletest libgtest-dev
+  # C/C++ tests; openssl makes the certificates of the mutual-TLS tests
+  googletest libgtest-dev openssl
   # Python client and its tests (rich: forkctl's progress display; setuptools, wheel and pip:
   # the offline install of clients/python)
   python3 python3-grpcio python3-protobuf python3-pytest python3-rich

@@ -1,9 +1,11 @@
-/* One server call, start to end, on its own thread and pluck queue (see call.h). */
+/* One server call, start to end: accepted by the dispatcher, run by a worker (see call.h). */
 #include "call.h"
 
 #include "glue.h"
 #include "log.h"
 #include "routes.h"
+
+#include "basic/clock.h"
 
 #include <errno.h>
 #include <grpc/support/time.h>
@@ -13,42 +15,76 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Each call has its own queue, so small constant tags are unique among its pending batches. */
-#define TAG_CLOSE  ((void *)1)
-#define TAG_RECV   ((void *)2)
-#define TAG_SEND   ((void *)3)
-#define TAG_FINISH ((void *)4)
-
 grpc_status_code rpc_status_set(struct rpc_status *status, grpc_status_code code, const char *fmt,
                                 ...)
 {
+    char raw[sizeof(status->message)];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(status->message, sizeof(status->message), fmt, ap);
+    vsnprintf(raw, sizeof(raw), fmt, ap);
     va_end(ap);
+    log_escape(raw, status->message, sizeof(status->message));
     status->code = code;
     return code;
 }
 
-struct rpc_call *call_new(struct server *server, void *daemon)
+struct rpc_call *call_new(struct server *server, void *daemon, grpc_completion_queue *queue)
 {
     struct rpc_call *call = calloc(1, sizeof(*call));
     if (!call)
         return NULL;
-    call->queue = grpc_completion_queue_create_for_pluck(NULL);
+    call->queue = queue;
     call->server = server;
     call->daemon = daemon;
+    pthread_mutex_init(&call->lock, NULL);
+    pthread_cond_init(&call->changed, NULL);
+    for (int op = 0; op < CALL_OPS; op++)
+        call->tags[op] = (struct call_tag){.call = call, .op = (enum call_op)op};
     grpc_call_details_init(&call->details);
     grpc_metadata_array_init(&call->request_metadata);
     return call;
 }
 
-/* Waits for one batch of this call. Returns the batch's success flag. */
-static bool call_wait(struct rpc_call *call, void *tag)
+void call_complete(struct rpc_call *call, enum call_op op, bool success)
 {
-    grpc_event event =
-        grpc_completion_queue_pluck(call->queue, tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-    return event.type == GRPC_OP_COMPLETE && event.success;
+    pthread_mutex_lock(&call->lock);
+    call->done |= 1u << op;
+    if (success)
+        call->ok |= 1u << op;
+    if (op == CALL_OP_CLOSE)
+        call->close_done = true;
+    if (call->pending > 0)
+        call->pending--;
+    pthread_cond_broadcast(&call->changed);
+    pthread_mutex_unlock(&call->lock);
+}
+
+bool call_quiet(struct rpc_call *call)
+{
+    pthread_mutex_lock(&call->lock);
+    bool quiet = call->pending == 0;
+    pthread_mutex_unlock(&call->lock);
+    return quiet;
+}
+
+/* Waits for the batch op of this call to be delivered. Returns its success flag. */
+static bool call_wait(struct rpc_call *call, enum call_op op)
+{
+    pthread_mutex_lock(&call->lock);
+    while (!(call->done & (1u << op)))
+        pthread_cond_wait(&call->changed, &call->lock);
+    bool ok = call->ok & (1u << op);
+    pthread_mutex_unlock(&call->lock);
+    return ok;
+}
+
+/* Waits until no batch of the call is pending. */
+static void call_wait_quiet(struct rpc_call *call)
+{
+    pthread_mutex_lock(&call->lock);
+    while (call->pending > 0)
+        pthread_cond_wait(&call->changed, &call->lock);
+    pthread_mutex_unlock(&call->lock);
 }
 
 void call_free(struct rpc_call *call)
@@ -59,23 +95,29 @@ void call_free(struct rpc_call *call)
         grpc_call_unref(call->call);
     if (call->response)
         grpc_byte_buffer_destroy(call->response);
+    if (call->request)
+        grpc_byte_buffer_destroy(call->request);
     grpc_call_details_destroy(&call->details);
     grpc_metadata_array_destroy(&call->request_metadata);
-    grpc_completion_queue_shutdown(call->queue);
-    /* A pluck queue reports SHUTDOWN only once every pending batch was delivered. */
-    while (grpc_completion_queue_pluck(call->queue, NULL, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
-               .type != GRPC_QUEUE_SHUTDOWN) {
-    }
-    grpc_completion_queue_destroy(call->queue);
+    pthread_mutex_destroy(&call->lock);
+    pthread_cond_destroy(&call->changed);
     free(call);
 }
 
-static int call_start_batch(struct rpc_call *call, const grpc_op *ops, size_t count, void *tag)
+static int call_start_batch(struct rpc_call *call, const grpc_op *ops, size_t count,
+                            enum call_op op)
 {
-    grpc_call_error rc = grpc_call_start_batch(call->call, ops, count, tag, NULL);
+    /* Counted before the start: the completion may be delivered before grpc returns. */
+    pthread_mutex_lock(&call->lock);
+    call->pending++;
+    call->done &= ~(1u << op);
+    call->ok &= ~(1u << op);
+    pthread_mutex_unlock(&call->lock);
+    grpc_call_error rc = grpc_call_start_batch(call->call, ops, count, &call->tags[op], NULL);
     if (rc != GRPC_CALL_OK) {
         /* A batch whose start fails never delivers its tag: do not wait for it. */
         log_error("%s: grpc_call_start_batch failed (%d)", call->method, (int)rc);
+        call_complete(call, op, false);
         return -EIO;
     }
     return 0;
@@ -88,7 +130,7 @@ static void call_start_close_watch(struct rpc_call *call)
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     op.data.recv_close_on_server.cancelled = &call->close_cancelled;
-    call->close_started = call_start_batch(call, &op, 1, TAG_CLOSE) == 0;
+    call->close_started = call_start_batch(call, &op, 1, CALL_OP_CLOSE) == 0;
 }
 
 bool call_is_cancelled(struct rpc_call *call)
@@ -98,16 +140,16 @@ bool call_is_cancelled(struct rpc_call *call)
 
 bool call_wait_cancelled(struct rpc_call *call, int timeout_ms)
 {
-    if (call->close_done || !call->close_started)
+    if (!call->close_started)
         return true;
-    gpr_timespec deadline = timeout_ms <= 0
-                                ? gpr_inf_past(GPR_CLOCK_MONOTONIC)
-                                : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                               gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
-    grpc_event event = grpc_completion_queue_pluck(call->queue, TAG_CLOSE, deadline, NULL);
-    if (event.type == GRPC_OP_COMPLETE)
-        call->close_done = true;
-    return call->close_done;
+    struct timespec deadline = forkd_realtime_after_ms(timeout_ms > 0 ? timeout_ms : 0);
+    pthread_mutex_lock(&call->lock);
+    while (!call->close_done && timeout_ms > 0 &&
+           pthread_cond_timedwait(&call->changed, &call->lock, &deadline) != ETIMEDOUT) {
+    }
+    bool ended = call->close_done;
+    pthread_mutex_unlock(&call->lock);
+    return ended;
 }
 
 long long call_deadline_remaining_ms(const struct rpc_call *call)
@@ -151,26 +193,20 @@ int call_send_message(struct rpc_call *call, const ProtobufCMessage *message)
     ops[count].op = GRPC_OP_SEND_MESSAGE;
     ops[count].data.send_message.send_message = buffer;
     count++;
-    int rc = call_start_batch(call, ops, count, TAG_SEND);
-    bool sent = rc == 0 && call_wait(call, TAG_SEND);
+    int rc = call_start_batch(call, ops, count, CALL_OP_SEND);
+    bool sent = rc == 0 && call_wait(call, CALL_OP_SEND);
     grpc_byte_buffer_destroy(buffer);
     return sent ? 0 : -ECANCELED;
 }
 
-/* Receives the single request message; NULL when the client sent none or went away. */
-static grpc_byte_buffer *call_recv_request(struct rpc_call *call)
+/* Starts receiving the single request message; the dispatcher learns when it is in. */
+static int call_start_recv_request(struct rpc_call *call)
 {
-    grpc_byte_buffer *payload = NULL;
     grpc_op op;
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_MESSAGE;
-    op.data.recv_message.recv_message = &payload;
-    if (call_start_batch(call, &op, 1, TAG_RECV) < 0 || !call_wait(call, TAG_RECV)) {
-        if (payload)
-            grpc_byte_buffer_destroy(payload);
-        return NULL;
-    }
-    return payload;
+    op.data.recv_message.recv_message = &call->request;
+    return call_start_batch(call, &op, 1, CALL_OP_RECV);
 }
 
 static void call_finish(struct rpc_call *call, const struct rpc_status *status)
@@ -190,8 +226,8 @@ static void call_finish(struct rpc_call *call, const struct rpc_status *status)
     ops[count].data.send_status_from_server.status = status->code;
     ops[count].data.send_status_from_server.status_details = &details;
     count++;
-    if (call_start_batch(call, ops, count, TAG_FINISH) == 0)
-        call_wait(call, TAG_FINISH);
+    if (call_start_batch(call, ops, count, CALL_OP_FINISH) == 0)
+        call_wait(call, CALL_OP_FINISH);
     grpc_slice_unref(details);
 }
 
@@ -208,17 +244,11 @@ static void call_copy_method(struct rpc_call *call)
 static void call_dispatch(struct rpc_call *call, struct rpc_status *status)
 {
     const struct route *route = call->route;
-    grpc_byte_buffer *payload = call_recv_request(call);
-    if (!payload && call_is_cancelled(call)) {
-        rpc_status_set(status, GRPC_STATUS_CANCELLED, "%s: call ended before its request arrived",
-                       call->method);
-        return;
-    }
     ProtobufCMessage *request = NULL;
     char err[256];
-    int rc = glue_unpack(route->method->input, payload, &request, err, sizeof(err));
-    if (payload)
-        grpc_byte_buffer_destroy(payload);
+    int rc = glue_unpack(route->method->input, call->request, &request, err, sizeof(err));
+    grpc_byte_buffer_destroy(call->request);
+    call->request = NULL;
     if (rc < 0) {
         rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "%s: %s", call->method, err);
         return;
@@ -227,21 +257,40 @@ static void call_dispatch(struct rpc_call *call, struct rpc_status *status)
     protobuf_c_message_free_unpacked(request, NULL);
 }
 
-void call_serve(struct rpc_call *call)
+void call_identify(struct rpc_call *call)
 {
     call_copy_method(call);
-    call_start_close_watch(call);
-    struct rpc_status status = {.code = GRPC_STATUS_OK, .message = ""};
     call->route = routes_find(call->method);
+}
+
+int call_accept(struct rpc_call *call, struct rpc_status *status)
+{
     if (!call->route)
-        rpc_status_set(&status, GRPC_STATUS_UNIMPLEMENTED, "unknown method %s", call->method);
-    else if (!call->route->handler)
-        rpc_status_set(&status, GRPC_STATUS_UNIMPLEMENTED, "%s is not implemented in forkd %s yet",
-                       call->method, FORKD_VERSION);
-    else
-        call_dispatch(call, &status);
+        return rpc_status_set(status, GRPC_STATUS_UNIMPLEMENTED, "unknown method %s",
+                              call->method);
+    if (!call->route->handler)
+        return rpc_status_set(status, GRPC_STATUS_UNIMPLEMENTED,
+                              "%s is not implemented in forkd %s yet", call->method,
+                              FORKD_VERSION);
+    call_start_close_watch(call);
+    if (call_start_recv_request(call) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INTERNAL, "%s: cannot receive the request",
+                              call->method);
+    return 0;
+}
+
+void call_refuse(struct rpc_call *call, grpc_status_code code, const char *message)
+{
+    log_debug("%s -> %d %s", call->method[0] ? call->method : "call", (int)code, message);
+    /* Sends the status and ends the call without a batch: nothing to wait for. */
+    grpc_call_cancel_with_status(call->call, code, message, NULL);
+}
+
+void call_serve(struct rpc_call *call)
+{
+    struct rpc_status status = {.code = GRPC_STATUS_OK, .message = ""};
+    call_dispatch(call, &status);
     log_debug("%s -> %d %s", call->method, (int)status.code, status.message);
     call_finish(call, &status);
-    if (call->close_started && !call->close_done)
-        call_wait(call, TAG_CLOSE);
+    call_wait_quiet(call);
 }

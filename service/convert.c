@@ -131,8 +131,8 @@ void convert_snapshot(const struct store_snapshot *record, struct snapshot_messa
     Forkd__V1__Snapshot *s = &out->snapshot;
     *s = (Forkd__V1__Snapshot)FORKD__V1__SNAPSHOT__INIT;
     s->name = r->name;
-    s->state = r->state == STORE_STATE_READY ? FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_READY
-                                             : FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_WRITING;
+    s->state = convert_snapshot_state(r->state);
+    s->corrupt_reason = r->corrupt_reason;
     s->source_vm_id = r->source_vm_id;
     s->source_vm_name = r->source_vm_name;
     s->parent_snapshot = r->parent_snapshot;
@@ -148,6 +148,19 @@ void convert_snapshot(const struct store_snapshot *record, struct snapshot_messa
     s->path = r->path;
     s->vms_using = r->users;
     convert_snapshot_regions(out);
+}
+
+Forkd__V1__SnapshotState convert_snapshot_state(enum store_state state)
+{
+    switch (state) {
+    case STORE_STATE_READY:
+        return FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_READY;
+    case STORE_STATE_WRITING:
+        return FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_WRITING;
+    case STORE_STATE_CORRUPT:
+        return FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_CORRUPT;
+    }
+    return FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_UNSPECIFIED;
 }
 
 grpc_status_code convert_status_code(int code)
@@ -178,7 +191,10 @@ grpc_status_code convert_status_code(int code)
     case -ECONNRESET:
     case -EPIPE:
     case -ETIMEDOUT:
+    case -EREMOTEIO: /* the VMM refused the request */
         return GRPC_STATUS_UNAVAILABLE;
+    case -EIO: /* a snapshot's files are corrupt or unreadable */
+        return GRPC_STATUS_DATA_LOSS;
     case -ECANCELED:
         return GRPC_STATUS_CANCELLED;
     default:

@@ -45,6 +45,9 @@ void convert_snapshot(const struct store_snapshot *record, struct snapshot_messa
 void convert_figures(const struct store_figures *figures, Forkd__V1__BranchFigures *out);
 void convert_progress(const struct branch_progress *progress, Forkd__V1__BranchProgress *out);
 
+/* The proto's state for a store state. */
+Forkd__V1__SnapshotState convert_snapshot_state(enum store_state state);
+
 /* The gRPC code for an engine error code (negative errno). */
 grpc_status_code convert_status_code(int code);
 

@@ -1,6 +1,8 @@
 /* protobuf-c <-> gRPC byte buffer glue (see glue.h). */
 #include "glue.h"
 
+#include "request_check.h"
+
 #include "basic/cleanup.h"
 
 #include <errno.h>
@@ -28,11 +30,21 @@ int glue_unpack(const ProtobufCMessageDescriptor *descriptor, grpc_byte_buffer *
     ProtobufCMessage *message = protobuf_c_message_unpack(descriptor, NULL, GRPC_SLICE_LENGTH(flat),
                                                           GRPC_SLICE_START_PTR(flat));
     size_t length = GRPC_SLICE_LENGTH(flat);
+    /* On the wire bytes: after decoding, a string's NUL byte cannot be told from its end. */
+    int rc = message ? request_check_strings(descriptor, GRPC_SLICE_START_PTR(flat), length, err,
+                                             err_len)
+                     : 0;
     grpc_slice_unref(flat);
     if (!message) {
         snprintf(err, err_len, "malformed request: %zu bytes do not decode as %s", length,
                  descriptor->name);
         return -EINVAL;
+    }
+    if (rc == 0)
+        rc = request_check_map_keys(message, err, err_len);
+    if (rc < 0) {
+        protobuf_c_message_free_unpacked(message, NULL);
+        return rc;
     }
     *out = message;
     return 0;

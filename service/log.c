@@ -27,15 +27,38 @@ int log_parse_level(const char *text, enum log_level *out)
     return -EINVAL;
 }
 
+void log_escape(const char *in, char *out, size_t out_size)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t at = 0;
+    for (; *in && at + 1 < out_size; in++) {
+        unsigned char c = (unsigned char)*in;
+        if (c >= 0x20 && c != 0x7f) {
+            out[at++] = (char)c;
+            continue;
+        }
+        if (at + 4 >= out_size)
+            break;
+        out[at++] = '\\';
+        out[at++] = 'x';
+        out[at++] = hex[c >> 4];
+        out[at++] = hex[c & 15];
+    }
+    if (out_size)
+        out[at] = '\0';
+}
+
 void log_write(enum log_level level, const char *fmt, ...)
 {
     if ((int)level > atomic_load(&log_threshold))
         return;
-    char message[1024];
+    char raw[1024];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(message, sizeof(message), fmt, ap);
+    vsnprintf(raw, sizeof(raw), fmt, ap);
     va_end(ap);
+    char message[1024];
+    log_escape(raw, message, sizeof(message));
 
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);

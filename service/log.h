@@ -5,6 +5,8 @@
 #ifndef FORKD_SERVICE_LOG_H
 #define FORKD_SERVICE_LOG_H
 
+#include <stddef.h>
+
 enum log_level { LOG_LEVEL_ERROR, LOG_LEVEL_WARN, LOG_LEVEL_INFO, LOG_LEVEL_DEBUG };
 
 void log_set_level(enum log_level level);
@@ -16,5 +18,10 @@ void log_write(enum log_level level, const char *fmt, ...) __attribute__((format
 #define log_warn(...)  log_write(LOG_LEVEL_WARN, __VA_ARGS__)
 #define log_info(...)  log_write(LOG_LEVEL_INFO, __VA_ARGS__)
 #define log_debug(...) log_write(LOG_LEVEL_DEBUG, __VA_ARGS__)
+
+/* Copies in to out (NUL-terminated, truncated to out_size), control characters (below 0x20,
+ * and 0x7f) written as \xNN: text from clients reaches logs and status messages, and must not
+ * forge log lines or drive terminals. */
+void log_escape(const char *in, char *out, size_t out_size);
 
 #endif

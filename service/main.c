@@ -1,7 +1,7 @@
 /*
  * forkd's entry point and lifecycle: flags, the state-directory lock, the host probe, the
- * server, and the staged shutdown on SIGTERM/SIGINT. Signals are blocked in every thread and
- * taken synchronously here with sigwaitinfo, so no handler runs on an arbitrary thread.
+ * server, and the staged shutdown on SIGTERM/SIGINT/SIGHUP/SIGQUIT. Signals are blocked in every
+ * thread and taken synchronously here with sigwaitinfo, so no handler runs on an arbitrary thread.
  */
 #include "branches.h"
 #include "daemon.h"
@@ -21,7 +21,45 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <time.h>
+
+/* Refuses a directory that someone other than forkd's user could change: whoever can write
+ * there can plant snapshots or VM sockets for a root daemon to act on. A parent with the sticky
+ * bit (/tmp) is accepted: others cannot rename or remove what is ours in it. */
+static int main_check_dir_private(const char *path, bool parent)
+{
+    struct stat st;
+    if (stat(path, &st) < 0) {
+        log_error("cannot check %s: %s", path, strerror(errno));
+        return -errno;
+    }
+    bool shared = (st.st_mode & (S_IWGRP | S_IWOTH)) && !(parent && (st.st_mode & S_ISVTX));
+    if (shared || (!parent && st.st_uid != geteuid()) ||
+        (parent && st.st_uid != geteuid() && st.st_uid != 0)) {
+        log_error("%s directory %s is writable by others or owned by another user (mode %04o, "
+                  "owner %u): refusing to use it",
+                  parent ? "the state directory's parent" : "state", path,
+                  (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid);
+        return -EPERM;
+    }
+    return 0;
+}
+
+static int main_check_state_dir(const char *state_dir)
+{
+    char parent[4096];
+    snprintf(parent, sizeof(parent), "%s", state_dir);
+    char *slash = strrchr(parent, '/');
+    if (slash == parent)
+        slash[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(parent, sizeof(parent), ".");
+    int rc = main_check_dir_private(state_dir, false);
+    return rc < 0 ? rc : main_check_dir_private(parent, true);
+}
 
 /* Creates the state directory and takes its lock, held for the daemon's life: two daemons on
  * one state directory would corrupt each other's snapshots. Returns the lock fd or -errno. */
@@ -32,6 +70,9 @@ static int main_lock_state_dir(const char *state_dir)
         log_error("cannot create state directory %s: %s", state_dir, strerror(-rc));
         return rc;
     }
+    rc = main_check_state_dir(state_dir);
+    if (rc < 0)
+        return rc;
     char path[4096];
     snprintf(path, sizeof(path), "%s/forkd.lock", state_dir);
     _cleanup_close_ int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -68,14 +109,42 @@ static void main_log_capabilities(const struct probe_host_caps *caps)
                  caps->kvm_usable ? "" : caps->kvm_error, caps->uffd_error);
 }
 
+/* Signals that stop the daemon the staged way (SIGTERM's way). SIGHUP and SIGQUIT would kill it
+ * by their default action, leaving the socket behind and the VMs orphaned. */
+static const int main_stop_signals[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT};
+/* Signals whose default action would also kill the daemon: logged and otherwise ignored. */
+static const int main_ignored_signals[] = {SIGUSR1, SIGUSR2, SIGALRM,  SIGVTALRM,
+                                           SIGPROF, SIGIO,   SIGXCPU,  SIGPWR};
+
+static bool main_is_stop_signal(int signal_number)
+{
+    for (size_t i = 0; i < sizeof(main_stop_signals) / sizeof(main_stop_signals[0]); i++)
+        if (main_stop_signals[i] == signal_number)
+            return true;
+    return false;
+}
+
+/* Fills set with every signal main() takes synchronously. */
+static void main_signal_set(sigset_t *set)
+{
+    sigemptyset(set);
+    for (size_t i = 0; i < sizeof(main_stop_signals) / sizeof(main_stop_signals[0]); i++)
+        sigaddset(set, main_stop_signals[i]);
+    for (size_t i = 0; i < sizeof(main_ignored_signals) / sizeof(main_ignored_signals[0]); i++)
+        sigaddset(set, main_ignored_signals[i]);
+}
+
 static int main_wait_for_stop_signal(const sigset_t *signals)
 {
     for (;;) {
         siginfo_t info;
         int signal_number = sigwaitinfo(signals, &info);
-        if (signal_number > 0)
+        if (signal_number > 0 && main_is_stop_signal(signal_number))
             return signal_number;
-        if (errno != EINTR)
+        if (signal_number > 0)
+            log_warn("%s (from pid %d) ignored: SIGTERM, SIGINT, SIGHUP or SIGQUIT stop forkd",
+                     strsignal(signal_number), (int)info.si_pid);
+        else if (errno != EINTR)
             return -errno;
     }
 }
@@ -100,6 +169,13 @@ static void main_shutdown(struct server *server, struct daemon_state *daemon)
     server_destroy(server);
 }
 
+/* A corrupt snapshot is kept (it is user data) and listed as CORRUPT; say so once, loudly. */
+static void main_log_corrupt_snapshot(const char *reason, void *context)
+{
+    (void)context;
+    log_warn("%s; it is listed as CORRUPT and kept until deleted", reason);
+}
+
 static int main_open_engine(struct daemon_state *daemon)
 {
     const struct forkd_options *opts = daemon->options;
@@ -119,10 +195,12 @@ static int main_open_engine(struct daemon_state *daemon)
     struct vm_stale_report stale;
     if (vm_registry_clean_stale(engine_registry(daemon->engine), &stale, &err) < 0)
         log_warn("VM run directory: %s", err.message);
-    else if (stale.killed || stale.kept)
+    else if (stale.killed || stale.kept || stale.foreign)
         log_warn("an earlier forkd on %s left VMs: %u killed (it had died without stopping "
-                 "them), %u left running as kept (--keep-vms; not managed by this forkd)",
-                 opts->state_dir, stale.killed, stale.kept);
+                 "them), %u left running as kept (--keep-vms; not managed by this forkd), %u "
+                 "processes on VM sockets spared (not proven to be a VMM forkd started)",
+                 opts->state_dir, stale.killed, stale.kept, stale.foreign);
+    store_for_each_corrupt(engine_store(daemon->engine), main_log_corrupt_snapshot, NULL);
     daemon->branches = branches_table_new(opts->max_branches);
     return daemon->branches ? 0 : -ENOMEM;
 }
@@ -145,9 +223,15 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
     struct server_config config = {
         .listen_address = opts->listen,
         .insecure_tcp = opts->insecure_tcp,
+        .allow_abstract_socket = opts->allow_abstract_socket,
         .tls_cert_path = opts->tls_cert,
         .tls_key_path = opts->tls_key,
+        .tls_client_ca_path = opts->tls_client_ca,
+        .tls_no_client_auth = opts->tls_no_client_auth,
         .max_message_bytes = opts->max_message_bytes,
+        .max_calls = opts->max_calls,
+        .max_streams = opts->max_streams,
+        .request_timeout_ms = opts->request_timeout_ms,
         .daemon = daemon,
     };
     struct server *server = NULL;
@@ -182,11 +266,10 @@ int main(int argc, char **argv)
 
     /* Block before any thread exists so every thread (gRPC's included) inherits the mask. */
     sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
+    main_signal_set(&stop_signals);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGXFSZ, SIG_IGN); /* a write past the file size limit fails with EFBIG instead */
 
     char route_err[256];
     if (routes_init(route_err, sizeof(route_err)) < 0) {

@@ -23,6 +23,12 @@ enum {
     OPT_NO_REALTIME,
     OPT_REALTIME_MAX_PERCENT,
     OPT_LOG_LEVEL,
+    OPT_MAX_CALLS,
+    OPT_TLS_CLIENT_CA,
+    OPT_TLS_NO_CLIENT_AUTH,
+    OPT_ALLOW_ABSTRACT_SOCKET,
+    OPT_MAX_STREAMS,
+    OPT_REQUEST_TIMEOUT_MS,
     OPT_VERSION,
 };
 
@@ -32,6 +38,8 @@ static const struct option long_options[] = {
     {"keep-vms", no_argument, NULL, OPT_KEEP_VMS},
     {"tls-cert", required_argument, NULL, OPT_TLS_CERT},
     {"tls-key", required_argument, NULL, OPT_TLS_KEY},
+    {"tls-client-ca", required_argument, NULL, OPT_TLS_CLIENT_CA},
+    {"tls-no-client-auth", no_argument, NULL, OPT_TLS_NO_CLIENT_AUTH},
     {"state-dir", required_argument, NULL, OPT_STATE_DIR},
     {"vmm-binary", required_argument, NULL, OPT_VMM_BINARY},
     {"max-branches", required_argument, NULL, OPT_MAX_BRANCHES},
@@ -41,6 +49,10 @@ static const struct option long_options[] = {
     {"no-realtime", no_argument, NULL, OPT_NO_REALTIME},
     {"realtime-max-percent", required_argument, NULL, OPT_REALTIME_MAX_PERCENT},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+    {"max-calls", required_argument, NULL, OPT_MAX_CALLS},
+    {"allow-abstract-socket", no_argument, NULL, OPT_ALLOW_ABSTRACT_SOCKET},
+    {"max-streams", required_argument, NULL, OPT_MAX_STREAMS},
+    {"request-timeout-ms", required_argument, NULL, OPT_REQUEST_TIMEOUT_MS},
     {"version", no_argument, NULL, OPT_VERSION},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
@@ -59,12 +71,24 @@ static void options_print_help(FILE *out)
             "  --listen ADDR            where to serve gRPC (default %s).\n"
             "                           unix:PATH is a Unix socket created mode 0600, its\n"
             "                           directory created if missing. HOST:PORT (or\n"
-            "                           tcp:HOST:PORT) is TCP and needs --tls-cert/--tls-key or\n"
-            "                           --insecure-tcp.\n"
+            "                           tcp:HOST:PORT) is TCP and needs --tls-cert, --tls-key\n"
+            "                           and --tls-client-ca, or --insecure-tcp.\n"
+            "                           An empty or abstract Unix name (unix-abstract:NAME,\n"
+            "                           unix:@NAME) is refused unless --allow-abstract-socket.\n"
+            "  --allow-abstract-socket  accept an abstract Unix socket address: it has no file\n"
+            "                           permissions, so any local user in this network\n"
+            "                           namespace can connect and drive VMs as root.\n"
             "  --insecure-tcp           allow a TCP listener without TLS (anyone who reaches the\n"
             "                           port can drive VMs).\n"
             "  --tls-cert PATH          PEM certificate chain for a TCP listener.\n"
             "  --tls-key PATH           PEM private key for a TCP listener.\n"
+            "  --tls-client-ca PATH     PEM CA certificates: with TLS, every client must present\n"
+            "                           a certificate that chains to one of them (mutual TLS).\n"
+            "                           Required with --tls-cert unless --tls-no-client-auth.\n"
+            "  --tls-no-client-auth     server-only TLS: clients are not authenticated, so any\n"
+            "                           client that reaches the port and trusts the server\n"
+            "                           certificate drives VMs as root. Use only behind\n"
+            "                           another layer that authenticates clients.\n"
             "  --state-dir DIR          where snapshots and VM records live (default %s).\n"
             "                           One forkd per state directory: a second one refuses.\n"
             "  --vmm-binary PATH        the VMM to launch per VM: a patched firecracker or\n"
@@ -76,10 +100,20 @@ static void options_print_help(FILE *out)
             "                           killed by the next one.\n"
             "  --max-branches N         branches allowed to run at once; more are refused with\n"
             "                           RESOURCE_EXHAUSTED (default 4).\n"
+            "  --max-calls N            unary calls (everything but the streams below) in\n"
+            "                           flight at once; more are refused with\n"
+            "                           RESOURCE_EXHAUSTED (default 64).\n"
+            "  --max-streams N          streaming calls (Branch, WatchBranch, health Watch) in\n"
+            "                           flight at once, counted apart so they cannot starve\n"
+            "                           unary calls; more are refused with RESOURCE_EXHAUSTED\n"
+            "                           (default 32).\n"
+            "  --request-timeout-ms N   a call's request message must arrive within N ms of the\n"
+            "                           call, or the call ends with DEADLINE_EXCEEDED\n"
+            "                           (default 10000).\n"
             "  --max-message-bytes N    largest request accepted; larger ones are refused with\n"
             "                           RESOURCE_EXHAUSTED (default 4194304).\n"
-            "  --shutdown-grace-ms N    on SIGTERM/SIGINT, how long running calls may finish\n"
-            "                           before they are cancelled (default 10000).\n"
+            "  --shutdown-grace-ms N    on a stop signal (see below), how long running calls\n"
+            "                           may finish before they are cancelled (default 10000).\n"
             "  --timeout-scale N        multiply every time limit forkd puts on a VMM (start,\n"
             "                           API calls, snapshots) by N, for slow or emulated hosts\n"
             "                           (default 1).\n"
@@ -94,9 +128,11 @@ static void options_print_help(FILE *out)
             "  --version                print the version and exit.\n"
             "  -h, --help               print this help and exit.\n"
             "\n"
-            "Signals: SIGTERM or SIGINT stop accepting calls, let running calls and branches\n"
-            "finish within the grace period, cancel the rest (a cancelled branch leaves its VM\n"
-            "running and no snapshot), stop the VMs (unless --keep-vms) and exit 0.\n",
+            "Signals: SIGTERM, SIGINT, SIGHUP or SIGQUIT stop accepting calls, let running\n"
+            "calls and branches finish within the grace period, cancel the rest (a cancelled\n"
+            "branch leaves its VM running and no snapshot), stop the VMs (unless --keep-vms)\n"
+            "and exit 0. SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGXCPU and\n"
+            "SIGPWR are logged and ignored; SIGPIPE and SIGXFSZ are ignored.\n",
             OPTIONS_DEFAULT_LISTEN, OPTIONS_DEFAULT_STATE_DIR, OPTIONS_DEFAULT_VMM);
 }
 
@@ -129,6 +165,21 @@ static int options_apply_number(int option, const char *text, struct forkd_optio
             return -EINVAL;
         opts->max_message_bytes = (size_t)value;
         return 0;
+    case OPT_MAX_CALLS:
+        if (options_parse_number(text, 1, 4096, &value) < 0)
+            return -EINVAL;
+        opts->max_calls = (unsigned)value;
+        return 0;
+    case OPT_MAX_STREAMS:
+        if (options_parse_number(text, 1, 4096, &value) < 0)
+            return -EINVAL;
+        opts->max_streams = (unsigned)value;
+        return 0;
+    case OPT_REQUEST_TIMEOUT_MS:
+        if (options_parse_number(text, 10, 3600000, &value) < 0)
+            return -EINVAL;
+        opts->request_timeout_ms = (unsigned)value;
+        return 0;
     case OPT_SHUTDOWN_GRACE_MS:
         if (options_parse_number(text, 0, 3600000, &value) < 0)
             return -EINVAL;
@@ -156,6 +207,9 @@ static void options_set_defaults(struct forkd_options *opts)
         .vmm_binary = OPTIONS_DEFAULT_VMM,
         .max_branches = 4,
         .max_message_bytes = 4u << 20,
+        .max_calls = 64,
+        .max_streams = 32,
+        .request_timeout_ms = 10000,
         .shutdown_grace_ms = 10000,
         .timeout_scale = 1,
         .realtime = true,
@@ -176,6 +230,9 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
     case OPT_KEEP_VMS:
         opts->keep_vms = true;
         return 0;
+    case OPT_ALLOW_ABSTRACT_SOCKET:
+        opts->allow_abstract_socket = true;
+        return 0;
     case OPT_NO_REALTIME:
         opts->realtime = false;
         return 0;
@@ -184,6 +241,12 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
         return 0;
     case OPT_TLS_KEY:
         opts->tls_key = arg;
+        return 0;
+    case OPT_TLS_CLIENT_CA:
+        opts->tls_client_ca = arg;
+        return 0;
+    case OPT_TLS_NO_CLIENT_AUTH:
+        opts->tls_no_client_auth = true;
         return 0;
     case OPT_STATE_DIR:
         opts->state_dir = arg;
@@ -231,6 +294,14 @@ enum options_result options_parse(int argc, char **argv, struct forkd_options *o
     }
     if (!opts->tls_cert != !opts->tls_key) {
         fprintf(stderr, "forkd: --tls-cert and --tls-key go together\n");
+        return OPTIONS_EXIT_USAGE;
+    }
+    if ((opts->tls_client_ca || opts->tls_no_client_auth) && !opts->tls_cert) {
+        fprintf(stderr, "forkd: --tls-client-ca and --tls-no-client-auth need --tls-cert\n");
+        return OPTIONS_EXIT_USAGE;
+    }
+    if (opts->tls_client_ca && opts->tls_no_client_auth) {
+        fprintf(stderr, "forkd: --tls-client-ca and --tls-no-client-auth contradict each other\n");
         return OPTIONS_EXIT_USAGE;
     }
     return OPTIONS_RUN;

@@ -14,13 +14,19 @@
 struct forkd_options {
     const char *listen;
     bool insecure_tcp;
+    bool allow_abstract_socket;
     bool keep_vms;
     const char *tls_cert;
     const char *tls_key;
+    const char *tls_client_ca;
+    bool tls_no_client_auth;
     const char *state_dir;
     const char *vmm_binary;
     unsigned max_branches;
     size_t max_message_bytes;
+    unsigned max_calls;          /* unary calls in flight */
+    unsigned max_streams;        /* streaming calls in flight */
+    unsigned request_timeout_ms; /* deadline for a call's request message */
     unsigned shutdown_grace_ms;
     unsigned timeout_scale;         /* multiplies every VMM time limit */
     bool realtime;                  /* SCHED_FIFO for the pause and fault-serving threads */

@@ -2,7 +2,10 @@
 #include "server.h"
 
 #include "call.h"
+#include "listen.h"
 #include "log.h"
+#include "routes.h"
+#include "workers.h"
 
 #include "basic/cleanup.h"
 #include "basic/clock.h"
@@ -23,58 +26,120 @@
 
 #define SHUTDOWN_TAG ((void *)1)
 
+/* How often the dispatcher wakes without events, to time out requests that do not arrive. */
+#define DISPATCH_TICK_MS 50
+/* A worker thread with nothing to do for this long exits. */
+#define WORKER_IDLE_MS 30000
+/* Streams one HTTP/2 connection may have open at once (further ones wait in the client). */
+#define MAX_STREAMS_PER_CONNECTION 64
+
 struct server {
     grpc_server *grpc;
-    grpc_completion_queue *notify_queue; /* dispatcher's; every new call is announced here */
+    grpc_completion_queue *queue; /* the one queue: new calls and every batch of every call */
     pthread_t dispatcher;
+    struct worker_pool *workers;
     void *daemon;
     char unix_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 
-    pthread_mutex_t lock; /* guards active_calls */
+    /* Dispatcher only. */
+    struct rpc_call *waiting_head; /* calls whose request is not in, oldest (first due) first */
+    struct rpc_call *waiting_tail;
+    unsigned waiting_calls;
+    unsigned max_waiting;
+    bool shutdown_notified;
+    bool queue_shut;
+    unsigned max_calls;
+    unsigned max_streams;
+    unsigned request_timeout_ms;
+
+    pthread_mutex_t lock; /* guards the counts below */
     pthread_cond_t idle;
-    unsigned active_calls;
+    unsigned active_calls;   /* accepted and not yet freed, admitted or not */
+    unsigned unary_calls;    /* admitted unary calls */
+    unsigned streaming_calls; /* admitted streaming calls */
 };
 
-static void *server_call_thread(void *arg)
+static void server_waiting_remove(struct server *server, struct rpc_call *call)
 {
-    struct rpc_call *call = arg;
-    struct server *server = call->server;
-    call_serve(call);
-    call_free(call);
+    if (call->waiting_prev)
+        call->waiting_prev->waiting_next = call->waiting_next;
+    else if (server->waiting_head == call)
+        server->waiting_head = call->waiting_next;
+    else
+        return; /* not in the list */
+    server->waiting_calls--;
+    if (call->waiting_next)
+        call->waiting_next->waiting_prev = call->waiting_prev;
+    else
+        server->waiting_tail = call->waiting_prev;
+    call->waiting_prev = call->waiting_next = NULL;
+}
+
+static void server_waiting_append(struct server *server, struct rpc_call *call)
+{
+    call->request_deadline_ns =
+        forkd_monotonic_ns() + (uint64_t)server->request_timeout_ms * 1000000;
+    call->waiting_next = NULL;
+    call->waiting_prev = server->waiting_tail;
+    if (server->waiting_tail)
+        server->waiting_tail->waiting_next = call;
+    else
+        server->waiting_head = call;
+    server->waiting_tail = call;
+    server->waiting_calls++;
+}
+
+/* Frees a call no batch refers to any more and gives back its budget. */
+static void server_release_call(struct server *server, struct rpc_call *call)
+{
     pthread_mutex_lock(&server->lock);
+    if (call->admitted && call->streaming)
+        server->streaming_calls--;
+    else if (call->admitted)
+        server->unary_calls--;
     if (--server->active_calls == 0)
         pthread_cond_broadcast(&server->idle);
     pthread_mutex_unlock(&server->lock);
-    return NULL;
+    call_free(call);
 }
 
-static void server_start_call_thread(struct server *server, struct rpc_call *call)
+static void server_run_call(struct rpc_call *call, void *context)
 {
+    call_serve(call);
+    server_release_call(context, call);
+}
+
+/* Counts the call against its budget (unary or streaming, so long-lived streams cannot take the
+ * places of unary calls). Returns false, with the refusal in status, when the budget is full. */
+static bool server_admit(struct server *server, struct rpc_call *call, struct rpc_status *status)
+{
+    call->streaming = call->route->server_streaming;
     pthread_mutex_lock(&server->lock);
-    server->active_calls++;
+    unsigned *count = call->streaming ? &server->streaming_calls : &server->unary_calls;
+    unsigned max = call->streaming ? server->max_streams : server->max_calls;
+    bool admitted = *count < max;
+    if (admitted)
+        (*count)++;
     pthread_mutex_unlock(&server->lock);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_t thread;
-    int rc = pthread_create(&thread, &attr, server_call_thread, call);
-    pthread_attr_destroy(&attr);
-    if (rc != 0) {
-        /* No thread: the call still gets an answer, on this thread, so the client never hangs. */
-        log_error("%s: cannot start a call thread: %s", "dispatcher", strerror(rc));
-        server_call_thread(call);
-    }
+    call->admitted = admitted;
+    if (!admitted)
+        rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                       "%s: forkd is serving its limit of %u %s calls at once (%s); try again "
+                       "later",
+                       call->method, max, call->streaming ? "streaming" : "unary",
+                       call->streaming ? "--max-streams" : "--max-calls");
+    return admitted;
 }
 
 /* Posts the catch-all request for the next call, whatever its method. */
 static struct rpc_call *server_request_next_call(struct server *server)
 {
-    struct rpc_call *call = call_new(server, server->daemon);
+    struct rpc_call *call = call_new(server, server->daemon, server->queue);
     if (!call)
         return NULL;
-    grpc_call_error rc =
-        grpc_server_request_call(server->grpc, &call->call, &call->details, &call->request_metadata,
-                                 call->queue, server->notify_queue, call);
+    grpc_call_error rc = grpc_server_request_call(server->grpc, &call->call, &call->details,
+                                                  &call->request_metadata, server->queue,
+                                                  server->queue, &call->tags[CALL_OP_NEW]);
     if (rc != GRPC_CALL_OK) {
         log_error("grpc_server_request_call failed (%d)", (int)rc);
         call_free(call);
@@ -83,75 +148,177 @@ static struct rpc_call *server_request_next_call(struct server *server)
     return call;
 }
 
+/* Too many calls wait for their request: the oldest goes. A real client sends its request
+ * with the call's headers, so the oldest waiting call is the likeliest to be idle on purpose;
+ * refusing the new call instead would let idle streams lock everyone else out. */
+static void server_evict_oldest_waiting(struct server *server)
+{
+    struct rpc_call *call = server->waiting_head;
+    server_waiting_remove(server, call);
+    char message[sizeof(call->method) + 128];
+    snprintf(message, sizeof(message),
+             "%s: ended: its request had not arrived and %u newer calls were waiting for theirs "
+             "(4 x (--max-calls + --max-streams))",
+             call->method, server->max_waiting);
+    call_refuse(call, GRPC_STATUS_RESOURCE_EXHAUSTED, message);
+}
+
+/* A new call: refused at once (unknown method) or waiting for its request. */
+static void server_on_new_call(struct server *server, struct rpc_call *call)
+{
+    pthread_mutex_lock(&server->lock);
+    server->active_calls++;
+    pthread_mutex_unlock(&server->lock);
+    struct rpc_status status = {.code = GRPC_STATUS_OK};
+    call_identify(call);
+    if (server->waiting_calls >= server->max_waiting)
+        server_evict_oldest_waiting(server);
+    if (call_accept(call, &status) == 0) {
+        server_waiting_append(server, call);
+        return;
+    }
+    call_refuse(call, status.code, status.message);
+    if (call_quiet(call))
+        server_release_call(server, call);
+}
+
+/* The request is in (or will never come): hand the call to a worker, or end it. Returns true
+ * when a worker has the call (it may be gone already: do not touch it). */
+static bool server_on_request(struct server *server, struct rpc_call *call, bool success)
+{
+    server_waiting_remove(server, call);
+    if (!success || !call->request) {
+        /* Client gone, cancelled (request deadline) or half-closed without a message. */
+        call_refuse(call, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
+        return false;
+    }
+    struct rpc_status status = {.code = GRPC_STATUS_OK};
+    if (!server_admit(server, call, &status)) {
+        call_refuse(call, status.code, status.message);
+        return false;
+    }
+    call->has_worker = true;
+    int rc = worker_pool_submit(server->workers, call);
+    if (rc == 0)
+        return true;
+    log_error("%s: cannot start a worker thread: %s", call->method, strerror(-rc));
+    call->has_worker = false;
+    call_refuse(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "forkd cannot start a thread now");
+    return false;
+}
+
+/* Ends the calls whose request did not arrive in time. */
+static void server_expire_waiting(struct server *server)
+{
+    uint64_t now = forkd_monotonic_ns();
+    char message[sizeof(server->waiting_head->method) + 96];
+    while (server->waiting_head && server->waiting_head->request_deadline_ns <= now) {
+        struct rpc_call *call = server->waiting_head;
+        server_waiting_remove(server, call);
+        snprintf(message, sizeof(message),
+                 "%s: the request message did not arrive within %u ms (--request-timeout-ms)",
+                 call->method, server->request_timeout_ms);
+        call_refuse(call, GRPC_STATUS_DEADLINE_EXCEEDED, message);
+    }
+}
+
+static void server_on_event(struct server *server, grpc_event event, bool *accepting)
+{
+    if (event.tag == SHUTDOWN_TAG) {
+        server->shutdown_notified = true;
+        return;
+    }
+    struct call_tag *tag = event.tag;
+    struct rpc_call *call = tag->call;
+    if (tag->op == CALL_OP_NEW) {
+        if (!event.success) {
+            /* The server is shutting down: the pending request is failed, not a call. */
+            call_free(call);
+            *accepting = false;
+            return;
+        }
+        if (*accepting)
+            *accepting = server_request_next_call(server) != NULL;
+        server_on_new_call(server, call);
+        return;
+    }
+    /* Read before the completion is recorded: from then on a worker may free the call. */
+    bool worker = call->has_worker;
+    call_complete(call, tag->op, event.success);
+    if (worker)
+        return;
+    if (tag->op == CALL_OP_RECV && server_on_request(server, call, event.success))
+        return;
+    if (call_quiet(call))
+        server_release_call(server, call);
+}
+
 static void *server_dispatch_loop(void *arg)
 {
     struct server *server = arg;
     bool accepting = server_request_next_call(server) != NULL;
     for (;;) {
-        grpc_event event = grpc_completion_queue_next(server->notify_queue,
-                                                      gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        gpr_timespec tick = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                         gpr_time_from_millis(DISPATCH_TICK_MS, GPR_TIMESPAN));
+        grpc_event event = grpc_completion_queue_next(server->queue, tick, NULL);
         if (event.type == GRPC_QUEUE_SHUTDOWN)
             break;
-        if (event.tag == SHUTDOWN_TAG) {
-            grpc_completion_queue_shutdown(server->notify_queue);
-            continue;
+        if (event.type == GRPC_OP_COMPLETE)
+            server_on_event(server, event, &accepting);
+        server_expire_waiting(server);
+        pthread_mutex_lock(&server->lock);
+        bool done = server->shutdown_notified && server->active_calls == 0;
+        pthread_mutex_unlock(&server->lock);
+        if (done && !server->queue_shut) {
+            server->queue_shut = true;
+            grpc_completion_queue_shutdown(server->queue);
         }
-        struct rpc_call *call = event.tag;
-        if (!event.success) {
-            /* The server is shutting down: the pending request is failed, not a call. */
-            call_free(call);
-            accepting = false;
-            continue;
-        }
-        if (accepting)
-            accepting = server_request_next_call(server) != NULL;
-        server_start_call_thread(server, call);
     }
     return NULL;
 }
 
 /* Prepares a Unix socket path: parent directory created, a stale socket removed, a live one
  * (another daemon) or a non-socket file refused. */
-static int server_prepare_unix_path(const char *path, struct forkd_error *err)
+static int server_prepare_unix_path(const char *path, char *err, size_t err_len)
 {
-    if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-        return forkd_error_set(err, -ENAMETOOLONG,
-                               "socket path %s is longer than a Unix socket address allows", path);
-    }
     _cleanup_free_ char *parent = strdup(path);
     if (!parent)
-        return forkd_error_set(err, -ENOMEM, "out of memory");
+        return -ENOMEM;
     char *slash = strrchr(parent, '/');
     if (slash && slash != parent) {
         *slash = '\0';
         int rc = fs_mkdir_parents(parent, 0755);
-        if (rc < 0)
-            return forkd_error_errno(err, rc, "create socket directory %s", parent);
+        if (rc < 0) {
+            snprintf(err, err_len, "create socket directory %s: %s", parent, strerror(-rc));
+            return rc;
+        }
     }
     struct stat st;
     if (lstat(path, &st) < 0)
-        return errno == ENOENT ? 0 : forkd_error_errno(err, -errno, "stat %s", path);
+        return errno == ENOENT ? 0 : -errno;
     if (!S_ISSOCK(st.st_mode)) {
-        return forkd_error_set(err, -EEXIST,
-                               "%s exists and is not a socket; refusing to replace it", path);
+        snprintf(err, err_len, "%s exists and is not a socket; refusing to replace it", path);
+        return -EEXIST;
     }
     _cleanup_close_ int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un address = {.sun_family = AF_UNIX};
     snprintf(address.sun_path, sizeof(address.sun_path), "%s", path);
     if (probe >= 0 && connect(probe, (struct sockaddr *)&address, sizeof(address)) == 0) {
-        return forkd_error_set(err, -EADDRINUSE, "another process is already listening on %s",
-                               path);
+        snprintf(err, err_len, "another process is already listening on %s", path);
+        return -EADDRINUSE;
     }
-    if (unlink(path) < 0 && errno != ENOENT)
-        return forkd_error_errno(err, -errno, "remove stale socket %s", path);
+    if (unlink(path) < 0 && errno != ENOENT) {
+        snprintf(err, err_len, "remove stale socket %s: %s", path, strerror(errno));
+        return -errno;
+    }
     return 0;
 }
 
-static char *server_read_file(const char *path, struct forkd_error *err)
+static char *server_read_file(const char *path, char *err, size_t err_len)
 {
     _cleanup_fclose_ FILE *f = fopen(path, "re");
     if (!f) {
-        forkd_error_errno(err, -errno, "read %s", path);
+        snprintf(err, err_len, "read %s: %s", path, strerror(errno));
         return NULL;
     }
     char *text = NULL;
@@ -159,87 +326,139 @@ static char *server_read_file(const char *path, struct forkd_error *err)
     /* PEM files hold no NUL byte, so this reads the whole file. */
     if (getdelim(&text, &capacity, '\0', f) <= 0) {
         free(text);
-        forkd_error_set(err, -EINVAL, "read %s: file is empty or unreadable", path);
+        snprintf(err, err_len, "read %s: file is empty or unreadable", path);
         return NULL;
     }
     return text;
 }
 
+/* TLS for a TCP listener: client certificates signed by --tls-client-ca are required, unless
+ * server-only TLS was asked for explicitly (--tls-no-client-auth). */
+static grpc_server_credentials *server_tls_credentials(const struct server_config *config,
+                                                       char *err, size_t err_len)
+{
+    if (!config->tls_client_ca_path && !config->tls_no_client_auth) {
+        snprintf(err, err_len,
+                 "TLS on %s needs --tls-client-ca (client certificates), or --tls-no-client-auth "
+                 "to let any client that trusts the server certificate drive VMs",
+                 config->listen_address);
+        return NULL;
+    }
+    _cleanup_free_ char *cert = server_read_file(config->tls_cert_path, err, err_len);
+    _cleanup_free_ char *key = cert ? server_read_file(config->tls_key_path, err, err_len) : NULL;
+    if (!cert || !key)
+        return NULL;
+    _cleanup_free_ char *client_ca = NULL;
+    if (config->tls_client_ca_path) {
+        client_ca = server_read_file(config->tls_client_ca_path, err, err_len);
+        if (!client_ca)
+            return NULL;
+    }
+    grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
+    grpc_ssl_client_certificate_request_type request =
+        client_ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                  : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
+    grpc_server_credentials *credentials =
+        grpc_ssl_server_credentials_create_ex(client_ca, &pair, 1, request, NULL);
+    if (!credentials)
+        snprintf(err, err_len, "TLS: gRPC refused the certificate, key or client CA");
+    return credentials;
+}
+
 static grpc_server_credentials *server_credentials(const struct server_config *config, bool tcp,
-                                                   struct forkd_error *err)
+                                                   char *err, size_t err_len)
 {
     bool tls = config->tls_cert_path && config->tls_key_path;
     if (!tcp || !tls) {
         if (tcp && !config->insecure_tcp) {
-            forkd_error_set(
-                err, -EINVAL,
-                "listening on TCP (%s) needs --tls-cert and --tls-key, or --insecure-tcp",
-                config->listen_address);
+            snprintf(err, err_len,
+                     "listening on TCP (%s) needs --tls-cert, --tls-key and --tls-client-ca, or "
+                     "--insecure-tcp",
+                     config->listen_address);
             return NULL;
         }
         return grpc_insecure_server_credentials_create();
     }
-    _cleanup_free_ char *cert = server_read_file(config->tls_cert_path, err);
-    _cleanup_free_ char *key = server_read_file(config->tls_key_path, err);
-    if (!cert || !key)
-        return NULL;
-    grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
-    return grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL);
+    return server_tls_credentials(config, err, err_len);
 }
 
-static int server_bind(struct server *server, const struct server_config *config,
-                       struct forkd_error *err)
+static int server_bind(struct server *server, const struct server_config *config, char *err,
+                       size_t err_len)
 {
-    const char *address = config->listen_address;
-    bool tcp = strncmp(address, "unix:", 5) != 0;
-    if (strncmp(address, "tcp:", 4) == 0)
-        address += 4;
-    if (!tcp) {
-        snprintf(server->unix_path, sizeof(server->unix_path), "%s", address + 5);
-        int rc = server_prepare_unix_path(server->unix_path, err);
+    struct listen_address address;
+    int rc = listen_parse(config->listen_address, config->allow_abstract_socket, &address, err,
+                          err_len);
+    if (rc < 0)
+        return rc;
+    bool tcp = address.kind == LISTEN_TCP;
+    if (address.kind == LISTEN_UNIX) {
+        memcpy(server->unix_path, address.unix_path, sizeof(server->unix_path));
+        rc = server_prepare_unix_path(server->unix_path, err, err_len);
         if (rc < 0)
             return rc;
     }
-    grpc_server_credentials *credentials = server_credentials(config, tcp, err);
+    grpc_server_credentials *credentials = server_credentials(config, tcp, err, err_len);
     if (!credentials)
-        return err->code;
+        return -EINVAL;
     mode_t old_mask = umask(0177); /* the socket is created 0600: only root may drive VMs */
-    int port = grpc_server_add_http2_port(server->grpc, address, credentials);
+    int port = grpc_server_add_http2_port(server->grpc, address.target, credentials);
     umask(old_mask);
     grpc_server_credentials_release(credentials);
-    if (port <= 0)
-        return forkd_error_set(err, -EADDRNOTAVAIL, "cannot listen on %s", config->listen_address);
+    if (port <= 0) {
+        server->unix_path[0] = '\0'; /* not ours: never unlink it */
+        listen_explain_failure(&address, err, err_len);
+        return -EADDRNOTAVAIL;
+    }
     return 0;
 }
 
-int server_start(const struct server_config *config, struct server **out, struct forkd_error *err)
+static int server_start_reporting(const struct server_config *config, struct server **out,
+                                  char *err, size_t err_len)
 {
     struct server *server = calloc(1, sizeof(*server));
     if (!server)
-        return forkd_error_set(err, -ENOMEM, "out of memory");
+        return -ENOMEM;
     pthread_mutex_init(&server->lock, NULL);
     pthread_cond_init(&server->idle, NULL);
     server->daemon = config->daemon;
+
+    server->max_calls = config->max_calls;
+    server->max_streams = config->max_streams;
+    server->request_timeout_ms = config->request_timeout_ms;
+    /* Waiting calls cost memory only, but every one is a record and a stream: bounded too. */
+    server->max_waiting = 4 * (config->max_calls + config->max_streams);
+    /* The budgets bound the calls that can hold a thread: the pool never needs more. */
+    if (worker_pool_new(config->max_calls + config->max_streams, WORKER_IDLE_MS, server_run_call,
+                        server, &server->workers) < 0) {
+        free(server);
+        return -ENOMEM;
+    }
 
     grpc_arg args[] = {
         {.type = GRPC_ARG_INTEGER,
          .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = (int)config->max_message_bytes},
+        {.type = GRPC_ARG_INTEGER,
+         .key = GRPC_ARG_MAX_CONCURRENT_STREAMS,
+         .value.integer = MAX_STREAMS_PER_CONNECTION},
+        /* A second forkd on the same port must fail, not share it. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
     };
-    grpc_channel_args channel_args = {.num_args = 1, .args = args};
+    grpc_channel_args channel_args = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     server->grpc = grpc_server_create(&channel_args, NULL);
-    server->notify_queue = grpc_completion_queue_create_for_next(NULL);
-    grpc_server_register_completion_queue(server->grpc, server->notify_queue, NULL);
+    server->queue = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(server->grpc, server->queue, NULL);
 
-    int rc = server_bind(server, config, err);
+    int rc = server_bind(server, config, err, err_len);
     if (rc < 0) {
         grpc_server_destroy(server->grpc);
-        grpc_completion_queue_shutdown(server->notify_queue);
-        while (grpc_completion_queue_next(server->notify_queue, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+        grpc_completion_queue_shutdown(server->queue);
+        while (grpc_completion_queue_next(server->queue, gpr_inf_future(GPR_CLOCK_MONOTONIC),
                                           NULL)
                    .type != GRPC_QUEUE_SHUTDOWN) {
         }
-        grpc_completion_queue_destroy(server->notify_queue);
+        grpc_completion_queue_destroy(server->queue);
+        worker_pool_free(server->workers);
         free(server);
         return rc;
     }
@@ -253,7 +472,7 @@ int server_start(const struct server_config *config, struct server **out, struct
 
 void server_begin_shutdown(struct server *server)
 {
-    grpc_server_shutdown_and_notify(server->grpc, server->notify_queue, SHUTDOWN_TAG);
+    grpc_server_shutdown_and_notify(server->grpc, server->queue, SHUTDOWN_TAG);
 }
 
 bool server_wait_idle(struct server *server, int timeout_ms)
@@ -280,10 +499,20 @@ void server_destroy(struct server *server)
 {
     pthread_join(server->dispatcher, NULL);
     grpc_server_destroy(server->grpc);
-    grpc_completion_queue_destroy(server->notify_queue);
+    grpc_completion_queue_destroy(server->queue);
+    worker_pool_free(server->workers);
     if (server->unix_path[0])
         unlink(server->unix_path);
     pthread_mutex_destroy(&server->lock);
     pthread_cond_destroy(&server->idle);
     free(server);
+}
+
+int server_start(const struct server_config *config, struct server **out, struct forkd_error *err)
+{
+    char text[sizeof(err->message)] = "";
+    int rc = server_start_reporting(config, out, text, sizeof(text));
+    if (rc < 0)
+        forkd_error_set(err, rc, "%s", text[0] ? text : "cannot start the gRPC server");
+    return rc;
 }

@@ -1,10 +1,33 @@
 /*
  * The gRPC C-core server: listener set-up (Unix socket by default, TCP with TLS or an explicit
- * insecure opt-in), the dispatcher thread that accepts every call with a catch-all request and
- * hands it to a thread of its own, and the staged shutdown (stop accepting, grace, cancel).
+ * insecure opt-in), the dispatcher, the bounded worker pool, and the staged shutdown (stop
+ * accepting, grace, cancel).
  *
- * Threads: the dispatcher owns the server's notification queue; each call's thread owns that
- * call (see call.h); the thread that called server_start drives the shutdown functions.
+ * Design: one completion queue, read by one dispatcher thread that never blocks, and a bounded
+ * pool of worker threads (workers.h).
+ * - The dispatcher accepts every call with a catch-all request, starts its receive and close
+ *   watch, and goes on: a call whose request has not arrived costs a small record, no thread.
+ *   Idle streams and HTTP/2 rapid resets (HEADERS then RST_STREAM) therefore cost no thread and
+ *   no thread start. A request that does not arrive within --request-timeout-ms ends the call
+ *   with DEADLINE_EXCEEDED.
+ * - Calls in flight are bounded by two budgets, unary (--max-calls) and streaming
+ *   (--max-streams), so long-lived streams (Branch, WatchBranch, health Watch) can never take
+ *   every place and starve unary calls. A call is counted once its request is in (from then on
+ *   it holds a thread); beyond its budget it gets RESOURCE_EXHAUSTED at once. Calls still
+ *   waiting for their request are bounded apart (4 x both budgets): they cost no thread, and
+ *   counting them in the budgets would let a client that opens streams and sends nothing
+ *   refuse service to everyone else for the request deadline. Each HTTP/2 connection may open
+ *   a limited number of streams (GRPC_ARG_MAX_CONCURRENT_STREAMS), so one connection cannot
+ *   fill even that bound.
+ * - Once its request is in, a call runs on a worker thread, because handlers block (a Boot or a
+ *   Branch waits seconds on a VMM); an event-driven handler would push that waiting into the
+ *   engine. The pool has at most as many threads as both budgets together, so it never has to
+ *   refuse an admitted call, and idle threads exit after a while.
+ * - Every batch of every call completes on the one queue; the dispatcher hands each completion
+ *   to its call (call.h), whose worker waits on the call's own condition variable.
+ *
+ * Threads: the dispatcher owns the queue and the calls without a worker; a worker owns its call
+ * until it frees it; the thread that called server_start drives the shutdown functions.
  */
 #ifndef FORKD_SERVICE_SERVER_H
 #define FORKD_SERVICE_SERVER_H
@@ -17,11 +40,17 @@
 struct server;
 
 struct server_config {
-    const char *listen_address; /* "unix:/path", "HOST:PORT" or "tcp:HOST:PORT" */
+    const char *listen_address; /* "unix:/path", "HOST:PORT" or "tcp:HOST:PORT" (listen.h) */
     bool insecure_tcp;          /* allow TCP without TLS */
+    bool allow_abstract_socket; /* allow abstract Unix socket names */
     const char *tls_cert_path;  /* PEM; TLS on TCP when both are set */
     const char *tls_key_path;
+    const char *tls_client_ca_path; /* PEM; client certificates must chain to it */
+    bool tls_no_client_auth;        /* explicit opt-in to server-only TLS */
     size_t max_message_bytes; /* largest request accepted */
+    unsigned max_calls;          /* unary calls in flight; more are refused */
+    unsigned max_streams;        /* streaming calls in flight; more are refused */
+    unsigned request_timeout_ms; /* a call's request message must arrive within this */
     void *daemon;             /* handed to every handler */
 };
 

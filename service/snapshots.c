@@ -3,6 +3,7 @@
 #include "daemon.h"
 #include "handlers.h"
 #include "log.h"
+#include "paging.h"
 
 #include <stdlib.h>
 
@@ -39,11 +40,19 @@ grpc_status_code handle_get_snapshot(struct rpc_call *call, const ProtobufCMessa
 grpc_status_code handle_list_snapshots(struct rpc_call *call, const ProtobufCMessage *message,
                                        struct rpc_status *status)
 {
+    const Forkd__V1__ListSnapshotsRequest *request =
+        (const Forkd__V1__ListSnapshotsRequest *)message;
     struct daemon_state *daemon = call->daemon;
     struct store_snapshot *records = NULL;
     size_t count = 0;
+    bool more = false;
     struct forkd_error err = {0};
-    if (store_list(engine_store(daemon->engine), &records, &count, &err) < 0)
+    if (request->page_token[0] && store_validate_name(request->page_token, &err) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "page_token is not a snapshot name from an earlier page: %s",
+                              err.message);
+    if (store_list_page(engine_store(daemon->engine), request->page_token, paging_size(request->page_size),
+                        &records, &count, &more, &err) < 0)
         return convert_error(status, &err);
     struct snapshot_message *messages = calloc(count ? count : 1, sizeof(*messages));
     Forkd__V1__Snapshot **pointers = calloc(count ? count : 1, sizeof(*pointers));
@@ -59,6 +68,7 @@ grpc_status_code handle_list_snapshots(struct rpc_call *call, const ProtobufCMes
         Forkd__V1__ListSnapshotsResponse response = FORKD__V1__LIST_SNAPSHOTS_RESPONSE__INIT;
         response.n_snapshots = count;
         response.snapshots = pointers;
+        response.next_page_token = more && count ? records[count - 1].name : "";
         if (call_set_response(call, &response.base) < 0)
             code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     }

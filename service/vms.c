@@ -3,6 +3,7 @@
 #include "daemon.h"
 #include "handlers.h"
 #include "log.h"
+#include "paging.h"
 
 #include "basic/clock.h"
 
@@ -15,13 +16,14 @@
 #define VM_MIN_MEMORY_MIB     16
 #define VM_MAX_MEMORY_MIB     (1024 * 1024)
 #define SPAWN_MAX_COUNT       256
+#define VM_MAX_BOOT_ARGS      2048 /* x86 Linux COMMAND_LINE_SIZE, Firecracker's limit too */
 #define STOP_DEFAULT_GRACE_MS 2000
 
 static grpc_status_code vms_check_name(const char *name, struct rpc_status *status)
 {
     struct forkd_error err = {0};
-    if (*name && store_validate_name(name, &err) < 0)
-        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "VM name: %s", err.message);
+    if (*name && store_validate_name_of("VM name", name, &err) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "%s", err.message);
     return GRPC_STATUS_OK;
 }
 
@@ -42,6 +44,11 @@ static grpc_status_code vms_check_boot(const Forkd__V1__BootRequest *request,
         return rpc_status_set(
             status, GRPC_STATUS_INVALID_ARGUMENT, "mem_size_mib %llu is out of range %d..%d",
             (unsigned long long)machine->mem_size_mib, VM_MIN_MEMORY_MIB, VM_MAX_MEMORY_MIB);
+    size_t boot_args_length = strlen(request->boot_args);
+    if (boot_args_length > VM_MAX_BOOT_ARGS)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "boot_args is %zu bytes; a kernel command line holds at most %d",
+                              boot_args_length, VM_MAX_BOOT_ARGS);
     if (request->kernel_image_path[0] != '/')
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
                               "kernel_image_path must be an absolute path, got '%s'",
@@ -145,7 +152,8 @@ grpc_status_code handle_get_vm(struct rpc_call *call, const ProtobufCMessage *me
 
 /* Replies with a list of VMs: a SpawnResponse (with its elapsed time) or a ListVmsResponse. */
 static grpc_status_code vms_reply_list(struct rpc_call *call, struct vm **vms, size_t count,
-                                       bool spawned, uint64_t elapsed_ns, struct rpc_status *status)
+                                       bool spawned, uint64_t elapsed_ns, const char *next_token,
+                                       struct rpc_status *status)
 {
     struct vm_message *messages = calloc(count ? count : 1, sizeof(*messages));
     Forkd__V1__Vm **pointers = calloc(count ? count : 1, sizeof(*pointers));
@@ -160,6 +168,7 @@ static grpc_status_code vms_reply_list(struct rpc_call *call, struct vm **vms, s
         spawn.n_vms = list.n_vms = count;
         spawn.vms = list.vms = pointers;
         spawn.elapsed_ns = elapsed_ns;
+        list.next_page_token = (char *)next_token;
         rc = call_set_response(call, spawned ? &spawn.base : &list.base);
     }
     free(messages);
@@ -171,10 +180,26 @@ static grpc_status_code vms_reply_list(struct rpc_call *call, struct vm **vms, s
 grpc_status_code handle_list_vms(struct rpc_call *call, const ProtobufCMessage *message,
                                  struct rpc_status *status)
 {
+    const Forkd__V1__ListVmsRequest *request = (const Forkd__V1__ListVmsRequest *)message;
     struct daemon_state *daemon = call->daemon;
+    unsigned long after;
+    if (paging_vm_token(request->page_token, &after) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "page_token '%.64s' is not a VM id from an earlier page",
+                              request->page_token);
     struct vm **vms;
     size_t count = vm_list(engine_registry(daemon->engine), &vms);
-    grpc_status_code code = vms_reply_list(call, vms, count, false, 0, status);
+    /* The registry lists VMs in creation order, which is id order. */
+    size_t first = 0;
+    unsigned long number;
+    while (first < count && paging_vm_token(vm_id(vms[first]), &number) == 0 && number <= after)
+        first++;
+    size_t page = paging_size(request->page_size);
+    if (page > count - first)
+        page = count - first;
+    bool more = first + page < count;
+    grpc_status_code code = vms_reply_list(call, vms + first, page, false, 0,
+                                           more ? vm_id(vms[first + page - 1]) : "", status);
     vm_list_free(vms, count);
     return code;
 }
@@ -247,7 +272,7 @@ static grpc_status_code vms_check_spawn(struct rpc_call *call,
     if (*request->name_prefix) {
         char longest[128];
         snprintf(longest, sizeof(longest), "%s-%u", request->name_prefix, request->count - 1);
-        if (store_validate_name(longest, &err) < 0)
+        if (store_validate_name_of("VM name", longest, &err) < 0)
             return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
                                   "name_prefix gives invalid VM names: %s", err.message);
     }
@@ -283,7 +308,7 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
         return convert_error(status, &err);
     uint64_t elapsed_ns = forkd_monotonic_ns() - start;
     log_info("spawned %u forks of %s in %.1f ms", spawn.count, spawn.snapshot, elapsed_ns / 1e6);
-    grpc_status_code code = vms_reply_list(call, vms, spawn.count, true, elapsed_ns, status);
+    grpc_status_code code = vms_reply_list(call, vms, spawn.count, true, elapsed_ns, "", status);
     vm_list_free(vms, spawn.count);
     return code;
 }

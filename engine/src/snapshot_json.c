@@ -1,6 +1,8 @@
 /* snapshot.json, the codec (see snapshot_json.h). */
 #include "snapshot_json.h"
 
+#include "forkd/utf8.h"
+
 #include "basic/cleanup.h"
 
 #include <cjson/cJSON.h>
@@ -330,6 +332,10 @@ static int snapshot_json_get_created_at(const cJSON *root, int64_t *out, struct 
 int snapshot_json_parse(const char *text, size_t len, struct store_snapshot *meta,
                         struct forkd_error *err)
 {
+    /* Strings from here reach clients that refuse invalid UTF-8 (proto3): one bad label would
+     * break every ListSnapshots. A NUL byte would cut a string short silently. */
+    if (memchr(text, '\0', len) || !forkd_utf8_valid(text, len))
+        return forkd_error_set(err, -EIO, "not valid UTF-8 text");
     _cleanup_(snapshot_json_deletep) cJSON *root = cJSON_ParseWithLength(text, len);
     if (!root)
         return forkd_error_set(err, -EIO, "not valid JSON");

@@ -13,6 +13,7 @@
 #include "basic/fsutil.h"
 
 #include "snapshot_json.h"
+#include "forkd/utf8.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -98,31 +99,36 @@ static void store_quote_name(const char *name, char out[STORE_QUOTED_MAX])
     strcpy(out + used, name[i] ? "..." : "");
 }
 
-int store_validate_name(const char *name, struct forkd_error *err)
+int store_validate_name_of(const char *what, const char *name, struct forkd_error *err)
 {
     if (!name || !*name)
-        return forkd_error_set(err, -EINVAL, "snapshot name is empty; names match %s",
+        return forkd_error_set(err, -EINVAL, "%s is empty; names match %s", what,
                                STORE_NAME_RULE);
     char quoted[STORE_QUOTED_MAX];
     store_quote_name(name, quoted);
     size_t len = strnlen(name, STORE_NAME_MAX + 1);
     if (len > STORE_NAME_MAX)
         return forkd_error_set(err, -EINVAL,
-                               "snapshot name '%s' is longer than %d characters; names match %s",
-                               quoted, STORE_NAME_MAX, STORE_NAME_RULE);
+                               "%s '%s' is longer than %d characters; names match %s",
+                               what, quoted, STORE_NAME_MAX, STORE_NAME_RULE);
     if (!store_name_char_ok(name[0], true))
         return forkd_error_set(err, -EINVAL,
-                               "snapshot name '%s' must start with a letter or a digit; names "
+                               "%s '%s' must start with a letter or a digit; names "
                                "match %s",
-                               quoted, STORE_NAME_RULE);
+                               what, quoted, STORE_NAME_RULE);
     for (size_t i = 1; i < len; i++) {
         if (!store_name_char_ok(name[i], false))
             return forkd_error_set(err, -EINVAL,
-                                   "snapshot name '%s' has a character other than letters, digits, "
+                                   "%s '%s' has a character other than letters, digits, "
                                    "'_', '.' and '-' at position %zu; names match %s",
-                                   quoted, i, STORE_NAME_RULE);
+                                   what, quoted, i, STORE_NAME_RULE);
     }
     return 0;
+}
+
+int store_validate_name(const char *name, struct forkd_error *err)
+{
+    return store_validate_name_of("snapshot name", name, err);
 }
 
 /* Copies a validated name into a STORE_NAME_MAX + 1 buffer. */
@@ -164,7 +170,8 @@ static struct store_entry *store_find(struct store *store, const char *name)
 
 static bool store_entry_visible(const struct store_entry *entry)
 {
-    return entry->kind == STORE_ENTRY_READY || entry->kind == STORE_ENTRY_WRITING;
+    return entry->kind == STORE_ENTRY_READY || entry->kind == STORE_ENTRY_WRITING ||
+           entry->kind == STORE_ENTRY_CORRUPT;
 }
 
 static struct store_entry *store_entry_add(struct store *store, const char *name,
@@ -221,6 +228,12 @@ static void store_fill_snapshot(const struct store *store, const struct store_en
         *out = *entry->meta;
         out->state = STORE_STATE_READY;
         store_path(store, entry->name, out->path, sizeof(out->path), NULL);
+    } else if (entry->kind == STORE_ENTRY_CORRUPT) {
+        memset(out, 0, sizeof(*out));
+        memcpy(out->name, entry->name, sizeof(out->name));
+        out->state = STORE_STATE_CORRUPT;
+        store_path(store, entry->name, out->path, sizeof(out->path), NULL);
+        memcpy(out->corrupt_reason, entry->corrupt.message, sizeof(out->corrupt_reason));
     } else {
         memset(out, 0, sizeof(*out));
         memcpy(out->name, entry->name, sizeof(out->name));
@@ -309,12 +322,19 @@ const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT] = {
 _Static_assert(STORE_FIGURE_COUNT * sizeof(uint64_t) == sizeof(struct store_figures),
                "store_figure_fields must name every figure");
 
+int store_parse_metadata(const char *text, size_t len, struct store_snapshot *out,
+                         struct forkd_error *err)
+{
+    return snapshot_json_parse(text, len, out, err);
+}
+
 /* ---- loading at open ---- */
 
 static int store_read_small_file(int dir_fd, const char *path, char **out, size_t *len,
                                  struct forkd_error *err)
 {
-    _cleanup_close_ int fd = openat(dir_fd, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO planted here must not hang start-up in open(); fstat then refuses it. */
+    _cleanup_close_ int fd = openat(dir_fd, path, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0)
         return forkd_error_set(err, -EIO, "%s", strerror(errno));
@@ -800,6 +820,56 @@ int store_list(struct store *store, struct store_snapshot **out, size_t *count,
     *out = list;
     *count = n;
     return 0;
+}
+
+static int store_compare_entry_names(const void *a, const void *b)
+{
+    const struct store_entry *const *x = a, *const *y = b;
+    return strcmp((*x)->name, (*y)->name);
+}
+
+int store_list_page(struct store *store, const char *after, size_t max,
+                    struct store_snapshot **out, size_t *count, bool *more,
+                    struct forkd_error *err)
+{
+    *out = NULL;
+    *count = 0;
+    *more = false;
+    pthread_mutex_lock(&store->lock);
+    size_t n = 0;
+    for (struct store_entry *e = store->entries; e; e = e->next)
+        n += store_entry_visible(e) && strcmp(e->name, after) > 0;
+    /* Pointers only: sorting the entries costs 8 bytes each, not a record each. */
+    _cleanup_free_ struct store_entry **entries = calloc(n ? n : 1, sizeof(*entries));
+    size_t page = n < max ? n : max;
+    struct store_snapshot *list = page ? calloc(page, sizeof(*list)) : NULL;
+    if (!entries || (page && !list)) {
+        pthread_mutex_unlock(&store->lock);
+        free(list);
+        return forkd_error_set(err, -ENOMEM, "list snapshots: out of memory");
+    }
+    size_t i = 0;
+    for (struct store_entry *e = store->entries; e; e = e->next)
+        if (store_entry_visible(e) && strcmp(e->name, after) > 0)
+            entries[i++] = e;
+    qsort(entries, n, sizeof(*entries), store_compare_entry_names);
+    for (i = 0; i < page; i++)
+        store_fill_snapshot(store, entries[i], &list[i]);
+    pthread_mutex_unlock(&store->lock);
+    *out = list;
+    *count = page;
+    *more = n > page;
+    return 0;
+}
+
+void store_for_each_corrupt(struct store *store, void (*fn)(const char *reason, void *context),
+                            void *context)
+{
+    pthread_mutex_lock(&store->lock);
+    for (struct store_entry *e = store->entries; e; e = e->next)
+        if (e->kind == STORE_ENTRY_CORRUPT)
+            fn(e->corrupt.message, context);
+    pthread_mutex_unlock(&store->lock);
 }
 
 /* Finds a name for get/acquire/delete: 0, or -EINVAL, -ENOENT, or -EIO for a corrupt one (whose

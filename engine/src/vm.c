@@ -14,6 +14,8 @@
 #include "basic/fsutil.h"
 #include "pause.h"
 
+#include "vm_record.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -465,15 +467,24 @@ static void vm_clean_one(struct vm_registry *registry, const char *file_name,
     snprintf(path, sizeof(path), "%s/%s", registry->run_dir, file_name);
     snprintf(kept, sizeof(kept), "%s/%.*s.kept", registry->run_dir,
              (int)(strlen(file_name) - strlen(".sock")), file_name);
-    pid_t owner = vm_socket_owner(path);
+    char id[VM_ID_MAX];
+    snprintf(id, sizeof(id), "%.*s", (int)(strlen(file_name) - strlen(".sock")), file_name);
+    /* lstat: a symlink planted here must not lead the probe (and a kill) to another socket. */
+    struct stat st;
+    pid_t owner = lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) ? vm_socket_owner(path) : 0;
     if (owner > 0 && access(kept, F_OK) == 0) {
         report->kept++;
         return;
     }
-    if (owner > 0 && owner != getpid() && kill(owner, SIGKILL) == 0)
-        report->killed++;
+    if (owner > 0 && owner != getpid()) {
+        if (!vm_record_matches(registry->run_dir, id, owner))
+            report->foreign++;
+        else if (kill(owner, SIGKILL) == 0)
+            report->killed++;
+    }
     unlink(path);
     unlink(kept);
+    vm_record_remove(registry->run_dir, id);
 }
 
 /* "vm-<n>.sock" is a VMM's API socket; forkd's own listeners are "vm-<n>.wp.sock" and the
@@ -743,6 +754,10 @@ static int vm_wait_for_api(struct vm *vm, struct forkd_error *err)
     int rc = vmm_client_open(vm->api_socket_path, &vm->client, err);
     if (rc == 0)
         vmm_client_set_timeout_ms(vm->client, vm_call_timeout_ms(vm));
+    /* After exec (the socket answers): a later forkd kills a leftover only when it matches.
+     * Without a record this VMM is merely never killed by a later forkd. */
+    if (rc == 0)
+        vm_record_write(vm->registry->run_dir, vm->id, vm->pid);
     return rc;
 }
 

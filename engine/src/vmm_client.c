@@ -172,7 +172,8 @@ int vmm_request_within(struct vmm_client *client, const char *method, const char
     if (rc == 0 && (status < 200 || status > 299)) {
         char fault[FORKD_ERROR_MESSAGE_MAX];
         vmm_fault_message(response.data, fault, sizeof(fault));
-        rc = forkd_error_set(err, -EIO, "%s %s: %ld: %s", method, path, status, fault);
+        /* EREMOTEIO: the VMM refused (its fault_message says why), not a local I/O error. */
+        rc = forkd_error_set(err, -EREMOTEIO, "%s %s: %ld: %s", method, path, status, fault);
     }
     if (rc == 0 && response_out)
         *response_out = response.data ? response.data : strdup("");

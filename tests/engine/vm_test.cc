@@ -132,12 +132,12 @@ TEST_F(EngineTest, BadBootsFailCleanly)
 
     config.kernel_image_path = FORKD_GUEST_PATH;
     config.boot_args = "pattern=zigzag";
-    EXPECT_EQ(-EIO, vm_boot(registry_, &config, &vm, &err));
+    EXPECT_EQ(-EREMOTEIO, vm_boot(registry_, &config, &vm, &err));
     EXPECT_NE(std::string::npos, std::string(err.message).find(": 400: ")) << err.message;
 
     config.boot_args = "";
     config.vcpu_count = 0;
-    EXPECT_EQ(-EIO, vm_boot(registry_, &config, &vm, &err));
+    EXPECT_EQ(-EREMOTEIO, vm_boot(registry_, &config, &vm, &err));
     EXPECT_NE(std::string::npos, std::string(err.message).find("PUT /machine-config: 400"))
         << err.message;
 

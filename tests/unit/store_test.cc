@@ -1,6 +1,7 @@
 // The snapshot store: names, the publish protocol, crash leftovers, corrupt metadata, uses and
 // deletes, concurrency, and a full disk.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -507,7 +508,7 @@ TEST_F(StoreTest, LeftoversAreRemovedAtOpenAndOtherFilesKept)
     EXPECT_EQ(-ENOENT, Get("crashed", &got, &err));
 }
 
-TEST_F(StoreTest, CorruptSnapshotsAreHiddenButReportedAndNeverDeletedAtOpen)
+TEST_F(StoreTest, CorruptSnapshotsAreListedAsSuchAndNeverDeletedAtOpen)
 {
     Publish("good");
     std::string good_json = read_file(snapshots_ + "/good/snapshot.json");
@@ -531,8 +532,14 @@ TEST_F(StoreTest, CorruptSnapshotsAreHiddenButReportedAndNeverDeletedAtOpen)
     size_t count = 0;
     struct forkd_error err = {};
     ASSERT_EQ(0, store_list(store_, &list, &count, &err));
-    ASSERT_EQ(1u, count);
-    EXPECT_STREQ("good", list[0].name);
+    ASSERT_EQ(5u, count);
+    for (size_t i = 0; i < count; i++) {
+        SCOPED_TRACE(list[i].name);
+        bool good = strcmp(list[i].name, "good") == 0;
+        EXPECT_EQ(good ? STORE_STATE_READY : STORE_STATE_CORRUPT, list[i].state);
+        EXPECT_EQ(good, list[i].corrupt_reason[0] == '\0') << list[i].corrupt_reason;
+        EXPECT_EQ(snapshots_ + "/" + list[i].name, list[i].path);
+    }
     free(list);
 
     struct Case {
@@ -563,6 +570,44 @@ TEST_F(StoreTest, CorruptSnapshotsAreHiddenButReportedAndNeverDeletedAtOpen)
     EXPECT_EQ(0, store_delete(store_, "not-json", false, &err)) << err.message;
     EXPECT_FALSE(fs::exists(snapshots_ + "/not-json"));
     Publish("not-json");
+}
+
+// Invalid UTF-8 in snapshot.json would reach clients that refuse it (proto3 strings) and break
+// every listing; a FIFO planted as snapshot.json would hang the open. Both are corrupt snapshots.
+TEST_F(StoreTest, InvalidUtf8AndNonRegularSnapshotJsonAreCorruptNotAHang)
+{
+    Publish("good");
+    std::string good_json = read_file(snapshots_ + "/good/snapshot.json");
+    auto copy_good = [&](const std::string &name) {
+        fs::copy(snapshots_ + "/good", snapshots_ + "/" + name);
+        std::string json = good_json;
+        json.replace(json.find("\"good\""), 6, "\"" + name + "\"");
+        return json;
+    };
+    std::string json = copy_good("bad-utf8");
+    size_t version = json.find("\"version\":");
+    ASSERT_NE(std::string::npos, version);
+    json.insert(json.find('"', version + 10) + 1, "\xff\xfe");
+    write_file(snapshots_ + "/bad-utf8/snapshot.json", json);
+    copy_good("fifo");
+    fs::remove(snapshots_ + "/fifo/snapshot.json");
+    ASSERT_EQ(0, mkfifo((snapshots_ + "/fifo/snapshot.json").c_str(), 0600));
+    Reopen();
+
+    struct store_snapshot *list = nullptr;
+    size_t count = 0;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, store_list(store_, &list, &count, &err));
+    ASSERT_EQ(3u, count);
+    EXPECT_EQ(STORE_STATE_CORRUPT, list[0].state); // bad-utf8
+    EXPECT_EQ(STORE_STATE_CORRUPT, list[1].state); // fifo
+    EXPECT_EQ(STORE_STATE_READY, list[2].state);   // good
+    free(list);
+    struct store_snapshot got;
+    EXPECT_EQ(-EIO, Get("bad-utf8", &got, &err));
+    EXPECT_NE(nullptr, strstr(err.message, "not valid UTF-8")) << err.message;
+    EXPECT_EQ(-EIO, Get("fifo", &got, &err));
+    EXPECT_NE(nullptr, strstr(err.message, "not a regular file")) << err.message;
 }
 
 TEST_F(StoreTest, SnapshotJsonIsReadStrictly)

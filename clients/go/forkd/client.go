@@ -91,10 +91,21 @@ func (c *Client) Spawn(ctx context.Context, req *forkdv1.SpawnRequest) (*forkdv1
 	return c.rpc.Spawn(ctx, req)
 }
 
-// ListVms returns every VM the daemon started, including exited ones not yet stopped.
+// ListVms returns every VM the daemon started, including exited ones not yet stopped. It
+// follows the daemon's pages to the last one.
 func (c *Client) ListVms(ctx context.Context) ([]*forkdv1.Vm, error) {
-	reply, err := c.rpc.ListVms(ctx, &forkdv1.ListVmsRequest{})
-	return reply.GetVms(), err
+	var vms []*forkdv1.Vm
+	token := ""
+	for {
+		reply, err := c.rpc.ListVms(ctx, &forkdv1.ListVmsRequest{PageToken: token})
+		if err != nil {
+			return nil, err
+		}
+		vms = append(vms, reply.GetVms()...)
+		if token = reply.GetNextPageToken(); token == "" {
+			return vms, nil
+		}
+	}
 }
 
 // GetVm returns one VM by id or name.
@@ -109,10 +120,21 @@ func (c *Client) StopVm(ctx context.Context, vm string, grace time.Duration) (*f
 	return reply.GetVm(), err
 }
 
-// ListSnapshots returns every snapshot, READY and WRITING, sorted by name.
+// ListSnapshots returns every snapshot, READY, WRITING and CORRUPT, sorted by name. It follows
+// the daemon's pages to the last one.
 func (c *Client) ListSnapshots(ctx context.Context) ([]*forkdv1.Snapshot, error) {
-	reply, err := c.rpc.ListSnapshots(ctx, &forkdv1.ListSnapshotsRequest{})
-	return reply.GetSnapshots(), err
+	var snapshots []*forkdv1.Snapshot
+	token := ""
+	for {
+		reply, err := c.rpc.ListSnapshots(ctx, &forkdv1.ListSnapshotsRequest{PageToken: token})
+		if err != nil {
+			return nil, err
+		}
+		snapshots = append(snapshots, reply.GetSnapshots()...)
+		if token = reply.GetNextPageToken(); token == "" {
+			return snapshots, nil
+		}
+	}
 }
 
 // GetSnapshot returns one snapshot by name.

@@ -7,6 +7,7 @@ refused or the branch failed (its message on stderr), 2 bad usage, 130 interrupt
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -90,10 +91,21 @@ class Output:
     def say(self, text: RenderableType) -> None:
         # Text and tables carry their own style; plain strings are printed verbatim, never
         # parsed as markup (daemon messages and names may contain brackets).
-        self.out.print(text, markup=False)
+        if self.out.is_terminal:
+            self.out.print(text, markup=False)
+            return
+        # Piped: every column whole (no fitting to 80 columns), no trailing spaces.
+        wide = Console(file=io.StringIO(), width=1 << 16, highlight=False, no_color=True)
+        wide.print(text, markup=False, soft_wrap=isinstance(text, str))
+        lines = wide.file.getvalue().splitlines()  # type: ignore[attr-defined]
+        sys.stdout.write("".join(line.rstrip() + "\n" for line in lines))
+        sys.stdout.flush()
 
-    def error(self, message: str) -> None:
+    def error(self, message: str, code: str = "") -> None:
         self.err.print(Text("forkctl: ", style="bold red") + Text(message))
+        if self.json and code:
+            # Scripts read stdout: a refused call is a JSON document there too.
+            self.emit({"error": {"code": code, "message": message}})
 
 
 def vm_line(vm: Vm) -> str:
@@ -426,6 +438,13 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -441,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--addr", default=argparse.SUPPRESS, metavar="TARGET",
                         help="forkd's address: unix:PATH, a socket path or HOST:PORT "
                              f"(default: $FORKD_ADDR or {default_target()})")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+    common.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
                         metavar="SECONDS", help="deadline of each call, 0 for none "
                                                 "(default 60; branches have none)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -497,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="least time between two progress updates (default 0.1)")
 
     spawn = command("spawn", cmd_spawn, "start VMs restored from a snapshot")
-    spawn.add_argument("snapshot", metavar="SNAPSHOT")
+    spawn.add_argument("snapshot", metavar="SNAPSHOT", help="name of a READY snapshot")
     spawn.add_argument("-n", "--count", type=_positive, default=1, help="how many (default 1)")
     spawn.add_argument("--backend", choices=list(BACKENDS), default="file",
                        help="guest memory: file (default, densest), memfd (live-branchable) "
@@ -511,15 +530,16 @@ def build_parser() -> argparse.ArgumentParser:
     vms.add_argument("vm", nargs="?", metavar="VM", help="id or name of one VM")
 
     snapshots = command("snapshots", cmd_snapshots, "list snapshots, or show one")
-    snapshots.add_argument("name", nargs="?", metavar="SNAPSHOT")
+    snapshots.add_argument("name", nargs="?", metavar="SNAPSHOT",
+                           help="name of one snapshot (default: list them all)")
 
     stop = command("stop", cmd_stop, "stop VMs and forget them")
-    stop.add_argument("vms", nargs="+", metavar="VM")
+    stop.add_argument("vms", nargs="+", metavar="VM", help="id or name of a VM")
     stop.add_argument("--grace", type=float, default=None, metavar="SECONDS",
                       help="time between SIGTERM and SIGKILL (daemon default 2)")
 
     rm = command("rm", cmd_rm, "delete snapshots")
-    rm.add_argument("snapshots", nargs="+", metavar="SNAPSHOT")
+    rm.add_argument("snapshots", nargs="+", metavar="SNAPSHOT", help="name of a snapshot")
     rm.add_argument("--force", action="store_true",
                     help="also when VMs use it or a branch writes it (aborts that branch)")
     return parser
@@ -536,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with client:
             return int(args.handler(client, args, out))
     except ForkdError as error:
-        out.error(f"{error.code.name}: {error.message}")
+        out.error(f"{error.code.name}: {error.message}", error.code.name)
         if isinstance(error, Unavailable) and "connect" in error.message:
             out.error(f"is forkd running at {client.target}? (--addr or $FORKD_ADDR)")
         return EXIT_FAILED

@@ -174,8 +174,20 @@ class Client:
 
     def vms(self, *, timeout: float | None = _DEFAULT) -> list[Vm]:
         """Every VM the daemon started, including exited ones not yet stopped."""
-        reply = self._unary(self.stub.ListVms, pb.ListVmsRequest(), timeout)
-        return [Vm.from_proto(v) for v in reply.vms]
+        return [Vm.from_proto(v) for v in
+                self._pages(self.stub.ListVms, pb.ListVmsRequest, "vms", timeout)]
+
+    def _pages(self, method: Any, request_type: Any, field: str,
+               timeout: float | None) -> list[Any]:
+        """Every item of a paged List call: follows next_page_token to the last page."""
+        items: list[Any] = []
+        token = ""
+        while True:
+            reply = self._unary(method, request_type(page_token=token), timeout)
+            items.extend(getattr(reply, field))
+            token = reply.next_page_token
+            if not token:
+                return items
 
     def vm(self, vm: str | Vm, *, timeout: float | None = _DEFAULT) -> Vm:
         """One VM by id or name."""
@@ -191,9 +203,10 @@ class Client:
         return Vm.from_proto(self._unary(self.stub.StopVm, request, timeout).vm)
 
     def snapshots(self, *, timeout: float | None = _DEFAULT) -> list[Snapshot]:
-        """Every snapshot, READY and WRITING, sorted by name."""
-        reply = self._unary(self.stub.ListSnapshots, pb.ListSnapshotsRequest(), timeout)
-        return [Snapshot.from_proto(s) for s in reply.snapshots]
+        """Every snapshot, READY, WRITING and CORRUPT, sorted by name."""
+        return [Snapshot.from_proto(s) for s in
+                self._pages(self.stub.ListSnapshots, pb.ListSnapshotsRequest, "snapshots",
+                            timeout)]
 
     def snapshot(self, name: str, *, timeout: float | None = _DEFAULT) -> Snapshot:
         """One snapshot by name."""

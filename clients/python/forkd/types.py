@@ -67,6 +67,7 @@ class SnapshotState(enum.IntEnum):
     UNSPECIFIED = 0
     WRITING = 1
     READY = 2
+    CORRUPT = 3
 
 
 M = TypeVar("M", bound="_Message")
@@ -229,6 +230,7 @@ class Snapshot(_Message):
     labels: dict[str, str]
     vms_using: int
     page_server: PageServerStats | None
+    corrupt_reason: str
 
 
 @dataclasses.dataclass(frozen=True)

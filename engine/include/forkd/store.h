@@ -25,7 +25,7 @@ extern "C" {
 #define STORE_MAX_REGIONS 16
 #define STORE_MAX_LABELS  16
 
-enum store_state { STORE_STATE_WRITING = 1, STORE_STATE_READY = 2 };
+enum store_state { STORE_STATE_WRITING = 1, STORE_STATE_READY = 2, STORE_STATE_CORRUPT = 3 };
 
 /* Matches the proto's BranchMode values. */
 enum store_mode { STORE_MODE_LIVE = 1, STORE_MODE_LIVE_ARM_IN_PAUSE = 2, STORE_MODE_FULL = 3 };
@@ -89,6 +89,7 @@ struct store_snapshot {
     char path[PATH_MAX]; /* directory of the snapshot (set by the store; the temporary one
                           * while WRITING) */
     uint32_t users;      /* VMs holding it through store_acquire (set by the store) */
+    char corrupt_reason[FORKD_ERROR_MESSAGE_MAX]; /* CORRUPT: why, naming the file (set by the store) */
 };
 
 struct store;
@@ -102,11 +103,15 @@ int store_file_path(const char *dir, enum store_file file, char *out, size_t siz
 
 /* Checks a snapshot name; -EINVAL with the reason otherwise. */
 int store_validate_name(const char *name, struct forkd_error *err);
+/* The same rule for another kind of name (VMs share it): what names it in the message ("VM
+ * name"). */
+int store_validate_name_of(const char *what, const char *name, struct forkd_error *err);
 
 /* Opens (creating) <state_dir>/snapshots and removes crash leftovers (.tmp-* directories).
  * A directory with a valid name whose snapshot.json is unreadable (or whose data files do not
- * match it) is left alone: hidden from store_list, -EIO from store_get/store_acquire with the
- * file and the reason, -EEXIST from store_begin; store_delete removes it. */
+ * match it) is left alone: listed by store_list as CORRUPT with the reason, -EIO from
+ * store_get/store_acquire with the file and the reason, -EEXIST from store_begin;
+ * store_delete removes it. */
 int store_open(const char *state_dir, struct store **out, struct forkd_error *err);
 /* Every writer must have been published or aborted first. */
 void store_close(struct store *store);
@@ -137,10 +142,28 @@ int store_publish(struct store_writer *writer, const struct store_snapshot *meta
 /* Removes the temporary directory and releases the name. Frees the writer. */
 void store_abort(struct store_writer *writer);
 
-/* All snapshots, READY and WRITING, sorted by name. *out is malloc'd (free it; NULL when
+/* All snapshots, READY, WRITING and CORRUPT (only name, path and corrupt_reason filled), sorted
+ * by name. *out is malloc'd (free it; NULL when
  * *count is 0). */
 int store_list(struct store *store, struct store_snapshot **out, size_t *count,
                struct forkd_error *err);
+
+/* One page of store_list: at most max snapshots whose names sort after `after` ("" for the
+ * first page), sorted by name; *more tells whether others follow. Copies only the page's
+ * records, so a page costs the same whatever the store holds. *out as for store_list. */
+int store_list_page(struct store *store, const char *after, size_t max,
+                    struct store_snapshot **out, size_t *count, bool *more,
+                    struct forkd_error *err);
+
+/* Parses snapshot.json text as store_open does (strictly: UTF-8, every field, right types).
+ * Returns 0 or -EIO with the reason in err. For tests and fuzzing; the store calls it itself. */
+int store_parse_metadata(const char *text, size_t len, struct store_snapshot *out,
+                         struct forkd_error *err);
+
+/* Calls fn with the reason of each CORRUPT snapshot (under the store's lock: fn must not call
+ * back into the store). Cheaper than store_list when only those are wanted. */
+void store_for_each_corrupt(struct store *store, void (*fn)(const char *reason, void *context),
+                            void *context);
 
 /* One snapshot (READY or WRITING). -ENOENT when there is none. */
 int store_get(struct store *store, const char *name, struct store_snapshot *out,

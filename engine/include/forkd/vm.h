@@ -122,11 +122,14 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
 struct vm_stale_report {
     unsigned killed; /* VMMs of a forkd that died without stopping them: killed now */
     unsigned kept;   /* VMMs left running on purpose (keep_vms): left alone, not managed */
+    unsigned foreign; /* processes on a VM socket not proven to be a VMM forkd started: spared */
 };
 
 /* Call once after opening: kills VMMs that an earlier forkd on this run directory left behind
- * by dying (a live process answering on a "vm-<n>.sock" without a keep marker), removes dead
- * sockets, and makes new VM ids follow the highest one found, so no file is reused. */
+ * by dying (a live process answering on a "vm-<n>.sock" without a keep marker, proven by its
+ * record to be the VMM that forkd started: pid, start time, executable), removes dead sockets
+ * (never following a symlink), and makes new VM ids follow the highest one found, so no file
+ * is reused. A process that is not proven ours is never signalled. */
 int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report *report,
                             struct forkd_error *err);
 
