@@ -116,7 +116,7 @@ grpc_status_code handle_boot(struct rpc_call *call, const ProtobufCMessage *mess
     struct vm *vm = NULL;
     struct forkd_error err = {0};
     int rc = vm_boot(engine_registry(daemon->engine), &config, &vm, &err);
-    if (rc == -EIO) /* the VMM refused the configuration: the caller's input */
+    if (rc == -EREMOTEIO) /* the VMM refused the configuration: the caller's input */
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "boot: %s", err.message);
     if (rc < 0)
         return convert_error(status, &err);
