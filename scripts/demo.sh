@@ -13,12 +13,11 @@ if [ "${1:-}" != "--no-setup" ]; then
   bash scripts/setup.sh
   cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
   cmake --build build -j"$(nproc)" >/dev/null
-  if ! { exec 3<>/dev/kvm; } 2>/dev/null; then
+  if ! bash scripts/kvm-usable.sh; then
     echo "demo: /dev/kvm is not usable on this host, so the demo runs inside a QEMU VM with" \
          "nested KVM (scripts/kvm-runner.sh, Debian 12's kernel): expect it to be much slower"
     exec bash scripts/kvm-runner.sh --quiet --timeout 3600 -- bash scripts/demo.sh --no-setup
   fi
-  exec 3>&-
 fi
 
 workdir=$(mktemp -d /tmp/forkd-demo.XXXXXX)

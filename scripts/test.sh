@@ -81,8 +81,7 @@ run_leg() { # description, then the command
 }
 
 kvm_native=0
-if [ "${FORKD_TEST_NESTED:-0}" != 1 ] && { exec 3<>/dev/kvm; } 2>/dev/null; then
-  exec 3>&-
+if [ "${FORKD_TEST_NESTED:-0}" != 1 ] && bash scripts/kvm-usable.sh; then
   kvm_native=1
 fi
 ctest_args=(--test-dir "$build_dir" --output-on-failure --timeout 1200)

@@ -52,7 +52,7 @@ TEST_F(Probe, KvmAnswerMatchesTheDevice)
         close(vm);
     close(kvm);
     EXPECT_EQ(usable, caps_.kvm_usable) << caps_.kvm_error;
-    EXPECT_EQ(version, caps_.kvm_api_version);
+    EXPECT_EQ(version < 0 ? 0 : version, caps_.kvm_api_version); // set only once it answered
     if (usable)
         EXPECT_STREQ("", caps_.kvm_error);
     else
