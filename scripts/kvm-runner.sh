@@ -29,8 +29,10 @@
 # without reporting a status (the reason and the end of the console log are printed); 2 when the
 # runner could not set up (a package that cannot be had, a bad option).
 #
-# The command sees FORKD_NESTED_KVM=1 and FORKD_TIME_SCALE (default 10 unless already set): tests
-# scale their guard timeouts by it, since everything here runs many times slower than on hardware.
+# The command sees FORKD_NESTED_KVM=1 and FORKD_TIME_SCALE (default 30 unless already set): tests
+# scale their guard timeouts by it: an emulated CPU runs nested guests, userfaultfd round trips and
+# sanitizer builds tens of times slower than hardware (a Full snapshot of a UFFD fork, every page
+# pulled through the page server, took over 110 s under ASan here).
 set -euo pipefail
 
 # Everything runs inside main, so bash has read the whole file before the first command runs
@@ -246,7 +248,7 @@ echo "$ctl" >"$ctl/path"
   # The host's exported environment, less what names this shell or host-only sockets.
   export -p | grep -vE '^declare -[a-zA-Z]* (PWD|OLDPWD|SHLVL|_|SSH_AUTH_SOCK|DBUS_SESSION_BUS_ADDRESS)='
   echo 'export FORKD_NESTED_KVM=1'
-  echo "export FORKD_TIME_SCALE=${FORKD_TIME_SCALE:-10}"
+  echo "export FORKD_TIME_SCALE=${FORKD_TIME_SCALE:-30}"
   printf 'cd -- %q || exit 125\n' "$PWD"
   printf 'exec'; printf ' %q' "$@"; printf '\n'
 } >"$ctl/command.sh"
