@@ -89,7 +89,8 @@ runner=(bash scripts/kvm-runner.sh --timeout 4200 --)
 
 if [ -n "$debian_kernel_labels" ]; then
   run_leg "nested KVM under QEMU, tests labelled $debian_kernel_labels" \
-    "${runner[@]}" ctest "${ctest_args[@]}" -L "$debian_kernel_labels" "${nested_exclude[@]}" "$@"
+    "${runner[@]}" ctest "${ctest_args[@]}" --no-tests=error -L "$debian_kernel_labels" \
+    "${nested_exclude[@]}" "$@"
 elif [ "$kvm_native" = 1 ]; then
   run_leg "native KVM, every test" ctest "${ctest_args[@]}" "$@"
 else
