@@ -31,8 +31,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# forkd takes a whole factor; the runner's FORKD_TIME_SCALE may be fractional: round it up.
+timeout_scale=$(/usr/bin/python3 -c 'import math, sys; print(max(1, math.ceil(float(sys.argv[1]))))' \
+  "${FORKD_TIME_SCALE:-1}")
 ./build/service/forkd --listen "unix:$workdir/forkd.sock" --state-dir "$workdir/state" \
-  --vmm-binary "$PWD/build/tests/vmm/forkd-testvm" --timeout-scale "${FORKD_TIME_SCALE:-1}" \
+  --vmm-binary "$PWD/build/tests/vmm/forkd-testvm" --timeout-scale "$timeout_scale" \
   2>"$workdir/forkd.log" &
 forkd_pid=$!
 
