@@ -203,7 +203,7 @@ for m in $(cat /modules/order); do
   insmod "/modules/$m.ko" || fail "insmod $m failed"
 done
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 ctl /ctl || fail "cannot mount the control share"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro hostroot /host \
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose hostroot /host \
   || fail "cannot mount the host root"
 for m in $(cat /modules/order); do
   case "$m" in kvm|kvm_amd|ccp) insmod "/modules/$m.ko" || fail "insmod $m failed" ;; esac
