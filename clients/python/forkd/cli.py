@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -293,12 +295,47 @@ def cmd_boot(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+class CtrlC:
+    """Ctrl-C while following a stream. The handler only notes the key and cancels the call
+    from another thread; the stream then ends at a clean point. Python's default, raising
+    KeyboardInterrupt at whatever bytecode runs, can leave a lock taken (the progress display's
+    console lock, acquired in a `with` the exception interrupts), after which stopping the
+    display waits forever. A second Ctrl-C raises KeyboardInterrupt as usual."""
+
+    def __init__(self, branch: Branch) -> None:
+        self.branch = branch
+        self.pressed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        threading.Thread(target=self.branch.cancel, name="ctrl-c", daemon=True).start()
+
+
+def follow_until_ctrl_c(branch: Branch, out: Output) -> bool:
+    """Follows a branch or watch; False when Ctrl-C ended it (the stream is cancelled)."""
+    with CtrlC(branch) as ctrl_c:
+        try:
+            follow(branch, out)
+        except ForkdError:
+            if not ctrl_c.pressed:
+                raise
+        return not ctrl_c.pressed
+
+
 def cmd_branch(client: Client, args: argparse.Namespace, out: Output) -> int:
     branch = client.branch(args.vm, args.snapshot, mode=MODES[args.mode], detach=args.detach,
                            progress_interval=args.interval, labels=args.labels)
-    try:
-        follow(branch, out)
-    except KeyboardInterrupt:
+    if not follow_until_ctrl_c(branch, out):
         return interrupted(client, branch, out, detach=args.detach)
     if not out.json:
         assert branch.snapshot is not None
@@ -315,11 +352,13 @@ def interrupted(client: Client, branch: Branch, out: Output, *, detach: bool) ->
         out.error(f"detached; the branch goes on. Follow it with: {again}")
         return EXIT_OK
     # The daemon aborts the branch when its stream goes away; confirm it from the record it
-    # keeps of finished branches, so the user knows whether a snapshot was left.
+    # keeps of finished branches, so the user knows whether a snapshot was left. The watch
+    # gets the client's own deadline (--timeout): aborting a copy can take a while on a
+    # loaded host.
     last = None
     try:
-        watch = (client.watch(branch.branch_id, timeout=15) if branch.branch_id
-                 else client.watch(snapshot_name=branch.snapshot_name, timeout=15))
+        watch = (client.watch(branch.branch_id, timeout=client.timeout) if branch.branch_id
+                 else client.watch(snapshot_name=branch.snapshot_name, timeout=client.timeout))
         for last in watch:
             pass
     except ForkdError:
@@ -338,10 +377,7 @@ def interrupted(client: Client, branch: Branch, out: Output, *, detach: bool) ->
 def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     branch = (client.watch(args.branch_id, progress_interval=args.interval) if args.branch_id
               else client.watch(snapshot_name=args.snapshot, progress_interval=args.interval))
-    try:
-        follow(branch, out)
-    except KeyboardInterrupt:
-        branch.cancel()
+    if not follow_until_ctrl_c(branch, out):
         out.error("stopped watching; the branch goes on")
         return EXIT_INTERRUPTED
     return EXIT_OK

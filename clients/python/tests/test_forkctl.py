@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import termios
@@ -23,7 +24,7 @@ LIVE_PHASES = ["STARTED", "ARMED", "PAUSED", "VMSTATE_SAVED", "RESUMED", "COPYIN
 
 
 def forkctl(daemon: Daemon, *args: str, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(forkctl_command("--addr", daemon.target, *args),
                             capture_output=True, text=True, timeout=scaled(timeout))
     if check:
@@ -49,14 +50,17 @@ def folded(events: list[dict[str, Any]]) -> list[str]:
 
 
 def run_in_pty(argv: list[str], on_output: Callable[[str, int], None] | None = None,
-               timeout: float = 120) -> tuple[int, str]:
+               timeout: float = 60) -> tuple[int, str]:
     """Runs argv on a fresh pseudo-terminal (its controlling terminal, so ^C written to it
-    raises SIGINT as on a real one); returns (exit status, everything it printed)."""
+    raises SIGINT as on a real one); returns (exit status, everything it printed). A child
+    still running at the deadline is made to print every thread's stack (SIGABRT with the
+    fault handler on) before it is killed, so a hang shows where it hangs."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once
         try:
             os.execve(argv[0], argv, {**os.environ, "TERM": "xterm-256color",
-                                      "COLUMNS": "120", "LINES": "40"})
+                                      "COLUMNS": "120", "LINES": "40",
+                                      "PYTHONFAULTHANDLER": "1"})
         finally:
             os._exit(127)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
@@ -79,12 +83,30 @@ def run_in_pty(argv: list[str], on_output: Callable[[str, int], None] | None = N
             if on_output:
                 on_output(output.decode(errors="replace"), fd)
         else:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGABRT)
+            output += read_for(fd, scaled(5))
+            os.kill(pid, signal.SIGKILL)
             raise AssertionError("timed out; output:\n" + output.decode(errors="replace"))
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def read_for(fd: int, seconds: float) -> bytes:
+    """What a pseudo-terminal prints within seconds (or until it closes)."""
+    output = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    return output
 
 
 def ctrl_c_once(marker: str) -> Callable[[str, int], None]:
