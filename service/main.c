@@ -229,6 +229,7 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
         .tls_client_ca_path = opts->tls_client_ca,
         .tls_no_client_auth = opts->tls_no_client_auth,
         .max_message_bytes = opts->max_message_bytes,
+        .max_receive_memory_bytes = opts->max_receive_memory_bytes,
         .max_calls = opts->max_calls,
         .max_streams = opts->max_streams,
         .request_timeout_ms = opts->request_timeout_ms,

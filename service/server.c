@@ -434,7 +434,12 @@ static int server_start_reporting(const struct server_config *config, struct ser
         return -ENOMEM;
     }
 
+    grpc_resource_quota *quota = grpc_resource_quota_create("forkd requests");
+    grpc_resource_quota_resize(quota, config->max_receive_memory_bytes);
     grpc_arg args[] = {
+        {.type = GRPC_ARG_POINTER,
+         .key = GRPC_ARG_RESOURCE_QUOTA,
+         .value.pointer = {.p = quota, .vtable = grpc_resource_quota_arg_vtable()}},
         {.type = GRPC_ARG_INTEGER,
          .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = (int)config->max_message_bytes},
@@ -446,6 +451,7 @@ static int server_start_reporting(const struct server_config *config, struct ser
     };
     grpc_channel_args channel_args = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
     server->grpc = grpc_server_create(&channel_args, NULL);
+    grpc_resource_quota_unref(quota); /* the server holds its own reference */
     server->queue = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(server->grpc, server->queue, NULL);
 

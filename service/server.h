@@ -26,6 +26,14 @@
  * - Every batch of every call completes on the one queue; the dispatcher hands each completion
  *   to its call (call.h), whose worker waits on the call's own condition variable.
  *
+ * - Request memory: gRPC 1.51 checks --max-message-bytes only once a message is whole, and
+ *   its transport grants flow-control window up to the length a message declares, so one
+ *   client can make forkd buffer gigabytes before it is refused. The server's resource
+ *   quota (--max-receive-memory-bytes) bounds what every connection together may buffer:
+ *   near it the transport reads less, beyond it it cancels streams (RESOURCE_EXHAUSTED,
+ *   "Buffers full") until memory is back under the quota. The quota is soft (checked as
+ *   memory is taken), so the peak can pass it by what one read brings in.
+ *
  * Threads: the dispatcher owns the queue and the calls without a worker; a worker owns its call
  * until it frees it; the thread that called server_start drives the shutdown functions.
  */
@@ -48,6 +56,9 @@ struct server_config {
     const char *tls_client_ca_path; /* PEM; client certificates must chain to it */
     bool tls_no_client_auth;        /* explicit opt-in to server-only TLS */
     size_t max_message_bytes; /* largest request accepted */
+    /* Memory requests still arriving may hold, every connection together (a gRPC resource
+     * quota: beyond it the transport slows its reads and cancels streams). */
+    size_t max_receive_memory_bytes;
     unsigned max_calls;          /* unary calls in flight; more are refused */
     unsigned max_streams;        /* streaming calls in flight; more are refused */
     unsigned request_timeout_ms; /* a call's request message must arrive within this */

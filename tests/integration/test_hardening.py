@@ -262,6 +262,37 @@ def test_hup_and_quit_stop_the_daemon_cleanly(plain, signum):
     assert "stopped" in plain.log()
 
 
+def test_oversized_requests_are_cut_off_while_they_arrive(plain):
+    # gRPC checks --max-message-bytes only once a message is whole, and grants flow-control
+    # window up to the length a message declares: without a bound on receive memory each of
+    # these streams is taken in full (400 MiB buffered) and only then refused. The request
+    # deadline is stretched so that only the memory bound can end them early.
+    plain.args += ["--request-timeout-ms", str(int(scaled(600000)))]
+    plain.start()
+    declared = 100 << 20
+    results = []
+
+    def send():
+        flood = Flood(plain.socket_path)
+        try:
+            results.append(flood.send_large(declared, stall_timeout=scaled(60)))
+        finally:
+            flood.close()
+
+    senders = [threading.Thread(target=send) for _ in range(4)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    assert len(results) == 4
+    for sent, ended in results:
+        assert ended, "forkd neither took nor ended an oversized request"
+        assert sent < declared, "forkd took a 100 MiB request whole before refusing it"
+    # Under memory pressure gRPC also closes idle connections (the test's own channel among
+    # them); a client that reconnects is served.
+    wait_until(lambda: _answers(plain), 10, "forkd to answer after the oversized requests")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM])
 def test_other_deadly_signals_are_ignored(plain, signum):
     plain.start()
