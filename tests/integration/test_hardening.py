@@ -65,16 +65,28 @@ def get_info(daemon, timeout=10):
 # 1. Bounded concurrency.
 
 def test_idle_stream_flood_costs_no_threads_and_others_are_served(plain):
+    # 3,000 calls whose request never comes, on 47 connections (one connection may open 64
+    # streams at once). At most 4 x (--max-calls 64 + --max-streams 32) = 384 calls may wait
+    # and each newer one ends the oldest, so once 3,000 - 384 of them have been ended forkd
+    # has taken in every call and holds the last 384, each of which would cost a thread if
+    # waiting for a request did. The request deadline is stretched so that only evictions end
+    # calls.
+    plain.args += ["--request-timeout-ms", str(int(scaled(600000)))]
     plain.start()
     baseline = threads(plain)
-    flood = Flood(plain.socket_path)
+    floods = [Flood(plain.socket_path) for _ in range(47)]
     try:
-        flood.open_idle(3000)
-        time.sleep(scaled(1))
+        for i, flood in enumerate(floods):
+            flood.open_idle(min(64, 3000 - 64 * i))
+        evicted = 3000 - 4 * (64 + 32)
+        ended = lambda: sum(flood.resets_received for flood in floods)  # noqa: E731
+        wait_until(lambda: ended() >= evicted, 30, "forkd to take in every idle call")
+        assert ended() == evicted
         assert threads(plain) < baseline + 16, "an idle stream costs a thread"
         assert get_info(plain).pid == plain.process.pid
     finally:
-        flood.close()
+        for flood in floods:
+            flood.close()
     assert get_info(plain).pid == plain.process.pid
 
 
@@ -99,13 +111,17 @@ def test_calls_waiting_for_their_request_are_bounded(plain):
     plain.start()
     flood = Flood(plain.socket_path)
     try:
-        flood.open_idle(8)
-        time.sleep(scaled(0.5))
-        assert flood.resets_received == 0
-        assert get_info(plain).pid == plain.process.pid
+        # The ninth ends the first: once it has, forkd has taken in all nine, and the eight
+        # that may wait are still waiting.
+        flood.open_idle(9)
         wait_until(lambda: flood.resets_received >= 1, 10, "the oldest idle call to be ended")
+        assert flood.resets_received == 1
+        assert get_info(plain).pid == plain.process.pid
+        wait_until(lambda: flood.resets_received >= 2, 10, "GetInfo to end the next oldest")
+        # Seven wait now: the first of 20 more fills the eighth place, the other 19 each end
+        # an older one.
         flood.open_idle(20)
-        wait_until(lambda: flood.resets_received >= 20, 10, "older idle calls to be ended")
+        wait_until(lambda: flood.resets_received >= 21, 10, "older idle calls to be ended")
         assert get_info(plain).pid == plain.process.pid
     finally:
         flood.close()
