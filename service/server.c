@@ -30,13 +30,19 @@
 #define DISPATCH_TICK_MS 50
 /* A worker thread with nothing to do for this long exits. */
 #define WORKER_IDLE_MS 30000
+/* Threads that do gRPC's I/O (read, parse, write every connection). One busy connection (a
+ * rapid-reset flood: thousands of HEADERS+RST_STREAM per read) holds one of them. */
+#define SERVER_POLLERS 2
 /* Streams one HTTP/2 connection may have open at once (further ones wait in the client). */
 #define MAX_STREAMS_PER_CONNECTION 64
 
 struct server {
     grpc_server *grpc;
-    grpc_completion_queue *queue; /* the one queue: new calls and every batch of every call */
+    grpc_completion_queue *queue;      /* new calls and every batch of every call; never polled */
+    grpc_completion_queue *poll_queue; /* polled by the I/O threads; no event but its end */
     pthread_t dispatcher;
+    pthread_t pollers[SERVER_POLLERS];
+    unsigned poller_count;
     struct worker_pool *workers;
     void *daemon;
     char unix_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -277,6 +283,38 @@ static void *server_dispatch_loop(void *arg)
     return NULL;
 }
 
+/* gRPC C core does its I/O on the threads that wait on a polling completion queue. These
+ * threads wait on one that never gets an event, so the dispatcher, which waits on a non-polling
+ * queue, only ever dispatches: a connection that floods the transport with work delays it no
+ * longer than the event it waits for, and the other connections are read by the other
+ * thread. */
+static void *server_poll_loop(void *arg)
+{
+    struct server *server = arg;
+    while (grpc_completion_queue_next(server->poll_queue, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
+               .type != GRPC_QUEUE_SHUTDOWN) {
+    }
+    return NULL;
+}
+
+static void server_drain_queue(grpc_completion_queue *queue)
+{
+    grpc_completion_queue_shutdown(queue);
+    while (grpc_completion_queue_next(queue, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(queue);
+}
+
+/* Once the gRPC server is destroyed: nothing is left to poll. */
+static void server_stop_pollers(struct server *server)
+{
+    grpc_completion_queue_shutdown(server->poll_queue);
+    for (unsigned i = 0; i < server->poller_count; i++)
+        pthread_join(server->pollers[i], NULL);
+    grpc_completion_queue_destroy(server->poll_queue);
+}
+
 /* Prepares a Unix socket path: parent directory created, a stale socket removed, a live one
  * (another daemon) or a non-socket file refused. */
 static int server_prepare_unix_path(const char *path, char *err, size_t err_len)
@@ -412,6 +450,42 @@ static int server_bind(struct server *server, const struct server_config *config
     return 0;
 }
 
+/* The gRPC server, its queues (see server_poll_loop) and its I/O threads. Returns 0, or -EAGAIN
+ * when no I/O thread can be started. */
+static int server_create_grpc(struct server *server, const struct server_config *config)
+{
+    grpc_resource_quota *quota = grpc_resource_quota_create("forkd requests");
+    grpc_resource_quota_resize(quota, config->max_receive_memory_bytes);
+    grpc_arg args[] = {
+        {.type = GRPC_ARG_POINTER,
+         .key = GRPC_ARG_RESOURCE_QUOTA,
+         .value.pointer = {.p = quota, .vtable = grpc_resource_quota_arg_vtable()}},
+        {.type = GRPC_ARG_INTEGER,
+         .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+         .value.integer = (int)config->max_message_bytes},
+        {.type = GRPC_ARG_INTEGER,
+         .key = GRPC_ARG_MAX_CONCURRENT_STREAMS,
+         .value.integer = MAX_STREAMS_PER_CONNECTION},
+        /* A second forkd on the same port must fail, not share it. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
+    };
+    grpc_channel_args channel_args = {.num_args = ARRAY_SIZE(args), .args = args};
+    server->grpc = grpc_server_create(&channel_args, NULL);
+    grpc_resource_quota_unref(quota); /* the server holds its own reference */
+    grpc_completion_queue_attributes attributes = {GRPC_CQ_CURRENT_VERSION, GRPC_CQ_NEXT,
+                                                   GRPC_CQ_NON_POLLING, NULL};
+    server->queue = grpc_completion_queue_create(grpc_completion_queue_factory_lookup(&attributes),
+                                                 &attributes, NULL);
+    server->poll_queue = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(server->grpc, server->queue, NULL);
+    grpc_server_register_completion_queue(server->grpc, server->poll_queue, NULL);
+    for (; server->poller_count < SERVER_POLLERS; server->poller_count++)
+        if (pthread_create(&server->pollers[server->poller_count], NULL, server_poll_loop,
+                           server) != 0)
+            break;
+    return server->poller_count > 0 ? 0 : -EAGAIN;
+}
+
 static int server_start_reporting(const struct server_config *config, struct server **out,
                                   char *err, size_t err_len)
 {
@@ -434,36 +508,15 @@ static int server_start_reporting(const struct server_config *config, struct ser
         return -ENOMEM;
     }
 
-    grpc_resource_quota *quota = grpc_resource_quota_create("forkd requests");
-    grpc_resource_quota_resize(quota, config->max_receive_memory_bytes);
-    grpc_arg args[] = {
-        {.type = GRPC_ARG_POINTER,
-         .key = GRPC_ARG_RESOURCE_QUOTA,
-         .value.pointer = {.p = quota, .vtable = grpc_resource_quota_arg_vtable()}},
-        {.type = GRPC_ARG_INTEGER,
-         .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
-         .value.integer = (int)config->max_message_bytes},
-        {.type = GRPC_ARG_INTEGER,
-         .key = GRPC_ARG_MAX_CONCURRENT_STREAMS,
-         .value.integer = MAX_STREAMS_PER_CONNECTION},
-        /* A second forkd on the same port must fail, not share it. */
-        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
-    };
-    grpc_channel_args channel_args = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
-    server->grpc = grpc_server_create(&channel_args, NULL);
-    grpc_resource_quota_unref(quota); /* the server holds its own reference */
-    server->queue = grpc_completion_queue_create_for_next(NULL);
-    grpc_server_register_completion_queue(server->grpc, server->queue, NULL);
-
-    int rc = server_bind(server, config, err, err_len);
+    int rc = server_create_grpc(server, config);
+    if (rc < 0)
+        snprintf(err, err_len, "cannot start the gRPC I/O threads");
+    else
+        rc = server_bind(server, config, err, err_len);
     if (rc < 0) {
         grpc_server_destroy(server->grpc);
-        grpc_completion_queue_shutdown(server->queue);
-        while (grpc_completion_queue_next(server->queue, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                          NULL)
-                   .type != GRPC_QUEUE_SHUTDOWN) {
-        }
-        grpc_completion_queue_destroy(server->queue);
+        server_drain_queue(server->queue);
+        server_stop_pollers(server);
         worker_pool_free(server->workers);
         free(server);
         return rc;
@@ -506,6 +559,7 @@ void server_destroy(struct server *server)
     pthread_join(server->dispatcher, NULL);
     grpc_server_destroy(server->grpc);
     grpc_completion_queue_destroy(server->queue);
+    server_stop_pollers(server);
     worker_pool_free(server->workers);
     if (server->unix_path[0])
         unlink(server->unix_path);

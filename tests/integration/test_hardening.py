@@ -103,6 +103,27 @@ def test_rapid_reset_flood_leaves_the_daemon_serving(plain):
     assert get_info(plain).pid == plain.process.pid
 
 
+def test_rapid_reset_flood_does_not_stall_other_callers(plain):
+    # gRPC does its I/O on the threads that wait on a polling completion queue. While the
+    # dispatcher was that thread, a GetInfo waited behind the flood's HEADERS+RST_STREAM pairs
+    # and at most two were answered while the flood lasted (the rest hit their deadline); now
+    # the dispatcher never polls and the flood holds one of two I/O threads. This counts calls
+    # answered before the flood is through, not how long they took.
+    plain.start()
+    flood = Flood(plain.socket_path)
+    sender = threading.Thread(target=flood.rapid_reset, args=(50000,))
+    answered = 0
+    try:
+        sender.start()
+        while sender.is_alive():
+            assert get_info(plain, timeout=60).pid == plain.process.pid
+            answered += sender.is_alive()
+    finally:
+        sender.join()
+        flood.close()
+    assert answered >= 10, "only %d GetInfo answered during the flood" % answered
+
+
 def test_calls_waiting_for_their_request_are_bounded(plain):
     # --max-calls 1 + --max-streams 1: at most 4 x 2 calls may wait for their request; beyond
     # that the oldest waiting call is ended, and callers that send their request are served.
