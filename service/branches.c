@@ -421,7 +421,8 @@ static grpc_status_code branches_check(struct daemon_state *daemon,
         break;
     default:
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
-                              "mode %d is not one of LIVE, LIVE_ARM_IN_PAUSE, FULL",
+                              "mode %d is not a BranchMode; Branch takes LIVE, "
+                              "LIVE_ARM_IN_PAUSE or FULL",
                               (int)request->mode);
     }
     if (branches_check_labels(request, status) != GRPC_STATUS_OK)
@@ -516,9 +517,10 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
         branches_job_unref(job);
         return status->code;
     }
+    /* The store's modes have the proto's values. */
     log_info("%s: %s branch of %s into snapshot %s%s", job->id,
-             mode == STORE_MODE_FULL ? "FULL" : "LIVE", job->vm_id, job->snapshot_name,
-             job->detach ? " (detached)" : "");
+             convert_enum_name(&forkd__v1__branch_mode__descriptor, (int)mode), job->vm_id,
+             job->snapshot_name, job->detach ? " (detached)" : "");
     if (branches_follow(call, job, branches_interval(request->progress_interval_ms), status) < 0) {
         if (!job->detach)
             branch_cancel(job->engine); /* the engine resumes, unprotects and cleans up */

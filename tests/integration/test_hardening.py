@@ -598,6 +598,18 @@ def test_vm_name_errors_name_the_vm(plain):
     assert "VM name '-bad'" in error.details() and "snapshot" not in error.details()
 
 
+def test_backends_are_named_not_numbered(plain):
+    plain.start()
+    for backend, expected in ((forkd_pb2.MEMORY_BACKEND_ANONYMOUS, "backend ANONYMOUS is not"),
+                              (99, "backend 99 is not a MemoryBackend")):
+        with pytest.raises(grpc.RpcError) as error:
+            plain.forkd().Spawn(forkd_pb2.SpawnRequest(snapshot="s", count=1, backend=backend),
+                                timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in error.value.details(), error.value.details()
+        assert "FILE, MEMFD or UFFD" in error.value.details()
+
+
 def test_boot_args_length_is_checked_by_forkd(plain):
     plain.start()
     error = _boot(plain, boot_args="x" * (1 << 20))
