@@ -272,9 +272,9 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     signal(SIGXFSZ, SIG_IGN); /* a write past the file size limit fails with EFBIG instead */
 
-    char route_err[256];
-    if (routes_init(route_err, sizeof(route_err)) < 0) {
-        log_error("internal error: %s", route_err);
+    struct forkd_error route_err = {0};
+    if (routes_init(&route_err) < 0) {
+        log_error("internal error: %s", route_err.message);
         return 1;
     }
     _cleanup_close_ int state_lock = main_lock_state_dir(opts.state_dir);
