@@ -489,6 +489,22 @@ static grpc_status_code branches_start(struct daemon_state *daemon, struct branc
     return GRPC_STATUS_OK;
 }
 
+/* A VM that cannot be branched now: one branch at a time, and only while its VMM is up. */
+static grpc_status_code branches_refuse_vm(const struct vm_status *vm, struct rpc_status *status)
+{
+    if (vm->active_branch_id[0])
+        return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION,
+                              "VM %s already has a branch running (%s)", vm->id,
+                              vm->active_branch_id);
+    /* The VMM is gone but the reaper has not recorded it yet. */
+    if (vm->state == VM_STATE_RUNNING || vm->state == VM_STATE_PAUSED)
+        return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION,
+                              "VM %s is not running: its VMM has exited", vm->id);
+    return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION,
+                          "VM %s is %s: a branch needs it RUNNING or PAUSED", vm->id,
+                          vm_state_name(vm->state));
+}
+
 grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *message,
                                struct rpc_status *status)
 {
@@ -504,9 +520,7 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
     vm_get_status(vm, &vm_now);
     if (vm_now.active_branch_id[0] || !vm_is_alive(vm)) {
         vm_unref(vm);
-        return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION, "VM %s %s", vm_now.id,
-                              vm_now.active_branch_id[0] ? "already has a branch running"
-                                                         : "is not running");
+        return branches_refuse_vm(&vm_now, status);
     }
     struct branch_job *job = branches_new_job(daemon, vm, request, mode);
     if (!job) {

@@ -203,6 +203,7 @@ grpc_status_code convert_status_code(int code)
     case -EAGAIN:
     case -EOPNOTSUPP:
     case -ENODEV: /* the host cannot run VMs (no usable KVM) */
+    case -EBADFD: /* the VM's state does not allow it (forkd/vm.h) */
         return GRPC_STATUS_FAILED_PRECONDITION;
     case -ENOSPC:
     case -EDQUOT:
