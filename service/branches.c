@@ -421,7 +421,8 @@ static grpc_status_code branches_check(struct daemon_state *daemon,
         break;
     default:
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
-                              "mode %d is not one of LIVE, LIVE_ARM_IN_PAUSE, FULL",
+                              "mode %d is not a BranchMode; Branch takes LIVE, "
+                              "LIVE_ARM_IN_PAUSE or FULL",
                               (int)request->mode);
     }
     if (branches_check_labels(request, status) != GRPC_STATUS_OK)
@@ -488,6 +489,22 @@ static grpc_status_code branches_start(struct daemon_state *daemon, struct branc
     return GRPC_STATUS_OK;
 }
 
+/* A VM that cannot be branched now: one branch at a time, and only while its VMM is up. */
+static grpc_status_code branches_refuse_vm(const struct vm_status *vm, struct rpc_status *status)
+{
+    if (vm->active_branch_id[0])
+        return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION,
+                              "VM %s already has a branch running (%s)", vm->id,
+                              vm->active_branch_id);
+    /* The VMM is gone but the reaper has not recorded it yet. */
+    if (vm->state == VM_STATE_RUNNING || vm->state == VM_STATE_PAUSED)
+        return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION,
+                              "VM %s is not running: its VMM has exited", vm->id);
+    return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION,
+                          "VM %s is %s: a branch needs it RUNNING or PAUSED", vm->id,
+                          vm_state_name(vm->state));
+}
+
 grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *message,
                                struct rpc_status *status)
 {
@@ -503,9 +520,7 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
     vm_get_status(vm, &vm_now);
     if (vm_now.active_branch_id[0] || !vm_is_alive(vm)) {
         vm_unref(vm);
-        return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION, "VM %s %s", vm_now.id,
-                              vm_now.active_branch_id[0] ? "already has a branch running"
-                                                         : "is not running");
+        return branches_refuse_vm(&vm_now, status);
     }
     struct branch_job *job = branches_new_job(daemon, vm, request, mode);
     if (!job) {
@@ -516,9 +531,10 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
         branches_job_unref(job);
         return status->code;
     }
+    /* The store's modes have the proto's values. */
     log_info("%s: %s branch of %s into snapshot %s%s", job->id,
-             mode == STORE_MODE_FULL ? "FULL" : "LIVE", job->vm_id, job->snapshot_name,
-             job->detach ? " (detached)" : "");
+             convert_enum_name(&forkd__v1__branch_mode__descriptor, (int)mode), job->vm_id,
+             job->snapshot_name, job->detach ? " (detached)" : "");
     if (branches_follow(call, job, branches_interval(request->progress_interval_ms), status) < 0) {
         if (!job->detach)
             branch_cancel(job->engine); /* the engine resumes, unprotects and cleans up */

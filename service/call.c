@@ -245,12 +245,12 @@ static void call_dispatch(struct rpc_call *call, struct rpc_status *status)
 {
     const struct route *route = call->route;
     ProtobufCMessage *request = NULL;
-    char err[256];
-    int rc = glue_unpack(route->method->input, call->request, &request, err, sizeof(err));
+    struct forkd_error err = {0};
+    int rc = glue_unpack(route->method->input, call->request, &request, &err);
     grpc_byte_buffer_destroy(call->request);
     call->request = NULL;
     if (rc < 0) {
-        rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "%s: %s", call->method, err);
+        rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "%s: %s", call->method, err.message);
         return;
     }
     route->handler(call, request, status);

@@ -163,6 +163,30 @@ Forkd__V1__SnapshotState convert_snapshot_state(enum store_state state)
     return FORKD__V1__SNAPSHOT_STATE__SNAPSHOT_STATE_UNSPECIFIED;
 }
 
+/* Length of the prefix every value name of descriptor shares, up to and including its last
+ * '_' ("MEMORY_BACKEND_"). */
+static size_t convert_enum_prefix(const ProtobufCEnumDescriptor *descriptor)
+{
+    const char *first = descriptor->values[0].name;
+    size_t common = strlen(first);
+    for (unsigned i = 1; i < descriptor->n_values; i++) {
+        const char *name = descriptor->values[i].name;
+        size_t same = 0;
+        while (same < common && first[same] == name[same])
+            same++;
+        common = same;
+    }
+    while (common > 0 && first[common - 1] != '_')
+        common--;
+    return common;
+}
+
+const char *convert_enum_name(const ProtobufCEnumDescriptor *descriptor, int value)
+{
+    const ProtobufCEnumValue *found = protobuf_c_enum_descriptor_get_value(descriptor, value);
+    return found ? found->name + convert_enum_prefix(descriptor) : NULL;
+}
+
 grpc_status_code convert_status_code(int code)
 {
     switch (code) {
@@ -179,6 +203,7 @@ grpc_status_code convert_status_code(int code)
     case -EAGAIN:
     case -EOPNOTSUPP:
     case -ENODEV: /* the host cannot run VMs (no usable KVM) */
+    case -EBADFD: /* the VM's state does not allow it (forkd/vm.h) */
         return GRPC_STATUS_FAILED_PRECONDITION;
     case -ENOSPC:
     case -EDQUOT:

@@ -48,6 +48,11 @@ void convert_progress(const struct branch_progress *progress, Forkd__V1__BranchP
 /* The proto's state for a store state. */
 Forkd__V1__SnapshotState convert_snapshot_state(enum store_state state);
 
+/* The proto's name of an enum value without the prefix its values share
+ * ("MEMORY_BACKEND_ANONYMOUS" -> "ANONYMOUS"), for messages: they name backends and modes, never
+ * their numbers. NULL for a value the proto does not define. */
+const char *convert_enum_name(const ProtobufCEnumDescriptor *descriptor, int value);
+
 /* The gRPC code for an engine error code (negative errno). */
 grpc_status_code convert_status_code(int code);
 

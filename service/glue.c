@@ -12,18 +12,15 @@
 #include <string.h>
 
 int glue_unpack(const ProtobufCMessageDescriptor *descriptor, grpc_byte_buffer *buffer,
-                ProtobufCMessage **out, char *err, size_t err_len)
+                ProtobufCMessage **out, struct forkd_error *err)
 {
     *out = NULL;
-    if (!buffer) {
-        snprintf(err, err_len, "no request message (expected %s)", descriptor->name);
-        return -EINVAL;
-    }
+    if (!buffer)
+        return forkd_error_set(err, -EINVAL, "no request message (expected %s)", descriptor->name);
     grpc_byte_buffer_reader reader;
-    if (!grpc_byte_buffer_reader_init(&reader, buffer)) {
-        snprintf(err, err_len, "cannot read the request bytes (expected %s)", descriptor->name);
-        return -EINVAL;
-    }
+    if (!grpc_byte_buffer_reader_init(&reader, buffer))
+        return forkd_error_set(err, -EINVAL, "cannot read the request bytes (expected %s)",
+                               descriptor->name);
     /* Flatten: protobuf-c needs one contiguous buffer, the wire may deliver several slices. */
     grpc_slice flat = grpc_byte_buffer_reader_readall(&reader);
     grpc_byte_buffer_reader_destroy(&reader);
@@ -31,17 +28,14 @@ int glue_unpack(const ProtobufCMessageDescriptor *descriptor, grpc_byte_buffer *
                                                           GRPC_SLICE_START_PTR(flat));
     size_t length = GRPC_SLICE_LENGTH(flat);
     /* On the wire bytes: after decoding, a string's NUL byte cannot be told from its end. */
-    int rc = message ? request_check_strings(descriptor, GRPC_SLICE_START_PTR(flat), length, err,
-                                             err_len)
-                     : 0;
+    int rc =
+        message ? request_check_strings(descriptor, GRPC_SLICE_START_PTR(flat), length, err) : 0;
     grpc_slice_unref(flat);
-    if (!message) {
-        snprintf(err, err_len, "malformed request: %zu bytes do not decode as %s", length,
-                 descriptor->name);
-        return -EINVAL;
-    }
+    if (!message)
+        return forkd_error_set(err, -EINVAL, "malformed request: %zu bytes do not decode as %s",
+                               length, descriptor->name);
     if (rc == 0)
-        rc = request_check_map_keys(message, err, err_len);
+        rc = request_check_map_keys(message, err);
     if (rc < 0) {
         protobuf_c_message_free_unpacked(message, NULL);
         return rc;

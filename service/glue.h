@@ -5,6 +5,8 @@
 #ifndef FORKD_SERVICE_GLUE_H
 #define FORKD_SERVICE_GLUE_H
 
+#include "basic/error.h"
+
 #include <grpc/byte_buffer.h>
 #include <protobuf-c/protobuf-c.h>
 #include <stddef.h>
@@ -15,9 +17,10 @@ extern "C" {
 
 /* Decodes buffer as a message of type descriptor. On success *out holds a message to release
  * with protobuf_c_message_free_unpacked(*out, NULL) and 0 is returned. A NULL buffer (no
- * message) or bytes that do not decode give -EINVAL and a message naming the type in err. */
+ * message) or bytes that do not decode give -EINVAL and a message naming the type in err
+ * (request_check.h's checks give theirs). */
 int glue_unpack(const ProtobufCMessageDescriptor *descriptor, grpc_byte_buffer *buffer,
-                ProtobufCMessage **out, char *err, size_t err_len);
+                ProtobufCMessage **out, struct forkd_error *err);
 
 /* Encodes message into a new byte buffer (release with grpc_byte_buffer_destroy), or NULL when
  * memory runs out. */

@@ -11,62 +11,56 @@
 #include <unistd.h>
 
 static int listen_parse_unix(const char *path, bool allow_abstract, struct listen_address *out,
-                             char *err, size_t err_len)
+                             struct forkd_error *err)
 {
-    if (path[0] == '\0') {
-        snprintf(err, err_len,
-                 "--listen unix: needs a socket path (an empty name would be an abstract socket "
-                 "that any local user can reach)");
-        return -EINVAL;
-    }
+    if (path[0] == '\0')
+        return forkd_error_set(err, -EINVAL,
+                               "--listen unix: needs a socket path (an empty name would be an "
+                               "abstract socket that any local user can reach)");
     if (path[0] == '@') {
         out->kind = LISTEN_UNIX_ABSTRACT;
-        if (!allow_abstract) {
-            snprintf(err, err_len,
-                     "--listen %s is an abstract Unix socket: no file permission protects it, "
-                     "any local user can reach it; refused without --allow-abstract-socket",
-                     out->target);
-            return -EINVAL;
-        }
+        if (!allow_abstract)
+            return forkd_error_set(err, -EINVAL,
+                                   "--listen %s is an abstract Unix socket: no file permission "
+                                   "protects it, any local user can reach it; refused without "
+                                   "--allow-abstract-socket",
+                                   out->target);
         return 0;
     }
     size_t length = strlen(path);
-    if (length >= sizeof(out->unix_path)) {
-        snprintf(err, err_len,
-                 "socket path %s is %zu bytes; a Unix socket address holds at most %zu", path,
-                 length, sizeof(out->unix_path) - 1);
-        return -ENAMETOOLONG;
-    }
+    if (length >= sizeof(out->unix_path))
+        return forkd_error_set(err, -ENAMETOOLONG,
+                               "socket path %s is %zu bytes; a Unix socket address holds at most "
+                               "%zu",
+                               path, length, sizeof(out->unix_path) - 1);
     memcpy(out->unix_path, path, length + 1);
     out->kind = LISTEN_UNIX;
     return 0;
 }
 
-int listen_parse(const char *address, bool allow_abstract, struct listen_address *out, char *err,
-                 size_t err_len)
+int listen_parse(const char *address, bool allow_abstract, struct listen_address *out,
+                 struct forkd_error *err)
 {
     memset(out, 0, sizeof(*out));
     out->target = address;
     if (strncmp(address, "unix-abstract:", 14) == 0) {
         out->kind = LISTEN_UNIX_ABSTRACT;
-        if (!allow_abstract || address[14] == '\0') {
-            snprintf(err, err_len,
-                     "--listen %s is an abstract Unix socket: no file permission protects it, "
-                     "any local user can reach it; refused %s",
-                     address, address[14] ? "without --allow-abstract-socket" : "(empty name)");
-            return -EINVAL;
-        }
+        if (!allow_abstract || address[14] == '\0')
+            return forkd_error_set(
+                err, -EINVAL,
+                "--listen %s is an abstract Unix socket: no file permission "
+                "protects it, any local user can reach it; refused %s",
+                address, address[14] ? "without --allow-abstract-socket" : "(empty name)");
         return 0;
     }
     if (strncmp(address, "unix:", 5) == 0)
-        return listen_parse_unix(address + 5, allow_abstract, out, err, err_len);
+        return listen_parse_unix(address + 5, allow_abstract, out, err);
     if (strncmp(address, "tcp:", 4) == 0)
         out->target = address + 4;
     out->kind = LISTEN_TCP;
-    if (out->target[0] == '\0' || !strrchr(out->target, ':')) {
-        snprintf(err, err_len, "--listen %s: expected unix:PATH or HOST:PORT", address);
-        return -EINVAL;
-    }
+    if (out->target[0] == '\0' || !strrchr(out->target, ':'))
+        return forkd_error_set(err, -EINVAL, "--listen %s: expected unix:PATH or HOST:PORT",
+                               address);
     return 0;
 }
 
@@ -119,7 +113,7 @@ static int listen_probe_unix(const char *path)
     return 0;
 }
 
-void listen_explain_failure(const struct listen_address *address, char *err, size_t err_len)
+int listen_explain_failure(const struct listen_address *address, struct forkd_error *err)
 {
     int rc = 0;
     if (address->kind == LISTEN_TCP)
@@ -127,10 +121,9 @@ void listen_explain_failure(const struct listen_address *address, char *err, siz
     else if (address->kind == LISTEN_UNIX)
         rc = listen_probe_unix(address->unix_path);
     if (rc < 0)
-        snprintf(err, err_len, "cannot listen on %s: %s", address->target, strerror(-rc));
-    else
-        snprintf(err, err_len,
-                 "cannot listen on %s: gRPC refused the address (a bind of it works; see the "
-                 "gRPC log above)",
-                 address->target);
+        return forkd_error_errno(err, rc, "cannot listen on %s", address->target);
+    return forkd_error_set(err, -EADDRNOTAVAIL,
+                           "cannot listen on %s: gRPC refused the address (a bind of it works; "
+                           "see the gRPC log above)",
+                           address->target);
 }

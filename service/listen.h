@@ -8,6 +8,8 @@
 #ifndef FORKD_SERVICE_LISTEN_H
 #define FORKD_SERVICE_LISTEN_H
 
+#include "basic/error.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <sys/un.h>
@@ -24,11 +26,12 @@ struct listen_address {
  * "HOST:PORT"). Refuses an empty Unix path, a path too long for a socket address (checked on
  * the whole path, before any copy), and abstract names unless allow_abstract. Returns 0 or
  * -EINVAL with the reason in err. out->target points into address. */
-int listen_parse(const char *address, bool allow_abstract, struct listen_address *out, char *err,
-                 size_t err_len);
+int listen_parse(const char *address, bool allow_abstract, struct listen_address *out,
+                 struct forkd_error *err);
 
-/* After gRPC could not listen on address: writes "cannot listen on ADDRESS: REASON" into err,
- * the reason found by binding a socket to the same address (without SO_REUSEPORT). */
-void listen_explain_failure(const struct listen_address *address, char *err, size_t err_len);
+/* After gRPC could not listen on address: records "cannot listen on ADDRESS: REASON" in err,
+ * the reason found by binding a socket to the same address (without SO_REUSEPORT), and returns
+ * its code (-EADDRNOTAVAIL when the bind works). */
+int listen_explain_failure(const struct listen_address *address, struct forkd_error *err);
 
 #endif

@@ -229,6 +229,7 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
         .tls_client_ca_path = opts->tls_client_ca,
         .tls_no_client_auth = opts->tls_no_client_auth,
         .max_message_bytes = opts->max_message_bytes,
+        .max_receive_memory_bytes = opts->max_receive_memory_bytes,
         .max_calls = opts->max_calls,
         .max_streams = opts->max_streams,
         .request_timeout_ms = opts->request_timeout_ms,
@@ -271,9 +272,9 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     signal(SIGXFSZ, SIG_IGN); /* a write past the file size limit fails with EFBIG instead */
 
-    char route_err[256];
-    if (routes_init(route_err, sizeof(route_err)) < 0) {
-        log_error("internal error: %s", route_err);
+    struct forkd_error route_err = {0};
+    if (routes_init(&route_err) < 0) {
+        log_error("internal error: %s", route_err.message);
         return 1;
     }
     _cleanup_close_ int state_lock = main_lock_state_dir(opts.state_dir);

@@ -29,6 +29,7 @@ enum {
     OPT_ALLOW_ABSTRACT_SOCKET,
     OPT_MAX_STREAMS,
     OPT_REQUEST_TIMEOUT_MS,
+    OPT_MAX_RECEIVE_MEMORY_BYTES,
     OPT_VERSION,
 };
 
@@ -53,6 +54,7 @@ static const struct option long_options[] = {
     {"allow-abstract-socket", no_argument, NULL, OPT_ALLOW_ABSTRACT_SOCKET},
     {"max-streams", required_argument, NULL, OPT_MAX_STREAMS},
     {"request-timeout-ms", required_argument, NULL, OPT_REQUEST_TIMEOUT_MS},
+    {"max-receive-memory-bytes", required_argument, NULL, OPT_MAX_RECEIVE_MEMORY_BYTES},
     {"version", no_argument, NULL, OPT_VERSION},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
@@ -111,7 +113,16 @@ static void options_print_help(FILE *out)
             "                           call, or the call ends with DEADLINE_EXCEEDED\n"
             "                           (default 10000).\n"
             "  --max-message-bytes N    largest request accepted; larger ones are refused with\n"
-            "                           RESOURCE_EXHAUSTED (default 4194304).\n"
+            "                           RESOURCE_EXHAUSTED (default 4194304). gRPC checks the\n"
+            "                           size once the whole message is in, so a larger one\n"
+            "                           still takes memory while it arrives: see below.\n"
+            "  --max-receive-memory-bytes N\n"
+            "                           memory that requests still arriving may hold, all\n"
+            "                           connections together. Beyond it gRPC slows reading and\n"
+            "                           cancels streams (RESOURCE_EXHAUSTED) until enough is\n"
+            "                           freed, so oversized requests cannot exhaust the host\n"
+            "                           (default 4 x --max-message-bytes, at least 64 MiB;\n"
+            "                           never below --max-message-bytes).\n"
             "  --shutdown-grace-ms N    on a stop signal (see below), how long running calls\n"
             "                           may finish before they are cancelled (default 10000).\n"
             "  --timeout-scale N        multiply every time limit forkd puts on a VMM (start,\n"
@@ -164,6 +175,11 @@ static int options_apply_number(int option, const char *text, struct forkd_optio
         if (options_parse_number(text, 1024, 64ULL << 20, &value) < 0)
             return -EINVAL;
         opts->max_message_bytes = (size_t)value;
+        return 0;
+    case OPT_MAX_RECEIVE_MEMORY_BYTES:
+        if (options_parse_number(text, 1ULL << 20, 1ULL << 40, &value) < 0)
+            return -EINVAL;
+        opts->max_receive_memory_bytes = (size_t)value;
         return 0;
     case OPT_MAX_CALLS:
         if (options_parse_number(text, 1, 4096, &value) < 0)
@@ -261,6 +277,23 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
     }
 }
 
+/* The default follows --max-message-bytes; a limit below one message would refuse every large
+ * request however quiet the daemon is. */
+static enum options_result options_check_receive_memory(struct forkd_options *opts)
+{
+    if (!opts->max_receive_memory_bytes) {
+        size_t four_messages = 4 * opts->max_message_bytes;
+        opts->max_receive_memory_bytes =
+            four_messages > OPTIONS_MIN_RECEIVE_MEMORY ? four_messages : OPTIONS_MIN_RECEIVE_MEMORY;
+    }
+    if (opts->max_receive_memory_bytes < opts->max_message_bytes) {
+        fprintf(stderr, "forkd: --max-receive-memory-bytes %zu is below --max-message-bytes %zu\n",
+                opts->max_receive_memory_bytes, opts->max_message_bytes);
+        return OPTIONS_EXIT_USAGE;
+    }
+    return OPTIONS_RUN;
+}
+
 enum options_result options_parse(int argc, char **argv, struct forkd_options *opts)
 {
     options_set_defaults(opts);
@@ -304,5 +337,5 @@ enum options_result options_parse(int argc, char **argv, struct forkd_options *o
         fprintf(stderr, "forkd: --tls-client-ca and --tls-no-client-auth contradict each other\n");
         return OPTIONS_EXIT_USAGE;
     }
-    return OPTIONS_RUN;
+    return options_check_receive_memory(opts);
 }

@@ -10,6 +10,8 @@
 #define OPTIONS_DEFAULT_LISTEN    "unix:/run/forkd/forkd.sock"
 #define OPTIONS_DEFAULT_STATE_DIR "/var/lib/forkd"
 #define OPTIONS_DEFAULT_VMM       "firecracker"
+/* The least default for --max-receive-memory-bytes. */
+#define OPTIONS_MIN_RECEIVE_MEMORY ((size_t)64 << 20)
 
 struct forkd_options {
     const char *listen;
@@ -24,6 +26,9 @@ struct forkd_options {
     const char *vmm_binary;
     unsigned max_branches;
     size_t max_message_bytes;
+    /* Memory the requests being received may hold, every connection together; beyond it
+     * gRPC cancels streams. Never below max_message_bytes. */
+    size_t max_receive_memory_bytes;
     unsigned max_calls;          /* unary calls in flight */
     unsigned max_streams;        /* streaming calls in flight */
     unsigned request_timeout_ms; /* deadline for a call's request message */

@@ -26,19 +26,19 @@ static size_t check_varint(const uint8_t *data, size_t length, uint64_t *out)
 
 static int check_string(const ProtobufCMessageDescriptor *descriptor,
                         const ProtobufCFieldDescriptor *field, const uint8_t *data, size_t length,
-                        char *err, size_t err_len)
+                        struct forkd_error *err)
 {
     const char *problem = memchr(data, '\0', length) ? "holds a NUL byte"
                           : !forkd_utf8_valid(data, length) ? "is not valid UTF-8"
                                                       : NULL;
     if (!problem)
         return 0;
-    snprintf(err, err_len, "field %s.%s %s", descriptor->short_name, field->name, problem);
-    return -EINVAL;
+    return forkd_error_set(err, -EINVAL, "field %s.%s %s", descriptor->short_name, field->name,
+                           problem);
 }
 
 static int check_message(const ProtobufCMessageDescriptor *descriptor, const uint8_t *data,
-                         size_t length, unsigned depth, char *err, size_t err_len)
+                         size_t length, unsigned depth, struct forkd_error *err)
 {
     size_t at = 0;
     while (at < length && depth < CHECK_MAX_DEPTH) {
@@ -73,9 +73,9 @@ static int check_message(const ProtobufCMessageDescriptor *descriptor, const uin
             protobuf_c_message_descriptor_get_field(descriptor, (unsigned)(key >> 3));
         int rc = 0;
         if (field && field->type == PROTOBUF_C_TYPE_STRING)
-            rc = check_string(descriptor, field, data + at, size, err, err_len);
+            rc = check_string(descriptor, field, data + at, size, err);
         else if (field && field->type == PROTOBUF_C_TYPE_MESSAGE)
-            rc = check_message(field->descriptor, data + at, size, depth + 1, err, err_len);
+            rc = check_message(field->descriptor, data + at, size, depth + 1, err);
         if (rc < 0)
             return rc;
         at += size;
@@ -84,9 +84,9 @@ static int check_message(const ProtobufCMessageDescriptor *descriptor, const uin
 }
 
 int request_check_strings(const ProtobufCMessageDescriptor *descriptor, const uint8_t *data,
-                          size_t length, char *err, size_t err_len)
+                          size_t length, struct forkd_error *err)
 {
-    return check_message(descriptor, data, length, 0, err, err_len);
+    return check_message(descriptor, data, length, 0, err);
 }
 
 /* protoc-c generates a map<K, V> as a repeated message "...Entry" with fields key and value. */
@@ -100,7 +100,7 @@ static bool check_is_map_entry(const ProtobufCMessageDescriptor *d)
 }
 
 static int check_map_field(const ProtobufCMessage *message, const ProtobufCFieldDescriptor *field,
-                           char *err, size_t err_len)
+                           struct forkd_error *err)
 {
     size_t count = *(const size_t *)((const char *)message + field->quantifier_offset);
     ProtobufCMessage *const *entries =
@@ -111,18 +111,15 @@ static int check_map_field(const ProtobufCMessage *message, const ProtobufCField
         const char *key = *(const char *const *)((const char *)entries[i] + key_offset);
         for (size_t j = 0; j < i; j++) {
             const char *other = *(const char *const *)((const char *)entries[j] + key_offset);
-            if (strcmp(key, other) == 0) {
-                snprintf(err, err_len, "field %s.%s repeats the key '%s'",
-                         message->descriptor->short_name, field->name, key);
-                return -EINVAL;
-            }
+            if (strcmp(key, other) == 0)
+                return forkd_error_set(err, -EINVAL, "field %s.%s repeats the key '%s'",
+                                       message->descriptor->short_name, field->name, key);
         }
     }
     return 0;
 }
 
-static int check_map_keys(const ProtobufCMessage *message, unsigned depth, char *err,
-                          size_t err_len)
+static int check_map_keys(const ProtobufCMessage *message, unsigned depth, struct forkd_error *err)
 {
     const ProtobufCMessageDescriptor *d = message->descriptor;
     for (unsigned f = 0; f < d->n_fields && depth < CHECK_MAX_DEPTH; f++) {
@@ -132,14 +129,14 @@ static int check_map_keys(const ProtobufCMessage *message, unsigned depth, char 
         const char *slot = (const char *)message + field->offset;
         int rc = 0;
         if (field->label == PROTOBUF_C_LABEL_REPEATED && check_is_map_entry(field->descriptor)) {
-            rc = check_map_field(message, field, err, err_len);
+            rc = check_map_field(message, field, err);
         } else if (field->label == PROTOBUF_C_LABEL_REPEATED) {
             size_t count = *(const size_t *)((const char *)message + field->quantifier_offset);
             ProtobufCMessage *const *items = *(ProtobufCMessage *const *const *)slot;
             for (size_t i = 0; i < count && rc == 0; i++)
-                rc = check_map_keys(items[i], depth + 1, err, err_len);
+                rc = check_map_keys(items[i], depth + 1, err);
         } else if (*(ProtobufCMessage *const *)slot) {
-            rc = check_map_keys(*(ProtobufCMessage *const *)slot, depth + 1, err, err_len);
+            rc = check_map_keys(*(ProtobufCMessage *const *)slot, depth + 1, err);
         }
         if (rc < 0)
             return rc;
@@ -147,7 +144,7 @@ static int check_map_keys(const ProtobufCMessage *message, unsigned depth, char 
     return 0;
 }
 
-int request_check_map_keys(const ProtobufCMessage *message, char *err, size_t err_len)
+int request_check_map_keys(const ProtobufCMessage *message, struct forkd_error *err)
 {
-    return check_map_keys(message, 0, err, err_len);
+    return check_map_keys(message, 0, err);
 }

@@ -10,6 +10,8 @@
 #ifndef FORKD_SERVICE_REQUEST_CHECK_H
 #define FORKD_SERVICE_REQUEST_CHECK_H
 
+#include "basic/error.h"
+
 #include <protobuf-c/protobuf-c.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -23,10 +25,10 @@ extern "C" {
  * be valid UTF-8 without NUL. Returns 0, or -EINVAL with the field named in err. Malformed
  * framing is left to the decoder (returns 0). */
 int request_check_strings(const ProtobufCMessageDescriptor *descriptor, const uint8_t *data,
-                          size_t length, char *err, size_t err_len);
+                          size_t length, struct forkd_error *err);
 
 /* Refuses a map field (nested ones included) that repeats a key. Returns 0 or -EINVAL. */
-int request_check_map_keys(const ProtobufCMessage *message, char *err, size_t err_len);
+int request_check_map_keys(const ProtobufCMessage *message, struct forkd_error *err);
 
 #ifdef __cplusplus
 }

@@ -54,16 +54,14 @@ static const struct route_entry *routes_entry_for(const ProtobufCServiceDescript
     return NULL;
 }
 
-static int routes_add_service(const ProtobufCServiceDescriptor *service, char *err, size_t err_len)
+static int routes_add_service(const ProtobufCServiceDescriptor *service, struct forkd_error *err)
 {
     for (unsigned m = 0; m < service->n_methods; m++) {
         const ProtobufCMethodDescriptor *method = &service->methods[m];
         const struct route_entry *entry = routes_entry_for(service, method->name);
-        if (!entry) {
-            snprintf(err, err_len, "method %s/%s has no entry in the route table", service->name,
-                     method->name);
-            return -EINVAL;
-        }
+        if (!entry)
+            return forkd_error_set(err, -EINVAL, "method %s/%s has no entry in the route table",
+                                   service->name, method->name);
         struct route *route = &routes[route_count++];
         snprintf(route->path, sizeof(route->path), "/%s/%s", service->name, method->name);
         route->service = service;
@@ -74,19 +72,18 @@ static int routes_add_service(const ProtobufCServiceDescriptor *service, char *e
     return 0;
 }
 
-int routes_init(char *err, size_t err_len)
+int routes_init(struct forkd_error *err)
 {
     route_count = 0;
     for (size_t s = 0; s < ARRAY_SIZE(served_services); s++) {
-        int rc = routes_add_service(served_services[s], err, err_len);
+        int rc = routes_add_service(served_services[s], err);
         if (rc < 0)
             return rc;
     }
-    if (route_count != ROUTE_COUNT) {
-        snprintf(err, err_len, "route table has %zu entries but the services have %zu methods",
-                 (size_t)ROUTE_COUNT, route_count);
-        return -EINVAL;
-    }
+    if (route_count != ROUTE_COUNT)
+        return forkd_error_set(err, -EINVAL,
+                               "route table has %zu entries but the services have %zu methods",
+                               (size_t)ROUTE_COUNT, route_count);
     return 0;
 }
 

@@ -8,6 +8,8 @@
 
 #include "call.h"
 
+#include "basic/error.h"
+
 #include <stdbool.h>
 
 #ifdef __cplusplus
@@ -24,7 +26,7 @@ struct route {
 
 /* Builds the table. Fails (-EINVAL, err filled) if a method of a served service has no entry in
  * the handler table or an entry names no method: a proto change must decide both. */
-int routes_init(char *err, size_t err_len);
+int routes_init(struct forkd_error *err);
 
 /* The route for a method path, or NULL. */
 const struct route *routes_find(const char *path);

@@ -30,13 +30,19 @@
 #define DISPATCH_TICK_MS 50
 /* A worker thread with nothing to do for this long exits. */
 #define WORKER_IDLE_MS 30000
+/* Threads that do gRPC's I/O (read, parse, write every connection). One busy connection (a
+ * rapid-reset flood: thousands of HEADERS+RST_STREAM per read) holds one of them. */
+#define SERVER_POLLERS 2
 /* Streams one HTTP/2 connection may have open at once (further ones wait in the client). */
 #define MAX_STREAMS_PER_CONNECTION 64
 
 struct server {
     grpc_server *grpc;
-    grpc_completion_queue *queue; /* the one queue: new calls and every batch of every call */
+    grpc_completion_queue *queue;      /* new calls and every batch of every call; never polled */
+    grpc_completion_queue *poll_queue; /* polled by the I/O threads; no event but its end */
     pthread_t dispatcher;
+    pthread_t pollers[SERVER_POLLERS];
+    unsigned poller_count;
     struct worker_pool *workers;
     void *daemon;
     char unix_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -277,48 +283,74 @@ static void *server_dispatch_loop(void *arg)
     return NULL;
 }
 
+/* gRPC C core does its I/O on the threads that wait on a polling completion queue. These
+ * threads wait on one that never gets an event, so the dispatcher, which waits on a non-polling
+ * queue, only ever dispatches: a connection that floods the transport with work delays it no
+ * longer than the event it waits for, and the other connections are read by the other
+ * thread. */
+static void *server_poll_loop(void *arg)
+{
+    struct server *server = arg;
+    while (grpc_completion_queue_next(server->poll_queue, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
+               .type != GRPC_QUEUE_SHUTDOWN) {
+    }
+    return NULL;
+}
+
+static void server_drain_queue(grpc_completion_queue *queue)
+{
+    grpc_completion_queue_shutdown(queue);
+    while (grpc_completion_queue_next(queue, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(queue);
+}
+
+/* Once the gRPC server is destroyed: nothing is left to poll. */
+static void server_stop_pollers(struct server *server)
+{
+    grpc_completion_queue_shutdown(server->poll_queue);
+    for (unsigned i = 0; i < server->poller_count; i++)
+        pthread_join(server->pollers[i], NULL);
+    grpc_completion_queue_destroy(server->poll_queue);
+}
+
 /* Prepares a Unix socket path: parent directory created, a stale socket removed, a live one
  * (another daemon) or a non-socket file refused. */
-static int server_prepare_unix_path(const char *path, char *err, size_t err_len)
+static int server_prepare_unix_path(const char *path, struct forkd_error *err)
 {
     _cleanup_free_ char *parent = strdup(path);
     if (!parent)
-        return -ENOMEM;
+        return forkd_error_set(err, -ENOMEM, "socket path %s: out of memory", path);
     char *slash = strrchr(parent, '/');
     if (slash && slash != parent) {
         *slash = '\0';
         int rc = fs_mkdir_parents(parent, 0755);
-        if (rc < 0) {
-            snprintf(err, err_len, "create socket directory %s: %s", parent, strerror(-rc));
-            return rc;
-        }
+        if (rc < 0)
+            return forkd_error_errno(err, rc, "create socket directory %s", parent);
     }
     struct stat st;
     if (lstat(path, &st) < 0)
-        return errno == ENOENT ? 0 : -errno;
-    if (!S_ISSOCK(st.st_mode)) {
-        snprintf(err, err_len, "%s exists and is not a socket; refusing to replace it", path);
-        return -EEXIST;
-    }
+        return errno == ENOENT ? 0 : forkd_error_errno(err, -errno, "stat %s", path);
+    if (!S_ISSOCK(st.st_mode))
+        return forkd_error_set(err, -EEXIST,
+                               "%s exists and is not a socket; refusing to replace it", path);
     _cleanup_close_ int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un address = {.sun_family = AF_UNIX};
     snprintf(address.sun_path, sizeof(address.sun_path), "%s", path);
-    if (probe >= 0 && connect(probe, (struct sockaddr *)&address, sizeof(address)) == 0) {
-        snprintf(err, err_len, "another process is already listening on %s", path);
-        return -EADDRINUSE;
-    }
-    if (unlink(path) < 0 && errno != ENOENT) {
-        snprintf(err, err_len, "remove stale socket %s: %s", path, strerror(errno));
-        return -errno;
-    }
+    if (probe >= 0 && connect(probe, (struct sockaddr *)&address, sizeof(address)) == 0)
+        return forkd_error_set(err, -EADDRINUSE, "another process is already listening on %s",
+                               path);
+    if (unlink(path) < 0 && errno != ENOENT)
+        return forkd_error_errno(err, -errno, "remove stale socket %s", path);
     return 0;
 }
 
-static char *server_read_file(const char *path, char *err, size_t err_len)
+static char *server_read_file(const char *path, struct forkd_error *err)
 {
     _cleanup_fclose_ FILE *f = fopen(path, "re");
     if (!f) {
-        snprintf(err, err_len, "read %s: %s", path, strerror(errno));
+        forkd_error_errno(err, -errno, "read %s", path);
         return NULL;
     }
     char *text = NULL;
@@ -326,7 +358,7 @@ static char *server_read_file(const char *path, char *err, size_t err_len)
     /* PEM files hold no NUL byte, so this reads the whole file. */
     if (getdelim(&text, &capacity, '\0', f) <= 0) {
         free(text);
-        snprintf(err, err_len, "read %s: file is empty or unreadable", path);
+        forkd_error_set(err, -EINVAL, "read %s: file is empty or unreadable", path);
         return NULL;
     }
     return text;
@@ -335,22 +367,23 @@ static char *server_read_file(const char *path, char *err, size_t err_len)
 /* TLS for a TCP listener: client certificates signed by --tls-client-ca are required, unless
  * server-only TLS was asked for explicitly (--tls-no-client-auth). */
 static grpc_server_credentials *server_tls_credentials(const struct server_config *config,
-                                                       char *err, size_t err_len)
+                                                       struct forkd_error *err)
 {
     if (!config->tls_client_ca_path && !config->tls_no_client_auth) {
-        snprintf(err, err_len,
-                 "TLS on %s needs --tls-client-ca (client certificates), or --tls-no-client-auth "
-                 "to let any client that trusts the server certificate drive VMs",
-                 config->listen_address);
+        forkd_error_set(err, -EINVAL,
+                        "TLS on %s needs --tls-client-ca (client certificates), or "
+                        "--tls-no-client-auth to let any client that trusts the server "
+                        "certificate drive VMs",
+                        config->listen_address);
         return NULL;
     }
-    _cleanup_free_ char *cert = server_read_file(config->tls_cert_path, err, err_len);
-    _cleanup_free_ char *key = cert ? server_read_file(config->tls_key_path, err, err_len) : NULL;
+    _cleanup_free_ char *cert = server_read_file(config->tls_cert_path, err);
+    _cleanup_free_ char *key = cert ? server_read_file(config->tls_key_path, err) : NULL;
     if (!cert || !key)
         return NULL;
     _cleanup_free_ char *client_ca = NULL;
     if (config->tls_client_ca_path) {
-        client_ca = server_read_file(config->tls_client_ca_path, err, err_len);
+        client_ca = server_read_file(config->tls_client_ca_path, err);
         if (!client_ca)
             return NULL;
     }
@@ -361,80 +394,65 @@ static grpc_server_credentials *server_tls_credentials(const struct server_confi
     grpc_server_credentials *credentials =
         grpc_ssl_server_credentials_create_ex(client_ca, &pair, 1, request, NULL);
     if (!credentials)
-        snprintf(err, err_len, "TLS: gRPC refused the certificate, key or client CA");
+        forkd_error_set(err, -EINVAL, "TLS: gRPC refused the certificate, key or client CA");
     return credentials;
 }
 
 static grpc_server_credentials *server_credentials(const struct server_config *config, bool tcp,
-                                                   char *err, size_t err_len)
+                                                   struct forkd_error *err)
 {
     bool tls = config->tls_cert_path && config->tls_key_path;
     if (!tcp || !tls) {
         if (tcp && !config->insecure_tcp) {
-            snprintf(err, err_len,
-                     "listening on TCP (%s) needs --tls-cert, --tls-key and --tls-client-ca, or "
-                     "--insecure-tcp",
-                     config->listen_address);
+            forkd_error_set(err, -EINVAL,
+                            "listening on TCP (%s) needs --tls-cert, --tls-key and "
+                            "--tls-client-ca, or --insecure-tcp",
+                            config->listen_address);
             return NULL;
         }
         return grpc_insecure_server_credentials_create();
     }
-    return server_tls_credentials(config, err, err_len);
+    return server_tls_credentials(config, err);
 }
 
-static int server_bind(struct server *server, const struct server_config *config, char *err,
-                       size_t err_len)
+static int server_bind(struct server *server, const struct server_config *config,
+                       struct forkd_error *err)
 {
     struct listen_address address;
-    int rc = listen_parse(config->listen_address, config->allow_abstract_socket, &address, err,
-                          err_len);
+    int rc = listen_parse(config->listen_address, config->allow_abstract_socket, &address, err);
     if (rc < 0)
         return rc;
     bool tcp = address.kind == LISTEN_TCP;
     if (address.kind == LISTEN_UNIX) {
         memcpy(server->unix_path, address.unix_path, sizeof(server->unix_path));
-        rc = server_prepare_unix_path(server->unix_path, err, err_len);
+        rc = server_prepare_unix_path(server->unix_path, err);
         if (rc < 0)
             return rc;
     }
-    grpc_server_credentials *credentials = server_credentials(config, tcp, err, err_len);
+    grpc_server_credentials *credentials = server_credentials(config, tcp, err);
     if (!credentials)
-        return -EINVAL;
+        return err->code;
     mode_t old_mask = umask(0177); /* the socket is created 0600: only root may drive VMs */
     int port = grpc_server_add_http2_port(server->grpc, address.target, credentials);
     umask(old_mask);
     grpc_server_credentials_release(credentials);
     if (port <= 0) {
         server->unix_path[0] = '\0'; /* not ours: never unlink it */
-        listen_explain_failure(&address, err, err_len);
-        return -EADDRNOTAVAIL;
+        return listen_explain_failure(&address, err);
     }
     return 0;
 }
 
-static int server_start_reporting(const struct server_config *config, struct server **out,
-                                  char *err, size_t err_len)
+/* The gRPC server, its queues (see server_poll_loop) and its I/O threads. Returns 0, or -EAGAIN
+ * when no I/O thread can be started. */
+static int server_create_grpc(struct server *server, const struct server_config *config)
 {
-    struct server *server = calloc(1, sizeof(*server));
-    if (!server)
-        return -ENOMEM;
-    pthread_mutex_init(&server->lock, NULL);
-    pthread_cond_init(&server->idle, NULL);
-    server->daemon = config->daemon;
-
-    server->max_calls = config->max_calls;
-    server->max_streams = config->max_streams;
-    server->request_timeout_ms = config->request_timeout_ms;
-    /* Waiting calls cost memory only, but every one is a record and a stream: bounded too. */
-    server->max_waiting = 4 * (config->max_calls + config->max_streams);
-    /* The budgets bound the calls that can hold a thread: the pool never needs more. */
-    if (worker_pool_new(config->max_calls + config->max_streams, WORKER_IDLE_MS, server_run_call,
-                        server, &server->workers) < 0) {
-        free(server);
-        return -ENOMEM;
-    }
-
+    grpc_resource_quota *quota = grpc_resource_quota_create("forkd requests");
+    grpc_resource_quota_resize(quota, config->max_receive_memory_bytes);
     grpc_arg args[] = {
+        {.type = GRPC_ARG_POINTER,
+         .key = GRPC_ARG_RESOURCE_QUOTA,
+         .value.pointer = {.p = quota, .vtable = grpc_resource_quota_arg_vtable()}},
         {.type = GRPC_ARG_INTEGER,
          .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = (int)config->max_message_bytes},
@@ -444,20 +462,60 @@ static int server_start_reporting(const struct server_config *config, struct ser
         /* A second forkd on the same port must fail, not share it. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
     };
-    grpc_channel_args channel_args = {.num_args = sizeof(args) / sizeof(args[0]), .args = args};
+    grpc_channel_args channel_args = {.num_args = ARRAY_SIZE(args), .args = args};
     server->grpc = grpc_server_create(&channel_args, NULL);
-    server->queue = grpc_completion_queue_create_for_next(NULL);
+    grpc_resource_quota_unref(quota); /* the server holds its own reference */
+    grpc_completion_queue_attributes attributes = {GRPC_CQ_CURRENT_VERSION, GRPC_CQ_NEXT,
+                                                   GRPC_CQ_NON_POLLING, NULL};
+    server->queue = grpc_completion_queue_create(grpc_completion_queue_factory_lookup(&attributes),
+                                                 &attributes, NULL);
+    server->poll_queue = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(server->grpc, server->queue, NULL);
+    grpc_server_register_completion_queue(server->grpc, server->poll_queue, NULL);
+    for (; server->poller_count < SERVER_POLLERS; server->poller_count++)
+        if (pthread_create(&server->pollers[server->poller_count], NULL, server_poll_loop,
+                           server) != 0)
+            break;
+    return server->poller_count > 0 ? 0 : -EAGAIN;
+}
 
-    int rc = server_bind(server, config, err, err_len);
+/* The server's record and its worker pool, before anything of gRPC's. */
+static struct server *server_new(const struct server_config *config)
+{
+    struct server *server = calloc(1, sizeof(*server));
+    if (!server)
+        return NULL;
+    pthread_mutex_init(&server->lock, NULL);
+    pthread_cond_init(&server->idle, NULL);
+    server->daemon = config->daemon;
+    server->max_calls = config->max_calls;
+    server->max_streams = config->max_streams;
+    server->request_timeout_ms = config->request_timeout_ms;
+    /* Waiting calls cost memory only, but every one is a record and a stream: bounded too. */
+    server->max_waiting = 4 * (config->max_calls + config->max_streams);
+    /* The budgets bound the calls that can hold a thread: the pool never needs more. */
+    if (worker_pool_new(config->max_calls + config->max_streams, WORKER_IDLE_MS, server_run_call,
+                        server, &server->workers) < 0) {
+        free(server);
+        return NULL;
+    }
+    return server;
+}
+
+int server_start(const struct server_config *config, struct server **out, struct forkd_error *err)
+{
+    struct server *server = server_new(config);
+    if (!server)
+        return forkd_error_set(err, -ENOMEM, "cannot start the gRPC server: out of memory");
+    int rc = server_create_grpc(server, config);
+    if (rc < 0)
+        forkd_error_set(err, rc, "cannot start the gRPC I/O threads");
+    else
+        rc = server_bind(server, config, err);
     if (rc < 0) {
         grpc_server_destroy(server->grpc);
-        grpc_completion_queue_shutdown(server->queue);
-        while (grpc_completion_queue_next(server->queue, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                          NULL)
-                   .type != GRPC_QUEUE_SHUTDOWN) {
-        }
-        grpc_completion_queue_destroy(server->queue);
+        server_drain_queue(server->queue);
+        server_stop_pollers(server);
         worker_pool_free(server->workers);
         free(server);
         return rc;
@@ -500,19 +558,11 @@ void server_destroy(struct server *server)
     pthread_join(server->dispatcher, NULL);
     grpc_server_destroy(server->grpc);
     grpc_completion_queue_destroy(server->queue);
+    server_stop_pollers(server);
     worker_pool_free(server->workers);
     if (server->unix_path[0])
         unlink(server->unix_path);
     pthread_mutex_destroy(&server->lock);
     pthread_cond_destroy(&server->idle);
     free(server);
-}
-
-int server_start(const struct server_config *config, struct server **out, struct forkd_error *err)
-{
-    char text[sizeof(err->message)] = "";
-    int rc = server_start_reporting(config, out, text, sizeof(text));
-    if (rc < 0)
-        forkd_error_set(err, rc, "%s", text[0] ? text : "cannot start the gRPC server");
-    return rc;
 }

@@ -3,8 +3,8 @@
  * insecure opt-in), the dispatcher, the bounded worker pool, and the staged shutdown (stop
  * accepting, grace, cancel).
  *
- * Design: one completion queue, read by one dispatcher thread that never blocks, and a bounded
- * pool of worker threads (workers.h).
+ * Design: one completion queue, read by one dispatcher thread that never blocks, two I/O
+ * threads, and a bounded pool of worker threads (workers.h).
  * - The dispatcher accepts every call with a catch-all request, starts its receive and close
  *   watch, and goes on: a call whose request has not arrived costs a small record, no thread.
  *   Idle streams and HTTP/2 rapid resets (HEADERS then RST_STREAM) therefore cost no thread and
@@ -25,8 +25,24 @@
  *   refuse an admitted call, and idle threads exit after a while.
  * - Every batch of every call completes on the one queue; the dispatcher hands each completion
  *   to its call (call.h), whose worker waits on the call's own condition variable.
+ * - gRPC C core reads, parses and writes connections on the threads that wait on a polling
+ *   completion queue. The dispatcher's queue does not poll; two I/O threads wait on a second
+ *   queue that never gets an event. When the dispatcher did the I/O itself, a rapid-reset
+ *   flood (thousands of HEADERS+RST_STREAM per read, each making and killing a call) kept it
+ *   busy for the whole flood and every other caller waited behind it; now the flood holds one
+ *   I/O thread (a connection is processed by one thread at a time), the other serves the other
+ *   connections, and the dispatcher only dispatches.
  *
- * Threads: the dispatcher owns the queue and the calls without a worker; a worker owns its call
+ * - Request memory: gRPC 1.51 checks --max-message-bytes only once a message is whole, and
+ *   its transport grants flow-control window up to the length a message declares, so one
+ *   client can make forkd buffer gigabytes before it is refused. The server's resource
+ *   quota (--max-receive-memory-bytes) bounds what every connection together may buffer:
+ *   near it the transport reads less, beyond it it cancels streams (RESOURCE_EXHAUSTED,
+ *   "Buffers full") until memory is back under the quota. The quota is soft (checked as
+ *   memory is taken), so the peak can pass it by what one read brings in.
+ *
+ * Threads: the dispatcher owns the queue and the calls without a worker; the I/O threads own
+ * nothing of forkd's (they run gRPC's transport code); a worker owns its call
  * until it frees it; the thread that called server_start drives the shutdown functions.
  */
 #ifndef FORKD_SERVICE_SERVER_H
@@ -48,6 +64,9 @@ struct server_config {
     const char *tls_client_ca_path; /* PEM; client certificates must chain to it */
     bool tls_no_client_auth;        /* explicit opt-in to server-only TLS */
     size_t max_message_bytes; /* largest request accepted */
+    /* Memory requests still arriving may hold, every connection together (a gRPC resource
+     * quota: beyond it the transport slows its reads and cancels streams). */
+    size_t max_receive_memory_bytes;
     unsigned max_calls;          /* unary calls in flight; more are refused */
     unsigned max_streams;        /* streaming calls in flight; more are refused */
     unsigned request_timeout_ms; /* a call's request message must arrive within this */

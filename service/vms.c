@@ -232,6 +232,20 @@ grpc_status_code handle_stop_vm(struct rpc_call *call, const ProtobufCMessage *m
     return code;
 }
 
+static grpc_status_code vms_refuse_backend(Forkd__V1__MemoryBackend backend,
+                                           struct rpc_status *status)
+{
+    const char *name = convert_enum_name(&forkd__v1__memory_backend__descriptor, (int)backend);
+    if (!name)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "backend %d is not a MemoryBackend; Spawn takes FILE, MEMFD or UFFD",
+                              (int)backend);
+    return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                          "backend %s is not one Spawn takes: FILE, MEMFD or UFFD (%s memory is "
+                          "what Boot gives a fresh VM)",
+                          name, name);
+}
+
 static grpc_status_code vms_memory_backend(Forkd__V1__MemoryBackend backend, enum vm_memory *out,
                                            struct rpc_status *status)
 {
@@ -247,8 +261,7 @@ static grpc_status_code vms_memory_backend(Forkd__V1__MemoryBackend backend, enu
         *out = VM_MEMORY_UFFD;
         return GRPC_STATUS_OK;
     default:
-        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
-                              "backend %d is not one of FILE, MEMFD, UFFD", (int)backend);
+        return vms_refuse_backend(backend, status);
     }
 }
 
@@ -307,7 +320,9 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
     if (engine_spawn(daemon->engine, &spawn, &vms, &err) < 0)
         return convert_error(status, &err);
     uint64_t elapsed_ns = forkd_monotonic_ns() - start;
-    log_info("spawned %u forks of %s in %.1f ms", spawn.count, spawn.snapshot, elapsed_ns / 1e6);
+    log_info("spawned %u forks of %s (%s) in %.1f ms", spawn.count, spawn.snapshot,
+             convert_enum_name(&forkd__v1__memory_backend__descriptor, (int)spawn.memory),
+             elapsed_ns / 1e6);
     grpc_status_code code = vms_reply_list(call, vms, spawn.count, true, elapsed_ns, "", status);
     vm_list_free(vms, spawn.count);
     return code;

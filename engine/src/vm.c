@@ -233,9 +233,42 @@ static void vm_set_state(struct vm *vm, enum vm_state state)
     pthread_mutex_unlock(&vm->lock);
 }
 
+const char *vm_state_name(enum vm_state state)
+{
+    switch (state) {
+    case VM_STATE_STARTING:
+        return "STARTING";
+    case VM_STATE_RUNNING:
+        return "RUNNING";
+    case VM_STATE_PAUSED:
+        return "PAUSED";
+    case VM_STATE_STOPPED:
+        return "STOPPED";
+    case VM_STATE_FAILED:
+        return "FAILED";
+    }
+    return "UNKNOWN";
+}
+
+/* Pausing and resuming talk to a VMM that must be up: one still starting belongs to
+ * vm_boot/vm_restore, one that ended has no VMM. Refused with -EBADFD naming the state. */
+static int vm_check_up(struct vm *vm, const char *action, struct forkd_error *err)
+{
+    pthread_mutex_lock(&vm->lock);
+    enum vm_state state = vm->state;
+    pthread_mutex_unlock(&vm->lock);
+    if (state == VM_STATE_RUNNING || state == VM_STATE_PAUSED)
+        return 0;
+    return forkd_error_set(err, -EBADFD, "cannot %s VM %s: it is %s (%s needs RUNNING or PAUSED)",
+                           action, vm->id, vm_state_name(state), action);
+}
+
 int vm_pause(struct vm *vm, struct forkd_error *err)
 {
-    int rc = vmm_pause(vm->client, err);
+    int rc = vm_check_up(vm, "pause", err);
+    if (rc < 0)
+        return rc;
+    rc = vmm_pause(vm->client, err);
     if (rc == 0)
         vm_set_state(vm, VM_STATE_PAUSED);
     return rc;
@@ -243,7 +276,10 @@ int vm_pause(struct vm *vm, struct forkd_error *err)
 
 int vm_resume(struct vm *vm, struct forkd_error *err)
 {
-    int rc = vmm_resume(vm->client, err);
+    int rc = vm_check_up(vm, "resume", err);
+    if (rc < 0)
+        return rc;
+    rc = vmm_resume(vm->client, err);
     if (rc == 0)
         vm_set_state(vm, VM_STATE_RUNNING);
     return rc;

@@ -5,6 +5,7 @@
 #include "test_time.h"
 
 #include <csignal>
+#include <cstring>
 #include <string>
 #include <sys/stat.h>
 
@@ -180,5 +181,27 @@ TEST_F(EngineTest, VmmDeathIsReportedAndReaped)
     EXPECT_EQ(-1, kill(pid, 0)) << "the VMM was reaped, not left a zombie";
     struct forkd_error err = {};
     EXPECT_NE(0, vmm_pause(vm_client(vm), &err));
+    vm_unref(vm);
+}
+
+TEST_F(EngineTest, PauseAndResumeRefuseAVmWhoseVmmEnded)
+{
+    struct vm *vm = Boot(1, 32, "pages=100");
+    ASSERT_NE(nullptr, vm);
+    ASSERT_EQ(0, kill(vm_pid(vm), SIGKILL));
+    struct vm_status status = {};
+    for (int i = 0; i < scaled_ms(500) && status.state != VM_STATE_FAILED; i++) {
+        vm_get_status(vm, &status);
+        usleep(10000);
+    }
+    ASSERT_EQ(VM_STATE_FAILED, status.state);
+    // Refused on the recorded state, before any VMM call, with the state named.
+    struct forkd_error err = {};
+    EXPECT_EQ(-EBADFD, vm_pause(vm, &err)) << err.message;
+    EXPECT_NE(nullptr, strstr(err.message, "cannot pause")) << err.message;
+    EXPECT_NE(nullptr, strstr(err.message, "it is FAILED")) << err.message;
+    EXPECT_EQ(-EBADFD, vm_resume(vm, &err)) << err.message;
+    EXPECT_NE(nullptr, strstr(err.message, "cannot resume")) << err.message;
+    EXPECT_EQ(VM_STATE_FAILED, (vm_get_status(vm, &status), status.state));
     vm_unref(vm);
 }

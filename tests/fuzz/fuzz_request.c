@@ -25,8 +25,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     grpc_byte_buffer *buffer = grpc_raw_byte_buffer_create(&slice, 1);
     grpc_slice_unref(slice);
     ProtobufCMessage *message = NULL;
-    char err[256];
-    if (glue_unpack(type, buffer, &message, err, sizeof(err)) == 0)
+    struct forkd_error err = {0};
+    if (glue_unpack(type, buffer, &message, &err) == 0)
         protobuf_c_message_free_unpacked(message, NULL);
     grpc_byte_buffer_destroy(buffer);
     return 0;

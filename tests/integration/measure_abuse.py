@@ -1,8 +1,9 @@
 """Measures forkd under the abuse cases of the hardening work, for the record (not a test; no
 assertions): daemon threads, RSS and the latency of a concurrent GetInfo during 3,000 idle streams
-on one connection, during a rapid-reset flood, and with 25,000 snapshots in the store.
+on one connection, during a rapid-reset flood, with 25,000 snapshots in the store, and the peak RSS
+while 8 clients send 100 MiB requests at once.
 
-    FORKD_BIN=... FORKD_PROTO_PYTHON=... python3 measure_abuse.py [idle|reset|snapshots]...
+    FORKD_BIN=... FORKD_PROTO_PYTHON=... python3 measure_abuse.py [idle|reset|snapshots|oversize]...
 """
 import json
 import os
@@ -80,6 +81,32 @@ def reset(daemon):
                                   "codes": sorted(set(s[1] for s in samples))}}
     flood.close()
     return result
+
+
+def oversize(daemon, clients=8, size=100 << 20):
+    """clients requests of size bytes at once, each on its own connection, as a real client
+    sends them (the whole message, as fast as flow control lets it)."""
+    payload = b"\0" * size
+    codes = []
+
+    def send():
+        options = [("grpc.max_send_message_length", -1)]
+        with grpc.insecure_channel(daemon.target, options=options) as channel:
+            call = channel.unary_unary("/forkd.v1.Forkd/GetInfo")
+            try:
+                call(payload, timeout=120)
+                codes.append("OK")
+            except grpc.RpcError as error:
+                codes.append(error.code().name)
+
+    workers = [threading.Thread(target=send) for _ in range(clients)]
+    start = time.monotonic()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return {"s": round(time.monotonic() - start, 2), "codes": sorted(set(codes)),
+            "after": status(daemon.process.pid), "get_info": latencies(daemon, 5)}
 
 
 SNAPSHOT_JSON = {
@@ -161,4 +188,4 @@ def main(kinds):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["idle", "reset", "snapshots"])
+    main(sys.argv[1:] or ["idle", "reset", "snapshots", "oversize"])

@@ -65,16 +65,28 @@ def get_info(daemon, timeout=10):
 # 1. Bounded concurrency.
 
 def test_idle_stream_flood_costs_no_threads_and_others_are_served(plain):
+    # 3,000 calls whose request never comes, on 47 connections (one connection may open 64
+    # streams at once). At most 4 x (--max-calls 64 + --max-streams 32) = 384 calls may wait
+    # and each newer one ends the oldest, so once 3,000 - 384 of them have been ended forkd
+    # has taken in every call and holds the last 384, each of which would cost a thread if
+    # waiting for a request did. The request deadline is stretched so that only evictions end
+    # calls.
+    plain.args += ["--request-timeout-ms", str(int(scaled(600000)))]
     plain.start()
     baseline = threads(plain)
-    flood = Flood(plain.socket_path)
+    floods = [Flood(plain.socket_path) for _ in range(47)]
     try:
-        flood.open_idle(3000)
-        time.sleep(scaled(1))
+        for i, flood in enumerate(floods):
+            flood.open_idle(min(64, 3000 - 64 * i))
+        evicted = 3000 - 4 * (64 + 32)
+        ended = lambda: sum(flood.resets_received for flood in floods)  # noqa: E731
+        wait_until(lambda: ended() >= evicted, 30, "forkd to take in every idle call")
+        assert ended() == evicted
         assert threads(plain) < baseline + 16, "an idle stream costs a thread"
         assert get_info(plain).pid == plain.process.pid
     finally:
-        flood.close()
+        for flood in floods:
+            flood.close()
     assert get_info(plain).pid == plain.process.pid
 
 
@@ -91,6 +103,27 @@ def test_rapid_reset_flood_leaves_the_daemon_serving(plain):
     assert get_info(plain).pid == plain.process.pid
 
 
+def test_rapid_reset_flood_does_not_stall_other_callers(plain):
+    # gRPC does its I/O on the threads that wait on a polling completion queue. While the
+    # dispatcher was that thread, a GetInfo waited behind the flood's HEADERS+RST_STREAM pairs
+    # and at most two were answered while the flood lasted (the rest hit their deadline); now
+    # the dispatcher never polls and the flood holds one of two I/O threads. This counts calls
+    # answered before the flood is through, not how long they took.
+    plain.start()
+    flood = Flood(plain.socket_path)
+    sender = threading.Thread(target=flood.rapid_reset, args=(50000,))
+    answered = 0
+    try:
+        sender.start()
+        while sender.is_alive():
+            assert get_info(plain, timeout=60).pid == plain.process.pid
+            answered += sender.is_alive()
+    finally:
+        sender.join()
+        flood.close()
+    assert answered >= 10, "only %d GetInfo answered during the flood" % answered
+
+
 def test_calls_waiting_for_their_request_are_bounded(plain):
     # --max-calls 1 + --max-streams 1: at most 4 x 2 calls may wait for their request; beyond
     # that the oldest waiting call is ended, and callers that send their request are served.
@@ -99,13 +132,17 @@ def test_calls_waiting_for_their_request_are_bounded(plain):
     plain.start()
     flood = Flood(plain.socket_path)
     try:
-        flood.open_idle(8)
-        time.sleep(scaled(0.5))
-        assert flood.resets_received == 0
-        assert get_info(plain).pid == plain.process.pid
+        # The ninth ends the first: once it has, forkd has taken in all nine, and the eight
+        # that may wait are still waiting.
+        flood.open_idle(9)
         wait_until(lambda: flood.resets_received >= 1, 10, "the oldest idle call to be ended")
+        assert flood.resets_received == 1
+        assert get_info(plain).pid == plain.process.pid
+        wait_until(lambda: flood.resets_received >= 2, 10, "GetInfo to end the next oldest")
+        # Seven wait now: the first of 20 more fills the eighth place, the other 19 each end
+        # an older one.
         flood.open_idle(20)
-        wait_until(lambda: flood.resets_received >= 20, 10, "older idle calls to be ended")
+        wait_until(lambda: flood.resets_received >= 21, 10, "older idle calls to be ended")
         assert get_info(plain).pid == plain.process.pid
     finally:
         flood.close()
@@ -260,6 +297,37 @@ def test_hup_and_quit_stop_the_daemon_cleanly(plain, signum):
     assert plain.wait(timeout=30) == 0, plain.log()
     assert not os.path.exists(plain.socket_path)
     assert "stopped" in plain.log()
+
+
+def test_oversized_requests_are_cut_off_while_they_arrive(plain):
+    # gRPC checks --max-message-bytes only once a message is whole, and grants flow-control
+    # window up to the length a message declares: without a bound on receive memory each of
+    # these streams is taken in full (400 MiB buffered) and only then refused. The request
+    # deadline is stretched so that only the memory bound can end them early.
+    plain.args += ["--request-timeout-ms", str(int(scaled(600000)))]
+    plain.start()
+    declared = 100 << 20
+    results = []
+
+    def send():
+        flood = Flood(plain.socket_path)
+        try:
+            results.append(flood.send_large(declared, stall_timeout=scaled(60)))
+        finally:
+            flood.close()
+
+    senders = [threading.Thread(target=send) for _ in range(4)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    assert len(results) == 4
+    for sent, ended in results:
+        assert ended, "forkd neither took nor ended an oversized request"
+        assert sent < declared, "forkd took a 100 MiB request whole before refusing it"
+    # Under memory pressure gRPC also closes idle connections (the test's own channel among
+    # them); a client that reconnects is served.
+    wait_until(lambda: _answers(plain), 10, "forkd to answer after the oversized requests")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM])
@@ -528,6 +596,18 @@ def test_vm_name_errors_name_the_vm(plain):
     error = _boot(plain, name="-bad")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "VM name '-bad'" in error.details() and "snapshot" not in error.details()
+
+
+def test_backends_are_named_not_numbered(plain):
+    plain.start()
+    for backend, expected in ((forkd_pb2.MEMORY_BACKEND_ANONYMOUS, "backend ANONYMOUS is not"),
+                              (99, "backend 99 is not a MemoryBackend")):
+        with pytest.raises(grpc.RpcError) as error:
+            plain.forkd().Spawn(forkd_pb2.SpawnRequest(snapshot="s", count=1, backend=backend),
+                                timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in error.value.details(), error.value.details()
+        assert "FILE, MEMFD or UFFD" in error.value.details()
 
 
 def test_boot_args_length_is_checked_by_forkd(plain):

@@ -48,10 +48,9 @@ TEST(Glue, PackThenUnpackKeepsEveryField)
     grpc_byte_buffer *buffer = glue_pack(&boot.base);
     ASSERT_NE(nullptr, buffer);
     ProtobufCMessage *decoded = nullptr;
-    char err[256] = "";
-    ASSERT_EQ(0, glue_unpack(&forkd__v1__boot_request__descriptor, buffer, &decoded, err,
-                             sizeof(err)))
-        << err;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, glue_unpack(&forkd__v1__boot_request__descriptor, buffer, &decoded, &err))
+        << err.message;
     auto *back = reinterpret_cast<Forkd__V1__BootRequest *>(decoded);
     EXPECT_STREQ("agent-7", back->name);
     EXPECT_STREQ("/var/lib/guest.bin", back->kernel_image_path);
@@ -71,10 +70,9 @@ TEST(Glue, MessageSplitAcrossSlicesDecodes)
     size_t half = bytes.size() / 2;
     grpc_byte_buffer *buffer = BufferFromSlices({bytes.substr(0, half), bytes.substr(half)});
     ProtobufCMessage *decoded = nullptr;
-    char err[256] = "";
-    ASSERT_EQ(0, glue_unpack(&forkd__v1__get_vm_request__descriptor, buffer, &decoded, err,
-                             sizeof(err)))
-        << err;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, glue_unpack(&forkd__v1__get_vm_request__descriptor, buffer, &decoded, &err))
+        << err.message;
     EXPECT_STREQ(request.vm_id, reinterpret_cast<Forkd__V1__GetVmRequest *>(decoded)->vm_id);
     protobuf_c_message_free_unpacked(decoded, nullptr);
     grpc_byte_buffer_destroy(buffer);
@@ -84,9 +82,8 @@ TEST(Glue, EmptyBufferIsTheDefaultMessage)
 {
     grpc_byte_buffer *buffer = BufferFromSlices({""});
     ProtobufCMessage *decoded = nullptr;
-    char err[256] = "";
-    ASSERT_EQ(0, glue_unpack(&forkd__v1__spawn_request__descriptor, buffer, &decoded, err,
-                             sizeof(err)));
+    struct forkd_error err = {};
+    ASSERT_EQ(0, glue_unpack(&forkd__v1__spawn_request__descriptor, buffer, &decoded, &err));
     auto *spawn = reinterpret_cast<Forkd__V1__SpawnRequest *>(decoded);
     EXPECT_EQ(0u, spawn->count);
     EXPECT_EQ(FORKD__V1__MEMORY_BACKEND__MEMORY_BACKEND_UNSPECIFIED, spawn->backend);
@@ -99,12 +96,11 @@ TEST(Glue, GarbageIsRejectedWithTheTypeName)
     // Field 1, wire type 2 (length-delimited) claiming 100 bytes that are not there.
     grpc_byte_buffer *buffer = BufferFromSlices({std::string("\x0a\x64\x01\x02", 4)});
     ProtobufCMessage *decoded = reinterpret_cast<ProtobufCMessage *>(0x1);
-    char err[256] = "";
-    EXPECT_EQ(-EINVAL, glue_unpack(&forkd__v1__get_vm_request__descriptor, buffer, &decoded, err,
-                                   sizeof(err)));
+    struct forkd_error err = {};
+    EXPECT_EQ(-EINVAL, glue_unpack(&forkd__v1__get_vm_request__descriptor, buffer, &decoded, &err));
     EXPECT_EQ(nullptr, decoded);
-    EXPECT_NE(nullptr, strstr(err, "forkd.v1.GetVmRequest")) << err;
-    EXPECT_NE(nullptr, strstr(err, "4 bytes")) << err;
+    EXPECT_NE(nullptr, strstr(err.message, "forkd.v1.GetVmRequest")) << err.message;
+    EXPECT_NE(nullptr, strstr(err.message, "4 bytes")) << err.message;
     grpc_byte_buffer_destroy(buffer);
 }
 
@@ -113,17 +109,16 @@ TEST(Glue, WrongWireTypeForAKnownFieldIsRejected)
     // Field 2 of SpawnRequest (count, varint) sent as a fixed64.
     grpc_byte_buffer *buffer = BufferFromSlices({std::string("\x11\x01\x02\x03", 4)});
     ProtobufCMessage *decoded = nullptr;
-    char err[256] = "";
-    EXPECT_EQ(-EINVAL, glue_unpack(&forkd__v1__spawn_request__descriptor, buffer, &decoded, err,
-                                   sizeof(err)));
+    struct forkd_error err = {};
+    EXPECT_EQ(-EINVAL, glue_unpack(&forkd__v1__spawn_request__descriptor, buffer, &decoded, &err));
     grpc_byte_buffer_destroy(buffer);
 }
 
 TEST(Glue, MissingMessageIsRejected)
 {
     ProtobufCMessage *decoded = nullptr;
-    char err[256] = "";
-    EXPECT_EQ(-EINVAL, glue_unpack(&forkd__v1__get_info_request__descriptor, nullptr, &decoded,
-                                   err, sizeof(err)));
-    EXPECT_NE(nullptr, strstr(err, "no request message")) << err;
+    struct forkd_error err = {};
+    EXPECT_EQ(-EINVAL,
+              glue_unpack(&forkd__v1__get_info_request__descriptor, nullptr, &decoded, &err));
+    EXPECT_NE(nullptr, strstr(err.message, "no request message")) << err.message;
 }

@@ -83,6 +83,21 @@ TEST(Options, BadValuesAreUsageErrors)
     EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"stray"}, &opts));
 }
 
+TEST(Options, ReceiveMemoryFollowsTheMessageLimit)
+{
+    struct forkd_options opts;
+    ASSERT_EQ(OPTIONS_RUN, Parse({}, &opts));
+    EXPECT_EQ(size_t{64} << 20, opts.max_receive_memory_bytes);
+    ASSERT_EQ(OPTIONS_RUN, Parse({"--max-message-bytes", "33554432"}, &opts));
+    EXPECT_EQ(size_t{128} << 20, opts.max_receive_memory_bytes);
+    ASSERT_EQ(OPTIONS_RUN, Parse({"--max-receive-memory-bytes", "8388608"}, &opts));
+    EXPECT_EQ(size_t{8} << 20, opts.max_receive_memory_bytes);
+    EXPECT_EQ(OPTIONS_EXIT_USAGE,
+              Parse({"--max-message-bytes", "33554432", "--max-receive-memory-bytes", "16777216"},
+                    &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--max-receive-memory-bytes", "1000"}, &opts));
+}
+
 TEST(Options, TlsCertAndKeyGoTogether)
 {
     struct forkd_options opts;
@@ -97,9 +112,10 @@ TEST(Options, HelpAndVersionExitCleanly)
     testing::internal::CaptureStdout();
     EXPECT_EQ(OPTIONS_EXIT_OK, Parse({"--help"}, &opts));
     std::string help = testing::internal::GetCapturedStdout();
-    for (const char *flag : {"--listen", "--insecure-tcp", "--tls-cert", "--tls-key", "--state-dir",
-                             "--vmm-binary", "--max-branches", "--max-message-bytes",
-                             "--shutdown-grace-ms", "--log-level", "--version", "--help"})
+    for (const char *flag :
+         {"--listen", "--insecure-tcp", "--tls-cert", "--tls-key", "--state-dir", "--vmm-binary",
+          "--max-branches", "--max-message-bytes", "--max-receive-memory-bytes",
+          "--shutdown-grace-ms", "--log-level", "--version", "--help"})
         EXPECT_NE(std::string::npos, help.find(flag)) << flag << " missing from --help";
     testing::internal::CaptureStdout();
     EXPECT_EQ(OPTIONS_EXIT_OK, Parse({"--version"}, &opts));

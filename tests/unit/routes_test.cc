@@ -14,8 +14,8 @@ class Routes : public ::testing::Test {
   protected:
     void SetUp() override
     {
-        char err[256] = "";
-        ASSERT_EQ(0, routes_init(err, sizeof(err))) << err;
+        struct forkd_error err = {};
+        ASSERT_EQ(0, routes_init(&err)) << err.message;
     }
 };
 

@@ -11,7 +11,7 @@
 
 The ``forkctl`` command line (``python3 -m forkd``) is built on the same client.
 """
-from .client import DEFAULT_TARGET, Branch, Client, default_target
+from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Branch, Client, default_target
 from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition,
                      ForkdError, Internal, InvalidArgument, NotFound, ResourceExhausted,
                      Unavailable, Unimplemented)
@@ -22,7 +22,7 @@ from .types import (BranchEvent, BranchFigures, BranchMode, BranchPhase, BranchP
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "Branch", "DEFAULT_TARGET", "default_target",
+    "Client", "Branch", "DEFAULT_TARGET", "DEFAULT_TIMEOUT", "default_target",
     "ForkdError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "Unavailable", "Cancelled", "DeadlineExceeded", "Internal",
     "Unimplemented",

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .client import Branch, Client, default_target
+from .client import DEFAULT_TIMEOUT, Branch, Client, default_target
 from .errors import ForkdError, Unavailable
 from .types import (BranchEvent, BranchMode, BranchPhase, Info, MemoryBackend, Snapshot,
                     SnapshotState, Vm, VmState)
@@ -497,8 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="forkd's address: unix:PATH, a socket path or HOST:PORT "
                              f"(default: $FORKD_ADDR or {default_target()})")
     common.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
-                        metavar="SECONDS", help="deadline of each call, 0 for none "
-                                                "(default 60; branches have none)")
+                        metavar="SECONDS",
+                        help="deadline of every call that answers once, and of the wait for "
+                             "a cancelled branch to end; 0 for none (default "
+                             f"{DEFAULT_TIMEOUT:g}). The streams of branch and watch last as "
+                             "long as the branch")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON for scripts instead of text")
 
@@ -586,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(args, "labels"):
         args.labels = dict(args.labels)
     out = Output(getattr(args, "json", False))
-    timeout = getattr(args, "timeout", 60.0)
+    timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
     client = Client(getattr(args, "addr", None), timeout=timeout or None)
     try:
         with client:

@@ -19,10 +19,14 @@ from .errors import ForkdError, Unavailable
 from .types import (BranchEvent, BranchMode, BranchPhase, Info, MemoryBackend, Snapshot,
                     SpawnResult, Vm)
 
-__all__ = ["Client", "Branch", "DEFAULT_TARGET", "default_target"]
+__all__ = ["Client", "Branch", "DEFAULT_TARGET", "DEFAULT_TIMEOUT", "default_target"]
 
 #: Where forkd listens unless told otherwise (forkd --listen's default).
 DEFAULT_TARGET = "unix:/run/forkd/forkd.sock"
+
+#: Seconds a call that answers once may take, unless the client or the call says otherwise;
+#: forkctl's --timeout default too. Branch and watch streams last as long as the branch.
+DEFAULT_TIMEOUT = 60.0
 
 T = TypeVar("T")
 
@@ -60,12 +64,13 @@ class Client:
     ...         print(event.phase.name, event.progress)
     ...     print(branch.snapshot.path)
 
-    Unary calls get ``timeout`` seconds (None: no deadline) unless a call passes its own;
+    Unary calls get ``timeout`` seconds (default ``DEFAULT_TIMEOUT``, 60; None: no deadline)
+    unless a call passes its own;
     branch streams have no deadline unless given one. Failures raise ``ForkdError``
     subclasses carrying the daemon's status code and message.
     """
 
-    def __init__(self, target: str | None = None, *, timeout: float | None = 30.0,
+    def __init__(self, target: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT,
                  credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> None:
         self.target = normalize_target(target) if target else default_target()

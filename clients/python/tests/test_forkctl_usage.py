@@ -90,3 +90,34 @@ def test_positional_arguments_have_help() -> None:
         block = text.split("positional arguments:")[1].split("options:")[0]
         line = next(line for line in block.splitlines() if line.strip().startswith(argument))
         assert len(line.split()) > 1, f"{command} {argument} has no help:\n{text}"
+
+
+def test_one_default_timeout() -> None:
+    import forkd
+    assert forkd.Client("unix:/nonexistent").timeout == forkd.DEFAULT_TIMEOUT
+    for command in ("info", "branch", "stop"):
+        text = " ".join(run(command, "--help").stdout.split())
+        assert f"(default {forkd.DEFAULT_TIMEOUT:g})" in text, text
+
+
+def test_cancelled_branch_is_confirmed_within_the_one_timeout() -> None:
+    from forkd import cli
+    deadlines = []
+
+    class Client:
+        timeout = 42.0
+
+        def watch(self, branch_id: str | None = None, **kwargs: object) -> Iterator[object]:
+            deadlines.append(kwargs.get("timeout"))
+            return iter(())
+
+    class Branch:
+        branch_id, snapshot_name = "br-1", "s"
+
+        def cancel(self) -> None:
+            pass
+
+    code = cli.interrupted(Client(), Branch(), cli.Output(False),  # type: ignore[arg-type]
+                           detach=False)
+    assert code == cli.EXIT_INTERRUPTED
+    assert deadlines == [42.0]

@@ -6,6 +6,12 @@
  *
  * Threads: a reaper thread waits on every VMM's pidfd and records exits as they happen (state,
  * exit reason; a MEMFD VM's memory is released then). Any thread may call any function here.
+ *
+ * States: a VM is STARTING inside vm_boot/vm_restore (never returned in that state), then
+ * RUNNING or PAUSED (only vm_pause and vm_resume move between the two), and STOPPED or FAILED
+ * once its VMM exited (recorded by the reaper; final). Each function below says which states it
+ * accepts; one that needs a live VMM refuses the others with -EBADFD and a message naming the
+ * state (the service answers FAILED_PRECONDITION).
  */
 #ifndef FORKD_VM_H
 #define FORKD_VM_H
@@ -141,23 +147,26 @@ void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned gra
  * open /dev/kvm: ..."). Boot and restore check it before launching anything. */
 int vm_registry_check_host(const struct vm_registry *registry, struct forkd_error *err);
 
-/* Launches a VMM, configures and starts the guest. *out holds a reference. -EEXIST for a name
- * in use, -ENOENT for a missing kernel, -EIO with the VMM's words when it refuses. On failure
- * the VMM process is gone and nothing is listed. */
+/* Launches a VMM, configures and starts the guest: a new VM, STARTING until it returns it
+ * RUNNING. *out holds a reference. -EEXIST for a name in use, -ENOENT for a missing kernel,
+ * -EIO with the VMM's words when it refuses. On failure the VMM process is gone and nothing is
+ * listed. */
 int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, struct vm **out,
             struct forkd_error *err);
 
-/* Launches a VMM restored from a snapshot with FILE, MEMFD or UFFD memory. Same guarantees.
+/* Launches a VMM restored from a snapshot with FILE, MEMFD or UFFD memory: a new VM, returned
+ * RUNNING, or PAUSED with start_paused. Same guarantees.
  * UFFD: the snapshot is loaded paused, the handshake received and the hot set prefetched,
  * then the VM is resumed (unless start_paused); -EINVAL without a page server, the
  * handshake's error (page_server_fork_wait_ready) when it fails. */
 int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
                struct vm **out, struct forkd_error *err);
 
-/* By id or name; NULL when unknown. Returns a reference. */
+/* By id or name, in any state (a VM is listed until vm_stop); NULL when unknown. Returns a
+ * reference. */
 struct vm *vm_lookup(struct vm_registry *registry, const char *id_or_name);
 
-/* Every listed VM, with a reference each; free the array with vm_list_free. */
+/* Every listed VM, in any state, with a reference each; free the array with vm_list_free. */
 size_t vm_list(struct vm_registry *registry, struct vm ***out);
 void vm_list_free(struct vm **vms, size_t count);
 
@@ -167,10 +176,14 @@ void vm_list_free(struct vm **vms, size_t count);
 int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms,
             struct forkd_error *err);
 
+/* The functions from here to vm_page_server_stats accept any state: they read the record, and
+ * once the VMM exited they report the end (vm_pid 0, no memfd, vm_is_alive false). */
 void vm_ref(struct vm *vm);
 void vm_unref(struct vm *vm);
 
 void vm_get_status(struct vm *vm, struct vm_status *out);
+/* "RUNNING", "STOPPED", ... (the proto's names), for messages. */
+const char *vm_state_name(enum vm_state state);
 const char *vm_id(const struct vm *vm);
 struct vmm_client *vm_client(struct vm *vm);
 enum vm_memory vm_memory_kind(const struct vm *vm);
@@ -185,22 +198,26 @@ int vm_dup_memfd(struct vm *vm);
 uint64_t vm_memory_bytes(const struct vm *vm);
 /* Page-server figures of a UFFD VM (they stay readable after it exits); -ENOENT otherwise. */
 int vm_page_server_stats(struct vm *vm, struct page_server_stats *out);
-/* Time limit for VMM calls that touch all guest memory (start, Full snapshot): it grows with
- * the guest's size. */
+/* Any state. Time limit for VMM calls that touch all guest memory (start, Full snapshot): it
+ * grows with the guest's size. */
 unsigned vm_slow_call_timeout_ms(const struct vm *vm);
-/* The time limit of an ordinary VMM API call for this VM (the default, scaled). */
+/* Any state. The time limit of an ordinary VMM API call for this VM (the default, scaled). */
 unsigned vm_call_timeout_ms(const struct vm *vm);
-const char *vm_source_snapshot(const struct vm *vm);
+const char *vm_source_snapshot(const struct vm *vm); /* any state */
 
 /* Pauses the guest (PATCH /vm Paused) and records PAUSED. Accepts RUNNING and PAUSED (pausing
- * again is harmless); the VMM's error otherwise. The only way a VM becomes PAUSED after start. */
+ * again is harmless); -EBADFD naming the state otherwise, before the VMM is asked (a VMM that
+ * exits meanwhile gives the VMM call's error). The only way a VM becomes PAUSED after start. */
 int vm_pause(struct vm *vm, struct forkd_error *err);
-/* Resumes the guest (PATCH /vm Resumed) and records RUNNING. Accepts PAUSED and RUNNING. */
+/* Resumes the guest (PATCH /vm Resumed) and records RUNNING. Accepts PAUSED and RUNNING;
+ * -EBADFD naming the state otherwise, like vm_pause. */
 int vm_resume(struct vm *vm, struct forkd_error *err);
 
-/* One branch per VM: true if none was running (branch_id recorded), false otherwise. */
+/* One branch per VM: true if none was running (branch_id recorded), false otherwise. Any
+ * state: it only records the branch; the branch checks that the VMM is alive first and pauses
+ * through vm_pause. */
 bool vm_try_begin_branch(struct vm *vm, const char *branch_id);
-void vm_end_branch(struct vm *vm);
+void vm_end_branch(struct vm *vm); /* any state */
 
 #ifdef __cplusplus
 }
