@@ -250,8 +250,9 @@ static int handle_machine_config(struct vmm *vmm, const char *resource_id, const
         {"mem_size_mib", FIELD_UNSIGNED, true},
         {"smt", FIELD_BOOL, false},
         {"track_dirty_pages", FIELD_BOOL, false},
+        {"mem_backend_path", FIELD_STRING, false},
     };
-    int r = check_fields(body, "machine-config", specs, 4, err, err_size);
+    int r = check_fields(body, "machine-config", specs, 5, err, err_size);
 
     (void)response;
     if (r == 0)
@@ -267,6 +268,11 @@ static int handle_machine_config(struct vmm *vmm, const char *resource_id, const
                          MAX_MEM_SIZE_MIB);
     if (bool_field(body, "smt", false))
         return error_set(err, err_size, EINVAL, "smt is not supported");
+    const char *backend_path = string_field(body, "mem_backend_path");
+    if (backend_path && (!*backend_path || strlen(backend_path) >= sizeof(vmm->boot_memory_path)))
+        return error_set(err, err_size, EINVAL, "mem_backend_path must be a path");
+    snprintf(vmm->boot_memory_path, sizeof(vmm->boot_memory_path), "%s",
+             backend_path ? backend_path : "");
     vmm->vcpu_count = (uint32_t)vcpus;
     vmm->mem_size_mib = (uint32_t)mib;
     vmm->machine_configured = true;
@@ -346,7 +352,11 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
 
     r = guest_memory_plan(&vmm->memory, (uint64_t)vmm->mem_size_mib << 20,
                           (uint64_t)vmm->mmio_gap_mib << 20, err, err_size);
-    if (r == 0)
+    /* A memory file given at machine-config (a memfd as /proc/<pid>/fd/<n>) is guest memory
+     * from the first instruction, mapped shared as a restore with shared: true maps it. */
+    if (r == 0 && vmm->boot_memory_path[0])
+        r = guest_memory_map_file(&vmm->memory, vmm->boot_memory_path, true, err, err_size);
+    else if (r == 0)
         r = guest_memory_map_anonymous(&vmm->memory, err, err_size);
     if (r < 0)
         return r;
@@ -400,6 +410,12 @@ static int handle_actions(struct vmm *vmm, const char *resource_id, const cJSON 
 
 static int pause_machine(struct vmm *vmm, char *err, size_t err_size)
 {
+    if (vmm->pause_delay_ms) {
+        struct timespec delay = {.tv_sec = vmm->pause_delay_ms / 1000,
+                                 .tv_nsec = (long)(vmm->pause_delay_ms % 1000) * 1000000L};
+        while (nanosleep(&delay, &delay) < 0 && errno == EINTR)
+            ;
+    }
     uint64_t start = monotonic_ns();
     int r = kvm_vm_pause(&vmm->vm, vmm->pause_timeout_ms, err, err_size);
 
