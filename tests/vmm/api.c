@@ -360,8 +360,12 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
         r = guest_memory_map_anonymous(&vmm->memory, err, err_size);
     if (r < 0)
         return r;
-    /* Resident and non-zero from the start, so untouched pages are recognisable later. */
-    guest_memory_fill_boot_pattern(&vmm->memory);
+    /* Sparse by default, as Firecracker leaves it: a page the guest never touches is never
+     * populated (an empty page-table entry, or a hole in the memfd) and reads as zeros. The
+     * fill makes every page resident and non-zero from the start. */
+    vmm->boot_filled = vmm->fill_boot_memory;
+    if (vmm->boot_filled)
+        guest_memory_fill_boot_pattern(&vmm->memory);
     r = kvm_vm_create(&vmm->vm, &vmm->memory, vmm->vcpu_count, err, err_size);
     vmm->vm_created = true;
     if (r == 0)
@@ -472,6 +476,7 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
     state->loop_start = vmm->loop_start;
     state->loop_end = vmm->loop_end;
     state->guest_config = vmm->guest_config;
+    state->boot_filled = vmm->boot_filled;
     for (unsigned i = 0; i < vmm->memory.region_count; i++) {
         state->regions[i] = vmm->memory.regions[i];
         state->regions[i].host = NULL;
@@ -481,6 +486,24 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
         if (r < 0)
             return r;
     }
+    return 0;
+}
+
+/* Writes guest memory during the save, as Firecracker's device drain does: the device page's
+ * count of saves goes up by one, and the vmstate records the new count. A page the guest or a
+ * fresh boot left without the device magic starts from zero. */
+static int save_device_page(struct vmm *vmm, struct vmstate *state, char *err, size_t err_size)
+{
+    struct guest_device_page *page =
+        guest_memory_host_address(&vmm->memory, GUEST_DEVICE_GPA, sizeof(*page));
+    if (!page)
+        return error_set(err, err_size, EINVAL, "the device page 0x%llx is not guest memory",
+                         (unsigned long long)GUEST_DEVICE_GPA);
+    volatile struct guest_device_page *device = page;
+    uint64_t saves = device->magic == GUEST_DEVICE_MAGIC ? device->saves : 0;
+    device->magic = GUEST_DEVICE_MAGIC;
+    device->saves = saves + 1;
+    state->device_saves = saves + 1;
     return 0;
 }
 
@@ -515,6 +538,8 @@ static int handle_snapshot_create(struct vmm *vmm, const char *resource_id, cons
     if (!state)
         return error_set(err, err_size, ENOMEM, "out of memory");
     r = collect_vmstate(vmm, state, err, err_size);
+    if (r == 0)
+        r = save_device_page(vmm, state, err, err_size);
     /* VmstateOnly never opens mem_file_path: forkd passes a path that must not be created. */
     if (r == 0 && full)
         r = guest_memory_write_file(&vmm->memory, string_field(body, "mem_file_path"), err,
@@ -625,6 +650,7 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     vmm->mem_size_mib = state->mem_size_mib;
     vmm->mmio_gap_mib = state->mmio_gap_mib;
     vmm->guest_config = state->guest_config;
+    vmm->boot_filled = state->boot_filled;
     vmm->increment_window = state->increment_window;
     vmm->loop_start = state->loop_start;
     vmm->loop_end = state->loop_end;

@@ -37,6 +37,8 @@ struct vmm {
     /* A slow VMM: a pause request is held this long before the vCPUs are stopped, and then
      * completes (answered late), as a busy Firecracker may do past its client's limit. */
     unsigned pause_delay_ms;
+    bool fill_boot_memory; /* --boot-memory fill: write the boot pattern everywhere at boot */
+    bool boot_filled;      /* this guest's memory was filled at boot (carried by snapshots) */
 
     enum vmm_state state;
     bool machine_configured;
