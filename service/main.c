@@ -187,6 +187,7 @@ static int main_open_engine(struct daemon_state *daemon)
         .state_dir = opts->state_dir,
         .vmm_binary = opts->vmm_binary,
         .timeout_scale = opts->timeout_scale,
+        .anonymous_boot_memory = opts->anonymous_boot_memory,
         .kvm_unusable_reason = daemon->caps.kvm_usable ? NULL : daemon->caps.kvm_error,
         .no_realtime = !opts->realtime,
         .realtime_max_percent = opts->realtime_max_percent,

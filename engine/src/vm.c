@@ -77,6 +77,7 @@ struct vm_registry {
     char run_dir[PATH_MAX];
     unsigned start_timeout_ms;
     unsigned call_timeout_ms; /* before scaling */
+    enum vm_memory boot_memory;
     unsigned timeout_scale;
     char kvm_unusable_reason[200]; /* empty: VMs may start */
 
@@ -425,6 +426,7 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
     snprintf(registry->vmm_binary, sizeof(registry->vmm_binary), "%s", config->vmm_binary);
     snprintf(registry->run_dir, sizeof(registry->run_dir), "%s", config->run_dir);
     registry->timeout_scale = config->timeout_scale ? config->timeout_scale : 1;
+    registry->boot_memory = config->boot_memory ? config->boot_memory : VM_MEMORY_MEMFD;
     registry->call_timeout_ms =
         config->call_timeout_ms ? config->call_timeout_ms : VMM_CLIENT_DEFAULT_TIMEOUT_MS;
     registry->start_timeout_ms =
@@ -898,7 +900,7 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
         return rc;
     if (access(config->kernel_image_path, R_OK) < 0)
         return forkd_error_errno(err, -errno, "kernel image %s", config->kernel_image_path);
-    enum vm_memory memory = config->memory ? config->memory : VM_MEMORY_MEMFD;
+    enum vm_memory memory = config->memory ? config->memory : registry->boot_memory;
     if (memory != VM_MEMORY_MEMFD && memory != VM_MEMORY_ANONYMOUS)
         return forkd_error_set(err, -EINVAL, "boot: memory backend %d is not MEMFD or ANONYMOUS",
                                (int)memory);

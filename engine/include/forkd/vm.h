@@ -54,10 +54,11 @@ struct vm_registry;
 struct vmm_client; /* the engine's VMM API client (internal) */
 
 struct vm_registry_config {
-    const char *vmm_binary;    /* path, or a name looked up in PATH */
-    const char *run_dir;       /* VMM sockets and logs go here; created if missing */
-    unsigned start_timeout_ms; /* VMM socket must answer within this; 0 means 10000 */
-    unsigned call_timeout_ms;  /* limit of an ordinary VMM API call; 0 means 10000 */
+    const char *vmm_binary;     /* path, or a name looked up in PATH */
+    const char *run_dir;        /* VMM sockets and logs go here; created if missing */
+    unsigned start_timeout_ms;  /* VMM socket must answer within this; 0 means 10000 */
+    unsigned call_timeout_ms;   /* limit of an ordinary VMM API call; 0 means 10000 */
+    enum vm_memory boot_memory; /* a boot's memory when its config names none; 0: MEMFD */
     /* Every time limit on a VMM (start, API calls, slow calls) is multiplied by this: a slow or
      * emulated host is slow, not broken. 0 means 1. */
     unsigned timeout_scale;
@@ -72,10 +73,11 @@ struct vm_boot_config {
     uint64_t mem_size_mib;
     const char *kernel_image_path;
     const char *boot_args;
-    /* MEMFD (the default, 0): guest memory is a memfd forkd owns, shared with the VMM from the
-     * first instruction (machine-config mem_backend_path), so the VM is live-branchable on any
-     * kernel with shmem write-protect. ANONYMOUS: the VMM's own private memory, live-branchable
-     * only where the kernel write-protects never-touched anonymous pages (6.4+). */
+    /* MEMFD (the registry's default when 0): guest memory is a memfd forkd owns, shared with the
+     * VMM from the first instruction (machine-config mem_backend_path), so the VM is
+     * live-branchable on any kernel with shmem write-protect. ANONYMOUS: the VMM's own private
+     * memory, live-branchable only where the kernel write-protects never-touched anonymous pages
+     * (6.4+). */
     enum vm_memory memory;
     /* NULL-terminated, appended to the VMM's argv; may be NULL */
     const char *const *extra_vmm_args;
