@@ -505,6 +505,43 @@ static grpc_status_code branches_refuse_vm(const struct vm_status *vm, struct rp
                           vm_state_name(vm->state));
 }
 
+/* Waits for a job's outcome and makes it the call's status. */
+static void branches_wait_outcome(struct branch_job *job, struct rpc_status *status,
+                                  const char *prefix)
+{
+    pthread_mutex_lock(&job->lock);
+    while (!job->finished)
+        pthread_cond_wait(&job->changed, &job->lock);
+    if (job->final_code == GRPC_STATUS_OK)
+        rpc_status_set(status, GRPC_STATUS_OK, "%ssnapshot %s is READY", prefix,
+                       job->snapshot_name);
+    else
+        rpc_status_set(status, job->final_code, "%s%s", prefix, job->final_message);
+    pthread_mutex_unlock(&job->lock);
+}
+
+/* The client of a Branch call left. A detached branch goes on. Otherwise the branch is
+ * cancelled, unless it passed its point of no return (publishing): then it is not reported as
+ * CANCELLED while its snapshot is published, but with its real outcome, and logged. */
+static void branches_client_left(struct branch_job *job, struct rpc_status *status)
+{
+    if (job->detach) {
+        rpc_status_set(status, GRPC_STATUS_CANCELLED,
+                       "the client left the branch stream; the branch goes on (detached)");
+        return;
+    }
+    if (branch_cancel(job->engine)) { /* the engine resumes, unprotects and cleans up */
+        rpc_status_set(status, GRPC_STATUS_CANCELLED,
+                       "the client left the branch stream: branch cancelled");
+        return;
+    }
+    log_warn("%s: the client left after the branch's point of no return (publishing); "
+             "the cancel is refused and the branch completes",
+             job->id);
+    branches_wait_outcome(job, status,
+                          "the branch could no longer be cancelled (it was publishing): ");
+}
+
 grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *message,
                                struct rpc_status *status)
 {
@@ -535,12 +572,8 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
     log_info("%s: %s branch of %s into snapshot %s%s", job->id,
              convert_enum_name(&forkd__v1__branch_mode__descriptor, (int)mode), job->vm_id,
              job->snapshot_name, job->detach ? " (detached)" : "");
-    if (branches_follow(call, job, branches_interval(request->progress_interval_ms), status) < 0) {
-        if (!job->detach)
-            branch_cancel(job->engine); /* the engine resumes, unprotects and cleans up */
-        rpc_status_set(status, GRPC_STATUS_CANCELLED, "the client left the branch stream%s",
-                       job->detach ? "; the branch goes on (detached)" : ": branch cancelled");
-    }
+    if (branches_follow(call, job, branches_interval(request->progress_interval_ms), status) < 0)
+        branches_client_left(job, status);
     branches_job_unref(job);
     return status->code;
 }

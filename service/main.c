@@ -107,14 +107,17 @@ static void main_log_capabilities(const struct probe_host_caps *caps)
     if (!probe_live_branch_supported(caps))
         log_warn("LIVE branches are not available on this host: %s%s",
                  caps->kvm_usable ? "" : caps->kvm_error, caps->uffd_error);
+    else if (!probe_live_branch_anonymous_supported(caps))
+        log_info("LIVE branches of anonymous guest memory are refused on this kernel (no "
+                 "UFFD_FEATURE_WP_UNPOPULATED); VMs booted on a memfd (the default) branch live");
 }
 
 /* Signals that stop the daemon the staged way (SIGTERM's way). SIGHUP and SIGQUIT would kill it
  * by their default action, leaving the socket behind and the VMs orphaned. */
 static const int main_stop_signals[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT};
 /* Signals whose default action would also kill the daemon: logged and otherwise ignored. */
-static const int main_ignored_signals[] = {SIGUSR1, SIGUSR2, SIGALRM,  SIGVTALRM,
-                                           SIGPROF, SIGIO,   SIGXCPU,  SIGPWR};
+static const int main_ignored_signals[] = {SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM,
+                                           SIGPROF, SIGIO,   SIGXCPU, SIGPWR};
 
 static bool main_is_stop_signal(int signal_number)
 {
@@ -184,6 +187,7 @@ static int main_open_engine(struct daemon_state *daemon)
         .state_dir = opts->state_dir,
         .vmm_binary = opts->vmm_binary,
         .timeout_scale = opts->timeout_scale,
+        .anonymous_boot_memory = opts->anonymous_boot_memory,
         .kvm_unusable_reason = daemon->caps.kvm_usable ? NULL : daemon->caps.kvm_error,
         .no_realtime = !opts->realtime,
         .realtime_max_percent = opts->realtime_max_percent,

@@ -31,12 +31,14 @@ enum {
     OPT_REQUEST_TIMEOUT_MS,
     OPT_MAX_RECEIVE_MEMORY_BYTES,
     OPT_VERSION,
+    OPT_ANONYMOUS_BOOT_MEMORY,
 };
 
 static const struct option long_options[] = {
     {"listen", required_argument, NULL, OPT_LISTEN},
     {"insecure-tcp", no_argument, NULL, OPT_INSECURE_TCP},
     {"keep-vms", no_argument, NULL, OPT_KEEP_VMS},
+    {"anonymous-boot-memory", no_argument, NULL, OPT_ANONYMOUS_BOOT_MEMORY},
     {"tls-cert", required_argument, NULL, OPT_TLS_CERT},
     {"tls-key", required_argument, NULL, OPT_TLS_KEY},
     {"tls-client-ca", required_argument, NULL, OPT_TLS_CLIENT_CA},
@@ -95,6 +97,10 @@ static void options_print_help(FILE *out)
             "                           One forkd per state directory: a second one refuses.\n"
             "  --vmm-binary PATH        the VMM to launch per VM: a patched firecracker or\n"
             "                           forkd-testvm (default %s, looked up in PATH).\n"
+            "  --anonymous-boot-memory  boot VMs on the VMM's own anonymous memory instead of\n"
+            "                           a memfd forkd owns (for a VMM without the machine-config\n"
+            "                           memory file). LIVE branches of such VMs need Linux 6.4+\n"
+            "                           (UFFD_FEATURE_WP_UNPOPULATED) and are refused before.\n"
             "  --keep-vms               on shutdown, leave the VMs forkd started running\n"
             "                           (default: stop them). A later forkd on the same state\n"
             "                           directory leaves them alone but does not manage them;\n"
@@ -245,6 +251,9 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
         return 0;
     case OPT_KEEP_VMS:
         opts->keep_vms = true;
+        return 0;
+    case OPT_ANONYMOUS_BOOT_MEMORY:
+        opts->anonymous_boot_memory = true;
         return 0;
     case OPT_ALLOW_ABSTRACT_SOCKET:
         opts->allow_abstract_socket = true;

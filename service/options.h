@@ -18,6 +18,7 @@ struct forkd_options {
     bool insecure_tcp;
     bool allow_abstract_socket;
     bool keep_vms;
+    bool anonymous_boot_memory; /* boot on the VMM's own memory, not a forkd memfd */
     const char *tls_cert;
     const char *tls_key;
     const char *tls_client_ca;
@@ -33,9 +34,9 @@ struct forkd_options {
     unsigned max_streams;        /* streaming calls in flight */
     unsigned request_timeout_ms; /* deadline for a call's request message */
     unsigned shutdown_grace_ms;
-    unsigned timeout_scale;         /* multiplies every VMM time limit */
-    bool realtime;                  /* SCHED_FIFO for the pause and fault-serving threads */
-    unsigned realtime_max_percent;  /* CPU share a real-time thread may use before demotion */
+    unsigned timeout_scale;        /* multiplies every VMM time limit */
+    bool realtime;                 /* SCHED_FIFO for the pause and fault-serving threads */
+    unsigned realtime_max_percent; /* CPU share a real-time thread may use before demotion */
     enum log_level log_level;
 };
 

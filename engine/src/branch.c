@@ -16,6 +16,7 @@
 #include "basic/cleanup.h"
 #include "basic/fsutil.h"
 
+#include "forkd/probe.h"
 #include "latency.h"
 #include "pause.h"
 #include "thread_priority.h"
@@ -94,7 +95,10 @@ struct branch_run_state {
     bool handler_exited; /* guarded by control_lock */
     _Atomic int handler_mode;
     struct dirty_list tracking; /* owned by the handler */
-    _Atomic int handler_error;  /* negative errno once the handler failed */
+    /* Negative errno once the handler failed, published after its message is complete (the
+     * first failure claims the message through handler_error_claimed, then writes it). */
+    _Atomic int handler_error;
+    atomic_bool handler_error_claimed;
     char handler_error_message[FORKD_ERROR_MESSAGE_MAX];
     atomic_uint_fast64_t pages_written;
     /* Futex word bumped by the fault handler after each page it wrote, woken only while the
@@ -104,8 +108,12 @@ struct branch_run_state {
     atomic_bool written_waiting;
 };
 
+/* Whether a branch may still be cancelled: it is OPEN until it either honours a cancel or
+ * commits to publishing (the point of no return); the first of the two wins. */
+enum branch_commit { BRANCH_OPEN, BRANCH_CANCEL_REQUESTED, BRANCH_COMMITTED };
+
 struct branch {
-    atomic_bool cancel;
+    _Atomic int commit;               /* enum branch_commit */
     struct latency_histogram service; /* fault service times */
     atomic_uint_fast64_t faults_left_to_bulk;
     _Atomic int phase;
@@ -140,9 +148,27 @@ void branch_free(struct branch *branch)
     free(branch);
 }
 
-void branch_cancel(struct branch *branch)
+bool branch_cancel(struct branch *branch)
 {
-    atomic_store(&branch->cancel, true);
+    int expected = BRANCH_OPEN;
+    if (atomic_compare_exchange_strong(&branch->commit, &expected, BRANCH_CANCEL_REQUESTED))
+        return true;
+    return expected == BRANCH_CANCEL_REQUESTED;
+}
+
+static bool branch_cancelled(struct branch *branch)
+{
+    return atomic_load(&branch->commit) == BRANCH_CANCEL_REQUESTED;
+}
+
+/* The point of no return: from here the branch publishes (or fails), and a cancel is refused.
+ * -ECANCELED when a cancel came first. */
+static int branch_commit(struct branch *branch, struct forkd_error *err)
+{
+    int expected = BRANCH_OPEN;
+    if (atomic_compare_exchange_strong(&branch->commit, &expected, BRANCH_COMMITTED))
+        return 0;
+    return forkd_error_set(err, -ECANCELED, "branch cancelled before it was published");
 }
 
 static void branch_service_percentiles(struct branch *branch, struct branch_progress *out)
@@ -255,13 +281,14 @@ static void branch_handler_fail(struct branch_run_state *run, int code, const ch
 
 static void branch_handler_fail(struct branch_run_state *run, int code, const char *fmt, ...)
 {
-    int expected = 0;
-    if (!atomic_compare_exchange_strong(&run->handler_error, &expected, code))
+    if (atomic_exchange(&run->handler_error_claimed, true))
         return; /* keep the first failure: later ones are usually its consequences */
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(run->handler_error_message, sizeof(run->handler_error_message), fmt, ap);
     va_end(ap);
+    /* Readers see the code only once the message is whole. */
+    atomic_store_explicit(&run->handler_error, code, memory_order_release);
 }
 
 static int branch_dirty_append(struct dirty_list *list, uint64_t address)
@@ -389,6 +416,10 @@ static void *branch_handler_loop(void *arg)
         if (run->regions[i].uffd.page_size > buffer_size)
             buffer_size = run->regions[i].uffd.page_size;
     _cleanup_free_ uint8_t *buffer = malloc(buffer_size);
+    if (!buffer) {
+        branch_handler_fail(run, -ENOMEM, "fault handler: out of memory for a page buffer");
+        atomic_store(&run->handler_stop, true); /* serve nothing: the branch aborts */
+    }
     struct uffd_msg messages[HANDLER_BATCH];
     struct thread_priority priority; /* a vCPU waits on every fault this thread serves */
     thread_priority_raise(&priority);
@@ -592,7 +623,7 @@ static int branch_pause_and_save(struct branch *branch, struct branch_run_state 
     if (guard.rc < 0)
         return guard.rc;
     branch_set_phase(branch, BRANCH_PHASE_PAUSED);
-    if (atomic_load(&branch->cancel))
+    if (branch_cancelled(branch))
         return forkd_error_set(err, -ECANCELED, "branch cancelled inside the pause");
     uint64_t start = forkd_monotonic_ns();
     int rc =
@@ -621,7 +652,7 @@ static int branch_pause_and_save(struct branch *branch, struct branch_run_state 
 static int branch_check_alive(struct branch *branch, struct branch_run_state *run,
                               struct forkd_error *err)
 {
-    if (atomic_load(&branch->cancel))
+    if (branch_cancelled(branch))
         return forkd_error_set(err, -ECANCELED, "branch cancelled");
     int failed = atomic_load(&run->handler_error);
     if (failed < 0)
@@ -745,23 +776,26 @@ static int branch_wait_all_written(struct branch *branch, struct branch_run_stat
 
 /* ---- set-up and tear-down of a live branch ---------------------------------------------- */
 
-/* Asks the VMM for its write-protect userfaultfd and receives it with the region list. */
+/* Asks the VMM for its write-protect userfaultfd and receives it with the region list, from
+ * the VMM's process only. The listener is "<api socket minus .sock>.wp": never longer than the
+ * API socket's path, so it fits in sun_path wherever that one does. */
 static int branch_receive_uffd(struct branch_run_state *run, struct forkd_error *err)
 {
     struct vm_status status;
     vm_get_status(run->vm, &status);
     char path[PATH_MAX];
     size_t length = strlen(status.api_socket_path);
-    if (length < 5 || length + 4 > sizeof(path))
-        return forkd_error_set(err, -ENAMETOOLONG, "cannot derive a socket path from %s",
+    if (length < 5 || strcmp(status.api_socket_path + length - 5, ".sock") != 0)
+        return forkd_error_set(err, -EINVAL, "cannot derive a socket path from %s",
                                status.api_socket_path);
-    snprintf(path, sizeof(path), "%.*s.wp.sock", (int)(length - 5), status.api_socket_path);
+    snprintf(path, sizeof(path), "%.*s.wp", (int)(length - 5), status.api_socket_path);
     _cleanup_close_ int listener = uffd_listen(path, err);
     if (listener < 0)
         return listener;
     int rc = vmm_uffd_wp(vm_client(run->vm), path, err);
     if (rc == 0)
-        rc = uffd_accept_handshake(listener, HANDSHAKE_TIMEOUT_MS, &run->handshake, err);
+        rc = uffd_accept_handshake_from(listener, HANDSHAKE_TIMEOUT_MS, vm_pid(run->vm),
+                                        &run->handshake, err);
     unlink(path);
     return rc;
 }
@@ -890,7 +924,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
             return rc;
         branch_set_phase(branch, BRANCH_PHASE_ARMED);
     }
-    if (atomic_load(&branch->cancel))
+    if (branch_cancelled(branch))
         return forkd_error_set(err, -ECANCELED, "branch cancelled before the pause");
     rc = branch_pause_and_save(branch, run, request, err);
     if (rc < 0)
@@ -916,6 +950,16 @@ static int branch_run_live(struct branch *branch, struct branch_run_state *run,
                                "(anonymous or memfd), but %s runs on %s memory: use FULL, or "
                                "spawn with the MEMFD backend",
                                vm_id(run->vm), memory == VM_MEMORY_FILE ? "FILE" : "UFFD");
+    /* Write-protect skips never-touched anonymous pages unless the kernel has
+     * WP_UNPOPULATED: the guest would write them after the resume without a fault and the
+     * copier would read the new contents. Refused before anything is armed or paused. */
+    if (memory == VM_MEMORY_ANONYMOUS && !probe_wp_unpopulated())
+        return forkd_error_set(err, -EOPNOTSUPP,
+                               "a live branch of anonymous guest memory needs a kernel that "
+                               "write-protects never-touched pages (UFFD_FEATURE_WP_UNPOPULATED, "
+                               "Linux 6.4+), which this kernel lacks: use FULL, or boot %s on a "
+                               "memfd (the default)",
+                               vm_id(run->vm));
     run->control_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (run->control_fd < 0)
         return forkd_error_errno(err, -errno, "eventfd");
@@ -935,6 +979,8 @@ static int branch_run_live(struct branch *branch, struct branch_run_state *run,
 static int branch_run_full(struct branch *branch, struct branch_run_state *run,
                            struct forkd_error *err)
 {
+    if (branch_cancelled(branch))
+        return forkd_error_set(err, -ECANCELED, "branch cancelled before the pause");
     FORKD_PAUSE_GUARD(guard, run->vm, err);
     if (guard.rc < 0)
         return guard.rc;
@@ -947,6 +993,9 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
     if (rc < 0)
         return rc;
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
+    /* Cancelled while the VMM wrote: the guard resumes, the store drops the files. */
+    if (branch_cancelled(branch))
+        return forkd_error_set(err, -ECANCELED, "branch cancelled inside the pause");
     branch_set_phase(branch, BRANCH_PHASE_VMSTATE_SAVED);
     rc = pause_guard_resume(&guard, err);
     branch_record_pause(branch, &guard);
@@ -1076,6 +1125,10 @@ static int branch_execute(struct branch *branch, struct branch_run_state *run,
     bool mm_gone = rc == -ESRCH || rc == -EAGAIN; /* what a step sees of a dying VMM */
     if (rc < 0 && rc != -ECANCELED && vm_exited_within(run->vm, mm_gone ? 1000 : 0))
         rc = branch_report_vmm_death(run, err);
+    if (rc == 0 && request->before_commit_hook)
+        request->before_commit_hook(request->context);
+    if (rc == 0)
+        rc = branch_commit(branch, err);
     if (rc == 0)
         rc = branch_publish(branch, run, request, started, out, err);
     if (run->writer)

@@ -29,6 +29,7 @@ int engine_open(const struct engine_config *config, struct engine **out, struct 
         .vmm_binary = config->vmm_binary,
         .run_dir = run_dir,
         .timeout_scale = config->timeout_scale,
+        .boot_memory = config->anonymous_boot_memory ? VM_MEMORY_ANONYMOUS : VM_MEMORY_MEMFD,
         .kvm_unusable_reason = config->kvm_unusable_reason,
     };
     thread_priority_configure(!config->no_realtime, config->realtime_max_percent);

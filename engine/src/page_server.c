@@ -106,8 +106,12 @@ struct page_server_template {
     struct page_server_template *next;
     char name[PAGE_SERVER_NAME_MAX];
     char path[PATH_MAX];
+    /* The file's identity: device and inode alone could name a new file on file systems that
+     * reuse inode numbers (or do not keep them stable), so its size and change times too. */
     dev_t dev;
     ino_t ino;
+    off_t file_size;
+    struct timespec mtime, ctime;
     const uint8_t *memory; /* PROT_READ, MAP_SHARED: the page cache, read once for all forks */
     uint64_t size;
     unsigned times_mapped;
@@ -266,6 +270,9 @@ static int page_server_map_memory(struct page_server_template *t, const char *pa
     t->size = (uint64_t)st.st_size;
     t->dev = st.st_dev;
     t->ino = st.st_ino;
+    t->file_size = st.st_size;
+    t->mtime = st.st_mtim;
+    t->ctime = st.st_ctim;
     return 0;
 }
 
@@ -288,12 +295,19 @@ static int page_server_template_new(const char *name, const char *path, unsigned
     return 0;
 }
 
-/* The template's file is still the one mapped (same path and inode). */
+static bool page_server_same_time(struct timespec a, struct timespec b)
+{
+    return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec;
+}
+
+/* The template's file is still the one mapped (same path, inode, size and change times). */
 static bool page_server_template_current(const struct page_server_template *t, const char *path)
 {
     struct stat st;
     return strcmp(t->path, path) == 0 && stat(path, &st) == 0 && st.st_dev == t->dev &&
-           st.st_ino == t->ino;
+           st.st_ino == t->ino && st.st_size == t->file_size &&
+           page_server_same_time(st.st_mtim, t->mtime) &&
+           page_server_same_time(st.st_ctim, t->ctime);
 }
 
 static struct page_server_template **page_server_template_slot(struct page_server *server,
@@ -887,8 +901,11 @@ static bool page_server_hot_in(const struct page_server_template *t, uint64_t of
     return false;
 }
 
-/* Copies one run of whole pages; pages already there are skipped. -EAGAIN (an event waits
- * to be read) or another error ends the prefetch: the rest is served on demand. */
+/* Copies one run of whole pages; pages already there are skipped. A page already present in
+ * the middle of the run makes the kernel copy the pages before it and answer EAGAIN with their
+ * count: go on after them (the present page then answers EEXIST and is stepped over). EAGAIN
+ * with nothing copied (an event waits to be read) or another error ends the prefetch: the
+ * rest is served on demand. */
 static int page_server_prefetch_run(struct page_server_fork *fork, const struct uffd_region *r,
                                     uint64_t start, uint64_t length)
 {
@@ -905,6 +922,11 @@ static int page_server_prefetch_run(struct page_server_fork *fork, const struct 
         page_server_count(&fork->counters.prefetched, done / r->page_size);
         if (rc == 0)
             return 0;
+        if (rc == -EAGAIN && done > 0) {
+            start += done;
+            length -= done;
+            continue;
+        }
         if (rc != -EEXIST)
             return rc;
         done += r->page_size; /* the page that was there */

@@ -1,8 +1,14 @@
 /*
- * The pause guard: pauses a VM and guarantees it is resumed on every exit path of the scope
- * that declared the guard, unless the guard was released. Records the pause window (from the
- * pause request to the resume acknowledgement). The declaring thread runs at real-time
- * priority from the pause request to the resume (see forkd/thread_priority.h).
+ * The pause guard: pauses a VM and guarantees it is back in the state the guard found on every
+ * exit path of the scope that declared the guard, unless the guard was released: a VM that was
+ * running is resumed, one that was already paused (a fork started paused) stays paused. Records
+ * the pause window (from the pause request to the resume acknowledgement). The declaring thread
+ * runs at real-time priority from the pause request to the resume (see forkd/thread_priority.h).
+ *
+ * A pause request that fails may still take effect (a request that timed out leaves a VMM that
+ * goes on to pause): the guard then asks the VMM for its state and resumes what it finds
+ * paused. A resume that fails is retried, and one that timed out is checked the same way; the
+ * error says what state the VM was left in.
  *
  *     FORKD_PAUSE_GUARD(guard, vm, err);
  *     if (guard.rc < 0)
@@ -29,6 +35,7 @@ struct pause_guard {
     struct vm *vm;
     int rc;                       /* result of the pause request */
     bool paused;                  /* paused and not yet resumed */
+    bool found_paused;            /* paused before the guard: left paused */
     bool released;                /* leave paused at scope exit */
     uint64_t requested_ns;        /* CLOCK_MONOTONIC at the pause request */
     uint64_t paused_ns;           /* at the pause acknowledgement */
@@ -41,7 +48,8 @@ struct pause_guard {
 };
 
 struct pause_guard pause_guard_begin(struct vm *vm, struct forkd_error *err);
-/* Resumes now. Returns 0 or the VMM's error; the guard is disarmed either way. */
+/* Resumes now (or leaves paused a VM the guard found paused). Returns 0 or the VMM's error; the
+ * guard is disarmed either way. */
 int pause_guard_resume(struct pause_guard *guard, struct forkd_error *err);
 /* Leaves the VM paused at scope exit. */
 void pause_guard_release(struct pause_guard *guard);

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -169,5 +170,27 @@ void probe_host(struct probe_host_caps *caps)
 
 bool probe_live_branch_supported(const struct probe_host_caps *caps)
 {
-    return caps->kvm_usable && caps->uffd_wp_anonymous && caps->uffd_wp_shmem;
+    return caps->kvm_usable && caps->uffd_wp_shmem;
+}
+
+bool probe_live_branch_anonymous_supported(const struct probe_host_caps *caps)
+{
+    return caps->kvm_usable && caps->uffd_wp_unpopulated;
+}
+
+static bool probe_wp_unpopulated_result;
+
+static void probe_wp_unpopulated_once(void)
+{
+    uint64_t offered = 0;
+    _cleanup_close_ int uffd = probe_uffd_with_features(0, &offered);
+    uint64_t needed = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED;
+    probe_wp_unpopulated_result = uffd >= 0 && (offered & needed) == needed;
+}
+
+bool probe_wp_unpopulated(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, probe_wp_unpopulated_once);
+    return probe_wp_unpopulated_result;
 }

@@ -352,18 +352,51 @@ static void uffd_handshake_init(struct uffd_handshake *handshake)
     handshake->region_count = 0;
 }
 
+/* Accepts connections until one comes from expected_pid (0: any): anyone else who can reach
+ * the socket is hung up on unread, so an impostor can neither feed us a userfaultfd nor keep
+ * the VMM out. */
+static int uffd_accept_from(int listen_fd, uint64_t deadline, int timeout_ms, pid_t expected_pid,
+                            pid_t *pid, struct forkd_error *err)
+{
+    unsigned refused = 0;
+    pid_t last_refused = 0;
+    for (;;) {
+        _cleanup_close_ int connection =
+            uffd_accept_connection(listen_fd, deadline, timeout_ms, err);
+        if (connection < 0 && refused && connection == -ETIMEDOUT)
+            return forkd_error_set(err, -EPERM,
+                                   "uffd handshake: no connection from the VMM (pid %d) in time; "
+                                   "refused %u from other processes (last pid %d)",
+                                   (int)expected_pid, refused, (int)last_refused);
+        if (connection < 0)
+            return connection;
+        int r = uffd_peer_pid(connection, pid, err);
+        if (r < 0)
+            return r;
+        if (expected_pid <= 0 || *pid == expected_pid)
+            return take_fd(connection);
+        refused++;
+        last_refused = *pid;
+    }
+}
+
 int uffd_accept_handshake(int listen_fd, int timeout_ms, struct uffd_handshake *out,
                           struct forkd_error *err)
 {
+    return uffd_accept_handshake_from(listen_fd, timeout_ms, 0, out, err);
+}
+
+int uffd_accept_handshake_from(int listen_fd, int timeout_ms, pid_t expected_pid,
+                               struct uffd_handshake *out, struct forkd_error *err)
+{
     uffd_handshake_init(out);
     uint64_t deadline = forkd_deadline_after_ms(timeout_ms);
-    _cleanup_close_ int connection = uffd_accept_connection(listen_fd, deadline, timeout_ms, err);
+    pid_t pid = 0;
+    _cleanup_close_ int connection =
+        uffd_accept_from(listen_fd, deadline, timeout_ms, expected_pid, &pid, err);
     if (connection < 0)
         return connection;
-    pid_t pid = 0;
-    int r = uffd_peer_pid(connection, &pid, err);
-    if (r < 0)
-        return r;
+    int r;
     _cleanup_free_ char *buffer = malloc(UFFD_HANDSHAKE_MAX_BYTES + 1);
     if (!buffer)
         return forkd_error_set(err, -ENOMEM, "uffd handshake: out of memory");

@@ -64,6 +64,11 @@ int uffd_listen(const char *path, struct forkd_error *err);
  * holds no fds. */
 int uffd_accept_handshake(int listen_fd, int timeout_ms, struct uffd_handshake *out,
                           struct forkd_error *err);
+/* The same, taking the handshake only from a connection of process expected_pid (SO_PEERCRED;
+ * 0: any). Connections of other processes are closed unread and the wait goes on; -EPERM,
+ * naming them, when only those came in time. */
+int uffd_accept_handshake_from(int listen_fd, int timeout_ms, pid_t expected_pid,
+                               struct uffd_handshake *out, struct forkd_error *err);
 
 /* Parses and checks the handshake JSON (either form) into out->regions and out->region_count
  * (0 on failure); leaves out's fds alone. Exposed for tests. */

@@ -76,6 +76,8 @@ struct vm_registry {
     char vmm_binary[PATH_MAX];
     char run_dir[PATH_MAX];
     unsigned start_timeout_ms;
+    unsigned call_timeout_ms; /* before scaling */
+    enum vm_memory boot_memory;
     unsigned timeout_scale;
     char kvm_unusable_reason[200]; /* empty: VMs may start */
 
@@ -136,7 +138,7 @@ unsigned vm_slow_call_timeout_ms(const struct vm *vm)
 
 unsigned vm_call_timeout_ms(const struct vm *vm)
 {
-    return VMM_CLIENT_DEFAULT_TIMEOUT_MS * vm->registry->timeout_scale;
+    return vm->registry->call_timeout_ms * vm->registry->timeout_scale;
 }
 
 const char *vm_id(const struct vm *vm)
@@ -283,6 +285,31 @@ int vm_resume(struct vm *vm, struct forkd_error *err)
     if (rc == 0)
         vm_set_state(vm, VM_STATE_RUNNING);
     return rc;
+}
+
+enum vm_state vm_recorded_state(struct vm *vm)
+{
+    pthread_mutex_lock(&vm->lock);
+    enum vm_state state = vm->state;
+    pthread_mutex_unlock(&vm->lock);
+    return state;
+}
+
+int vm_query_state(struct vm *vm, enum vm_state *out, struct forkd_error *err)
+{
+    struct vmm_info info;
+    /* A VMM that let a call time out may still be busy with it: it answers after it. */
+    int rc = vmm_get_info_within(vm->client, vm_slow_call_timeout_ms(vm), &info, err);
+    if (rc < 0)
+        return rc;
+    if (strcmp(info.state, "Paused") == 0)
+        *out = VM_STATE_PAUSED;
+    else if (strcmp(info.state, "Running") == 0)
+        *out = VM_STATE_RUNNING;
+    else
+        return forkd_error_set(err, -EPROTO, "GET /: the VMM reports state \"%.32s\"", info.state);
+    vm_set_state(vm, *out);
+    return 0;
 }
 
 void vm_get_status(struct vm *vm, struct vm_status *out)
@@ -435,6 +462,9 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
     snprintf(registry->vmm_binary, sizeof(registry->vmm_binary), "%s", config->vmm_binary);
     snprintf(registry->run_dir, sizeof(registry->run_dir), "%s", config->run_dir);
     registry->timeout_scale = config->timeout_scale ? config->timeout_scale : 1;
+    registry->boot_memory = config->boot_memory ? config->boot_memory : VM_MEMORY_MEMFD;
+    registry->call_timeout_ms =
+        config->call_timeout_ms ? config->call_timeout_ms : VMM_CLIENT_DEFAULT_TIMEOUT_MS;
     registry->start_timeout_ms =
         (config->start_timeout_ms ? config->start_timeout_ms : 10000) * registry->timeout_scale;
     if (config->kvm_unusable_reason)
@@ -523,8 +553,8 @@ static void vm_clean_one(struct vm_registry *registry, const char *file_name,
     vm_record_remove(registry->run_dir, id);
 }
 
-/* "vm-<n>.sock" is a VMM's API socket; forkd's own listeners are "vm-<n>.wp.sock" and the
- * like, and die with the forkd that made them. */
+/* "vm-<n>.sock" is a VMM's API socket; forkd's own listeners are "vm-<n>.wp" (".wp.sock" before)
+ * and the like, and die with the forkd that made them. */
 static bool vm_is_api_socket_name(const char *name)
 {
     unsigned long id;
@@ -536,7 +566,8 @@ static bool vm_is_listener_name(const char *name)
 {
     size_t length = strlen(name);
     return vm_file_id(name) && !vm_is_api_socket_name(name) && length > 5 &&
-           (strcmp(name + length - 5, ".sock") == 0 || strcmp(name + length - 5, ".uffd") == 0);
+           (strcmp(name + length - 5, ".sock") == 0 || strcmp(name + length - 5, ".uffd") == 0 ||
+            strcmp(name + length - 3, ".wp") == 0);
 }
 
 int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report *report,
@@ -860,10 +891,34 @@ static int vm_launch(struct vm_registry *registry, const struct vm_launch_params
 
 /* ---- boot, restore, stop ---------------------------------------------------------------- */
 
+/* A MEMFD boot: the guest memfd, created empty (no page is populated before the guest
+ * touches it), handed to the VMM as /proc/<pid>/fd/<n> in backend_path. */
+static int vm_create_boot_memfd(struct vm *vm, char *backend_path, size_t backend_path_size,
+                                struct forkd_error *err)
+{
+    char name[64];
+    snprintf(name, sizeof(name), "forkd-guest-%s", vm->id);
+    _cleanup_close_ int memfd = memfd_create(name, MFD_CLOEXEC);
+    if (memfd < 0 || ftruncate(memfd, (off_t)vm->memory_bytes) < 0)
+        return forkd_error_errno(err, -errno, "memfd for %s (%llu bytes)", vm->id,
+                                 (unsigned long long)vm->memory_bytes);
+    snprintf(backend_path, backend_path_size, "/proc/%d/fd/%d", (int)getpid(), memfd);
+    pthread_mutex_lock(&vm->lock);
+    vm->memfd = take_fd(memfd);
+    pthread_mutex_unlock(&vm->lock);
+    return 0;
+}
+
 static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
                              struct forkd_error *err)
 {
-    int rc = vmm_put_machine_config(vm->client, config->vcpu_count, config->mem_size_mib, err);
+    char backend_path[PATH_MAX] = "";
+    int rc = 0;
+    if (vm->memory == VM_MEMORY_MEMFD)
+        rc = vm_create_boot_memfd(vm, backend_path, sizeof(backend_path), err);
+    if (rc == 0)
+        rc = vmm_put_machine_config_backed(vm->client, config->vcpu_count, config->mem_size_mib,
+                                           backend_path[0] ? backend_path : NULL, err);
     if (rc == 0)
         rc = vmm_put_boot_source(vm->client, config->kernel_image_path, config->boot_args, err);
     if (rc == 0) {
@@ -881,13 +936,17 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
         return rc;
     if (access(config->kernel_image_path, R_OK) < 0)
         return forkd_error_errno(err, -errno, "kernel image %s", config->kernel_image_path);
+    enum vm_memory memory = config->memory ? config->memory : registry->boot_memory;
+    if (memory != VM_MEMORY_MEMFD && memory != VM_MEMORY_ANONYMOUS)
+        return forkd_error_set(err, -EINVAL, "boot: memory backend %d is not MEMFD or ANONYMOUS",
+                               (int)memory);
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
     rc = vm_launch(registry, &params, &vm, err);
     if (rc < 0)
         return rc;
-    vm->memory = VM_MEMORY_ANONYMOUS;
+    vm->memory = memory;
     vm->vcpu_count = config->vcpu_count;
     vm->mem_size_mib = config->mem_size_mib;
     vm->memory_bytes = config->mem_size_mib << 20;

@@ -204,9 +204,18 @@ static int vmm_send_json(struct vmm_client *client, const char *method, const ch
 int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint64_t mem_size_mib,
                            struct forkd_error *err)
 {
+    return vmm_put_machine_config_backed(client, vcpu_count, mem_size_mib, NULL, err);
+}
+
+int vmm_put_machine_config_backed(struct vmm_client *client, unsigned vcpu_count,
+                                  uint64_t mem_size_mib, const char *mem_backend_path,
+                                  struct forkd_error *err)
+{
     cJSON *body = cJSON_CreateObject();
     cJSON_AddNumberToObject(body, "vcpu_count", vcpu_count);
     cJSON_AddNumberToObject(body, "mem_size_mib", (double)mem_size_mib);
+    if (mem_backend_path)
+        cJSON_AddStringToObject(body, "mem_backend_path", mem_backend_path);
     return vmm_send_json(client, "PUT", "/machine-config", body, err);
 }
 
@@ -290,8 +299,14 @@ static void vmm_copy_string_field(const cJSON *json, const char *name, char *out
 
 int vmm_get_info(struct vmm_client *client, struct vmm_info *out, struct forkd_error *err)
 {
+    return vmm_get_info_within(client, 0, out, err);
+}
+
+int vmm_get_info_within(struct vmm_client *client, long timeout_ms, struct vmm_info *out,
+                        struct forkd_error *err)
+{
     _cleanup_free_ char *body = NULL;
-    int rc = vmm_request(client, "GET", "/", NULL, &body, err);
+    int rc = vmm_request_within(client, "GET", "/", NULL, timeout_ms, &body, err);
     if (rc < 0)
         return rc;
     cJSON *json = cJSON_Parse(body);

@@ -47,6 +47,11 @@ int vmm_request_within(struct vmm_client *client, const char *method, const char
 
 int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint64_t mem_size_mib,
                            struct forkd_error *err);
+/* The same with guest memory backed by a file the VMM maps shared from boot on (a memfd as
+ * /proc/<pid>/fd/<n>; the machine-config field mem_backend_path), or anonymous when NULL. */
+int vmm_put_machine_config_backed(struct vmm_client *client, unsigned vcpu_count,
+                                  uint64_t mem_size_mib, const char *mem_backend_path,
+                                  struct forkd_error *err);
 int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path,
                         const char *boot_args, struct forkd_error *err);
 int vmm_start(struct vmm_client *client, struct forkd_error *err);
@@ -65,6 +70,9 @@ int vmm_snapshot_load(struct vmm_client *client, const char *snapshot_path,
 /* Asks the VMM to send a write-protect userfaultfd to the Unix socket at socket_path. */
 int vmm_uffd_wp(struct vmm_client *client, const char *socket_path, struct forkd_error *err);
 int vmm_get_info(struct vmm_client *client, struct vmm_info *out, struct forkd_error *err);
+/* The same with a limit of timeout_ms for this call only (0: the client's limit). */
+int vmm_get_info_within(struct vmm_client *client, long timeout_ms, struct vmm_info *out,
+                        struct forkd_error *err);
 
 #ifdef __cplusplus
 }

@@ -4,18 +4,26 @@
 #include <gtest/gtest.h>
 
 #include "engine_harness.h"
+#include "test_time.h"
 
 #include <atomic>
+#include <cmath>
 #include <csignal>
 #include <random>
 #include <string>
+#include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <thread>
 #include <sys/stat.h>
 #include <dirent.h>
 
 extern "C" {
 #include "forkd/branch.h"
+#include "forkd/probe.h"
 #include "forkd/store.h"
+#include "uffd.h"
 #include "vmm_client.h"
 }
 
@@ -271,13 +279,22 @@ struct CancelAt {
     enum branch_phase phase;
     struct branch *branch;
     std::atomic<bool> fired{false};
+    std::atomic<bool> accepted{false}; // what branch_cancel answered
 };
 
 static void CancelOnPhase(void *context, enum branch_phase phase, const struct branch_progress *)
 {
     auto *cancel = static_cast<CancelAt *>(context);
     if (phase == cancel->phase && !cancel->fired.exchange(true))
-        branch_cancel(cancel->branch);
+        cancel->accepted = branch_cancel(cancel->branch);
+}
+
+// Cancels from the before_commit_hook: the copy is complete, nothing is published yet.
+static void CancelBeforeCommit(void *context)
+{
+    auto *cancel = static_cast<CancelAt *>(context);
+    cancel->fired = true;
+    cancel->accepted = branch_cancel(cancel->branch);
 }
 
 TEST_F(BranchTest, CancelAtEachPhaseLeavesTheVmRunningAndTheStoreClean)
@@ -415,11 +432,11 @@ static size_t OpenFds()
 TEST_F(BranchTest, NoFdOrProcessOutlivesItsVm)
 {
     size_t fds_before = OpenFds();
-    for (enum vm_memory memory : {VM_MEMORY_ANONYMOUS, VM_MEMORY_MEMFD}) {
+    for (bool restored : {false, true}) { // a booted VM, then a MEMFD fork
         struct vm *vm = Boot(1, 32, "pattern=random");
         ASSERT_NE(nullptr, vm);
         struct vm *target = vm;
-        if (memory == VM_MEMORY_MEMFD) {
+        if (restored) {
             BranchAndVerify(vm, "seed", STORE_MODE_FULL);
             target = Restore(SnapshotDir("seed"), VM_MEMORY_MEMFD);
             ASSERT_NE(nullptr, target);
@@ -444,4 +461,304 @@ TEST_F(BranchTest, NoFdOrProcessOutlivesItsVm)
         store_delete(store_, "leak-check", true, &err);
     }
     EXPECT_EQ(fds_before, OpenFds()) << "file descriptors leaked by boots, branches, stops";
+}
+
+// A FULL branch honours a cancel at every phase before it publishes: the VMM's files are
+// dropped and the VM runs on. (It used to ignore the cancel and publish a READY snapshot.)
+TEST_F(BranchTest, FullBranchCancelledBeforePublishingLeavesNothing)
+{
+    struct vm *vm = Boot(2, 64, "pattern=random seed=14");
+    ASSERT_NE(nullptr, vm);
+    for (enum branch_phase phase : {BRANCH_PHASE_STARTED, BRANCH_PHASE_PAUSED,
+                                    BRANCH_PHASE_VMSTATE_SAVED, BRANCH_PHASE_RESUMED}) {
+        SCOPED_TRACE("cancel at phase " + std::to_string(phase));
+        CancelAt cancel;
+        cancel.phase = phase;
+        cancel.branch = branch_new();
+        std::string name = "full-cancelled-" + std::to_string(phase);
+        Result result = Branch(vm, name, STORE_MODE_FULL, CancelOnPhase, &cancel, cancel.branch);
+        branch_free(cancel.branch);
+        EXPECT_TRUE(cancel.fired);
+        EXPECT_TRUE(cancel.accepted);
+        EXPECT_EQ(-ECANCELED, result.rc) << result.error;
+        EXPECT_EQ(BRANCH_PHASE_CANCELLED, result.progress.phase);
+        ExpectStoreClean(name);
+        EXPECT_EQ("Running", VmmState(vm));
+    }
+    BranchAndVerify(vm, "full-after-cancels", STORE_MODE_FULL);
+    vm_unref(vm);
+}
+
+// A cancel that arrives once the copy is complete, just before the point of no return, is
+// still honoured (LIVE used to check for it only while copying).
+TEST_F(BranchTest, CancelAfterTheCopyBeforePublishingLeavesNothing)
+{
+    struct vm *vm = Boot(2, 64, "pattern=random seed=15");
+    ASSERT_NE(nullptr, vm);
+    for (enum store_mode mode : {STORE_MODE_LIVE, STORE_MODE_FULL}) {
+        SCOPED_TRACE(ModeName(mode));
+        CancelAt cancel;
+        cancel.branch = branch_new();
+        std::string name = std::string("late-cancel-") + ModeName(mode);
+        struct branch_request request = {};
+        request.vm = vm;
+        request.snapshot_name = name.c_str();
+        request.mode = mode;
+        request.context = &cancel;
+        request.before_commit_hook = CancelBeforeCommit;
+        struct store_snapshot snapshot;
+        struct forkd_error err = {};
+        int rc = branch_run(cancel.branch, store_, &request, &snapshot, &err);
+        struct branch_progress progress;
+        branch_get_progress(cancel.branch, &progress);
+        branch_free(cancel.branch);
+        EXPECT_TRUE(cancel.fired);
+        EXPECT_TRUE(cancel.accepted);
+        EXPECT_EQ(-ECANCELED, rc) << err.message;
+        EXPECT_EQ(BRANCH_PHASE_CANCELLED, progress.phase);
+        ExpectStoreClean(name);
+        EXPECT_EQ("Running", VmmState(vm));
+    }
+    BranchAndVerify(vm, "after-late-cancels", STORE_MODE_LIVE);
+    vm_unref(vm);
+}
+
+// Publishing is the point of no return: a cancel then is refused (branch_cancel says so), the
+// branch completes, and its snapshot is READY and consistent.
+TEST_F(BranchTest, CancelWhilePublishingIsRefusedAndTheSnapshotIsComplete)
+{
+    struct vm *vm = Boot(2, 64, "pattern=random seed=16");
+    ASSERT_NE(nullptr, vm);
+    for (enum store_mode mode : {STORE_MODE_LIVE, STORE_MODE_FULL}) {
+        SCOPED_TRACE(ModeName(mode));
+        CancelAt cancel;
+        cancel.phase = BRANCH_PHASE_PUBLISHING;
+        cancel.branch = branch_new();
+        std::string name = std::string("publishing-") + ModeName(mode);
+        Result result = Branch(vm, name, mode, CancelOnPhase, &cancel, cancel.branch);
+        EXPECT_FALSE(branch_cancel(cancel.branch)) << "a finished branch cannot be cancelled";
+        branch_free(cancel.branch);
+        EXPECT_TRUE(cancel.fired);
+        EXPECT_FALSE(cancel.accepted);
+        ASSERT_EQ(0, result.rc) << result.error;
+        EXPECT_EQ(BRANCH_PHASE_DONE, result.progress.phase);
+        EXPECT_EQ(STORE_STATE_READY, result.snapshot.state);
+        VerifyResult verify = Verify(SnapshotDir(name));
+        EXPECT_EQ(0, verify.exit_code) << verify.output;
+    }
+    vm_unref(vm);
+}
+
+// A VM that was paused (a fork started paused) stays paused through a branch, whether it
+// succeeds or is cancelled: the pause guard restores the state it found.
+TEST_F(BranchTest, BranchesOfAPausedVmLeaveItPaused)
+{
+    struct vm *vm = Boot(2, 64, "pattern=random seed=17");
+    ASSERT_NE(nullptr, vm);
+    WaitForGuestWrites(vm, 1000);
+    BranchAndVerify(vm, "paused-base", STORE_MODE_FULL);
+    struct vm *fork = Restore(SnapshotDir("paused-base"), VM_MEMORY_MEMFD, "paused-base", true);
+    ASSERT_NE(nullptr, fork);
+    ASSERT_EQ("Paused", VmmState(fork));
+    for (enum store_mode mode : {STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE, STORE_MODE_FULL}) {
+        SCOPED_TRACE(ModeName(mode));
+        BranchAndVerify(fork, std::string("of-paused-") + ModeName(mode), mode);
+        EXPECT_EQ("Paused", VmmState(fork));
+        struct vm_status status;
+        vm_get_status(fork, &status);
+        EXPECT_EQ(VM_STATE_PAUSED, status.state);
+    }
+    CancelAt cancel;
+    cancel.phase = BRANCH_PHASE_VMSTATE_SAVED;
+    cancel.branch = branch_new();
+    Result cancelled =
+        Branch(fork, "of-paused-cancelled", STORE_MODE_LIVE, CancelOnPhase, &cancel, cancel.branch);
+    branch_free(cancel.branch);
+    EXPECT_EQ(-ECANCELED, cancelled.rc) << cancelled.error;
+    EXPECT_EQ("Paused", VmmState(fork));
+    ExpectStoreClean("of-paused-cancelled");
+    // Still the fork it was: resumed, it continues and counts on.
+    struct forkd_error err = {};
+    ASSERT_EQ(0, vm_resume(fork, &err)) << err.message;
+    unsigned long long before = GuestWrites(fork);
+    WaitForGuestWrites(fork, before + 1000);
+    vm_unref(fork);
+    vm_unref(vm);
+}
+
+// LIVE of anonymous memory needs write-protect of never-touched pages (WP_UNPOPULATED, 6.4+):
+// without it the branch is refused before anything is armed or paused, naming the feature. A
+// VM forkd boots is on a memfd and branches live on any kernel with shmem write-protect.
+TEST_F(BranchTest, LiveOfAnonymousMemoryNeedsWpUnpopulated)
+{
+    struct vm *booted = Boot(1, 32, "pattern=random seed=18");
+    ASSERT_NE(nullptr, booted);
+    struct vm_status status;
+    vm_get_status(booted, &status);
+    EXPECT_EQ(VM_MEMORY_MEMFD, status.memory);
+    BranchAndVerify(booted, "memfd-booted", STORE_MODE_LIVE);
+    vm_unref(booted);
+
+    struct vm *vm = Boot(1, 32, "pattern=random seed=19", "", nullptr, VM_MEMORY_ANONYMOUS);
+    ASSERT_NE(nullptr, vm);
+    vm_get_status(vm, &status);
+    EXPECT_EQ(VM_MEMORY_ANONYMOUS, status.memory);
+    if (probe_wp_unpopulated()) {
+        BranchAndVerify(vm, "anonymous-live", STORE_MODE_LIVE);
+    } else {
+        unsigned long long pauses = VmmPauseCount(vm);
+        Result result = Branch(vm, "anonymous-live", STORE_MODE_LIVE);
+        EXPECT_EQ(-EOPNOTSUPP, result.rc) << result.error;
+        EXPECT_NE(std::string::npos, result.error.find("UFFD_FEATURE_WP_UNPOPULATED"))
+            << result.error;
+        EXPECT_EQ(pauses, VmmPauseCount(vm)) << "refused only after pausing";
+        ExpectStoreClean("anonymous-live");
+        EXPECT_EQ("Running", VmmState(vm));
+    }
+    BranchAndVerify(vm, "anonymous-full", STORE_MODE_FULL);
+    vm_unref(vm);
+}
+
+// A pause request that outlives the client's time limit while the VMM goes on to pause: the
+// branch fails, and the VM is found paused and resumed rather than left paused for good.
+TEST_F(BranchTest, APauseThatTimesOutLeavesTheVmRunning)
+{
+    const unsigned call_timeout_ms = 250;
+    const unsigned scale = static_cast<unsigned>(std::ceil(forkd_time_scale()));
+    std::string delay = std::to_string(2 * call_timeout_ms * scale);
+    const char *const slow_pause[] = {"--pause-delay-ms", delay.c_str(), nullptr};
+    struct vm_registry_config config = {};
+    config.vmm_binary = FORKD_TESTVM_PATH;
+    std::string run_dir = state_dir_ + "/slow-vms";
+    config.run_dir = run_dir.c_str();
+    config.timeout_scale = scale;
+    config.call_timeout_ms = call_timeout_ms;
+    struct vm_registry *slow = nullptr;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, vm_registry_open(&config, &slow, &err)) << err.message;
+    struct vm_boot_config boot = {};
+    boot.vcpu_count = 1;
+    boot.mem_size_mib = 32;
+    boot.kernel_image_path = FORKD_GUEST_PATH;
+    boot.boot_args = "pattern=random seed=20";
+    boot.extra_vmm_args = slow_pause;
+    struct vm *vm = nullptr;
+    ASSERT_EQ(0, vm_boot(slow, &boot, &vm, &err)) << err.message;
+    for (enum store_mode mode : {STORE_MODE_FULL, STORE_MODE_LIVE}) {
+        SCOPED_TRACE(ModeName(mode));
+        std::string name = std::string("slow-pause-") + ModeName(mode);
+        Result result = Branch(vm, name, mode);
+        EXPECT_EQ(-ETIMEDOUT, result.rc) << result.error;
+        EXPECT_NE(std::string::npos, result.error.find("paused afterwards and was resumed"))
+            << result.error;
+        ExpectStoreClean(name);
+        EXPECT_EQ("Running", VmmState(vm));
+        struct vm_status status;
+        vm_get_status(vm, &status);
+        EXPECT_EQ(VM_STATE_RUNNING, status.state);
+        unsigned long long before = GuestWrites(vm);
+        WaitForGuestWrites(vm, before + 1000);
+    }
+    vm_unref(vm);
+    vm_registry_close(slow, false, 2000);
+}
+
+// The write-protect socket's path is derived from the API socket's: wherever the API socket's
+// path fits in sun_path, so does the branch's listener (it used to be 3 bytes longer).
+TEST_F(BranchTest, LiveBranchWorksWithTheLongestApiSocketPath)
+{
+    const size_t sun_path_max = sizeof(((struct sockaddr_un *)nullptr)->sun_path) - 1;
+    std::string run_dir = state_dir_ + "/";
+    const std::string api_socket_name = "/vm-1.sock"; // the new registry's first VM
+    run_dir += std::string(sun_path_max - run_dir.size() - api_socket_name.size(), 'd');
+    struct vm_registry_config config = {};
+    config.vmm_binary = FORKD_TESTVM_PATH;
+    config.run_dir = run_dir.c_str();
+    config.timeout_scale = static_cast<unsigned>(std::ceil(forkd_time_scale()));
+    struct vm_registry *registry = nullptr;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, vm_registry_open(&config, &registry, &err)) << err.message;
+    struct vm_boot_config boot = {};
+    boot.vcpu_count = 1;
+    boot.mem_size_mib = 32;
+    boot.kernel_image_path = FORKD_GUEST_PATH;
+    boot.boot_args = "pattern=random seed=21";
+    struct vm *vm = nullptr;
+    ASSERT_EQ(0, vm_boot(registry, &boot, &vm, &err)) << err.message;
+    struct vm_status status;
+    vm_get_status(vm, &status);
+    EXPECT_EQ(sun_path_max, strlen(status.api_socket_path)) << status.api_socket_path;
+    BranchAndVerify(vm, "long-socket-path", STORE_MODE_LIVE);
+    vm_unref(vm);
+    vm_registry_close(registry, false, 2000);
+}
+
+// Whoever else reaches the write-protect socket first is hung up on: the branch takes the
+// handshake of the VMM's own process only (SO_PEERCRED), as the page server does.
+TEST_F(BranchTest, AnImpostorOnTheWriteProtectSocketIsIgnored)
+{
+    struct vm *vm = Boot(1, 32, "pattern=random seed=22");
+    ASSERT_NE(nullptr, vm);
+    WaitForGuestWrites(vm, 1000);
+    struct vm_status status;
+    vm_get_status(vm, &status);
+    std::string api = status.api_socket_path;
+    std::string prefix = api.substr(0, api.size() - strlen(".sock")) + ".wp";
+    const size_t impostor_bytes = 16u << 20; // not the guest's size: a mix-up cannot pass
+    void *impostor_memory =
+        mmap(nullptr, impostor_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(MAP_FAILED, impostor_memory);
+    int impostor_uffd = probe_open_userfaultfd(O_CLOEXEC | O_NONBLOCK);
+    ASSERT_GE(impostor_uffd, 0) << strerror(-impostor_uffd);
+    // The VMM is stopped until the impostor has connected, so the impostor is first in line.
+    pid_t vmm = vm_pid(vm);
+    ASSERT_EQ(0, kill(vmm, SIGSTOP));
+    std::atomic<bool> connected{false};
+    int impostor = -1;
+    std::thread thread([&] {
+        auto guard = std::chrono::steady_clock::now() + scaled(std::chrono::seconds(10));
+        while (std::chrono::steady_clock::now() < guard) {
+            for (const char *suffix : {"", ".sock"}) { // today's name and the older one
+                struct sockaddr_un addr = {};
+                addr.sun_family = AF_UNIX;
+                std::string path = prefix + suffix;
+                if (path.size() >= sizeof(addr.sun_path))
+                    continue;
+                snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path.c_str());
+                int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0) {
+                    struct uffd_region region = {(uint64_t)(uintptr_t)impostor_memory,
+                                                 impostor_bytes, 0, 4096};
+                    struct forkd_error send_err = {};
+                    uffd_send_handshake(fd, impostor_uffd, &region, 1, &send_err);
+                    impostor = fd;
+                    connected = true;
+                    kill(vmm, SIGCONT);
+                    return;
+                }
+                close(fd);
+            }
+            usleep(200);
+        }
+        kill(vmm, SIGCONT);
+    });
+    Result result = Branch(vm, "impostor", STORE_MODE_LIVE);
+    thread.join();
+    EXPECT_TRUE(connected) << "the impostor never found the socket";
+    EXPECT_EQ(0, result.rc) << result.error;
+    if (result.rc == 0) {
+        VerifyResult verify = Verify(SnapshotDir("impostor"));
+        EXPECT_EQ(0, verify.exit_code) << verify.output;
+    }
+    if (impostor >= 0) {
+        char byte;
+        ssize_t n = recv(impostor, &byte, 1, 0); // EOF, or a reset: its bytes went unread
+        EXPECT_TRUE(n == 0 || (n < 0 && errno == ECONNRESET))
+            << "the impostor's connection is open";
+        close(impostor);
+    }
+    close(impostor_uffd);
+    munmap(impostor_memory, impostor_bytes);
+    EXPECT_EQ("Running", VmmState(vm));
+    vm_unref(vm);
 }

@@ -37,9 +37,11 @@ void EngineTest::TearDown()
 }
 
 struct vm *EngineTest::Boot(unsigned vcpus, unsigned mem_mib, const std::string &workload,
-                            const std::string &name, const char *const *extra_args)
+                            const std::string &name, const char *const *extra_args,
+                            enum vm_memory memory)
 {
     struct vm_boot_config config = {};
+    config.memory = memory;
     config.name = name.c_str();
     config.vcpu_count = vcpus;
     config.mem_size_mib = mem_mib;
@@ -54,7 +56,7 @@ struct vm *EngineTest::Boot(unsigned vcpus, unsigned mem_mib, const std::string 
 }
 
 struct vm *EngineTest::Restore(const std::string &dir, enum vm_memory memory,
-                               const char *snapshot_name)
+                               const char *snapshot_name, bool start_paused)
 {
     std::string vmstate = dir + "/vmstate", mem = dir + "/memory.bin";
     struct vm_restore_config config = {};
@@ -62,6 +64,7 @@ struct vm *EngineTest::Restore(const std::string &dir, enum vm_memory memory,
     config.vmstate_path = vmstate.c_str();
     config.memory_path = mem.c_str();
     config.memory = memory;
+    config.start_paused = start_paused;
     struct vm *vm = nullptr;
     struct forkd_error err = {};
     int rc = vm_restore(registry_, &config, &vm, &err);
@@ -78,7 +81,25 @@ std::string EngineTest::VmmState(struct vm *vm)
     return info.state;
 }
 
-static unsigned long long GuestWrites(struct vm *vm)
+unsigned long long EngineTest::VmmPauseCount(struct vm *vm)
+{
+    char *body = nullptr;
+    struct forkd_error err = {};
+    if (vmm_request(vm_client(vm), "GET", "/", nullptr, &body, &err) < 0) {
+        ADD_FAILURE() << "GET /: " << err.message;
+        return 0;
+    }
+    std::string json(body);
+    free(body);
+    size_t at = json.find("\"pause_count\":");
+    if (at == std::string::npos) {
+        ADD_FAILURE() << "no pause_count in " << json;
+        return 0;
+    }
+    return strtoull(json.c_str() + at + strlen("\"pause_count\":"), nullptr, 10);
+}
+
+unsigned long long EngineTest::GuestWrites(struct vm *vm)
 {
     char *body = nullptr;
     struct forkd_error err = {};

@@ -52,7 +52,7 @@ TEST_F(EngineTest, BootPauseFullSnapshotVerifies)
     struct vm_status status;
     vm_get_status(vm, &status);
     EXPECT_EQ(VM_STATE_RUNNING, status.state);
-    EXPECT_EQ(VM_MEMORY_ANONYMOUS, status.memory);
+    EXPECT_EQ(VM_MEMORY_MEMFD, status.memory); // forkd boots VMs on a memfd it owns
     EXPECT_GT(status.vmm_pid, 0);
     EXPECT_STREQ("first", status.name);
 

@@ -43,7 +43,7 @@ def test_boot_branch_spawn_list_delete_stop(forkd):
         name="agent", kernel_image_path=os.environ["FORKD_GUEST"],
         boot_args="pattern=random seed=1", labels={"team": "evals", "run": "7"},
         machine=P.MachineConfig(vcpu_count=2, mem_size_mib=64)), timeout=60)
-    assert vm.state == P.VM_STATE_RUNNING and vm.memory_backend == P.MEMORY_BACKEND_ANONYMOUS
+    assert vm.state == P.VM_STATE_RUNNING and vm.memory_backend == P.MEMORY_BACKEND_MEMFD
     assert dict(stub.GetVm(P.GetVmRequest(vm_id="agent"), timeout=10).labels) == \
         {"team": "evals", "run": "7"}
     assert vm.name == "agent" and vm.vmm_pid > 0

@@ -8,7 +8,8 @@ extern "C" {
 #include "options.h"
 }
 
-namespace {
+namespace
+{
 
 enum options_result Parse(std::vector<std::string> args, struct forkd_options *opts)
 {
@@ -22,7 +23,7 @@ enum options_result Parse(std::vector<std::string> args, struct forkd_options *o
     return options_parse((int)storage.size(), argv.data(), opts);
 }
 
-}  // namespace
+} // namespace
 
 TEST(Options, DefaultsListenOnTheUnixSocket)
 {
@@ -41,9 +42,9 @@ TEST(Options, DefaultsListenOnTheUnixSocket)
 TEST(Options, TimeScaleAndRealTimeFlags)
 {
     struct forkd_options opts;
-    ASSERT_EQ(OPTIONS_RUN, Parse({"--timeout-scale", "12", "--no-realtime",
-                                  "--realtime-max-percent", "20"},
-                                 &opts));
+    ASSERT_EQ(
+        OPTIONS_RUN,
+        Parse({"--timeout-scale", "12", "--no-realtime", "--realtime-max-percent", "20"}, &opts));
     EXPECT_EQ(12u, opts.timeout_scale);
     EXPECT_FALSE(opts.realtime);
     EXPECT_EQ(20u, opts.realtime_max_percent);
@@ -68,6 +69,15 @@ TEST(Options, EveryFlagIsApplied)
     EXPECT_EQ(2048u, opts.max_message_bytes);
     EXPECT_EQ(250u, opts.shutdown_grace_ms);
     EXPECT_EQ(LOG_LEVEL_DEBUG, opts.log_level);
+}
+
+TEST(Options, BootMemoryIsAMemfdUnlessAnonymousIsAskedFor)
+{
+    struct forkd_options opts;
+    ASSERT_EQ(OPTIONS_RUN, Parse({}, &opts));
+    EXPECT_FALSE(opts.anonymous_boot_memory);
+    ASSERT_EQ(OPTIONS_RUN, Parse({"--anonymous-boot-memory"}, &opts));
+    EXPECT_TRUE(opts.anonymous_boot_memory);
 }
 
 TEST(Options, BadValuesAreUsageErrors)

@@ -627,6 +627,48 @@ TEST_F(PageServerTest, PrefetchCopiesTheRecordedHotSetBeforeTheForkRuns)
     page_server_fork_release(later);
 }
 
+// A page already present in the middle of a prefetch run: the kernel copies the pages before
+// it and answers EAGAIN with their count; the prefetch skips the present page and goes on
+// (it used to stop there, leaving the rest of the hot set to faults).
+TEST_F(PageServerTest, PrefetchGoesOnPastAPageAlreadyPresent)
+{
+    struct forkd_error err = {};
+    ASSERT_EQ(0,
+              page_server_template_set_prefetch(server_, "tmpl", memory_path_.c_str(), 2000, &err))
+        << err.message;
+    FakeVmm first({2 << 20}, kPage);
+    struct page_server_fork *recorder = Attach(first, "first.sock");
+    ASSERT_NE(nullptr, recorder);
+    for (uint64_t page : {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19})
+        ASSERT_TRUE(Touch(first, first.Region(0) + page * kPage));
+    EXPECT_EQ(20u, Settled(recorder, 20).faults_served);
+    struct page_server_template_info info = {};
+    ASSERT_TRUE(WaitFor(
+        [&] {
+            page_server_template_describe(server_, "tmpl", &info);
+            return info.hot_set_ready;
+        },
+        10000));
+
+    FakeVmm second({2 << 20}, kPage);
+    // Page 5 is there before the prefetch (as if the guest had touched it already).
+    struct uffdio_zeropage zero = {};
+    zero.range.start = reinterpret_cast<uint64_t>(second.Region(0)) + 5 * kPage;
+    zero.range.len = kPage;
+    ASSERT_EQ(0, ioctl(second.uffd(), UFFDIO_ZEROPAGE, &zero)) << strerror(errno);
+    struct page_server_fork *later = Attach(second, "second.sock");
+    ASSERT_NE(nullptr, later);
+    // The two 64 KiB chunks [0, 32) but page 5.
+    EXPECT_EQ(31u, Stats(later).pages_prefetched);
+    for (uint64_t page : {4, 6, 19, 31}) {
+        ASSERT_TRUE(Touch(second, second.Region(0) + page * kPage));
+        EXPECT_TRUE(PageMatches(second.Region(0) + page * kPage, page * kPage, kPage));
+    }
+    EXPECT_EQ(0u, Stats(later).faults_served) << "pages after the present one were prefetched";
+    page_server_fork_release(recorder);
+    page_server_fork_release(later);
+}
+
 TEST_F(PageServerTest, ForksOutliveTheServerForTheirFigures)
 {
     FakeVmm vmm({1 << 20}, kPage);

@@ -21,9 +21,13 @@ extern "C" {
 #include <forkd_compat/userfaultfd.h>
 }
 
-class Probe : public ::testing::Test {
+class Probe : public ::testing::Test
+{
   protected:
-    static void SetUpTestSuite() { probe_host(&caps_); }
+    static void SetUpTestSuite()
+    {
+        probe_host(&caps_);
+    }
     static struct probe_host_caps caps_;
 };
 struct probe_host_caps Probe::caps_;
@@ -76,8 +80,12 @@ TEST_F(Probe, WriteProtectWorksOnAnonymousAndShmem)
     EXPECT_TRUE(caps_.uffd_wp_anonymous) << caps_.uffd_error;
     EXPECT_TRUE(caps_.uffd_wp_shmem) << caps_.uffd_error;
     EXPECT_EQ((caps_.uffd_features & UFFD_FEATURE_WP_UNPOPULATED) != 0, caps_.uffd_wp_unpopulated);
-    // Write-protect works here, so a live branch is possible exactly where KVM is.
+    // Write-protect works here, so a live branch is possible exactly where KVM is; of
+    // anonymous memory, only where never-touched pages can be protected too.
     EXPECT_EQ(caps_.kvm_usable, probe_live_branch_supported(&caps_));
+    EXPECT_EQ(caps_.kvm_usable && caps_.uffd_wp_unpopulated,
+              probe_live_branch_anonymous_supported(&caps_));
+    EXPECT_EQ(caps_.uffd_wp_unpopulated, probe_wp_unpopulated());
 }
 
 TEST_F(Probe, UnprivilegedSettingMatchesProc)
@@ -97,8 +105,20 @@ TEST_F(Probe, LiveBranchNeedsEveryPart)
     caps.uffd_wp_shmem = false;
     EXPECT_FALSE(probe_live_branch_supported(&caps));
     caps = caps_;
+    caps.uffd_wp_unpopulated = false;
+    EXPECT_FALSE(probe_live_branch_anonymous_supported(&caps));
+}
+
+TEST_F(Probe, AnonymousMemoryIsNotNeededForLiveBranchesOfMemfdVms)
+{
+    // forkd boots every VM on a memfd: shmem write-protect is what LIVE needs.
+    struct probe_host_caps caps = caps_;
+    caps.kvm_usable = true;
+    caps.uffd_wp_shmem = true;
     caps.uffd_wp_anonymous = false;
-    EXPECT_FALSE(probe_live_branch_supported(&caps));
+    caps.uffd_wp_unpopulated = false;
+    EXPECT_TRUE(probe_live_branch_supported(&caps));
+    EXPECT_FALSE(probe_live_branch_anonymous_supported(&caps));
 }
 
 TEST(ProbeOpen, UserfaultfdOpensAndNegotiates)

@@ -563,6 +563,59 @@ TEST_F(UffdSocketTest, ReceivesFdRegionsAndPeer)
     EXPECT_EQ(CountOpenFds(), before);
 }
 
+// The handshake is taken from the expected process only: an earlier connection of another
+// process is hung up on unread, and the wait goes on for the right one.
+TEST_F(UffdSocketTest, HandshakeIsTakenFromTheExpectedProcessOnly)
+{
+    Fd uffd(OpenUffd(0));
+    ASSERT_GE(uffd.get(), 0);
+    Fd impostor(Connect());
+    ASSERT_GT(SendRaw(impostor.get(), kOneRegion, {uffd.get()}), 0);
+    int hold[2];
+    ASSERT_EQ(0, pipe2(hold, O_CLOEXEC));
+    struct sockaddr_un addr = {};
+    addr.sun_family = AF_UNIX;
+    snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path_.c_str());
+    pid_t child = fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) { // the VMM: connect, send, keep the connection until told
+        close(hold[1]);
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0 ||
+            SendRaw(fd, kOneRegion, {uffd.get()}) <= 0)
+            _exit(1);
+        char byte;
+        while (read(hold[0], &byte, 1) < 0 && errno == EINTR)
+            ;
+        _exit(0);
+    }
+    close(hold[0]);
+    error_ = {};
+    int rc = uffd_accept_handshake_from(listen_.get(), kDeadlineMs, child, &handshake_, &error_);
+    EXPECT_EQ(0, rc) << Message();
+    EXPECT_EQ(child, handshake_.peer_pid);
+    char byte;
+    ssize_t n = recv(impostor.get(), &byte, 1, 0); // EOF, or a reset: its bytes went unread
+    EXPECT_TRUE(n == 0 || (n < 0 && errno == ECONNRESET)) << "the impostor was not hung up on";
+    close(hold[1]);
+    int status = 0;
+    ASSERT_EQ(child, waitpid(child, &status, 0));
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+TEST_F(UffdSocketTest, OnlyOtherProcessesInTimeIsRefusedNamingThem)
+{
+    Fd uffd(OpenUffd(0));
+    ASSERT_GE(uffd.get(), 0);
+    Fd impostor(Connect());
+    ASSERT_GT(SendRaw(impostor.get(), kOneRegion, {uffd.get()}), 0);
+    error_ = {};
+    int rc = uffd_accept_handshake_from(listen_.get(), 200, getppid(), &handshake_, &error_);
+    EXPECT_EQ(-EPERM, rc);
+    EXPECT_NE(std::string::npos, Message().find("pid " + std::to_string(getpid()))) << Message();
+    EXPECT_EQ(-1, handshake_.uffd);
+}
+
 TEST_F(UffdSocketTest, ObjectFormOverSocket)
 {
     Fd uffd(OpenUffd(0));

@@ -250,8 +250,9 @@ static int handle_machine_config(struct vmm *vmm, const char *resource_id, const
         {"mem_size_mib", FIELD_UNSIGNED, true},
         {"smt", FIELD_BOOL, false},
         {"track_dirty_pages", FIELD_BOOL, false},
+        {"mem_backend_path", FIELD_STRING, false},
     };
-    int r = check_fields(body, "machine-config", specs, 4, err, err_size);
+    int r = check_fields(body, "machine-config", specs, 5, err, err_size);
 
     (void)response;
     if (r == 0)
@@ -267,6 +268,11 @@ static int handle_machine_config(struct vmm *vmm, const char *resource_id, const
                          MAX_MEM_SIZE_MIB);
     if (bool_field(body, "smt", false))
         return error_set(err, err_size, EINVAL, "smt is not supported");
+    const char *backend_path = string_field(body, "mem_backend_path");
+    if (backend_path && (!*backend_path || strlen(backend_path) >= sizeof(vmm->boot_memory_path)))
+        return error_set(err, err_size, EINVAL, "mem_backend_path must be a path");
+    snprintf(vmm->boot_memory_path, sizeof(vmm->boot_memory_path), "%s",
+             backend_path ? backend_path : "");
     vmm->vcpu_count = (uint32_t)vcpus;
     vmm->mem_size_mib = (uint32_t)mib;
     vmm->machine_configured = true;
@@ -346,12 +352,20 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
 
     r = guest_memory_plan(&vmm->memory, (uint64_t)vmm->mem_size_mib << 20,
                           (uint64_t)vmm->mmio_gap_mib << 20, err, err_size);
-    if (r == 0)
+    /* A memory file given at machine-config (a memfd as /proc/<pid>/fd/<n>) is guest memory
+     * from the first instruction, mapped shared as a restore with shared: true maps it. */
+    if (r == 0 && vmm->boot_memory_path[0])
+        r = guest_memory_map_file(&vmm->memory, vmm->boot_memory_path, true, err, err_size);
+    else if (r == 0)
         r = guest_memory_map_anonymous(&vmm->memory, err, err_size);
     if (r < 0)
         return r;
-    /* Resident and non-zero from the start, so untouched pages are recognisable later. */
-    guest_memory_fill_boot_pattern(&vmm->memory);
+    /* Sparse by default, as Firecracker leaves it: a page the guest never touches is never
+     * populated (an empty page-table entry, or a hole in the memfd) and reads as zeros. The
+     * fill makes every page resident and non-zero from the start. */
+    vmm->boot_filled = vmm->fill_boot_memory;
+    if (vmm->boot_filled)
+        guest_memory_fill_boot_pattern(&vmm->memory);
     r = kvm_vm_create(&vmm->vm, &vmm->memory, vmm->vcpu_count, err, err_size);
     vmm->vm_created = true;
     if (r == 0)
@@ -400,6 +414,12 @@ static int handle_actions(struct vmm *vmm, const char *resource_id, const cJSON 
 
 static int pause_machine(struct vmm *vmm, char *err, size_t err_size)
 {
+    if (vmm->pause_delay_ms) {
+        struct timespec delay = {.tv_sec = vmm->pause_delay_ms / 1000,
+                                 .tv_nsec = (long)(vmm->pause_delay_ms % 1000) * 1000000L};
+        while (nanosleep(&delay, &delay) < 0 && errno == EINTR)
+            ;
+    }
     uint64_t start = monotonic_ns();
     int r = kvm_vm_pause(&vmm->vm, vmm->pause_timeout_ms, err, err_size);
 
@@ -456,6 +476,7 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
     state->loop_start = vmm->loop_start;
     state->loop_end = vmm->loop_end;
     state->guest_config = vmm->guest_config;
+    state->boot_filled = vmm->boot_filled;
     for (unsigned i = 0; i < vmm->memory.region_count; i++) {
         state->regions[i] = vmm->memory.regions[i];
         state->regions[i].host = NULL;
@@ -465,6 +486,24 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
         if (r < 0)
             return r;
     }
+    return 0;
+}
+
+/* Writes guest memory during the save, as Firecracker's device drain does: the device page's
+ * count of saves goes up by one, and the vmstate records the new count. A page the guest or a
+ * fresh boot left without the device magic starts from zero. */
+static int save_device_page(struct vmm *vmm, struct vmstate *state, char *err, size_t err_size)
+{
+    struct guest_device_page *page =
+        guest_memory_host_address(&vmm->memory, GUEST_DEVICE_GPA, sizeof(*page));
+    if (!page)
+        return error_set(err, err_size, EINVAL, "the device page 0x%llx is not guest memory",
+                         (unsigned long long)GUEST_DEVICE_GPA);
+    volatile struct guest_device_page *device = page;
+    uint64_t saves = device->magic == GUEST_DEVICE_MAGIC ? device->saves : 0;
+    device->magic = GUEST_DEVICE_MAGIC;
+    device->saves = saves + 1;
+    state->device_saves = saves + 1;
     return 0;
 }
 
@@ -499,6 +538,8 @@ static int handle_snapshot_create(struct vmm *vmm, const char *resource_id, cons
     if (!state)
         return error_set(err, err_size, ENOMEM, "out of memory");
     r = collect_vmstate(vmm, state, err, err_size);
+    if (r == 0)
+        r = save_device_page(vmm, state, err, err_size);
     /* VmstateOnly never opens mem_file_path: forkd passes a path that must not be created. */
     if (r == 0 && full)
         r = guest_memory_write_file(&vmm->memory, string_field(body, "mem_file_path"), err,
@@ -609,6 +650,7 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     vmm->mem_size_mib = state->mem_size_mib;
     vmm->mmio_gap_mib = state->mmio_gap_mib;
     vmm->guest_config = state->guest_config;
+    vmm->boot_filled = state->boot_filled;
     vmm->increment_window = state->increment_window;
     vmm->loop_start = state->loop_start;
     vmm->loop_end = state->loop_end;

@@ -34,6 +34,11 @@ struct vmm {
     char id[64];
     uint32_t mmio_gap_mib;
     unsigned pause_timeout_ms;
+    /* A slow VMM: a pause request is held this long before the vCPUs are stopped, and then
+     * completes (answered late), as a busy Firecracker may do past its client's limit. */
+    unsigned pause_delay_ms;
+    bool fill_boot_memory; /* --boot-memory fill: write the boot pattern everywhere at boot */
+    bool boot_filled;      /* this guest's memory was filled at boot (carried by snapshots) */
 
     enum vmm_state state;
     bool machine_configured;
@@ -41,6 +46,7 @@ struct vmm {
     uint32_t vcpu_count;
     uint32_t mem_size_mib;
     char kernel_image_path[PATH_MAX];
+    char boot_memory_path[PATH_MAX]; /* machine-config mem_backend_path; empty: anonymous */
     struct workload workload;
     struct vmm_drive drives[VMM_MAX_DRIVES]; /* recorded, not attached: the guest has no disks */
     unsigned drive_count;

@@ -24,7 +24,8 @@
 #define GUEST_PML4_GPA        0x3000ull
 #define GUEST_PDPT_GPA        0x4000ull
 #define GUEST_PD_GPA          0x8000ull
-#define GUEST_PD_COUNT        16ull /* maps guest-physical [0, 16 GiB) */
+#define GUEST_DEVICE_GPA      0x5000ull /* the VMM's device page (struct guest_device_page) */
+#define GUEST_PD_COUNT        16ull     /* maps guest-physical [0, 16 GiB) */
 #define GUEST_IMAGE_GPA       0x20000ull
 #define GUEST_IMAGE_MAX       0x20000ull
 #define GUEST_STACKS_GPA      0x40000ull
@@ -98,8 +99,8 @@ struct guest_config {
 /*
  * Each working-set page holds one 8-byte counter per vCPU at offset GUEST_COUNTER_STRIDE * vcpu
  * (a cache line each, so vCPUs writing the same page do not bounce one line between them).
- * Counters start at the boot pattern, so a counter's value is
- * (word - guest_boot_pattern(word's gpa)) and an untouched page is all pattern.
+ * Counters start at what boot left (the pattern of a filled boot, or zero in sparse memory), so
+ * a counter's value is (word - that) and an untouched page is all pattern, or all zeros.
  */
 #define GUEST_COUNTER_STRIDE 64u
 _Static_assert(GUEST_COUNTER_STRIDE *GUEST_MAX_VCPUS <= GUEST_PAGE_SIZE, "counters fit a page");
@@ -119,5 +120,17 @@ static inline uint64_t guest_page_gpa(const struct guest_config *config, uint64_
     }
     return 0;
 }
+
+/*
+ * The device page: what the VMM writes into guest memory while it saves a snapshot, as
+ * Firecracker does (block completions into guest buffers and rings, the vsock reset). Every
+ * snapshot/create bumps `saves` here before it records the vmstate, which holds the same value:
+ * a snapshot whose memory misses the VMM's writes during the save fails the verifier.
+ */
+#define GUEST_DEVICE_MAGIC 0x31564544544b4446ull /* "FDKTDEV1" */
+struct guest_device_page {
+    uint64_t magic;
+    uint64_t saves;
+};
 
 #endif

@@ -21,7 +21,8 @@
 static void usage(FILE *out)
 {
     fprintf(out, "usage: forkd-testvm --api-sock PATH [--id ID] [--mmio-gap-mib N] "
-                 "[--pause-timeout-ms N]\n"
+                 "[--pause-timeout-ms N] [--pause-delay-ms N]\n"
+                 "                    [--boot-memory sparse|fill]\n"
                  "       forkd-testvm verify SNAPSHOT_DIR\n"
                  "       forkd-testvm verify --vmstate PATH --mem PATH\n"
                  "       forkd-testvm --version\n");
@@ -73,7 +74,19 @@ struct options {
     const char *id;
     unsigned mmio_gap_mib;
     unsigned pause_timeout_ms;
+    unsigned pause_delay_ms;
+    bool fill_boot_memory;
 };
+
+static int parse_boot_memory(const char *value, bool *fill)
+{
+    if (strcmp(value, "sparse") != 0 && strcmp(value, "fill") != 0) {
+        fprintf(stderr, "forkd-testvm: --boot-memory is sparse or fill, not '%s'\n", value);
+        return -EINVAL;
+    }
+    *fill = strcmp(value, "fill") == 0;
+    return 0;
+}
 
 static int parse_options(int argc, char **argv, struct options *options)
 {
@@ -96,6 +109,10 @@ static int parse_options(int argc, char **argv, struct options *options)
             r = parse_unsigned(flag, value, &options->mmio_gap_mib);
         else if (strcmp(flag, "--pause-timeout-ms") == 0)
             r = parse_unsigned(flag, value, &options->pause_timeout_ms);
+        else if (strcmp(flag, "--pause-delay-ms") == 0)
+            r = parse_unsigned(flag, value, &options->pause_delay_ms);
+        else if (strcmp(flag, "--boot-memory") == 0)
+            r = parse_boot_memory(value, &options->fill_boot_memory);
         else {
             fprintf(stderr, "forkd-testvm: unknown option '%s'\n", flag);
             r = -EINVAL;
@@ -151,6 +168,8 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     raise_api_thread_priority();
     vmm_init(&vmm, options.id, options.mmio_gap_mib, options.pause_timeout_ms);
+    vmm.pause_delay_ms = options.pause_delay_ms;
+    vmm.fill_boot_memory = options.fill_boot_memory;
     int r = server_run(&vmm, options.socket_path, err, sizeof(err));
     fprintf(stderr, "forkd-testvm: %s\n", err);
     return r < 0 ? 1 : 0;

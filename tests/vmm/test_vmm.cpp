@@ -576,6 +576,66 @@ TEST_F(VmmTest, TornSnapshotFailsVerification)
     EXPECT_NE(leading.err.find("inconsistent"), std::string::npos) << leading.err;
 }
 
+// The VMM writes guest memory while it saves (the device page, as Firecracker drains devices):
+// memory that misses those writes fails, even with the guest stopped all along.
+TEST_F(VmmTest, MemoryMissingTheWritesOfTheSaveFailsVerification)
+{
+    std::string first = snapshot_path(dir_, "first"), second = snapshot_path(dir_, "second");
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(vmm, 1, "pattern=random seed=5", first));
+    expect_consistent(verify_dir(first), 1);
+    // Still paused: the guest wrote nothing since, only the second save's device write differs.
+    ASSERT_NO_FATAL_FAILURE(vmm.snapshot(second + "/vmstate", "/dev/null/never", "VmstateOnly"));
+    auto missed = run_verify({"--vmstate", second + "/vmstate", "--mem", first + "/memory.bin"});
+    EXPECT_EQ(missed.exit_code, 1) << missed.out;
+    EXPECT_NE(missed.err.find("device page"), std::string::npos) << missed.err;
+    ASSERT_NO_FATAL_FAILURE(vmm.snapshot(second + "/vmstate", second + "/memory.bin"));
+    expect_consistent(verify_dir(second), 1);
+}
+
+// The word a filled boot writes at gpa (guest_boot_pattern in guest_layout.h, a C header).
+static uint64_t boot_pattern(uint64_t gpa)
+{
+    return 0xF0CD000000000000ull | gpa;
+}
+
+// Overwrites the 8-byte word at offset in a file.
+static void poke_word(const std::string &path, off_t offset, uint64_t value)
+{
+    int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(pwrite(fd, &value, sizeof(value), offset), (ssize_t)sizeof(value));
+    close(fd);
+}
+
+// Boot memory is sparse by default (a page the guest never wrote reads as zeros): the verifier
+// accepts zeros there and nothing else, not even the pattern of a filled boot.
+TEST_F(VmmTest, SparseBootMemoryVerifiesAndOnlyZerosAreAcceptedUntouched)
+{
+    std::string snap = snapshot_path(dir_, "sparse");
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(vmm, 2, "pages=300 pattern=random seed=12", snap));
+    expect_consistent(verify_dir(snap), 2);
+    const off_t untouched = 32 << 20; // far beyond the 300-page working set
+    ASSERT_NO_FATAL_FAILURE(poke_word(snap + "/memory.bin", untouched, boot_pattern(untouched)));
+    auto result = verify_dir(snap);
+    EXPECT_EQ(result.exit_code, 1) << result.out;
+    EXPECT_NE(result.err.find("sparse memory"), std::string::npos) << result.err;
+}
+
+// --boot-memory fill keeps the filled boot: there a zeroed page is damage, not sparseness.
+TEST_F(VmmTest, FilledBootMemoryRejectsAZeroedPage)
+{
+    std::string snap = snapshot_path(dir_, "filled");
+    TestVmm vmm(dir_.path(), {"--boot-memory", "fill"});
+    ASSERT_NO_FATAL_FAILURE(boot_run_snapshot(vmm, 1, "pages=300 pattern=random seed=13", snap));
+    expect_consistent(verify_dir(snap), 1);
+    ASSERT_NO_FATAL_FAILURE(poke_word(snap + "/memory.bin", 32 << 20, 0));
+    auto result = verify_dir(snap);
+    EXPECT_EQ(result.exit_code, 1) << result.out;
+    EXPECT_NE(result.err.find("boot pattern"), std::string::npos) << result.err;
+}
+
 TEST_F(VmmTest, VerifierRejectsDamagedFiles)
 {
     std::string snap = snapshot_path(dir_, "snap");

@@ -73,15 +73,27 @@ static int check_config(const struct vmstate *state, const struct memory_image *
     return 0;
 }
 
-/* Adds this page's counters to sums; every word that is not a vCPU's counter must be the
- * pattern. */
+/* What boot left in the word at gpa: the pattern if boot memory was filled, else zero (a sparse
+ * guest's pages are empty until it writes them). */
+static uint64_t boot_word(const struct vmstate *state, uint64_t gpa)
+{
+    return state->boot_filled ? guest_boot_pattern(gpa) : 0;
+}
+
+static const char *boot_contents(const struct vmstate *state)
+{
+    return state->boot_filled ? "" : " of sparse memory (zero)";
+}
+
+/* Adds this page's counters to sums; every word that is not a vCPU's counter must be what boot
+ * left there. */
 static int check_working_page(const struct vmstate *state, const uint64_t *words, uint64_t gpa,
                               uint64_t *sums, char *err, size_t err_size)
 {
     const uint64_t stride = GUEST_COUNTER_STRIDE / 8;
 
     for (uint32_t v = 0; v < state->vcpu_count; v++) {
-        uint64_t count = words[v * stride] - guest_boot_pattern(gpa + GUEST_COUNTER_STRIDE * v);
+        uint64_t count = words[v * stride] - boot_word(state, gpa + GUEST_COUNTER_STRIDE * v);
         if (count > vmstate_vcpu_total(state, v) + 1)
             return error_set(err, err_size, EBADMSG,
                              "page 0x%" PRIx64 ": vCPU %u counter is %" PRIu64
@@ -91,22 +103,43 @@ static int check_working_page(const struct vmstate *state, const uint64_t *words
     }
     for (uint64_t w = 0; w < GUEST_PAGE_SIZE / 8; w++)
         if ((w % stride != 0 || w / stride >= state->vcpu_count) &&
-            words[w] != guest_boot_pattern(gpa + 8 * w))
+            words[w] != boot_word(state, gpa + 8 * w))
             return error_set(err, err_size, EBADMSG,
                              "page 0x%" PRIx64 " word %" PRIu64 " is 0x%" PRIx64
-                             ", not the boot pattern",
-                             gpa, w, words[w]);
+                             ", not the boot pattern%s",
+                             gpa, w, words[w], boot_contents(state));
     return 0;
 }
 
-static int check_untouched_page(const uint64_t *words, uint64_t gpa, char *err, size_t err_size)
+static int check_untouched_page(const struct vmstate *state, const uint64_t *words, uint64_t gpa,
+                                char *err, size_t err_size)
 {
     for (uint64_t w = 0; w < GUEST_PAGE_SIZE / 8; w++)
-        if (words[w] != guest_boot_pattern(gpa + 8 * w))
+        if (words[w] != boot_word(state, gpa + 8 * w))
             return error_set(err, err_size, EBADMSG,
                              "page 0x%" PRIx64 " is outside the working set but word %" PRIu64
-                             " is 0x%" PRIx64 ", not the boot pattern",
-                             gpa, w, words[w]);
+                             " is 0x%" PRIx64 ", not the boot pattern%s",
+                             gpa, w, words[w], boot_contents(state));
+    return 0;
+}
+
+/* The VMM writes the device page while it saves (save_device_page in api.c): memory taken
+ * before that write, or restored from elsewhere, shows another count than the vmstate. */
+static int check_device_page(const struct memory_image *image, char *err, size_t err_size)
+{
+    const uint64_t *words = page_words(image, GUEST_DEVICE_GPA);
+    struct guest_device_page page;
+    if (!words)
+        return error_set(err, err_size, EBADMSG, "the device page is outside guest memory");
+    memcpy(&page, words, sizeof(page));
+    if (page.magic != GUEST_DEVICE_MAGIC || page.saves != image->state->device_saves)
+        return error_set(err, err_size, EBADMSG,
+                         "device page: memory holds save %" PRIu64 "%s but the vmstate was "
+                         "recorded at save %" PRIu64 ": memory misses the VMM's writes during "
+                         "the save (inconsistent)",
+                         page.magic == GUEST_DEVICE_MAGIC ? page.saves : 0,
+                         page.magic == GUEST_DEVICE_MAGIC ? "" : " (no device magic)",
+                         image->state->device_saves);
     return 0;
 }
 
@@ -127,7 +160,7 @@ static int scan_pages(const struct memory_image *image, uint64_t *sums, struct v
                 rc = check_working_page(state, words, gpa, sums, err, err_size);
                 out->working_set_pages++;
             } else {
-                rc = check_untouched_page(words, gpa, err, err_size);
+                rc = check_untouched_page(state, words, gpa, err, err_size);
                 out->other_pages++;
             }
             if (rc < 0)
@@ -201,6 +234,9 @@ int verify_snapshot(const char *vmstate_path, const char *memory_path, struct ve
         r = scan_pages(&image, sums, out, err, err_size);
     if (r == 0)
         r = compare_totals(state, sums, out, err, err_size);
+    /* Last: memory that lags or leads the vCPUs is named as such first. */
+    if (r == 0)
+        r = check_device_page(&image, err, err_size);
     munmap((void *)image.data, image.size);
     return r;
 }

@@ -27,7 +27,11 @@ struct vmstate_file_header {
     uint64_t increment_window;
     uint64_t loop_start;
     uint64_t loop_end;
+    uint64_t device_saves;
+    uint64_t flags; /* VMSTATE_FLAG_* */
 };
+
+#define VMSTATE_FLAG_BOOT_FILLED 1ull
 
 struct vmstate_file_region {
     uint64_t guest_phys_addr;
@@ -86,6 +90,8 @@ int vmstate_write(const char *path, const struct vmstate *state, bool sync, char
         .increment_window = state->increment_window,
         .loop_start = state->loop_start,
         .loop_end = state->loop_end,
+        .device_saves = state->device_saves,
+        .flags = state->boot_filled ? VMSTATE_FLAG_BOOT_FILLED : 0,
     };
 
     if (!buffer)
@@ -188,6 +194,8 @@ int vmstate_read(const char *path, struct vmstate *state, char *err, size_t err_
     state->increment_window = header.increment_window;
     state->loop_start = header.loop_start;
     state->loop_end = header.loop_end;
+    state->device_saves = header.device_saves;
+    state->boot_filled = header.flags & VMSTATE_FLAG_BOOT_FILLED;
     const uint8_t *cursor = data + sizeof(header);
     for (uint32_t i = 0; i < header.region_count; i++) {
         struct vmstate_file_region region;

@@ -6,7 +6,9 @@
  * state and TSC.
  *
  * On disk (little-endian, x86-64 only):
- *   struct vmstate_file_header                      magic "FKDVMST\0", version, counts
+ *   struct vmstate_file_header                      magic "FKDVMST\0", version, counts,
+ *                                                   the device page's count of saves, flags
+ *                                                   (bit 0: boot memory filled, else sparse)
  *   struct vmstate_file_region   x region_count
  *   struct guest_config                              as written into guest memory at boot
  *   struct vmstate_file_vcpu     x vcpu_count        kvm_regs, kvm_sregs, kvm_fpu, tsc
@@ -27,7 +29,7 @@
 #include "guest_memory.h"
 
 #define VMSTATE_MAGIC   "FKDVMST"
-#define VMSTATE_VERSION 1u
+#define VMSTATE_VERSION 2u
 
 struct vcpu_state {
     struct kvm_regs regs;
@@ -44,6 +46,8 @@ struct vmstate {
     uint64_t increment_window; /* guest RIP between the counter and the total increments */
     uint64_t loop_start;       /* [loop_start, loop_end): the guest's counting loop */
     uint64_t loop_end;
+    uint64_t device_saves; /* the device page's count of saves, written during this save */
+    bool boot_filled;      /* boot memory was filled with the pattern; else sparse (zeros) */
     struct memory_region regions[GUEST_MEMORY_MAX_REGIONS]; /* host pointers not stored */
     struct guest_config guest_config;
     struct vcpu_state vcpus[GUEST_MAX_VCPUS];

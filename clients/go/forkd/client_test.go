@@ -136,7 +136,7 @@ func TestBootBranchSpawnListDelete(t *testing.T) {
 		t.Fatalf("info: %v, %v", info, err)
 	}
 	vm := boot(t, c, "agent", 64)
-	if vm.State != forkdv1.VmState_VM_STATE_RUNNING || vm.MemoryBackend != forkdv1.MemoryBackend_MEMORY_BACKEND_ANONYMOUS {
+	if vm.State != forkdv1.VmState_VM_STATE_RUNNING || vm.MemoryBackend != forkdv1.MemoryBackend_MEMORY_BACKEND_MEMFD {
 		t.Fatalf("booted VM: %v", vm)
 	}
 

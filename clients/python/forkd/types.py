@@ -31,7 +31,7 @@ class VmState(enum.IntEnum):
 class MemoryBackend(enum.IntEnum):
     """Where a VM's guest memory lives; it decides which branch modes the VM supports."""
     UNSPECIFIED = 0
-    ANONYMOUS = 1  # a freshly booted VM: LIVE and FULL
+    ANONYMOUS = 1  # the VMM's own memory: LIVE needs kernel 6.4+, FULL
     FILE = 2       # private map of memory.bin: densest to spawn, FULL only
     MEMFD = 3      # forkd-owned memfd: LIVE and FULL
     UFFD = 4       # filled lazily by the page server: FULL only

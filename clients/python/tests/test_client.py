@@ -51,7 +51,7 @@ def test_boot_branch_spawn_list_delete(daemon: Daemon, client: forkd.Client) -> 
                      boot_args="pattern=random seed=1")
     assert isinstance(vm, forkd.Vm) and vm.name == "agent"
     assert vm.state == forkd.VmState.RUNNING
-    assert vm.memory_backend == forkd.MemoryBackend.ANONYMOUS
+    assert vm.memory_backend == forkd.MemoryBackend.MEMFD
 
     branch = client.branch(vm, "base", progress_interval=0.005, labels={"step": "1"})
     events = []

@@ -133,7 +133,7 @@ def test_json_end_to_end(daemon: Daemon) -> None:
     vm = forkctl_json(daemon, "boot", daemon.guest, "--name", "agent", "--mem", "64",
                       "--vcpus", "2", "--boot-args", "pattern=random")
     assert vm["name"] == "agent" and vm["state"] == "RUNNING"
-    assert vm["memory_backend"] == "ANONYMOUS" and vm["machine"]["mem_size_mib"] == 64
+    assert vm["memory_backend"] == "MEMFD" and vm["machine"]["mem_size_mib"] == 64
 
     events = forkctl_events(daemon, "branch", "agent", "base", "--label", "k=v")
     assert folded(events) == LIVE_PHASES

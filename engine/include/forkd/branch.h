@@ -12,8 +12,9 @@
  * LIVE_ARM_IN_PAUSE: the same with all arming inside the pause (the benchmark's baseline).
  * FULL: stop-and-copy: pause, the VMM writes a Full snapshot, resume. Works on any VM.
  *
- * Any failure or cancellation leaves the VM running and unprotected, the userfaultfd closed
- * and no snapshot (the store's temporary directory removed).
+ * Any failure or honoured cancellation leaves the VM in the state the branch found (running, or
+ * paused if it was paused) and unprotected, the userfaultfd closed and no snapshot (the store's
+ * temporary directory removed). A cancel after the point of no return (publishing) is refused.
  */
 #ifndef FORKD_BRANCH_H
 #define FORKD_BRANCH_H
@@ -75,6 +76,8 @@ struct branch_request {
     bool count_page_writes;
     /* Tests: called inside the pause, after the VMM saved the vmstate, before the resume. */
     void (*inside_pause_hook)(void *context);
+    /* Tests: called when the copy is complete, just before the point of no return. */
+    void (*before_commit_hook)(void *context);
 };
 
 struct branch;
@@ -90,8 +93,13 @@ void branch_free(struct branch *branch);
 int branch_run(struct branch *branch, struct store *store, const struct branch_request *request,
                struct store_snapshot *out, struct forkd_error *err);
 
-/* Asks a running branch to stop; it aborts at its next step and branch_run returns -ECANCELED. */
-void branch_cancel(struct branch *branch);
+/* Asks a branch to stop. A branch can be cancelled until its point of no return: the moment it
+ * commits to publishing its snapshot, after the copy is complete and just before the PUBLISHING
+ * phase. Before it, the cancel is honoured: the branch aborts at its next step, branch_run
+ * returns -ECANCELED, the VM is back in the state the branch found and the store holds nothing
+ * of it; returns true (also when it was already cancelled). After it, the cancel is refused:
+ * returns false and the branch goes on to publish (or fails for another reason). */
+bool branch_cancel(struct branch *branch);
 void branch_get_progress(struct branch *branch, struct branch_progress *out);
 
 /* With count_page_writes: after branch_run, the number of writes of each page of memory.bin

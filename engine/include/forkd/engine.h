@@ -34,6 +34,9 @@ struct engine_config {
     int handshake_timeout_ms; /* page server; 0: its default */
     /* Every time limit on a VMM is multiplied by this (slow or emulated hosts); 0 means 1. */
     unsigned timeout_scale;
+    /* Boot VMs on the VMM's own anonymous memory instead of a memfd forkd owns (a VMM without
+     * the machine-config memory file). */
+    bool anonymous_boot_memory;
     /* Non-NULL: this host cannot run VMs, for this reason; Boot and Spawn then refuse with
      * -ENODEV before launching anything. */
     const char *kvm_unusable_reason;

@@ -34,8 +34,17 @@ struct probe_host_caps {
  * kvm_error / uffd_error. */
 void probe_host(struct probe_host_caps *caps);
 
-/* KVM usable and write-protect works on both anonymous and shmem memory. */
+/* LIVE branches of the VMs forkd boots and of MEMFD forks: KVM usable and write-protect works
+ * on shmem (memfd) memory, which forkd boots every VM on by default. */
 bool probe_live_branch_supported(const struct probe_host_caps *caps);
+/* LIVE branches of anonymous guest memory too: write-protect must also cover pages the guest
+ * never touched, which needs UFFD_FEATURE_WP_UNPOPULATED (kernel 6.4+); without it a write to
+ * such a page after the pause does not trap and the snapshot would be torn. */
+bool probe_live_branch_anonymous_supported(const struct probe_host_caps *caps);
+
+/* Whether this kernel offers write-protect of never-touched anonymous pages
+ * (UFFD_FEATURE_WP_UNPOPULATED with PAGEFAULT_FLAG_WP). Probed once per process. */
+bool probe_wp_unpopulated(void);
 
 /* Opens a userfaultfd for the calling process (syscall, falling back to /dev/userfaultfd when
  * the syscall is refused for lack of privilege). flags: O_CLOEXEC | O_NONBLOCK, optionally

@@ -31,7 +31,7 @@ extern "C" {
 
 /* Values match the proto's MemoryBackend and VmState. */
 enum vm_memory {
-    VM_MEMORY_ANONYMOUS = 1, /* booted: the VMM's private anonymous memory */
+    VM_MEMORY_ANONYMOUS = 1, /* booted on request: the VMM's private anonymous memory */
     VM_MEMORY_FILE = 2,      /* MAP_PRIVATE of memory.bin */
     VM_MEMORY_MEMFD = 3,     /* a memfd owned by forkd, shared with the VMM */
     VM_MEMORY_UFFD = 4,      /* filled lazily by the page server */
@@ -60,9 +60,11 @@ struct vm_registry;
 struct vmm_client; /* the engine's VMM API client (internal) */
 
 struct vm_registry_config {
-    const char *vmm_binary;    /* path, or a name looked up in PATH */
-    const char *run_dir;       /* VMM sockets and logs go here; created if missing */
-    unsigned start_timeout_ms; /* VMM socket must answer within this; 0 means 10000 */
+    const char *vmm_binary;     /* path, or a name looked up in PATH */
+    const char *run_dir;        /* VMM sockets and logs go here; created if missing */
+    unsigned start_timeout_ms;  /* VMM socket must answer within this; 0 means 10000 */
+    unsigned call_timeout_ms;   /* limit of an ordinary VMM API call; 0 means 10000 */
+    enum vm_memory boot_memory; /* a boot's memory when its config names none; 0: MEMFD */
     /* Every time limit on a VMM (start, API calls, slow calls) is multiplied by this: a slow or
      * emulated host is slow, not broken. 0 means 1. */
     unsigned timeout_scale;
@@ -77,6 +79,12 @@ struct vm_boot_config {
     uint64_t mem_size_mib;
     const char *kernel_image_path;
     const char *boot_args;
+    /* MEMFD (the registry's default when 0): guest memory is a memfd forkd owns, shared with the
+     * VMM from the first instruction (machine-config mem_backend_path), so the VM is
+     * live-branchable on any kernel with shmem write-protect. ANONYMOUS: the VMM's own private
+     * memory, live-branchable only where the kernel write-protects never-touched anonymous pages
+     * (6.4+). */
+    enum vm_memory memory;
     /* NULL-terminated, appended to the VMM's argv; may be NULL */
     const char *const *extra_vmm_args;
     const struct vm_label *labels;
@@ -126,8 +134,8 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
                      struct forkd_error *err);
 /* What an earlier forkd left in the run directory. */
 struct vm_stale_report {
-    unsigned killed; /* VMMs of a forkd that died without stopping them: killed now */
-    unsigned kept;   /* VMMs left running on purpose (keep_vms): left alone, not managed */
+    unsigned killed;  /* VMMs of a forkd that died without stopping them: killed now */
+    unsigned kept;    /* VMMs left running on purpose (keep_vms): left alone, not managed */
     unsigned foreign; /* processes on a VM socket not proven to be a VMM forkd started: spared */
 };
 
@@ -212,6 +220,12 @@ int vm_pause(struct vm *vm, struct forkd_error *err);
 /* Resumes the guest (PATCH /vm Resumed) and records RUNNING. Accepts PAUSED and RUNNING;
  * -EBADFD naming the state otherwise, like vm_pause. */
 int vm_resume(struct vm *vm, struct forkd_error *err);
+
+/* Any state: the state forkd last recorded (RUNNING or PAUSED for a live VM). */
+enum vm_state vm_recorded_state(struct vm *vm);
+/* RUNNING or PAUSED: asks the VMM for its state (GET /, allowing for a VMM still busy with a
+ * call that timed out), records it and returns it in *out (RUNNING or PAUSED). */
+int vm_query_state(struct vm *vm, enum vm_state *out, struct forkd_error *err);
 
 /* One branch per VM: true if none was running (branch_id recorded), false otherwise. Any
  * state: it only records the branch; the branch checks that the VMM is alive first and pauses
