@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <systemd/sd-daemon.h>
 #include <time.h>
 
 /* Refuses a directory that someone other than forkd's user could change: whoever can write
@@ -266,7 +267,11 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
     }
     log_info("forkd %s listening on %s (state dir %s, vmm %s)", FORKD_VERSION, opts->listen,
              opts->state_dir, opts->vmm_binary);
+    /* Ready only now: the VMs of an earlier forkd are adopted and calls are answered. Outside
+     * systemd (no NOTIFY_SOCKET) this does nothing. */
+    sd_notifyf(0, "READY=1\nSTATUS=listening on %s", opts->listen);
     int signal_number = main_wait_for_stop_signal(stop_signals);
+    sd_notify(0, "STOPPING=1");
     log_info("%s received: shutting down (grace %u ms)",
              signal_number > 0 ? strsignal(signal_number) : "error", opts->shutdown_grace_ms);
     main_shutdown(server, daemon);
