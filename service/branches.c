@@ -198,7 +198,7 @@ static struct branch_job *branches_find(struct branch_table *table, const char *
     return found;
 }
 
-void branches_record_interrupted(struct branch_table *table, const char *branch_id,
+void branches_record_interrupted(struct branch_table *table, const char *snapshot_name,
                                  const char *vm_id)
 {
     struct branch_job *job = calloc(1, sizeof(*job));
@@ -207,7 +207,7 @@ void branches_record_interrupted(struct branch_table *table, const char *branch_
     atomic_init(&job->refs, 1);
     pthread_mutex_init(&job->lock, NULL);
     pthread_cond_init(&job->changed, NULL);
-    snprintf(job->id, sizeof(job->id), "%s", branch_id);
+    snprintf(job->snapshot_name, sizeof(job->snapshot_name), "%s", snapshot_name);
     snprintf(job->vm_id, sizeof(job->vm_id), "%s", vm_id);
     job->finished = true;
     job->final_code = GRPC_STATUS_ABORTED;
@@ -215,13 +215,12 @@ void branches_record_interrupted(struct branch_table *table, const char *branch_
              "forkd restarted while the branch ran; %s runs on, unprotected", vm_id);
     job->events[job->event_count++] =
         (struct job_event){.phase = BRANCH_PHASE_FAILED, .time_unix_ms = forkd_unix_ms()};
-    unsigned long number = 0;
     pthread_mutex_lock(&table->lock);
     branches_make_room(table);
-    if (table->count < sizeof(table->jobs) / sizeof(table->jobs[0]))
+    if (table->count < sizeof(table->jobs) / sizeof(table->jobs[0])) {
+        snprintf(job->id, sizeof(job->id), "br-%lu", ++table->next_id);
         table->jobs[table->count++] = take_ptr(job);
-    if (sscanf(branch_id, "br-%lu", &number) == 1 && number > table->next_id)
-        table->next_id = number; /* a new branch never takes the id of an earlier one */
+    }
     pthread_mutex_unlock(&table->lock);
     branches_job_unref(job);
 }

@@ -187,11 +187,13 @@ static void main_log_adoption(void *context, bool warning, const char *message)
 }
 
 /* A branch that ran when the earlier forkd died: WatchBranch reports it FAILED. */
-static void main_branch_failed(void *context, const char *vm_id, const char *branch_id)
+static void main_branch_failed(void *context, const char *vm_id, const char *snapshot_name)
 {
     struct daemon_state *daemon = context;
-    log_warn("%s on %s: failed, forkd restarted (the VM runs on, unprotected)", branch_id, vm_id);
-    branches_record_interrupted(daemon->branches, branch_id, vm_id);
+    log_warn("the branch of %s to snapshot %s failed: forkd restarted (the VM runs on, "
+             "unprotected; the partial snapshot is removed)",
+             vm_id, snapshot_name);
+    branches_record_interrupted(daemon->branches, snapshot_name, vm_id);
 }
 
 static int main_open_engine(struct daemon_state *daemon)

@@ -1227,7 +1227,7 @@ static void vm_adopt_branch(struct vm_adoption *a, struct vm *vm, const struct v
     }
     struct forkd_error err = {0};
     if (vm->state == VM_STATE_PAUSED && vm_resume(vm, &err) < 0)
-        vm_adopt_log(a, true, "VM %s: resume after branch %s: %s", vm->id, r->branch_id,
+        vm_adopt_log(a, true, "VM %s: resume after the branch to %s: %s", vm->id, r->branch_id,
                      err.message);
     if (a->config->branch_failed)
         a->config->branch_failed(a->config->arg, vm->id, r->branch_id);

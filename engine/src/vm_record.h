@@ -51,7 +51,7 @@ struct vm_record {
     /* What forkd held: the inode of a MEMFD VM's memfd (0: none). A UFFD fork's userfaultfd is
      * implied by memory == VM_MEMORY_UFFD. */
     unsigned long long memfd_inode;
-    char branch_id[64];         /* a branch running on the VM ("" when none) */
+    char branch_id[64]; /* a branch running on the VM: the snapshot it writes ("" when none) */
     char exit_reason[128];      /* set once the VMM exited while forkd watched it */
 };
 

@@ -133,8 +133,9 @@ struct vm_adopt_config {
     struct page_server *page_server; /* serves adopted UFFD forks */
     /* Each finding, in words; may be NULL. */
     void (*log)(void *arg, bool warning, const char *message);
-    /* A branch that ran on vm_id when the earlier forkd died; may be NULL. */
-    void (*branch_failed)(void *arg, const char *vm_id, const char *branch_id);
+    /* A branch that ran on vm_id, writing snapshot_name, when the earlier forkd died; may be
+     * NULL. */
+    void (*branch_failed)(void *arg, const char *vm_id, const char *snapshot_name);
     void *arg;
 };
 
