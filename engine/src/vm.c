@@ -1254,6 +1254,7 @@ static int vm_adopt_prove(struct vm *vm, const struct vm_record *r)
 static void vm_adopt_live(struct vm_adoption *a, struct vm *vm, const struct vm_record *r)
 {
     struct forkd_error err = {0};
+    vm->adopted = true; /* the reaper records its exit without a status */
     /* Reached before it is listed: a VMM forkd cannot talk to is left as it is. */
     int rc = vm_adopt_connect(vm, &err);
     if (rc < 0) {
