@@ -9,6 +9,8 @@ packages=(
   # daemon: gRPC C core, protobuf-c, libcurl, cJSON
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
   libcurl4-openssl-dev libcjson-dev
+  # sd_notify (the systemd unit is Type=notify)
+  libsystemd-dev
   # protoc and the gRPC code generator plugins (grpc_python_plugin)
   protobuf-compiler protobuf-compiler-grpc
   # C/C++ tests; openssl makes the certificates of the mutual-TLS tests

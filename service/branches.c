@@ -14,6 +14,7 @@
 #include "log.h"
 
 #include "forkd/branch.h"
+#include "basic/cleanup.h"
 #include "basic/clock.h"
 
 #include <errno.h>
@@ -195,6 +196,33 @@ static struct branch_job *branches_find(struct branch_table *table, const char *
         atomic_fetch_add(&found->refs, 1);
     pthread_mutex_unlock(&table->lock);
     return found;
+}
+
+void branches_record_interrupted(struct branch_table *table, const char *snapshot_name,
+                                 const char *vm_id)
+{
+    struct branch_job *job = calloc(1, sizeof(*job));
+    if (!job)
+        return;
+    atomic_init(&job->refs, 1);
+    pthread_mutex_init(&job->lock, NULL);
+    pthread_cond_init(&job->changed, NULL);
+    snprintf(job->snapshot_name, sizeof(job->snapshot_name), "%s", snapshot_name);
+    snprintf(job->vm_id, sizeof(job->vm_id), "%s", vm_id);
+    job->finished = true;
+    job->final_code = GRPC_STATUS_ABORTED;
+    snprintf(job->final_message, sizeof(job->final_message),
+             "forkd restarted while the branch ran; %s runs on, unprotected", vm_id);
+    job->events[job->event_count++] =
+        (struct job_event){.phase = BRANCH_PHASE_FAILED, .time_unix_ms = forkd_unix_ms()};
+    pthread_mutex_lock(&table->lock);
+    branches_make_room(table);
+    if (table->count < sizeof(table->jobs) / sizeof(table->jobs[0])) {
+        snprintf(job->id, sizeof(job->id), "br-%lu", ++table->next_id);
+        table->jobs[table->count++] = take_ptr(job);
+    }
+    pthread_mutex_unlock(&table->lock);
+    branches_job_unref(job);
 }
 
 /* ---- the worker ------------------------------------------------------------------------- */

@@ -21,4 +21,10 @@ void branches_cancel_all(struct branch_table *table);
 /* Waits until no branch runs, up to timeout_ms (< 0: no limit). True when none runs. */
 bool branches_wait_idle(struct branch_table *table, int timeout_ms);
 
+/* Lists the branch of vm_id to snapshot_name, which ran when an earlier forkd died, as
+ * finished and FAILED ("forkd restarted") under a new branch id, so WatchBranch by snapshot
+ * name tells its client what became of it. */
+void branches_record_interrupted(struct branch_table *table, const char *snapshot_name,
+                                 const char *vm_id);
+
 #endif

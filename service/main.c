@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <systemd/sd-daemon.h>
 #include <time.h>
 
 /* Refuses a directory that someone other than forkd's user could change: whoever can write
@@ -179,6 +180,25 @@ static void main_log_corrupt_snapshot(const char *reason, void *context)
     log_warn("%s; it is listed as CORRUPT and kept until deleted", reason);
 }
 
+static void main_log_adoption(void *context, bool warning, const char *message)
+{
+    (void)context;
+    if (warning)
+        log_warn("%s", message);
+    else
+        log_info("%s", message);
+}
+
+/* A branch that ran when the earlier forkd died: WatchBranch reports it FAILED. */
+static void main_branch_failed(void *context, const char *vm_id, const char *snapshot_name)
+{
+    struct daemon_state *daemon = context;
+    log_warn("the branch of %s to snapshot %s failed: forkd restarted (the VM runs on, "
+             "unprotected; the partial snapshot is removed)",
+             vm_id, snapshot_name);
+    branches_record_interrupted(daemon->branches, snapshot_name, vm_id);
+}
+
 static int main_open_engine(struct daemon_state *daemon)
 {
     const struct forkd_options *opts = daemon->options;
@@ -196,17 +216,23 @@ static int main_open_engine(struct daemon_state *daemon)
         log_error("%s", err.message);
         return err.code;
     }
-    struct vm_stale_report stale;
-    if (vm_registry_clean_stale(engine_registry(daemon->engine), &stale, &err) < 0)
-        log_warn("VM run directory: %s", err.message);
-    else if (stale.killed || stale.kept || stale.foreign)
-        log_warn("an earlier forkd on %s left VMs: %u killed (it had died without stopping "
-                 "them), %u left running as kept (--keep-vms; not managed by this forkd), %u "
-                 "processes on VM sockets spared (not proven to be a VMM forkd started)",
-                 opts->state_dir, stale.killed, stale.kept, stale.foreign);
-    store_for_each_corrupt(engine_store(daemon->engine), main_log_corrupt_snapshot, NULL);
     daemon->branches = branches_table_new(opts->max_branches);
-    return daemon->branches ? 0 : -ENOMEM;
+    if (!daemon->branches)
+        return -ENOMEM;
+    struct vm_adopt_config adopt = {.log = main_log_adoption,
+                                    .branch_failed = main_branch_failed,
+                                    .arg = daemon};
+    struct vm_adopt_report report;
+    if (engine_adopt_vms(daemon->engine, &adopt, &report, &err) < 0)
+        log_warn("VM run directory: %s", err.message);
+    else if (report.adopted || report.exited || report.stopped || report.foreign)
+        log_info("VMs of an earlier forkd on %s: %u adopted, %u exited meanwhile, %u stopped "
+                 "(start cut short), %u processes on VM sockets spared (not proven to be a VMM "
+                 "forkd started), %u branches failed by the restart",
+                 opts->state_dir, report.adopted, report.exited, report.stopped, report.foreign,
+                 report.branches_failed);
+    store_for_each_corrupt(engine_store(daemon->engine), main_log_corrupt_snapshot, NULL);
+    return 0;
 }
 
 static void main_close_engine(struct daemon_state *daemon)
@@ -248,7 +274,11 @@ static int main_serve(struct daemon_state *daemon, const sigset_t *stop_signals)
     }
     log_info("forkd %s listening on %s (state dir %s, vmm %s)", FORKD_VERSION, opts->listen,
              opts->state_dir, opts->vmm_binary);
+    /* Ready only now: the VMs of an earlier forkd are adopted and calls are answered. Outside
+     * systemd (no NOTIFY_SOCKET) this does nothing. */
+    sd_notifyf(0, "READY=1\nSTATUS=listening on %s", opts->listen);
     int signal_number = main_wait_for_stop_signal(stop_signals);
+    sd_notify(0, "STOPPING=1");
     log_info("%s received: shutting down (grace %u ms)",
              signal_number > 0 ? strsignal(signal_number) : "error", opts->shutdown_grace_ms);
     main_shutdown(server, daemon);

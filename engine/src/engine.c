@@ -49,6 +49,14 @@ int engine_open(const struct engine_config *config, struct engine **out, struct 
     return 0;
 }
 
+int engine_adopt_vms(struct engine *engine, struct vm_adopt_config *config,
+                     struct vm_adopt_report *report, struct forkd_error *err)
+{
+    config->store = engine->store;
+    config->page_server = engine->page_server;
+    return vm_registry_adopt(engine->registry, config, report, err);
+}
+
 unsigned long engine_realtime_demotions(void)
 {
     return thread_priority_demotions();

@@ -156,6 +156,7 @@ struct page_server_fork {
     char label[64];
     char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     pid_t expected_pid;
+    bool adopted;       /* served by an earlier forkd: connection is the VMM's pidfd */
     bool prefetch;      /* set at prepare: the template's hot set is ready */
     unsigned record_ms; /* set at prepare: record the first record_ms of faults */
 
@@ -773,7 +774,9 @@ static void page_server_on_uffd(struct page_server *server, struct page_server_f
 static void page_server_on_connection(struct page_server *server, struct page_server_fork *fork,
                                       uint32_t events)
 {
-    if (events & (EPOLLHUP | EPOLLRDHUP | EPOLLERR))
+    if (fork->adopted)
+        page_server_drop(server, fork, "VMM exited"); /* its pidfd turned readable */
+    else if (events & (EPOLLHUP | EPOLLRDHUP | EPOLLERR))
         page_server_drop(server, fork, "peer hung up");
     else
         page_server_drop(server, fork, "peer sent data after the handshake (protocol breach)");
@@ -786,6 +789,18 @@ static int page_server_epoll_add(struct page_server *server, int fd, uint32_t ev
 {
     struct epoll_event event = {.events = events, .data.ptr = watch};
     return epoll_ctl(server->epoll_fd, EPOLL_CTL_ADD, fd, &event) < 0 ? -errno : 0;
+}
+
+/* Loop thread: wakes every vCPU of an adopted fork that waits on a fault read by the earlier
+ * forkd (the message is gone with it): woken, the vCPU faults again and this loop serves it. */
+static void page_server_wake_all(struct page_server *server, struct page_server_fork *fork)
+{
+    for (size_t i = 0; i < fork->handshake.region_count && fork->in_loop; i++) {
+        const struct uffd_region *r = &fork->handshake.regions[i];
+        int rc = uffd_wake(fork->handshake.uffd, r->host_base, r->size, NULL);
+        if (rc < 0 && rc != -EAGAIN)
+            page_server_drop_errno(server, fork, "wake the vCPUs of an adopted fork", rc);
+    }
 }
 
 /* Loop thread: starts serving a fork whose handshake thread queued it (with its reference). */
@@ -818,6 +833,8 @@ static void page_server_attach(struct page_server *server, struct page_server_fo
         page_server_drop_errno(server, fork, "epoll_ctl", rc);
     else if (released)
         page_server_drop(server, fork, "released by its owner");
+    else if (fork->adopted)
+        page_server_wake_all(server, fork);
 }
 
 /* Loop thread: takes the queued requests. */
@@ -1163,6 +1180,68 @@ int page_server_fork_prepare(struct page_server *server,
     }
     *out = fork;
     return 0;
+}
+
+/* Under server->lock: binds the template (no prefetch, no recording: the fork ran already). */
+static int page_server_fork_adopt_locked(struct page_server *server, struct page_server_fork *fork,
+                                         const struct page_server_fork_config *config,
+                                         struct forkd_error *err)
+{
+    if (server->closing)
+        return forkd_error_set(err, -ESHUTDOWN, "page server: closing");
+    int rc = page_server_fork_bind_template(server, fork, config, err);
+    fork->prefetch = false;
+    fork->record_ms = 0;
+    return rc;
+}
+
+int page_server_fork_adopt(struct page_server *server, const struct page_server_fork_config *config,
+                           const struct uffd_region *regions, size_t region_count, int uffd,
+                           int pidfd, struct page_server_fork **out, struct forkd_error *err)
+{
+    struct page_server_fork *fork = page_server_fork_new(server, config);
+    if (!fork) {
+        close(uffd);
+        close(pidfd);
+        return forkd_error_set(err, -ENOMEM, "page server: out of memory");
+    }
+    fork->adopted = true;
+    fork->handshake.uffd = uffd;
+    fork->handshake.connection = pidfd;
+    fork->handshake.peer_pid = config->vmm_pid;
+    fork->handshake.region_count = region_count < UFFD_MAX_REGIONS ? region_count : 0;
+    memcpy(fork->handshake.regions, regions, fork->handshake.region_count * sizeof(*regions));
+    pthread_mutex_lock(&server->lock);
+    int rc = page_server_fork_adopt_locked(server, fork, config, err);
+    pthread_mutex_unlock(&server->lock);
+    if (rc == 0 && fork->handshake.region_count == 0)
+        rc = forkd_error_set(err, -EINVAL, "fork %s: no regions recorded", config->label);
+    if (rc == 0)
+        rc = page_server_check_handshake(fork, err);
+    if (rc == 0) {
+        atomic_store(&fork->peer_pid, config->vmm_pid);
+        fork->memory_bytes = uffd_total_size(&fork->handshake);
+        page_server_fork_ref(fork); /* the loop's, given with the queued attach */
+        rc = page_server_queue_attach(server, fork, err);
+        if (rc < 0)
+            page_server_fork_unref(fork);
+    }
+    if (rc == 0)
+        rc = page_server_fork_wait_ready(fork, -1, err);
+    if (rc < 0) {
+        page_server_fork_release(fork);
+        return rc;
+    }
+    *out = fork;
+    return 0;
+}
+
+size_t page_server_fork_regions(const struct page_server_fork *fork, struct uffd_region *out,
+                                size_t max)
+{
+    size_t count = fork->handshake.region_count;
+    memcpy(out, fork->handshake.regions, (count < max ? count : max) * sizeof(*out));
+    return count;
 }
 
 static bool page_server_fork_settled(enum page_server_fork_state state)

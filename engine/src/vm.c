@@ -15,6 +15,7 @@
 #include "pause.h"
 
 #include "vm_record.h"
+#include "vmm_fds.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -23,6 +24,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +61,12 @@ struct vm {
     struct vmm_client *client;
     struct page_server_fork *page_fork; /* UFFD: our registration with the page server */
     struct store *store; /* holds a use of source_snapshot until stopped (under lock) */
+    struct vm_identity identity; /* the VMM process, once it answers */
+    bool adopted;                /* started by an earlier forkd: not our child */
+
+    pthread_mutex_t record_lock; /* serialises writes of the VM's record */
+    bool starting;               /* under record_lock: Boot or Spawn still configuring it */
+    bool record_gone;            /* under record_lock: removed for good (the VM was stopped) */
 
     pthread_mutex_t lock; /* guards the fields below */
     pthread_cond_t exited_cond;
@@ -109,6 +117,7 @@ void vm_unref(struct vm *vm)
     if (vm->pidfd >= 0)
         close(vm->pidfd);
     pthread_mutex_destroy(&vm->lock);
+    pthread_mutex_destroy(&vm->record_lock);
     pthread_cond_destroy(&vm->exited_cond);
     free(vm);
 }
@@ -124,9 +133,76 @@ static struct vm *vm_new(struct vm_registry *registry)
     vm->memfd = -1;
     vm->state = VM_STATE_STARTING;
     vm->created_at_unix_ms = forkd_unix_ms();
+    vm->starting = true;
     pthread_mutex_init(&vm->lock, NULL);
+    pthread_mutex_init(&vm->record_lock, NULL);
     pthread_cond_init(&vm->exited_cond, NULL);
     return vm;
+}
+
+/* ---- the durable record ------------------------------------------------------------------ */
+
+static void vm_fill_record(struct vm *vm, struct vm_record *r)
+{
+    memset(r, 0, sizeof(*r));
+    snprintf(r->id, sizeof(r->id), "%s", vm->id);
+    snprintf(r->name, sizeof(r->name), "%s", vm->name);
+    r->vmm = vm->identity;
+    r->starting = vm->starting;
+    r->memory = vm->memory;
+    r->vcpu_count = vm->vcpu_count;
+    r->mem_size_mib = vm->mem_size_mib;
+    r->memory_bytes = vm->memory_bytes;
+    snprintf(r->source_snapshot, sizeof(r->source_snapshot), "%s", vm->source_snapshot);
+    r->created_at_unix_ms = vm->created_at_unix_ms;
+    r->label_count = vm->label_count;
+    memcpy(r->labels, vm->labels, vm->label_count * sizeof(vm->labels[0]));
+    if (vm->page_fork)
+        r->region_count = page_server_fork_regions(vm->page_fork, r->regions, UFFD_MAX_REGIONS);
+    pthread_mutex_lock(&vm->lock);
+    struct stat st;
+    if (vm->memfd >= 0 && fstat(vm->memfd, &st) == 0)
+        r->memfd_inode = (unsigned long long)st.st_ino;
+    snprintf(r->branch_id, sizeof(r->branch_id), "%s", vm->active_branch_id);
+    if (vm->exited)
+        snprintf(r->exit_reason, sizeof(r->exit_reason), "%s", vm->exit_reason);
+    pthread_mutex_unlock(&vm->lock);
+}
+
+/* Writes the VM's record as it is now (nothing before the VMM answered: until then there is no
+ * process a later forkd could adopt). Returns 0 or -errno. */
+static int vm_save_record(struct vm *vm)
+{
+    if (vm->identity.pid == 0)
+        return 0;
+    pthread_mutex_lock(&vm->record_lock);
+    int rc = 0;
+    if (!vm->record_gone) {
+        struct vm_record record;
+        vm_fill_record(vm, &record);
+        rc = vm_record_save(vm->registry->run_dir, &record);
+    }
+    pthread_mutex_unlock(&vm->record_lock);
+    return rc;
+}
+
+/* The VM was stopped for good: no later forkd hears of it. */
+static void vm_forget_record(struct vm *vm)
+{
+    pthread_mutex_lock(&vm->record_lock);
+    vm->record_gone = true;
+    vm_record_remove(vm->registry->run_dir, vm->id);
+    pthread_mutex_unlock(&vm->record_lock);
+}
+
+/* Boot or restore finished: from now a later forkd adopts the VM rather than stopping it. */
+static int vm_mark_started(struct vm *vm, struct forkd_error *err)
+{
+    pthread_mutex_lock(&vm->record_lock);
+    vm->starting = false;
+    pthread_mutex_unlock(&vm->record_lock);
+    int rc = vm_save_record(vm);
+    return rc < 0 ? forkd_error_errno(err, rc, "write the record of VM %s", vm->id) : 0;
 }
 
 unsigned vm_slow_call_timeout_ms(const struct vm *vm)
@@ -341,6 +417,9 @@ bool vm_try_begin_branch(struct vm *vm, const char *branch_id)
     if (free_to_branch)
         snprintf(vm->active_branch_id, sizeof(vm->active_branch_id), "%s", branch_id);
     pthread_mutex_unlock(&vm->lock);
+    /* A later forkd reports a branch it finds recorded as failed by the restart. */
+    if (free_to_branch)
+        vm_save_record(vm);
     return free_to_branch;
 }
 
@@ -349,6 +428,7 @@ void vm_end_branch(struct vm *vm)
     pthread_mutex_lock(&vm->lock);
     vm->active_branch_id[0] = '\0';
     pthread_mutex_unlock(&vm->lock);
+    vm_save_record(vm);
 }
 
 /* ---- the reaper ------------------------------------------------------------------------- */
@@ -366,12 +446,18 @@ static void vm_describe_exit(const siginfo_t *info, char *out, size_t out_len)
 static void vm_record_exit(struct vm *vm)
 {
     siginfo_t info = {0};
-    if (waitid((idtype_t)P_PIDFD, (id_t)vm->pidfd, &info, WEXITED | WNOHANG) < 0 ||
-        info.si_pid == 0)
+    /* An adopted VMM is not our child: its exit status went to its parent (init). */
+    bool status_known = waitid((idtype_t)P_PIDFD, (id_t)vm->pidfd, &info, WEXITED | WNOHANG) == 0;
+    if (status_known ? info.si_pid == 0 : !(vm->adopted && errno == ECHILD))
         return;
     pthread_mutex_lock(&vm->lock);
-    vm_describe_exit(&info, vm->exit_reason, sizeof(vm->exit_reason));
-    bool clean = vm->stop_requested || (info.si_code == CLD_EXITED && info.si_status == 0);
+    if (status_known)
+        vm_describe_exit(&info, vm->exit_reason, sizeof(vm->exit_reason));
+    else
+        snprintf(vm->exit_reason, sizeof(vm->exit_reason),
+                 "exited (status unknown: started by an earlier forkd)");
+    bool clean = vm->stop_requested ||
+                 (status_known && info.si_code == CLD_EXITED && info.si_status == 0);
     vm->state = clean ? VM_STATE_STOPPED : VM_STATE_FAILED;
     vm->exited = true;
     /* The guest's memfd is released with the VM; a branch still copying holds its own map. */
@@ -379,8 +465,11 @@ static void vm_record_exit(struct vm *vm)
         close(vm->memfd);
         vm->memfd = -1;
     }
+    bool stopping = vm->stop_requested;
     pthread_cond_broadcast(&vm->exited_cond);
     pthread_mutex_unlock(&vm->lock);
+    if (!stopping)
+        vm_save_record(vm); /* a later forkd lists it as exited, for this reason */
 }
 
 static void *vm_reaper_loop(void *arg)
@@ -442,10 +531,13 @@ static void vm_terminate(struct vm *vm, unsigned grace_ms)
     vm->stop_requested = true;
     pthread_mutex_unlock(&vm->lock);
     vm_signal(vm, SIGTERM);
-    if (vm_wait_exit(vm, grace_ms))
+    if (vm_wait_exit(vm, grace_ms)) {
+        vm_forget_record(vm);
         return;
+    }
     vm_signal(vm, SIGKILL);
     vm_wait_exit(vm, 60000);
+    vm_forget_record(vm);
 }
 
 /* ---- the registry ----------------------------------------------------------------------- */
@@ -487,126 +579,15 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
     return 0;
 }
 
-/* A VM left running on purpose: a marker next to its socket tells the next forkd on this state
- * directory to leave it alone rather than treat it as a crash leftover. */
-static void vm_mark_kept(struct vm *vm)
-{
-    char path[PATH_MAX + 64];
-    if (snprintf(path, sizeof(path), "%s/%s.kept", vm->registry->run_dir, vm->id) >=
-        (int)sizeof(path))
-        return;
-    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
-    if (fd >= 0)
-        close(fd);
-}
-
-/* Parses "vm-<n>" at the start of a file name; 0 when it is not one. */
-static unsigned long vm_file_id(const char *file_name)
-{
-    unsigned long id = 0;
-    int used = 0;
-    if (sscanf(file_name, "vm-%lu%n", &id, &used) != 1 || file_name[used] != '.')
-        return 0;
-    return id;
-}
-
-/* The pid of the process answering on a Unix socket, or 0 when none answers. */
-static pid_t vm_socket_owner(const char *path)
-{
-    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un address = {.sun_family = AF_UNIX};
-    if (fd < 0 || snprintf(address.sun_path, sizeof(address.sun_path), "%s", path) >=
-                      (int)sizeof(address.sun_path))
-        return 0;
-    if (connect(fd, (struct sockaddr *)&address, sizeof(address)) < 0)
-        return 0;
-    struct ucred peer;
-    socklen_t length = sizeof(peer);
-    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &length) == 0 ? peer.pid : 0;
-}
-
-/* Handles one API socket left in the run directory by an earlier forkd. */
-static void vm_clean_one(struct vm_registry *registry, const char *file_name,
-                         struct vm_stale_report *report)
-{
-    char path[PATH_MAX + 256], kept[PATH_MAX + 256];
-    snprintf(path, sizeof(path), "%s/%s", registry->run_dir, file_name);
-    snprintf(kept, sizeof(kept), "%s/%.*s.kept", registry->run_dir,
-             (int)(strlen(file_name) - strlen(".sock")), file_name);
-    char id[VM_ID_MAX];
-    snprintf(id, sizeof(id), "%.*s", (int)(strlen(file_name) - strlen(".sock")), file_name);
-    /* lstat: a symlink planted here must not lead the probe (and a kill) to another socket. */
-    struct stat st;
-    pid_t owner = lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) ? vm_socket_owner(path) : 0;
-    if (owner > 0 && access(kept, F_OK) == 0) {
-        report->kept++;
-        return;
-    }
-    if (owner > 0 && owner != getpid()) {
-        if (!vm_record_matches(registry->run_dir, id, owner))
-            report->foreign++;
-        else if (kill(owner, SIGKILL) == 0)
-            report->killed++;
-    }
-    unlink(path);
-    unlink(kept);
-    vm_record_remove(registry->run_dir, id);
-}
-
-/* "vm-<n>.sock" is a VMM's API socket; forkd's own listeners are "vm-<n>.wp" (".wp.sock" before)
- * and the like, and die with the forkd that made them. */
-static bool vm_is_api_socket_name(const char *name)
-{
-    unsigned long id;
-    int used = 0;
-    return sscanf(name, "vm-%lu%n", &id, &used) == 1 && strcmp(name + used, ".sock") == 0;
-}
-
-static bool vm_is_listener_name(const char *name)
-{
-    size_t length = strlen(name);
-    return vm_file_id(name) && !vm_is_api_socket_name(name) && length > 5 &&
-           (strcmp(name + length - 5, ".sock") == 0 || strcmp(name + length - 5, ".uffd") == 0 ||
-            strcmp(name + length - 3, ".wp") == 0);
-}
-
-int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report *report,
-                            struct forkd_error *err)
-{
-    *report = (struct vm_stale_report){0};
-    _cleanup_closedir_ DIR *dir = opendir(registry->run_dir);
-    if (!dir)
-        return forkd_error_errno(err, -errno, "open %s", registry->run_dir);
-    unsigned long highest = 0;
-    for (struct dirent *entry; (entry = readdir(dir));) {
-        unsigned long id = vm_file_id(entry->d_name);
-        highest = id > highest ? id : highest;
-        if (vm_is_api_socket_name(entry->d_name)) {
-            vm_clean_one(registry, entry->d_name, report);
-        } else if (vm_is_listener_name(entry->d_name)) {
-            char path[PATH_MAX + 256];
-            snprintf(path, sizeof(path), "%s/%s", registry->run_dir, entry->d_name);
-            unlink(path);
-        }
-    }
-    pthread_mutex_lock(&registry->lock);
-    registry->next_id = highest; /* new ids never reuse the files of an earlier VM */
-    pthread_mutex_unlock(&registry->lock);
-    return 0;
-}
-
 void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned grace_ms)
 {
     if (!registry)
         return;
     struct vm **vms;
     size_t count = vm_list(registry, &vms);
-    for (size_t i = 0; i < count; i++) {
-        if (keep_vms)
-            vm_mark_kept(vms[i]);
-        else
-            vm_terminate(vms[i], grace_ms);
-    }
+    /* Kept VMs keep their records: the next forkd adopts them. */
+    for (size_t i = 0; i < count && !keep_vms; i++)
+        vm_terminate(vms[i], grace_ms);
     vm_list_free(vms, count);
     uint64_t one = 1;
     if (write(registry->stop_fd, &one, sizeof(one)) != sizeof(one))
@@ -671,23 +652,28 @@ void vm_list_free(struct vm **vms, size_t count)
 
 /* Lists a new VM under a fresh id, refusing a name already in use. The list's reference is
  * the VM's initial one; the caller gets another. */
+static int vm_registry_grow_locked(struct vm_registry *registry, struct forkd_error *err)
+{
+    if (registry->count < registry->capacity)
+        return 0;
+    size_t capacity = registry->capacity ? registry->capacity * 2 : 16;
+    struct vm **grown = realloc(registry->vms, capacity * sizeof(*grown));
+    if (!grown)
+        return forkd_error_set(err, -ENOMEM, "VM registry: out of memory");
+    registry->vms = grown;
+    registry->capacity = capacity;
+    return 0;
+}
+
 static int vm_enlist(struct vm_registry *registry, struct vm *vm, const char *name,
                      struct forkd_error *err)
 {
     pthread_mutex_lock(&registry->lock);
     int rc = 0;
-    if (name && *name && vm_lookup_locked(registry, name)) {
+    if (name && *name && vm_lookup_locked(registry, name))
         rc = forkd_error_set(err, -EEXIST, "a VM named '%s' already exists", name);
-    } else if (registry->count == registry->capacity) {
-        size_t capacity = registry->capacity ? registry->capacity * 2 : 16;
-        struct vm **grown = realloc(registry->vms, capacity * sizeof(*grown));
-        if (!grown)
-            rc = forkd_error_set(err, -ENOMEM, "VM registry: out of memory");
-        else {
-            registry->vms = grown;
-            registry->capacity = capacity;
-        }
-    }
+    else
+        rc = vm_registry_grow_locked(registry, err);
     if (rc == 0) {
         snprintf(vm->id, sizeof(vm->id), "vm-%lu", ++registry->next_id);
         snprintf(vm->name, sizeof(vm->name), "%s", name && *name ? name : vm->id);
@@ -821,10 +807,12 @@ static int vm_wait_for_api(struct vm *vm, struct forkd_error *err)
     int rc = vmm_client_open(vm->api_socket_path, &vm->client, err);
     if (rc == 0)
         vmm_client_set_timeout_ms(vm->client, vm_call_timeout_ms(vm));
-    /* After exec (the socket answers): a later forkd kills a leftover only when it matches.
-     * Without a record this VMM is merely never killed by a later forkd. */
-    if (rc == 0)
-        vm_record_write(vm->registry->run_dir, vm->id, vm->pid);
+    /* After exec (the socket answers): the identity a later forkd checks before it adopts or
+     * stops this VMM. A VM without a durable record would be lost to a restart: refused. */
+    if (rc == 0 && (rc = vm_identity_of(vm->pid, &vm->identity)) < 0)
+        return forkd_error_errno(err, rc, "identity of VMM pid %d", vm->pid);
+    if (rc == 0 && (rc = vm_save_record(vm)) < 0)
+        return forkd_error_errno(err, rc, "write the record of VM %s", vm->id);
     return rc;
 }
 
@@ -951,6 +939,8 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
     vm->mem_size_mib = config->mem_size_mib;
     vm->memory_bytes = config->mem_size_mib << 20;
     rc = vm_configure_boot(vm, config, err);
+    if (rc == 0)
+        rc = vm_mark_started(vm, err);
     if (rc < 0) {
         vm_abandon_start(vm, rc, err);
         return rc;
@@ -1063,6 +1053,10 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
     snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s",
              config->snapshot_name ? config->snapshot_name : "");
     rc = vm_load_snapshot(vm, config, err);
+    if (rc == 0) {
+        vm->mem_size_mib = vm->memory_bytes >> 20;
+        rc = vm_mark_started(vm, err);
+    }
     if (rc < 0) {
         vm_abandon_start(vm, rc, err);
         return rc;
@@ -1100,5 +1094,398 @@ int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, stru
     pthread_mutex_unlock(&vm->lock);
     if (store)
         store_release(store, vm->source_snapshot);
+    return 0;
+}
+
+/* ---- adoption: the VMs of an earlier forkd ---------------------------------------------- */
+
+struct vm_adoption {
+    struct vm_registry *registry;
+    const struct vm_adopt_config *config;
+    struct vm_adopt_report *report;
+};
+
+static void vm_adopt_log(const struct vm_adoption *a, bool warning, const char *format, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void vm_adopt_log(const struct vm_adoption *a, bool warning, const char *format, ...)
+{
+    if (!a->config->log)
+        return;
+    char message[512];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(message, sizeof(message), format, args);
+    va_end(args);
+    a->config->log(a->config->arg, warning, message);
+}
+
+/* Parses "vm-<n>" at the start of a file name; 0 when it is not one. */
+static unsigned long vm_file_id(const char *file_name)
+{
+    unsigned long id = 0;
+    int used = 0;
+    if (sscanf(file_name, "vm-%lu%n", &id, &used) != 1 || file_name[used] != '.')
+        return 0;
+    return id;
+}
+
+/* The pid of the process answering on the Unix socket at path, or 0 when none answers. lstat
+ * first: a symlink planted here must not lead the probe (and an adoption) to another socket. */
+static pid_t vm_socket_owner(const char *path)
+{
+    struct stat st;
+    if (lstat(path, &st) < 0 || !S_ISSOCK(st.st_mode))
+        return 0;
+    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    if (fd < 0 || snprintf(address.sun_path, sizeof(address.sun_path), "%s", path) >=
+                      (int)sizeof(address.sun_path))
+        return 0;
+    if (connect(fd, (struct sockaddr *)&address, sizeof(address)) < 0)
+        return 0;
+    struct ucred peer;
+    socklen_t length = sizeof(peer);
+    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &length) == 0 ? peer.pid : 0;
+}
+
+/* Lists an adopted VM under its recorded id; the list's reference is its initial one. */
+static int vm_enlist_adopted(struct vm_registry *registry, struct vm *vm, struct forkd_error *err)
+{
+    pthread_mutex_lock(&registry->lock);
+    int rc = vm_lookup_locked(registry, vm->id) || vm_lookup_locked(registry, vm->name)
+                 ? forkd_error_set(err, -EEXIST, "VM %s (%s) is listed already", vm->id, vm->name)
+                 : vm_registry_grow_locked(registry, err);
+    if (rc == 0) {
+        registry->vms[registry->count++] = vm;
+        vm_ref(vm);
+    }
+    pthread_mutex_unlock(&registry->lock);
+    return rc;
+}
+
+/* A VM as its record describes it; every path is derived from the run directory and the id. */
+static struct vm *vm_from_record(struct vm_registry *registry, const struct vm_record *r)
+{
+    struct vm *vm = vm_new(registry);
+    if (!vm)
+        return NULL;
+    snprintf(vm->id, sizeof(vm->id), "%s", r->id);
+    snprintf(vm->name, sizeof(vm->name), "%s", r->name);
+    vm->identity = r->vmm;
+    vm->pid = r->vmm.pid;
+    vm->starting = r->starting;
+    vm->memory = r->memory;
+    vm->vcpu_count = r->vcpu_count;
+    vm->mem_size_mib = r->mem_size_mib;
+    vm->memory_bytes = r->memory_bytes;
+    snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s", r->source_snapshot);
+    vm->created_at_unix_ms = r->created_at_unix_ms;
+    vm->label_count = r->label_count;
+    memcpy(vm->labels, r->labels, r->label_count * sizeof(r->labels[0]));
+    /* Same length as when the VM was started here, which checked it. */
+    if (snprintf(vm->api_socket_path, sizeof(vm->api_socket_path), "%s/%s.sock",
+                 registry->run_dir, r->id) >= (int)sizeof(vm->api_socket_path) ||
+        snprintf(vm->log_path, sizeof(vm->log_path), "%s/%s.log", registry->run_dir, r->id) >=
+            (int)sizeof(vm->log_path)) {
+        vm_unref(vm);
+        return NULL;
+    }
+    return vm;
+}
+
+/* A recorded VMM that is gone: listed as exited with the reason, until StopVm forgets it. */
+static void vm_adopt_exited(struct vm_adoption *a, const struct vm_record *r)
+{
+    struct vm *vm = vm_from_record(a->registry, r);
+    if (!vm)
+        return;
+    vm->exited = true;
+    vm->state = VM_STATE_FAILED;
+    if (r->exit_reason[0])
+        snprintf(vm->exit_reason, sizeof(vm->exit_reason), "%s", r->exit_reason);
+    else
+        snprintf(vm->exit_reason, sizeof(vm->exit_reason),
+                 "VMM pid %d exited while no forkd watched it", (int)r->vmm.pid);
+    if (vm_enlist_adopted(a->registry, vm, NULL) == 0) {
+        a->report->exited++;
+        vm_adopt_log(a, true, "VM %s (%s): %s", vm->id, vm->name, vm->exit_reason);
+    }
+    vm_unref(vm);
+}
+
+/* Connects to the adopted VMM's API and reads its state. */
+static int vm_adopt_connect(struct vm *vm, struct forkd_error *err)
+{
+    int rc = vmm_client_open(vm->api_socket_path, &vm->client, err);
+    if (rc < 0)
+        return rc;
+    vmm_client_set_timeout_ms(vm->client, vm_call_timeout_ms(vm));
+    struct vmm_info info;
+    rc = vmm_get_info(vm->client, &info, err);
+    if (rc < 0)
+        return rc;
+    vm->state = strcmp(info.state, "Paused") == 0 ? VM_STATE_PAUSED : VM_STATE_RUNNING;
+    return 0;
+}
+
+/* UFFD: the fork's userfaultfd, taken back from the VMM, served again from its template. */
+static int vm_adopt_uffd(struct vm_adoption *a, struct vm *vm, const struct vm_record *r,
+                         struct forkd_error *err)
+{
+    if (!a->config->page_server || !vm->store)
+        return forkd_error_set(err, -ENOENT, "no page server or snapshot '%s' for UFFD fork %s",
+                               vm->source_snapshot, vm->id);
+    struct store_snapshot snapshot;
+    int rc = store_get(vm->store, vm->source_snapshot, &snapshot, err);
+    if (rc < 0)
+        return rc;
+    char memory_path[PATH_MAX + 16];
+    store_file_path(snapshot.path, STORE_FILE_MEMORY, memory_path, sizeof(memory_path));
+    int uffd = vmm_fds_take_uffd(vm->pidfd, vm->pid, false);
+    if (uffd < 0)
+        return forkd_error_errno(err, uffd, "take the userfaultfd of VMM pid %d", vm->pid);
+    /* The loop polls it; the flag is the VMM's file's too, which never reads it. */
+    fcntl(uffd, F_SETFL, fcntl(uffd, F_GETFL) | O_NONBLOCK);
+    int pidfd = fcntl(vm->pidfd, F_DUPFD_CLOEXEC, 0);
+    if (pidfd < 0) {
+        close(uffd);
+        return forkd_error_errno(err, -errno, "dup pidfd");
+    }
+    struct page_server_fork_config fork = {.template_name = vm->source_snapshot,
+                                           .memory_path = memory_path,
+                                           .socket_path = "",
+                                           .vmm_pid = vm->pid,
+                                           .label = vm->id};
+    return page_server_fork_adopt(a->config->page_server, &fork, r->regions, r->region_count,
+                                  uffd, pidfd, &vm->page_fork, err);
+}
+
+/* MEMFD: the guest memfd, from the VMM's files or mappings, checked by inode. */
+static int vm_adopt_memfd(struct vm *vm, const struct vm_record *r, struct forkd_error *err)
+{
+    char name[64];
+    snprintf(name, sizeof(name), "forkd-guest-%s", vm->id);
+    int fd = vmm_fds_take_memfd(vm->pidfd, vm->pid, name, r->memfd_inode);
+    if (fd < 0)
+        return forkd_error_errno(err, fd, "take the memfd of VMM pid %d", vm->pid);
+    pthread_mutex_lock(&vm->lock);
+    vm->memfd = fd;
+    pthread_mutex_unlock(&vm->lock);
+    return 0;
+}
+
+/* A restored VM holds a use of its snapshot again, so it cannot be deleted under it. */
+static void vm_adopt_snapshot_use(struct vm_adoption *a, struct vm *vm)
+{
+    struct store_snapshot snapshot;
+    struct forkd_error err = {0};
+    if (!vm->source_snapshot[0] || !a->config->store)
+        return;
+    if (store_acquire(a->config->store, vm->source_snapshot, &snapshot, &err) == 0)
+        vm->store = a->config->store;
+    else
+        vm_adopt_log(a, true, "VM %s: snapshot %s: %s", vm->id, vm->source_snapshot,
+                     err.message);
+}
+
+/* What forkd held for the VM, taken back; a VM adopted without it is still listed. */
+static void vm_adopt_held(struct vm_adoption *a, struct vm *vm, const struct vm_record *r)
+{
+    struct forkd_error err = {0};
+    int rc = 0;
+    vm_adopt_snapshot_use(a, vm);
+    if (r->memory == VM_MEMORY_UFFD)
+        rc = vm_adopt_uffd(a, vm, r, &err);
+    else if (r->memory == VM_MEMORY_MEMFD && r->memfd_inode)
+        rc = vm_adopt_memfd(vm, r, &err);
+    if (rc < 0) {
+        a->report->degraded++;
+        vm_adopt_log(a, true, "VM %s adopted without what forkd held for it: %s", vm->id,
+                     err.message);
+    }
+}
+
+/* A branch that ran when the earlier forkd died: it failed. Its write-protect uffd closed with
+ * that forkd (the VMM keeps no copy), which unprotected the guest; a VM left paused by the
+ * pause window is resumed. */
+static void vm_adopt_branch(struct vm_adoption *a, struct vm *vm, const struct vm_record *r)
+{
+    if (!r->branch_id[0])
+        return;
+    a->report->branches_failed++;
+    int wp = vmm_fds_take_uffd(vm->pidfd, vm->pid, true);
+    if (wp >= 0) {
+        close(wp);
+        vm_adopt_log(a, true, "VM %s: its VMM kept a write-protect userfaultfd", vm->id);
+    }
+    struct forkd_error err = {0};
+    if (vm->state == VM_STATE_PAUSED && vm_resume(vm, &err) < 0)
+        vm_adopt_log(a, true, "VM %s: resume after the branch to %s: %s", vm->id, r->branch_id,
+                     err.message);
+    if (a->config->branch_failed)
+        a->config->branch_failed(a->config->arg, vm->id, r->branch_id);
+}
+
+/* Proves that the recorded VMM is alive and ours, and pins it with a pidfd: 0, -ESRCH when it
+ * is gone (its pid free or taken by a later process), -EPERM when the process is not provably
+ * the one recorded (never acted on). */
+static int vm_adopt_prove(struct vm *vm, const struct vm_record *r)
+{
+    struct vm_identity live;
+    int rc = vm_identity_of(r->vmm.pid, &live);
+    if (rc < 0 || live.start_time != r->vmm.start_time)
+        return -ESRCH;
+    if (strcmp(live.exe, r->vmm.exe) != 0)
+        return -EPERM;
+    vm->pidfd = (int)syscall(SYS_pidfd_open, r->vmm.pid, 0);
+    /* Checked again with the pidfd held: the process it names can no longer be replaced. */
+    if (vm->pidfd < 0 || !vm_identity_is_live(&r->vmm))
+        return -ESRCH;
+    return vm_socket_owner(vm->api_socket_path) == r->vmm.pid ? 0 : -EPERM;
+}
+
+static void vm_adopt_live(struct vm_adoption *a, struct vm *vm, const struct vm_record *r)
+{
+    struct forkd_error err = {0};
+    vm->adopted = true; /* the reaper records its exit without a status */
+    /* Reached before it is listed: a VMM forkd cannot talk to is left as it is. */
+    int rc = vm_adopt_connect(vm, &err);
+    if (rc < 0) {
+        a->report->foreign++;
+        vm_adopt_log(a, true, "VM %s (VMM pid %d) does not answer, left alone: %s", vm->id,
+                     vm->pid, err.message);
+        return;
+    }
+    rc = vm_enlist_adopted(a->registry, vm, &err);
+    if (rc == 0 && (rc = vm_watch(vm, &err)) < 0)
+        vm_delist(a->registry, vm);
+    if (rc < 0) {
+        vm_adopt_log(a, true, "VM %s not adopted: %s", vm->id, err.message);
+        return;
+    }
+    if (r->starting) {
+        /* Boot or Spawn was cut short: all or none, as it would have been. */
+        vm_terminate(vm, 0);
+        vm_delist(a->registry, vm);
+        a->report->stopped++;
+        vm_adopt_log(a, false, "VM %s: its start was cut short; VMM pid %d stopped", vm->id,
+                     vm->pid);
+        return;
+    }
+    vm_adopt_held(a, vm, r);
+    vm_adopt_branch(a, vm, r);
+    vm_save_record(vm);
+    a->report->adopted++;
+    vm_adopt_log(a, false, "VM %s (%s) adopted: VMM pid %d, memory backend %d, %s", vm->id,
+                 vm->name, vm->pid, (int)vm->memory,
+                 vm->state == VM_STATE_PAUSED ? "paused" : "running");
+}
+
+static void vm_adopt_record(struct vm_adoption *a, const char *id)
+{
+    struct vm_record r;
+    int rc = vm_record_load(a->registry->run_dir, id, &r);
+    if (rc < 0) {
+        a->report->foreign++;
+        vm_adopt_log(a, true, "record of %s not read (%s): left alone", id, strerror(-rc));
+        return;
+    }
+    struct vm *vm = vm_from_record(a->registry, &r);
+    if (!vm)
+        return;
+    rc = r.exit_reason[0] ? -ESRCH : vm_adopt_prove(vm, &r);
+    if (rc == 0)
+        vm_adopt_live(a, vm, &r);
+    else if (rc == -ESRCH && r.starting)
+        vm_record_remove(a->registry->run_dir, id); /* a start cut short, its VMM gone too */
+    else if (rc == -ESRCH)
+        vm_adopt_exited(a, &r);
+    else {
+        a->report->foreign++;
+        vm_adopt_log(a, true, "record %s names pid %d, which is not provably its VMM: left alone",
+                     id, (int)r.vmm.pid);
+    }
+    vm_unref(vm);
+}
+
+static int vm_compare_ids(const void *left, const void *right)
+{
+    unsigned long a = *(const unsigned long *)left, b = *(const unsigned long *)right;
+    return a < b ? -1 : a > b;
+}
+
+/* The ids of every record, in order; the highest "vm-<n>." of any file in *highest. */
+static size_t vm_adopt_scan(struct vm_registry *registry, unsigned long *ids, size_t max,
+                            unsigned long *highest)
+{
+    _cleanup_closedir_ DIR *dir = opendir(registry->run_dir);
+    size_t count = 0;
+    for (struct dirent *entry; dir && (entry = readdir(dir));) {
+        unsigned long id = vm_file_id(entry->d_name);
+        *highest = id > *highest ? id : *highest;
+        unsigned long record = vm_record_file_id(entry->d_name);
+        if (record && count < max)
+            ids[count++] = record;
+    }
+    qsort(ids, count, sizeof(*ids), vm_compare_ids);
+    return count;
+}
+
+/* Files of the earlier forkd that nothing uses any more: its listeners, half-written records,
+ * API sockets no VMM answers on. A socket something answers on is not ours to remove. */
+static void vm_adopt_sweep(struct vm_adoption *a)
+{
+    _cleanup_closedir_ DIR *dir = opendir(a->registry->run_dir);
+    for (struct dirent *entry; dir && (entry = readdir(dir));) {
+        unsigned long id = vm_file_id(entry->d_name);
+        if (!id)
+            continue;
+        char path[PATH_MAX + 256], vm_name[VM_ID_MAX];
+        snprintf(path, sizeof(path), "%s/%s", a->registry->run_dir, entry->d_name);
+        snprintf(vm_name, sizeof(vm_name), "vm-%lu", id);
+        size_t length = strlen(entry->d_name);
+        /* ".wp" is a branch's write-protect listener: it died with the earlier forkd. */
+        bool socket_file = (length > 5 && (strcmp(entry->d_name + length - 5, ".sock") == 0 ||
+                                           strcmp(entry->d_name + length - 5, ".uffd") == 0)) ||
+                           (length > 3 && strcmp(entry->d_name + length - 3, ".wp") == 0);
+        bool tmp_record = length > 7 && strcmp(entry->d_name + length - 7, ".vm.tmp") == 0;
+        struct vm *listed = vm_lookup(a->registry, vm_name);
+        bool live = listed && !listed->exited;
+        vm_unref(listed);
+        if (tmp_record) {
+            unlink(path);
+        } else if (socket_file && !live && vm_socket_owner(path) > 0) {
+            a->report->foreign++;
+        } else if (socket_file && !live) {
+            unlink(path); /* never follows a symlink: unlink removes the link itself */
+        }
+    }
+}
+
+int vm_registry_adopt(struct vm_registry *registry, const struct vm_adopt_config *config,
+                      struct vm_adopt_report *report, struct forkd_error *err)
+{
+    *report = (struct vm_adopt_report){0};
+    struct vm_adoption a = {registry, config, report};
+    unsigned long highest = 0, ids[4096];
+    size_t count = vm_adopt_scan(registry, ids, ARRAY_SIZE(ids), &highest);
+    pthread_mutex_lock(&registry->lock);
+    registry->next_id = highest; /* new ids never reuse an adopted id or another VM's files */
+    pthread_mutex_unlock(&registry->lock);
+    char id[VM_ID_MAX];
+    /* UFFD forks first: their vCPUs wait on the page server until they are adopted. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < count; i++) {
+            snprintf(id, sizeof(id), "vm-%lu", ids[i]);
+            struct vm_record peek;
+            bool uffd = vm_record_load(registry->run_dir, id, &peek) == 0 &&
+                        peek.memory == VM_MEMORY_UFFD;
+            if (uffd == (pass == 0))
+                vm_adopt_record(&a, id);
+        }
+    }
+    vm_adopt_sweep(&a);
+    (void)err;
     return 0;
 }

@@ -308,38 +308,3 @@ def test_sigterm_mid_branch_exits_cleanly_and_restarts_consistent():
         assert verify_snapshot(os.path.join(again.state_dir, "snapshots", "kept"))[0] == 0
     finally:
         again.cleanup()
-
-
-def test_vms_of_a_crashed_forkd_are_killed_by_the_next_and_kept_ones_left_alone():
-    crashed = VmDaemon()
-    try:
-        orphan = crashed.boot(mem_mib=32).vmm_pid
-        crashed.signal(signal.SIGKILL)
-        crashed.wait()
-        assert os.path.exists("/proc/%d" % orphan), "a VMM outlives a forkd killed with -9"
-    finally:
-        crashed.stop()
-    successor = VmDaemon("--keep-vms", workdir=crashed.workdir)
-    kept = None
-    try:
-        wait_until(lambda: not os.path.exists("/proc/%d" % orphan), 10,
-                   "the successor to kill the orphaned VMM")
-        assert "1 killed" in successor.log()
-        vm = successor.boot(mem_mib=32)
-        assert vm.id != "vm-1", "ids continue after the earlier forkd's, no file is reused"
-        kept = vm.vmm_pid
-        successor.signal(signal.SIGTERM)
-        assert successor.wait() == 0
-        assert os.path.exists("/proc/%d" % kept), "--keep-vms leaves the VMM running"
-    finally:
-        successor.stop()
-    third = VmDaemon(workdir=crashed.workdir)
-    try:
-        assert "1 left running as kept" in third.log()
-        assert os.path.exists("/proc/%d" % kept)
-    finally:
-        third.cleanup()
-        # Whatever failed above, no VMM of this test outlives it.
-        for pid in (orphan, kept):
-            if pid and os.path.exists("/proc/%d" % pid):
-                os.kill(pid, signal.SIGKILL)

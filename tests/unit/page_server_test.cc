@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <future>
 #include <linux/userfaultfd.h>
+#include <poll.h>
 #include <string>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -709,3 +710,67 @@ TEST(PageServerOpen, RefusesMissingTemplateAndLongSocketPath)
 }
 
 } // namespace
+
+// forkd restarted: the fork's userfaultfd is taken back and served again, and a vCPU waiting
+// on a fault that the dead forkd had read (and never resolved) is woken and served.
+TEST_F(PageServerTest, AnAdoptedForkIsServedAgainAndAFaultReadBeforeIsWoken)
+{
+    FakeVmm vmm({1 << 20}, kPage);
+    const uint8_t *page = vmm.Region(0) + 5 * kPage;
+    auto reader = std::async(std::launch::async,
+                             [page] { return *reinterpret_cast<const volatile uint8_t *>(page); });
+    // The earlier forkd read the fault's message; it died with it.
+    struct pollfd readable = {vmm.uffd(), POLLIN, 0};
+    ASSERT_EQ(1, poll(&readable, 1, 5000));
+    struct uffd_msg message;
+    ASSERT_EQ(static_cast<ssize_t>(sizeof(message)), read(vmm.uffd(), &message, sizeof(message)));
+    ASSERT_EQ(UFFD_EVENT_PAGEFAULT, message.event);
+
+    int uffds_before = CountUserfaultfds();
+    struct page_server_fork_config config = {};
+    config.template_name = "tmpl";
+    config.memory_path = memory_path_.c_str();
+    config.socket_path = "";
+    config.vmm_pid = getpid();
+    config.label = "adopted";
+    struct page_server_fork *fork = nullptr;
+    struct forkd_error err = {};
+    ASSERT_EQ(0, page_server_fork_adopt(server_, &config, vmm.regions_.data(), vmm.regions_.size(),
+                                        fcntl(vmm.uffd(), F_DUPFD_CLOEXEC, 0),
+                                        static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0)),
+                                        &fork, &err))
+        << err.message;
+    EXPECT_TRUE(page_server_fork_active(fork));
+    if (reader.wait_for(std::chrono::seconds(5)) != std::future_status::ready) {
+        struct uffdio_range range = {vmm.regions_[0].host_base, vmm.regions_[0].size};
+        ioctl(vmm.uffd(), UFFDIO_UNREGISTER, &range); // wakes the reader: fail, do not hang
+        FAIL() << "the fault read before the adoption was never served";
+    }
+    EXPECT_TRUE(PageMatches(page, 5 * kPage, kPage));
+    ASSERT_TRUE(Touch(vmm, vmm.Region(0) + 9 * kPage));
+    EXPECT_TRUE(PageMatches(vmm.Region(0) + 9 * kPage, 9 * kPage, kPage));
+    EXPECT_GE(Settled(fork, 2).faults_served, 2u);
+    page_server_fork_release(fork);
+    EXPECT_TRUE(WaitFor([&] { return CountUserfaultfds() == uffds_before; }))
+        << "the adopted fork's userfaultfd is closed once released";
+}
+
+TEST_F(PageServerTest, AnAdoptedForkWhoseRegionsExceedTheTemplateIsRefusedAndItsFdsClosed)
+{
+    FakeVmm vmm({kTemplateBytes + (1 << 20)}, kPage);
+    int uffds_before = CountUserfaultfds();
+    struct page_server_fork_config config = {};
+    config.template_name = "tmpl";
+    config.memory_path = memory_path_.c_str();
+    config.socket_path = "";
+    config.vmm_pid = getpid();
+    config.label = "too-big";
+    struct page_server_fork *fork = nullptr;
+    struct forkd_error err = {};
+    EXPECT_EQ(-EINVAL,
+              page_server_fork_adopt(server_, &config, vmm.regions_.data(), vmm.regions_.size(),
+                                     fcntl(vmm.uffd(), F_DUPFD_CLOEXEC, 0),
+                                     static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0)), &fork,
+                                     &err));
+    EXPECT_EQ(uffds_before, CountUserfaultfds());
+}

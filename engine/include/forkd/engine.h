@@ -55,6 +55,13 @@ int engine_open(const struct engine_config *config, struct engine **out, struct 
  * store. Every branch must have ended first. NULL is a no-op. */
 void engine_close(struct engine *engine, bool keep_vms, unsigned grace_ms);
 
+/* Takes back the VMs an earlier forkd on this state directory left running (it died, or was
+ * stopped with keep_vms): vm_registry_adopt with the engine's store and page server (config's
+ * store and page_server are filled in here). Call once, right after engine_open, before any
+ * other action. */
+int engine_adopt_vms(struct engine *engine, struct vm_adopt_config *config,
+                     struct vm_adopt_report *report, struct forkd_error *err);
+
 /* How many real-time threads were demoted for using too much CPU (see engine_config). */
 unsigned long engine_realtime_demotions(void);
 

@@ -137,6 +137,24 @@ int page_server_fork_prepare(struct page_server *server,
 int page_server_fork_wait_ready(struct page_server_fork *fork, int timeout_ms,
                                 struct forkd_error *err);
 
+struct uffd_region; /* the engine's userfaultfd region (internal) */
+
+/* Serves again a fork that an earlier forkd served (forkd restarted): the VMM still holds its
+ * userfaultfd, taken back from it (pidfd_getfd) as uffd, and its regions come from the VM's
+ * record. The fork joins the loop at once, before this returns; every vCPU still waiting on a
+ * fault that the earlier forkd read but never resolved is woken (UFFDIO_WAKE over every
+ * region) and faults again, now served here. pidfd (the VMM's) replaces the handshake
+ * connection: it turns readable when the VMM exits, and the fork is dropped. Takes uffd and
+ * pidfd over, also on failure. Errors as page_server_fork_prepare, and -EINVAL for regions
+ * beyond memory.bin. */
+int page_server_fork_adopt(struct page_server *server, const struct page_server_fork_config *config,
+                           const struct uffd_region *regions, size_t region_count, int uffd,
+                           int pidfd, struct page_server_fork **out, struct forkd_error *err);
+
+/* The regions the fork's handshake announced (up to max); returns how many there are. */
+size_t page_server_fork_regions(const struct page_server_fork *fork, struct uffd_region *out,
+                                size_t max);
+
 /* The fork's figures (forks_active is 1 while it is served). */
 void page_server_fork_stats(const struct page_server_fork *fork, struct page_server_stats *out);
 

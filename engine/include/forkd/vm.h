@@ -132,23 +132,42 @@ struct vm_status {
 
 int vm_registry_open(const struct vm_registry_config *config, struct vm_registry **out,
                      struct forkd_error *err);
-/* What an earlier forkd left in the run directory. */
-struct vm_stale_report {
-    unsigned killed;  /* VMMs of a forkd that died without stopping them: killed now */
-    unsigned kept;    /* VMMs left running on purpose (keep_vms): left alone, not managed */
-    unsigned foreign; /* processes on a VM socket not proven to be a VMM forkd started: spared */
+/* What adoption found (vm_registry_adopt). */
+struct vm_adopt_report {
+    unsigned adopted;  /* VMMs proven to be the recorded ones: managed again, same ids */
+    unsigned exited;   /* recorded VMMs that exited while no forkd watched: listed as exited */
+    unsigned stopped;  /* VMMs whose start (Boot, Spawn) was cut short: stopped */
+    unsigned foreign;  /* records and VM sockets not proven ours: never acted on */
+    unsigned degraded; /* adopted without all that forkd held for them (see the log) */
+    unsigned branches_failed; /* branches that ran when the earlier forkd died */
 };
 
-/* Call once after opening: kills VMMs that an earlier forkd on this run directory left behind
- * by dying (a live process answering on a "vm-<n>.sock" without a keep marker, proven by its
- * record to be the VMM that forkd started: pid, start time, executable), removes dead sockets
- * (never following a symlink), and makes new VM ids follow the highest one found, so no file
- * is reused. A process that is not proven ours is never signalled. */
-int vm_registry_clean_stale(struct vm_registry *registry, struct vm_stale_report *report,
-                            struct forkd_error *err);
+struct vm_adopt_config {
+    struct store *store;             /* restored VMs take a use of their snapshot again */
+    struct page_server *page_server; /* serves adopted UFFD forks */
+    /* Each finding, in words; may be NULL. */
+    void (*log)(void *arg, bool warning, const char *message);
+    /* A branch that ran on vm_id, writing snapshot_name, when the earlier forkd died; may be
+     * NULL. */
+    void (*branch_failed)(void *arg, const char *vm_id, const char *snapshot_name);
+    void *arg;
+};
+
+/* Call once after opening, before anything else uses the registry: takes back the VMs an
+ * earlier forkd on this run directory left running (it died, or stopped with keep_vms). For
+ * each durable record, a live VMM that is provably the recorded process (pid, start time,
+ * executable, and it answers on the VM's API socket) is adopted: listed under its id, its
+ * state read (GET /), what forkd held taken back from it (a MEMFD VM's memfd; a UFFD fork's
+ * userfaultfd, served again by the page server; UFFD forks are adopted first), a branch that
+ * was running reported through branch_failed with the VM resumed if it was left paused. A
+ * recorded VMM that is gone is listed as exited with the reason; one whose start was cut short
+ * is stopped. A process not proven ours is never signalled or touched. New ids follow the
+ * highest found, so no id or file is reused. */
+int vm_registry_adopt(struct vm_registry *registry, const struct vm_adopt_config *config,
+                      struct vm_adopt_report *report, struct forkd_error *err);
 
 /* Stops every VM (SIGTERM, then SIGKILL after grace_ms) unless keep_vms, then frees. With
- * keep_vms each VM is marked as kept, so a later forkd leaves it running. */
+ * keep_vms the VMs keep running, and their records: the next forkd adopts them. */
 void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned grace_ms);
 
 /* 0 when this host can run VMs; otherwise -ENODEV naming why ("KVM is not usable on this host:
