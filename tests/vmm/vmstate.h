@@ -27,7 +27,7 @@
 #include "guest_memory.h"
 
 #define VMSTATE_MAGIC   "FKDVMST"
-#define VMSTATE_VERSION 1u
+#define VMSTATE_VERSION 2u /* 2: guest_config.report_us */
 
 struct vcpu_state {
     struct kvm_regs regs;
