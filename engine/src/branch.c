@@ -97,6 +97,9 @@ struct branch_run_state {
     _Atomic int handler_error;  /* negative errno once the handler failed */
     char handler_error_message[FORKD_ERROR_MESSAGE_MAX];
     atomic_uint_fast64_t pages_written;
+    atomic_uint_fast64_t pages_released; /* captured and unprotected, by either path */
+    uint64_t total_pages;
+    uint64_t resumed_ns; /* start of the copy phase */
     /* Futex word bumped by the fault handler after each page it wrote, woken only while the
      * copier waits for the last of them (written_waiting), so the fault path makes no system
      * call otherwise and takes no lock. */
@@ -108,6 +111,7 @@ struct branch {
     atomic_bool cancel;
     struct latency_histogram service; /* fault service times */
     atomic_uint_fast64_t faults_left_to_bulk;
+    atomic_uint_fast64_t captured_ns; /* resume to the last page released; 0 until then */
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
     uint64_t bytes_total;
@@ -154,6 +158,7 @@ static void branch_service_percentiles(struct branch *branch, struct branch_prog
     out->fault_service_p99_ns = service.p99_ns;
     out->fault_service_max_ns = service.max_ns;
     out->faults_left_to_bulk = atomic_load(&branch->faults_left_to_bulk);
+    out->captured_ns = atomic_load(&branch->captured_ns);
 }
 
 void branch_get_progress(struct branch *branch, struct branch_progress *out)
@@ -324,6 +329,7 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
     latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
     if (!ours)
         return;
+    atomic_fetch_add(&run->pages_released, 1);
     int rc = fs_pwrite_all(run->memory_fd, buffer, page_size,
                            (off_t)(region->uffd.file_offset + index * page_size));
     if (rc < 0)
@@ -650,6 +656,7 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
                             false, false, err);
     if (rc < 0)
         return rc;
+    atomic_fetch_add(&run->pages_released, count);
     rc = fs_pwrite_all(run->memory_fd, buffer, length, (off_t)(region->uffd.file_offset + offset));
     if (rc < 0)
         return forkd_error_errno(err, rc, "write memory.bin at %llu",
@@ -718,19 +725,26 @@ static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
     return 0;
 }
 
+/* Records when the guest stopped paying: every page captured and unprotected. */
+static void branch_note_captured(struct branch *branch, struct branch_run_state *run)
+{
+    if (atomic_load(&branch->captured_ns) || atomic_load(&run->pages_released) < run->total_pages)
+        return;
+    atomic_store(&branch->captured_ns, forkd_monotonic_ns() - run->resumed_ns);
+}
+
 /* Waits for the fault handler to finish writing the pages it claimed: woken by each page it
  * writes, and every WRITTEN_CHECK_MS to see whether the branch was cancelled or failed. */
 #define WRITTEN_CHECK_MS 10
 static int branch_wait_all_written(struct branch *branch, struct branch_run_state *run,
                                    struct forkd_error *err)
 {
-    uint64_t total_pages = 0;
-    for (size_t r = 0; r < run->region_count; r++)
-        total_pages += run->regions[r].page_count;
+    uint64_t total_pages = run->total_pages;
     atomic_store(&run->written_waiting, true);
     int rc = 0;
     for (;;) {
         uint32_t seen = atomic_load(&run->written_seq);
+        branch_note_captured(branch, run);
         if (atomic_load(&run->pages_written) >= total_pages)
             break;
         if ((rc = branch_check_alive(branch, run, err)) < 0)
@@ -805,6 +819,7 @@ static int branch_setup_regions(struct branch *branch, struct branch_run_state *
         if (!region->pages || (count_writes && !region->write_counts))
             return forkd_error_set(err, -ENOMEM, "page claims: out of memory");
         run->total_bytes += region->uffd.size;
+        run->total_pages += region->page_count;
     }
     branch->bytes_total = run->total_bytes;
     branch->page_size = (uint32_t)run->regions[0].uffd.page_size;
@@ -896,6 +911,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     if (rc < 0)
         return rc;
     uint64_t start = forkd_monotonic_ns();
+    run->resumed_ns = start;
     branch_set_phase(branch, BRANCH_PHASE_COPYING);
     rc = branch_bulk_copy(branch, run, err);
     if (rc == 0)

@@ -57,6 +57,9 @@ struct branch_progress {
     /* Faults on pages the bulk copier had claimed but not yet captured: left to it, since its
      * unprotect right after the capture wakes the vCPU (not in the service times). */
     uint64_t faults_left_to_bulk;
+    /* LIVE and ARM_IN_PAUSE: from the resume until every page was captured and unprotected,
+     * when the guest stops paying for the branch (memory.bin may not be durable yet); 0 before. */
+    uint64_t captured_ns;
 };
 
 /* Called on the branch's thread at every phase change; must not block. */
