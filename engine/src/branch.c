@@ -100,6 +100,7 @@ struct branch_run_state {
     atomic_uint_fast64_t pages_released; /* captured and unprotected, by either path */
     uint64_t total_pages;
     uint64_t resumed_ns; /* start of the copy phase */
+    unsigned levers;     /* branch_lever bits in use */
     /* Futex word bumped by the fault handler after each page it wrote, woken only while the
      * copier waits for the last of them (written_waiting), so the fault path makes no system
      * call otherwise and takes no lock. */
@@ -298,24 +299,36 @@ static void branch_track_fault(struct branch_run_state *run, struct branch_regio
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
 }
 
-/* Copy mode: capture the pre-image unless someone already claimed the page, unprotect (which
- * wakes the vCPU), then write the captured page. */
-static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
-                              struct branch_region *region, uint64_t page_address, uint8_t *buffer,
-                              uint64_t started_ns)
+static bool branch_lever(const struct branch_run_state *run, enum branch_lever lever)
+{
+    return (run->levers & lever) != 0;
+}
+
+/* The handler writes the captured run itself, after the vCPU was woken. */
+static void branch_fault_write(struct branch *branch, struct branch_run_state *run,
+                               struct branch_region *region, uint64_t first, uint64_t count,
+                               const uint8_t *buffer)
 {
     uint64_t page_size = region->uffd.page_size;
-    uint64_t index = (page_address - region->uffd.host_base) / page_size;
-    uint8_t expected = 0;
-    bool ours = atomic_compare_exchange_strong(&region->pages[index], &expected,
-                                               (uint8_t)PAGE_CLAIMED_BY_FAULT);
-    if (ours) {
-        int rc = branch_read_guest(run, region, index * page_size, buffer, page_size);
-        if (rc < 0)
-            branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
-                                (unsigned long long)page_address, strerror(-rc));
-        atomic_fetch_or(&region->pages[index], (uint8_t)PAGE_CAPTURED);
-    } else if (!(atomic_load(&region->pages[index]) & PAGE_CAPTURED)) {
+    int rc = fs_pwrite_all(run->memory_fd, buffer, count * page_size,
+                           (off_t)(region->uffd.file_offset + first * page_size));
+    if (rc < 0)
+        branch_handler_fail(run, rc, "write memory.bin: %s", strerror(-rc));
+    branch_count_write(region, first, count);
+    atomic_fetch_add(&branch->pages_by_fault, count);
+    atomic_fetch_add(&branch->bytes_copied, count * page_size);
+    atomic_fetch_add(&run->pages_written, count);
+    atomic_fetch_add(&run->written_seq, 1);
+    if (atomic_load(&run->written_waiting))
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* A fault on a page someone else claimed: wake the vCPU once the page is captured. */
+static void branch_fault_on_claimed(struct branch *branch, struct branch_run_state *run,
+                                    struct branch_region *region, uint64_t page_address,
+                                    uint64_t index, uint64_t started_ns)
+{
+    if (!(atomic_load(&region->pages[index]) & PAGE_CAPTURED)) {
         /* The bulk copier claimed it and has not captured it yet. It unprotects (and so wakes
          * this vCPU) right after capturing; waiting here would hold the one handler thread, at
          * real-time priority, against the very copier it waits for. */
@@ -323,24 +336,41 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
         return;
     }
     struct forkd_error err;
+    uint64_t page_size = region->uffd.page_size;
     if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
                            &err) < 0)
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
-    latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
-    if (!ours)
+    latency_record(&branch->service, forkd_monotonic_ns() - started_ns);
+}
+
+/* Copy mode: claim the page, capture its pre-image, unprotect (which wakes the vCPU), then
+ * write it. Copy before unprotect, always. */
+static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
+                              struct branch_region *region, uint64_t page_address, uint8_t *buffer,
+                              uint64_t started_ns)
+{
+    uint64_t page_size = region->uffd.page_size;
+    uint64_t index = (page_address - region->uffd.host_base) / page_size;
+    uint8_t expected = 0;
+    if (!atomic_compare_exchange_strong(&region->pages[index], &expected,
+                                        (uint8_t)PAGE_CLAIMED_BY_FAULT)) {
+        branch_fault_on_claimed(branch, run, region, page_address, index, started_ns);
         return;
-    atomic_fetch_add(&run->pages_released, 1);
-    int rc = fs_pwrite_all(run->memory_fd, buffer, page_size,
-                           (off_t)(region->uffd.file_offset + index * page_size));
+    }
+    uint64_t first = index, count = 1;
+    int rc = branch_read_guest(run, region, first * page_size, buffer, count * page_size);
     if (rc < 0)
-        branch_handler_fail(run, rc, "write memory.bin: %s", strerror(-rc));
-    branch_count_write(region, index, 1);
-    atomic_fetch_add(&branch->pages_by_fault, 1);
-    atomic_fetch_add(&branch->bytes_copied, page_size);
-    atomic_fetch_add(&run->pages_written, 1);
-    atomic_fetch_add(&run->written_seq, 1);
-    if (atomic_load(&run->written_waiting))
-        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+        branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
+                            (unsigned long long)page_address, strerror(-rc));
+    for (uint64_t p = first; p < first + count; p++)
+        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    struct forkd_error err;
+    if (uffd_write_protect(run->handshake.uffd, region->uffd.host_base + first * page_size,
+                           count * page_size, page_size, false, false, &err) < 0)
+        branch_handler_fail(run, err.code, "fault handler: %s", err.message);
+    latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
+    atomic_fetch_add(&run->pages_released, count);
+    branch_fault_write(branch, run, region, first, count, buffer);
 }
 
 static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
@@ -637,10 +667,11 @@ static int branch_check_alive(struct branch *branch, struct branch_run_state *ru
     return 0;
 }
 
-/* Claims, captures, unprotects and writes one run of pages the fault handler did not claim. */
-static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
-                           struct branch_region *region, uint64_t first, uint64_t count,
-                           uint8_t *buffer, struct forkd_error *err)
+/* Captures one run of pages claimed by the copier and unprotects it: from here the guest
+ * writes these pages without a fault. */
+static int branch_bulk_capture(struct branch_run_state *run, struct branch_region *region,
+                               uint64_t first, uint64_t count, uint8_t *buffer,
+                               struct forkd_error *err)
 {
     uint64_t page_size = region->uffd.page_size;
     uint64_t offset = first * page_size, length = count * page_size;
@@ -651,24 +682,45 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
                                  (unsigned long long)length);
     for (uint64_t p = first; p < first + count; p++)
         atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
-    /* Captured: the guest may write these pages now without a fault. */
     rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length, page_size,
                             false, false, err);
     if (rc < 0)
         return rc;
     atomic_fetch_add(&run->pages_released, count);
-    rc = fs_pwrite_all(run->memory_fd, buffer, length, (off_t)(region->uffd.file_offset + offset));
+    return 0;
+}
+
+static int branch_bulk_write(struct branch *branch, struct branch_run_state *run,
+                             struct branch_region *region, uint64_t first, uint64_t count,
+                             const uint8_t *buffer, struct forkd_error *err)
+{
+    uint64_t page_size = region->uffd.page_size;
+    off_t at = (off_t)(region->uffd.file_offset + first * page_size);
+    int rc = fs_pwrite_all(run->memory_fd, buffer, count * page_size, at);
     if (rc < 0)
-        return forkd_error_errno(err, rc, "write memory.bin at %llu",
-                                 (unsigned long long)(region->uffd.file_offset + offset));
+        return forkd_error_errno(err, rc, "write memory.bin at %llu", (unsigned long long)at);
     branch_count_write(region, first, count);
     atomic_fetch_add(&branch->pages_by_bulk, count);
-    atomic_fetch_add(&branch->bytes_copied, length);
+    atomic_fetch_add(&branch->bytes_copied, count * page_size);
     atomic_fetch_add(&run->pages_written, count);
     return 0;
 }
 
-/* One chunk: claim every free page, then copy each run of pages claimed here. */
+/* The next run of pages claimed here in [*i, count), or false when none is left. */
+static bool branch_next_claimed_run(const bool *claimed, uint64_t count, uint64_t *i,
+                                    uint64_t *start)
+{
+    while (*i < count && !claimed[*i])
+        (*i)++;
+    *start = *i;
+    while (*i < count && claimed[*i])
+        (*i)++;
+    return *i > *start;
+}
+
+/* One chunk: claim every free page, then capture and unprotect each run of pages claimed here
+ * and write it. With BRANCH_LEVER_RELEASE_FIRST every run is released before any is written,
+ * so a vCPU faulting on the chunk's second run never waits behind the write of its first. */
 static int branch_bulk_chunk(struct branch *branch, struct branch_run_state *run,
                              struct branch_region *region, uint64_t first, uint64_t count,
                              uint8_t *buffer, struct forkd_error *err)
@@ -679,18 +731,19 @@ static int branch_bulk_chunk(struct branch *branch, struct branch_run_state *run
         claimed[i] = atomic_compare_exchange_strong(&region->pages[first + i], &expected,
                                                     (uint8_t)PAGE_CLAIMED_BY_BULK);
     }
-    uint64_t i = 0;
-    while (i < count) {
-        if (!claimed[i]) {
-            i++;
-            continue;
-        }
-        uint64_t start = i;
-        while (i < count && claimed[i])
-            i++;
-        uint64_t page_size = region->uffd.page_size;
-        int rc = branch_bulk_run(branch, run, region, first + start, i - start,
-                                 buffer + start * page_size, err);
+    bool release_first = branch_lever(run, BRANCH_LEVER_RELEASE_FIRST);
+    uint64_t page_size = region->uffd.page_size, i = 0, start;
+    while (branch_next_claimed_run(claimed, count, &i, &start)) {
+        uint8_t *at = buffer + start * page_size;
+        int rc = branch_bulk_capture(run, region, first + start, i - start, at, err);
+        if (rc == 0 && !release_first)
+            rc = branch_bulk_write(branch, run, region, first + start, i - start, at, err);
+        if (rc < 0)
+            return rc;
+    }
+    for (i = 0; release_first && branch_next_claimed_run(claimed, count, &i, &start);) {
+        int rc = branch_bulk_write(branch, run, region, first + start, i - start,
+                                   buffer + start * page_size, err);
         if (rc < 0)
             return rc;
     }
@@ -841,6 +894,7 @@ static int branch_open_memory_file(struct branch_run_state *run, struct forkd_er
 static int branch_live_setup(struct branch *branch, struct branch_run_state *run,
                              const struct branch_request *request, struct forkd_error *err)
 {
+    run->levers = BRANCH_LEVER_ALL & ~request->levers_off;
     int rc = branch_receive_uffd(run, err);
     if (rc == 0)
         rc = branch_setup_regions(branch, run, request->count_page_writes, err);

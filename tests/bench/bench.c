@@ -7,6 +7,7 @@
 #include "bench.h"
 
 #include "basic/cleanup.h"
+#include "forkd/branch.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -37,7 +38,8 @@ static void usage(FILE *out)
             "counted until 500 ms after it ends.\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
             "--levers: the LIVE branches of each repetition, the first giving the LIVE figures:\n"
-            "all (the engine as it is). Default all.\n"
+            "all (every copy-phase lever), none (the engine without them), or all but one:\n"
+            "no-staging, no-release. Default all,none.\n"
             "--vcpus: of the source VMs (default 2; 1 leaves a core to forkd on a 2-core host).\n"
             "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
             "--boost-vcpus runs the VMM's vCPU threads at SCHED_FIFO from just before a LIVE\n"
@@ -71,6 +73,8 @@ struct lever_name {
 
 static const struct lever_name lever_names[] = {
     {"all", "LIVE", 0},
+    {"none", "LIVE, levers off", BRANCH_LEVER_ALL},
+    {"no-release", "LIVE, no release-first", BRANCH_LEVER_RELEASE_FIRST},
 };
 
 static int parse_variants(const char *text, struct bench_options *o)
@@ -130,7 +134,7 @@ static void set_defaults(struct bench_options *o, bool quick)
     o->vcpus = BENCH_VCPUS;
     o->tail_ms = 500;
     parse_workloads("random,hotset,sequential", o);
-    parse_variants("all", o);
+    parse_variants("all,none", o);
 }
 
 enum {

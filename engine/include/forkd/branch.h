@@ -62,6 +62,13 @@ struct branch_progress {
     uint64_t captured_ns;
 };
 
+/* Copy-phase levers (see branch.c), all in use by default. The benchmark leaves them out one
+ * by one to measure what each buys, against the engine without it, in the same run. */
+enum branch_lever {
+    BRANCH_LEVER_RELEASE_FIRST = 1u << 3, /* a bulk chunk is unprotected before it is written */
+    BRANCH_LEVER_ALL = BRANCH_LEVER_RELEASE_FIRST,
+};
+
 /* Called on the branch's thread at every phase change; must not block. */
 typedef void (*branch_phase_fn)(void *context, enum branch_phase phase,
                                 const struct branch_progress *progress);
@@ -78,6 +85,8 @@ struct branch_request {
     bool count_page_writes;
     /* Tests: called inside the pause, after the VMM saved the vmstate, before the resume. */
     void (*inside_pause_hook)(void *context);
+    /* Benchmark: branch_lever bits to leave out (0: every lever in use). */
+    unsigned levers_off;
 };
 
 struct branch;
