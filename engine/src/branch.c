@@ -46,7 +46,9 @@
 #define PAGE_CLAIMED_BY_BULK  2u
 #define PAGE_CAPTURED         4u
 
-#define BULK_CHUNK_BYTES         (2u << 20) /* one read and one write per chunk */
+#define BULK_CHUNK_BYTES         (2u << 20)  /* one read and one write per chunk */
+#define STAGING_BYTES            (16u << 20) /* pre-images the fault handler can hold unwritten */
+#define STAGING_MIN_SLOTS        8
 #define HANDLER_BATCH            64
 #define REARM_MAX_ROUNDS         16
 #define REARM_CONVERGED_PAGES    64 /* dirty set small enough to re-arm inside the pause */
@@ -66,6 +68,25 @@ struct branch_region {
 struct dirty_list {
     uint64_t *addresses;
     size_t count, capacity;
+};
+
+/* Pre-images the fault handler captured and released, waiting for the bulk copier (between
+ * its chunks, and at the end) to write them to memory.bin: so a vCPU's fault never waits
+ * behind a write. One producer (the handler), one consumer (the copier), no lock: slot i is
+ * the handler's until `head` passes it, then the copier's until `tail` does. */
+struct staged_page {
+    struct branch_region *region;
+    uint64_t index;
+};
+
+struct staging {
+    uint8_t *slots; /* slot_count slots of slot_bytes, mapped and populated up front */
+    size_t mapped_bytes;
+    uint64_t slot_bytes, slot_count;
+    struct staged_page *pages;
+    _Atomic uint64_t head;     /* pages published by the handler */
+    _Atomic uint64_t tail;     /* pages written by the copier */
+    atomic_uint_fast64_t full; /* faults written by the handler itself: no slot was free */
 };
 
 struct branch_run_state {
@@ -99,8 +120,9 @@ struct branch_run_state {
     atomic_uint_fast64_t pages_written;
     atomic_uint_fast64_t pages_released; /* captured and unprotected, by either path */
     uint64_t total_pages;
-    uint64_t resumed_ns; /* start of the copy phase */
-    unsigned levers;     /* branch_lever bits in use */
+    uint64_t resumed_ns;    /* start of the copy phase */
+    unsigned levers;        /* branch_lever bits in use */
+    struct staging staging; /* with BRANCH_LEVER_STAGING */
     /* Futex word bumped by the fault handler after each page it wrote, woken only while the
      * copier waits for the last of them (written_waiting), so the fault path makes no system
      * call otherwise and takes no lock. */
@@ -304,7 +326,48 @@ static bool branch_lever(const struct branch_run_state *run, enum branch_lever l
     return (run->levers & lever) != 0;
 }
 
-/* The handler writes the captured run itself, after the vCPU was woken. */
+/* Reserves count staging slots for the handler; false when the copier has not freed enough. */
+static bool branch_staging_reserve(struct branch_run_state *run, uint64_t count)
+{
+    struct staging *staging = &run->staging;
+    if (!staging->slots)
+        return false;
+    uint64_t used = atomic_load_explicit(&staging->head, memory_order_relaxed) -
+                    atomic_load_explicit(&staging->tail, memory_order_acquire);
+    if (used + count <= staging->slot_count)
+        return true;
+    atomic_fetch_add(&staging->full, 1);
+    return false;
+}
+
+/* Captures a claimed run into the reserved slots, one page per slot (slots wrap). */
+static int branch_staging_capture(struct branch_run_state *run, struct branch_region *region,
+                                  uint64_t first, uint64_t count)
+{
+    struct staging *staging = &run->staging;
+    uint64_t head = atomic_load_explicit(&staging->head, memory_order_relaxed);
+    uint64_t page_size = region->uffd.page_size;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t slot = (head + i) % staging->slot_count;
+        int rc = branch_read_guest(run, region, (first + i) * page_size,
+                                   staging->slots + slot * staging->slot_bytes, page_size);
+        if (rc < 0)
+            return rc;
+        staging->pages[slot] = (struct staged_page){region, first + i};
+    }
+    return 0;
+}
+
+/* Hands the captured run to the copier, and wakes it if it waits for the last pages. */
+static void branch_staging_publish(struct branch_run_state *run, uint64_t count)
+{
+    atomic_fetch_add_explicit(&run->staging.head, count, memory_order_release);
+    atomic_fetch_add(&run->written_seq, 1);
+    if (atomic_load(&run->written_waiting))
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Without a staging slot: the handler writes the run itself, after the vCPU was woken. */
 static void branch_fault_write(struct branch *branch, struct branch_run_state *run,
                                struct branch_region *region, uint64_t first, uint64_t count,
                                const uint8_t *buffer)
@@ -343,8 +406,9 @@ static void branch_fault_on_claimed(struct branch *branch, struct branch_run_sta
     latency_record(&branch->service, forkd_monotonic_ns() - started_ns);
 }
 
-/* Copy mode: claim the page, capture its pre-image, unprotect (which wakes the vCPU), then
- * write it. Copy before unprotect, always. */
+/* Copy mode: claim the page, capture its pre-image (into a staging slot, else into buffer),
+ * unprotect (which wakes the vCPU), then hand the page to the copier or write it here. Copy
+ * before unprotect, always. */
 static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
                               struct branch_region *region, uint64_t page_address, uint8_t *buffer,
                               uint64_t started_ns)
@@ -358,7 +422,9 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
         return;
     }
     uint64_t first = index, count = 1;
-    int rc = branch_read_guest(run, region, first * page_size, buffer, count * page_size);
+    bool staged = branch_lever(run, BRANCH_LEVER_STAGING) && branch_staging_reserve(run, count);
+    int rc = staged ? branch_staging_capture(run, region, first, count)
+                    : branch_read_guest(run, region, first * page_size, buffer, count * page_size);
     if (rc < 0)
         branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
                             (unsigned long long)page_address, strerror(-rc));
@@ -370,7 +436,10 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
     latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
     atomic_fetch_add(&run->pages_released, count);
-    branch_fault_write(branch, run, region, first, count, buffer);
+    if (staged)
+        branch_staging_publish(run, count);
+    else
+        branch_fault_write(branch, run, region, first, count, buffer);
 }
 
 static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
@@ -750,6 +819,39 @@ static int branch_bulk_chunk(struct branch *branch, struct branch_run_state *run
     return 0;
 }
 
+/* Writes what the fault handler staged, adjacent pages in one write, then frees their slots. */
+static int branch_staging_drain(struct branch *branch, struct branch_run_state *run,
+                                struct forkd_error *err)
+{
+    struct staging *staging = &run->staging;
+    if (!staging->slots)
+        return 0;
+    uint64_t tail = atomic_load_explicit(&staging->tail, memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&staging->head, memory_order_acquire);
+    while (tail < head) {
+        uint64_t slot = tail % staging->slot_count;
+        struct staged_page page = staging->pages[slot];
+        uint64_t page_size = page.region->uffd.page_size, n = 1;
+        /* Coalesce the following slots that hold the following pages (no wrap). */
+        while (tail + n < head && slot + n < staging->slot_count &&
+               page_size == staging->slot_bytes && staging->pages[slot + n].region == page.region &&
+               staging->pages[slot + n].index == page.index + n)
+            n++;
+        off_t at = (off_t)(page.region->uffd.file_offset + page.index * page_size);
+        int rc = fs_pwrite_all(run->memory_fd, staging->slots + slot * staging->slot_bytes,
+                               n * page_size, at);
+        if (rc < 0)
+            return forkd_error_errno(err, rc, "write memory.bin at %llu", (unsigned long long)at);
+        branch_count_write(page.region, page.index, n);
+        atomic_fetch_add(&branch->pages_by_fault, n);
+        atomic_fetch_add(&branch->bytes_copied, n * page_size);
+        atomic_fetch_add(&run->pages_written, n);
+        tail += n;
+        atomic_store_explicit(&staging->tail, tail, memory_order_release);
+    }
+    return 0;
+}
+
 static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
                             struct forkd_error *err)
 {
@@ -771,6 +873,8 @@ static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
                                  ? region->page_count - first
                                  : pages_per_chunk;
             rc = branch_bulk_chunk(branch, run, region, first, count, buffer, err);
+            if (rc == 0)
+                rc = branch_staging_drain(branch, run, err);
             if (rc < 0)
                 return rc;
         }
@@ -797,6 +901,8 @@ static int branch_wait_all_written(struct branch *branch, struct branch_run_stat
     int rc = 0;
     for (;;) {
         uint32_t seen = atomic_load(&run->written_seq);
+        if ((rc = branch_staging_drain(branch, run, err)) < 0)
+            break;
         branch_note_captured(branch, run);
         if (atomic_load(&run->pages_written) >= total_pages)
             break;
@@ -891,6 +997,41 @@ static int branch_open_memory_file(struct branch_run_state *run, struct forkd_er
     return 0;
 }
 
+/* Staging slots for the fault handler's pre-images, populated now: a slot's first use must
+ * not be a page fault of forkd's own on the vCPU's wait. */
+static int branch_staging_open(struct branch_run_state *run, struct forkd_error *err)
+{
+    struct staging *staging = &run->staging;
+    if (!branch_lever(run, BRANCH_LEVER_STAGING))
+        return 0;
+    for (size_t i = 0; i < run->region_count; i++)
+        if (run->regions[i].uffd.page_size > staging->slot_bytes)
+            staging->slot_bytes = run->regions[i].uffd.page_size;
+    staging->slot_count = STAGING_BYTES / staging->slot_bytes;
+    if (staging->slot_count < STAGING_MIN_SLOTS)
+        staging->slot_count = STAGING_MIN_SLOTS;
+    staging->pages = calloc(staging->slot_count, sizeof(*staging->pages));
+    if (!staging->pages)
+        return forkd_error_set(err, -ENOMEM, "staging: out of memory");
+    size_t bytes = staging->slot_count * staging->slot_bytes;
+    void *slots = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (slots == MAP_FAILED)
+        return forkd_error_errno(err, -errno, "staging: map %zu bytes", bytes);
+    staging->slots = slots;
+    staging->mapped_bytes = bytes;
+    return 0;
+}
+
+static void branch_staging_close(struct staging *staging)
+{
+    if (staging->slots)
+        munmap(staging->slots, staging->mapped_bytes);
+    free(staging->pages);
+    staging->slots = NULL;
+    staging->pages = NULL;
+}
+
 static int branch_live_setup(struct branch *branch, struct branch_run_state *run,
                              const struct branch_request *request, struct forkd_error *err)
 {
@@ -902,6 +1043,8 @@ static int branch_live_setup(struct branch *branch, struct branch_run_state *run
         rc = branch_map_guest(run, err);
     if (rc == 0)
         rc = branch_open_memory_file(run, err);
+    if (rc == 0)
+        rc = branch_staging_open(run, err);
     return rc;
 }
 
@@ -941,6 +1084,7 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
         close(run->memory_fd);
     branch_dirty_free(&run->tracking);
     branch_dirty_free(&run->handed_over);
+    branch_staging_close(&run->staging);
 }
 
 /* ---- the two kinds of branch ------------------------------------------------------------ */

@@ -74,6 +74,7 @@ struct lever_name {
 static const struct lever_name lever_names[] = {
     {"all", "LIVE", 0},
     {"none", "LIVE, levers off", BRANCH_LEVER_ALL},
+    {"no-staging", "LIVE, no staging", BRANCH_LEVER_STAGING},
     {"no-release", "LIVE, no release-first", BRANCH_LEVER_RELEASE_FIRST},
 };
 
