@@ -47,6 +47,7 @@
 #define PAGE_CAPTURED         4u
 
 #define BULK_CHUNK_BYTES         (2u << 20)  /* one read and one write per chunk */
+#define FAULT_AROUND_BYTES       (64u << 10) /* an aligned run a fault may capture in one go */
 #define STAGING_BYTES            (16u << 20) /* pre-images the fault handler can hold unwritten */
 #define STAGING_MIN_SLOTS        8
 #define HANDLER_BATCH            64
@@ -326,6 +327,31 @@ static bool branch_lever(const struct branch_run_state *run, enum branch_lever l
     return (run->levers & lever) != 0;
 }
 
+/* Fault-around: extends the claim of the faulting page `index` to the free pages next to it in
+ * its FAULT_AROUND_BYTES-aligned block, as far as they are free on each side, so one capture
+ * and one unprotect serve a guest that writes its neighbours next. *first and *count receive
+ * the run now claimed by the fault. */
+static void branch_claim_around(struct branch_region *region, uint64_t index, uint64_t *first,
+                                uint64_t *count)
+{
+    uint64_t block = FAULT_AROUND_BYTES / region->uffd.page_size;
+    uint64_t low = index, high = index + 1;
+    if (block > 1) {
+        uint64_t start = index - index % block;
+        uint64_t end = start + block < region->page_count ? start + block : region->page_count;
+        uint8_t expected = 0;
+        while (low > start && atomic_compare_exchange_strong(&region->pages[low - 1], &expected,
+                                                             (uint8_t)PAGE_CLAIMED_BY_FAULT))
+            low--;
+        expected = 0;
+        while (high < end && atomic_compare_exchange_strong(&region->pages[high], &expected,
+                                                            (uint8_t)PAGE_CLAIMED_BY_FAULT))
+            high++;
+    }
+    *first = low;
+    *count = high - low;
+}
+
 /* Reserves count staging slots for the handler; false when the copier has not freed enough. */
 static bool branch_staging_reserve(struct branch_run_state *run, uint64_t count)
 {
@@ -406,9 +432,9 @@ static void branch_fault_on_claimed(struct branch *branch, struct branch_run_sta
     latency_record(&branch->service, forkd_monotonic_ns() - started_ns);
 }
 
-/* Copy mode: claim the page, capture its pre-image (into a staging slot, else into buffer),
- * unprotect (which wakes the vCPU), then hand the page to the copier or write it here. Copy
- * before unprotect, always. */
+/* Copy mode: claim the page (with fault-around, its free neighbours too), capture the
+ * pre-images (into staging slots, else into buffer), unprotect (which wakes the vCPU), then
+ * hand the pages to the copier or write them here. Copy before unprotect, always. */
 static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
                               struct branch_region *region, uint64_t page_address, uint8_t *buffer,
                               uint64_t started_ns)
@@ -422,6 +448,8 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
         return;
     }
     uint64_t first = index, count = 1;
+    if (branch_lever(run, BRANCH_LEVER_FAULT_AROUND))
+        branch_claim_around(region, index, &first, &count);
     bool staged = branch_lever(run, BRANCH_LEVER_STAGING) && branch_staging_reserve(run, count);
     int rc = staged ? branch_staging_capture(run, region, first, count)
                     : branch_read_guest(run, region, first * page_size, buffer, count * page_size);
@@ -489,7 +517,7 @@ static void *branch_handler_loop(void *arg)
     struct branch_handler_args *args = arg;
     struct branch *branch = args->branch;
     struct branch_run_state *run = args->run;
-    uint64_t buffer_size = 0;
+    uint64_t buffer_size = FAULT_AROUND_BYTES; /* a fault-around run */
     for (size_t i = 0; i < run->region_count; i++)
         if (run->regions[i].uffd.page_size > buffer_size)
             buffer_size = run->regions[i].uffd.page_size;
