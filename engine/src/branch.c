@@ -124,6 +124,7 @@ struct branch_run_state {
     uint64_t resumed_ns;    /* start of the copy phase */
     unsigned levers;        /* branch_lever bits in use */
     struct staging staging; /* with BRANCH_LEVER_STAGING */
+    struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
     /* Futex word bumped by the fault handler after each page it wrote, woken only while the
      * copier waits for the last of them (written_waiting), so the fault path makes no system
      * call otherwise and takes no lock. */
@@ -656,6 +657,14 @@ static void branch_dirty_free(struct dirty_list *list)
     *list = (struct dirty_list){0};
 }
 
+/* Appends a round's dirty pages to the hot list; out of memory only costs the ordering. */
+static void branch_dirty_extend(struct dirty_list *list, const struct dirty_list *more)
+{
+    for (size_t i = 0; i < more->count; i++)
+        if (branch_dirty_append(list, more->addresses[i]) < 0)
+            return;
+}
+
 /* LIVE, outside the pause: arm everything, then re-arm what the guest dirtied meanwhile until
  * the dirty set is small, so the pause only has a handful of pages left to re-arm. */
 static int branch_prearm(struct branch *branch, struct branch_run_state *run,
@@ -670,6 +679,8 @@ static int branch_prearm(struct branch *branch, struct branch_run_state *run,
         struct dirty_list list;
         rc = branch_handler_request(run, HANDLER_TRACKING, &list);
         long pages = rc < 0 ? rc : branch_rearm(run, &list, err);
+        if (pages > 0 && branch_lever(run, BRANCH_LEVER_HOT_FIRST))
+            branch_dirty_extend(&run->hot, &list);
         branch_dirty_free(&list);
         if (rc < 0)
             return forkd_error_set(err, rc, "fault handler: %s", run->handler_error_message);
@@ -880,6 +891,38 @@ static int branch_staging_drain(struct branch *branch, struct branch_run_state *
     return 0;
 }
 
+/* Hot pages first: the chunks holding pages the guest dirtied while write-protect was being
+ * armed are its working set, which it is about to write again; copying them right after the
+ * resume, before the cold bulk, turns most of its faults into one chunk copy each. */
+static int branch_bulk_hot(struct branch *branch, struct branch_run_state *run, uint8_t *buffer,
+                           uint64_t chunk_bytes, struct forkd_error *err)
+{
+    struct dirty_list *hot = &run->hot;
+    if (hot->count > 1)
+        qsort(hot->addresses, hot->count, sizeof(uint64_t), branch_compare_addresses);
+    uint64_t done_chunk = UINT64_MAX;
+    for (size_t i = 0; i < hot->count; i++) {
+        struct branch_region *region = branch_region_of(run, hot->addresses[i]);
+        uint64_t chunk = (hot->addresses[i] - region->uffd.host_base) / chunk_bytes;
+        uint64_t key = (uint64_t)(region - run->regions) << 56 | chunk;
+        if (key == done_chunk)
+            continue;
+        done_chunk = key;
+        uint64_t pages_per_chunk = chunk_bytes / region->uffd.page_size;
+        uint64_t first = chunk * pages_per_chunk;
+        uint64_t count = region->page_count - first < pages_per_chunk ? region->page_count - first
+                                                                      : pages_per_chunk;
+        int rc = branch_check_alive(branch, run, err);
+        if (rc == 0)
+            rc = branch_bulk_chunk(branch, run, region, first, count, buffer, err);
+        if (rc == 0)
+            rc = branch_staging_drain(branch, run, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
                             struct forkd_error *err)
 {
@@ -890,6 +933,11 @@ static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
     _cleanup_free_ uint8_t *buffer = aligned_alloc(4096, chunk_bytes);
     if (!buffer)
         return forkd_error_set(err, -ENOMEM, "bulk copy: out of memory");
+    if (branch_lever(run, BRANCH_LEVER_HOT_FIRST)) {
+        int rc = branch_bulk_hot(branch, run, buffer, chunk_bytes, err);
+        if (rc < 0)
+            return rc;
+    }
     for (size_t r = 0; r < run->region_count; r++) {
         struct branch_region *region = &run->regions[r];
         uint64_t pages_per_chunk = chunk_bytes / region->uffd.page_size;
@@ -1112,6 +1160,7 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
         close(run->memory_fd);
     branch_dirty_free(&run->tracking);
     branch_dirty_free(&run->handed_over);
+    branch_dirty_free(&run->hot);
     branch_staging_close(&run->staging);
 }
 
