@@ -814,6 +814,34 @@ static int branch_bulk_write(struct branch *branch, struct branch_run_state *run
     return 0;
 }
 
+/* Capture fast, persist later: for a memfd guest the copier's capture is the write itself,
+ * from our mapping of guest memory into memory.bin's page cache (one copy of each byte, not
+ * two), made while the run is still protected; then the run is unprotected. Durability comes
+ * with the fsync at the end. */
+static int branch_bulk_direct(struct branch *branch, struct branch_run_state *run,
+                              struct branch_region *region, uint64_t first, uint64_t count,
+                              struct forkd_error *err)
+{
+    uint64_t page_size = region->uffd.page_size;
+    uint64_t offset = first * page_size, length = count * page_size;
+    off_t at = (off_t)(region->uffd.file_offset + offset);
+    int rc = fs_pwrite_all(run->memory_fd, run->guest_map + at, length, at);
+    if (rc < 0)
+        return forkd_error_errno(err, rc, "write memory.bin at %llu", (unsigned long long)at);
+    for (uint64_t p = first; p < first + count; p++)
+        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length, page_size,
+                            false, false, err);
+    if (rc < 0)
+        return rc;
+    atomic_fetch_add(&run->pages_released, count);
+    branch_count_write(region, first, count);
+    atomic_fetch_add(&branch->pages_by_bulk, count);
+    atomic_fetch_add(&branch->bytes_copied, length);
+    atomic_fetch_add(&run->pages_written, count);
+    return 0;
+}
+
 /* The next run of pages claimed here in [*i, count), or false when none is left. */
 static bool branch_next_claimed_run(const bool *claimed, uint64_t count, uint64_t *i,
                                     uint64_t *start)
@@ -839,9 +867,15 @@ static int branch_bulk_chunk(struct branch *branch, struct branch_run_state *run
         claimed[i] = atomic_compare_exchange_strong(&region->pages[first + i], &expected,
                                                     (uint8_t)PAGE_CLAIMED_BY_BULK);
     }
-    bool release_first = branch_lever(run, BRANCH_LEVER_RELEASE_FIRST);
+    bool direct = branch_lever(run, BRANCH_LEVER_DIRECT) && run->guest_map;
+    bool release_first = !direct && branch_lever(run, BRANCH_LEVER_RELEASE_FIRST);
     uint64_t page_size = region->uffd.page_size, i = 0, start;
-    while (branch_next_claimed_run(claimed, count, &i, &start)) {
+    while (direct && branch_next_claimed_run(claimed, count, &i, &start)) {
+        int rc = branch_bulk_direct(branch, run, region, first + start, i - start, err);
+        if (rc < 0)
+            return rc;
+    }
+    while (!direct && branch_next_claimed_run(claimed, count, &i, &start)) {
         uint8_t *at = buffer + start * page_size;
         int rc = branch_bulk_capture(run, region, first + start, i - start, at, err);
         if (rc == 0 && !release_first)

@@ -39,7 +39,7 @@ static void usage(FILE *out)
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
             "--levers: the LIVE branches of each repetition, the first giving the LIVE figures:\n"
             "all (every copy-phase lever), none (the engine without them), or all but one:\n"
-            "no-staging, no-hot, no-around, no-release. Default all,none.\n"
+            "no-staging, no-hot, no-around, no-release, no-direct. Default all,none.\n"
             "--vcpus: of the source VMs (default 2; 1 leaves a core to forkd on a 2-core host).\n"
             "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
             "--boost-vcpus runs the VMM's vCPU threads at SCHED_FIFO from just before a LIVE\n"
@@ -78,6 +78,7 @@ static const struct lever_name lever_names[] = {
     {"no-hot", "LIVE, no hot-first", BRANCH_LEVER_HOT_FIRST},
     {"no-around", "LIVE, no fault-around", BRANCH_LEVER_FAULT_AROUND},
     {"no-release", "LIVE, no release-first", BRANCH_LEVER_RELEASE_FIRST},
+    {"no-direct", "LIVE, no direct capture", BRANCH_LEVER_DIRECT},
 };
 
 static int parse_variants(const char *text, struct bench_options *o)

@@ -69,8 +69,9 @@ enum branch_lever {
     BRANCH_LEVER_HOT_FIRST = 1u << 1,     /* pages dirtied while pre-arming are copied first */
     BRANCH_LEVER_FAULT_AROUND = 1u << 2,  /* a fault captures its unclaimed aligned neighbours */
     BRANCH_LEVER_RELEASE_FIRST = 1u << 3, /* a bulk chunk is unprotected before it is written */
+    BRANCH_LEVER_DIRECT = 1u << 4, /* the copier captures straight into memory.bin's page cache */
     BRANCH_LEVER_ALL = BRANCH_LEVER_STAGING | BRANCH_LEVER_HOT_FIRST | BRANCH_LEVER_FAULT_AROUND |
-                       BRANCH_LEVER_RELEASE_FIRST,
+                       BRANCH_LEVER_RELEASE_FIRST | BRANCH_LEVER_DIRECT,
 };
 
 /* Called on the branch's thread at every phase change; must not block. */
