@@ -47,7 +47,10 @@
 #define PAGE_CLAIMED_BY_BULK  2u
 #define PAGE_CAPTURED         4u
 
-#define BULK_CHUNK_BYTES         (2u << 20) /* one read and one write per chunk */
+#define BULK_CHUNK_BYTES         (2u << 20)  /* one read and one write per chunk */
+#define FAULT_AROUND_BYTES       (64u << 10) /* an aligned run a fault may capture in one go */
+#define STAGING_BYTES            (16u << 20) /* pre-images the fault handler can hold unwritten */
+#define STAGING_MIN_SLOTS        8
 #define HANDLER_BATCH            64
 #define REARM_MAX_ROUNDS         16
 #define REARM_CONVERGED_PAGES    64 /* dirty set small enough to re-arm inside the pause */
@@ -67,6 +70,25 @@ struct branch_region {
 struct dirty_list {
     uint64_t *addresses;
     size_t count, capacity;
+};
+
+/* Pre-images the fault handler captured and released, waiting for the bulk copier (between
+ * its chunks, and at the end) to write them to memory.bin: so a vCPU's fault never waits
+ * behind a write. One producer (the handler), one consumer (the copier), no lock: slot i is
+ * the handler's until `head` passes it, then the copier's until `tail` does. */
+struct staged_page {
+    struct branch_region *region;
+    uint64_t index;
+};
+
+struct staging {
+    uint8_t *slots; /* slot_count slots of slot_bytes, mapped and populated up front */
+    size_t mapped_bytes;
+    uint64_t slot_bytes, slot_count;
+    struct staged_page *pages;
+    _Atomic uint64_t head;     /* pages published by the handler */
+    _Atomic uint64_t tail;     /* pages written by the copier */
+    atomic_uint_fast64_t full; /* faults written by the handler itself: no slot was free */
 };
 
 struct branch_run_state {
@@ -101,6 +123,12 @@ struct branch_run_state {
     atomic_bool handler_error_claimed;
     char handler_error_message[FORKD_ERROR_MESSAGE_MAX];
     atomic_uint_fast64_t pages_written;
+    atomic_uint_fast64_t pages_released; /* captured and unprotected, by either path */
+    uint64_t total_pages;
+    uint64_t resumed_ns;    /* start of the copy phase */
+    unsigned levers;        /* branch_lever bits in use */
+    struct staging staging; /* with BRANCH_LEVER_STAGING */
+    struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
     /* Futex word bumped by the fault handler after each page it wrote, woken only while the
      * copier waits for the last of them (written_waiting), so the fault path makes no system
      * call otherwise and takes no lock. */
@@ -116,6 +144,7 @@ struct branch {
     _Atomic int commit;               /* enum branch_commit */
     struct latency_histogram service; /* fault service times */
     atomic_uint_fast64_t faults_left_to_bulk;
+    atomic_uint_fast64_t captured_ns; /* resume to the last page released; 0 until then */
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
     uint64_t bytes_total;
@@ -180,6 +209,7 @@ static void branch_service_percentiles(struct branch *branch, struct branch_prog
     out->fault_service_p99_ns = service.p99_ns;
     out->fault_service_max_ns = service.max_ns;
     out->faults_left_to_bulk = atomic_load(&branch->faults_left_to_bulk);
+    out->captured_ns = atomic_load(&branch->captured_ns);
 }
 
 void branch_get_progress(struct branch *branch, struct branch_progress *out)
@@ -320,24 +350,102 @@ static void branch_track_fault(struct branch_run_state *run, struct branch_regio
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
 }
 
-/* Copy mode: capture the pre-image unless someone already claimed the page, unprotect (which
- * wakes the vCPU), then write the captured page. */
-static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
-                              struct branch_region *region, uint64_t page_address, uint8_t *buffer,
-                              uint64_t started_ns)
+static bool branch_lever(const struct branch_run_state *run, enum branch_lever lever)
+{
+    return (run->levers & lever) != 0;
+}
+
+/* Fault-around: extends the claim of the faulting page `index` to the free pages next to it in
+ * its FAULT_AROUND_BYTES-aligned block, as far as they are free on each side, so one capture
+ * and one unprotect serve a guest that writes its neighbours next. *first and *count receive
+ * the run now claimed by the fault. */
+static void branch_claim_around(struct branch_region *region, uint64_t index, uint64_t *first,
+                                uint64_t *count)
+{
+    uint64_t block = FAULT_AROUND_BYTES / region->uffd.page_size;
+    uint64_t low = index, high = index + 1;
+    if (block > 1) {
+        uint64_t start = index - index % block;
+        uint64_t end = start + block < region->page_count ? start + block : region->page_count;
+        uint8_t expected = 0;
+        while (low > start && atomic_compare_exchange_strong(&region->pages[low - 1], &expected,
+                                                             (uint8_t)PAGE_CLAIMED_BY_FAULT))
+            low--;
+        expected = 0;
+        while (high < end && atomic_compare_exchange_strong(&region->pages[high], &expected,
+                                                            (uint8_t)PAGE_CLAIMED_BY_FAULT))
+            high++;
+    }
+    *first = low;
+    *count = high - low;
+}
+
+/* Reserves count staging slots for the handler; false when the copier has not freed enough. */
+static bool branch_staging_reserve(struct branch_run_state *run, uint64_t count)
+{
+    struct staging *staging = &run->staging;
+    if (!staging->slots)
+        return false;
+    uint64_t used = atomic_load_explicit(&staging->head, memory_order_relaxed) -
+                    atomic_load_explicit(&staging->tail, memory_order_acquire);
+    if (used + count <= staging->slot_count)
+        return true;
+    atomic_fetch_add(&staging->full, 1);
+    return false;
+}
+
+/* Captures a claimed run into the reserved slots, one page per slot (slots wrap). */
+static int branch_staging_capture(struct branch_run_state *run, struct branch_region *region,
+                                  uint64_t first, uint64_t count)
+{
+    struct staging *staging = &run->staging;
+    uint64_t head = atomic_load_explicit(&staging->head, memory_order_relaxed);
+    uint64_t page_size = region->uffd.page_size;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t slot = (head + i) % staging->slot_count;
+        int rc = branch_read_guest(run, region, (first + i) * page_size,
+                                   staging->slots + slot * staging->slot_bytes, page_size);
+        if (rc < 0)
+            return rc;
+        staging->pages[slot] = (struct staged_page){region, first + i};
+    }
+    return 0;
+}
+
+/* Hands the captured run to the copier, and wakes it if it waits for the last pages. */
+static void branch_staging_publish(struct branch_run_state *run, uint64_t count)
+{
+    atomic_fetch_add_explicit(&run->staging.head, count, memory_order_release);
+    atomic_fetch_add(&run->written_seq, 1);
+    if (atomic_load(&run->written_waiting))
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Without a staging slot: the handler writes the run itself, after the vCPU was woken. */
+static void branch_fault_write(struct branch *branch, struct branch_run_state *run,
+                               struct branch_region *region, uint64_t first, uint64_t count,
+                               const uint8_t *buffer)
 {
     uint64_t page_size = region->uffd.page_size;
-    uint64_t index = (page_address - region->uffd.host_base) / page_size;
-    uint8_t expected = 0;
-    bool ours = atomic_compare_exchange_strong(&region->pages[index], &expected,
-                                               (uint8_t)PAGE_CLAIMED_BY_FAULT);
-    if (ours) {
-        int rc = branch_read_guest(run, region, index * page_size, buffer, page_size);
-        if (rc < 0)
-            branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
-                                (unsigned long long)page_address, strerror(-rc));
-        atomic_fetch_or(&region->pages[index], (uint8_t)PAGE_CAPTURED);
-    } else if (!(atomic_load(&region->pages[index]) & PAGE_CAPTURED)) {
+    int rc = fs_pwrite_all(run->memory_fd, buffer, count * page_size,
+                           (off_t)(region->uffd.file_offset + first * page_size));
+    if (rc < 0)
+        branch_handler_fail(run, rc, "write memory.bin: %s", strerror(-rc));
+    branch_count_write(region, first, count);
+    atomic_fetch_add(&branch->pages_by_fault, count);
+    atomic_fetch_add(&branch->bytes_copied, count * page_size);
+    atomic_fetch_add(&run->pages_written, count);
+    atomic_fetch_add(&run->written_seq, 1);
+    if (atomic_load(&run->written_waiting))
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* A fault on a page someone else claimed: wake the vCPU once the page is captured. */
+static void branch_fault_on_claimed(struct branch *branch, struct branch_run_state *run,
+                                    struct branch_region *region, uint64_t page_address,
+                                    uint64_t index, uint64_t started_ns)
+{
+    if (!(atomic_load(&region->pages[index]) & PAGE_CAPTURED)) {
         /* The bulk copier claimed it and has not captured it yet. It unprotects (and so wakes
          * this vCPU) right after capturing; waiting here would hold the one handler thread, at
          * real-time priority, against the very copier it waits for. */
@@ -345,23 +453,49 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
         return;
     }
     struct forkd_error err;
+    uint64_t page_size = region->uffd.page_size;
     if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
                            &err) < 0)
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
-    latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
-    if (!ours)
+    latency_record(&branch->service, forkd_monotonic_ns() - started_ns);
+}
+
+/* Copy mode: claim the page (with fault-around, its free neighbours too), capture the
+ * pre-images (into staging slots, else into buffer), unprotect (which wakes the vCPU), then
+ * hand the pages to the copier or write them here. Copy before unprotect, always. */
+static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
+                              struct branch_region *region, uint64_t page_address, uint8_t *buffer,
+                              uint64_t started_ns)
+{
+    uint64_t page_size = region->uffd.page_size;
+    uint64_t index = (page_address - region->uffd.host_base) / page_size;
+    uint8_t expected = 0;
+    if (!atomic_compare_exchange_strong(&region->pages[index], &expected,
+                                        (uint8_t)PAGE_CLAIMED_BY_FAULT)) {
+        branch_fault_on_claimed(branch, run, region, page_address, index, started_ns);
         return;
-    int rc = fs_pwrite_all(run->memory_fd, buffer, page_size,
-                           (off_t)(region->uffd.file_offset + index * page_size));
+    }
+    uint64_t first = index, count = 1;
+    if (branch_lever(run, BRANCH_LEVER_FAULT_AROUND))
+        branch_claim_around(region, index, &first, &count);
+    bool staged = branch_lever(run, BRANCH_LEVER_STAGING) && branch_staging_reserve(run, count);
+    int rc = staged ? branch_staging_capture(run, region, first, count)
+                    : branch_read_guest(run, region, first * page_size, buffer, count * page_size);
     if (rc < 0)
-        branch_handler_fail(run, rc, "write memory.bin: %s", strerror(-rc));
-    branch_count_write(region, index, 1);
-    atomic_fetch_add(&branch->pages_by_fault, 1);
-    atomic_fetch_add(&branch->bytes_copied, page_size);
-    atomic_fetch_add(&run->pages_written, 1);
-    atomic_fetch_add(&run->written_seq, 1);
-    if (atomic_load(&run->written_waiting))
-        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+        branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
+                            (unsigned long long)page_address, strerror(-rc));
+    for (uint64_t p = first; p < first + count; p++)
+        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    struct forkd_error err;
+    if (uffd_write_protect(run->handshake.uffd, region->uffd.host_base + first * page_size,
+                           count * page_size, page_size, false, false, &err) < 0)
+        branch_handler_fail(run, err.code, "fault handler: %s", err.message);
+    latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
+    atomic_fetch_add(&run->pages_released, count);
+    if (staged)
+        branch_staging_publish(run, count);
+    else
+        branch_fault_write(branch, run, region, first, count, buffer);
 }
 
 static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
@@ -411,7 +545,7 @@ static void *branch_handler_loop(void *arg)
     struct branch_handler_args *args = arg;
     struct branch *branch = args->branch;
     struct branch_run_state *run = args->run;
-    uint64_t buffer_size = 0;
+    uint64_t buffer_size = FAULT_AROUND_BYTES; /* a fault-around run */
     for (size_t i = 0; i < run->region_count; i++)
         if (run->regions[i].uffd.page_size > buffer_size)
             buffer_size = run->regions[i].uffd.page_size;
@@ -554,6 +688,14 @@ static void branch_dirty_free(struct dirty_list *list)
     *list = (struct dirty_list){0};
 }
 
+/* Appends a round's dirty pages to the hot list; out of memory only costs the ordering. */
+static void branch_dirty_extend(struct dirty_list *list, const struct dirty_list *more)
+{
+    for (size_t i = 0; i < more->count; i++)
+        if (branch_dirty_append(list, more->addresses[i]) < 0)
+            return;
+}
+
 /* LIVE, outside the pause: arm everything, then re-arm what the guest dirtied meanwhile until
  * the dirty set is small, so the pause only has a handful of pages left to re-arm. */
 static int branch_prearm(struct branch *branch, struct branch_run_state *run,
@@ -568,6 +710,8 @@ static int branch_prearm(struct branch *branch, struct branch_run_state *run,
         struct dirty_list list;
         rc = branch_handler_request(run, HANDLER_TRACKING, &list);
         long pages = rc < 0 ? rc : branch_rearm(run, &list, err);
+        if (pages > 0 && branch_lever(run, BRANCH_LEVER_HOT_FIRST))
+            branch_dirty_extend(&run->hot, &list);
         branch_dirty_free(&list);
         if (rc < 0)
             return forkd_error_set(err, rc, "fault handler: %s", run->handler_error_message);
@@ -662,10 +806,11 @@ static int branch_check_alive(struct branch *branch, struct branch_run_state *ru
     return 0;
 }
 
-/* Claims, captures, unprotects and writes one run of pages the fault handler did not claim. */
-static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
-                           struct branch_region *region, uint64_t first, uint64_t count,
-                           uint8_t *buffer, struct forkd_error *err)
+/* Captures one run of pages claimed by the copier and unprotects it: from here the guest
+ * writes these pages without a fault. */
+static int branch_bulk_capture(struct branch_run_state *run, struct branch_region *region,
+                               uint64_t first, uint64_t count, uint8_t *buffer,
+                               struct forkd_error *err)
 {
     uint64_t page_size = region->uffd.page_size;
     uint64_t offset = first * page_size, length = count * page_size;
@@ -676,15 +821,51 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
                                  (unsigned long long)length);
     for (uint64_t p = first; p < first + count; p++)
         atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
-    /* Captured: the guest may write these pages now without a fault. */
     rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length, page_size,
                             false, false, err);
     if (rc < 0)
         return rc;
-    rc = fs_pwrite_all(run->memory_fd, buffer, length, (off_t)(region->uffd.file_offset + offset));
+    atomic_fetch_add(&run->pages_released, count);
+    return 0;
+}
+
+static int branch_bulk_write(struct branch *branch, struct branch_run_state *run,
+                             struct branch_region *region, uint64_t first, uint64_t count,
+                             const uint8_t *buffer, struct forkd_error *err)
+{
+    uint64_t page_size = region->uffd.page_size;
+    off_t at = (off_t)(region->uffd.file_offset + first * page_size);
+    int rc = fs_pwrite_all(run->memory_fd, buffer, count * page_size, at);
     if (rc < 0)
-        return forkd_error_errno(err, rc, "write memory.bin at %llu",
-                                 (unsigned long long)(region->uffd.file_offset + offset));
+        return forkd_error_errno(err, rc, "write memory.bin at %llu", (unsigned long long)at);
+    branch_count_write(region, first, count);
+    atomic_fetch_add(&branch->pages_by_bulk, count);
+    atomic_fetch_add(&branch->bytes_copied, count * page_size);
+    atomic_fetch_add(&run->pages_written, count);
+    return 0;
+}
+
+/* Capture fast, persist later: for a memfd guest the copier's capture is the write itself,
+ * from our mapping of guest memory into memory.bin's page cache (one copy of each byte, not
+ * two), made while the run is still protected; then the run is unprotected. Durability comes
+ * with the fsync at the end. */
+static int branch_bulk_direct(struct branch *branch, struct branch_run_state *run,
+                              struct branch_region *region, uint64_t first, uint64_t count,
+                              struct forkd_error *err)
+{
+    uint64_t page_size = region->uffd.page_size;
+    uint64_t offset = first * page_size, length = count * page_size;
+    off_t at = (off_t)(region->uffd.file_offset + offset);
+    int rc = fs_pwrite_all(run->memory_fd, run->guest_map + at, length, at);
+    if (rc < 0)
+        return forkd_error_errno(err, rc, "write memory.bin at %llu", (unsigned long long)at);
+    for (uint64_t p = first; p < first + count; p++)
+        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length, page_size,
+                            false, false, err);
+    if (rc < 0)
+        return rc;
+    atomic_fetch_add(&run->pages_released, count);
     branch_count_write(region, first, count);
     atomic_fetch_add(&branch->pages_by_bulk, count);
     atomic_fetch_add(&branch->bytes_copied, length);
@@ -692,7 +873,21 @@ static int branch_bulk_run(struct branch *branch, struct branch_run_state *run,
     return 0;
 }
 
-/* One chunk: claim every free page, then copy each run of pages claimed here. */
+/* The next run of pages claimed here in [*i, count), or false when none is left. */
+static bool branch_next_claimed_run(const bool *claimed, uint64_t count, uint64_t *i,
+                                    uint64_t *start)
+{
+    while (*i < count && !claimed[*i])
+        (*i)++;
+    *start = *i;
+    while (*i < count && claimed[*i])
+        (*i)++;
+    return *i > *start;
+}
+
+/* One chunk: claim every free page, then capture and unprotect each run of pages claimed here
+ * and write it. With BRANCH_LEVER_RELEASE_FIRST every run is released before any is written,
+ * so a vCPU faulting on the chunk's second run never waits behind the write of its first. */
 static int branch_bulk_chunk(struct branch *branch, struct branch_run_state *run,
                              struct branch_region *region, uint64_t first, uint64_t count,
                              uint8_t *buffer, struct forkd_error *err)
@@ -703,18 +898,90 @@ static int branch_bulk_chunk(struct branch *branch, struct branch_run_state *run
         claimed[i] = atomic_compare_exchange_strong(&region->pages[first + i], &expected,
                                                     (uint8_t)PAGE_CLAIMED_BY_BULK);
     }
-    uint64_t i = 0;
-    while (i < count) {
-        if (!claimed[i]) {
-            i++;
+    bool direct = branch_lever(run, BRANCH_LEVER_DIRECT) && run->guest_map;
+    bool release_first = !direct && branch_lever(run, BRANCH_LEVER_RELEASE_FIRST);
+    uint64_t page_size = region->uffd.page_size, i = 0, start;
+    while (direct && branch_next_claimed_run(claimed, count, &i, &start)) {
+        int rc = branch_bulk_direct(branch, run, region, first + start, i - start, err);
+        if (rc < 0)
+            return rc;
+    }
+    while (!direct && branch_next_claimed_run(claimed, count, &i, &start)) {
+        uint8_t *at = buffer + start * page_size;
+        int rc = branch_bulk_capture(run, region, first + start, i - start, at, err);
+        if (rc == 0 && !release_first)
+            rc = branch_bulk_write(branch, run, region, first + start, i - start, at, err);
+        if (rc < 0)
+            return rc;
+    }
+    for (i = 0; release_first && branch_next_claimed_run(claimed, count, &i, &start);) {
+        int rc = branch_bulk_write(branch, run, region, first + start, i - start,
+                                   buffer + start * page_size, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Writes what the fault handler staged, adjacent pages in one write, then frees their slots. */
+static int branch_staging_drain(struct branch *branch, struct branch_run_state *run,
+                                struct forkd_error *err)
+{
+    struct staging *staging = &run->staging;
+    if (!staging->slots)
+        return 0;
+    uint64_t tail = atomic_load_explicit(&staging->tail, memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&staging->head, memory_order_acquire);
+    while (tail < head) {
+        uint64_t slot = tail % staging->slot_count;
+        struct staged_page page = staging->pages[slot];
+        uint64_t page_size = page.region->uffd.page_size, n = 1;
+        /* Coalesce the following slots that hold the following pages (no wrap). */
+        while (tail + n < head && slot + n < staging->slot_count &&
+               page_size == staging->slot_bytes && staging->pages[slot + n].region == page.region &&
+               staging->pages[slot + n].index == page.index + n)
+            n++;
+        off_t at = (off_t)(page.region->uffd.file_offset + page.index * page_size);
+        int rc = fs_pwrite_all(run->memory_fd, staging->slots + slot * staging->slot_bytes,
+                               n * page_size, at);
+        if (rc < 0)
+            return forkd_error_errno(err, rc, "write memory.bin at %llu", (unsigned long long)at);
+        branch_count_write(page.region, page.index, n);
+        atomic_fetch_add(&branch->pages_by_fault, n);
+        atomic_fetch_add(&branch->bytes_copied, n * page_size);
+        atomic_fetch_add(&run->pages_written, n);
+        tail += n;
+        atomic_store_explicit(&staging->tail, tail, memory_order_release);
+    }
+    return 0;
+}
+
+/* Hot pages first: the chunks holding pages the guest dirtied while write-protect was being
+ * armed are its working set, which it is about to write again; copying them right after the
+ * resume, before the cold bulk, turns most of its faults into one chunk copy each. */
+static int branch_bulk_hot(struct branch *branch, struct branch_run_state *run, uint8_t *buffer,
+                           uint64_t chunk_bytes, struct forkd_error *err)
+{
+    struct dirty_list *hot = &run->hot;
+    if (hot->count > 1)
+        qsort(hot->addresses, hot->count, sizeof(uint64_t), branch_compare_addresses);
+    uint64_t done_chunk = UINT64_MAX;
+    for (size_t i = 0; i < hot->count; i++) {
+        struct branch_region *region = branch_region_of(run, hot->addresses[i]);
+        uint64_t chunk = (hot->addresses[i] - region->uffd.host_base) / chunk_bytes;
+        uint64_t key = (uint64_t)(region - run->regions) << 56 | chunk;
+        if (key == done_chunk)
             continue;
-        }
-        uint64_t start = i;
-        while (i < count && claimed[i])
-            i++;
-        uint64_t page_size = region->uffd.page_size;
-        int rc = branch_bulk_run(branch, run, region, first + start, i - start,
-                                 buffer + start * page_size, err);
+        done_chunk = key;
+        uint64_t pages_per_chunk = chunk_bytes / region->uffd.page_size;
+        uint64_t first = chunk * pages_per_chunk;
+        uint64_t count = region->page_count - first < pages_per_chunk ? region->page_count - first
+                                                                      : pages_per_chunk;
+        int rc = branch_check_alive(branch, run, err);
+        if (rc == 0)
+            rc = branch_bulk_chunk(branch, run, region, first, count, buffer, err);
+        if (rc == 0)
+            rc = branch_staging_drain(branch, run, err);
         if (rc < 0)
             return rc;
     }
@@ -731,6 +998,11 @@ static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
     _cleanup_free_ uint8_t *buffer = aligned_alloc(4096, chunk_bytes);
     if (!buffer)
         return forkd_error_set(err, -ENOMEM, "bulk copy: out of memory");
+    if (branch_lever(run, BRANCH_LEVER_HOT_FIRST)) {
+        int rc = branch_bulk_hot(branch, run, buffer, chunk_bytes, err);
+        if (rc < 0)
+            return rc;
+    }
     for (size_t r = 0; r < run->region_count; r++) {
         struct branch_region *region = &run->regions[r];
         uint64_t pages_per_chunk = chunk_bytes / region->uffd.page_size;
@@ -742,11 +1014,21 @@ static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
                                  ? region->page_count - first
                                  : pages_per_chunk;
             rc = branch_bulk_chunk(branch, run, region, first, count, buffer, err);
+            if (rc == 0)
+                rc = branch_staging_drain(branch, run, err);
             if (rc < 0)
                 return rc;
         }
     }
     return 0;
+}
+
+/* Records when the guest stopped paying: every page captured and unprotected. */
+static void branch_note_captured(struct branch *branch, struct branch_run_state *run)
+{
+    if (atomic_load(&branch->captured_ns) || atomic_load(&run->pages_released) < run->total_pages)
+        return;
+    atomic_store(&branch->captured_ns, forkd_monotonic_ns() - run->resumed_ns);
 }
 
 /* Waits for the fault handler to finish writing the pages it claimed: woken by each page it
@@ -755,13 +1037,14 @@ static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
 static int branch_wait_all_written(struct branch *branch, struct branch_run_state *run,
                                    struct forkd_error *err)
 {
-    uint64_t total_pages = 0;
-    for (size_t r = 0; r < run->region_count; r++)
-        total_pages += run->regions[r].page_count;
+    uint64_t total_pages = run->total_pages;
     atomic_store(&run->written_waiting, true);
     int rc = 0;
     for (;;) {
         uint32_t seen = atomic_load(&run->written_seq);
+        if ((rc = branch_staging_drain(branch, run, err)) < 0)
+            break;
+        branch_note_captured(branch, run);
         if (atomic_load(&run->pages_written) >= total_pages)
             break;
         if ((rc = branch_check_alive(branch, run, err)) < 0)
@@ -839,6 +1122,7 @@ static int branch_setup_regions(struct branch *branch, struct branch_run_state *
         if (!region->pages || (count_writes && !region->write_counts))
             return forkd_error_set(err, -ENOMEM, "page claims: out of memory");
         run->total_bytes += region->uffd.size;
+        run->total_pages += region->page_count;
     }
     branch->bytes_total = run->total_bytes;
     branch->page_size = (uint32_t)run->regions[0].uffd.page_size;
@@ -857,9 +1141,45 @@ static int branch_open_memory_file(struct branch_run_state *run, struct forkd_er
     return 0;
 }
 
+/* Staging slots for the fault handler's pre-images, populated now: a slot's first use must
+ * not be a page fault of forkd's own on the vCPU's wait. */
+static int branch_staging_open(struct branch_run_state *run, struct forkd_error *err)
+{
+    struct staging *staging = &run->staging;
+    if (!branch_lever(run, BRANCH_LEVER_STAGING))
+        return 0;
+    for (size_t i = 0; i < run->region_count; i++)
+        if (run->regions[i].uffd.page_size > staging->slot_bytes)
+            staging->slot_bytes = run->regions[i].uffd.page_size;
+    staging->slot_count = STAGING_BYTES / staging->slot_bytes;
+    if (staging->slot_count < STAGING_MIN_SLOTS)
+        staging->slot_count = STAGING_MIN_SLOTS;
+    staging->pages = calloc(staging->slot_count, sizeof(*staging->pages));
+    if (!staging->pages)
+        return forkd_error_set(err, -ENOMEM, "staging: out of memory");
+    size_t bytes = staging->slot_count * staging->slot_bytes;
+    void *slots = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (slots == MAP_FAILED)
+        return forkd_error_errno(err, -errno, "staging: map %zu bytes", bytes);
+    staging->slots = slots;
+    staging->mapped_bytes = bytes;
+    return 0;
+}
+
+static void branch_staging_close(struct staging *staging)
+{
+    if (staging->slots)
+        munmap(staging->slots, staging->mapped_bytes);
+    free(staging->pages);
+    staging->slots = NULL;
+    staging->pages = NULL;
+}
+
 static int branch_live_setup(struct branch *branch, struct branch_run_state *run,
                              const struct branch_request *request, struct forkd_error *err)
 {
+    run->levers = BRANCH_LEVER_ALL & ~request->levers_off;
     int rc = branch_receive_uffd(run, err);
     if (rc == 0)
         rc = branch_setup_regions(branch, run, request->count_page_writes, err);
@@ -867,6 +1187,8 @@ static int branch_live_setup(struct branch *branch, struct branch_run_state *run
         rc = branch_map_guest(run, err);
     if (rc == 0)
         rc = branch_open_memory_file(run, err);
+    if (rc == 0)
+        rc = branch_staging_open(run, err);
     return rc;
 }
 
@@ -906,6 +1228,8 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
         close(run->memory_fd);
     branch_dirty_free(&run->tracking);
     branch_dirty_free(&run->handed_over);
+    branch_dirty_free(&run->hot);
+    branch_staging_close(&run->staging);
 }
 
 /* ---- the two kinds of branch ------------------------------------------------------------ */
@@ -930,6 +1254,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     if (rc < 0)
         return rc;
     uint64_t start = forkd_monotonic_ns();
+    run->resumed_ns = start;
     branch_set_phase(branch, BRANCH_PHASE_COPYING);
     rc = branch_bulk_copy(branch, run, err);
     if (rc == 0)

@@ -7,6 +7,7 @@
 #include "bench.h"
 
 #include "basic/cleanup.h"
+#include "forkd/branch.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -30,8 +31,16 @@ static void usage(FILE *out)
             "                   [--null-ms MS] [--rate-ms MS] [--settle-ms MS] [--copier-fifo]\n"
             "                   [--boost-vcpus] [--null-sweep] [--spawn-paused] [--no-branch]\n"
             "                   [--no-fanout] [--no-realtime] [--timeout-scale N]\n"
-            "Defaults: sizes 256,1024,4096; 5 repetitions (3 at 1 GiB and up); fan-out 1,8,32;\n"
+            "                   [--workloads random,hotset,sequential] [--levers VARIANT,...]\n"
+            "                   [--report-us US] [--tail-ms MS] [--vcpus N]\n"
+            "Defaults: sizes 256,1024,4096; every workload; 5 repetitions (3 at 1 GiB and up);\n"
+            "fan-out 1,8,32; the guest reports its progress every 1000 us; a branch's cost is\n"
+            "counted until 500 ms after it ends.\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
+            "--levers: the LIVE branches of each repetition, the first giving the LIVE figures:\n"
+            "all (every copy-phase lever), none (the engine without them), or all but one:\n"
+            "no-staging, no-hot, no-around, no-release, no-direct. Default all,none.\n"
+            "--vcpus: of the source VMs (default 2; 1 leaves a core to forkd on a 2-core host).\n"
             "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
             "--boost-vcpus runs the VMM's vCPU threads at SCHED_FIFO from just before a LIVE\n"
             "pause request until it is acknowledged; --spawn-paused restores every fork paused\n"
@@ -57,6 +66,57 @@ static int parse_list(const char *text, unsigned *out, size_t max, size_t *count
     return *count ? 0 : -EINVAL;
 }
 
+struct lever_name {
+    const char *option, *label;
+    unsigned levers_off;
+};
+
+static const struct lever_name lever_names[] = {
+    {"all", "LIVE", 0},
+    {"none", "LIVE, levers off", BRANCH_LEVER_ALL},
+    {"no-staging", "LIVE, no staging", BRANCH_LEVER_STAGING},
+    {"no-hot", "LIVE, no hot-first", BRANCH_LEVER_HOT_FIRST},
+    {"no-around", "LIVE, no fault-around", BRANCH_LEVER_FAULT_AROUND},
+    {"no-release", "LIVE, no release-first", BRANCH_LEVER_RELEASE_FIRST},
+    {"no-direct", "LIVE, no direct capture", BRANCH_LEVER_DIRECT},
+};
+
+static int parse_variants(const char *text, struct bench_options *o)
+{
+    o->variant_count = 0;
+    _cleanup_free_ char *copy = strdup(text);
+    char *save = NULL;
+    for (char *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        size_t i = 0;
+        while (i < sizeof(lever_names) / sizeof(lever_names[0]) &&
+               strcmp(item, lever_names[i].option) != 0)
+            i++;
+        if (i == sizeof(lever_names) / sizeof(lever_names[0]) ||
+            o->variant_count == BENCH_MAX_VARIANTS)
+            return -EINVAL;
+        struct live_variant *v = &o->variants[o->variant_count++];
+        snprintf(v->name, sizeof(v->name), "%s", lever_names[i].label);
+        v->levers_off = lever_names[i].levers_off;
+    }
+    return o->variant_count ? 0 : -EINVAL;
+}
+
+static int parse_workloads(const char *text, struct bench_options *o)
+{
+    o->workload_count = 0;
+    _cleanup_free_ char *copy = strdup(text);
+    char *save = NULL;
+    for (char *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        unsigned w = 0;
+        while (w < WORKLOAD_COUNT && strcmp(item, bench_workload_names[w]) != 0)
+            w++;
+        if (w == WORKLOAD_COUNT || o->workload_count == WORKLOAD_COUNT)
+            return -EINVAL;
+        o->workloads[o->workload_count++] = w;
+    }
+    return o->workload_count ? 0 : -EINVAL;
+}
+
 static void set_defaults(struct bench_options *o, bool quick)
 {
     static const unsigned sizes[] = {256, 1024, 4096}, fanout[] = {1, 8, 32};
@@ -74,6 +134,11 @@ static void set_defaults(struct bench_options *o, bool quick)
     o->timeout_scale = scale && atoi(scale) > 0 ? (unsigned)atoi(scale) : 1;
     o->json_path = "build/bench.json";
     o->seed_dir = "/dev/shm";
+    o->report_us = 1000;
+    o->vcpus = BENCH_VCPUS;
+    o->tail_ms = 500;
+    parse_workloads("random,hotset,sequential", o);
+    parse_variants("all,none", o);
 }
 
 enum {
@@ -96,6 +161,11 @@ enum {
     OPT_SPAWN_PAUSED,
     OPT_BOOST,
     OPT_NULL_SWEEP,
+    OPT_WORKLOADS,
+    OPT_LEVERS,
+    OPT_REPORT_US,
+    OPT_TAIL_MS,
+    OPT_VCPUS,
     OPT_HELP
 };
 
@@ -119,6 +189,11 @@ static const struct option long_options[] = {
     {"no-fanout", no_argument, NULL, OPT_NO_FANOUT},
     {"no-realtime", no_argument, NULL, OPT_NO_REALTIME},
     {"timeout-scale", required_argument, NULL, OPT_TIMEOUT_SCALE},
+    {"workloads", required_argument, NULL, OPT_WORKLOADS},
+    {"levers", required_argument, NULL, OPT_LEVERS},
+    {"report-us", required_argument, NULL, OPT_REPORT_US},
+    {"tail-ms", required_argument, NULL, OPT_TAIL_MS},
+    {"vcpus", required_argument, NULL, OPT_VCPUS},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -151,6 +226,16 @@ static int apply_option(struct bench_options *o, int option, const char *arg)
         return parse_number(arg, &o->rate_ms);
     case OPT_SETTLE:
         return parse_number(arg, &o->settle_ms);
+    case OPT_WORKLOADS:
+        return parse_workloads(arg, o);
+    case OPT_LEVERS:
+        return parse_variants(arg, o);
+    case OPT_REPORT_US:
+        return parse_number(arg, &o->report_us) < 0 || o->report_us < 100 ? -EINVAL : 0;
+    case OPT_TAIL_MS:
+        return parse_number(arg, &o->tail_ms);
+    case OPT_VCPUS:
+        return parse_number(arg, &o->vcpus) < 0 || o->vcpus > BENCH_MAX_VCPUS ? -EINVAL : 0;
     case OPT_JSON:
         o->json_path = arg;
         return 0;
@@ -327,20 +412,27 @@ static cJSON *machine_json(void)
     return o;
 }
 
+/* Every size, each with every workload; the pause's flatness across sizes is read from the
+ * first workload's results. */
 static int run_sizes(struct bench_context *context, struct forkd_error *err)
 {
     const struct bench_options *o = context->options;
-    struct size_result results[BENCH_MAX_SIZES];
+    static struct size_result results[BENCH_MAX_SIZES][WORKLOAD_COUNT]; /* large */
+    struct size_result first[BENCH_MAX_SIZES];
     cJSON *sizes = cJSON_AddArrayToObject(context->json, "sizes");
     size_t done = 0;
     for (size_t i = 0; i < o->size_count; i++, done++) {
-        int rc = bench_size(context, o->sizes_mib[i], &results[i], err);
-        if (rc < 0)
-            return rc;
-        report_size(&results[i]);
-        cJSON_AddItemToArray(sizes, size_json(&results[i]));
+        for (size_t w = 0; w < o->workload_count; w++) {
+            struct size_result *result = &results[i][w];
+            int rc = bench_size(context, o->sizes_mib[i], o->workloads[w], result, err);
+            if (rc < 0)
+                return rc;
+            report_size(result);
+            cJSON_AddItemToArray(sizes, size_json(result));
+        }
+        first[i] = results[i][0];
     }
-    report_cross_size(results, done, context->json);
+    report_cross_size(first, done, context->json);
     return 0;
 }
 

@@ -18,11 +18,24 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define BENCH_MAX_REPS   16
-#define BENCH_MAX_SIZES  4
-#define BENCH_MAX_FANOUT 4
-#define BENCH_VCPUS      2
-#define BENCH_WORKLOAD   "pattern=random rate=0"
+#define BENCH_MAX_REPS     16
+#define BENCH_MAX_SIZES    4
+#define BENCH_MAX_FANOUT   4
+#define BENCH_VCPUS        2
+#define BENCH_MAX_VCPUS    4
+#define BENCH_MAX_VARIANTS 7
+
+/* The guest's write pattern (boot_args pattern=): random over all memory (the worst case for
+ * a live branch), a hot set (9 in 10 writes to a tenth of memory), sequential sweeps. */
+enum bench_workload { WORKLOAD_RANDOM, WORKLOAD_HOTSET, WORKLOAD_SEQUENTIAL, WORKLOAD_COUNT };
+extern const char *const bench_workload_names[WORKLOAD_COUNT];
+
+/* A LIVE branch with some of the engine's copy-phase levers left out (branch_request.levers_off).
+ */
+struct live_variant {
+    char name[32];
+    unsigned levers_off;
+};
 
 /* ---- options ---------------------------------------------------------------------------- */
 
@@ -44,6 +57,13 @@ struct bench_options {
     bool null_sweep;    /* diagnosis: the null handler with a copier-like unprotect sweep */
     bool spawn_paused;  /* diagnosis: restore every fork paused, resume them all at the end */
     bool skip_branch, skip_fanout;
+    size_t workload_count;
+    unsigned workloads[WORKLOAD_COUNT];
+    size_t variant_count; /* LIVE branches per repetition; the first gives the LIVE figures */
+    struct live_variant variants[BENCH_MAX_VARIANTS];
+    unsigned report_us; /* the guest's progress report interval */
+    unsigned vcpus;     /* of the source VMs */
+    unsigned tail_ms;   /* the guest's cost is counted this long after a branch ends */
     const char *json_path;
     const char *state_dir; /* NULL: a fresh directory under /var/tmp */
     const char *seed_dir;  /* where seed snapshots are written (tmpfs) */
@@ -104,11 +124,37 @@ double rate_sampler_settle(struct rate_sampler *sampler, unsigned window_ms, uns
 /* Measures the write rate over the next window_ms. */
 double rate_sampler_measure(struct rate_sampler *sampler, unsigned window_ms);
 
+/* Every progress report of each vCPU since a time (GET /progress of the test VMM). */
+struct progress_series {
+    size_t count, capacity;
+    uint64_t *at_ns, *progress;
+};
+
+struct progress_log {
+    unsigned vcpu_count;
+    struct progress_series vcpus[BENCH_MAX_VCPUS];
+};
+
+int guest_read_progress_log(struct vmm_client *client, uint64_t since_ns, struct progress_log *out,
+                            struct forkd_error *err);
+void progress_log_free(struct progress_log *log);
+
+/* What the guest lost over [from, to] against its rate over [idle_from, from]: work lost
+ * (ms of guest work per vCPU), the longest interval a vCPU made under 10% of its undisturbed
+ * progress, and the undisturbed rate (writes/s, all vCPUs). -ENODATA without enough reports. */
+struct guest_cost {
+    double lost_ms, stall_ms, undisturbed_per_s, window_ms, report_spacing_ms;
+};
+
+int guest_cost_compute(const struct progress_log *log, uint64_t idle_from, uint64_t from,
+                       uint64_t to, struct guest_cost *out, struct forkd_error *err);
+
 /* Boots a guest writing flat out in a VMM of our own, takes a Full snapshot of it into dir
  * (vmstate, memory.bin) and stops it. Used to seed MEMFD VMs of any size: vm_boot gives up on
  * a guest whose boot takes longer than the VMM client's timeout (a 4 GiB guest here). */
-int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib, const char *dir,
-                        uint64_t *boot_ns, struct forkd_error *err);
+int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib,
+                        enum bench_workload workload, const char *dir, uint64_t *boot_ns,
+                        struct forkd_error *err);
 
 /* The scheduler's run delay (time runnable but waiting for a CPU, from schedstat) of each
  * vCPU thread of a VMM: a vCPU that waits for a CPU cannot take the pause signal. */
@@ -150,8 +196,27 @@ struct pause_figures {
     struct series vcpu_wait_ms; /* LIVE: longest vCPU run delay from ARMED to RESUMED */
 };
 
+/* What one kind of branch cost the guest (tests/bench/README.md, "What the guest feels"). */
+struct cost_figures {
+    struct series lost_ms;         /* guest work lost over the branch and its tail */
+    struct series stall_ms;        /* longest interval of a vCPU under 10% of its rate */
+    struct series captured_ms;     /* resume to every page captured and unprotected */
+    struct series ready_ms;        /* resume to READY (published) */
+    struct series total_ms;        /* request to READY */
+    struct series ready_over_copy; /* ready_ms / the plain copy of the same bytes */
+    struct series lost_over_full;  /* lost_ms / FULL's lost_ms, same repetition */
+    struct series undisturbed_per_s, report_spacing_ms;
+};
+
+#define COST_ROWS (BENCH_MAX_VARIANTS + 2) /* the LIVE variants, ARM_IN_PAUSE, FULL */
+
 struct size_result {
     unsigned mem_mib;
+    enum bench_workload workload;
+    unsigned cost_rows;
+    char cost_names[COST_ROWS][40];
+    struct cost_figures cost[COST_ROWS];
+    struct series copy_ms; /* the plain copy baseline, as a time */
     unsigned regions;
     unsigned reps;
     double boot_s;
@@ -164,8 +229,8 @@ struct size_result {
     struct series rate_idle, rate_copy, rate_ratio, rate_null;
 };
 
-int bench_size(struct bench_context *context, unsigned mem_mib, struct size_result *out,
-               struct forkd_error *err);
+int bench_size(struct bench_context *context, unsigned mem_mib, enum bench_workload workload,
+               struct size_result *out, struct forkd_error *err);
 
 /* A LIVE snapshot of a fresh guest of mem_mib for the fan-out (when no size was measured). */
 int bench_fanout_source(struct bench_context *context, unsigned mem_mib, struct forkd_error *err);

@@ -32,7 +32,6 @@ static const enum store_mode store_modes[MODE_COUNT] = {
 struct branch_watch {
     struct branch *branch;
     struct rate_sampler *sampler;
-    bool cancel_on_resume;
     bool boost_vcpus; /* --boost-vcpus: vCPU threads at SCHED_FIFO from ARMED to PAUSED */
     bool boosted;
     pid_t vmm_pid;
@@ -60,9 +59,6 @@ static void watch_phase(void *context, enum branch_phase phase,
         rate_sampler_quiet(watch->sampler, true);
     if (phase == BRANCH_PHASE_RESUMED || phase >= BRANCH_PHASE_DONE)
         rate_sampler_quiet(watch->sampler, false);
-    /* ARM_IN_PAUSE is measured for its pause only; its copy is LIVE's. */
-    if (phase == BRANCH_PHASE_RESUMED && watch->cancel_on_resume)
-        branch_cancel(watch->branch);
 }
 
 struct size_run {
@@ -73,6 +69,7 @@ struct size_run {
     unsigned rep;
     bool keep_live; /* keep this rep's LIVE snapshot for the fan-out */
     bool settled_once;
+    double last_idle_rate; /* sampler's write rate over the last branch's undisturbed window */
 };
 
 static double ms(uint64_t ns)
@@ -118,8 +115,7 @@ static void record_copy(struct size_run *run, const struct branch_progress *prog
     series_add(&result->fault_max_us, progress->fault_service_max_ns / 1e3);
     series_add(&result->faults_served, (double)progress->faults_served);
     /* A fault on a page the bulk copier has claimed waits for the copier's read. */
-    series_add(&result->faults_on_bulk,
-               (double)(progress->faults_served - progress->figures.pages_by_fault));
+    series_add(&result->faults_on_bulk, (double)progress->faults_left_to_bulk);
     double rate = rate_sampler_rate(run->sampler, watch->at[BRANCH_PHASE_COPYING],
                                     watch->at[BRANCH_PHASE_PUBLISHING]);
     if (rate >= 0)
@@ -127,16 +123,15 @@ static void record_copy(struct size_run *run, const struct branch_progress *prog
 }
 
 /* Runs one branch; on success progress and watch hold its figures and times. */
-static int run_branch(struct size_run *run, enum bench_mode mode, const char *name,
-                      struct branch_progress *progress, struct branch_watch *watch,
-                      struct forkd_error *err)
+static int run_branch(struct size_run *run, enum bench_mode mode, unsigned levers_off,
+                      const char *name, struct branch_progress *progress,
+                      struct branch_watch *watch, struct forkd_error *err)
 {
     struct branch *branch = branch_new();
     if (!branch)
         return forkd_error_set(err, -ENOMEM, "branch: out of memory");
     *watch = (struct branch_watch){.branch = branch,
                                    .sampler = run->sampler,
-                                   .cancel_on_resume = mode == MODE_ARM_IN_PAUSE,
                                    .boost_vcpus = run->context->options->boost_vcpus,
                                    .vmm_pid = vm_pid(run->vm)};
     struct branch_request request = {.vm = run->vm,
@@ -154,8 +149,6 @@ static int run_branch(struct size_run *run, enum bench_mode mode, const char *na
     branch_get_progress(branch, progress);
     branch_free(branch);
     rate_sampler_quiet(run->sampler, false);
-    if (rc == -ECANCELED && watch->cancel_on_resume && watch->at[BRANCH_PHASE_RESUMED])
-        rc = 0;
     return rc;
 }
 
@@ -165,29 +158,66 @@ static void snapshot_name(struct size_run *run, enum bench_mode mode, char *out,
              run->context->snapshot_seq++);
 }
 
-/* A branch in one mode, its figures recorded. */
-static int measure_mode(struct size_run *run, enum bench_mode mode, struct forkd_error *err)
+/* What the branch cost the guest, from its progress reports over the undisturbed window
+ * [idle_from, start], the branch and the tail after it. */
+static int record_cost(struct size_run *run, unsigned row, uint64_t idle_from,
+                       const struct branch_progress *progress, const struct branch_watch *watch,
+                       struct forkd_error *err)
+{
+    const struct bench_options *options = run->context->options;
+    bench_sleep_ms(options->tail_ms + 100); /* and the first report after the tail */
+    struct progress_log log;
+    /* From a little before the window, in case the reports are sparser than it. */
+    int rc = guest_read_progress_log(vm_client(run->vm), idle_from - 2000000000ull, &log, err);
+    if (rc < 0)
+        return rc;
+    struct guest_cost cost;
+    uint64_t start = watch->at[BRANCH_PHASE_STARTED], done = watch->at[BRANCH_PHASE_DONE];
+    rc = guest_cost_compute(&log, idle_from, start, done + options->tail_ms * 1000000ull, &cost,
+                            err);
+    progress_log_free(&log);
+    if (rc < 0)
+        return forkd_error_prefix(err, "the guest's cost of the branch: ");
+    struct cost_figures *figures = &run->result->cost[row];
+    series_add(&figures->lost_ms, cost.lost_ms);
+    series_add(&figures->stall_ms, cost.stall_ms);
+    series_add(&figures->undisturbed_per_s, cost.undisturbed_per_s);
+    series_add(&figures->report_spacing_ms, cost.report_spacing_ms);
+    series_add(&figures->captured_ms, ms(progress->captured_ns));
+    series_add(&figures->ready_ms, ms(done - watch->at[BRANCH_PHASE_RESUMED]));
+    series_add(&figures->total_ms, ms(done - start));
+    return 0;
+}
+
+/* A branch in one mode (LIVE: with some levers left out), after a window of undisturbed
+ * guest progress; its figures recorded in cost row `row`. */
+static int measure_mode(struct size_run *run, enum bench_mode mode, unsigned row,
+                        unsigned levers_off, struct forkd_error *err)
 {
     char name[STORE_NAME_MAX + 1];
     snapshot_name(run, mode, name, sizeof(name));
+    uint64_t idle_from = bench_now_ns();
+    bench_sleep_ms(run->context->options->rate_ms);
+    run->last_idle_rate = rate_sampler_rate(run->sampler, idle_from, bench_now_ns());
     struct branch_progress progress;
     struct branch_watch watch;
-    int rc = run_branch(run, mode, name, &progress, &watch, err);
+    int rc = run_branch(run, mode, levers_off, name, &progress, &watch, err);
     if (rc < 0)
         return rc;
     struct guest_info vmm;
     rc = guest_get_info(vm_client(run->vm), &vmm, err);
     if (rc < 0)
         return rc;
-    record_pause(run, mode, &progress, &watch, &vmm);
-    if (mode == MODE_LIVE)
+    if (row == 0 || mode != MODE_LIVE)
+        record_pause(run, mode, &progress, &watch, &vmm);
+    if (row == 0)
         record_copy(run, &progress, &watch);
-    bool keep = mode == MODE_LIVE && run->keep_live;
+    bool keep = row == 0 && run->keep_live;
     if (keep)
         snprintf(run->context->fanout_snapshot, sizeof(run->context->fanout_snapshot), "%s", name);
-    else if (mode != MODE_ARM_IN_PAUSE)
+    else
         store_delete(run->context->store, name, true, NULL);
-    return 0;
+    return record_cost(run, row, idle_from, &progress, &watch, err);
 }
 
 /* Lets the disk finish what earlier steps left (deleted snapshots are discarded, dirty pages
@@ -258,14 +288,16 @@ static int measure_live_and_copy(struct size_run *run, struct forkd_error *err)
     if (rc < 0)
         return rc;
     settle(run);
-    double idle = rate_sampler_measure(run->sampler, run->context->options->rate_ms);
     quiet_disk(run);
     unsigned copies = result->copy_mb_s.count, rates = result->rate_copy.count;
-    if ((rc = measure_mode(run, MODE_LIVE, err)) < 0)
+    if ((rc = measure_mode(run, MODE_LIVE, 0, run->context->options->variants[0].levers_off, err)) <
+        0)
         return rc;
+    double idle = run->last_idle_rate;
     if (!baseline_first && (rc = measure_copy_baseline(run, &baseline, err)) < 0)
         return rc;
     series_add(&result->baseline_mb_s, baseline);
+    series_add(&result->copy_ms, (double)vm_memory_bytes(run->vm) / (baseline * 1e6) * 1e3);
     if (result->copy_mb_s.count > copies)
         series_add(&result->copy_ratio, result->copy_mb_s.values[copies] / baseline);
     if (idle > 0 && result->rate_copy.count > rates) {
@@ -275,32 +307,64 @@ static int measure_live_and_copy(struct size_run *run, struct forkd_error *err)
     return 0;
 }
 
+static double last_value(const struct series *series)
+{
+    return series->count ? series->values[series->count - 1] : 0;
+}
+
+/* Ratios within the repetition just measured: each row's guest cost against FULL's, and its
+ * time to READY against the plain copy. */
+static void finish_rep(struct size_run *run)
+{
+    struct size_result *result = run->result;
+    unsigned last = result->pause[MODE_FULL].window_ms.count - 1;
+    series_add(&result->full_over_live, result->pause[MODE_FULL].window_ms.values[last] /
+                                            result->pause[MODE_LIVE].window_ms.values[last]);
+    const struct cost_figures *full = &result->cost[result->cost_rows - 1];
+    double copy = last_value(&result->copy_ms);
+    for (unsigned row = 0; row < result->cost_rows; row++) {
+        struct cost_figures *figures = &result->cost[row];
+        if (last_value(&full->lost_ms) > 0)
+            series_add(&figures->lost_over_full,
+                       last_value(&figures->lost_ms) / last_value(&full->lost_ms));
+        if (copy > 0)
+            series_add(&figures->ready_over_copy, last_value(&figures->ready_ms) / copy);
+    }
+}
+
 /* One repetition: every figure of this size once, each baseline next to what it judges. */
 static int measure_rep(struct size_run *run, struct forkd_error *err)
 {
+    const struct bench_options *options = run->context->options;
     struct size_result *result = run->result;
     int rc = measure_live_and_copy(run, err);
     if (rc < 0)
         return rc;
+    for (unsigned v = 1; v < options->variant_count; v++) {
+        settle(run);
+        quiet_disk(run);
+        if ((rc = measure_mode(run, MODE_LIVE, v, options->variants[v].levers_off, err)) < 0)
+            return rc;
+    }
     settle(run);
     if ((rc = measure_null(run, err)) < 0)
         return rc;
     settle(run);
-    if ((rc = measure_mode(run, MODE_ARM_IN_PAUSE, err)) < 0)
+    quiet_disk(run);
+    if ((rc = measure_mode(run, MODE_ARM_IN_PAUSE, result->cost_rows - 2, 0, err)) < 0)
         return rc;
     settle(run);
     quiet_disk(run);
-    if ((rc = measure_mode(run, MODE_FULL, err)) < 0)
+    if ((rc = measure_mode(run, MODE_FULL, result->cost_rows - 1, 0, err)) < 0)
         return rc;
-    unsigned last = result->pause[MODE_FULL].window_ms.count - 1;
-    series_add(&result->full_over_live, result->pause[MODE_FULL].window_ms.values[last] /
-                                            result->pause[MODE_LIVE].window_ms.values[last]);
+    finish_rep(run);
     return 0;
 }
 
 /* A MEMFD VM of mem_mib writing flat out, restored from a seed snapshot on tmpfs. */
 static int make_source_vm(struct bench_context *context, unsigned mem_mib,
-                          struct size_result *result, struct vm **out, struct forkd_error *err)
+                          enum bench_workload workload, struct size_result *result, struct vm **out,
+                          struct forkd_error *err)
 {
     char seed[PATH_MAX];
     snprintf(seed, sizeof(seed), "%s/forkd-bench-seed-XXXXXX", context->options->seed_dir);
@@ -308,12 +372,12 @@ static int make_source_vm(struct bench_context *context, unsigned mem_mib,
         return forkd_error_errno(err, -errno, "mkdtemp %s", seed);
     snprintf(context->seed_path, sizeof(context->seed_path), "%s", seed);
     uint64_t boot_ns = 0;
-    int rc = guest_seed_snapshot(context->options, mem_mib, seed, &boot_ns, err);
+    int rc = guest_seed_snapshot(context->options, mem_mib, workload, seed, &boot_ns, err);
     result->boot_s = (double)boot_ns / 1e9;
     char vmstate[PATH_MAX + 16], memory[PATH_MAX + 16], name[64];
     store_file_path(seed, STORE_FILE_VMSTATE, vmstate, sizeof(vmstate));
     store_file_path(seed, STORE_FILE_MEMORY, memory, sizeof(memory));
-    snprintf(name, sizeof(name), "source-%u", mem_mib);
+    snprintf(name, sizeof(name), "source-%u-%s", mem_mib, bench_workload_names[workload]);
     struct vm_restore_config config = {
         .name = name, .vmstate_path = vmstate, .memory_path = memory, .memory = VM_MEMORY_MEMFD};
     if (rc == 0)
@@ -339,25 +403,38 @@ static int run_reps(struct size_run *run, struct forkd_error *err)
     run->result->regions = info.region_count;
     for (run->rep = 0; run->rep < run->result->reps; run->rep++) {
         run->keep_live = run->rep + 1 == run->result->reps && !run->context->fanout_snapshot[0];
-        fprintf(stderr, "forkd-bench: %u MiB, repetition %u of %u\n", run->result->mem_mib,
-                run->rep + 1, run->result->reps);
+        const char *workload = bench_workload_names[run->result->workload];
+        fprintf(stderr, "forkd-bench: %u MiB, %s, repetition %u of %u\n", run->result->mem_mib,
+                workload, run->rep + 1, run->result->reps);
         if ((rc = measure_rep(run, err)) < 0)
-            return forkd_error_prefix(err, "%u MiB, repetition %u: ", run->result->mem_mib,
-                                      run->rep + 1);
+            return forkd_error_prefix(err, "%u MiB, %s, repetition %u: ", run->result->mem_mib,
+                                      workload, run->rep + 1);
     }
     return 0;
 }
 
-int bench_size(struct bench_context *context, unsigned mem_mib, struct size_result *out,
-               struct forkd_error *err)
+static void name_cost_rows(const struct bench_options *options, struct size_result *out)
+{
+    out->cost_rows = (unsigned)options->variant_count + 2;
+    for (size_t v = 0; v < options->variant_count; v++)
+        snprintf(out->cost_names[v], sizeof(out->cost_names[v]), "%s", options->variants[v].name);
+    snprintf(out->cost_names[out->cost_rows - 2], sizeof(out->cost_names[0]), "ARM_IN_PAUSE");
+    snprintf(out->cost_names[out->cost_rows - 1], sizeof(out->cost_names[0]), "FULL");
+}
+
+int bench_size(struct bench_context *context, unsigned mem_mib, enum bench_workload workload,
+               struct size_result *out, struct forkd_error *err)
 {
     const struct bench_options *options = context->options;
     memset(out, 0, sizeof(*out));
     out->mem_mib = mem_mib;
+    out->workload = workload;
     out->reps = mem_mib >= 1024 ? options->reps_large : options->reps;
+    name_cost_rows(options, out);
     struct size_run run = {.context = context, .result = out};
-    fprintf(stderr, "forkd-bench: %u MiB: booting and seeding the source VM\n", mem_mib);
-    int rc = make_source_vm(context, mem_mib, out, &run.vm, err);
+    fprintf(stderr, "forkd-bench: %u MiB, %s: booting and seeding the source VM\n", mem_mib,
+            bench_workload_names[workload]);
+    int rc = make_source_vm(context, mem_mib, workload, out, &run.vm, err);
     if (rc < 0)
         return rc;
     rc = rate_sampler_start(run.vm, SAMPLE_INTERVAL_MS, &run.sampler, err);
@@ -371,15 +448,19 @@ int bench_size(struct bench_context *context, unsigned mem_mib, struct size_resu
 
 int bench_fanout_source(struct bench_context *context, unsigned mem_mib, struct forkd_error *err)
 {
-    struct size_result result = {.mem_mib = mem_mib, .reps = 1};
+    static struct size_result result; /* large: not on the stack */
+    memset(&result, 0, sizeof(result));
+    result.mem_mib = mem_mib;
+    result.reps = 1;
+    name_cost_rows(context->options, &result);
     struct size_run run = {.context = context, .result = &result, .keep_live = true};
-    int rc = make_source_vm(context, mem_mib, &result, &run.vm, err);
+    int rc = make_source_vm(context, mem_mib, WORKLOAD_RANDOM, &result, &run.vm, err);
     if (rc < 0)
         return rc;
     rc = rate_sampler_start(run.vm, SAMPLE_INTERVAL_MS, &run.sampler, err);
     if (rc == 0) {
         settle(&run);
-        rc = measure_mode(&run, MODE_LIVE, err);
+        rc = measure_mode(&run, MODE_LIVE, 0, context->options->variants[0].levers_off, err);
     }
     rate_sampler_stop(run.sampler);
     vm_stop(context->registry, run.vm, 2000, NULL);

@@ -69,13 +69,52 @@ static void report_copy_and_faults(const struct size_result *r)
     row3("during the null handler", &r->rate_null, NULL, NULL);
 }
 
+/* What each kind of branch cost the guest: one row per kind, medians with their ranges. */
+static void report_cost(const struct size_result *r)
+{
+    printf("  What the guest felt (ms; ratios per repetition; lost counted to %s)\n",
+           "the branch's end + tail");
+    printf("  %-24s %-22s %-22s %-20s %-22s %-22s %-20s %s\n", "branch", "guest work lost",
+           "lost / FULL's", "longest stall", "resume->captured", "resume->READY",
+           "READY / plain copy", "request->READY");
+    for (unsigned row = 0; row < r->cost_rows; row++) {
+        const struct cost_figures *c = &r->cost[row];
+        char a[64], b[64], d[64], e[64], f[64], g[64], h[64];
+        printf("  %-24s %-22s %-22s %-20s %-22s %-22s %-20s %s\n", r->cost_names[row],
+               fmt(&c->lost_ms, a, sizeof(a)), fmt(&c->lost_over_full, b, sizeof(b)),
+               fmt(&c->stall_ms, d, sizeof(d)), fmt(&c->captured_ms, e, sizeof(e)),
+               fmt(&c->ready_ms, f, sizeof(f)), fmt(&c->ready_over_copy, g, sizeof(g)),
+               fmt(&c->total_ms, h, sizeof(h)));
+    }
+    char x[64], y[64];
+    printf("  plain copy of the same bytes (ms): %s; guest report spacing (ms): %s\n",
+           fmt(&r->copy_ms, x, sizeof(x)), fmt(&r->cost[0].report_spacing_ms, y, sizeof(y)));
+}
+
 void report_size(const struct size_result *r)
 {
-    printf("\n== %u MiB guest, %u region%s, %u repetitions: median [min..max] ==\n", r->mem_mib,
-           r->regions, r->regions == 1 ? "" : "s", r->reps);
+    printf("\n== %u MiB guest, workload %s, %u region%s, %u repetitions: median [min..max] ==\n",
+           r->mem_mib, bench_workload_names[r->workload], r->regions, r->regions == 1 ? "" : "s",
+           r->reps);
+    report_cost(r);
     report_pause(r);
     report_copy_and_faults(r);
     fflush(stdout);
+}
+
+static cJSON *cost_json(const struct cost_figures *c)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddItemToObject(o, "guest_lost_ms", series_json(&c->lost_ms));
+    cJSON_AddItemToObject(o, "lost_over_full", series_json(&c->lost_over_full));
+    cJSON_AddItemToObject(o, "longest_stall_ms", series_json(&c->stall_ms));
+    cJSON_AddItemToObject(o, "resume_to_captured_ms", series_json(&c->captured_ms));
+    cJSON_AddItemToObject(o, "resume_to_ready_ms", series_json(&c->ready_ms));
+    cJSON_AddItemToObject(o, "ready_over_plain_copy", series_json(&c->ready_over_copy));
+    cJSON_AddItemToObject(o, "request_to_ready_ms", series_json(&c->total_ms));
+    cJSON_AddItemToObject(o, "undisturbed_writes_per_s", series_json(&c->undisturbed_per_s));
+    cJSON_AddItemToObject(o, "report_spacing_ms", series_json(&c->report_spacing_ms));
+    return o;
 }
 
 static cJSON *pause_json(const struct pause_figures *p)
@@ -100,6 +139,11 @@ cJSON *size_json(const struct size_result *r)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "mem_mib", r->mem_mib);
+    cJSON_AddStringToObject(o, "workload", bench_workload_names[r->workload]);
+    cJSON *cost = cJSON_AddObjectToObject(o, "guest_cost");
+    for (unsigned row = 0; row < r->cost_rows; row++)
+        cJSON_AddItemToObject(cost, r->cost_names[row], cost_json(&r->cost[row]));
+    cJSON_AddItemToObject(o, "plain_copy_ms", series_json(&r->copy_ms));
     cJSON_AddNumberToObject(o, "regions", r->regions);
     cJSON_AddNumberToObject(o, "repetitions", r->reps);
     cJSON_AddNumberToObject(o, "seed_boot_s", r->boot_s);

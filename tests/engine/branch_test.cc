@@ -203,7 +203,8 @@ TEST_F(BranchTest, EachPageIsWrittenExactlyOnce)
         EXPECT_EQ(pages, result.progress.pages_by_fault + result.progress.pages_by_bulk);
         EXPECT_GT(result.progress.pages_by_fault, 0u)
             << "a guest writing flat out must hit pages before the bulk copier does";
-        EXPECT_GE(result.progress.faults_served, result.progress.pages_by_fault);
+        /* Fault-around: one fault captures at most a 64 KiB aligned block of 4 KiB pages. */
+        EXPECT_GE(result.progress.faults_served * 16, result.progress.pages_by_fault);
         EXPECT_GT(result.progress.fault_service_p50_ns, 0u);
         EXPECT_LE(result.progress.fault_service_p50_ns, result.progress.fault_service_p99_ns);
         EXPECT_LE(result.progress.fault_service_p99_ns,

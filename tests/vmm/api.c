@@ -191,6 +191,53 @@ static void add_guest_status(cJSON *root, struct vmm *vmm)
         cJSON_AddNullToObject(root, "guest_error");
 }
 
+static int parse_decimal(const char *text, uint64_t *out)
+{
+    char *end;
+    if (!text || text[0] < '0' || text[0] > '9')
+        return -EINVAL;
+    errno = 0;
+    *out = strtoull(text, &end, 10);
+    return errno || *end ? -EINVAL : 0;
+}
+
+/* GET /progress/<since_ns>: each vCPU's progress reports that arrived after since_ns
+ * (CLOCK_MONOTONIC), oldest first, at most PROGRESS_PAGE per vCPU so the answer stays small;
+ * "more" says a vCPU had more (ask again from its last at_ns).
+ * {"vcpus":[{"at_ns":[...],"progress":[...]},...],"more":false} */
+#define PROGRESS_PAGE 2048u
+static int handle_get_progress(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                               char **response, char *err, size_t err_size)
+{
+    uint64_t since = 0;
+    (void)body;
+    if (parse_decimal(resource_id, &since) < 0)
+        return error_set(err, err_size, EINVAL, "GET /progress/%s: not a decimal time in ns",
+                         resource_id);
+    _cleanup_json_ cJSON *root = cJSON_CreateObject();
+    cJSON *vcpus = root ? cJSON_AddArrayToObject(root, "vcpus") : NULL;
+    _cleanup_free_ struct vcpu_report *reports = malloc((PROGRESS_PAGE + 1) * sizeof(*reports));
+    if (!vcpus || !reports)
+        return error_set(err, err_size, ENOMEM, "out of memory");
+    bool more = false;
+    for (unsigned i = 0; vmm->vm_created && i < vmm->vm.vcpu_count; i++) {
+        uint64_t n = kvm_vm_read_reports(&vmm->vm.vcpus[i], since, reports, PROGRESS_PAGE + 1);
+        more |= n > PROGRESS_PAGE;
+        n = n > PROGRESS_PAGE ? PROGRESS_PAGE : n;
+        cJSON *vcpu = cJSON_CreateObject();
+        cJSON *at = cJSON_AddArrayToObject(vcpu, "at_ns");
+        cJSON *progress = cJSON_AddArrayToObject(vcpu, "progress");
+        for (uint64_t r = 0; r < n; r++) {
+            cJSON_AddItemToArray(at, cJSON_CreateNumber((double)reports[r].at_ns));
+            cJSON_AddItemToArray(progress, cJSON_CreateNumber((double)reports[r].progress));
+        }
+        cJSON_AddItemToArray(vcpus, vcpu);
+    }
+    cJSON_AddBoolToObject(root, "more", more);
+    *response = cJSON_PrintUnformatted(root);
+    return *response ? 0 : error_set(err, err_size, ENOMEM, "out of memory");
+}
+
 static int handle_get_root(struct vmm *vmm, const char *resource_id, const cJSON *body,
                            char **response, char *err, size_t err_size)
 {
@@ -734,6 +781,7 @@ struct route {
 
 static const struct route routes[] = {
     {"GET", "/", handle_get_root, false},
+    {"GET", "/progress/", handle_get_progress, false},
     {"PUT", "/machine-config", handle_machine_config, true},
     {"PUT", "/boot-source", handle_boot_source, true},
     {"PUT", "/actions", handle_actions, true},

@@ -74,8 +74,16 @@ static int parse_pair(char *pair, struct workload *w, char *err, size_t err_size
         return parse_u64(key, value, &w->rate, err, err_size);
     if (strcmp(key, "seed") == 0)
         return parse_u64(key, value, &w->seed, err, err_size);
+    if (strcmp(key, "report_us") == 0) {
+        int r = parse_u64(key, value, &w->report_us, err, err_size);
+        if (r == 0 && (w->report_us < 100 || w->report_us > 1000000))
+            return error_set(err, err_size, EINVAL,
+                             "boot_args: report_us must be from 100 to 1000000");
+        return r;
+    }
     return error_set(err, err_size, EINVAL,
-                     "boot_args: unknown key '%s' (expected pages, pattern, rate, seed)", key);
+                     "boot_args: unknown key '%s' (expected pages, pattern, rate, seed, report_us)",
+                     key);
 }
 
 int boot_args_parse(const char *text, struct workload *out, char *err, size_t err_size)

@@ -1,6 +1,7 @@
 /*
  * boot_args: the guest workload grammar carried in PUT /boot-source's boot_args.
- * Space-separated key=value pairs: pages=N pattern=sequential|random|hotset rate=N seed=N.
+ * Space-separated key=value pairs: pages=N pattern=sequential|random|hotset rate=N seed=N
+ * report_us=N (how often the guest reports its progress, 100 us to 1 s; default 10 ms).
  */
 #ifndef FORKD_TESTVM_BOOT_ARGS_H
 #define FORKD_TESTVM_BOOT_ARGS_H
@@ -14,6 +15,7 @@ struct workload {
     uint32_t pattern; /* enum guest_pattern */
     uint64_t rate;    /* page writes per second per vCPU, 0 = flat out */
     uint64_t seed;
+    uint64_t report_us; /* 0 = the guest's default, 10 ms */
 };
 
 /* Parses text (NULL or empty = all defaults) into *out; unknown keys and bad values fail. */

@@ -128,6 +128,7 @@ int guest_boot_prepare(struct guest_memory *memory, const char *image_path,
         .rate = workload->rate,
         .seed = workload->seed,
         .tsc_khz = tsc_khz,
+        .report_us = workload->report_us,
     };
     plan_working_set(memory, pages, &out->config);
     memcpy(guest_memory_host_address(memory, GUEST_CONFIG_GPA, sizeof(out->config)), &out->config,

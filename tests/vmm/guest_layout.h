@@ -42,8 +42,8 @@
 #define GUEST_IMAGE_MAGIC  0x31474d56544b4446ull /* "FDKTVMG1" little-endian */
 #define GUEST_CONFIG_MAGIC 0x31464e4354564446ull /* "FDVTCNF1" */
 
-/* About every 10 ms the guest reports its running total: the high 32 bits to
- * GUEST_PORT_PROGRESS_HIGH, then the low 32 bits to GUEST_PORT_PROGRESS. */
+/* About every 10 ms (guest_config.report_us) the guest reports its running total: the high 32 bits
+ * to GUEST_PORT_PROGRESS_HIGH, then the low 32 bits to GUEST_PORT_PROGRESS. */
 #define GUEST_PORT_PROGRESS      0x510
 #define GUEST_PORT_PROGRESS_HIGH 0x512
 /* Port the guest writes a guest_panic_code to before halting for good. */
@@ -94,6 +94,7 @@ struct guest_config {
     uint64_t tsc_khz;
     uint64_t range_count;
     struct guest_page_range ranges[GUEST_MAX_RANGES];
+    uint64_t report_us; /* progress report interval; 0 (older images and snapshots) = 10 ms */
 };
 
 /*

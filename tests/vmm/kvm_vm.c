@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "basic/cleanup.h"
+#include "basic/clock.h"
 
 #include "vmm_error.h"
 
@@ -155,6 +156,10 @@ static int create_vcpus(struct kvm_vm *vm, unsigned vcpu_count, char *err, size_
             return error_set(err, err_size, errno, "mmap kvm_run of vCPU %u: %s", i,
                              strerror(errno));
         vcpu->run = run;
+        /* Reserved, not touched: a VM nobody asks for its reports pays a page at most. */
+        void *reports = mmap(NULL, VCPU_REPORT_RING * sizeof(struct vcpu_report),
+                             PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        vcpu->reports = reports == MAP_FAILED ? NULL : reports;
         if (ioctl(vcpu->fd, KVM_SET_CPUID2, cpuid) < 0)
             return error_set(err, err_size, errno, "KVM_SET_CPUID2 vCPU %u: %s", i,
                              strerror(errno));
@@ -343,11 +348,33 @@ __attribute__((format(printf, 2, 3))) static void vcpu_fail_with_registers(struc
 
 static void record_progress(struct vcpu *vcpu, uint16_t port, uint32_t value)
 {
-    if (port == GUEST_PORT_PROGRESS_HIGH)
+    if (port == GUEST_PORT_PROGRESS_HIGH) {
         vcpu->progress_high = value;
-    else
-        atomic_store_explicit(&vcpu->progress, ((uint64_t)vcpu->progress_high << 32) | value,
-                              memory_order_relaxed);
+        return;
+    }
+    uint64_t total = ((uint64_t)vcpu->progress_high << 32) | value;
+    atomic_store_explicit(&vcpu->progress, total, memory_order_relaxed);
+    if (!vcpu->reports)
+        return;
+    uint64_t count = atomic_load_explicit(&vcpu->report_count, memory_order_relaxed);
+    vcpu->reports[count % VCPU_REPORT_RING] =
+        (struct vcpu_report){.at_ns = forkd_monotonic_ns(), .progress = total};
+    atomic_store_explicit(&vcpu->report_count, count + 1, memory_order_release);
+}
+
+uint64_t kvm_vm_read_reports(const struct vcpu *vcpu, uint64_t since_ns, struct vcpu_report *out,
+                             uint64_t max)
+{
+    uint64_t count = atomic_load_explicit(&vcpu->report_count, memory_order_acquire);
+    /* Keep clear of the slots the vCPU may be overwriting while we read. */
+    uint64_t window = VCPU_REPORT_RING - 1024;
+    uint64_t first = count > window ? count - window : 0, n = 0;
+    for (uint64_t i = first; vcpu->reports && i < count && n < max; i++) {
+        struct vcpu_report report = vcpu->reports[i % VCPU_REPORT_RING];
+        if (report.at_ns > since_ns)
+            out[n++] = report;
+    }
+    return n;
 }
 
 /* Returns 1 when the exit left port I/O pending, 0 to keep running, -1 when the vCPU failed. */
@@ -604,6 +631,9 @@ void kvm_vm_destroy(struct kvm_vm *vm)
         if (vcpu->run)
             munmap(vcpu->run, vm->run_size);
         vcpu->run = NULL;
+        if (vcpu->reports)
+            munmap(vcpu->reports, VCPU_REPORT_RING * sizeof(struct vcpu_report));
+        vcpu->reports = NULL;
         forkd_closep(&vcpu->fd);
         vcpu->fd = -1;
     }

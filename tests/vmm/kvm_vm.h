@@ -29,6 +29,13 @@
 
 struct kvm_vm;
 
+#define VCPU_REPORT_RING 65536u /* 65 s of reports at 1 ms */
+
+struct vcpu_report {
+    uint64_t at_ns; /* CLOCK_MONOTONIC */
+    uint64_t progress;
+};
+
 struct vcpu {
     struct kvm_vm *vm;
     unsigned index;
@@ -39,7 +46,12 @@ struct vcpu {
     bool parked;               /* under vm->lock */
     _Atomic uint64_t progress; /* last running total the guest reported */
     uint32_t progress_high;    /* vCPU thread only: high half of the report in progress */
-    atomic_bool failed;        /* set once by the vCPU thread after writing error */
+    /* Every report, timed by the host when it arrived (a ring of VCPU_REPORT_RING entries,
+     * written by the vCPU thread only): what the guest achieved in any interval, exact to a
+     * report, for the benchmark's stall and lost-work figures. */
+    struct vcpu_report *reports;
+    _Atomic uint64_t report_count;
+    atomic_bool failed; /* set once by the vCPU thread after writing error */
     char error[160];
 };
 
@@ -87,6 +99,11 @@ void kvm_vm_resume(struct kvm_vm *vm);
 
 /* Copies the first vCPU failure into err and returns true, if a vCPU has failed. */
 bool kvm_vm_failure(struct kvm_vm *vm, char *err, size_t err_size);
+
+/* Copies the vCPU's reports that arrived after since_ns (at most max, oldest first, from the
+ * last VCPU_REPORT_RING - 1024); any thread. Returns how many. */
+uint64_t kvm_vm_read_reports(const struct vcpu *vcpu, uint64_t since_ns, struct vcpu_report *out,
+                             uint64_t max);
 
 /* Stops and joins the vCPU threads and closes everything; safe on a partly created VM. */
 void kvm_vm_destroy(struct kvm_vm *vm);

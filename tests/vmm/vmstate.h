@@ -29,7 +29,7 @@
 #include "guest_memory.h"
 
 #define VMSTATE_MAGIC   "FKDVMST"
-#define VMSTATE_VERSION 2u
+#define VMSTATE_VERSION 3u /* 2: the save count and sparse boot; 3: guest_config.report_us */
 
 struct vcpu_state {
     struct kvm_regs regs;

@@ -58,6 +58,21 @@ struct branch_progress {
     /* Faults on pages the bulk copier had claimed but not yet captured: left to it, since its
      * unprotect right after the capture wakes the vCPU (not in the service times). */
     uint64_t faults_left_to_bulk;
+    /* LIVE and ARM_IN_PAUSE: from the resume until every page was captured and unprotected,
+     * when the guest stops paying for the branch (memory.bin may not be durable yet); 0 before. */
+    uint64_t captured_ns;
+};
+
+/* Copy-phase levers (see branch.c), all in use by default. The benchmark leaves them out one
+ * by one to measure what each buys, against the engine without it, in the same run. */
+enum branch_lever {
+    BRANCH_LEVER_STAGING = 1u << 0,       /* the fault handler never writes memory.bin */
+    BRANCH_LEVER_HOT_FIRST = 1u << 1,     /* pages dirtied while pre-arming are copied first */
+    BRANCH_LEVER_FAULT_AROUND = 1u << 2,  /* a fault captures its unclaimed aligned neighbours */
+    BRANCH_LEVER_RELEASE_FIRST = 1u << 3, /* a bulk chunk is unprotected before it is written */
+    BRANCH_LEVER_DIRECT = 1u << 4, /* the copier captures straight into memory.bin's page cache */
+    BRANCH_LEVER_ALL = BRANCH_LEVER_STAGING | BRANCH_LEVER_HOT_FIRST | BRANCH_LEVER_FAULT_AROUND |
+                       BRANCH_LEVER_RELEASE_FIRST | BRANCH_LEVER_DIRECT,
 };
 
 /* Called on the branch's thread at every phase change; must not block. */
@@ -78,6 +93,8 @@ struct branch_request {
     void (*inside_pause_hook)(void *context);
     /* Tests: called when the copy is complete, just before the point of no return. */
     void (*before_commit_hook)(void *context);
+    /* Benchmark: branch_lever bits to leave out (0: every lever in use). */
+    unsigned levers_off;
 };
 
 struct branch;

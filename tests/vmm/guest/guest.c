@@ -30,6 +30,9 @@ struct loop_params {
     uint64_t tsc_per_report; /* 72 */
     uint64_t deadline;       /* 80 */
     uint64_t last_report;    /* 88 */
+    uint64_t tsc_per_second; /* 96 */
+    uint64_t hot_base;       /* 104: first page of the hot set */
+    uint64_t clock_mask;     /* 112: flat out, look at the clock when total & mask == 0 */
 };
 _Static_assert(offsetof(struct loop_params, pages) == 8, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, hot_pages) == 16, "guest_loop offsets");
@@ -42,6 +45,9 @@ _Static_assert(offsetof(struct loop_params, tsc_per_write) == 64, "guest_loop of
 _Static_assert(offsetof(struct loop_params, tsc_per_report) == 72, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, deadline) == 80, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, last_report) == 88, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, tsc_per_second) == 96, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, hot_base) == 104, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, clock_mask) == 112, "guest_loop offsets");
 _Static_assert(GUEST_PORT_PROGRESS == 0x510 && GUEST_PORT_PROGRESS_HIGH == 0x512,
                "guest_loop hard-codes the progress ports");
 _Static_assert(GUEST_PATTERN_SEQUENTIAL == 0 && GUEST_PATTERN_RANDOM == 1, "guest_loop patterns");
@@ -100,12 +106,13 @@ __asm__(".pushsection .text, \"ax\"\n"
         "    xorl %edx, %edx\n"
         "    cmpq $1, %rbp\n"
         "    je 12f\n"
-        "    movzbl %al, %ecx\n" /* hot set: 230 in 256 writes go to the first tenth */
+        "    movzbl %al, %ecx\n" /* hot set: 230 in 256 writes go to a tenth, mid-memory */
         "    shrq $8, %rax\n"
         "    cmpl $230, %ecx\n"
         "    jae 12f\n"
         "    divq 16(%rbx)\n"
         "    movq %rdx, %rax\n"
+        "    addq 104(%rbx), %rax\n"
         "    jmp 20f\n"
         "12: divq %r12\n"
         "    movq %rdx, %rax\n"
@@ -125,10 +132,10 @@ __asm__(".pushsection .text, \"ax\"\n"
         ".globl guest_increment_window\n"
         "guest_increment_window:\n"
         "    incq %r15\n"
-        /* pacing and progress: flat out looks at the clock every 1024 writes */
+        /* pacing and progress: flat out looks at the clock every clock_mask + 1 writes */
         "    cmpq $0, 64(%rbx)\n"
         "    jne 30f\n"
-        "    testq $0x3ff, %r15\n"
+        "    testq 112(%rbx), %r15\n"
         "    jnz guest_loop_start\n"
         "30: rdtsc\n"
         "    shlq $32, %rdx\n"
@@ -149,9 +156,8 @@ __asm__(".pushsection .text, \"ax\"\n"
         "    testq %rcx, %rcx\n"
         "    jz guest_loop_start\n"
         "    movq 80(%rbx), %rax\n"
-        "    addq %rcx, %rax\n" /* next deadline */
-        "    movq 72(%rbx), %rdx\n"
-        "    imulq $100, %rdx, %rdx\n" /* one second of TSC */
+        "    addq %rcx, %rax\n"     /* next deadline */
+        "    movq 96(%rbx), %rdx\n" /* one second of TSC */
         "    leaq (%rax,%rdx), %rdi\n"
         "    cmpq %rsi, %rdi\n"
         "    jb 32f\n" /* far behind (after a long pause): do not burst */
@@ -217,6 +223,9 @@ void guest_main(uint64_t vcpu_index, const struct guest_config *config)
     params.pattern = config->pattern;
     params.pages = config->pages;
     params.hot_pages = config->pages / 10 ? config->pages / 10 : 1;
+    /* The hot set sits in the middle of the working set, where neither a sweep from the start
+     * nor one from the end reaches it first by accident. */
+    params.hot_base = (config->pages - params.hot_pages) / 2;
     /* Sequential walkers start spread out (the loop pre-increments); random ones differ by seed. */
     params.walk_state = config->pattern == GUEST_PATTERN_SEQUENTIAL
                             ? vcpu_index * config->pages / config->vcpu_count
@@ -226,7 +235,12 @@ void guest_main(uint64_t vcpu_index, const struct guest_config *config)
     params.range0_pages = config->ranges[0].pages;
     params.range1_gpa = config->range_count > 1 ? config->ranges[1].gpa : 0;
     params.tsc_per_write = config->rate ? (tsc_hz / config->rate ? tsc_hz / config->rate : 1) : 0;
-    params.tsc_per_report = tsc_hz / 100;
+    params.tsc_per_report =
+        config->report_us ? config->tsc_khz * config->report_us / 1000 : tsc_hz / 100;
+    params.tsc_per_second = tsc_hz;
+    /* Every 1024 writes keeps the clock out of the loop; a short report interval asks for
+     * reports on time even where a write costs tens of microseconds (nested, emulated). */
+    params.clock_mask = config->report_us ? 0xf : 0x3ff;
     params.deadline = read_tsc();
     params.last_report = 0;
     guest_loop(&params);
