@@ -143,7 +143,7 @@ exec 9>&-
 
 # --- Initramfs: busybox, /init and the modules for 9p, overlay and KVM ----------------------
 
-run_dir=$(mktemp -d /tmp/forkd-kvm-runner.XXXXXX)
+run_dir=$(mktemp -d "${TMPDIR:-/tmp}/forkd-kvm-runner.XXXXXX")
 qemu_pid=
 tail_pid=
 finish() {

@@ -14,12 +14,16 @@ SCALE = max(1.0, float(os.environ.get("FORKD_TIME_SCALE", "1") or 1))
 
 
 def run(*args, guard=600, cwd=None):
+    # The runner makes its run directory (and so its QEMU's command line) under $TMPDIR: a
+    # directory of this test's own, so no_qemu_left counts this test's QEMUs and never those
+    # of other runners on the machine (CI runs two legs side by side).
+    env = {**os.environ, "TMPDIR": RUN_DIRS}
     result = subprocess.run(["bash", RUNNER, *args], capture_output=True, text=True,
-                            timeout=guard * SCALE, cwd=cwd or SOURCE_DIR)
+                            timeout=guard * SCALE, cwd=cwd or SOURCE_DIR, env=env)
     return result
 
 
-def qemu_processes(run_dir_prefix="/tmp/forkd-kvm-runner."):
+def qemu_processes(run_dir_prefix):
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -34,11 +38,16 @@ def qemu_processes(run_dir_prefix="/tmp/forkd-kvm-runner."):
     return found
 
 
+RUN_DIRS = ""
+
+
 @pytest.fixture(autouse=True)
-def no_qemu_left():
-    before = set(qemu_processes())
+def no_qemu_left(tmp_path_factory):
+    global RUN_DIRS
+    RUN_DIRS = str(tmp_path_factory.mktemp("runs"))
     yield
-    assert set(qemu_processes()) <= before, "a QEMU process was left running"
+    prefix = os.path.join(RUN_DIRS, "forkd-kvm-runner.")
+    assert not qemu_processes(prefix), "a QEMU process was left running"
 
 
 def test_command_runs_in_the_same_directory_with_kvm_and_loopback_and_its_status_comes_back(
