@@ -806,6 +806,21 @@ static int branch_check_alive(struct branch *branch, struct branch_run_state *ru
     return 0;
 }
 
+/* A run whose pre-image is captured: marks its pages captured, then lets the guest write them. */
+static int branch_release_run(struct branch_run_state *run, struct branch_region *region,
+                              uint64_t first, uint64_t count, struct forkd_error *err)
+{
+    uint64_t page_size = region->uffd.page_size;
+    for (uint64_t p = first; p < first + count; p++)
+        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    int rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + first * page_size,
+                                count * page_size, page_size, false, false, err);
+    if (rc < 0)
+        return rc;
+    atomic_fetch_add(&run->pages_released, count);
+    return 0;
+}
+
 /* Captures one run of pages claimed by the copier and unprotects it: from here the guest
  * writes these pages without a fault. */
 static int branch_bulk_capture(struct branch_run_state *run, struct branch_region *region,
@@ -819,13 +834,9 @@ static int branch_bulk_capture(struct branch_run_state *run, struct branch_regio
         return forkd_error_errno(err, rc, "read guest memory at 0x%llx+0x%llx",
                                  (unsigned long long)(region->uffd.host_base + offset),
                                  (unsigned long long)length);
-    for (uint64_t p = first; p < first + count; p++)
-        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
-    rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length, page_size,
-                            false, false, err);
+    rc = branch_release_run(run, region, first, count, err);
     if (rc < 0)
         return rc;
-    atomic_fetch_add(&run->pages_released, count);
     return 0;
 }
 
@@ -859,13 +870,9 @@ static int branch_bulk_direct(struct branch *branch, struct branch_run_state *ru
     int rc = fs_pwrite_all(run->memory_fd, run->guest_map + at, length, at);
     if (rc < 0)
         return forkd_error_errno(err, rc, "write memory.bin at %llu", (unsigned long long)at);
-    for (uint64_t p = first; p < first + count; p++)
-        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
-    rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + offset, length, page_size,
-                            false, false, err);
+    rc = branch_release_run(run, region, first, count, err);
     if (rc < 0)
         return rc;
-    atomic_fetch_add(&run->pages_released, count);
     branch_count_write(region, first, count);
     atomic_fetch_add(&branch->pages_by_bulk, count);
     atomic_fetch_add(&branch->bytes_copied, length);
