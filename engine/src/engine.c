@@ -119,6 +119,7 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
         .labels = request->labels,
         .label_count = request->label_count,
         .page_server = engine->page_server,
+        .start_finished_by_caller = true,
     };
     return vm_restore(engine->registry, &config, out, err);
 }
@@ -161,9 +162,14 @@ static int engine_restore_all(struct engine *engine, const struct engine_spawn_r
         if (rc < 0)
             return rc;
     }
-    if (request->start_paused || request->run_as_restored)
-        return 0;
-    return engine_resume_all(vms, *started, err);
+    int rc = 0;
+    if (!request->start_paused && !request->run_as_restored)
+        rc = engine_resume_all(vms, *started, err);
+    /* Only now is the Spawn whole: until here a forkd that dies leaves forks its successor
+     * stops (all or none), never a part of a Spawn nobody was told about. */
+    for (size_t i = 0; rc == 0 && i < *started; i++)
+        rc = vm_start_finished(vms[i], err);
+    return rc;
 }
 
 int engine_spawn(struct engine *engine, const struct engine_spawn_request *request,

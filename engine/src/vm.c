@@ -1055,7 +1055,9 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
     rc = vm_load_snapshot(vm, config, err);
     if (rc == 0) {
         vm->mem_size_mib = vm->memory_bytes >> 20;
-        rc = vm_mark_started(vm, err);
+        rc = config->start_finished_by_caller ? vm_save_record(vm) : vm_mark_started(vm, err);
+        if (rc < 0 && config->start_finished_by_caller)
+            rc = forkd_error_errno(err, rc, "write the record of VM %s", vm->id);
     }
     if (rc < 0) {
         vm_abandon_start(vm, rc, err);
@@ -1077,6 +1079,11 @@ int vm_restore(struct vm_registry *registry, const struct vm_restore_config *con
     if (rc < 0 && config->store && config->snapshot_name)
         store_release(config->store, config->snapshot_name);
     return rc;
+}
+
+int vm_start_finished(struct vm *vm, struct forkd_error *err)
+{
+    return vm_mark_started(vm, err);
 }
 
 int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, struct forkd_error *err)

@@ -10,7 +10,8 @@ import time
 
 import grpc
 
-from forkd_harness import VmDaemon, forkd_pb2, scaled, verify_snapshot, wait_until
+from forkd_harness import (VmDaemon, forkd_pb2, forkd_pb2_grpc, scaled, verify_snapshot,
+                           wait_until)
 
 P = forkd_pb2
 # The guest writes pages one after another at a bounded rate, so a UFFD fork keeps faulting
@@ -271,6 +272,80 @@ def test_kill9_mid_live_branch_fails_it_and_leaves_the_vm_running_unprotected():
         if again:
             again.cleanup()
         kill_leftovers([pid])
+
+
+def vmm_pids_of(d):
+    """Processes whose arguments name d's run directory: its VMMs."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                if run_dir(d).encode() + b"/" in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def spawn_records(d, prefix):
+    """The records of VMs named <prefix>-<n> in the run directory, by id."""
+    found = {}
+    for name in os.listdir(run_dir(d)):
+        if not name.endswith(".vm"):
+            continue
+        try:
+            with open(os.path.join(run_dir(d), name)) as f:
+                record = json.load(f)
+        except (FileNotFoundError, ValueError):
+            continue  # replaced or removed while read
+        if record["name"].startswith(prefix + "-"):
+            found[record["id"]] = record
+    return found
+
+
+def test_kill9_mid_spawn_stops_every_fork_of_it():
+    """A Spawn is all or none: forkd killed after the first fork was restored (the second VMM
+    is up) leaves forks nobody was told about; the next forkd stops them all and keeps the
+    rest, and the snapshot they held is free again."""
+    d = VmDaemon("--shutdown-grace-ms", "2000")
+    pids = []
+    again = None
+    try:
+        booted = d.boot(mem_mib=32, workload=SLOW_WRITER)
+        pids.append(booted.vmm_pid)
+        done = d.branch(booted.id, "base")[-1]
+        assert done.phase == P.BRANCH_PHASE_DONE, done.error_message
+        spawn = forkd_pb2_grpc.ForkdStub(d.channel).Spawn.future(P.SpawnRequest(
+            snapshot="base", count=8, name_prefix="half", backend=P.MEMORY_BACKEND_UFFD),
+            timeout=scaled(600))
+        wait_until(lambda: len(spawn_records(d, "half")) >= 2 or spawn.done(), 120,
+                   "the Spawn's second VMM to be up")
+        if spawn.done():
+            raise AssertionError("the Spawn ended before forkd was killed: %s" %
+                                 spawn.exception())
+        kill9(d)
+        cut = spawn_records(d, "half")
+        pids += [r["vmm"]["pid"] for r in cut.values()]
+        assert len(cut) >= 2
+        again = restart(d)
+        listed = vms_by_id(again)
+        assert set(listed) == {booted.id}, "forks of the cut Spawn were adopted: %s" % [
+            (v.id, v.name, v.state) for v in listed.values() if v.id != booted.id]
+        assert listed[booted.id].state == P.VM_STATE_RUNNING
+        for record in cut.values():
+            pid = record["vmm"]["pid"]
+            wait_until(lambda: not alive(pid), 30, "VMM %d of the cut Spawn to be gone" % pid)
+        assert spawn_records(again, "half") == {}
+        again.forkd().DeleteSnapshot(P.DeleteSnapshotRequest(name="base"), timeout=30)
+        assert leftovers(again) == []
+        stop_all(again)
+    finally:
+        d.stop()
+        if again:
+            again.cleanup()
+        # A VMM launched in the instant before its record was written is known by its
+        # arguments only (they name the run directory).
+        kill_leftovers(pids + vmm_pids_of(d))
 
 
 def test_a_planted_record_naming_another_process_is_ignored():

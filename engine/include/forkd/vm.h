@@ -109,6 +109,10 @@ struct vm_restore_config {
      * is named snapshot_name (memory_path when none). The fork stays registered until the
      * VM's last reference goes (the page server drops it by itself when the VMM exits). */
     struct page_server *page_server;
+    /* One of several VMs started together, all or none (a Spawn): the VM stays "starting" in
+     * its record, so a forkd that dies before the caller calls vm_start_finished for the whole
+     * group makes the next forkd stop it instead of adopting it. */
+    bool start_finished_by_caller;
 };
 
 /* What a VM looks like now (a copy; safe to keep). */
@@ -188,6 +192,11 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
  * handshake's error (page_server_fork_wait_ready) when it fails. */
 int vm_restore(struct vm_registry *registry, const struct vm_restore_config *config,
                struct vm **out, struct forkd_error *err);
+
+/* The group a VM restored with start_finished_by_caller belongs to is complete: from now a
+ * later forkd adopts the VM (one that exited meanwhile is reported exited). Accepts any
+ * state; returns 0 or -errno. */
+int vm_start_finished(struct vm *vm, struct forkd_error *err);
 
 /* By id or name, in any state (a VM is listed until vm_stop); NULL when unknown. Returns a
  * reference. */
