@@ -68,7 +68,7 @@ struct branch_table {
     struct branch_job *jobs[FINISHED_JOBS_KEPT * 2];
     size_t count;
     unsigned running, max_running;
-    unsigned long next_id;
+    struct serial *ids; /* branch ids, never reused on this state directory */
 };
 
 /* ---- jobs and the table ----------------------------------------------------------------- */
@@ -84,7 +84,7 @@ static void branches_job_unref(struct branch_job *job)
     free(job);
 }
 
-struct branch_table *branches_table_new(unsigned max_running)
+struct branch_table *branches_table_new(unsigned max_running, struct serial *ids)
 {
     struct branch_table *table = calloc(1, sizeof(*table));
     if (!table)
@@ -92,6 +92,7 @@ struct branch_table *branches_table_new(unsigned max_running)
     pthread_mutex_init(&table->lock, NULL);
     pthread_cond_init(&table->idle, NULL);
     table->max_running = max_running;
+    table->ids = ids;
     return table;
 }
 
@@ -102,6 +103,7 @@ void branches_table_free(struct branch_table *table)
     branches_wait_idle(table, -1);
     for (size_t i = 0; i < table->count; i++)
         branches_job_unref(table->jobs[i]);
+    serial_close(table->ids);
     pthread_mutex_destroy(&table->lock);
     pthread_cond_destroy(&table->idle);
     free(table);
@@ -128,6 +130,17 @@ bool branches_wait_idle(struct branch_table *table, int timeout_ms)
     bool idle = table->running == 0;
     pthread_mutex_unlock(&table->lock);
     return idle;
+}
+
+/* Names a job "br-<n>", n never used before on this state directory. */
+static int branches_new_id(struct branch_table *table, struct branch_job *job,
+                           struct forkd_error *err)
+{
+    unsigned long id;
+    int rc = serial_next(table->ids, &id, err);
+    if (rc == 0)
+        snprintf(job->id, sizeof(job->id), "br-%lu", id);
+    return rc;
 }
 
 /* Drops the oldest finished job when the list is full; the caller holds table->lock. */
@@ -162,8 +175,10 @@ static grpc_status_code branches_add(struct branch_table *table, struct branch_j
                               table->running);
     else if (table->count == sizeof(table->jobs) / sizeof(table->jobs[0]))
         code = rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "too many branches");
+    struct forkd_error err = {0};
+    if (code == GRPC_STATUS_OK && branches_new_id(table, job, &err) < 0)
+        code = rpc_status_set(status, GRPC_STATUS_INTERNAL, "branch id: %s", err.message);
     if (code == GRPC_STATUS_OK) {
-        snprintf(job->id, sizeof(job->id), "br-%lu", ++table->next_id);
         table->jobs[table->count++] = job;
         atomic_fetch_add(&job->refs, 1);
         table->running++;
@@ -217,11 +232,14 @@ void branches_record_interrupted(struct branch_table *table, const char *snapsho
         (struct job_event){.phase = BRANCH_PHASE_FAILED, .time_unix_ms = forkd_unix_ms()};
     pthread_mutex_lock(&table->lock);
     branches_make_room(table);
-    if (table->count < sizeof(table->jobs) / sizeof(table->jobs[0])) {
-        snprintf(job->id, sizeof(job->id), "br-%lu", ++table->next_id);
+    struct forkd_error err = {0};
+    if (table->count < sizeof(table->jobs) / sizeof(table->jobs[0]) &&
+        branches_new_id(table, job, &err) == 0)
         table->jobs[table->count++] = take_ptr(job);
-    }
     pthread_mutex_unlock(&table->lock);
+    if (err.code)
+        log_warn("the cut branch to %s is not listed for WatchBranch: %s", snapshot_name,
+                 err.message);
     branches_job_unref(job);
 }
 

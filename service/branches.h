@@ -8,11 +8,14 @@
 #ifndef FORKD_SERVICE_BRANCHES_H
 #define FORKD_SERVICE_BRANCHES_H
 
+#include "serial.h"
+
 #include <stdbool.h>
 
 struct branch_table;
 
-struct branch_table *branches_table_new(unsigned max_running);
+/* The table takes over ids (the source of branch ids). */
+struct branch_table *branches_table_new(unsigned max_running, struct serial *ids);
 /* Waits for every job's worker to end, then frees the table. */
 void branches_table_free(struct branch_table *table);
 

@@ -216,9 +216,16 @@ static int main_open_engine(struct daemon_state *daemon)
         log_error("%s", err.message);
         return err.code;
     }
-    daemon->branches = branches_table_new(opts->max_branches);
-    if (!daemon->branches)
+    struct serial *branch_ids;
+    if (serial_open(opts->state_dir, "branch-ids", &branch_ids, &err) < 0) {
+        log_error("branch ids: %s", err.message);
+        return err.code;
+    }
+    daemon->branches = branches_table_new(opts->max_branches, branch_ids);
+    if (!daemon->branches) {
+        serial_close(branch_ids);
         return -ENOMEM;
+    }
     struct vm_adopt_config adopt = {.log = main_log_adoption,
                                     .branch_failed = main_branch_failed,
                                     .arg = daemon};

@@ -653,3 +653,29 @@ def test_list_vms_page_token_is_checked(plain):
     with pytest.raises(grpc.RpcError) as error:
         plain.forkd().ListVms(forkd_pb2.ListVmsRequest(page_token="nope"), timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# The branch-id counter in the state directory (ids are never reused across restarts).
+
+def _state_with_counter(tmp_path, plant):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    plant(state / "branch-ids")
+    return state
+
+
+def test_branch_id_counter_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("precious\n")
+    state = _state_with_counter(tmp_path, lambda p: p.symlink_to(target))
+    code, output = run_until_exit(forkd_args(tmp_path, "unix:" + str(tmp_path / "s.sock")))
+    assert code != 0
+    assert str(state / "branch-ids") in output and "symbolic links" in output, output
+    assert target.read_text() == "precious\n"
+
+
+def test_branch_id_counter_with_garbage_is_refused_by_name(tmp_path):
+    state = _state_with_counter(tmp_path, lambda p: p.write_text("twelve\n"))
+    code, output = run_until_exit(forkd_args(tmp_path, "unix:" + str(tmp_path / "s.sock")))
+    assert code != 0
+    assert "%s does not hold a counter" % (state / "branch-ids") in output, output

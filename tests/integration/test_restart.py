@@ -238,6 +238,7 @@ def test_kill9_mid_live_branch_fails_it_and_leaves_the_vm_running_unprotected():
             if event.phase == P.BRANCH_PHASE_COPYING:
                 break
         assert event.phase == P.BRANCH_PHASE_COPYING and get_vm(d, vm.id).active_branch_id
+        cut_id = event.branch_id
         kill9(d)
         # The write-protect userfaultfd closed with forkd: nothing holds the guest any more.
         guest_runs(pid, "the source VM to run on without forkd")
@@ -254,6 +255,8 @@ def test_kill9_mid_live_branch_fails_it_and_leaves_the_vm_running_unprotected():
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.ABORTED and "forkd restarted" in e.details()
         assert watch[-1].phase == P.BRANCH_PHASE_FAILED and watch[-1].vm_id == vm.id
+        # Branch ids are never reused on a state directory: the old id names the old branch.
+        assert watch[-1].branch_id != cut_id, cut_id
         assert "forkd restarted" in watch[-1].error_message
         names = [s.name for s in
                  again.forkd().ListSnapshots(P.ListSnapshotsRequest(), timeout=10).snapshots]
