@@ -53,8 +53,11 @@ struct store_entry {
      * first, so a name's count can only be too high (delete refused), never too low. */
     uint32_t orphaned_users;
     struct store_writer *writer; /* WRITING */
-    struct store_snapshot *meta; /* READY */
-    struct forkd_error corrupt;  /* CORRUPT: why, naming the file */
+    /* READY: the record as its snapshot.json holds it, parsed when asked for. The text is about
+     * 1 KiB where a struct store_snapshot is about 15 KiB: a store of 25,000 snapshots keeps
+     * some 30 MB, not 400. */
+    char *metadata;
+    struct forkd_error corrupt; /* CORRUPT: why, naming the file */
 };
 
 struct store {
@@ -195,7 +198,7 @@ static void store_entry_unlink_and_free(struct store *store, struct store_entry 
             break;
         }
     }
-    free(entry->meta);
+    free(entry->metadata);
     free(entry);
 }
 
@@ -205,8 +208,8 @@ static void store_entry_retire(struct store *store, struct store_entry *entry)
     entry->orphaned_users += entry->users;
     entry->users = 0;
     entry->writer = NULL;
-    free(entry->meta);
-    entry->meta = NULL;
+    free(entry->metadata);
+    entry->metadata = NULL;
     if (entry->orphaned_users > 0)
         entry->kind = STORE_ENTRY_GONE;
     else
@@ -221,11 +224,15 @@ static int store_path(const struct store *store, const char *name, char *buf, si
     return 0;
 }
 
-static void store_fill_snapshot(const struct store *store, const struct store_entry *entry,
-                                struct store_snapshot *out)
+/* Describes an entry in *out: 0, or -ENOMEM when a READY record cannot be parsed for want of
+ * memory (it parsed when it was loaded or published). */
+static int store_fill_snapshot(const struct store *store, const struct store_entry *entry,
+                               struct store_snapshot *out, struct forkd_error *err)
 {
     if (entry->kind == STORE_ENTRY_READY) {
-        *out = *entry->meta;
+        int r = snapshot_json_parse(entry->metadata, strlen(entry->metadata), out, err);
+        if (r < 0)
+            return forkd_error_prefix(err, "snapshot '%s': ", entry->name);
         out->state = STORE_STATE_READY;
         store_path(store, entry->name, out->path, sizeof(out->path), NULL);
     } else if (entry->kind == STORE_ENTRY_CORRUPT) {
@@ -241,6 +248,7 @@ static void store_fill_snapshot(const struct store *store, const struct store_en
         memcpy(out->path, entry->writer->dir, sizeof(out->path));
     }
     out->users = entry->users;
+    return 0;
 }
 
 /* ---- removing directories ---- */
@@ -347,6 +355,7 @@ static int store_read_small_file(int dir_fd, const char *path, char **out, size_
     ssize_t n = pread(fd, buf, (size_t)st.st_size, 0);
     if (n != st.st_size)
         return forkd_error_set(err, -EIO, "short read: %s", n < 0 ? strerror(errno) : "");
+    buf[n] = '\0';
     *len = (size_t)n;
     *out = take_ptr(buf);
     return 0;
@@ -366,7 +375,7 @@ static int store_check_data_file(int snap_fd, const char *file, uint64_t expecte
 
 /* Parses <snapshots>/<name>/snapshot.json and checks the data files it describes. */
 static int store_load_snapshot(int dir_fd, const char *name, struct store_snapshot *meta,
-                               struct forkd_error *err)
+                               char **text_out, struct forkd_error *err)
 {
     _cleanup_close_ int snap_fd =
         openat(dir_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
@@ -375,6 +384,8 @@ static int store_load_snapshot(int dir_fd, const char *name, struct store_snapsh
     _cleanup_free_ char *text = NULL;
     size_t len = 0;
     int r = store_read_small_file(snap_fd, STORE_METADATA_FILE, &text, &len, err);
+    if (r == 0 && strlen(text) != len)
+        r = forkd_error_set(err, -EIO, "it holds a NUL byte");
     if (r == 0)
         r = snapshot_json_parse(text, len, meta, err);
     if (r == 0 && strcmp(meta->name, name) != 0)
@@ -386,6 +397,8 @@ static int store_load_snapshot(int dir_fd, const char *name, struct store_snapsh
         r = store_check_data_file(snap_fd, STORE_VMSTATE_FILE, meta->vmstate_bytes, err);
     if (r == 0)
         r = store_check_data_file(snap_fd, STORE_MEMORY_FILE, meta->memory_bytes, err);
+    if (r == 0)
+        *text_out = take_ptr(text);
     return r;
 }
 
@@ -396,7 +409,8 @@ static int store_add_loaded(struct store *store, int dir_fd, const char *name,
     _cleanup_free_ struct store_snapshot *meta = calloc(1, sizeof(*meta));
     if (!meta)
         return forkd_error_set(err, -ENOMEM, "open store %s: out of memory", store->dir);
-    int r = store_load_snapshot(dir_fd, name, meta, &why);
+    _cleanup_free_ char *text = NULL;
+    int r = store_load_snapshot(dir_fd, name, meta, &text, &why);
     if (r == -ENOMEM)
         return forkd_error_set(err, r, "open store %s: %s", store->dir, why.message);
     struct store_entry *entry =
@@ -404,7 +418,7 @@ static int store_add_loaded(struct store *store, int dir_fd, const char *name,
     if (!entry)
         return forkd_error_set(err, -ENOMEM, "open store %s: out of memory", store->dir);
     if (r == 0)
-        entry->meta = take_ptr(meta);
+        entry->metadata = take_ptr(text);
     else
         forkd_error_set(&entry->corrupt, -EIO, "snapshot '%s' is corrupt: %s/%s/%s", name,
                         store->dir, name, why.message);
@@ -652,8 +666,9 @@ static int store_sync_data_file(const char *path, uint64_t *size, struct forkd_e
     return 0;
 }
 
+/* Writes snapshot.json; its text is handed back in *text_out. */
 static int store_write_metadata(const struct store_writer *w, const struct store_snapshot *meta,
-                                struct forkd_error *err)
+                                char **text_out, struct forkd_error *err)
 {
     char path[PATH_MAX];
     if (!store_join(path, sizeof(path), w->dir, STORE_METADATA_FILE))
@@ -670,6 +685,7 @@ static int store_write_metadata(const struct store_writer *w, const struct store
         return forkd_error_errno(err, r, "write %s", path);
     if (fsync(fd) < 0)
         return forkd_error_errno(err, -errno, "fsync %s", path);
+    *text_out = take_ptr(text);
     return 0;
 }
 
@@ -682,7 +698,7 @@ static int64_t store_now_unix_ms(void)
 
 /* Everything up to the rename, none of it under the lock: the data files and the metadata made
  * durable inside the temporary directory. Fills the store-owned fields of *meta. */
-static int store_prepare(struct store_writer *w, struct store_snapshot *meta,
+static int store_prepare(struct store_writer *w, struct store_snapshot *meta, char **text,
                          struct forkd_error *err)
 {
     int r = store_check_meta(w, meta, err);
@@ -697,7 +713,7 @@ static int store_prepare(struct store_writer *w, struct store_snapshot *meta,
     meta->state = STORE_STATE_READY;
     meta->users = 0;
     meta->path[0] = '\0';
-    r = store_write_metadata(w, meta, err);
+    r = store_write_metadata(w, meta, text, err);
     if (r == 0 && (r = fs_sync_dir(w->dir)) < 0)
         forkd_error_errno(err, r, "fsync %s", w->dir);
     return r;
@@ -726,7 +742,7 @@ static int store_rename_into_place(struct store_writer *w, const char *final_pat
 }
 
 /* The last step: READY, or (cancelled meanwhile, or the parent sync failed) moved back out. */
-static int store_make_ready(struct store_writer *w, struct store_snapshot *meta, int sync_result,
+static int store_make_ready(struct store_writer *w, char **text, int sync_result,
                             struct forkd_error *err)
 {
     struct store *store = w->store;
@@ -738,7 +754,7 @@ static int store_make_ready(struct store_writer *w, struct store_snapshot *meta,
     if (r == 0) {
         w->entry->kind = STORE_ENTRY_READY;
         w->entry->writer = NULL;
-        w->entry->meta = meta;
+        w->entry->metadata = take_ptr(*text);
         w->entry = NULL;
     } else if (store_unpublish(store, w->name, moved_to, sizeof(moved_to), NULL) < 0) {
         moved_to[0] = '\0';
@@ -755,9 +771,10 @@ static int store_publish_steps(struct store_writer *w, struct store_snapshot *me
                                struct forkd_error *err)
 {
     char final_path[PATH_MAX];
+    _cleanup_free_ char *text = NULL;
     int r = store_path(w->store, w->name, final_path, sizeof(final_path), err);
     if (r == 0)
-        r = store_prepare(w, meta, err);
+        r = store_prepare(w, meta, &text, err);
     if (r == 0)
         r = store_rename_into_place(w, final_path, err);
     if (r < 0) {
@@ -767,23 +784,21 @@ static int store_publish_steps(struct store_writer *w, struct store_snapshot *me
     int sync_result = fs_sync_dir(w->store->dir);
     if (sync_result < 0)
         forkd_error_errno(err, sync_result, "fsync %s", w->store->dir);
-    return store_make_ready(w, meta, sync_result, err);
+    return store_make_ready(w, &text, sync_result, err);
 }
 
 int store_publish(struct store_writer *writer, const struct store_snapshot *meta,
                   struct forkd_error *err)
 {
-    struct store_snapshot *copy = malloc(sizeof(*copy));
+    _cleanup_free_ struct store_snapshot *copy = malloc(sizeof(*copy));
     if (!copy) {
         store_abort(writer);
         return forkd_error_set(err, -ENOMEM, "publish: out of memory");
     }
     *copy = *meta;
     int r = store_publish_steps(writer, copy, err);
-    if (r < 0) {
-        free(copy);
+    if (r < 0)
         forkd_error_prefix(err, "publish snapshot '%s': ", writer->name);
-    }
     store_writer_finish(writer);
     return r;
 }
@@ -811,10 +826,15 @@ int store_list(struct store *store, struct store_snapshot **out, size_t *count,
         return forkd_error_set(err, -ENOMEM, "list snapshots: out of memory");
     }
     size_t i = 0;
-    for (struct store_entry *e = store->entries; e; e = e->next)
+    int r = 0;
+    for (struct store_entry *e = store->entries; e && r == 0; e = e->next)
         if (store_entry_visible(e))
-            store_fill_snapshot(store, e, &list[i++]);
+            r = store_fill_snapshot(store, e, &list[i++], err);
     pthread_mutex_unlock(&store->lock);
+    if (r < 0) {
+        free(list);
+        return r;
+    }
     if (n)
         qsort(list, n, sizeof(*list), store_compare_names);
     *out = list;
@@ -853,9 +873,14 @@ int store_list_page(struct store *store, const char *after, size_t max,
         if (store_entry_visible(e) && strcmp(e->name, after) > 0)
             entries[i++] = e;
     qsort(entries, n, sizeof(*entries), store_compare_entry_names);
-    for (i = 0; i < page; i++)
-        store_fill_snapshot(store, entries[i], &list[i]);
+    int r = 0;
+    for (i = 0; i < page && r == 0; i++)
+        r = store_fill_snapshot(store, entries[i], &list[i], err);
     pthread_mutex_unlock(&store->lock);
+    if (r < 0) {
+        free(list);
+        return r;
+    }
     *out = list;
     *count = page;
     *more = n > page;
@@ -897,7 +922,7 @@ int store_get(struct store *store, const char *name, struct store_snapshot *out,
     pthread_mutex_lock(&store->lock);
     int r = store_lookup(store, name, &entry, err);
     if (r == 0)
-        store_fill_snapshot(store, entry, out);
+        r = store_fill_snapshot(store, entry, out, err);
     pthread_mutex_unlock(&store->lock);
     return r;
 }
@@ -914,7 +939,9 @@ int store_acquire(struct store *store, const char *name, struct store_snapshot *
         r = forkd_error_set(err, -EOVERFLOW, "snapshot '%s' has too many users", name);
     if (r == 0) {
         entry->users++;
-        store_fill_snapshot(store, entry, out);
+        r = store_fill_snapshot(store, entry, out, err);
+        if (r < 0)
+            entry->users--;
     }
     pthread_mutex_unlock(&store->lock);
     return r;

@@ -687,6 +687,15 @@ TEST_F(StoreTest, SnapshotJsonIsReadStrictly)
         EXPECT_NE(nullptr, strstr(err.message, path.c_str())) << err.message;
         EXPECT_NE(nullptr, strstr(err.message, c.why)) << err.message;
     }
+    {
+        SCOPED_TRACE("a NUL byte after the object");
+        write_file(path, original + std::string("\0", 1));
+        Reopen();
+        struct store_snapshot got;
+        struct forkd_error err = {};
+        EXPECT_EQ(-EIO, Get("strict", &got, &err));
+        EXPECT_NE(nullptr, strstr(err.message, "holds a NUL byte")) << err.message;
+    }
     write_file(path, original);
     Reopen();
     struct store_snapshot got;
