@@ -311,6 +311,22 @@ static void vm_set_state(struct vm *vm, enum vm_state state)
     pthread_mutex_unlock(&vm->lock);
 }
 
+const char *vm_memory_name(enum vm_memory memory, char *buffer, size_t size)
+{
+    switch (memory) {
+    case VM_MEMORY_ANONYMOUS:
+        return "ANONYMOUS";
+    case VM_MEMORY_FILE:
+        return "FILE";
+    case VM_MEMORY_MEMFD:
+        return "MEMFD";
+    case VM_MEMORY_UFFD:
+        return "UFFD";
+    }
+    snprintf(buffer, size, "backend %d", (int)memory);
+    return buffer;
+}
+
 const char *vm_state_name(enum vm_state state)
 {
     switch (state) {
@@ -926,8 +942,8 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
         return forkd_error_errno(err, -errno, "kernel image %s", config->kernel_image_path);
     enum vm_memory memory = config->memory ? config->memory : registry->boot_memory;
     if (memory != VM_MEMORY_MEMFD && memory != VM_MEMORY_ANONYMOUS)
-        return forkd_error_set(err, -EINVAL, "boot: memory backend %d is not MEMFD or ANONYMOUS",
-                               (int)memory);
+        return forkd_error_set(err, -EINVAL, "boot: memory %s is not MEMFD or ANONYMOUS",
+                               vm_memory_name(memory, (char[32]){0}, 32));
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
@@ -1039,9 +1055,8 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
         return forkd_error_set(err, -EINVAL, "restore: UFFD memory needs a page server");
     if (config->memory != VM_MEMORY_FILE && config->memory != VM_MEMORY_MEMFD &&
         config->memory != VM_MEMORY_UFFD)
-        return forkd_error_set(err, -EINVAL,
-                               "restore: memory backend %d is not FILE, MEMFD or UFFD",
-                               (int)config->memory);
+        return forkd_error_set(err, -EINVAL, "restore: memory %s is not FILE, MEMFD or UFFD",
+                               vm_memory_name(config->memory, (char[32]){0}, 32));
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
@@ -1384,8 +1399,8 @@ static void vm_adopt_live(struct vm_adoption *a, struct vm *vm, const struct vm_
     vm_adopt_branch(a, vm, r);
     vm_save_record(vm);
     a->report->adopted++;
-    vm_adopt_log(a, false, "VM %s (%s) adopted: VMM pid %d, memory backend %d, %s", vm->id,
-                 vm->name, vm->pid, (int)vm->memory,
+    vm_adopt_log(a, false, "VM %s (%s) adopted: VMM pid %d, memory %s, %s", vm->id, vm->name,
+                 vm->pid, vm_memory_name(vm->memory, (char[32]){0}, 32),
                  vm->state == VM_STATE_PAUSED ? "paused" : "running");
 }
 

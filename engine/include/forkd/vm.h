@@ -220,6 +220,9 @@ void vm_unref(struct vm *vm);
 void vm_get_status(struct vm *vm, struct vm_status *out);
 /* "RUNNING", "STOPPED", ... (the proto's names), for messages. */
 const char *vm_state_name(enum vm_state state);
+/* "ANONYMOUS", "FILE", "MEMFD", "UFFD"; "backend <n>" for a value with no name (in a
+ * buffer of the caller's). */
+const char *vm_memory_name(enum vm_memory memory, char *buffer, size_t size);
 const char *vm_id(const struct vm *vm);
 struct vmm_client *vm_client(struct vm *vm);
 enum vm_memory vm_memory_kind(const struct vm *vm);
