@@ -1,17 +1,9 @@
 /*
- * Branching a VM into a snapshot (see forkd/branch.h for the algorithm and its guarantees).
- *
- * Threads and what they own:
- * - the branch thread (the caller of branch_run) drives the phases, arms and re-arms
- *   write-protect, runs the bulk copier and owns everything in struct branch_run_state except
- *   what is listed under the handler;
- * - the fault handler thread (branch_handler_loop) reads the userfaultfd and owns the tracking
- *   list it appends to; it hands that list over, and switches modes, only when the branch
- *   thread asks through the control eventfd and waits for its acknowledgement (the barrier).
- * Per-page claims (an atomic byte per page) are the only state both copy paths touch; nothing
- * on the fault path takes a lock.
+ * Branching a VM into a snapshot (see forkd/branch.h for the algorithm and its guarantees):
+ * the phases, arming, the pause and the bulk copier, on the branch thread. The fault handler
+ * is in branch_handler.c; who owns what is in branch_internal.h.
  */
-#include "forkd/branch.h"
+#include "branch_internal.h"
 
 #include "basic/cleanup.h"
 #include "basic/fsutil.h"
@@ -19,7 +11,6 @@
 #include "forkd/probe.h"
 #include "latency.h"
 #include "pause.h"
-#include "thread_priority.h"
 #include "uffd.h"
 #include "vmm_client.h"
 
@@ -28,135 +19,16 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
-#include <sched.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
-
-/* Page claim states: who writes the page to memory.bin, and whether its pre-image is taken. */
-#define PAGE_CLAIMED_BY_FAULT 1u
-#define PAGE_CLAIMED_BY_BULK  2u
-#define PAGE_CAPTURED         4u
-
-#define BULK_CHUNK_BYTES         (2u << 20)  /* one read and one write per chunk */
-#define FAULT_AROUND_BYTES       (64u << 10) /* an aligned run a fault may capture in one go */
-#define STAGING_BYTES            (16u << 20) /* pre-images the fault handler can hold unwritten */
-#define STAGING_MIN_SLOTS        8
-#define HANDLER_BATCH            64
-#define REARM_MAX_ROUNDS         16
-#define REARM_CONVERGED_PAGES    64 /* dirty set small enough to re-arm inside the pause */
-#define HANDSHAKE_TIMEOUT_MS     5000
-#define VMSTATE_ONLY_MEMORY_PATH "/dev/null/forkd-vmstate-only" /* must never be opened */
-
-enum handler_mode { HANDLER_TRACKING, HANDLER_COPY };
-
-struct branch_region {
-    struct uffd_region uffd;
-    uint64_t page_count;
-    _Atomic uint8_t *pages;
-    _Atomic uint8_t *write_counts; /* tests only */
-};
-
-/* A growable list of page addresses the tracking handler unprotected. */
-struct dirty_list {
-    uint64_t *addresses;
-    size_t count, capacity;
-};
-
-/* Pre-images the fault handler captured and released, waiting for the bulk copier (between
- * its chunks, and at the end) to write them to memory.bin: so a vCPU's fault never waits
- * behind a write. One producer (the handler), one consumer (the copier), no lock: slot i is
- * the handler's until `head` passes it, then the copier's until `tail` does. */
-struct staged_page {
-    struct branch_region *region;
-    uint64_t index;
-};
-
-struct staging {
-    uint8_t *slots; /* slot_count slots of slot_bytes, mapped and populated up front */
-    size_t mapped_bytes;
-    uint64_t slot_bytes, slot_count;
-    struct staged_page *pages;
-    _Atomic uint64_t head;     /* pages published by the handler */
-    _Atomic uint64_t tail;     /* pages written by the copier */
-    atomic_uint_fast64_t full; /* faults written by the handler itself: no slot was free */
-};
-
-struct branch_run_state {
-    struct store *store;
-    struct vm *vm;
-    pid_t vmm_pid;
-    enum store_mode mode;
-    struct store_writer *writer;
-    struct uffd_handshake handshake;
-    size_t region_count;
-    struct branch_region regions[UFFD_MAX_REGIONS];
-    uint64_t total_bytes;
-    int memory_fd;            /* memory.bin being written */
-    const uint8_t *guest_map; /* MEMFD guest memory, mapped read-only; NULL for anonymous */
-    size_t guest_map_size;
-
-    pthread_t handler;
-    bool handler_running;
-    int control_fd;               /* eventfd: wakes the handler for a request or to stop */
-    pthread_mutex_t control_lock; /* request/ack hand-shake, never taken on the fault path */
-    pthread_cond_t control_cond;
-    unsigned request_seq, ack_seq; /* guarded by control_lock */
-    enum handler_mode requested_mode;
-    struct dirty_list handed_over; /* filled by the handler when it acknowledges */
-    atomic_bool handler_stop;
-    bool handler_exited; /* guarded by control_lock */
-    _Atomic int handler_mode;
-    struct dirty_list tracking; /* owned by the handler */
-    /* Negative errno once the handler failed, published after its message is complete (the
-     * first failure claims the message through handler_error_claimed, then writes it). */
-    _Atomic int handler_error;
-    atomic_bool handler_error_claimed;
-    char handler_error_message[FORKD_ERROR_MESSAGE_MAX];
-    atomic_uint_fast64_t pages_written;
-    atomic_uint_fast64_t pages_released; /* captured and unprotected, by either path */
-    uint64_t total_pages;
-    uint64_t resumed_ns;    /* start of the copy phase */
-    unsigned levers;        /* branch_lever bits in use */
-    struct staging staging; /* with BRANCH_LEVER_STAGING */
-    struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
-    /* Futex word bumped by the fault handler after each page it wrote, woken only while the
-     * copier waits for the last of them (written_waiting), so the fault path makes no system
-     * call otherwise and takes no lock. */
-    _Atomic uint32_t written_seq;
-    atomic_bool written_waiting;
-};
-
-/* Whether a branch may still be cancelled: it is OPEN until it either honours a cancel or
- * commits to publishing (the point of no return); the first of the two wins. */
-enum branch_commit { BRANCH_OPEN, BRANCH_CANCEL_REQUESTED, BRANCH_COMMITTED };
-
-struct branch {
-    _Atomic int commit;               /* enum branch_commit */
-    struct latency_histogram service; /* fault service times */
-    atomic_uint_fast64_t faults_left_to_bulk;
-    atomic_uint_fast64_t captured_ns; /* resume to the last page released; 0 until then */
-    _Atomic int phase;
-    atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
-    uint64_t bytes_total;
-    uint32_t page_size;
-    pthread_mutex_t figures_lock; /* figures are written by the branch thread, read by anyone */
-    struct store_figures figures;
-    branch_phase_fn on_phase;
-    void *context;
-    struct branch_run_state *run; /* during branch_run only */
-    uint8_t *final_write_counts;  /* tests: flattened copy after the run */
-    uint64_t final_page_count;
-};
 
 /* ---- handle, progress ------------------------------------------------------------------- */
 
@@ -269,8 +141,8 @@ static void branch_record_pause(struct branch *branch, const struct pause_guard 
 
 /* Copies guest bytes [region offset, +length) into buffer: from our map of the memfd, or from
  * the VMM's address space for anonymous memory. A read never trips write-protect. */
-static int branch_read_guest(const struct branch_run_state *run, const struct branch_region *region,
-                             uint64_t offset, void *buffer, size_t length)
+int branch_read_guest(const struct branch_run_state *run, const struct branch_region *region,
+                      uint64_t offset, void *buffer, size_t length)
 {
     if (run->guest_map) {
         memcpy(buffer, run->guest_map + region->uffd.file_offset + offset, length);
@@ -285,7 +157,7 @@ static int branch_read_guest(const struct branch_run_state *run, const struct br
     return n < 0 ? -errno : -EIO;
 }
 
-static void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pages)
+void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pages)
 {
     if (!region->write_counts)
         return;
@@ -293,7 +165,7 @@ static void branch_count_write(struct branch_region *region, uint64_t page, uint
         atomic_fetch_add(&region->write_counts[p], 1);
 }
 
-static struct branch_region *branch_region_of(struct branch_run_state *run, uint64_t address)
+struct branch_region *branch_region_of(struct branch_run_state *run, uint64_t address)
 {
     for (size_t i = 0; i < run->region_count; i++) {
         struct branch_region *region = &run->regions[i];
@@ -302,331 +174,6 @@ static struct branch_region *branch_region_of(struct branch_run_state *run, uint
             return region;
     }
     return NULL;
-}
-
-/* ---- the fault handler ------------------------------------------------------------------ */
-
-static void branch_handler_fail(struct branch_run_state *run, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void branch_handler_fail(struct branch_run_state *run, int code, const char *fmt, ...)
-{
-    if (atomic_exchange(&run->handler_error_claimed, true))
-        return; /* keep the first failure: later ones are usually its consequences */
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(run->handler_error_message, sizeof(run->handler_error_message), fmt, ap);
-    va_end(ap);
-    /* Readers see the code only once the message is whole. */
-    atomic_store_explicit(&run->handler_error, code, memory_order_release);
-}
-
-static int branch_dirty_append(struct dirty_list *list, uint64_t address)
-{
-    if (list->count == list->capacity) {
-        size_t capacity = list->capacity ? list->capacity * 2 : 4096;
-        uint64_t *grown = realloc(list->addresses, capacity * sizeof(*grown));
-        if (!grown)
-            return -ENOMEM;
-        list->addresses = grown;
-        list->capacity = capacity;
-    }
-    list->addresses[list->count++] = address;
-    return 0;
-}
-
-/* Tracking mode: remember the page, then let the writer go. The order matters: a page is in
- * the list before it is writable, so the barrier's final list covers every unprotected page. */
-static void branch_track_fault(struct branch_run_state *run, struct branch_region *region,
-                               uint64_t page_address)
-{
-    if (branch_dirty_append(&run->tracking, page_address) < 0) {
-        branch_handler_fail(run, -ENOMEM, "fault handler: out of memory for the dirty set");
-        return; /* the page stays protected: the vCPU waits until the branch aborts */
-    }
-    struct forkd_error err;
-    if (uffd_write_protect(run->handshake.uffd, page_address, region->uffd.page_size,
-                           region->uffd.page_size, false, false, &err) < 0)
-        branch_handler_fail(run, err.code, "fault handler: %s", err.message);
-}
-
-static bool branch_lever(const struct branch_run_state *run, enum branch_lever lever)
-{
-    return (run->levers & lever) != 0;
-}
-
-/* Fault-around: extends the claim of the faulting page `index` to the free pages next to it in
- * its FAULT_AROUND_BYTES-aligned block, as far as they are free on each side, so one capture
- * and one unprotect serve a guest that writes its neighbours next. *first and *count receive
- * the run now claimed by the fault. */
-static void branch_claim_around(struct branch_region *region, uint64_t index, uint64_t *first,
-                                uint64_t *count)
-{
-    uint64_t block = FAULT_AROUND_BYTES / region->uffd.page_size;
-    uint64_t low = index, high = index + 1;
-    if (block > 1) {
-        uint64_t start = index - index % block;
-        uint64_t end = start + block < region->page_count ? start + block : region->page_count;
-        uint8_t expected = 0;
-        while (low > start && atomic_compare_exchange_strong(&region->pages[low - 1], &expected,
-                                                             (uint8_t)PAGE_CLAIMED_BY_FAULT))
-            low--;
-        expected = 0;
-        while (high < end && atomic_compare_exchange_strong(&region->pages[high], &expected,
-                                                            (uint8_t)PAGE_CLAIMED_BY_FAULT))
-            high++;
-    }
-    *first = low;
-    *count = high - low;
-}
-
-/* Reserves count staging slots for the handler; false when the copier has not freed enough. */
-static bool branch_staging_reserve(struct branch_run_state *run, uint64_t count)
-{
-    struct staging *staging = &run->staging;
-    if (!staging->slots)
-        return false;
-    uint64_t used = atomic_load_explicit(&staging->head, memory_order_relaxed) -
-                    atomic_load_explicit(&staging->tail, memory_order_acquire);
-    if (used + count <= staging->slot_count)
-        return true;
-    atomic_fetch_add(&staging->full, 1);
-    return false;
-}
-
-/* Captures a claimed run into the reserved slots, one page per slot (slots wrap). */
-static int branch_staging_capture(struct branch_run_state *run, struct branch_region *region,
-                                  uint64_t first, uint64_t count)
-{
-    struct staging *staging = &run->staging;
-    uint64_t head = atomic_load_explicit(&staging->head, memory_order_relaxed);
-    uint64_t page_size = region->uffd.page_size;
-    for (uint64_t i = 0; i < count; i++) {
-        uint64_t slot = (head + i) % staging->slot_count;
-        int rc = branch_read_guest(run, region, (first + i) * page_size,
-                                   staging->slots + slot * staging->slot_bytes, page_size);
-        if (rc < 0)
-            return rc;
-        staging->pages[slot] = (struct staged_page){region, first + i};
-    }
-    return 0;
-}
-
-/* Hands the captured run to the copier, and wakes it if it waits for the last pages. */
-static void branch_staging_publish(struct branch_run_state *run, uint64_t count)
-{
-    atomic_fetch_add_explicit(&run->staging.head, count, memory_order_release);
-    atomic_fetch_add(&run->written_seq, 1);
-    if (atomic_load(&run->written_waiting))
-        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-}
-
-/* Without a staging slot: the handler writes the run itself, after the vCPU was woken. */
-static void branch_fault_write(struct branch *branch, struct branch_run_state *run,
-                               struct branch_region *region, uint64_t first, uint64_t count,
-                               const uint8_t *buffer)
-{
-    uint64_t page_size = region->uffd.page_size;
-    int rc = fs_pwrite_all(run->memory_fd, buffer, count * page_size,
-                           (off_t)(region->uffd.file_offset + first * page_size));
-    if (rc < 0)
-        branch_handler_fail(run, rc, "write memory.bin: %s", strerror(-rc));
-    branch_count_write(region, first, count);
-    atomic_fetch_add(&branch->pages_by_fault, count);
-    atomic_fetch_add(&branch->bytes_copied, count * page_size);
-    atomic_fetch_add(&run->pages_written, count);
-    atomic_fetch_add(&run->written_seq, 1);
-    if (atomic_load(&run->written_waiting))
-        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-}
-
-/* A fault on a page someone else claimed: wake the vCPU once the page is captured. */
-static void branch_fault_on_claimed(struct branch *branch, struct branch_run_state *run,
-                                    struct branch_region *region, uint64_t page_address,
-                                    uint64_t index, uint64_t started_ns)
-{
-    if (!(atomic_load(&region->pages[index]) & PAGE_CAPTURED)) {
-        /* The bulk copier claimed it and has not captured it yet. It unprotects (and so wakes
-         * this vCPU) right after capturing; waiting here would hold the one handler thread, at
-         * real-time priority, against the very copier it waits for. */
-        atomic_fetch_add(&branch->faults_left_to_bulk, 1);
-        return;
-    }
-    struct forkd_error err;
-    uint64_t page_size = region->uffd.page_size;
-    if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
-                           &err) < 0)
-        branch_handler_fail(run, err.code, "fault handler: %s", err.message);
-    latency_record(&branch->service, forkd_monotonic_ns() - started_ns);
-}
-
-/* Copy mode: claim the page (with fault-around, its free neighbours too), capture the
- * pre-images (into staging slots, else into buffer), unprotect (which wakes the vCPU), then
- * hand the pages to the copier or write them here. Copy before unprotect, always. */
-static void branch_copy_fault(struct branch *branch, struct branch_run_state *run,
-                              struct branch_region *region, uint64_t page_address, uint8_t *buffer,
-                              uint64_t started_ns)
-{
-    uint64_t page_size = region->uffd.page_size;
-    uint64_t index = (page_address - region->uffd.host_base) / page_size;
-    uint8_t expected = 0;
-    if (!atomic_compare_exchange_strong(&region->pages[index], &expected,
-                                        (uint8_t)PAGE_CLAIMED_BY_FAULT)) {
-        branch_fault_on_claimed(branch, run, region, page_address, index, started_ns);
-        return;
-    }
-    uint64_t first = index, count = 1;
-    if (branch_lever(run, BRANCH_LEVER_FAULT_AROUND))
-        branch_claim_around(region, index, &first, &count);
-    bool staged = branch_lever(run, BRANCH_LEVER_STAGING) && branch_staging_reserve(run, count);
-    int rc = staged ? branch_staging_capture(run, region, first, count)
-                    : branch_read_guest(run, region, first * page_size, buffer, count * page_size);
-    if (rc < 0)
-        branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
-                            (unsigned long long)page_address, strerror(-rc));
-    for (uint64_t p = first; p < first + count; p++)
-        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
-    struct forkd_error err;
-    if (uffd_write_protect(run->handshake.uffd, region->uffd.host_base + first * page_size,
-                           count * page_size, page_size, false, false, &err) < 0)
-        branch_handler_fail(run, err.code, "fault handler: %s", err.message);
-    latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
-    atomic_fetch_add(&run->pages_released, count);
-    if (staged)
-        branch_staging_publish(run, count);
-    else
-        branch_fault_write(branch, run, region, first, count, buffer);
-}
-
-static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
-                                  const struct uffd_msg *message, uint8_t *buffer)
-{
-    if (message->event != UFFD_EVENT_PAGEFAULT || !uffd_is_wp_fault(message))
-        return; /* a write-protect uffd registers nothing else; nothing to serve */
-    uint64_t address = message->arg.pagefault.address;
-    struct branch_region *region = branch_region_of(run, address);
-    if (!region) {
-        branch_handler_fail(run, -EFAULT, "fault at 0x%llx outside every guest region",
-                            (unsigned long long)address);
-        return;
-    }
-    uint64_t page_address = address & ~(region->uffd.page_size - 1);
-    if (atomic_load(&run->handler_mode) == HANDLER_TRACKING) {
-        branch_track_fault(run, region, page_address);
-        return;
-    }
-    uint64_t start = forkd_monotonic_ns();
-    branch_copy_fault(branch, run, region, page_address, buffer, start);
-}
-
-/* Serves a pending request of the branch thread: hand over the tracking list and switch to
- * the requested mode, then acknowledge. Runs between messages, so each message is handled
- * entirely in one mode. */
-static void branch_handler_serve_request(struct branch_run_state *run)
-{
-    pthread_mutex_lock(&run->control_lock);
-    if (run->ack_seq != run->request_seq) {
-        run->handed_over = run->tracking;
-        run->tracking = (struct dirty_list){0};
-        atomic_store(&run->handler_mode, (int)run->requested_mode);
-        run->ack_seq = run->request_seq;
-        pthread_cond_broadcast(&run->control_cond);
-    }
-    pthread_mutex_unlock(&run->control_lock);
-}
-
-struct branch_handler_args {
-    struct branch *branch;
-    struct branch_run_state *run;
-};
-
-static void *branch_handler_loop(void *arg)
-{
-    struct branch_handler_args *args = arg;
-    struct branch *branch = args->branch;
-    struct branch_run_state *run = args->run;
-    uint64_t buffer_size = FAULT_AROUND_BYTES; /* a fault-around run */
-    for (size_t i = 0; i < run->region_count; i++)
-        if (run->regions[i].uffd.page_size > buffer_size)
-            buffer_size = run->regions[i].uffd.page_size;
-    _cleanup_free_ uint8_t *buffer = malloc(buffer_size);
-    if (!buffer) {
-        branch_handler_fail(run, -ENOMEM, "fault handler: out of memory for a page buffer");
-        atomic_store(&run->handler_stop, true); /* serve nothing: the branch aborts */
-    }
-    struct uffd_msg messages[HANDLER_BATCH];
-    struct thread_priority priority; /* a vCPU waits on every fault this thread serves */
-    thread_priority_raise(&priority);
-    while (!atomic_load(&run->handler_stop)) {
-        /* The uffd says nothing when the VMM dies; its handshake connection hangs up. */
-        int ready =
-            uffd_wait_peer(run->handshake.uffd, run->handshake.connection, run->control_fd, -1);
-        if (ready < 0) {
-            branch_handler_fail(run, ready == -EPIPE ? -ESRCH : ready, "userfaultfd: %s",
-                                ready == -EPIPE ? "the VMM is gone" : strerror(-ready));
-            break;
-        }
-        uint64_t ignored;
-        if (read(run->control_fd, &ignored, sizeof(ignored)) < 0 && errno != EAGAIN)
-            break;
-        int count = uffd_read_events(run->handshake.uffd, messages, HANDLER_BATCH, NULL);
-        for (int i = 0; i < count; i++)
-            branch_handle_message(branch, run, &messages[i], buffer);
-        branch_handler_serve_request(run);
-        thread_priority_check(&priority);
-    }
-    branch_handler_serve_request(run);
-    thread_priority_restore(&priority);
-    pthread_mutex_lock(&run->control_lock);
-    run->handler_exited = true; /* never leave the branch thread waiting for an ack */
-    pthread_cond_broadcast(&run->control_cond);
-    pthread_mutex_unlock(&run->control_lock);
-    return NULL;
-}
-
-/* Hands the handler a mode and takes its tracking list: the barrier of the design. Returns
- * once the handler acknowledged (or failed). */
-static int branch_handler_request(struct branch_run_state *run, enum handler_mode mode,
-                                  struct dirty_list *out)
-{
-    pthread_mutex_lock(&run->control_lock);
-    run->requested_mode = mode;
-    unsigned seq = ++run->request_seq;
-    pthread_mutex_unlock(&run->control_lock);
-    uint64_t one = 1;
-    if (write(run->control_fd, &one, sizeof(one)) != sizeof(one))
-        return -errno;
-    pthread_mutex_lock(&run->control_lock);
-    while (run->ack_seq != seq && !run->handler_exited)
-        pthread_cond_wait(&run->control_cond, &run->control_lock);
-    *out = run->handed_over;
-    run->handed_over = (struct dirty_list){0};
-    pthread_mutex_unlock(&run->control_lock);
-    return atomic_load(&run->handler_error);
-}
-
-static int branch_handler_start(struct branch *branch, struct branch_run_state *run,
-                                enum handler_mode mode, struct branch_handler_args *args)
-{
-    atomic_store(&run->handler_mode, (int)mode);
-    *args = (struct branch_handler_args){branch, run};
-    int rc = pthread_create(&run->handler, NULL, branch_handler_loop, args);
-    if (rc != 0)
-        return -rc;
-    run->handler_running = true;
-    return 0;
-}
-
-static void branch_handler_stop(struct branch_run_state *run)
-{
-    if (!run->handler_running)
-        return;
-    atomic_store(&run->handler_stop, true);
-    uint64_t one = 1;
-    if (write(run->control_fd, &one, sizeof(one)) != sizeof(one))
-        abort(); /* an eventfd write of 1 cannot fail; the handler would never stop */
-    pthread_join(run->handler, NULL);
-    run->handler_running = false;
 }
 
 /* ---- arming ----------------------------------------------------------------------------- */
@@ -714,7 +261,7 @@ static int branch_prearm(struct branch *branch, struct branch_run_state *run,
             branch_dirty_extend(&run->hot, &list);
         branch_dirty_free(&list);
         if (rc < 0)
-            return forkd_error_set(err, rc, "fault handler: %s", run->handler_error_message);
+            return forkd_error_set(err, rc, "fault handler: %s", run->handler.error_message);
         if (pages < 0)
             return (int)pages;
         /* Small enough, or no longer shrinking: the guest dirties as fast as we re-arm. */
@@ -744,7 +291,7 @@ static int branch_protect_in_pause(struct branch *branch, struct branch_run_stat
     long pages = rc < 0 ? rc : branch_rearm(run, &last, err);
     branch_dirty_free(&last);
     if (rc < 0)
-        return forkd_error_set(err, rc, "fault handler: %s", run->handler_error_message);
+        return forkd_error_set(err, rc, "fault handler: %s", run->handler.error_message);
     if (pages < 0)
         return (int)pages;
     branch_record(branch, &branch->figures.rearm_ns, forkd_monotonic_ns() - start);
@@ -798,9 +345,9 @@ static int branch_check_alive(struct branch *branch, struct branch_run_state *ru
 {
     if (branch_cancelled(branch))
         return forkd_error_set(err, -ECANCELED, "branch cancelled");
-    int failed = atomic_load(&run->handler_error);
+    int failed = atomic_load(&run->handler.error);
     if (failed < 0)
-        return forkd_error_set(err, failed, "%s", run->handler_error_message);
+        return forkd_error_set(err, failed, "%s", run->handler.error_message);
     if (!vm_is_alive(run->vm))
         return forkd_error_set(err, -ESRCH, "copy stopped"); /* branch_execute says why */
     return 0;
@@ -1233,8 +780,6 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
         munmap((void *)run->guest_map, run->guest_map_size);
     if (run->memory_fd >= 0)
         close(run->memory_fd);
-    branch_dirty_free(&run->tracking);
-    branch_dirty_free(&run->handed_over);
     branch_dirty_free(&run->hot);
     branch_staging_close(&run->staging);
 }
@@ -1244,9 +789,8 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
 static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
                             const struct branch_request *request, struct forkd_error *err)
 {
-    struct branch_handler_args handler_args;
     enum handler_mode first_mode = run->mode == STORE_MODE_LIVE ? HANDLER_TRACKING : HANDLER_COPY;
-    int rc = branch_handler_start(branch, run, first_mode, &handler_args);
+    int rc = branch_handler_start(branch, run, first_mode);
     if (rc < 0)
         return forkd_error_errno(err, rc, "start the fault handler");
     if (run->mode == STORE_MODE_LIVE) {
@@ -1292,18 +836,14 @@ static int branch_run_live(struct branch *branch, struct branch_run_state *run,
                                "Linux 6.4+), which this kernel lacks: use FULL, or boot %s on a "
                                "memfd (the default)",
                                vm_id(run->vm));
-    run->control_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (run->control_fd < 0)
-        return forkd_error_errno(err, -errno, "eventfd");
-    pthread_mutex_init(&run->control_lock, NULL);
-    pthread_cond_init(&run->control_cond, NULL);
-    int rc = branch_live_setup(branch, run, request, err);
+    int rc = branch_handler_open(run);
+    if (rc < 0)
+        return forkd_error_errno(err, rc, "fault handler: eventfd");
+    rc = branch_live_setup(branch, run, request, err);
     if (rc == 0)
         rc = branch_live_copy(branch, run, request, err);
     branch_live_teardown(branch, run);
-    pthread_mutex_destroy(&run->control_lock);
-    pthread_cond_destroy(&run->control_cond);
-    close(run->control_fd);
+    branch_handler_close(run);
     return rc;
 }
 
@@ -1488,7 +1028,7 @@ int branch_run(struct branch *branch, struct store *store, const struct branch_r
                                      .vm = request->vm,
                                      .mode = request->mode,
                                      .memory_fd = -1,
-                                     .control_fd = -1,
+                                     .handler = {.control_fd = -1},
                                      .handshake = {.uffd = -1, .connection = -1}};
     rc = branch_execute(branch, run, request, out, err);
     free(run);
