@@ -1359,6 +1359,12 @@ static void branch_fill_record(struct branch *branch, const struct branch_run_st
     snprintf(meta->vmm_binary, sizeof(meta->vmm_binary), "%s", status.vmm_binary);
     meta->mode = run->mode;
     meta->vcpu_count = status.vcpu_count;
+    meta->devices = status.devices;
+    /* A read-only drive is referenced, not captured: its identity now is what Spawn checks. */
+    for (size_t i = 0; i < meta->devices.drive_count; i++)
+        if (meta->devices.drives[i].read_only)
+            devices_file_identity_of(meta->devices.drives[i].path,
+                                     &meta->devices.drives[i].identity);
     meta->mem_size_mib = run->total_bytes >> 20;
     meta->memory_bytes = run->total_bytes;
     meta->page_size = branch->page_size;

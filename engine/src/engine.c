@@ -1,6 +1,7 @@
 /* The engine's front door (see forkd/engine.h): owns the store, the registry, the page server. */
 #include "forkd/engine.h"
 
+#include "basic/cleanup.h"
 #include "thread_priority.h"
 
 #include <errno.h>
@@ -119,8 +120,43 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
         .labels = request->labels,
         .label_count = request->label_count,
         .page_server = engine->page_server,
+        .devices = &snapshot.devices,
     };
     return vm_restore(engine->registry, &config, out, err);
+}
+
+/* A fork's read-only drives are the snapshot's files themselves: each must still be the file
+ * the branch recorded (size, mtime, ctime, inode), or the fork's page cache and file system
+ * would disagree with its disk. -ESTALE naming the drive otherwise. */
+static int engine_check_read_only_drives(struct engine *engine, const char *name,
+                                         struct forkd_error *err)
+{
+    _cleanup_free_ struct store_snapshot *snapshot = malloc(sizeof(*snapshot));
+    if (!snapshot)
+        return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
+    int rc = store_get(engine->store, name, snapshot, err);
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < snapshot->devices.drive_count; i++) {
+        const struct devices_drive *drive = &snapshot->devices.drives[i];
+        if (!drive->read_only)
+            continue;
+        struct devices_file_identity now;
+        rc = devices_file_identity_of(drive->path, &now);
+        if (rc < 0)
+            return forkd_error_errno(err, rc == -ENOENT ? -ESTALE : rc,
+                                     "spawn from %s: read-only drive '%s' (%s)", name, drive->id,
+                                     drive->path);
+        if (!devices_file_identity_equal(&now, &drive->identity))
+            return forkd_error_set(
+                err, -ESTALE,
+                "spawn from %s: read-only drive '%s' (%s) changed since the branch recorded it "
+                "(size %llu -> %llu, mtime or ctime or inode differ): a fork would see a disk "
+                "that disagrees with its memory",
+                name, drive->id, drive->path, (unsigned long long)drive->identity.size,
+                (unsigned long long)now.size);
+    }
+    return 0;
 }
 
 /* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
@@ -174,6 +210,9 @@ int engine_spawn(struct engine *engine, const struct engine_spawn_request *reque
         return rc;
     if (request->count < 1)
         return forkd_error_set(err, -EINVAL, "spawn: count must be at least 1");
+    rc = engine_check_read_only_drives(engine, request->snapshot, err);
+    if (rc < 0)
+        return rc;
     if (request->memory == VM_MEMORY_UFFD && request->prefetch_record_ms)
         rc = engine_set_prefetch(engine, request, err);
     if (rc < 0)

@@ -131,7 +131,7 @@ static bool snapshot_json_put_snapshot(cJSON *root, const struct store_snapshot 
            snapshot_json_put_str(vmm, "binary", meta->vmm_binary) &&
            snapshot_json_put_str(vmm, "version", meta->vmm_version) &&
            cJSON_AddNumberToObject(root, "created_at_unix_ms", (double)meta->created_at_unix_ms) &&
-           snapshot_json_put_labels(root, meta);
+           snapshot_json_put_labels(root, meta) && devices_json_put(root, &meta->devices);
 }
 
 /* Returns a malloc'd, pretty-printed snapshot.json, or NULL when out of memory. */
@@ -353,6 +353,11 @@ int snapshot_json_parse(const char *text, size_t len, struct store_snapshot *met
         snapshot_json_get_created_at(root, &meta->created_at_unix_ms, err) ||
         snapshot_json_get_labels(root, meta, err))
         return -EIO;
+    if (devices_json_get(root, &meta->devices, err) < 0) {
+        if (err)
+            err->code = -EIO;
+        return -EIO;
+    }
     meta->state = STORE_STATE_READY;
     return 0;
 }

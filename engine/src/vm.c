@@ -53,6 +53,7 @@ struct vm {
     uint64_t mem_size_mib;
     size_t label_count;
     struct vm_label labels[VM_MAX_LABELS];
+    struct vm_devices devices; /* set before the VM is listed as started; then read-only */
     uint64_t memory_bytes;
     char api_socket_path[PATH_MAX];
     char log_path[PATH_MAX];
@@ -157,6 +158,7 @@ static void vm_fill_record(struct vm *vm, struct vm_record *r)
     r->created_at_unix_ms = vm->created_at_unix_ms;
     r->label_count = vm->label_count;
     memcpy(r->labels, vm->labels, vm->label_count * sizeof(vm->labels[0]));
+    r->devices = vm->devices;
     if (vm->page_fork)
         r->region_count = page_server_fork_regions(vm->page_fork, r->regions, UFFD_MAX_REGIONS);
     pthread_mutex_lock(&vm->lock);
@@ -398,6 +400,7 @@ void vm_get_status(struct vm *vm, struct vm_status *out)
     out->mem_size_mib = vm->mem_size_mib;
     out->label_count = vm->label_count;
     memcpy(out->labels, vm->labels, vm->label_count * sizeof(vm->labels[0]));
+    out->devices = vm->devices;
     snprintf(out->api_socket_path, sizeof(out->api_socket_path), "%s", vm->api_socket_path);
     snprintf(out->vmm_binary, sizeof(out->vmm_binary), "%s", vm->registry->vmm_binary);
     snprintf(out->source_snapshot, sizeof(out->source_snapshot), "%s", vm->source_snapshot);
@@ -897,6 +900,22 @@ static int vm_create_boot_memfd(struct vm *vm, char *backend_path, size_t backen
     return 0;
 }
 
+/* Firecracker's device endpoints, before InstanceStart. */
+static int vm_configure_devices(struct vm *vm, struct forkd_error *err)
+{
+    const struct vm_devices *d = &vm->devices;
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < d->drive_count; i++)
+        rc = vmm_put_drive(vm->client, d->drives[i].id, d->drives[i].path, d->drives[i].root,
+                           d->drives[i].read_only, err);
+    for (size_t i = 0; rc == 0 && i < d->net_count; i++)
+        rc = vmm_put_network_interface(vm->client, d->nets[i].id, d->nets[i].host_dev_name,
+                                       d->nets[i].guest_mac, err);
+    if (rc == 0 && d->vsock.present)
+        rc = vmm_put_vsock(vm->client, d->vsock.guest_cid, d->vsock.uds_path, err);
+    return rc;
+}
+
 static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
                              struct forkd_error *err)
 {
@@ -908,7 +927,10 @@ static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
         rc = vmm_put_machine_config_backed(vm->client, config->vcpu_count, config->mem_size_mib,
                                            backend_path[0] ? backend_path : NULL, err);
     if (rc == 0)
-        rc = vmm_put_boot_source(vm->client, config->kernel_image_path, config->boot_args, err);
+        rc = vmm_put_boot_source_initrd(vm->client, config->kernel_image_path, config->boot_args,
+                                        vm->devices.initrd_path, err);
+    if (rc == 0)
+        rc = vm_configure_devices(vm, err);
     if (rc == 0) {
         /* A VMM may touch all guest memory while starting (the test VMM fills it). */
         rc = vmm_start_within(vm->client, vm_slow_call_timeout_ms(vm), err);
@@ -924,6 +946,16 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
         return rc;
     if (access(config->kernel_image_path, R_OK) < 0)
         return forkd_error_errno(err, -errno, "kernel image %s", config->kernel_image_path);
+    _cleanup_free_ struct vm_devices *devices = calloc(1, sizeof(*devices));
+    if (!devices)
+        return forkd_error_set(err, -ENOMEM, "boot: out of memory");
+    if (config->devices)
+        *devices = *config->devices;
+    rc = devices_validate(devices, err);
+    if (rc == 0)
+        rc = devices_check_files(devices, err);
+    if (rc < 0)
+        return rc;
     enum vm_memory memory = config->memory ? config->memory : registry->boot_memory;
     if (memory != VM_MEMORY_MEMFD && memory != VM_MEMORY_ANONYMOUS)
         return forkd_error_set(err, -EINVAL, "boot: memory backend %d is not MEMFD or ANONYMOUS",
@@ -935,6 +967,7 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
     if (rc < 0)
         return rc;
     vm->memory = memory;
+    vm->devices = *devices;
     vm->vcpu_count = config->vcpu_count;
     vm->mem_size_mib = config->mem_size_mib;
     vm->memory_bytes = config->mem_size_mib << 20;
@@ -1050,6 +1083,8 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
         return rc;
     vm->memory = config->memory;
     vm->vcpu_count = config->vcpu_count;
+    if (config->devices)
+        vm->devices = *config->devices;
     snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s",
              config->snapshot_name ? config->snapshot_name : "");
     rc = vm_load_snapshot(vm, config, err);
@@ -1183,6 +1218,7 @@ static struct vm *vm_from_record(struct vm_registry *registry, const struct vm_r
     vm->created_at_unix_ms = r->created_at_unix_ms;
     vm->label_count = r->label_count;
     memcpy(vm->labels, r->labels, r->label_count * sizeof(r->labels[0]));
+    vm->devices = r->devices;
     /* Same length as when the VM was started here, which checked it. */
     if (snprintf(vm->api_socket_path, sizeof(vm->api_socket_path), "%s/%s.sock",
                  registry->run_dir, r->id) >= (int)sizeof(vm->api_socket_path) ||

@@ -1,11 +1,13 @@
 /* api: endpoint handlers and the VMM state machine (see api.h). */
 #include "api.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -177,6 +179,26 @@ static void add_drives(cJSON *root, const struct vmm *vmm)
     }
 }
 
+static void add_network_and_vsock(cJSON *root, const struct vmm *vmm)
+{
+    cJSON *nets = cJSON_AddArrayToObject(root, "network_interfaces");
+    for (unsigned i = 0; nets && i < vmm->net_count; i++) {
+        cJSON *net = cJSON_CreateObject();
+        cJSON_AddStringToObject(net, "iface_id", vmm->nets[i].id);
+        cJSON_AddStringToObject(net, "host_dev_name", vmm->nets[i].host_dev_name);
+        cJSON_AddStringToObject(net, "guest_mac", vmm->nets[i].guest_mac);
+        cJSON_AddItemToArray(nets, net);
+    }
+    if (!vmm->vsock.present) {
+        cJSON_AddNullToObject(root, "vsock");
+    } else {
+        cJSON *vsock = cJSON_AddObjectToObject(root, "vsock");
+        cJSON_AddNumberToObject(vsock, "guest_cid", vmm->vsock.guest_cid);
+        cJSON_AddStringToObject(vsock, "uds_path", vmm->vsock.uds_path);
+    }
+    cJSON_AddStringToObject(root, "initrd_path", vmm->initrd_path);
+}
+
 static void add_guest_status(cJSON *root, struct vmm *vmm)
 {
     char failure[200];
@@ -257,6 +279,7 @@ static int handle_get_root(struct vmm *vmm, const char *resource_id, const cJSON
     cJSON_AddStringToObject(root, "memory_backend", guest_memory_backend_name(vmm->memory.backend));
     add_regions(root, &vmm->memory);
     add_drives(root, vmm);
+    add_network_and_vsock(root, vmm);
     cJSON_AddNumberToObject(root, "pause_count", (double)vmm->pause_count);
     cJSON_AddNumberToObject(root, "last_pause_ns", (double)vmm->last_pause_ns);
     cJSON_AddNumberToObject(root, "last_resume_ns", (double)vmm->last_resume_ns);
@@ -332,9 +355,10 @@ static int handle_boot_source(struct vmm *vmm, const char *resource_id, const cJ
     static const struct field_spec specs[] = {
         {"kernel_image_path", FIELD_STRING, true},
         {"boot_args", FIELD_STRING, false},
+        {"initrd_path", FIELD_STRING, false},
     };
     struct workload workload;
-    int r = check_fields(body, "boot-source", specs, 2, err, err_size);
+    int r = check_fields(body, "boot-source", specs, 3, err, err_size);
 
     (void)response;
     if (r == 0)
@@ -348,6 +372,12 @@ static int handle_boot_source(struct vmm *vmm, const char *resource_id, const cJ
         return error_set(err, err_size, EINVAL, "kernel_image_path is empty or too long");
     if (access(path, R_OK) < 0)
         return error_set(err, err_size, errno, "kernel_image_path %s: %s", path, strerror(errno));
+    const char *initrd = string_field(body, "initrd_path");
+    if (initrd && (initrd[0] == '\0' || strlen(initrd) >= sizeof(vmm->initrd_path)))
+        return error_set(err, err_size, EINVAL, "initrd_path is empty or too long");
+    if (initrd && access(initrd, R_OK) < 0) /* Firecracker opens it here */
+        return error_set(err, err_size, errno, "initrd_path %s: %s", initrd, strerror(errno));
+    snprintf(vmm->initrd_path, sizeof(vmm->initrd_path), "%s", initrd ? initrd : "");
     strcpy(vmm->kernel_image_path, path);
     vmm->workload = workload;
     vmm->boot_source_configured = true;
@@ -380,6 +410,95 @@ static int handle_drive(struct vmm *vmm, const char *resource_id, const cJSON *b
         return error_set(err, err_size, errno, "path_on_host %s: %s", path, strerror(errno));
     return vmm_record_drive(vmm, id, path, bool_field(body, "is_root_device", false),
                             bool_field(body, "is_read_only", false), err, err_size);
+}
+
+static bool is_mac(const char *mac)
+{
+    if (strlen(mac) != 17)
+        return false;
+    for (int i = 0; i < 17; i++)
+        if (i % 3 == 2 ? mac[i] != ':' : !isxdigit((unsigned char)mac[i]))
+            return false;
+    return true;
+}
+
+/* PUT /network-interfaces/{id}, before boot. Firecracker opens the tap here; the guest has no
+ * NIC, so the tap is recorded, with Firecracker's refusals of a reused device or MAC. */
+static int handle_network_interface(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                                    char **response, char *err, size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"iface_id", FIELD_STRING, true},         {"host_dev_name", FIELD_STRING, true},
+        {"guest_mac", FIELD_STRING, false},       {"rx_rate_limiter", FIELD_OBJECT, false},
+        {"tx_rate_limiter", FIELD_OBJECT, false},
+    };
+    int r = check_fields(body, "network-interfaces", specs, 5, err, err_size);
+
+    (void)response;
+    if (r == 0)
+        r = require_fresh(vmm, "PUT /network-interfaces", err, err_size);
+    if (r < 0)
+        return r;
+    const char *id = string_field(body, "iface_id");
+    const char *tap = string_field(body, "host_dev_name");
+    const char *mac = string_field(body, "guest_mac");
+    if (strcmp(id, resource_id) != 0)
+        return error_set(err, err_size, EINVAL, "iface_id '%s' does not match the path's '%s'", id,
+                         resource_id);
+    if (!*tap || strlen(tap) >= sizeof(vmm->nets[0].host_dev_name) || strchr(tap, '/'))
+        return error_set(err, err_size, EINVAL, "host_dev_name '%s' is not a tap device name", tap);
+    if (mac && !is_mac(mac))
+        return error_set(err, err_size, EINVAL, "guest_mac '%s' is not a MAC address", mac);
+    if (strlen(id) >= sizeof(vmm->nets[0].id))
+        return error_set(err, err_size, EINVAL, "iface_id too long");
+    struct vmm_net *net = NULL;
+    for (unsigned i = 0; i < vmm->net_count; i++) {
+        if (strcmp(vmm->nets[i].id, id) == 0) {
+            net = &vmm->nets[i]; /* PUT replaces */
+            continue;
+        }
+        if (strcmp(vmm->nets[i].host_dev_name, tap) == 0)
+            return error_set(err, err_size, EINVAL, "host_dev_name %s is already in use", tap);
+        if (mac && strcasecmp(vmm->nets[i].guest_mac, mac) == 0)
+            return error_set(err, err_size, EINVAL, "guest_mac %s is already in use", mac);
+    }
+    if (!net && vmm->net_count == VMM_MAX_NETS)
+        return error_set(err, err_size, ENOSPC, "at most %d network interfaces", VMM_MAX_NETS);
+    if (!net)
+        net = &vmm->nets[vmm->net_count++];
+    snprintf(net->id, sizeof(net->id), "%s", id);
+    snprintf(net->host_dev_name, sizeof(net->host_dev_name), "%s", tap);
+    snprintf(net->guest_mac, sizeof(net->guest_mac), "%s", mac ? mac : "");
+    return 0;
+}
+
+/* PUT /vsock, before boot: recorded (the guest has no vsock). */
+static int handle_vsock(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                        char **response, char *err, size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"guest_cid", FIELD_UNSIGNED, true},
+        {"uds_path", FIELD_STRING, true},
+        {"vsock_id", FIELD_STRING, false},
+    };
+    int r = check_fields(body, "vsock", specs, 3, err, err_size);
+
+    (void)response;
+    (void)resource_id;
+    if (r == 0)
+        r = require_fresh(vmm, "PUT /vsock", err, err_size);
+    if (r < 0)
+        return r;
+    double cid = cJSON_GetObjectItemCaseSensitive(body, "guest_cid")->valuedouble;
+    const char *path = string_field(body, "uds_path");
+    if (cid < 3 || cid > 4294967295.0)
+        return error_set(err, err_size, EINVAL, "guest_cid must be 3 to 2^32-1");
+    if (!*path || strlen(path) >= sizeof(vmm->vsock.uds_path))
+        return error_set(err, err_size, EINVAL, "uds_path is empty or too long");
+    vmm->vsock.present = true;
+    vmm->vsock.guest_cid = (uint32_t)cid;
+    strcpy(vmm->vsock.uds_path, path);
+    return 0;
 }
 
 /* ---- InstanceStart ---- */
@@ -678,7 +797,7 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     if (r < 0)
         return r;
     if (vmm->state != VMM_NOT_STARTED || vmm->machine_configured || vmm->boot_source_configured ||
-        vmm->drive_count > 0)
+        vmm->drive_count > 0 || vmm->net_count > 0 || vmm->vsock.present)
         return error_set(err, err_size, EINVAL,
                          "snapshot/load is only allowed on a fresh, unconfigured process");
     state = malloc(sizeof(*state));
@@ -790,6 +909,8 @@ static const struct route routes[] = {
     {"PUT", "/snapshot/load", handle_snapshot_load, true},
     {"PUT", "/uffd/wp", handle_uffd_wp, true},
     {"PUT", "/drives/", handle_drive, true},
+    {"PUT", "/network-interfaces/", handle_network_interface, true},
+    {"PUT", "/vsock", handle_vsock, true},
 };
 
 /* A route ending in '/' matches any non-empty, slash-free remainder, which it receives. */

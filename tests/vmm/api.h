@@ -22,6 +22,20 @@ enum vmm_state {
 };
 
 #define VMM_MAX_DRIVES 8
+#define VMM_MAX_NETS   4
+
+/* Recorded like Firecracker's: the guest has no NIC or vsock, GET / reports them. */
+struct vmm_net {
+    char id[64];
+    char host_dev_name[16];
+    char guest_mac[18];
+};
+
+struct vmm_vsock {
+    bool present;
+    uint32_t guest_cid;
+    char uds_path[108];
+};
 
 struct vmm_drive {
     char id[64];
@@ -50,6 +64,10 @@ struct vmm {
     struct workload workload;
     struct vmm_drive drives[VMM_MAX_DRIVES]; /* recorded, not attached: the guest has no disks */
     unsigned drive_count;
+    struct vmm_net nets[VMM_MAX_NETS];
+    unsigned net_count;
+    struct vmm_vsock vsock;
+    char initrd_path[PATH_MAX]; /* boot-source initrd_path; empty: none */
 
     struct guest_memory memory;
     struct kvm_vm vm;

@@ -11,6 +11,7 @@
 #define FORKD_STORE_H
 
 #include "basic/error.h"
+#include "forkd/devices.h"
 
 #include <limits.h>
 #include <stdbool.h>
@@ -90,6 +91,9 @@ struct store_snapshot {
                           * while WRITING) */
     uint32_t users;      /* VMs holding it through store_acquire (set by the store) */
     char corrupt_reason[FORKD_ERROR_MESSAGE_MAX]; /* CORRUPT: why, naming the file (set by the store) */
+    /* The source VM's drives (read-only ones with their file's identity at branch time),
+     * network interfaces, vsock and initrd. */
+    struct vm_devices devices;
 };
 
 struct store;
