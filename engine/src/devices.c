@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -237,14 +238,26 @@ bool devices_have_writable_drive(const struct vm_devices *devices)
 
 /* ---- JSON ------------------------------------------------------------------------------- */
 
+/* Identity numbers go beyond what a JSON number holds exactly (2^53: nanosecond times, 64-bit
+ * inodes): they are written as decimal strings. */
+static bool devices_put_decimal(cJSON *obj, const char *key, long long value, bool is_signed)
+{
+    char text[32];
+    if (is_signed)
+        snprintf(text, sizeof(text), "%lld", value);
+    else
+        snprintf(text, sizeof(text), "%llu", (unsigned long long)value);
+    return cJSON_AddStringToObject(obj, key, text) != NULL;
+}
+
 static bool devices_put_identity(cJSON *obj, const struct devices_file_identity *id)
 {
     cJSON *out = cJSON_AddObjectToObject(obj, "identity");
-    return out && cJSON_AddNumberToObject(out, "size", (double)id->size) &&
-           cJSON_AddNumberToObject(out, "mtime_ns", (double)id->mtime_ns) &&
-           cJSON_AddNumberToObject(out, "ctime_ns", (double)id->ctime_ns) &&
-           cJSON_AddNumberToObject(out, "inode", (double)id->inode) &&
-           cJSON_AddNumberToObject(out, "device", (double)id->device);
+    return out && devices_put_decimal(out, "size", (long long)id->size, false) &&
+           devices_put_decimal(out, "mtime_ns", id->mtime_ns, true) &&
+           devices_put_decimal(out, "ctime_ns", id->ctime_ns, true) &&
+           devices_put_decimal(out, "inode", (long long)id->inode, false) &&
+           devices_put_decimal(out, "device", (long long)id->device, false);
 }
 
 static bool devices_put_drives(cJSON *root, const struct vm_devices *d)
@@ -323,28 +336,42 @@ static int devices_get_number(const cJSON *obj, const char *key, double min, dou
     return 0;
 }
 
+static int devices_get_decimal(const cJSON *obj, const char *key, bool is_signed, uint64_t *out,
+                               struct forkd_error *err)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, key);
+    const char *text = cJSON_IsString(item) ? item->valuestring : "";
+    char *end = NULL;
+    errno = 0;
+    if (is_signed)
+        *out = (uint64_t)strtoll(text, &end, 10);
+    else
+        *out = strtoull(text, &end, 10);
+    if (!*text || *end || errno || (!is_signed && *text == '-'))
+        return forkd_error_set(err, -EINVAL, "devices: identity %s is missing or not a number",
+                               key);
+    return 0;
+}
+
 static int devices_get_identity(const cJSON *obj, struct devices_file_identity *out,
                                 struct forkd_error *err)
 {
-    const double max = 9007199254740992.0;
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(obj, "identity");
-    double size = 0, mtime = 0, ctime = 0, inode = 0, device = 0;
+    uint64_t mtime = 0, ctime = 0;
     if (!cJSON_IsObject(id))
         return forkd_error_set(err, -EINVAL, "devices: a drive's identity is missing");
-    int rc = devices_get_number(id, "size", 0, max, &size, err);
+    int rc = devices_get_decimal(id, "size", false, &out->size, err);
     if (rc == 0)
-        rc = devices_get_number(id, "mtime_ns", -max, max, &mtime, err);
+        rc = devices_get_decimal(id, "mtime_ns", true, &mtime, err);
     if (rc == 0)
-        rc = devices_get_number(id, "ctime_ns", -max, max, &ctime, err);
+        rc = devices_get_decimal(id, "ctime_ns", true, &ctime, err);
     if (rc == 0)
-        rc = devices_get_number(id, "inode", 0, max, &inode, err);
+        rc = devices_get_decimal(id, "inode", false, &out->inode, err);
     if (rc == 0)
-        rc = devices_get_number(id, "device", 0, max, &device, err);
-    if (rc < 0)
-        return rc;
-    *out = (struct devices_file_identity){(uint64_t)size, (int64_t)mtime, (int64_t)ctime,
-                                          (uint64_t)inode, (uint64_t)device};
-    return 0;
+        rc = devices_get_decimal(id, "device", false, &out->device, err);
+    out->mtime_ns = (int64_t)mtime;
+    out->ctime_ns = (int64_t)ctime;
+    return rc;
 }
 
 static int devices_get_drives(const cJSON *root, struct vm_devices *out, struct forkd_error *err)

@@ -137,16 +137,29 @@ def test_branch_records_devices_and_spawn_refuses_a_changed_read_only_drive(fork
     assert snapshot.drives[0].identity.size_bytes == os.stat(rootfs).st_size
     code, output = verify_snapshot(snapshot.path)
     assert code == 0, output
-    forks = forkd.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1), timeout=60).vms
-    assert describe(forks[0]) == expected(request)
-    # The read-only root changes under the snapshot: a fork would see another disk.
-    with open(rootfs, "r+b") as f:
-        f.write(b"changed")
-    with pytest.raises(grpc.RpcError) as error:
-        forkd.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1), timeout=60)
-    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
-    assert "rootfs" in error.value.details() and "changed" in error.value.details()
-    assert len(forkd.forkd().ListVms(P.ListVmsRequest(), timeout=10).vms) == 2
+    # snapshot.json keeps them: a forkd started again on the state directory reads them back.
+    forkd.signal(signal.SIGKILL)
+    forkd.wait()
+    forkd.stop()
+    again = VmDaemon("--shutdown-grace-ms", "5000", workdir=forkd.workdir)
+    try:
+        reread = again.forkd().GetSnapshot(P.GetSnapshotRequest(name="base"), timeout=10)
+        assert describe(reread) == expected(request)
+        assert reread.drives[0].identity == snapshot.drives[0].identity
+        forks = again.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1), timeout=60).vms
+        assert describe(forks[0]) == expected(request)
+        # The read-only root changes under the snapshot: a fork would see another disk.
+        with open(rootfs, "r+b") as f:
+            f.write(b"changed")
+        with pytest.raises(grpc.RpcError) as error:
+            again.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1), timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+        assert "rootfs" in error.value.details() and "changed" in error.value.details()
+        assert len(again.forkd().ListVms(P.ListVmsRequest(), timeout=10).vms) == 2
+        for vm_id in (vm.id, forks[0].id):
+            again.forkd().StopVm(P.StopVmRequest(vm_id=vm_id), timeout=60)
+    finally:
+        again.cleanup()
 
 
 def test_missing_drive_file_is_not_found_and_nothing_starts(forkd):
