@@ -121,6 +121,7 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
         .label_count = request->label_count,
         .page_server = engine->page_server,
         .devices = &snapshot.devices,
+        .snapshot_dir = snapshot.path,
     };
     return vm_restore(engine->registry, &config, out, err);
 }

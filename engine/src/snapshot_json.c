@@ -211,6 +211,11 @@ static int snapshot_json_get_figures(const cJSON *root, struct store_figures *f,
         return forkd_error_prefix(err, "figures: ");
     for (size_t i = 0; i < STORE_FIGURE_COUNT; i++) {
         const struct store_figure_field *field = &store_figure_fields[i];
+        /* Figures added with drives: absent from records written before them. */
+        bool optional = strcmp(field->name, "disk_capture_ns") == 0 ||
+                        strcmp(field->name, "disk_copied_bytes") == 0;
+        if (optional && !cJSON_GetObjectItemCaseSensitive(obj, field->name))
+            continue;
         if (snapshot_json_get_u64(obj, field->name, SNAPSHOT_JSON_INT_MAX,
                                   snapshot_json_figure_at(f, field), err))
             return forkd_error_prefix(err, "figures: ");

@@ -14,6 +14,7 @@
 #include "basic/fsutil.h"
 #include "pause.h"
 
+#include "disk_clone.h"
 #include "vm_record.h"
 #include "vmm_fds.h"
 
@@ -99,6 +100,8 @@ struct vm_registry {
     int stop_fd;
     pthread_t reaper;
 };
+
+static void vm_remove_fork_drives(struct vm *vm);
 
 /* ---- records ---------------------------------------------------------------------------- */
 
@@ -589,8 +592,10 @@ void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned gra
     struct vm **vms;
     size_t count = vm_list(registry, &vms);
     /* Kept VMs keep their records: the next forkd adopts them. */
-    for (size_t i = 0; i < count && !keep_vms; i++)
+    for (size_t i = 0; i < count && !keep_vms; i++) {
         vm_terminate(vms[i], grace_ms);
+        vm_remove_fork_drives(vms[i]);
+    }
     vm_list_free(vms, count);
     uint64_t one = 1;
     if (write(registry->stop_fd, &one, sizeof(one)) != sizeof(one))
@@ -1012,6 +1017,68 @@ static int vm_fill_memfd(struct vm *vm, const char *memory_path, struct forkd_er
     return 0;
 }
 
+/* ---- a fork's own disks ----------------------------------------------------------------- */
+
+/* <run_dir>/<id>.drive-<drive id>: the fork's clone of a captured writable drive. */
+static int vm_fork_drive_path(const struct vm *vm, const char *drive_id, char *out, size_t size)
+{
+    int n = snprintf(out, size, "%s/%s.drive-%s", vm->registry->run_dir, vm->id, drive_id);
+    return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+}
+
+/* Removes the disks forkd made for this fork (only files at the fork's own paths). */
+static void vm_remove_fork_drives(struct vm *vm)
+{
+    for (size_t i = 0; i < vm->devices.drive_count; i++) {
+        char own[PATH_MAX];
+        const struct devices_drive *drive = &vm->devices.drives[i];
+        if (!drive->read_only && vm_fork_drive_path(vm, drive->id, own, sizeof(own)) == 0 &&
+            strcmp(own, drive->path) == 0)
+            unlink(own);
+    }
+}
+
+/* Clones each captured writable drive of the snapshot for this fork; vm->devices then names
+ * the clones. */
+static int vm_clone_fork_drives(struct vm *vm, const struct vm_restore_config *config,
+                                struct forkd_error *err)
+{
+    for (size_t i = 0; i < vm->devices.drive_count; i++) {
+        struct devices_drive *drive = &vm->devices.drives[i];
+        if (drive->read_only)
+            continue;
+        char source[PATH_MAX], target[DEVICES_PATH_MAX];
+        uint64_t copied = 0;
+        if (!config->snapshot_dir ||
+            store_drive_path(config->snapshot_dir, drive->id, source, sizeof(source)) < 0 ||
+            vm_fork_drive_path(vm, drive->id, target, sizeof(target)) < 0)
+            return forkd_error_set(err, -ENAMETOOLONG, "drive '%s': no path for its clone",
+                                   drive->id);
+        int rc = disk_clone_file(source, target, true, &copied, err);
+        if (rc < 0)
+            return forkd_error_prefix(err, "fork %s, drive '%s': ", vm->id, drive->id);
+        snprintf(drive->path, sizeof(drive->path), "%s", target);
+        devices_file_identity_of(target, &drive->identity);
+    }
+    return 0;
+}
+
+/* After a paused load, before the guest runs: the VMM opened the drives at the paths the
+ * snapshot's state names (the source VM's); each writable one is re-pointed at the fork's
+ * clone, so the fork never writes the source's disk or the snapshot's capture. */
+static int vm_repoint_fork_drives(struct vm *vm, struct forkd_error *err)
+{
+    for (size_t i = 0; i < vm->devices.drive_count; i++) {
+        const struct devices_drive *drive = &vm->devices.drives[i];
+        if (drive->read_only)
+            continue;
+        int rc = vmm_patch_drive(vm->client, drive->id, drive->path, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 /* UFFD: the page server listens on <run_dir>/<id>.uffd for the VMM's handshake. The load is
  * paused so that the prefetch lands before the guest runs. */
 static int vm_load_uffd(struct vm *vm, const struct vm_restore_config *config,
@@ -1033,6 +1100,8 @@ static int vm_load_uffd(struct vm *vm, const struct vm_restore_config *config,
                                false, false, err);
     if (rc == 0)
         rc = page_server_fork_wait_ready(vm->page_fork, -1, err);
+    if (rc == 0)
+        rc = vm_repoint_fork_drives(vm, err);
     if (rc < 0)
         return rc;
     vm->memory_bytes = page_server_fork_memory_bytes(vm->page_fork);
@@ -1058,8 +1127,15 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
         vm->memory_bytes = (uint64_t)st.st_size;
         snprintf(backend_path, sizeof(backend_path), "%s", config->memory_path);
     }
-    return vmm_snapshot_load(vm->client, config->vmstate_path, VMM_MEMORY_FILE, backend_path,
-                             shared, !config->start_paused, err);
+    /* With writable drives the load is paused: they are re-pointed before the guest runs. */
+    bool repoint = devices_have_writable_drive(&vm->devices);
+    int rc = vmm_snapshot_load(vm->client, config->vmstate_path, VMM_MEMORY_FILE, backend_path,
+                               shared, !config->start_paused && !repoint, err);
+    if (rc == 0 && repoint)
+        rc = vm_repoint_fork_drives(vm, err);
+    if (rc == 0 && repoint && !config->start_paused)
+        rc = vmm_resume(vm->client, err);
+    return rc;
 }
 
 static int vm_restore_held(struct vm_registry *registry, const struct vm_restore_config *config,
@@ -1085,6 +1161,12 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
     vm->vcpu_count = config->vcpu_count;
     if (config->devices)
         vm->devices = *config->devices;
+    rc = vm_clone_fork_drives(vm, config, err);
+    if (rc < 0) {
+        vm_remove_fork_drives(vm);
+        vm_abandon_start(vm, rc, err);
+        return rc;
+    }
     snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s",
              config->snapshot_name ? config->snapshot_name : "");
     rc = vm_load_snapshot(vm, config, err);
@@ -1093,6 +1175,7 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
         rc = vm_mark_started(vm, err);
     }
     if (rc < 0) {
+        vm_remove_fork_drives(vm);
         vm_abandon_start(vm, rc, err);
         return rc;
     }
@@ -1124,6 +1207,7 @@ int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, stru
                                vm->active_branch_id);
     vm_terminate(vm, grace_ms);
     vm_delist(registry, vm);
+    vm_remove_fork_drives(vm);
     pthread_mutex_lock(&vm->lock);
     struct store *store = take_ptr(vm->store);
     pthread_mutex_unlock(&vm->lock);

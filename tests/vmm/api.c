@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
@@ -501,12 +502,88 @@ static int handle_vsock(struct vmm *vmm, const char *resource_id, const cJSON *b
     return 0;
 }
 
+/* The guest's disk: the first writable drive, -1 when there is none. */
+static int guest_disk_drive(const struct vmm *vmm)
+{
+    for (unsigned i = 0; i < vmm->drive_count; i++)
+        if (!vmm->drives[i].read_only)
+            return (int)i;
+    return -1;
+}
+
+/* Points the guest's disk writes at path (opened read-write); the vCPUs must be parked or not
+ * started. */
+static int open_guest_disk(struct vmm *vmm, const char *path, char *err, size_t err_size)
+{
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return error_set(err, err_size, errno, "drive %s: %s", path, strerror(errno));
+    int old = atomic_exchange(&vmm->vm.disk_fd, fd);
+    if (old >= 0)
+        close(old);
+    return 0;
+}
+
+/* PATCH /drives/{id}, after the start or a load (before: PUT): re-points a drive at another
+ * file, as Firecracker does. The guest's disk is switched with every vCPU parked. */
+static int handle_patch_drive(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                              char **response, char *err, size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"drive_id", FIELD_STRING, true},
+        {"path_on_host", FIELD_STRING, false},
+        {"rate_limiter", FIELD_OBJECT, false},
+    };
+    int r = check_fields(body, "drives", specs, 3, err, err_size);
+
+    (void)response;
+    if (r < 0)
+        return r;
+    if (vmm->state == VMM_NOT_STARTED)
+        return error_set(err, err_size, EINVAL,
+                         "PATCH /drives is not allowed before the microVM started (use PUT)");
+    const char *id = string_field(body, "drive_id");
+    const char *path = string_field(body, "path_on_host");
+    if (strcmp(id, resource_id) != 0)
+        return error_set(err, err_size, EINVAL, "drive_id '%s' does not match the path's '%s'", id,
+                         resource_id);
+    int index = -1;
+    for (unsigned i = 0; i < vmm->drive_count; i++)
+        if (strcmp(vmm->drives[i].id, id) == 0)
+            index = (int)i;
+    if (index < 0)
+        return error_set(err, err_size, EINVAL, "no drive '%s'", id);
+    if (!path)
+        return 0;
+    struct vmm_drive *drive = &vmm->drives[index];
+    if (!*path || strlen(path) >= sizeof(drive->path))
+        return error_set(err, err_size, EINVAL, "path_on_host is empty or too long");
+    if (access(path, drive->read_only ? R_OK : R_OK | W_OK) < 0)
+        return error_set(err, err_size, errno, "path_on_host %s: %s", path, strerror(errno));
+    if (index == guest_disk_drive(vmm) && vmm->vm_created) {
+        bool running = vmm->state == VMM_RUNNING;
+        if (running && (r = kvm_vm_pause(&vmm->vm, vmm->pause_timeout_ms, err, err_size)) < 0)
+            return r;
+        r = open_guest_disk(vmm, path, err, err_size);
+        if (running)
+            kvm_vm_resume(&vmm->vm);
+        if (r < 0)
+            return r;
+    }
+    strcpy(drive->path, path);
+    return 0;
+}
+
 /* ---- InstanceStart ---- */
 
 static void release_machine(struct vmm *vmm)
 {
-    if (vmm->vm_created)
+    if (vmm->vm_created) {
         kvm_vm_destroy(&vmm->vm);
+        int fd = atomic_exchange(&vmm->vm.disk_fd, -1);
+        if (fd >= 0)
+            close(fd);
+    }
     vmm->vm_created = false;
     guest_memory_release(&vmm->memory);
 }
@@ -534,6 +611,10 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
         guest_memory_fill_boot_pattern(&vmm->memory);
     r = kvm_vm_create(&vmm->vm, &vmm->memory, vmm->vcpu_count, err, err_size);
     vmm->vm_created = true;
+    int disk = guest_disk_drive(vmm);
+    vmm->workload.disk = disk >= 0;
+    if (r == 0 && disk >= 0)
+        r = open_guest_disk(vmm, vmm->drives[disk].path, err, err_size);
     if (r == 0)
         r = guest_boot_prepare(&vmm->memory, vmm->kernel_image_path, &vmm->workload,
                                vmm->vcpu_count, vmm->vm.tsc_khz, &boot, err, err_size);
@@ -547,6 +628,7 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
     vmm->increment_window = boot.header.increment_window;
     vmm->loop_start = boot.header.loop_start;
     vmm->loop_end = boot.header.loop_end;
+    vmm->disk_window = boot.header.disk_window;
     return 0;
 }
 
@@ -643,6 +725,17 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
     state->loop_end = vmm->loop_end;
     state->guest_config = vmm->guest_config;
     state->boot_filled = vmm->boot_filled;
+    /* The guest's disk writes are synchronous (written before its next instruction): at the
+     * pause they are all on the drive file already, nothing is left to drain. */
+    state->disk_window = vmm->disk_window;
+    state->drive_count = vmm->drive_count;
+    for (unsigned i = 0; i < vmm->drive_count; i++) {
+        snprintf(state->drives[i].id, sizeof(state->drives[i].id), "%s", vmm->drives[i].id);
+        snprintf(state->drives[i].path, sizeof(state->drives[i].path), "%s",
+                 vmm->drives[i].path);
+        state->drives[i].root = vmm->drives[i].root;
+        state->drives[i].read_only = vmm->drives[i].read_only;
+    }
     for (unsigned i = 0; i < vmm->memory.region_count; i++) {
         state->regions[i] = vmm->memory.regions[i];
         state->regions[i].host = NULL;
@@ -754,6 +847,30 @@ static int map_restore_memory(struct vmm *vmm, const struct restore_backend *bac
     return guest_memory_map_file(&vmm->memory, backend->path, backend->shared, err, err_size);
 }
 
+/* The drives of the vmstate, opened at their recorded paths as Firecracker does at load (a
+ * missing file fails the load); PATCH /drives re-points them before the guest resumes. */
+static int restore_drives(struct vmm *vmm, const struct vmstate *state, char *err,
+                          size_t err_size)
+{
+    vmm->drive_count = 0;
+    for (unsigned i = 0; i < state->drive_count; i++) {
+        const struct vmstate_drive *drive = &state->drives[i];
+        if (access(drive->path, drive->read_only ? R_OK : R_OK | W_OK) < 0)
+            return error_set(err, err_size, errno, "drive %s: path_on_host %s: %s", drive->id,
+                             drive->path, strerror(errno));
+        int r = vmm_record_drive(vmm, drive->id, drive->path, drive->root, drive->read_only, err,
+                                 err_size);
+        if (r < 0)
+            return r;
+    }
+    int disk = guest_disk_drive(vmm);
+    if (state->guest_config.disk && disk < 0)
+        return error_set(err, err_size, EINVAL, "vmstate: the guest writes a disk but no drive is "
+                                                "writable");
+    return state->guest_config.disk ? open_guest_disk(vmm, vmm->drives[disk].path, err, err_size)
+                                    : 0;
+}
+
 static int restore_machine(struct vmm *vmm, const struct vmstate *state,
                            const struct restore_backend *backend, bool resume, char *err,
                            size_t err_size)
@@ -771,6 +888,8 @@ static int restore_machine(struct vmm *vmm, const struct vmstate *state,
         r = kvm_vm_create(&vmm->vm, &vmm->memory, state->vcpu_count, err, err_size);
         vmm->vm_created = true;
     }
+    if (r == 0)
+        r = restore_drives(vmm, state, err, err_size);
     for (unsigned i = 0; r == 0 && i < state->vcpu_count; i++)
         r = kvm_vm_load_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
     if (r == 0)
@@ -820,6 +939,7 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     vmm->increment_window = state->increment_window;
     vmm->loop_start = state->loop_start;
     vmm->loop_end = state->loop_end;
+    vmm->disk_window = state->disk_window;
     vmm->state = resume ? VMM_RUNNING : VMM_PAUSED;
     return 0;
 }
@@ -909,6 +1029,7 @@ static const struct route routes[] = {
     {"PUT", "/snapshot/load", handle_snapshot_load, true},
     {"PUT", "/uffd/wp", handle_uffd_wp, true},
     {"PUT", "/drives/", handle_drive, true},
+    {"PATCH", "/drives/", handle_patch_drive, true},
     {"PUT", "/network-interfaces/", handle_network_interface, true},
     {"PUT", "/vsock", handle_vsock, true},
 };

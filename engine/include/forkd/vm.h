@@ -111,8 +111,13 @@ struct vm_restore_config {
     const struct vm_label *labels;
     size_t label_count; /* at most VM_MAX_LABELS */
     /* The devices the snapshot recorded (NULL: none): the restored VMM has them from its
-     * vmstate; they are recorded for the VM's description. */
+     * vmstate. Each writable drive gets a disk of its own: a reflink clone (a copy where the
+     * file system cannot reflink) of the snapshot's capture (store_drive_path in
+     * snapshot_dir), <run_dir>/<id>.drive-<drive id>, which the VMM is re-pointed at (PATCH
+     * /drives) after a paused load and before the guest runs; it is removed when the VM is
+     * stopped. The VM's description names the fork's own files. */
     const struct vm_devices *devices;
+    const char *snapshot_dir;
     /* UFFD: serves the fork's memory. The fork's socket is <run_dir>/<id>.uffd; the template
      * is named snapshot_name (memory_path when none). The fork stays registered until the
      * VM's last reference goes (the page server drops it by itself when the VMM exits). */
