@@ -103,8 +103,8 @@ struct branch_run_state {
     struct branch_region regions[UFFD_MAX_REGIONS];
     uint64_t total_bytes;
     struct vm_devices devices; /* the VM's, when the branch began */
-    int memory_fd;            /* memory.bin being written */
-    const uint8_t *guest_map; /* MEMFD guest memory, mapped read-only; NULL for anonymous */
+    int memory_fd;             /* memory.bin being written */
+    const uint8_t *guest_map;  /* MEMFD guest memory, mapped read-only; NULL for anonymous */
     size_t guest_map_size;
 
     pthread_t handler;

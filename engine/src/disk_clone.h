@@ -23,7 +23,7 @@ bool disk_clone_same_file_system(const char *path, const char *dir);
 /* Creates target (exclusively, mode 0600) as a clone of source: a reflink; where the file
  * system cannot reflink and allow_copy is set, a byte copy (*copied_bytes set; 0 after a
  * reflink). -EOPNOTSUPP (no reflink and no copy allowed), -errno otherwise, naming the files. */
-int disk_clone_file(const char *source, const char *target, bool allow_copy,
-                    uint64_t *copied_bytes, struct forkd_error *err);
+int disk_clone_file(const char *source, const char *target, bool allow_copy, uint64_t *copied_bytes,
+                    struct forkd_error *err);
 
 #endif

@@ -128,8 +128,10 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
 
 /* A fork's read-only drives are the snapshot's files themselves: each must still be the file
  * the branch recorded (size, mtime, ctime, inode), or the fork's page cache and file system
- * would disagree with its disk. -ESTALE naming the drive otherwise. */
-static int engine_check_read_only_drives(struct engine *engine, const char *name,
+ * would disagree with its disk. -ESTALE naming the drive otherwise. Forks restore the
+ * snapshot's tap devices and vsock socket as they are (the VMM takes no per-fork override):
+ * two forks cannot share them, so more than one is refused (-EINVAL) up front. */
+static int engine_check_snapshot_devices(struct engine *engine, const char *name, unsigned count,
                                          struct forkd_error *err)
 {
     _cleanup_free_ struct store_snapshot *snapshot = malloc(sizeof(*snapshot));
@@ -138,6 +140,14 @@ static int engine_check_read_only_drives(struct engine *engine, const char *name
     int rc = store_get(engine->store, name, snapshot, err);
     if (rc < 0)
         return rc;
+    const struct vm_devices *devices = &snapshot->devices;
+    if (count > 1 && (devices->net_count > 0 || devices->vsock.present))
+        return forkd_error_set(err, -EINVAL,
+                               "spawn from %s: count %u, but its VM has %s %s, which forks "
+                               "restore as they are and cannot share: spawn one fork at a time",
+                               name, count, devices->net_count ? "tap device" : "vsock socket",
+                               devices->net_count ? devices->nets[0].host_dev_name
+                                                  : devices->vsock.uds_path);
     for (size_t i = 0; i < snapshot->devices.drive_count; i++) {
         const struct devices_drive *drive = &snapshot->devices.drives[i];
         if (!drive->read_only)
@@ -211,7 +221,7 @@ int engine_spawn(struct engine *engine, const struct engine_spawn_request *reque
         return rc;
     if (request->count < 1)
         return forkd_error_set(err, -EINVAL, "spawn: count must be at least 1");
-    rc = engine_check_read_only_drives(engine, request->snapshot, err);
+    rc = engine_check_snapshot_devices(engine, request->snapshot, request->count, err);
     if (rc < 0)
         return rc;
     if (request->memory == VM_MEMORY_UFFD && request->prefetch_record_ms)

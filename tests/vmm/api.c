@@ -731,8 +731,7 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
     state->drive_count = vmm->drive_count;
     for (unsigned i = 0; i < vmm->drive_count; i++) {
         snprintf(state->drives[i].id, sizeof(state->drives[i].id), "%s", vmm->drives[i].id);
-        snprintf(state->drives[i].path, sizeof(state->drives[i].path), "%s",
-                 vmm->drives[i].path);
+        snprintf(state->drives[i].path, sizeof(state->drives[i].path), "%s", vmm->drives[i].path);
         state->drives[i].root = vmm->drives[i].root;
         state->drives[i].read_only = vmm->drives[i].read_only;
     }
@@ -849,8 +848,7 @@ static int map_restore_memory(struct vmm *vmm, const struct restore_backend *bac
 
 /* The drives of the vmstate, opened at their recorded paths as Firecracker does at load (a
  * missing file fails the load); PATCH /drives re-points them before the guest resumes. */
-static int restore_drives(struct vmm *vmm, const struct vmstate *state, char *err,
-                          size_t err_size)
+static int restore_drives(struct vmm *vmm, const struct vmstate *state, char *err, size_t err_size)
 {
     vmm->drive_count = 0;
     for (unsigned i = 0; i < state->drive_count; i++) {
@@ -865,8 +863,9 @@ static int restore_drives(struct vmm *vmm, const struct vmstate *state, char *er
     }
     int disk = guest_disk_drive(vmm);
     if (state->guest_config.disk && disk < 0)
-        return error_set(err, err_size, EINVAL, "vmstate: the guest writes a disk but no drive is "
-                                                "writable");
+        return error_set(err, err_size, EINVAL,
+                         "vmstate: the guest writes a disk but no drive is "
+                         "writable");
     return state->guest_config.disk ? open_guest_disk(vmm, vmm->drives[disk].path, err, err_size)
                                     : 0;
 }

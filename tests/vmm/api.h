@@ -78,7 +78,7 @@ struct vmm {
     uint64_t increment_window;
     uint64_t loop_start;
     uint64_t loop_end;
-    uint64_t disk_window; /* the guest's RIP after its disk write (guest_image_header) */
+    uint64_t disk_window;     /* the guest's RIP after its disk write (guest_image_header) */
     int write_protect_socket; /* the last PUT /uffd/wp connection, kept open */
 
     uint64_t pause_count;

@@ -62,8 +62,8 @@ static int run_verify(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    int r = verify_snapshot_with_disk(vmstate_path, memory_path, disk_path, &result, err,
-                                      sizeof(err));
+    int r =
+        verify_snapshot_with_disk(vmstate_path, memory_path, disk_path, &result, err, sizeof(err));
     if (r < 0) {
         fprintf(stderr, "inconsistent: %s\n", err);
         return r == -EBADMSG ? 1 : 3;

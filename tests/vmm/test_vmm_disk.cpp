@@ -65,10 +65,10 @@ std::string read_all(const std::string &path)
 
 void put_drive(TestVmm &vmm, const std::string &id, const std::string &path, bool read_only)
 {
-    auto r = vmm.api().request("PUT", "/drives/" + id,
-                               "{\"drive_id\":\"" + id + "\",\"path_on_host\":\"" + path +
-                                   "\",\"is_root_device\":false,\"is_read_only\":" +
-                                   (read_only ? "true" : "false") + "}");
+    auto r = vmm.api().request(
+        "PUT", "/drives/" + id,
+        "{\"drive_id\":\"" + id + "\",\"path_on_host\":\"" + path +
+            "\",\"is_root_device\":false,\"is_read_only\":" + (read_only ? "true" : "false") + "}");
     ASSERT_EQ(r.status, 204) << r.body;
 }
 
@@ -166,8 +166,8 @@ TEST_F(VmmDiskTest, RestoredGuestIsRepointedAtItsOwnDiskBeforeItResumes)
                                "\"}");
     ASSERT_EQ(r.status, 204) << r.body;
     ASSERT_NO_FATAL_FAILURE(fork.resume());
-    ASSERT_NO_FATAL_FAILURE(fork.wait_progress(
-        *std::max_element(before.totals.begin(), before.totals.end()) + 5000));
+    ASSERT_NO_FATAL_FAILURE(
+        fork.wait_progress(*std::max_element(before.totals.begin(), before.totals.end()) + 5000));
     ASSERT_NO_FATAL_FAILURE(fork.pause());
     ASSERT_NO_FATAL_FAILURE(fork.snapshot(again + "/vmstate", again + "/memory.bin"));
     auto after = run_verify({again, "--disk", dir_.file("fork.img")});

@@ -221,8 +221,8 @@ static int read_disk_words(const char *path, uint32_t count, uint64_t *words, ch
     memset(words, 0, count * sizeof(*words));
     size_t want = count * sizeof(*words), done = 0;
     while (done < want) {
-        ssize_t n = pread(fd, (uint8_t *)words + done, want - done,
-                          (off_t)(GUEST_DISK_OFFSET + done));
+        ssize_t n =
+            pread(fd, (uint8_t *)words + done, want - done, (off_t)(GUEST_DISK_OFFSET + done));
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)

@@ -30,9 +30,9 @@
 #include "guest_layout.h"
 #include "guest_memory.h"
 
-#define VMSTATE_MAGIC   "FKDVMST"
+#define VMSTATE_MAGIC "FKDVMST"
 /* 2: the save count and sparse boot; 3: guest_config.report_us; 4: drives, the guest's disk */
-#define VMSTATE_VERSION 4u
+#define VMSTATE_VERSION    4u
 #define VMSTATE_MAX_DRIVES 8
 
 struct vcpu_state {
@@ -61,7 +61,7 @@ struct vmstate {
     uint64_t disk_window;  /* guest RIP after its disk write, before it records it in memory */
     uint32_t drive_count;
     struct vmstate_drive drives[VMSTATE_MAX_DRIVES];
-    bool boot_filled;      /* boot memory was filled with the pattern; else sparse (zeros) */
+    bool boot_filled; /* boot memory was filled with the pattern; else sparse (zeros) */
     struct memory_region regions[GUEST_MEMORY_MAX_REGIONS]; /* host pointers not stored */
     struct guest_config guest_config;
     struct vcpu_state vcpus[GUEST_MAX_VCPUS];
