@@ -13,8 +13,9 @@ packages=(
   libsystemd-dev
   # protoc and the gRPC code generator plugins (grpc_python_plugin)
   protobuf-compiler protobuf-compiler-grpc
-  # C/C++ tests; openssl makes the certificates of the mutual-TLS tests
-  googletest libgtest-dev openssl
+  # C/C++ tests; openssl makes the certificates of the mutual-TLS tests; xfsprogs makes the
+  # XFS file system (reflink) of the disk tests
+  googletest libgtest-dev openssl xfsprogs
   # Python client and its tests (rich: forkctl's progress display; setuptools, wheel and pip:
   # the offline install of clients/python)
   python3 python3-grpcio python3-protobuf python3-pytest python3-rich

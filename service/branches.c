@@ -44,6 +44,7 @@ struct branch_job {
     char vm_id[VM_ID_MAX];
     char snapshot_name[STORE_NAME_MAX + 1];
     bool detach;
+    bool allow_disk_copy; /* BranchRequest.allow_disk_copy_in_pause */
     struct daemon_state *daemon;
     struct vm *vm;
     struct branch *engine;
@@ -273,6 +274,7 @@ static void *branches_worker(void *arg)
         .label_count = job->label_count,
         .on_phase = branches_on_phase,
         .context = job,
+        .allow_disk_copy = job->allow_disk_copy,
     };
     struct store_snapshot snapshot;
     struct forkd_error err = {0};
@@ -499,6 +501,7 @@ static struct branch_job *branches_new_job(struct daemon_state *daemon, struct v
     job->vm = vm;
     job->mode = mode;
     job->detach = request->detach;
+    job->allow_disk_copy = request->allow_disk_copy_in_pause;
     snprintf(job->vm_id, sizeof(job->vm_id), "%s", vm_id(vm));
     snprintf(job->snapshot_name, sizeof(job->snapshot_name), "%s", request->snapshot_name);
     job->label_count = request->n_labels;

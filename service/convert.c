@@ -45,6 +45,7 @@ void convert_vm(struct vm *vm, struct vm_message *out)
     }
     out->vm.n_labels = out->status.label_count;
     out->vm.labels = out->label_pointers;
+    device_messages_fill_vm(&out->devices, &out->status.devices, &out->vm);
     struct page_server_stats stats;
     if (vm_page_server_stats(vm, &stats) == 0) {
         convert_page_server_stats(&stats, &out->page_server);
@@ -148,6 +149,7 @@ void convert_snapshot(const struct store_snapshot *record, struct snapshot_messa
     s->path = r->path;
     s->vms_using = r->users;
     convert_snapshot_regions(out);
+    device_messages_fill_snapshot(&out->devices, &r->devices, s);
 }
 
 Forkd__V1__SnapshotState convert_snapshot_state(enum store_state state)
@@ -204,6 +206,7 @@ grpc_status_code convert_status_code(int code)
     case -EOPNOTSUPP:
     case -ENODEV: /* the host cannot run VMs (no usable KVM) */
     case -EBADFD: /* the VM's state does not allow it (forkd/vm.h) */
+    case -ESTALE: /* a file a snapshot references changed since (forkd/devices.h) */
         return GRPC_STATUS_FAILED_PRECONDITION;
     case -ENOSPC:
     case -EDQUOT:

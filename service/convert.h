@@ -7,6 +7,7 @@
 #define FORKD_SERVICE_CONVERT_H
 
 #include "call.h"
+#include "device_messages.h"
 
 #include "forkd/branch.h"
 #include "basic/error.h"
@@ -22,6 +23,7 @@ struct vm_message {
     Forkd__V1__Vm__LabelsEntry *label_pointers[VM_MAX_LABELS];
     Forkd__V1__PageServerStats page_server;
     struct vm_status status;
+    struct device_messages devices;
 };
 
 struct snapshot_message {
@@ -35,6 +37,7 @@ struct snapshot_message {
     Forkd__V1__Snapshot__LabelsEntry *label_pointers[STORE_MAX_LABELS];
     Forkd__V1__PageServerStats page_server;
     struct store_snapshot record;
+    struct device_messages devices;
 };
 
 /* Adds a template's page-server figures to a snapshot message (when it has UFFD forks). */

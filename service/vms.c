@@ -5,6 +5,7 @@
 #include "log.h"
 #include "paging.h"
 
+#include "basic/cleanup.h"
 #include "basic/clock.h"
 
 #include <errno.h>
@@ -104,6 +105,11 @@ grpc_status_code handle_boot(struct rpc_call *call, const ProtobufCMessage *mess
     if (vms_copy_labels(request->n_labels, (void *const *)request->labels, labels, status) !=
         GRPC_STATUS_OK)
         return status->code;
+    _cleanup_free_ struct vm_devices *devices = calloc(1, sizeof(*devices));
+    if (!devices)
+        return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    if (device_messages_from_boot(request, devices, status) != GRPC_STATUS_OK)
+        return status->code;
     struct vm_boot_config config = {
         .name = request->name,
         .vcpu_count = request->machine->vcpu_count,
@@ -112,6 +118,7 @@ grpc_status_code handle_boot(struct rpc_call *call, const ProtobufCMessage *mess
         .boot_args = request->boot_args,
         .labels = labels,
         .label_count = request->n_labels,
+        .devices = devices,
     };
     struct vm *vm = NULL;
     struct forkd_error err = {0};

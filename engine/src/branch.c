@@ -8,6 +8,7 @@
 #include "basic/cleanup.h"
 #include "basic/fsutil.h"
 
+#include "disk_clone.h"
 #include "forkd/probe.h"
 #include "latency.h"
 #include "pause.h"
@@ -126,6 +127,78 @@ static void branch_record(struct branch *branch, uint64_t *field, uint64_t value
     pthread_mutex_lock(&branch->figures_lock);
     *field = value;
     pthread_mutex_unlock(&branch->figures_lock);
+}
+
+/* ---- drives ----------------------------------------------------------------------------- */
+
+/* Before anything is armed or paused: the VM's writable drives can be captured inside the
+ * pause (the state directory reflinks, each drive is on its file system), or the request
+ * accepts a copy there. -EOPNOTSUPP saying why and what would work otherwise. */
+static int branch_check_drives(struct branch_run_state *run, const struct branch_request *request,
+                               struct forkd_error *err)
+{
+    _cleanup_free_ struct vm_status *status = malloc(sizeof(*status));
+    if (!status)
+        return forkd_error_set(err, -ENOMEM, "branch: out of memory");
+    vm_get_status(run->vm, status);
+    run->devices = status->devices;
+    if (!devices_have_writable_drive(&run->devices) || request->allow_disk_copy)
+        return 0;
+    const char *dir = store_dir(run->store);
+    for (size_t i = 0; i < run->devices.drive_count; i++) {
+        const struct devices_drive *drive = &run->devices.drives[i];
+        if (!drive->read_only && !disk_clone_same_file_system(drive->path, dir))
+            return forkd_error_set(
+                err, -EOPNOTSUPP,
+                "writable drive '%s' (%s) is not on the state directory's file system (%s): a "
+                "reflink clone cannot cross file systems, and the branch must capture the drive "
+                "inside its pause: keep writable drives on the state directory's XFS or btrfs, "
+                "or accept a copy inside the pause (allow_disk_copy_in_pause)",
+                drive->id, drive->path, dir);
+    }
+    return disk_clone_probe(dir, err);
+}
+
+/* Inside the pause, after the VMM's save (which drains block I/O): each writable drive is
+ * cloned into the snapshot, so the disk is the one the saved state and memory describe. */
+static int branch_capture_drives(struct branch *branch, struct branch_run_state *run,
+                                 const struct branch_request *request, struct forkd_error *err)
+{
+    uint64_t start = forkd_monotonic_ns(), copied_total = 0;
+    for (size_t i = 0; i < run->devices.drive_count; i++) {
+        const struct devices_drive *drive = &run->devices.drives[i];
+        if (drive->read_only)
+            continue;
+        char target[PATH_MAX];
+        uint64_t copied = 0;
+        int rc = store_drive_path(store_writer_dir(run->writer), drive->id, target, sizeof(target));
+        if (rc < 0)
+            return forkd_error_set(err, rc, "drive '%s': snapshot path too long", drive->id);
+        rc = disk_clone_file(drive->path, target, request->allow_disk_copy, &copied, err);
+        if (rc < 0)
+            return forkd_error_prefix(err, "capture drive '%s' inside the pause: ", drive->id);
+        copied_total += copied;
+    }
+    branch_record(branch, &branch->figures.disk_capture_ns, forkd_monotonic_ns() - start);
+    branch_record(branch, &branch->figures.disk_copied_bytes, copied_total);
+    return 0;
+}
+
+/* After the resume: the captured drives reach the disk before the snapshot is published. */
+static int branch_sync_drives(struct branch_run_state *run, struct forkd_error *err)
+{
+    for (size_t i = 0; i < run->devices.drive_count; i++) {
+        if (run->devices.drives[i].read_only)
+            continue;
+        char path[PATH_MAX];
+        if (store_drive_path(store_writer_dir(run->writer), run->devices.drives[i].id, path,
+                             sizeof(path)) < 0)
+            return forkd_error_set(err, -ENAMETOOLONG, "drive path too long");
+        _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0 || fsync(fd) < 0)
+            return forkd_error_errno(err, -errno, "sync captured drive %s", path);
+    }
+    return 0;
 }
 
 static void branch_record_pause(struct branch *branch, const struct pause_guard *guard)
@@ -324,6 +397,8 @@ static int branch_pause_and_save(struct branch *branch, struct branch_run_state 
         return rc;
     branch_record(branch, &branch->figures.vmstate_ns, forkd_monotonic_ns() - start);
     rc = branch_protect_in_pause(branch, run, err);
+    if (rc == 0)
+        rc = branch_capture_drives(branch, run, request, err);
     if (rc < 0)
         return rc;
     branch_set_phase(branch, BRANCH_PHASE_VMSTATE_SAVED);
@@ -849,7 +924,7 @@ static int branch_run_live(struct branch *branch, struct branch_run_state *run,
 
 /* Stop-and-copy: the VMM writes memory and state while the VM is paused. */
 static int branch_run_full(struct branch *branch, struct branch_run_state *run,
-                           struct forkd_error *err)
+                           const struct branch_request *request, struct forkd_error *err)
 {
     if (branch_cancelled(branch))
         return forkd_error_set(err, -ECANCELED, "branch cancelled before the pause");
@@ -868,6 +943,9 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
     /* Cancelled while the VMM wrote: the guard resumes, the store drops the files. */
     if (branch_cancelled(branch))
         return forkd_error_set(err, -ECANCELED, "branch cancelled inside the pause");
+    rc = branch_capture_drives(branch, run, request, err);
+    if (rc < 0)
+        return rc;
     branch_set_phase(branch, BRANCH_PHASE_VMSTATE_SAVED);
     rc = pause_guard_resume(&guard, err);
     branch_record_pause(branch, &guard);
@@ -899,6 +977,12 @@ static void branch_fill_record(struct branch *branch, const struct branch_run_st
     snprintf(meta->vmm_binary, sizeof(meta->vmm_binary), "%s", status.vmm_binary);
     meta->mode = run->mode;
     meta->vcpu_count = status.vcpu_count;
+    meta->devices = status.devices;
+    /* A read-only drive is referenced, not captured: its identity now is what Spawn checks. */
+    for (size_t i = 0; i < meta->devices.drive_count; i++)
+        if (meta->devices.drives[i].read_only)
+            devices_file_identity_of(meta->devices.drives[i].path,
+                                     &meta->devices.drives[i].identity);
     meta->mem_size_mib = run->total_bytes >> 20;
     meta->memory_bytes = run->total_bytes;
     meta->page_size = branch->page_size;
@@ -985,12 +1069,17 @@ static int branch_execute(struct branch *branch, struct branch_run_state *run,
                           struct forkd_error *err)
 {
     uint64_t started = forkd_monotonic_ns();
-    int rc = store_begin(run->store, request->snapshot_name, &run->writer, err);
+    int rc = branch_check_drives(run, request, err);
+    if (rc < 0)
+        return rc;
+    rc = store_begin(run->store, request->snapshot_name, &run->writer, err);
     if (rc < 0)
         return rc;
     branch_set_phase(branch, BRANCH_PHASE_STARTED);
-    rc = run->mode == STORE_MODE_FULL ? branch_run_full(branch, run, err)
+    rc = run->mode == STORE_MODE_FULL ? branch_run_full(branch, run, request, err)
                                       : branch_run_live(branch, run, request, err);
+    if (rc == 0)
+        rc = branch_sync_drives(run, err);
     if (rc == 0 && store_writer_abandoned(run->writer))
         rc = forkd_error_set(err, -ECANCELED, "snapshot %s was deleted while being written",
                              request->snapshot_name);

@@ -106,8 +106,9 @@ struct branch_run_state {
     size_t region_count;
     struct branch_region regions[UFFD_MAX_REGIONS];
     uint64_t total_bytes;
-    int memory_fd;            /* memory.bin being written */
-    const uint8_t *guest_map; /* MEMFD guest memory, mapped read-only; NULL for anonymous */
+    struct vm_devices devices; /* the VM's, when the branch began */
+    int memory_fd;             /* memory.bin being written */
+    const uint8_t *guest_map;  /* MEMFD guest memory, mapped read-only; NULL for anonymous */
     size_t guest_map_size;
 
     struct branch_handler handler;

@@ -1,6 +1,7 @@
 /* The engine's front door (see forkd/engine.h): owns the store, the registry, the page server. */
 #include "forkd/engine.h"
 
+#include "basic/cleanup.h"
 #include "thread_priority.h"
 
 #include <errno.h>
@@ -119,9 +120,55 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
         .labels = request->labels,
         .label_count = request->label_count,
         .page_server = engine->page_server,
+        .devices = &snapshot.devices,
+        .snapshot_dir = snapshot.path,
         .start_finished_by_caller = true,
     };
     return vm_restore(engine->registry, &config, out, err);
+}
+
+/* A fork's read-only drives are the snapshot's files themselves: each must still be the file
+ * the branch recorded (size, mtime, ctime, inode), or the fork's page cache and file system
+ * would disagree with its disk. -ESTALE naming the drive otherwise. Forks restore the
+ * snapshot's tap devices and vsock socket as they are (the VMM takes no per-fork override):
+ * two forks cannot share them, so more than one is refused (-EINVAL) up front. */
+static int engine_check_snapshot_devices(struct engine *engine, const char *name, unsigned count,
+                                         struct forkd_error *err)
+{
+    _cleanup_free_ struct store_snapshot *snapshot = malloc(sizeof(*snapshot));
+    if (!snapshot)
+        return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
+    int rc = store_get(engine->store, name, snapshot, err);
+    if (rc < 0)
+        return rc;
+    const struct vm_devices *devices = &snapshot->devices;
+    if (count > 1 && (devices->net_count > 0 || devices->vsock.present))
+        return forkd_error_set(err, -EINVAL,
+                               "spawn from %s: count %u, but its VM has %s %s, which forks "
+                               "restore as they are and cannot share: spawn one fork at a time",
+                               name, count, devices->net_count ? "tap device" : "vsock socket",
+                               devices->net_count ? devices->nets[0].host_dev_name
+                                                  : devices->vsock.uds_path);
+    for (size_t i = 0; i < snapshot->devices.drive_count; i++) {
+        const struct devices_drive *drive = &snapshot->devices.drives[i];
+        if (!drive->read_only)
+            continue;
+        struct devices_file_identity now;
+        rc = devices_file_identity_of(drive->path, &now);
+        if (rc < 0)
+            return forkd_error_errno(err, rc == -ENOENT ? -ESTALE : rc,
+                                     "spawn from %s: read-only drive '%s' (%s)", name, drive->id,
+                                     drive->path);
+        if (!devices_file_identity_equal(&now, &drive->identity))
+            return forkd_error_set(
+                err, -ESTALE,
+                "spawn from %s: read-only drive '%s' (%s) changed since the branch recorded it "
+                "(size %llu -> %llu, mtime or ctime or inode differ): a fork would see a disk "
+                "that disagrees with its memory",
+                name, drive->id, drive->path, (unsigned long long)drive->identity.size,
+                (unsigned long long)now.size);
+    }
+    return 0;
 }
 
 /* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
@@ -180,6 +227,9 @@ int engine_spawn(struct engine *engine, const struct engine_spawn_request *reque
         return rc;
     if (request->count < 1)
         return forkd_error_set(err, -EINVAL, "spawn: count must be at least 1");
+    rc = engine_check_snapshot_devices(engine, request->snapshot, request->count, err);
+    if (rc < 0)
+        return rc;
     if (request->memory == VM_MEMORY_UFFD && request->prefetch_record_ms)
         rc = engine_set_prefetch(engine, request, err);
     if (rc < 0)

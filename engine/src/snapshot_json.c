@@ -131,7 +131,7 @@ static bool snapshot_json_put_snapshot(cJSON *root, const struct store_snapshot 
            snapshot_json_put_str(vmm, "binary", meta->vmm_binary) &&
            snapshot_json_put_str(vmm, "version", meta->vmm_version) &&
            cJSON_AddNumberToObject(root, "created_at_unix_ms", (double)meta->created_at_unix_ms) &&
-           snapshot_json_put_labels(root, meta);
+           snapshot_json_put_labels(root, meta) && devices_json_put(root, &meta->devices);
 }
 
 /* Returns a malloc'd, pretty-printed snapshot.json, or NULL when out of memory. */
@@ -211,6 +211,11 @@ static int snapshot_json_get_figures(const cJSON *root, struct store_figures *f,
         return forkd_error_prefix(err, "figures: ");
     for (size_t i = 0; i < STORE_FIGURE_COUNT; i++) {
         const struct store_figure_field *field = &store_figure_fields[i];
+        /* Figures added with drives: absent from records written before them. */
+        bool optional = strcmp(field->name, "disk_capture_ns") == 0 ||
+                        strcmp(field->name, "disk_copied_bytes") == 0;
+        if (optional && !cJSON_GetObjectItemCaseSensitive(obj, field->name))
+            continue;
         if (snapshot_json_get_u64(obj, field->name, SNAPSHOT_JSON_INT_MAX,
                                   snapshot_json_figure_at(f, field), err))
             return forkd_error_prefix(err, "figures: ");
@@ -353,6 +358,11 @@ int snapshot_json_parse(const char *text, size_t len, struct store_snapshot *met
         snapshot_json_get_created_at(root, &meta->created_at_unix_ms, err) ||
         snapshot_json_get_labels(root, meta, err))
         return -EIO;
+    if (devices_json_get(root, &meta->devices, err) < 0) {
+        if (err)
+            err->code = -EIO;
+        return -EIO;
+    }
     meta->state = STORE_STATE_READY;
     return 0;
 }

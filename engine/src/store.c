@@ -325,7 +325,7 @@ const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT] = {
     STORE_FIGURE(rearmed_pages),     STORE_FIGURE(vmstate_ns),   STORE_FIGURE(copy_ns),
     STORE_FIGURE(publish_ns),        STORE_FIGURE(total_ns),     STORE_FIGURE(pages_by_fault),
     STORE_FIGURE(pages_by_bulk),     STORE_FIGURE(bytes_copied), STORE_FIGURE(pause_request_ns),
-    STORE_FIGURE(resume_request_ns),
+    STORE_FIGURE(resume_request_ns), STORE_FIGURE(disk_capture_ns), STORE_FIGURE(disk_copied_bytes),
 };
 _Static_assert(STORE_FIGURE_COUNT * sizeof(uint64_t) == sizeof(struct store_figures),
                "store_figure_fields must name every figure");
@@ -571,6 +571,17 @@ int store_begin(struct store *store, const char *name, struct store_writer **out
 const char *store_writer_dir(const struct store_writer *writer)
 {
     return writer->dir;
+}
+
+const char *store_dir(const struct store *store)
+{
+    return store->dir;
+}
+
+int store_drive_path(const char *dir, const char *drive_id, char *out, size_t size)
+{
+    int n = snprintf(out, size, "%s/drive-%s", dir, drive_id);
+    return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
 }
 
 const char *store_writer_vmstate_path(const struct store_writer *writer)

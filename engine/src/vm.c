@@ -14,6 +14,7 @@
 #include "basic/fsutil.h"
 #include "pause.h"
 
+#include "disk_clone.h"
 #include "vm_record.h"
 #include "vmm_fds.h"
 
@@ -53,6 +54,7 @@ struct vm {
     uint64_t mem_size_mib;
     size_t label_count;
     struct vm_label labels[VM_MAX_LABELS];
+    struct vm_devices devices; /* set before the VM is listed as started; then read-only */
     uint64_t memory_bytes;
     char api_socket_path[PATH_MAX];
     char log_path[PATH_MAX];
@@ -98,6 +100,8 @@ struct vm_registry {
     int stop_fd;
     pthread_t reaper;
 };
+
+static void vm_remove_fork_drives(struct vm *vm);
 
 /* ---- records ---------------------------------------------------------------------------- */
 
@@ -157,6 +161,7 @@ static void vm_fill_record(struct vm *vm, struct vm_record *r)
     r->created_at_unix_ms = vm->created_at_unix_ms;
     r->label_count = vm->label_count;
     memcpy(r->labels, vm->labels, vm->label_count * sizeof(vm->labels[0]));
+    r->devices = vm->devices;
     if (vm->page_fork)
         r->region_count = page_server_fork_regions(vm->page_fork, r->regions, UFFD_MAX_REGIONS);
     pthread_mutex_lock(&vm->lock);
@@ -414,6 +419,7 @@ void vm_get_status(struct vm *vm, struct vm_status *out)
     out->mem_size_mib = vm->mem_size_mib;
     out->label_count = vm->label_count;
     memcpy(out->labels, vm->labels, vm->label_count * sizeof(vm->labels[0]));
+    out->devices = vm->devices;
     snprintf(out->api_socket_path, sizeof(out->api_socket_path), "%s", vm->api_socket_path);
     snprintf(out->vmm_binary, sizeof(out->vmm_binary), "%s", vm->registry->vmm_binary);
     snprintf(out->source_snapshot, sizeof(out->source_snapshot), "%s", vm->source_snapshot);
@@ -602,8 +608,10 @@ void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned gra
     struct vm **vms;
     size_t count = vm_list(registry, &vms);
     /* Kept VMs keep their records: the next forkd adopts them. */
-    for (size_t i = 0; i < count && !keep_vms; i++)
+    for (size_t i = 0; i < count && !keep_vms; i++) {
         vm_terminate(vms[i], grace_ms);
+        vm_remove_fork_drives(vms[i]);
+    }
     vm_list_free(vms, count);
     uint64_t one = 1;
     if (write(registry->stop_fd, &one, sizeof(one)) != sizeof(one))
@@ -913,6 +921,22 @@ static int vm_create_boot_memfd(struct vm *vm, char *backend_path, size_t backen
     return 0;
 }
 
+/* Firecracker's device endpoints, before InstanceStart. */
+static int vm_configure_devices(struct vm *vm, struct forkd_error *err)
+{
+    const struct vm_devices *d = &vm->devices;
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < d->drive_count; i++)
+        rc = vmm_put_drive(vm->client, d->drives[i].id, d->drives[i].path, d->drives[i].root,
+                           d->drives[i].read_only, err);
+    for (size_t i = 0; rc == 0 && i < d->net_count; i++)
+        rc = vmm_put_network_interface(vm->client, d->nets[i].id, d->nets[i].host_dev_name,
+                                       d->nets[i].guest_mac, err);
+    if (rc == 0 && d->vsock.present)
+        rc = vmm_put_vsock(vm->client, d->vsock.guest_cid, d->vsock.uds_path, err);
+    return rc;
+}
+
 static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
                              struct forkd_error *err)
 {
@@ -924,7 +948,10 @@ static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
         rc = vmm_put_machine_config_backed(vm->client, config->vcpu_count, config->mem_size_mib,
                                            backend_path[0] ? backend_path : NULL, err);
     if (rc == 0)
-        rc = vmm_put_boot_source(vm->client, config->kernel_image_path, config->boot_args, err);
+        rc = vmm_put_boot_source_initrd(vm->client, config->kernel_image_path, config->boot_args,
+                                        vm->devices.initrd_path, err);
+    if (rc == 0)
+        rc = vm_configure_devices(vm, err);
     if (rc == 0) {
         /* A VMM may touch all guest memory while starting (the test VMM fills it). */
         rc = vmm_start_within(vm->client, vm_slow_call_timeout_ms(vm), err);
@@ -940,6 +967,16 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
         return rc;
     if (access(config->kernel_image_path, R_OK) < 0)
         return forkd_error_errno(err, -errno, "kernel image %s", config->kernel_image_path);
+    _cleanup_free_ struct vm_devices *devices = calloc(1, sizeof(*devices));
+    if (!devices)
+        return forkd_error_set(err, -ENOMEM, "boot: out of memory");
+    if (config->devices)
+        *devices = *config->devices;
+    rc = devices_validate(devices, err);
+    if (rc == 0)
+        rc = devices_check_files(devices, err);
+    if (rc < 0)
+        return rc;
     enum vm_memory memory = config->memory ? config->memory : registry->boot_memory;
     if (memory != VM_MEMORY_MEMFD && memory != VM_MEMORY_ANONYMOUS)
         return forkd_error_set(err, -EINVAL, "boot: memory %s is not MEMFD or ANONYMOUS",
@@ -951,6 +988,7 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
     if (rc < 0)
         return rc;
     vm->memory = memory;
+    vm->devices = *devices;
     vm->vcpu_count = config->vcpu_count;
     vm->mem_size_mib = config->mem_size_mib;
     vm->memory_bytes = config->mem_size_mib << 20;
@@ -995,6 +1033,68 @@ static int vm_fill_memfd(struct vm *vm, const char *memory_path, struct forkd_er
     return 0;
 }
 
+/* ---- a fork's own disks ----------------------------------------------------------------- */
+
+/* <run_dir>/<id>.drive-<drive id>: the fork's clone of a captured writable drive. */
+static int vm_fork_drive_path(const struct vm *vm, const char *drive_id, char *out, size_t size)
+{
+    int n = snprintf(out, size, "%s/%s.drive-%s", vm->registry->run_dir, vm->id, drive_id);
+    return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+}
+
+/* Removes the disks forkd made for this fork (only files at the fork's own paths). */
+static void vm_remove_fork_drives(struct vm *vm)
+{
+    for (size_t i = 0; i < vm->devices.drive_count; i++) {
+        char own[PATH_MAX];
+        const struct devices_drive *drive = &vm->devices.drives[i];
+        if (!drive->read_only && vm_fork_drive_path(vm, drive->id, own, sizeof(own)) == 0 &&
+            strcmp(own, drive->path) == 0)
+            unlink(own);
+    }
+}
+
+/* Clones each captured writable drive of the snapshot for this fork; vm->devices then names
+ * the clones. */
+static int vm_clone_fork_drives(struct vm *vm, const struct vm_restore_config *config,
+                                struct forkd_error *err)
+{
+    for (size_t i = 0; i < vm->devices.drive_count; i++) {
+        struct devices_drive *drive = &vm->devices.drives[i];
+        if (drive->read_only)
+            continue;
+        char source[PATH_MAX], target[DEVICES_PATH_MAX];
+        uint64_t copied = 0;
+        if (!config->snapshot_dir ||
+            store_drive_path(config->snapshot_dir, drive->id, source, sizeof(source)) < 0 ||
+            vm_fork_drive_path(vm, drive->id, target, sizeof(target)) < 0)
+            return forkd_error_set(err, -ENAMETOOLONG, "drive '%s': no path for its clone",
+                                   drive->id);
+        int rc = disk_clone_file(source, target, true, &copied, err);
+        if (rc < 0)
+            return forkd_error_prefix(err, "fork %s, drive '%s': ", vm->id, drive->id);
+        snprintf(drive->path, sizeof(drive->path), "%s", target);
+        devices_file_identity_of(target, &drive->identity);
+    }
+    return 0;
+}
+
+/* After a paused load, before the guest runs: the VMM opened the drives at the paths the
+ * snapshot's state names (the source VM's); each writable one is re-pointed at the fork's
+ * clone, so the fork never writes the source's disk or the snapshot's capture. */
+static int vm_repoint_fork_drives(struct vm *vm, struct forkd_error *err)
+{
+    for (size_t i = 0; i < vm->devices.drive_count; i++) {
+        const struct devices_drive *drive = &vm->devices.drives[i];
+        if (drive->read_only)
+            continue;
+        int rc = vmm_patch_drive(vm->client, drive->id, drive->path, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 /* UFFD: the page server listens on <run_dir>/<id>.uffd for the VMM's handshake. The load is
  * paused so that the prefetch lands before the guest runs. */
 static int vm_load_uffd(struct vm *vm, const struct vm_restore_config *config,
@@ -1016,6 +1116,8 @@ static int vm_load_uffd(struct vm *vm, const struct vm_restore_config *config,
                                false, false, err);
     if (rc == 0)
         rc = page_server_fork_wait_ready(vm->page_fork, -1, err);
+    if (rc == 0)
+        rc = vm_repoint_fork_drives(vm, err);
     if (rc < 0)
         return rc;
     vm->memory_bytes = page_server_fork_memory_bytes(vm->page_fork);
@@ -1041,8 +1143,15 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
         vm->memory_bytes = (uint64_t)st.st_size;
         snprintf(backend_path, sizeof(backend_path), "%s", config->memory_path);
     }
-    return vmm_snapshot_load(vm->client, config->vmstate_path, VMM_MEMORY_FILE, backend_path,
-                             shared, !config->start_paused, err);
+    /* With writable drives the load is paused: they are re-pointed before the guest runs. */
+    bool repoint = devices_have_writable_drive(&vm->devices);
+    int rc = vmm_snapshot_load(vm->client, config->vmstate_path, VMM_MEMORY_FILE, backend_path,
+                               shared, !config->start_paused && !repoint, err);
+    if (rc == 0 && repoint)
+        rc = vm_repoint_fork_drives(vm, err);
+    if (rc == 0 && repoint && !config->start_paused)
+        rc = vmm_resume(vm->client, err);
+    return rc;
 }
 
 static int vm_restore_held(struct vm_registry *registry, const struct vm_restore_config *config,
@@ -1065,6 +1174,14 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
         return rc;
     vm->memory = config->memory;
     vm->vcpu_count = config->vcpu_count;
+    if (config->devices)
+        vm->devices = *config->devices;
+    rc = vm_clone_fork_drives(vm, config, err);
+    if (rc < 0) {
+        vm_remove_fork_drives(vm);
+        vm_abandon_start(vm, rc, err);
+        return rc;
+    }
     snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s",
              config->snapshot_name ? config->snapshot_name : "");
     rc = vm_load_snapshot(vm, config, err);
@@ -1075,6 +1192,7 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
             rc = forkd_error_errno(err, rc, "write the record of VM %s", vm->id);
     }
     if (rc < 0) {
+        vm_remove_fork_drives(vm);
         vm_abandon_start(vm, rc, err);
         return rc;
     }
@@ -1111,6 +1229,7 @@ int vm_stop(struct vm_registry *registry, struct vm *vm, unsigned grace_ms, stru
                                vm->active_branch_id);
     vm_terminate(vm, grace_ms);
     vm_delist(registry, vm);
+    vm_remove_fork_drives(vm);
     pthread_mutex_lock(&vm->lock);
     struct store *store = take_ptr(vm->store);
     pthread_mutex_unlock(&vm->lock);
@@ -1205,6 +1324,7 @@ static struct vm *vm_from_record(struct vm_registry *registry, const struct vm_r
     vm->created_at_unix_ms = r->created_at_unix_ms;
     vm->label_count = r->label_count;
     memcpy(vm->labels, r->labels, r->label_count * sizeof(r->labels[0]));
+    vm->devices = r->devices;
     /* Same length as when the VM was started here, which checked it. */
     if (snprintf(vm->api_socket_path, sizeof(vm->api_socket_path), "%s/%s.sock",
                  registry->run_dir, r->id) >= (int)sizeof(vm->api_socket_path) ||

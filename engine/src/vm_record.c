@@ -146,6 +146,7 @@ static bool vm_record_put(cJSON *root, const struct vm_record *r)
            vm_record_put_string(root, "source_snapshot", r->source_snapshot) &&
            vm_record_put_number(root, "created_at_unix_ms", (double)r->created_at_unix_ms) &&
            vm_record_put_labels(root, r) && vm_record_put_regions(root, r) &&
+           devices_json_put(root, &r->devices) &&
            (held = cJSON_AddObjectToObject(root, "held")) &&
            vm_record_put_number(held, "memfd_inode", (double)r->memfd_inode) &&
            cJSON_AddBoolToObject(held, "uffd", r->memory == VM_MEMORY_UFFD) &&
@@ -287,7 +288,8 @@ static bool vm_record_get(const cJSON *root, struct vm_record *r)
               cJSON_IsObject(held) && vm_record_get_u64(held, "memfd_inode", &memfd_inode) &&
               vm_record_get_string(root, "branch", r->branch_id, sizeof(r->branch_id)) &&
               vm_record_get_string(root, "exit_reason", r->exit_reason, sizeof(r->exit_reason));
-    if (!ok || pid < 1)
+    struct forkd_error err = {0};
+    if (!ok || pid < 1 || devices_json_get(root, &r->devices, &err) < 0)
         return false;
     r->vmm.pid = (pid_t)pid;
     r->vmm.start_time = start_time;

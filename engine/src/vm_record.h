@@ -45,6 +45,7 @@ struct vm_record {
     int64_t created_at_unix_ms;
     size_t label_count;
     struct vm_label labels[VM_MAX_LABELS];
+    struct vm_devices devices; /* drives, network interfaces, vsock, initrd */
     /* UFFD: the fork's regions, as its handshake announced them. */
     size_t region_count;
     struct uffd_region regions[UFFD_MAX_REGIONS];

@@ -229,6 +229,82 @@ int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path
     return vmm_send_json(client, "PUT", "/boot-source", body, err);
 }
 
+int vmm_put_boot_source_initrd(struct vmm_client *client, const char *kernel_image_path,
+                               const char *boot_args, const char *initrd_path,
+                               struct forkd_error *err)
+{
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddStringToObject(body, "kernel_image_path", kernel_image_path);
+    if (boot_args && *boot_args)
+        cJSON_AddStringToObject(body, "boot_args", boot_args);
+    if (initrd_path && *initrd_path)
+        cJSON_AddStringToObject(body, "initrd_path", initrd_path);
+    return vmm_send_json(client, "PUT", "/boot-source", body, err);
+}
+
+/* "/<collection>/<id>"; ids are checked ([A-Za-z0-9_]) before they get here. */
+static int vmm_resource_path(char *out, size_t size, const char *collection, const char *id,
+                             struct forkd_error *err)
+{
+    int n = snprintf(out, size, "/%s/%s", collection, id);
+    if (n < 0 || (size_t)n >= size)
+        return forkd_error_set(err, -ENAMETOOLONG, "%s id '%.64s' is too long", collection, id);
+    return 0;
+}
+
+int vmm_put_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
+                  bool is_root_device, bool is_read_only, struct forkd_error *err)
+{
+    char path[128];
+    int rc = vmm_resource_path(path, sizeof(path), "drives", drive_id, err);
+    if (rc < 0)
+        return rc;
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddStringToObject(body, "drive_id", drive_id);
+    cJSON_AddStringToObject(body, "path_on_host", path_on_host);
+    cJSON_AddBoolToObject(body, "is_root_device", is_root_device);
+    cJSON_AddBoolToObject(body, "is_read_only", is_read_only);
+    return vmm_send_json(client, "PUT", path, body, err);
+}
+
+int vmm_patch_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
+                    struct forkd_error *err)
+{
+    char path[128];
+    int rc = vmm_resource_path(path, sizeof(path), "drives", drive_id, err);
+    if (rc < 0)
+        return rc;
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddStringToObject(body, "drive_id", drive_id);
+    cJSON_AddStringToObject(body, "path_on_host", path_on_host);
+    return vmm_send_json(client, "PATCH", path, body, err);
+}
+
+int vmm_put_network_interface(struct vmm_client *client, const char *iface_id,
+                              const char *host_dev_name, const char *guest_mac,
+                              struct forkd_error *err)
+{
+    char path[128];
+    int rc = vmm_resource_path(path, sizeof(path), "network-interfaces", iface_id, err);
+    if (rc < 0)
+        return rc;
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddStringToObject(body, "iface_id", iface_id);
+    cJSON_AddStringToObject(body, "host_dev_name", host_dev_name);
+    if (guest_mac && *guest_mac)
+        cJSON_AddStringToObject(body, "guest_mac", guest_mac);
+    return vmm_send_json(client, "PUT", path, body, err);
+}
+
+int vmm_put_vsock(struct vmm_client *client, uint32_t guest_cid, const char *uds_path,
+                  struct forkd_error *err)
+{
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddNumberToObject(body, "guest_cid", guest_cid);
+    cJSON_AddStringToObject(body, "uds_path", uds_path);
+    return vmm_send_json(client, "PUT", "/vsock", body, err);
+}
+
 int vmm_start(struct vmm_client *client, struct forkd_error *err)
 {
     return vmm_start_within(client, 0, err);

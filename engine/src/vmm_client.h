@@ -54,6 +54,26 @@ int vmm_put_machine_config_backed(struct vmm_client *client, unsigned vcpu_count
                                   struct forkd_error *err);
 int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path,
                         const char *boot_args, struct forkd_error *err);
+/* The same with an initrd (boot-source initrd_path; NULL or "": none). */
+int vmm_put_boot_source_initrd(struct vmm_client *client, const char *kernel_image_path,
+                               const char *boot_args, const char *initrd_path,
+                               struct forkd_error *err);
+/* PUT /drives/{id} (before InstanceStart): {"drive_id", "path_on_host", "is_root_device",
+ * "is_read_only"}. */
+int vmm_put_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
+                  bool is_root_device, bool is_read_only, struct forkd_error *err);
+/* PATCH /drives/{id} {"drive_id", "path_on_host"}: re-points a drive of a started or restored
+ * (paused) VM at another file. */
+int vmm_patch_drive(struct vmm_client *client, const char *drive_id, const char *path_on_host,
+                    struct forkd_error *err);
+/* PUT /network-interfaces/{id} {"iface_id", "host_dev_name", "guest_mac" (omitted when
+ * empty)}. */
+int vmm_put_network_interface(struct vmm_client *client, const char *iface_id,
+                              const char *host_dev_name, const char *guest_mac,
+                              struct forkd_error *err);
+/* PUT /vsock {"guest_cid", "uds_path"}. */
+int vmm_put_vsock(struct vmm_client *client, uint32_t guest_cid, const char *uds_path,
+                  struct forkd_error *err);
 int vmm_start(struct vmm_client *client, struct forkd_error *err);
 int vmm_start_within(struct vmm_client *client, long timeout_ms, struct forkd_error *err);
 int vmm_pause(struct vmm_client *client, struct forkd_error *err);

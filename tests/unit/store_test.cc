@@ -85,7 +85,7 @@ struct store_snapshot full_meta(const char *name)
     m.regions[0] = {0, UINT64_C(3) << 30, 0, 4096};
     m.regions[1] = {UINT64_C(4) << 30, UINT64_C(1) << 30, UINT64_C(3) << 30, 2u << 20};
     m.page_size = 4096;
-    m.figures = {101, 102, 103, 104, 105, 106, 107, UINT64_C(1) << 50, 109, 110, UINT64_C(5) << 32, 111, 112};
+    m.figures = {101, 102, 103, 104, 105, 106, 107, UINT64_C(1) << 50, 109, 110, UINT64_C(5) << 32, 111, 112, 113, 114};
     snprintf(m.vmm_binary, sizeof(m.vmm_binary), "/usr/bin/firecracker");
     snprintf(m.vmm_version, sizeof(m.vmm_version), "1.12.0-forkd");
     m.created_at_unix_ms = INT64_C(1700000000123);

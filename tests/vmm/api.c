@@ -1,11 +1,14 @@
 /* api: endpoint handlers and the VMM state machine (see api.h). */
 #include "api.h"
 
+#include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -177,6 +180,26 @@ static void add_drives(cJSON *root, const struct vmm *vmm)
     }
 }
 
+static void add_network_and_vsock(cJSON *root, const struct vmm *vmm)
+{
+    cJSON *nets = cJSON_AddArrayToObject(root, "network_interfaces");
+    for (unsigned i = 0; nets && i < vmm->net_count; i++) {
+        cJSON *net = cJSON_CreateObject();
+        cJSON_AddStringToObject(net, "iface_id", vmm->nets[i].id);
+        cJSON_AddStringToObject(net, "host_dev_name", vmm->nets[i].host_dev_name);
+        cJSON_AddStringToObject(net, "guest_mac", vmm->nets[i].guest_mac);
+        cJSON_AddItemToArray(nets, net);
+    }
+    if (!vmm->vsock.present) {
+        cJSON_AddNullToObject(root, "vsock");
+    } else {
+        cJSON *vsock = cJSON_AddObjectToObject(root, "vsock");
+        cJSON_AddNumberToObject(vsock, "guest_cid", vmm->vsock.guest_cid);
+        cJSON_AddStringToObject(vsock, "uds_path", vmm->vsock.uds_path);
+    }
+    cJSON_AddStringToObject(root, "initrd_path", vmm->initrd_path);
+}
+
 static void add_guest_status(cJSON *root, struct vmm *vmm)
 {
     char failure[200];
@@ -257,6 +280,7 @@ static int handle_get_root(struct vmm *vmm, const char *resource_id, const cJSON
     cJSON_AddStringToObject(root, "memory_backend", guest_memory_backend_name(vmm->memory.backend));
     add_regions(root, &vmm->memory);
     add_drives(root, vmm);
+    add_network_and_vsock(root, vmm);
     cJSON_AddNumberToObject(root, "pause_count", (double)vmm->pause_count);
     cJSON_AddNumberToObject(root, "last_pause_ns", (double)vmm->last_pause_ns);
     cJSON_AddNumberToObject(root, "last_resume_ns", (double)vmm->last_resume_ns);
@@ -332,9 +356,10 @@ static int handle_boot_source(struct vmm *vmm, const char *resource_id, const cJ
     static const struct field_spec specs[] = {
         {"kernel_image_path", FIELD_STRING, true},
         {"boot_args", FIELD_STRING, false},
+        {"initrd_path", FIELD_STRING, false},
     };
     struct workload workload;
-    int r = check_fields(body, "boot-source", specs, 2, err, err_size);
+    int r = check_fields(body, "boot-source", specs, 3, err, err_size);
 
     (void)response;
     if (r == 0)
@@ -348,6 +373,12 @@ static int handle_boot_source(struct vmm *vmm, const char *resource_id, const cJ
         return error_set(err, err_size, EINVAL, "kernel_image_path is empty or too long");
     if (access(path, R_OK) < 0)
         return error_set(err, err_size, errno, "kernel_image_path %s: %s", path, strerror(errno));
+    const char *initrd = string_field(body, "initrd_path");
+    if (initrd && (initrd[0] == '\0' || strlen(initrd) >= sizeof(vmm->initrd_path)))
+        return error_set(err, err_size, EINVAL, "initrd_path is empty or too long");
+    if (initrd && access(initrd, R_OK) < 0) /* Firecracker opens it here */
+        return error_set(err, err_size, errno, "initrd_path %s: %s", initrd, strerror(errno));
+    snprintf(vmm->initrd_path, sizeof(vmm->initrd_path), "%s", initrd ? initrd : "");
     strcpy(vmm->kernel_image_path, path);
     vmm->workload = workload;
     vmm->boot_source_configured = true;
@@ -382,12 +413,177 @@ static int handle_drive(struct vmm *vmm, const char *resource_id, const cJSON *b
                             bool_field(body, "is_read_only", false), err, err_size);
 }
 
+static bool is_mac(const char *mac)
+{
+    if (strlen(mac) != 17)
+        return false;
+    for (int i = 0; i < 17; i++)
+        if (i % 3 == 2 ? mac[i] != ':' : !isxdigit((unsigned char)mac[i]))
+            return false;
+    return true;
+}
+
+/* PUT /network-interfaces/{id}, before boot. Firecracker opens the tap here; the guest has no
+ * NIC, so the tap is recorded, with Firecracker's refusals of a reused device or MAC. */
+static int handle_network_interface(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                                    char **response, char *err, size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"iface_id", FIELD_STRING, true},         {"host_dev_name", FIELD_STRING, true},
+        {"guest_mac", FIELD_STRING, false},       {"rx_rate_limiter", FIELD_OBJECT, false},
+        {"tx_rate_limiter", FIELD_OBJECT, false},
+    };
+    int r = check_fields(body, "network-interfaces", specs, 5, err, err_size);
+
+    (void)response;
+    if (r == 0)
+        r = require_fresh(vmm, "PUT /network-interfaces", err, err_size);
+    if (r < 0)
+        return r;
+    const char *id = string_field(body, "iface_id");
+    const char *tap = string_field(body, "host_dev_name");
+    const char *mac = string_field(body, "guest_mac");
+    if (strcmp(id, resource_id) != 0)
+        return error_set(err, err_size, EINVAL, "iface_id '%s' does not match the path's '%s'", id,
+                         resource_id);
+    if (!*tap || strlen(tap) >= sizeof(vmm->nets[0].host_dev_name) || strchr(tap, '/'))
+        return error_set(err, err_size, EINVAL, "host_dev_name '%s' is not a tap device name", tap);
+    if (mac && !is_mac(mac))
+        return error_set(err, err_size, EINVAL, "guest_mac '%s' is not a MAC address", mac);
+    if (strlen(id) >= sizeof(vmm->nets[0].id))
+        return error_set(err, err_size, EINVAL, "iface_id too long");
+    struct vmm_net *net = NULL;
+    for (unsigned i = 0; i < vmm->net_count; i++) {
+        if (strcmp(vmm->nets[i].id, id) == 0) {
+            net = &vmm->nets[i]; /* PUT replaces */
+            continue;
+        }
+        if (strcmp(vmm->nets[i].host_dev_name, tap) == 0)
+            return error_set(err, err_size, EINVAL, "host_dev_name %s is already in use", tap);
+        if (mac && strcasecmp(vmm->nets[i].guest_mac, mac) == 0)
+            return error_set(err, err_size, EINVAL, "guest_mac %s is already in use", mac);
+    }
+    if (!net && vmm->net_count == VMM_MAX_NETS)
+        return error_set(err, err_size, ENOSPC, "at most %d network interfaces", VMM_MAX_NETS);
+    if (!net)
+        net = &vmm->nets[vmm->net_count++];
+    snprintf(net->id, sizeof(net->id), "%s", id);
+    snprintf(net->host_dev_name, sizeof(net->host_dev_name), "%s", tap);
+    snprintf(net->guest_mac, sizeof(net->guest_mac), "%s", mac ? mac : "");
+    return 0;
+}
+
+/* PUT /vsock, before boot: recorded (the guest has no vsock). */
+static int handle_vsock(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                        char **response, char *err, size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"guest_cid", FIELD_UNSIGNED, true},
+        {"uds_path", FIELD_STRING, true},
+        {"vsock_id", FIELD_STRING, false},
+    };
+    int r = check_fields(body, "vsock", specs, 3, err, err_size);
+
+    (void)response;
+    (void)resource_id;
+    if (r == 0)
+        r = require_fresh(vmm, "PUT /vsock", err, err_size);
+    if (r < 0)
+        return r;
+    double cid = cJSON_GetObjectItemCaseSensitive(body, "guest_cid")->valuedouble;
+    const char *path = string_field(body, "uds_path");
+    if (cid < 3 || cid > 4294967295.0)
+        return error_set(err, err_size, EINVAL, "guest_cid must be 3 to 2^32-1");
+    if (!*path || strlen(path) >= sizeof(vmm->vsock.uds_path))
+        return error_set(err, err_size, EINVAL, "uds_path is empty or too long");
+    vmm->vsock.present = true;
+    vmm->vsock.guest_cid = (uint32_t)cid;
+    strcpy(vmm->vsock.uds_path, path);
+    return 0;
+}
+
+/* The guest's disk: the first writable drive, -1 when there is none. */
+static int guest_disk_drive(const struct vmm *vmm)
+{
+    for (unsigned i = 0; i < vmm->drive_count; i++)
+        if (!vmm->drives[i].read_only)
+            return (int)i;
+    return -1;
+}
+
+/* Points the guest's disk writes at path (opened read-write); the vCPUs must be parked or not
+ * started. */
+static int open_guest_disk(struct vmm *vmm, const char *path, char *err, size_t err_size)
+{
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return error_set(err, err_size, errno, "drive %s: %s", path, strerror(errno));
+    int old = atomic_exchange(&vmm->vm.disk_fd, fd);
+    if (old >= 0)
+        close(old);
+    return 0;
+}
+
+/* PATCH /drives/{id}, after the start or a load (before: PUT): re-points a drive at another
+ * file, as Firecracker does. The guest's disk is switched with every vCPU parked. */
+static int handle_patch_drive(struct vmm *vmm, const char *resource_id, const cJSON *body,
+                              char **response, char *err, size_t err_size)
+{
+    static const struct field_spec specs[] = {
+        {"drive_id", FIELD_STRING, true},
+        {"path_on_host", FIELD_STRING, false},
+        {"rate_limiter", FIELD_OBJECT, false},
+    };
+    int r = check_fields(body, "drives", specs, 3, err, err_size);
+
+    (void)response;
+    if (r < 0)
+        return r;
+    if (vmm->state == VMM_NOT_STARTED)
+        return error_set(err, err_size, EINVAL,
+                         "PATCH /drives is not allowed before the microVM started (use PUT)");
+    const char *id = string_field(body, "drive_id");
+    const char *path = string_field(body, "path_on_host");
+    if (strcmp(id, resource_id) != 0)
+        return error_set(err, err_size, EINVAL, "drive_id '%s' does not match the path's '%s'", id,
+                         resource_id);
+    int index = -1;
+    for (unsigned i = 0; i < vmm->drive_count; i++)
+        if (strcmp(vmm->drives[i].id, id) == 0)
+            index = (int)i;
+    if (index < 0)
+        return error_set(err, err_size, EINVAL, "no drive '%s'", id);
+    if (!path)
+        return 0;
+    struct vmm_drive *drive = &vmm->drives[index];
+    if (!*path || strlen(path) >= sizeof(drive->path))
+        return error_set(err, err_size, EINVAL, "path_on_host is empty or too long");
+    if (access(path, drive->read_only ? R_OK : R_OK | W_OK) < 0)
+        return error_set(err, err_size, errno, "path_on_host %s: %s", path, strerror(errno));
+    if (index == guest_disk_drive(vmm) && vmm->vm_created) {
+        bool running = vmm->state == VMM_RUNNING;
+        if (running && (r = kvm_vm_pause(&vmm->vm, vmm->pause_timeout_ms, err, err_size)) < 0)
+            return r;
+        r = open_guest_disk(vmm, path, err, err_size);
+        if (running)
+            kvm_vm_resume(&vmm->vm);
+        if (r < 0)
+            return r;
+    }
+    strcpy(drive->path, path);
+    return 0;
+}
+
 /* ---- InstanceStart ---- */
 
 static void release_machine(struct vmm *vmm)
 {
-    if (vmm->vm_created)
+    if (vmm->vm_created) {
         kvm_vm_destroy(&vmm->vm);
+        int fd = atomic_exchange(&vmm->vm.disk_fd, -1);
+        if (fd >= 0)
+            close(fd);
+    }
     vmm->vm_created = false;
     guest_memory_release(&vmm->memory);
 }
@@ -415,6 +611,10 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
         guest_memory_fill_boot_pattern(&vmm->memory);
     r = kvm_vm_create(&vmm->vm, &vmm->memory, vmm->vcpu_count, err, err_size);
     vmm->vm_created = true;
+    int disk = guest_disk_drive(vmm);
+    vmm->workload.disk = disk >= 0;
+    if (r == 0 && disk >= 0)
+        r = open_guest_disk(vmm, vmm->drives[disk].path, err, err_size);
     if (r == 0)
         r = guest_boot_prepare(&vmm->memory, vmm->kernel_image_path, &vmm->workload,
                                vmm->vcpu_count, vmm->vm.tsc_khz, &boot, err, err_size);
@@ -428,6 +628,7 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
     vmm->increment_window = boot.header.increment_window;
     vmm->loop_start = boot.header.loop_start;
     vmm->loop_end = boot.header.loop_end;
+    vmm->disk_window = boot.header.disk_window;
     return 0;
 }
 
@@ -524,6 +725,16 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
     state->loop_end = vmm->loop_end;
     state->guest_config = vmm->guest_config;
     state->boot_filled = vmm->boot_filled;
+    /* The guest's disk writes are synchronous (written before its next instruction): at the
+     * pause they are all on the drive file already, nothing is left to drain. */
+    state->disk_window = vmm->disk_window;
+    state->drive_count = vmm->drive_count;
+    for (unsigned i = 0; i < vmm->drive_count; i++) {
+        snprintf(state->drives[i].id, sizeof(state->drives[i].id), "%s", vmm->drives[i].id);
+        snprintf(state->drives[i].path, sizeof(state->drives[i].path), "%s", vmm->drives[i].path);
+        state->drives[i].root = vmm->drives[i].root;
+        state->drives[i].read_only = vmm->drives[i].read_only;
+    }
     for (unsigned i = 0; i < vmm->memory.region_count; i++) {
         state->regions[i] = vmm->memory.regions[i];
         state->regions[i].host = NULL;
@@ -635,6 +846,30 @@ static int map_restore_memory(struct vmm *vmm, const struct restore_backend *bac
     return guest_memory_map_file(&vmm->memory, backend->path, backend->shared, err, err_size);
 }
 
+/* The drives of the vmstate, opened at their recorded paths as Firecracker does at load (a
+ * missing file fails the load); PATCH /drives re-points them before the guest resumes. */
+static int restore_drives(struct vmm *vmm, const struct vmstate *state, char *err, size_t err_size)
+{
+    vmm->drive_count = 0;
+    for (unsigned i = 0; i < state->drive_count; i++) {
+        const struct vmstate_drive *drive = &state->drives[i];
+        if (access(drive->path, drive->read_only ? R_OK : R_OK | W_OK) < 0)
+            return error_set(err, err_size, errno, "drive %s: path_on_host %s: %s", drive->id,
+                             drive->path, strerror(errno));
+        int r = vmm_record_drive(vmm, drive->id, drive->path, drive->root, drive->read_only, err,
+                                 err_size);
+        if (r < 0)
+            return r;
+    }
+    int disk = guest_disk_drive(vmm);
+    if (state->guest_config.disk && disk < 0)
+        return error_set(err, err_size, EINVAL,
+                         "vmstate: the guest writes a disk but no drive is "
+                         "writable");
+    return state->guest_config.disk ? open_guest_disk(vmm, vmm->drives[disk].path, err, err_size)
+                                    : 0;
+}
+
 static int restore_machine(struct vmm *vmm, const struct vmstate *state,
                            const struct restore_backend *backend, bool resume, char *err,
                            size_t err_size)
@@ -652,6 +887,8 @@ static int restore_machine(struct vmm *vmm, const struct vmstate *state,
         r = kvm_vm_create(&vmm->vm, &vmm->memory, state->vcpu_count, err, err_size);
         vmm->vm_created = true;
     }
+    if (r == 0)
+        r = restore_drives(vmm, state, err, err_size);
     for (unsigned i = 0; r == 0 && i < state->vcpu_count; i++)
         r = kvm_vm_load_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
     if (r == 0)
@@ -678,7 +915,7 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     if (r < 0)
         return r;
     if (vmm->state != VMM_NOT_STARTED || vmm->machine_configured || vmm->boot_source_configured ||
-        vmm->drive_count > 0)
+        vmm->drive_count > 0 || vmm->net_count > 0 || vmm->vsock.present)
         return error_set(err, err_size, EINVAL,
                          "snapshot/load is only allowed on a fresh, unconfigured process");
     state = malloc(sizeof(*state));
@@ -701,6 +938,7 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     vmm->increment_window = state->increment_window;
     vmm->loop_start = state->loop_start;
     vmm->loop_end = state->loop_end;
+    vmm->disk_window = state->disk_window;
     vmm->state = resume ? VMM_RUNNING : VMM_PAUSED;
     return 0;
 }
@@ -790,6 +1028,9 @@ static const struct route routes[] = {
     {"PUT", "/snapshot/load", handle_snapshot_load, true},
     {"PUT", "/uffd/wp", handle_uffd_wp, true},
     {"PUT", "/drives/", handle_drive, true},
+    {"PATCH", "/drives/", handle_patch_drive, true},
+    {"PUT", "/network-interfaces/", handle_network_interface, true},
+    {"PUT", "/vsock", handle_vsock, true},
 };
 
 /* A route ending in '/' matches any non-empty, slash-free remainder, which it receives. */

@@ -22,6 +22,20 @@ enum vmm_state {
 };
 
 #define VMM_MAX_DRIVES 8
+#define VMM_MAX_NETS   4
+
+/* Recorded like Firecracker's: the guest has no NIC or vsock, GET / reports them. */
+struct vmm_net {
+    char id[64];
+    char host_dev_name[16];
+    char guest_mac[18];
+};
+
+struct vmm_vsock {
+    bool present;
+    uint32_t guest_cid;
+    char uds_path[108];
+};
 
 struct vmm_drive {
     char id[64];
@@ -48,8 +62,14 @@ struct vmm {
     char kernel_image_path[PATH_MAX];
     char boot_memory_path[PATH_MAX]; /* machine-config mem_backend_path; empty: anonymous */
     struct workload workload;
-    struct vmm_drive drives[VMM_MAX_DRIVES]; /* recorded, not attached: the guest has no disks */
+    /* Recorded; the first writable one is the guest's disk (GUEST_PORT_DISK, its fd in
+     * vm.disk_fd while the machine exists), the others are not attached. */
+    struct vmm_drive drives[VMM_MAX_DRIVES];
     unsigned drive_count;
+    struct vmm_net nets[VMM_MAX_NETS];
+    unsigned net_count;
+    struct vmm_vsock vsock;
+    char initrd_path[PATH_MAX]; /* boot-source initrd_path; empty: none */
 
     struct guest_memory memory;
     struct kvm_vm vm;
@@ -58,6 +78,7 @@ struct vmm {
     uint64_t increment_window;
     uint64_t loop_start;
     uint64_t loop_end;
+    uint64_t disk_window;     /* the guest's RIP after its disk write (guest_image_header) */
     int write_protect_socket; /* the last PUT /uffd/wp connection, kept open */
 
     uint64_t pause_count;

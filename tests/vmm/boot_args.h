@@ -16,6 +16,9 @@ struct workload {
     uint64_t rate;    /* page writes per second per vCPU, 0 = flat out */
     uint64_t seed;
     uint64_t report_us; /* 0 = the guest's default, 10 ms */
+    /* Not a boot_args key: set by the VMM when it has a writable drive for the guest's disk
+     * writes (guest_config.disk). */
+    bool disk;
 };
 
 /* Parses text (NULL or empty = all defaults) into *out; unknown keys and bad values fail. */

@@ -43,7 +43,8 @@ static int load_image(struct guest_memory *memory, const char *path,
     if (header->magic != GUEST_IMAGE_MAGIC || header->entry < GUEST_IMAGE_GPA ||
         header->entry >= end || header->loop_start < GUEST_IMAGE_GPA || header->loop_end > end ||
         header->increment_window < header->loop_start ||
-        header->increment_window >= header->loop_end)
+        header->increment_window >= header->loop_end || header->disk_window < header->loop_start ||
+        header->disk_window >= header->loop_end)
         return error_set(err, err_size, EINVAL,
                          "kernel_image_path %s is not a forkd-testvm guest image (bad header)",
                          path);
@@ -129,6 +130,7 @@ int guest_boot_prepare(struct guest_memory *memory, const char *image_path,
         .seed = workload->seed,
         .tsc_khz = tsc_khz,
         .report_us = workload->report_us,
+        .disk = workload->disk ? 1 : 0,
     };
     plan_working_set(memory, pages, &out->config);
     memcpy(guest_memory_host_address(memory, GUEST_CONFIG_GPA, sizeof(out->config)), &out->config,

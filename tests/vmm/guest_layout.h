@@ -48,6 +48,19 @@
 #define GUEST_PORT_PROGRESS_HIGH 0x512
 /* Port the guest writes a guest_panic_code to before halting for good. */
 #define GUEST_PORT_PANIC 0x511
+/*
+ * The guest's disk (guest_config.disk set: the VMM has a writable drive): each time the guest
+ * looks at the clock it writes the low 32 bits of its running total to GUEST_PORT_DISK, and the
+ * VMM writes them, zero-extended to 8 bytes, into its first writable drive at
+ * GUEST_DISK_OFFSET + 8 * vCPU index before the guest's next instruction. The instruction
+ * after the write (guest_disk_window) stores the full total into the guest's own memory (its
+ * loop parameters, at %rbx + GUEST_DISK_RECORD_OFFSET): disk and memory agree except while a
+ * vCPU stands at guest_disk_window, where the disk is one write ahead. A disk captured at
+ * another instant than memory disagrees with it.
+ */
+#define GUEST_PORT_DISK          0x514
+#define GUEST_DISK_OFFSET        4096ull
+#define GUEST_DISK_RECORD_OFFSET 128u
 
 enum guest_panic_code {
     GUEST_PANIC_BAD_CONFIG = 1,
@@ -73,6 +86,7 @@ struct guest_image_header {
     uint64_t increment_window;
     uint64_t loop_start;
     uint64_t loop_end;
+    uint64_t disk_window; /* the instruction after the disk write (GUEST_PORT_DISK) */
 };
 
 /* A run of consecutive working-set pages: index i of the run is page gpa + i * 4096. */
@@ -95,6 +109,7 @@ struct guest_config {
     uint64_t range_count;
     struct guest_page_range ranges[GUEST_MAX_RANGES];
     uint64_t report_us; /* progress report interval; 0 (older images and snapshots) = 10 ms */
+    uint64_t disk;      /* 1: write the running total to GUEST_PORT_DISK (see above) */
 };
 
 /*

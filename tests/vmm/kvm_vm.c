@@ -174,6 +174,7 @@ int kvm_vm_create(struct kvm_vm *vm, const struct guest_memory *memory, unsigned
 
     memset(vm, 0, sizeof(*vm));
     vm->kvm_fd = vm->vm_fd = -1;
+    atomic_init(&vm->disk_fd, -1);
     for (unsigned i = 0; i < GUEST_MAX_VCPUS; i++)
         vm->vcpus[i] = (struct vcpu){.vm = vm, .index = i, .fd = -1};
     if (vcpu_count == 0 || vcpu_count > GUEST_MAX_VCPUS)
@@ -377,6 +378,26 @@ uint64_t kvm_vm_read_reports(const struct vcpu *vcpu, uint64_t since_ns, struct 
     return n;
 }
 
+/* The guest's disk write: synchronous, so it is on the drive file before the guest's next
+ * instruction (and before any pause completes). Returns 1 (I/O pending) or -1. */
+static int write_disk(struct vcpu *vcpu, uint32_t value)
+{
+    uint64_t word = value;
+    int fd = atomic_load(&vcpu->vm->disk_fd);
+    off_t offset = (off_t)(GUEST_DISK_OFFSET + 8ull * vcpu->index);
+    if (fd < 0) {
+        vcpu_fail(vcpu, "vCPU %u: guest disk write without a writable drive", vcpu->index);
+        return -1;
+    }
+    ssize_t n = pwrite(fd, &word, sizeof(word), offset);
+    if (n != (ssize_t)sizeof(word)) {
+        vcpu_fail(vcpu, "vCPU %u: guest disk write at offset %lld: %s", vcpu->index,
+                  (long long)offset, n < 0 ? strerror(errno) : "short write");
+        return -1;
+    }
+    return 1;
+}
+
 /* Returns 1 when the exit left port I/O pending, 0 to keep running, -1 when the vCPU failed. */
 static int handle_exit(struct vcpu *vcpu)
 {
@@ -391,6 +412,8 @@ static int handle_exit(struct vcpu *vcpu)
                 record_progress(vcpu, run->io.port, value);
                 return 1;
             }
+            if (run->io.port == GUEST_PORT_DISK)
+                return write_disk(vcpu, value);
             if (run->io.port == GUEST_PORT_PANIC) {
                 vcpu_fail(vcpu, "vCPU %u: guest panic code %u", vcpu->index, value);
                 return -1;

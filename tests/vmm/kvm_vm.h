@@ -70,6 +70,9 @@ struct kvm_vm {
     unsigned stopped_count;      /* under lock: vCPU threads that ended on a guest or KVM error */
     bool quit;                   /* under lock */
     bool sync_initialised;
+    /* The file the guest's disk writes (GUEST_PORT_DISK) land in, -1: none. Owned by the API
+     * thread, which changes it only while every vCPU is parked or before they start. */
+    _Atomic int disk_fd;
 };
 
 /* Opens KVM, creates the VM with one memory slot per region and vcpu_count vCPUs (CPUID set). */

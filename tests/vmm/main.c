@@ -23,8 +23,8 @@ static void usage(FILE *out)
     fprintf(out, "usage: forkd-testvm --api-sock PATH [--id ID] [--mmio-gap-mib N] "
                  "[--pause-timeout-ms N] [--pause-delay-ms N]\n"
                  "                    [--boot-memory sparse|fill]\n"
-                 "       forkd-testvm verify SNAPSHOT_DIR\n"
-                 "       forkd-testvm verify --vmstate PATH --mem PATH\n"
+                 "       forkd-testvm verify SNAPSHOT_DIR [--disk PATH]\n"
+                 "       forkd-testvm verify --vmstate PATH --mem PATH [--disk PATH]\n"
                  "       forkd-testvm --version\n");
 }
 
@@ -45,7 +45,13 @@ static int run_verify(int argc, char **argv)
 {
     char vmstate_path[4096], memory_path[4096], err[512];
     struct verify_result result;
+    const char *disk_path = NULL;
 
+    /* --disk PATH last: the snapshot's copy of the guest's disk */
+    if (argc >= 5 && strcmp(argv[argc - 2], "--disk") == 0) {
+        disk_path = argv[argc - 1];
+        argc -= 2;
+    }
     if (argc == 3) {
         snprintf(vmstate_path, sizeof(vmstate_path), "%s/vmstate", argv[2]);
         snprintf(memory_path, sizeof(memory_path), "%s/memory.bin", argv[2]);
@@ -56,7 +62,8 @@ static int run_verify(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    int r = verify_snapshot(vmstate_path, memory_path, &result, err, sizeof(err));
+    int r =
+        verify_snapshot_with_disk(vmstate_path, memory_path, disk_path, &result, err, sizeof(err));
     if (r < 0) {
         fprintf(stderr, "inconsistent: %s\n", err);
         return r == -EBADMSG ? 1 : 3;
@@ -66,6 +73,8 @@ static int run_verify(int argc, char **argv)
     printf("consistent: %u vCPUs, %" PRIu64 " working-set pages, %" PRIu64
            " other pages hold the boot pattern\n",
            result.vcpu_count, result.working_set_pages, result.other_pages);
+    if (result.disk_checked)
+        printf("disk agrees with memory and vCPU state\n");
     return 0;
 }
 

@@ -211,8 +211,80 @@ static int map_memory(const char *path, struct memory_image *image, char *err, s
     return 0;
 }
 
+/* What the disk holds for each vCPU (a file shorter than the slots reads as zeros there). */
+static int read_disk_words(const char *path, uint32_t count, uint64_t *words, char *err,
+                           size_t err_size)
+{
+    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return error_set(err, err_size, errno, "open(%s): %s", path, strerror(errno));
+    memset(words, 0, count * sizeof(*words));
+    size_t want = count * sizeof(*words), done = 0;
+    while (done < want) {
+        ssize_t n =
+            pread(fd, (uint8_t *)words + done, want - done, (off_t)(GUEST_DISK_OFFSET + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return error_set(err, err_size, errno, "read(%s): %s", path, strerror(errno));
+        if (n == 0)
+            break;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+/* The guest's disk against its memory and vCPU state (guest_layout.h, GUEST_PORT_DISK). */
+static int check_disk(const struct memory_image *image, const char *disk_path,
+                      struct verify_result *out, char *err, size_t err_size)
+{
+    const struct vmstate *state = image->state;
+    uint64_t disk[GUEST_MAX_VCPUS];
+    if (!state->guest_config.disk)
+        return disk_path ? error_set(err, err_size, EINVAL,
+                                     "--disk given, but this snapshot's guest writes no disk")
+                         : 0;
+    if (!disk_path)
+        return error_set(err, err_size, EINVAL,
+                         "this snapshot's guest writes a disk: pass --disk with the snapshot's "
+                         "copy of its first writable drive");
+    int r = read_disk_words(disk_path, state->vcpu_count, disk, err, err_size);
+    if (r < 0)
+        return r;
+    for (uint32_t v = 0; v < state->vcpu_count; v++) {
+        const struct vcpu_state *vcpu = &state->vcpus[v];
+        uint64_t expected = 0;
+        bool in_window = false;
+        if (vmstate_vcpu_counting(state, v)) {
+            const uint64_t *record = page_words(image, vcpu->regs.rbx + GUEST_DISK_RECORD_OFFSET);
+            if (!record)
+                return error_set(err, err_size, EBADMSG,
+                                 "vCPU %u: its loop parameters (rbx 0x%llx) are not in memory", v,
+                                 (unsigned long long)vcpu->regs.rbx);
+            in_window = vcpu->regs.rip == state->disk_window;
+            expected = (uint32_t)(in_window ? vcpu->regs.r15 : *record);
+        }
+        if (disk[v] != expected)
+            return error_set(err, err_size, EBADMSG,
+                             "vCPU %u: the disk holds %" PRIu64 " but memory says it last wrote "
+                             "%" PRIu64 " (rip 0x%llx%s): the disk was captured at another "
+                             "instant than memory",
+                             v, disk[v], expected, (unsigned long long)vcpu->regs.rip,
+                             in_window ? ", right after a disk write" : "");
+    }
+    out->disk_checked = true;
+    return 0;
+}
+
 int verify_snapshot(const char *vmstate_path, const char *memory_path, struct verify_result *out,
                     char *err, size_t err_size)
+{
+    return verify_snapshot_with_disk(vmstate_path, memory_path, NULL, out, err, err_size);
+}
+
+int verify_snapshot_with_disk(const char *vmstate_path, const char *memory_path,
+                              const char *disk_path, struct verify_result *out, char *err,
+                              size_t err_size)
 {
     _cleanup_free_ struct vmstate *state = malloc(sizeof(*state));
     struct memory_image image = {0};
@@ -237,6 +309,8 @@ int verify_snapshot(const char *vmstate_path, const char *memory_path, struct ve
     /* Last: memory that lags or leads the vCPUs is named as such first. */
     if (r == 0)
         r = check_device_page(&image, err, err_size);
+    if (r == 0)
+        r = check_disk(&image, disk_path, out, err, err_size);
     munmap((void *)image.data, image.size);
     return r;
 }

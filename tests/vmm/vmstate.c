@@ -29,9 +29,19 @@ struct vmstate_file_header {
     uint64_t loop_end;
     uint64_t device_saves;
     uint64_t flags; /* VMSTATE_FLAG_* */
+    uint64_t disk_window;
+    uint32_t drive_count;
+    uint32_t reserved;
 };
 
 #define VMSTATE_FLAG_BOOT_FILLED 1ull
+
+struct vmstate_file_drive {
+    char id[64];
+    char path[4096];
+    uint32_t root;
+    uint32_t read_only;
+};
 
 struct vmstate_file_region {
     uint64_t guest_phys_addr;
@@ -47,10 +57,11 @@ static uint64_t fnv1a64(const uint8_t *data, size_t length)
     return hash;
 }
 
-static size_t file_size_for(uint32_t vcpu_count, uint32_t region_count)
+static size_t file_size_for(uint32_t vcpu_count, uint32_t region_count, uint32_t drive_count)
 {
     return sizeof(struct vmstate_file_header) + region_count * sizeof(struct vmstate_file_region) +
-           sizeof(struct guest_config) + vcpu_count * sizeof(struct vcpu_state) + sizeof(uint64_t);
+           sizeof(struct guest_config) + vcpu_count * sizeof(struct vcpu_state) +
+           drive_count * sizeof(struct vmstate_file_drive) + sizeof(uint64_t);
 }
 
 static uint8_t *append(uint8_t *cursor, const void *data, size_t length)
@@ -77,7 +88,7 @@ static int write_all_and_sync(const char *path, const uint8_t *data, size_t leng
 int vmstate_write(const char *path, const struct vmstate *state, bool sync, char *err,
                   size_t err_size)
 {
-    size_t size = file_size_for(state->vcpu_count, state->region_count);
+    size_t size = file_size_for(state->vcpu_count, state->region_count, state->drive_count);
     _cleanup_free_ uint8_t *buffer = calloc(1, size);
     struct vmstate_file_header header = {
         .magic = VMSTATE_MAGIC,
@@ -92,6 +103,8 @@ int vmstate_write(const char *path, const struct vmstate *state, bool sync, char
         .loop_end = state->loop_end,
         .device_saves = state->device_saves,
         .flags = state->boot_filled ? VMSTATE_FLAG_BOOT_FILLED : 0,
+        .disk_window = state->disk_window,
+        .drive_count = state->drive_count,
     };
 
     if (!buffer)
@@ -107,6 +120,13 @@ int vmstate_write(const char *path, const struct vmstate *state, bool sync, char
     }
     cursor = append(cursor, &state->guest_config, sizeof(state->guest_config));
     cursor = append(cursor, state->vcpus, state->vcpu_count * sizeof(state->vcpus[0]));
+    for (uint32_t i = 0; i < state->drive_count; i++) {
+        struct vmstate_file_drive drive = {.root = state->drives[i].root,
+                                           .read_only = state->drives[i].read_only};
+        memcpy(drive.id, state->drives[i].id, sizeof(drive.id));
+        memcpy(drive.path, state->drives[i].path, sizeof(drive.path));
+        cursor = append(cursor, &drive, sizeof(drive));
+    }
     uint64_t checksum = fnv1a64(buffer, (size_t)(cursor - buffer));
     append(cursor, &checksum, sizeof(checksum));
     return write_all_and_sync(path, buffer, size, sync, err, err_size);
@@ -155,13 +175,15 @@ static int check_header(const char *path, const struct vmstate_file_header *head
                          "%s: vmstate version %u (header %u bytes) is not supported (want %u)",
                          path, header->version, header->header_size, VMSTATE_VERSION);
     if (header->vcpu_count == 0 || header->vcpu_count > GUEST_MAX_VCPUS ||
-        header->region_count == 0 || header->region_count > GUEST_MEMORY_MAX_REGIONS)
-        return error_set(err, err_size, EINVAL, "%s: %u vCPUs and %u regions are out of range",
-                         path, header->vcpu_count, header->region_count);
-    if (size != file_size_for(header->vcpu_count, header->region_count))
+        header->region_count == 0 || header->region_count > GUEST_MEMORY_MAX_REGIONS ||
+        header->drive_count > VMSTATE_MAX_DRIVES)
+        return error_set(err, err_size, EINVAL,
+                         "%s: %u vCPUs, %u regions and %u drives are out of range", path,
+                         header->vcpu_count, header->region_count, header->drive_count);
+    size_t expected = file_size_for(header->vcpu_count, header->region_count, header->drive_count);
+    if (size != expected)
         return error_set(err, err_size, EINVAL, "%s: %zu bytes, expected %zu for %u vCPUs", path,
-                         size, file_size_for(header->vcpu_count, header->region_count),
-                         header->vcpu_count);
+                         size, expected, header->vcpu_count);
     return 0;
 }
 
@@ -208,6 +230,21 @@ int vmstate_read(const char *path, struct vmstate *state, char *err, size_t err_
     memcpy(&state->guest_config, cursor, sizeof(state->guest_config));
     cursor += sizeof(state->guest_config);
     memcpy(state->vcpus, cursor, header.vcpu_count * sizeof(state->vcpus[0]));
+    cursor += header.vcpu_count * sizeof(state->vcpus[0]);
+    state->disk_window = header.disk_window;
+    state->drive_count = header.drive_count;
+    for (uint32_t i = 0; i < header.drive_count; i++) {
+        struct vmstate_file_drive drive;
+        memcpy(&drive, cursor, sizeof(drive));
+        cursor += sizeof(drive);
+        if (!memchr(drive.id, '\0', sizeof(drive.id)) ||
+            !memchr(drive.path, '\0', sizeof(drive.path)))
+            return error_set(err, err_size, EINVAL, "%s: drive %u is malformed", path, i);
+        memcpy(state->drives[i].id, drive.id, sizeof(drive.id));
+        memcpy(state->drives[i].path, drive.path, sizeof(drive.path));
+        state->drives[i].root = drive.root != 0;
+        state->drives[i].read_only = drive.read_only != 0;
+    }
     return 0;
 }
 

@@ -12,6 +12,8 @@
  *   struct vmstate_file_region   x region_count
  *   struct guest_config                              as written into guest memory at boot
  *   struct vmstate_file_vcpu     x vcpu_count        kvm_regs, kvm_sregs, kvm_fpu, tsc
+ *   struct vmstate_file_drive    x drive_count       id, path, root, read-only (reopened at
+ *                                                   load, as Firecracker does)
  *   uint64_t checksum                                FNV-1a 64 of every byte before it
  * A reader rejects another magic, another version, counts out of range, a size that does not
  * match the counts, or a bad checksum.
@@ -28,14 +30,23 @@
 #include "guest_layout.h"
 #include "guest_memory.h"
 
-#define VMSTATE_MAGIC   "FKDVMST"
-#define VMSTATE_VERSION 3u /* 2: the save count and sparse boot; 3: guest_config.report_us */
+#define VMSTATE_MAGIC "FKDVMST"
+/* 2: the save count and sparse boot; 3: guest_config.report_us; 4: drives, the guest's disk */
+#define VMSTATE_VERSION    4u
+#define VMSTATE_MAX_DRIVES 8
 
 struct vcpu_state {
     struct kvm_regs regs;
     struct kvm_sregs sregs;
     struct kvm_fpu fpu;
     uint64_t tsc;
+};
+
+struct vmstate_drive {
+    char id[64];
+    char path[4096];
+    bool root;
+    bool read_only;
 };
 
 struct vmstate {
@@ -47,7 +58,10 @@ struct vmstate {
     uint64_t loop_start;       /* [loop_start, loop_end): the guest's counting loop */
     uint64_t loop_end;
     uint64_t device_saves; /* the device page's count of saves, written during this save */
-    bool boot_filled;      /* boot memory was filled with the pattern; else sparse (zeros) */
+    uint64_t disk_window;  /* guest RIP after its disk write, before it records it in memory */
+    uint32_t drive_count;
+    struct vmstate_drive drives[VMSTATE_MAX_DRIVES];
+    bool boot_filled; /* boot memory was filled with the pattern; else sparse (zeros) */
     struct memory_region regions[GUEST_MEMORY_MAX_REGIONS]; /* host pointers not stored */
     struct guest_config guest_config;
     struct vcpu_state vcpus[GUEST_MAX_VCPUS];

@@ -323,3 +323,53 @@ func equal(a, b []forkdv1.BranchPhase) bool {
 	}
 	return len(a) == len(b)
 }
+
+// Firecracker's devices travel through the Go stubs both ways: booted with a root drive, a
+// data drive, a tap and a vsock, the VM is described completely; a bad one is refused naming it.
+func TestBootWithDevicesIsDescribed(t *testing.T) {
+	c, dir := daemon(t)
+	ctx, cancel := context.WithTimeout(context.Background(), scaled(2*time.Minute))
+	defer cancel()
+	root, data := filepath.Join(dir, "root.img"), filepath.Join(dir, "data.img")
+	for _, path := range []string{root, data} {
+		if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	req := &forkdv1.BootRequest{
+		KernelImagePath: requiredPath(t, "FORKD_GUEST"),
+		BootArgs:        "pattern=random",
+		Machine:         &forkdv1.MachineConfig{VcpuCount: 1, MemSizeMib: 64},
+		Drives: []*forkdv1.Drive{
+			{DriveId: "rootfs", PathOnHost: root, IsReadOnly: true, IsRootDevice: true},
+			{DriveId: "data", PathOnHost: data},
+		},
+		NetworkInterfaces: []*forkdv1.NetworkInterface{
+			{IfaceId: "eth0", HostDevName: "fk-tap0", GuestMac: "06:00:ac:10:00:02"},
+		},
+		Vsock: &forkdv1.Vsock{GuestCid: 3, UdsPath: filepath.Join(dir, "v.sock")},
+	}
+	vm, err := c.Boot(ctx, req)
+	if err != nil {
+		t.Fatalf("boot: %v", err)
+	}
+	got, err := c.GetVm(ctx, vm.Id)
+	if err != nil {
+		t.Fatalf("get: %v", err)
+	}
+	if len(got.Drives) != 2 || got.Drives[0].PathOnHost != root || !got.Drives[0].IsRootDevice ||
+		got.Drives[0].GetIdentity().GetSizeBytes() != 1<<20 || got.Drives[1].IsReadOnly {
+		t.Errorf("drives: %v", got.Drives)
+	}
+	if len(got.NetworkInterfaces) != 1 || got.NetworkInterfaces[0].HostDevName != "fk-tap0" {
+		t.Errorf("network interfaces: %v", got.NetworkInterfaces)
+	}
+	if got.GetVsock().GetGuestCid() != 3 {
+		t.Errorf("vsock: %v", got.Vsock)
+	}
+	req.Vsock.GuestCid = 2
+	_, err = c.Boot(ctx, req)
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "vsock.guest_cid") {
+		t.Errorf("a CID of 2: %v", err)
+	}
+}

@@ -15,9 +15,10 @@ from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Branch, Client, default_tar
 from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition,
                      ForkdError, Internal, InvalidArgument, NotFound, ResourceExhausted,
                      Unavailable, Unimplemented)
-from .types import (BranchEvent, BranchFigures, BranchMode, BranchPhase, BranchProgress,
-                    HostCapabilities, Info, MachineConfig, MemoryBackend, MemoryRegion,
-                    PageServerStats, Snapshot, SnapshotState, SpawnResult, Vm, VmState)
+from .types import (BranchEvent, BranchFigures, BranchMode, BranchPhase, BranchProgress, Drive,
+                    FileIdentity, HostCapabilities, Info, MachineConfig, MemoryBackend,
+                    MemoryRegion, NetworkInterface, PageServerStats, Snapshot, SnapshotState,
+                    SpawnResult, Vm, VmState, Vsock)
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,5 @@ __all__ = [
     "VmState", "MemoryBackend", "BranchMode", "BranchPhase", "SnapshotState",
     "MachineConfig", "PageServerStats", "Vm", "SpawnResult", "BranchProgress", "BranchFigures",
     "MemoryRegion", "Snapshot", "BranchEvent", "HostCapabilities", "Info",
+    "FileIdentity", "Drive", "NetworkInterface", "Vsock",
 ]

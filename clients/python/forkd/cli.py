@@ -25,8 +25,8 @@ from rich.text import Text
 from . import __version__
 from .client import DEFAULT_TIMEOUT, Branch, Client, default_target
 from .errors import ForkdError, Unavailable
-from .types import (BranchEvent, BranchMode, BranchPhase, Info, MemoryBackend, Snapshot,
-                    SnapshotState, Vm, VmState)
+from .types import (BranchEvent, BranchMode, BranchPhase, Drive, Info, MemoryBackend,
+                    NetworkInterface, Snapshot, SnapshotState, Vm, VmState, Vsock)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -287,7 +287,9 @@ def cmd_info(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def cmd_boot(client: Client, args: argparse.Namespace, out: Output) -> int:
     vm = client.boot(args.kernel, name=args.name, vcpu_count=args.vcpus,
-                     mem_size_mib=args.mem, boot_args=args.boot_args, labels=args.labels)
+                     mem_size_mib=args.mem, boot_args=args.boot_args, labels=args.labels,
+                     initrd_path=args.initrd, drives=args.drives, network_interfaces=args.nets,
+                     vsock=args.vsock)
     if out.json:
         out.emit(vm.to_dict())
     else:
@@ -334,7 +336,8 @@ def follow_until_ctrl_c(branch: Branch, out: Output) -> bool:
 
 def cmd_branch(client: Client, args: argparse.Namespace, out: Output) -> int:
     branch = client.branch(args.vm, args.snapshot, mode=MODES[args.mode], detach=args.detach,
-                           progress_interval=args.interval, labels=args.labels)
+                           progress_interval=args.interval, labels=args.labels,
+                           allow_disk_copy_in_pause=args.allow_disk_copy_in_pause)
     if not follow_until_ctrl_c(branch, out):
         return interrupted(client, branch, out, detach=args.detach)
     if not out.json:
@@ -474,6 +477,48 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _options(text: str, what: str, keys: set[str], flags: set[str]) -> dict[str, str | bool]:
+    """"k=v,k=v,flag" -> {k: v, flag: True}; unknown keys are an error naming them."""
+    out: dict[str, str | bool] = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if sep and key in keys:
+            out[key] = value
+        elif not sep and key in flags:
+            out[key] = True
+        else:
+            known = ", ".join(sorted(f"{k}=..." for k in keys) + sorted(flags))
+            raise argparse.ArgumentTypeError(f"{what}: unknown option {part!r} (known: {known})")
+    return out
+
+
+def _drive(text: str) -> Drive:
+    """id=ID,path=PATH[,ro][,root]"""
+    o = _options(text, "--drive", {"id", "path"}, {"ro", "root"})
+    if "id" not in o or "path" not in o:
+        raise argparse.ArgumentTypeError("--drive needs id=ID,path=PATH[,ro][,root]")
+    return Drive(drive_id=str(o["id"]), path_on_host=str(o["path"]),
+                 is_read_only=bool(o.get("ro")), is_root_device=bool(o.get("root")))
+
+
+def _net(text: str) -> NetworkInterface:
+    """id=ID,tap=TAP[,mac=MAC]"""
+    o = _options(text, "--net", {"id", "tap", "mac"}, set())
+    if "id" not in o or "tap" not in o:
+        raise argparse.ArgumentTypeError("--net needs id=ID,tap=TAP[,mac=MAC]")
+    return NetworkInterface(iface_id=str(o["id"]), host_dev_name=str(o["tap"]),
+                            guest_mac=str(o.get("mac", "")))
+
+
+def _vsock(text: str) -> Vsock:
+    """cid=CID,path=PATH"""
+    o = _options(text, "--vsock", {"cid", "path"}, set())
+    try:
+        return Vsock(guest_cid=int(str(o["cid"])), uds_path=str(o["path"]))
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError("--vsock needs cid=N,path=PATH") from None
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
@@ -530,6 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="guest memory in MiB (default 128)")
     boot.add_argument("--boot-args", default="", metavar="ARGS",
                       help="kernel command line, or the test guest's workload")
+    boot.add_argument("--initrd", default="", metavar="PATH", help="initial RAM disk")
+    boot.add_argument("--drive", dest="drives", type=_drive, action="append", default=[],
+                      metavar="id=ID,path=PATH[,ro][,root]",
+                      help="a block device (repeatable): read-only with ro, the root with root")
+    boot.add_argument("--net", dest="nets", type=_net, action="append", default=[],
+                      metavar="id=ID,tap=TAP[,mac=MAC]",
+                      help="a network interface on a host tap device (repeatable)")
+    boot.add_argument("--vsock", type=_vsock, default=None, metavar="cid=CID,path=PATH",
+                      help="a vsock device: guest CID (3 or more), host Unix socket")
     boot.add_argument("--label", dest="labels", type=_label, action="append", default=[],
                       metavar="KEY=VALUE", help="label kept with the VM (repeatable)")
 
@@ -539,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("snapshot", metavar="SNAPSHOT", help="name of the new snapshot")
     branch.add_argument("--mode", choices=list(MODES), default="live",
                         help="live (default), live-arm-in-pause or full (stop-and-copy)")
+    branch.add_argument("--allow-disk-copy-in-pause", action="store_true",
+                        help="where the state directory cannot reflink, copy writable drives "
+                             "inside the pause instead of refusing the branch")
     branch.add_argument("--detach", action="store_true",
                         help="keep the branch going if forkctl stops; Ctrl-C detaches "
                              "instead of cancelling")

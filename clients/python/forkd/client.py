@@ -16,8 +16,8 @@ except ModuleNotFoundError as missing:  # a source checkout where nobody generat
                       "(pip install clients/python) or run clients/python/gen_stubs.py"
                       ) from missing
 from .errors import ForkdError, Unavailable
-from .types import (BranchEvent, BranchMode, BranchPhase, Info, MemoryBackend, Snapshot,
-                    SpawnResult, Vm)
+from .types import (BranchEvent, BranchMode, BranchPhase, Drive, Info, MemoryBackend,
+                    NetworkInterface, Snapshot, SpawnResult, Vm, Vsock)
 
 __all__ = ["Client", "Branch", "DEFAULT_TARGET", "DEFAULT_TIMEOUT", "default_target"]
 
@@ -122,17 +122,23 @@ class Client:
 
     def boot(self, kernel_image_path: str, *, name: str = "", vcpu_count: int = 1,
              mem_size_mib: int = 128, boot_args: str = "",
-             labels: Mapping[str, str] | None = None,
-             timeout: float | None = _DEFAULT) -> Vm:
+             labels: Mapping[str, str] | None = None, initrd_path: str = "",
+             drives: Sequence[Drive] = (), network_interfaces: Sequence[NetworkInterface] = (),
+             vsock: Vsock | None = None, timeout: float | None = _DEFAULT) -> Vm:
         """Boots a fresh VM; returns it once its vCPUs run.
 
         ``kernel_image_path`` is an absolute path on the daemon's host (a kernel, or the test
-        VMM's guest program, whose workload ``boot_args`` describes).
+        VMM's guest program, whose workload ``boot_args`` describes). ``drives``,
+        ``network_interfaces``, ``vsock`` and ``initrd_path`` are Firecracker's devices; the
+        daemon checks them before any VMM starts.
         """
         request = pb.BootRequest(
             name=name, kernel_image_path=kernel_image_path, boot_args=boot_args,
             machine=pb.MachineConfig(vcpu_count=vcpu_count, mem_size_mib=mem_size_mib),
-            labels=dict(labels or {}))
+            labels=dict(labels or {}), initrd_path=initrd_path,
+            drives=[d.to_proto(pb) for d in drives],
+            network_interfaces=[n.to_proto(pb) for n in network_interfaces],
+            vsock=vsock.to_proto(pb) if vsock else None)
         return Vm.from_proto(self._unary(self.stub.Boot, request, timeout))
 
     def spawn(self, snapshot: str | Snapshot, count: int = 1, *,
@@ -149,6 +155,7 @@ class Client:
     def branch(self, vm: str | Vm, snapshot_name: str, *, mode: BranchMode = BranchMode.LIVE,
                detach: bool = False, progress_interval: float = 0.1,
                labels: Mapping[str, str] | None = None,
+               allow_disk_copy_in_pause: bool = False,
                timeout: float | None = None) -> Branch:
         """Branches a running VM into a new snapshot; returns the running branch.
 
@@ -157,11 +164,14 @@ class Client:
         ``wait()``; both end with the READY snapshot or raise the branch's error. Cancelling
         the branch (``cancel()``, leaving its ``with`` block early, closing the client) aborts
         it and leaves no snapshot, unless ``detach`` was set: then it goes on without the
-        client and ``watch()`` re-attaches.
+        client and ``watch()`` re-attaches. Writable drives are captured inside the pause by
+        reflink clones; where the daemon's state directory cannot reflink the branch is refused
+        (``FailedPrecondition``) unless ``allow_disk_copy_in_pause`` accepts a copy there.
         """
         request = pb.BranchRequest(
             vm_id=_id(vm), snapshot_name=snapshot_name, mode=_enum(mode), detach=detach,
-            progress_interval_ms=_interval_ms(progress_interval), labels=dict(labels or {}))
+            progress_interval_ms=_interval_ms(progress_interval), labels=dict(labels or {}),
+            allow_disk_copy_in_pause=allow_disk_copy_in_pause)
         return Branch(self.stub.Branch(request, timeout=timeout), snapshot_name)
 
     def watch(self, branch_id: str | None = None, *, snapshot_name: str | None = None,

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "VmState", "MemoryBackend", "BranchMode", "BranchPhase", "SnapshotState",
-    "MachineConfig", "PageServerStats", "Vm", "SpawnResult", "BranchProgress", "BranchFigures",
+    "MachineConfig", "PageServerStats", "FileIdentity", "Drive", "NetworkInterface", "Vsock", "Vm", "SpawnResult", "BranchProgress", "BranchFigures",
     "MemoryRegion", "Snapshot", "BranchEvent", "HostCapabilities", "Info",
 ]
 
@@ -145,6 +145,52 @@ class PageServerStats(_Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class FileIdentity(_Message):
+    """A drive file's identity when forkd recorded it (Spawn refuses a changed read-only one)."""
+    size_bytes: int
+    mtime_unix_ns: int
+    ctime_unix_ns: int
+    inode: int
+    device: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Drive(_Message):
+    """A block device, as Firecracker's PUT /drives/{drive_id}."""
+    drive_id: str
+    path_on_host: str
+    is_read_only: bool = False
+    is_root_device: bool = False
+    identity: FileIdentity | None = None  # set by the daemon in Vm and Snapshot records
+
+    def to_proto(self, pb: Any) -> Any:
+        return pb.Drive(drive_id=self.drive_id, path_on_host=self.path_on_host,
+                        is_read_only=self.is_read_only, is_root_device=self.is_root_device)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkInterface(_Message):
+    """A network interface on a host tap device, as Firecracker's PUT /network-interfaces."""
+    iface_id: str
+    host_dev_name: str
+    guest_mac: str = ""  # empty: the VMM picks one
+
+    def to_proto(self, pb: Any) -> Any:
+        return pb.NetworkInterface(iface_id=self.iface_id, host_dev_name=self.host_dev_name,
+                                   guest_mac=self.guest_mac)
+
+
+@dataclasses.dataclass(frozen=True)
+class Vsock(_Message):
+    """A virtio-vsock device, as Firecracker's PUT /vsock."""
+    guest_cid: int
+    uds_path: str
+
+    def to_proto(self, pb: Any) -> Any:
+        return pb.Vsock(guest_cid=self.guest_cid, uds_path=self.uds_path)
+
+
+@dataclasses.dataclass(frozen=True)
 class Vm(_Message):
     id: str
     name: str
@@ -160,6 +206,10 @@ class Vm(_Message):
     active_branch_id: str
     labels: dict[str, str]
     page_server: PageServerStats | None
+    initrd_path: str
+    drives: list[Drive]
+    network_interfaces: list[NetworkInterface]
+    vsock: Vsock | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +249,8 @@ class BranchFigures(_Message):
     total_ns: int
     pause_request_ns: int  # inside pause_ns: the VMM answering the pause request
     resume_request_ns: int  # inside pause_ns: the VMM answering the resume request
+    disk_capture_ns: int  # inside pause_ns: capturing the writable drives (reflinks)
+    disk_copied_bytes: int  # drive bytes copied inside the pause instead (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +283,10 @@ class Snapshot(_Message):
     vms_using: int
     page_server: PageServerStats | None
     corrupt_reason: str
+    initrd_path: str
+    drives: list[Drive]  # read-only ones with their identity at branch time
+    network_interfaces: list[NetworkInterface]
+    vsock: Vsock | None
 
 
 @dataclasses.dataclass(frozen=True)

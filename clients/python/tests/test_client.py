@@ -184,3 +184,22 @@ def test_errors_carry_status_code_and_message(daemon: Daemon, client: forkd.Clie
         expect(forkd.Unavailable, grpc.StatusCode.UNAVAILABLE, absent.info)
         with pytest.raises(forkd.Unavailable):
             absent.wait_ready(timeout=0.2)
+
+
+def test_boot_with_devices_and_branch_describe_them(daemon: Daemon, client: forkd.Client) -> None:
+    root = os.path.join(daemon.workdir, "root.img")
+    with open(root, "wb") as f:
+        f.truncate(1 << 20)
+    vm = client.boot(daemon.guest, mem_size_mib=64, boot_args="pattern=random",
+                     drives=[forkd.Drive("rootfs", root, is_read_only=True, is_root_device=True)],
+                     network_interfaces=[forkd.NetworkInterface("eth0", "fk-tap0")],
+                     vsock=forkd.Vsock(5, os.path.join(daemon.workdir, "v.sock")))
+    assert [(d.drive_id, d.path_on_host, d.is_read_only, d.is_root_device)
+            for d in vm.drives] == [("rootfs", root, True, True)]
+    assert vm.drives[0].identity is not None and vm.drives[0].identity.size_bytes == 1 << 20
+    assert vm.network_interfaces == [forkd.NetworkInterface("eth0", "fk-tap0", "")]
+    assert vm.vsock == forkd.Vsock(5, os.path.join(daemon.workdir, "v.sock"))
+    snapshot = client.branch(vm, "with-devices").wait()
+    assert snapshot.drives[0].path_on_host == root and snapshot.vsock is not None
+    assert snapshot.figures is not None and snapshot.figures.disk_copied_bytes == 0
+    assert client.vm(vm.id).to_dict()["drives"][0]["drive_id"] == "rootfs"

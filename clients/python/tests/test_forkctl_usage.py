@@ -121,3 +121,25 @@ def test_cancelled_branch_is_confirmed_within_the_one_timeout() -> None:
                            detach=False)
     assert code == cli.EXIT_INTERRUPTED
     assert deadlines == [42.0]
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--drive", "id=rootfs", "--drive needs id=ID,path=PATH"),
+    ("--drive", "id=rootfs,path=/x,rw", "unknown option 'rw'"),
+    ("--net", "id=eth0", "--net needs id=ID,tap=TAP"),
+    ("--vsock", "cid=three,path=/v.sock", "--vsock needs cid=N,path=PATH"),
+])
+def test_bad_device_options_are_usage_errors(flag: str, value: str, expected: str) -> None:
+    result = run("boot", "/guest.bin", flag, value)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+
+
+def test_device_options_reach_the_daemon_which_names_a_bad_field(planted: Daemon) -> None:
+    result = run("--addr", planted.target, "boot", "/guest.bin",
+                 "--drive", "id=rootfs,path=/root.img,ro,root",
+                 "--drive", "id=data,path=relative.img",
+                 "--net", "id=eth0,tap=tap0,mac=06:00:ac:10:00:02",
+                 "--vsock", "cid=3,path=/v.sock")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "drives[1].path_on_host" in result.stderr

@@ -95,6 +95,10 @@ struct branch_request {
     void (*before_commit_hook)(void *context);
     /* Benchmark: branch_lever bits to leave out (0: every lever in use). */
     unsigned levers_off;
+    /* Writable drives are captured inside the pause by reflink clones; where the state
+     * directory cannot reflink the branch is refused (-EOPNOTSUPP, before anything is paused)
+     * unless this accepts a byte copy inside the pause (figures.disk_copied_bytes then says so). */
+    bool allow_disk_copy;
 };
 
 struct branch;

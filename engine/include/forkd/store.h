@@ -11,6 +11,7 @@
 #define FORKD_STORE_H
 
 #include "basic/error.h"
+#include "forkd/devices.h"
 
 #include <limits.h>
 #include <stdbool.h>
@@ -42,6 +43,10 @@ struct store_figures {
     uint64_t pages_by_fault, pages_by_bulk, bytes_copied;
     /* Inside pause_ns: the VMM's answers to the pause and to the resume request. */
     uint64_t pause_request_ns, resume_request_ns;
+    /* Inside pause_ns: capturing the writable drives (reflink clones), and the bytes copied
+     * instead where the branch accepted a copy inside the pause (0: reflinks only). Optional in
+     * snapshot.json (records written before drives existed have neither). */
+    uint64_t disk_capture_ns, disk_copied_bytes;
 };
 
 /* Every field of struct store_figures, by name, for the code that treats them alike (the
@@ -50,7 +55,7 @@ struct store_figure_field {
     const char *name;
     size_t offset; /* of a uint64_t in struct store_figures */
 };
-#define STORE_FIGURE_COUNT 13
+#define STORE_FIGURE_COUNT 15
 extern const struct store_figure_field store_figure_fields[STORE_FIGURE_COUNT];
 
 static inline uint64_t store_figure_get(const struct store_figures *figures,
@@ -90,6 +95,9 @@ struct store_snapshot {
                           * while WRITING) */
     uint32_t users;      /* VMs holding it through store_acquire (set by the store) */
     char corrupt_reason[FORKD_ERROR_MESSAGE_MAX]; /* CORRUPT: why, naming the file (set by the store) */
+    /* The source VM's drives (read-only ones with their file's identity at branch time),
+     * network interfaces, vsock and initrd. */
+    struct vm_devices devices;
 };
 
 struct store;
@@ -123,6 +131,11 @@ int store_begin(struct store *store, const char *name, struct store_writer **out
 
 /* The temporary directory to write vmstate and memory.bin into. */
 const char *store_writer_dir(const struct store_writer *writer);
+/* <state-dir>/snapshots: where snapshots (and their captured drives) are written. */
+const char *store_dir(const struct store *store);
+/* The file a snapshot keeps its capture of the writable drive drive_id in: <dir>/drive-<id>.
+ * -ENAMETOOLONG when it does not fit. */
+int store_drive_path(const char *dir, const char *drive_id, char *out, size_t size);
 
 /* Paths of the two data files inside the writer's directory. */
 const char *store_writer_vmstate_path(const struct store_writer *writer);

@@ -17,6 +17,7 @@
 #define FORKD_VM_H
 
 #include "basic/error.h"
+#include "forkd/devices.h"
 #include "forkd/page_server.h"
 #include "forkd/store.h"
 
@@ -89,6 +90,10 @@ struct vm_boot_config {
     const char *const *extra_vmm_args;
     const struct vm_label *labels;
     size_t label_count; /* at most VM_MAX_LABELS */
+    /* Drives, network interfaces, vsock, initrd (NULL: none): checked (devices_validate, and
+     * the drive files open as the VMM will open them) before the VMM is launched, sent to it
+     * before InstanceStart, and recorded with the identity of each drive's file. */
+    const struct vm_devices *devices;
 };
 
 struct vm_restore_config {
@@ -105,6 +110,14 @@ struct vm_restore_config {
     const char *const *extra_vmm_args;
     const struct vm_label *labels;
     size_t label_count; /* at most VM_MAX_LABELS */
+    /* The devices the snapshot recorded (NULL: none): the restored VMM has them from its
+     * vmstate. Each writable drive gets a disk of its own: a reflink clone (a copy where the
+     * file system cannot reflink) of the snapshot's capture (store_drive_path in
+     * snapshot_dir), <run_dir>/<id>.drive-<drive id>, which the VMM is re-pointed at (PATCH
+     * /drives) after a paused load and before the guest runs; it is removed when the VM is
+     * stopped. The VM's description names the fork's own files. */
+    const struct vm_devices *devices;
+    const char *snapshot_dir;
     /* UFFD: serves the fork's memory. The fork's socket is <run_dir>/<id>.uffd; the template
      * is named snapshot_name (memory_path when none). The fork stays registered until the
      * VM's last reference goes (the page server drops it by itself when the VMM exits). */
@@ -132,6 +145,7 @@ struct vm_status {
     char active_branch_id[64];
     size_t label_count;
     struct vm_label labels[VM_MAX_LABELS];
+    struct vm_devices devices;
 };
 
 int vm_registry_open(const struct vm_registry_config *config, struct vm_registry **out,

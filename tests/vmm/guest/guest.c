@@ -33,6 +33,8 @@ struct loop_params {
     uint64_t tsc_per_second; /* 96 */
     uint64_t hot_base;       /* 104: first page of the hot set */
     uint64_t clock_mask;     /* 112: flat out, look at the clock when total & mask == 0 */
+    uint64_t disk;           /* 120: write the total to the disk port at each clock look */
+    uint64_t disk_record;    /* 128: the total last written to the disk */
 };
 _Static_assert(offsetof(struct loop_params, pages) == 8, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, hot_pages) == 16, "guest_loop offsets");
@@ -48,6 +50,10 @@ _Static_assert(offsetof(struct loop_params, last_report) == 88, "guest_loop offs
 _Static_assert(offsetof(struct loop_params, tsc_per_second) == 96, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, hot_base) == 104, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, clock_mask) == 112, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, disk) == 120, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, disk_record) == GUEST_DISK_RECORD_OFFSET,
+               "guest_loop offsets");
+_Static_assert(GUEST_PORT_DISK == 0x514, "guest_loop hard-codes the disk port");
 _Static_assert(GUEST_PORT_PROGRESS == 0x510 && GUEST_PORT_PROGRESS_HIGH == 0x512,
                "guest_loop hard-codes the progress ports");
 _Static_assert(GUEST_PATTERN_SEQUENTIAL == 0 && GUEST_PATTERN_RANDOM == 1, "guest_loop patterns");
@@ -55,7 +61,7 @@ _Static_assert(GUEST_PATTERN_SEQUENTIAL == 0 && GUEST_PATTERN_RANDOM == 1, "gues
 void guest_start(void);
 void guest_main(uint64_t vcpu_index, const struct guest_config *config);
 __attribute__((noreturn)) void guest_loop(struct loop_params *params);
-extern char guest_increment_window[], guest_loop_start[], guest_loop_end[];
+extern char guest_increment_window[], guest_loop_start[], guest_loop_end[], guest_disk_window[];
 
 /* The VMM enters here, at CPL 3, with %rsp at the top of this vCPU's stack, %rdi = vCPU
  * index and %rsi = config. */
@@ -137,7 +143,16 @@ __asm__(".pushsection .text, \"ax\"\n"
         "    jne 30f\n"
         "    testq 112(%rbx), %r15\n"
         "    jnz guest_loop_start\n"
-        "30: rdtsc\n"
+        /* the disk: the total goes out to the disk first, then into memory */
+        "30: cmpq $0, 120(%rbx)\n"
+        "    je 36f\n"
+        "    movl %r15d, %eax\n"
+        "    movl $0x514, %edx\n"
+        "    outl %eax, %dx\n"
+        ".globl guest_disk_window\n"
+        "guest_disk_window:\n"
+        "    movq %r15, 128(%rbx)\n"
+        "36: rdtsc\n"
         "    shlq $32, %rdx\n"
         "    orq %rdx, %rax\n"
         "    movq %rax, %rsi\n" /* %rsi = now */
@@ -184,6 +199,7 @@ __attribute__((section(".header"), used)) const struct guest_image_header guest_
     .increment_window = (uint64_t)guest_increment_window,
     .loop_start = (uint64_t)guest_loop_start,
     .loop_end = (uint64_t)guest_loop_end,
+    .disk_window = (uint64_t)guest_disk_window,
 };
 
 static inline uint64_t read_tsc(void)
@@ -243,5 +259,7 @@ void guest_main(uint64_t vcpu_index, const struct guest_config *config)
     params.clock_mask = config->report_us ? 0xf : 0x3ff;
     params.deadline = read_tsc();
     params.last_report = 0;
+    params.disk = config->disk;
+    params.disk_record = 0;
     guest_loop(&params);
 }

@@ -3,6 +3,7 @@
 // new snapshot.
 //
 //	forkd-example -kernel /path/to/guest.bin -snapshot base -forks 2
+//	forkd-example -kernel /path/to/vmlinux -drive id=rootfs,path=/images/root.ext4,ro,root
 //	forkd-example -vm agent -snapshot step-2
 package main
 
@@ -21,6 +22,32 @@ import (
 	"forkd.dev/forkd/clients/go/forkdv1"
 )
 
+// drives collects -drive id=ID,path=PATH[,ro][,root] flags into BootRequest drives.
+type drives []*forkdv1.Drive
+
+func (d *drives) String() string { return fmt.Sprint(len(*d), " drives") }
+
+func (d *drives) Set(text string) error {
+	drive := &forkdv1.Drive{}
+	for _, part := range strings.Split(text, ",") {
+		key, value, _ := strings.Cut(part, "=")
+		switch key {
+		case "id":
+			drive.DriveId = value
+		case "path":
+			drive.PathOnHost = value
+		case "ro":
+			drive.IsReadOnly = true
+		case "root":
+			drive.IsRootDevice = true
+		default:
+			return fmt.Errorf("unknown drive option %q (id=, path=, ro, root)", part)
+		}
+	}
+	*d = append(*d, drive)
+	return nil
+}
+
 func main() {
 	addr := flag.String("addr", "", "forkd's address (default $FORKD_ADDR or "+forkd.DefaultTarget+")")
 	kernel := flag.String("kernel", "", "boot a new VM from this kernel or guest program")
@@ -29,6 +56,8 @@ func main() {
 	vmID := flag.String("vm", "", "branch this running VM instead of booting one")
 	snapshot := flag.String("snapshot", "base", "name of the new snapshot")
 	forks := flag.Uint("forks", 0, "spawn this many MEMFD forks from the snapshot")
+	var bootDrives drives
+	flag.Var(&bootDrives, "drive", "a drive of the new VM: id=ID,path=PATH[,ro][,root] (repeatable)")
 	flag.Parse()
 	if (*kernel == "") == (*vmID == "") {
 		fmt.Fprintln(os.Stderr, "forkd-example: give either -kernel or -vm")
@@ -37,14 +66,14 @@ func main() {
 	// Ctrl-C cancels the context, and with it a running branch.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	if err := run(ctx, *addr, *kernel, *bootArgs, *memMiB, *vmID, *snapshot, uint32(*forks)); err != nil {
+	if err := run(ctx, *addr, *kernel, *bootArgs, *memMiB, bootDrives, *vmID, *snapshot, uint32(*forks)); err != nil {
 		st := status.Convert(err)
 		fmt.Fprintf(os.Stderr, "forkd-example: %s: %s\n", st.Code(), st.Message())
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, addr, kernel, bootArgs string, memMiB uint64, vmID, name string, forks uint32) error {
+func run(ctx context.Context, addr, kernel, bootArgs string, memMiB uint64, bootDrives drives, vmID, name string, forks uint32) error {
 	c, err := forkd.Dial(addr)
 	if err != nil {
 		return err
@@ -57,6 +86,7 @@ func run(ctx context.Context, addr, kernel, bootArgs string, memMiB uint64, vmID
 		vm, err := c.Boot(callCtx, &forkdv1.BootRequest{
 			KernelImagePath: kernel, BootArgs: bootArgs,
 			Machine: &forkdv1.MachineConfig{VcpuCount: 1, MemSizeMib: memMiB},
+			Drives:  bootDrives,
 		})
 		if err != nil {
 			return err
