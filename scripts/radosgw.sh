@@ -5,6 +5,9 @@
 #
 #   scripts/radosgw.sh up DIR [--memory-mib N]   start an instance in DIR (created; must be empty)
 #   scripts/radosgw.sh down DIR                  stop the instance of DIR, remove its data
+#   scripts/radosgw.sh gateway-stop DIR          stop only its radosgw (the S3 endpoint goes
+#                                                away, the data stays)
+#   scripts/radosgw.sh gateway-start DIR         start that radosgw again, same endpoint
 #
 # Every instance lives in its own directory with its own free ports, so two test runs side by
 # side never meet. `up` prints three lines: "endpoint http://127.0.0.1:PORT", "credentials
@@ -14,7 +17,7 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 up DIR [--memory-mib N] | down DIR" >&2
+  echo "usage: $0 up DIR [--memory-mib N] | down DIR | gateway-stop DIR | gateway-start DIR" >&2
   exit 2
 }
 
@@ -29,6 +32,8 @@ while [ $# -gt 0 ]; do
     *) usage ;;
   esac
 done
+
+if [ "$action" != up ] && [ -d "$dir" ]; then dir=$(cd "$dir" && pwd); fi
 
 # A free TCP port on 127.0.0.1 (the kernel picks; the small race with another binder is taken
 # care of by the caller retrying up once).
@@ -194,6 +199,13 @@ EOF
   echo "start_ms $(((end_ns - start_ns) / 1000000))"
 }
 
+gateway_start() {
+  [ -f "$dir/.forkd-radosgw" ] || { echo "radosgw.sh: no instance in $dir" >&2; exit 1; }
+  radosgw -c "$dir/ceph.conf" -n client.rgw -f >/dev/null 2>>"$dir/rgw.log" &
+  echo $! >"$dir/rgw.pid"
+  wait_for "radosgw" 120 curl -sf -o /dev/null "$(cat "$dir/endpoint")/"
+}
+
 case $action in
   up)
     if ! up; then
@@ -202,5 +214,7 @@ case $action in
     fi
     ;;
   down) down ;;
+  gateway-stop) stop_one rgw radosgw ;;
+  gateway-start) gateway_start ;;
   *) usage ;;
 esac

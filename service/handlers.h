@@ -30,5 +30,10 @@ FORKD_HANDLER(handle_get_snapshot);
 FORKD_HANDLER(handle_delete_snapshot);
 FORKD_HANDLER(handle_branch);
 FORKD_HANDLER(handle_watch_branch);
+/* remotes.c: the remote-snapshot RPCs */
+FORKD_HANDLER(handle_push);
+FORKD_HANDLER(handle_pull);
+FORKD_HANDLER(handle_list_remote);
+FORKD_HANDLER(handle_delete_remote);
 
 #endif
