@@ -278,3 +278,23 @@ def test_gateway_stopped_mid_push_fails_the_push_and_leaves_no_snapshot():
     finally:
         a.cleanup()
         server.down()
+
+
+def test_a_large_vmstate_goes_up_in_parts(rgw):
+    memory = memory_image(["r", "z"], seed=7)
+    vmstate = os.urandom(12 << 20)  # three parts of 5 MiB
+    a = started(rgw.forkd_args() + ["--remote-multipart-bytes", str(5 << 20)],
+                lambda s: plant_snapshot(s, "parts", memory, vmstate))
+    b = started(rgw.forkd_args())
+    try:
+        push(a, "parts")
+        status, headers = rgw.request("HEAD", "snapshots/parts/vmstate")
+        assert status == 200
+        # S3 names a multipart object's ETag after its part count.
+        assert b'-3"' in headers, headers
+        pull(b, "parts")
+        assert snapshot_files(b, "parts") == (memory, vmstate)
+    finally:
+        a.cleanup()
+        b.cleanup()
+        _delete_everything(rgw)
