@@ -11,13 +11,14 @@
 
 The ``forkctl`` command line (``python3 -m forkd``) is built on the same client.
 """
-from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Branch, Client, default_target
-from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition,
-                     ForkdError, Internal, InvalidArgument, NotFound, ResourceExhausted,
-                     Unavailable, Unimplemented)
+from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Branch, Client, Transfer, default_target
+from .errors import (AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition,
+                     ForkdError, Internal, InvalidArgument, NotFound, PermissionDenied,
+                     ResourceExhausted, Unauthenticated, Unavailable, Unimplemented)
 from .types import (BranchEvent, BranchFigures, BranchMode, BranchPhase, BranchProgress,
-                    HostCapabilities, Info, MachineConfig, MemoryBackend, MemoryRegion,
-                    PageServerStats, Snapshot, SnapshotState, SpawnResult, Vm, VmState)
+                    DeleteRemoteResult, HostCapabilities, Info, MachineConfig, MemoryBackend,
+                    MemoryRegion, PageServerStats, RemoteSnapshot, Snapshot, SnapshotState,
+                    SpawnResult, TransferEvent, TransferProgress, Vm, VmState)
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,8 @@ __all__ = [
     "Client", "Branch", "DEFAULT_TARGET", "DEFAULT_TIMEOUT", "default_target",
     "ForkdError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "Unavailable", "Cancelled", "DeadlineExceeded", "Internal",
-    "Unimplemented",
+    "Unimplemented", "Unauthenticated", "PermissionDenied", "DataLoss",
+    "Transfer", "TransferEvent", "TransferProgress", "RemoteSnapshot", "DeleteRemoteResult",
     "VmState", "MemoryBackend", "BranchMode", "BranchPhase", "SnapshotState",
     "MachineConfig", "PageServerStats", "Vm", "SpawnResult", "BranchProgress", "BranchFigures",
     "MemoryRegion", "Snapshot", "BranchEvent", "HostCapabilities", "Info",
