@@ -85,13 +85,21 @@ down() {
   fi
 }
 
+# Guard times grow with the machine (the nested-KVM runner emulates the CPU and sets
+# FORKD_TIME_SCALE); they are only guards: every wait ends as soon as its condition holds.
+time_scale=${FORKD_TIME_SCALE:-1}
+[[ $time_scale =~ ^[0-9]+$ ]] && [ "$time_scale" -ge 1 ] || time_scale=1
+
 wait_for() { # what, seconds, command...
-  local what=$1 seconds=$2
+  local what=$1 seconds=$(($2 * time_scale))
   shift 2
   local deadline=$((SECONDS + seconds))
   until "$@" >/dev/null 2>&1; do
     if [ $SECONDS -ge $deadline ]; then
       echo "radosgw.sh: $what did not come up within ${seconds}s (logs in $dir)" >&2
+      for log in "$dir"/*.log; do
+        [ -s "$log" ] && { echo "--- $log (last lines)" >&2; tail -n 5 "$log" >&2; }
+      done
       return 1
     fi
     sleep 0.05

@@ -23,7 +23,7 @@
 
 struct s3_client {
     struct s3_config config;
-    const atomic_bool *cancel;
+    const s3_atomic_bool *cancel;
     CURL *curl;
     char sigv4[128];
     char userpwd[2 * S3_SECRET_MAX + 2];
@@ -128,8 +128,8 @@ static void s3_curl_global_init(void)
     s3_curl_init_result = curl_global_init(CURL_GLOBAL_DEFAULT);
 }
 
-int s3_client_new(const struct s3_config *config, const atomic_bool *cancel, struct s3_client **out,
-                  struct forkd_error *err)
+int s3_client_new(const struct s3_config *config, const s3_atomic_bool *cancel,
+                  struct s3_client **out, struct forkd_error *err)
 {
     pthread_once(&s3_curl_once, s3_curl_global_init);
     if (s3_curl_init_result != CURLE_OK)

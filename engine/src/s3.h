@@ -17,10 +17,18 @@
 
 #include "basic/error.h"
 
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#ifdef __cplusplus
+#include <atomic>
+typedef std::atomic<bool> s3_atomic_bool; /* for the white-box tests */
+extern "C" {
+#else
+#include <stdatomic.h>
+typedef atomic_bool s3_atomic_bool;
+#endif
 
 #define S3_KEY_MAX    512
 #define S3_SECRET_MAX 256
@@ -47,8 +55,8 @@ int s3_config_check(const struct s3_config *config, struct forkd_error *err);
 struct s3_client;
 
 /* cancel may be NULL; when it becomes true, requests fail with -ECANCELED. */
-int s3_client_new(const struct s3_config *config, const atomic_bool *cancel, struct s3_client **out,
-                  struct forkd_error *err);
+int s3_client_new(const struct s3_config *config, const s3_atomic_bool *cancel,
+                  struct s3_client **out, struct forkd_error *err);
 void s3_client_free(struct s3_client *client);
 
 int s3_put(struct s3_client *client, const char *key, const void *data, size_t length,
@@ -83,5 +91,9 @@ int s3_list(struct s3_client *client, const char *prefix,
 /* The transfer counters of this client since it was made (bytes sent and received bodies). */
 uint64_t s3_client_bytes_sent(const struct s3_client *client);
 uint64_t s3_client_bytes_received(const struct s3_client *client);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
