@@ -1,6 +1,6 @@
 /*
- * The engine's front door: one object that owns the snapshot store, the VM registry and the
- * page server, and the lifecycle actions that need more than one of them (Spawn, deleting a
+ * The engine's front door: one object that owns the snapshot store, the VM registry, the
+ * page server and (when configured) the remote store of snapshots in S3, and the lifecycle actions that need more than one of them (Spawn, deleting a
  * snapshot). A user opens one engine, reaches the three parts through the accessors for the
  * actions that need one part only (Boot, GetVm, ListSnapshots, Branch, ...), and closes it.
  *
