@@ -155,6 +155,8 @@ osd_data = $dir/osd
 osd_objectstore = memstore
 memstore_device_bytes = $((memory_mib << 20))
 osd_fast_shutdown = false
+# The host name may be none at all (a minimal VM): the OSD's CRUSH location is given here.
+crush_location = root=default host=forkd-radosgw
 mon_warn_on_pool_no_redundancy = false
 rgw_gc_obj_min_wait = 1
 rgw_gc_processor_period = 2
