@@ -147,3 +147,71 @@ def memory_image(chunks, seed):
         else:
             out.append(c)
     return b"".join(out)
+
+
+class FlakyProxy:
+    """An HTTP/1.1 proxy in front of the real server that answers some requests itself with
+    503 SlowDown (S3's "retry later") instead of forwarding them: fail(request_number) decides.
+    Everything else goes to the server unchanged (the signature covers the Host header, which
+    is forwarded as the client sent it)."""
+
+    def __init__(self, endpoint, fail):
+        import http.client
+        import http.server
+        import threading
+        import urllib.parse
+        target = urllib.parse.urlparse(endpoint)
+        proxy = self
+        self.requests = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.requests += 1
+                    refuse = fail(proxy.requests)
+                    proxy.failed += refuse
+                if refuse:
+                    text = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown'
+                            b'</Code></Error>')
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(text)
+                    return
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = "http://127.0.0.1:%d" % self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self._server.shutdown()
+        self._server.server_close()

@@ -298,3 +298,37 @@ def test_a_large_vmstate_goes_up_in_parts(rgw):
         a.cleanup()
         b.cleanup()
         _delete_everything(rgw)
+
+
+def test_server_errors_are_retried_and_named_when_they_persist(rgw):
+    from remote_harness import FlakyProxy
+    memory = memory_image(["r"] * 6, seed=8)
+    # Every third request answered 503 by the proxy: the retries carry push and pull through.
+    flaky = FlakyProxy(rgw.endpoint, lambda n: n % 3 == 0)
+    # Every request answered 503.
+    dead = FlakyProxy(rgw.endpoint, lambda n: True)
+
+    def args(endpoint):
+        return ["--remote-endpoint", endpoint, "--remote-bucket", rgw.bucket,
+                "--remote-credentials", rgw.credentials]
+
+    a = started(args(flaky.endpoint), lambda s: plant_snapshot(s, "flaky", memory, b"v" * 10))
+    b = started(args(flaky.endpoint))
+    c = started(args(dead.endpoint))
+    try:
+        push(a, "flaky")
+        pull(b, "flaky")
+        assert snapshot_files(b, "flaky") == (memory, b"v" * 10)
+        assert flaky.failed > 0
+        with pytest.raises(grpc.RpcError) as e:
+            pull(c, "flaky")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "503 SlowDown (after retries)" in e.value.details()
+        assert dead.requests > 1  # retried before giving up
+        assert store_is_clean(c)
+    finally:
+        for d in (a, b, c):
+            d.cleanup()
+        flaky.close()
+        dead.close()
+        _delete_everything(rgw)
