@@ -15,7 +15,8 @@ def test_branch_push_pull_spawn_across_two_hosts():
     b = VmDaemon("--shutdown-grace-ms", "1000", *rgw.forkd_args())
     try:
         sa, sb = a.forkd(), b.forkd()
-        vm = a.boot(mem_mib=64, workload="pattern=random seed=11")
+        # A working set of 8 MiB in 64 MiB: a fork rewrites those chunks, the rest it shares.
+        vm = a.boot(mem_mib=64, workload="pattern=random pages=2048 seed=11")
         base = a.branch(vm.id, "base")[-1]
         assert base.phase == P.BRANCH_PHASE_DONE
         assert verify_snapshot(base.snapshot.path)[0] == 0
