@@ -332,3 +332,27 @@ def test_server_errors_are_retried_and_named_when_they_persist(rgw):
         flaky.close()
         dead.close()
         _delete_everything(rgw)
+
+
+def test_a_client_that_leaves_stops_the_pull_and_the_store_stays_clean(rgw):
+    memory = memory_image(["r"] * 64, seed=9)
+    a = started(rgw.forkd_args(), lambda s: plant_snapshot(s, "gone", memory, b"v" * 100))
+    b = started(rgw.forkd_args() + ["--remote-parallel", "1"])
+    try:
+        push(a, "gone")
+        stream = b.forkd().Pull(forkd_pb2.PullRequest(snapshot_name="gone",
+                                                      progress_interval_ms=10), timeout=300)
+        for event in stream:
+            if event.progress.chunks_done >= 1:
+                break
+        stream.cancel()
+        wait_until(lambda: "pull gone: " in b.log() and "cancelled" in b.log(), 60,
+                   "the pull to end after the client left")
+        assert store_is_clean(b)
+        # Pulled again to the end, it is whole.
+        pull(b, "gone")
+        assert snapshot_files(b, "gone") == (memory, b"v" * 100)
+    finally:
+        a.cleanup()
+        b.cleanup()
+        _delete_everything(rgw)
