@@ -5,8 +5,29 @@ every fork's branch verifies. Needs KVM (label kvm: runs in the nested runner, w
 runs inside the runner's guest on its loopback)."""
 import os
 
+import hashlib
+
 from forkd_harness import VmDaemon, forkd_pb2 as P, verify_snapshot
-from remote_harness import Radosgw
+from remote_harness import CHUNK, Radosgw
+
+
+def child_chunks_list(path):
+    """sha256 of each 2 MiB chunk of a snapshot's memory.bin, "" for an all-zero one."""
+    out = []
+    with open(os.path.join(path, "memory.bin"), "rb") as f:
+        while chunk := f.read(CHUNK):
+            out.append("" if chunk.count(0) == len(chunk) else hashlib.sha256(chunk).hexdigest())
+    return out
+
+
+def chunk_hashes(path):
+    """Distinct chunk hashes of a snapshot's memory and their sizes."""
+    sizes = {}
+    with open(os.path.join(path, "memory.bin"), "rb") as f:
+        while chunk := f.read(CHUNK):
+            h = "" if chunk.count(0) == len(chunk) else hashlib.sha256(chunk).hexdigest()
+            sizes[h] = len(chunk)
+    return sizes
 
 
 def test_branch_push_pull_spawn_across_two_hosts():
@@ -15,8 +36,8 @@ def test_branch_push_pull_spawn_across_two_hosts():
     b = VmDaemon("--shutdown-grace-ms", "1000", *rgw.forkd_args())
     try:
         sa, sb = a.forkd(), b.forkd()
-        # A working set of 8 MiB in 64 MiB: a fork rewrites those chunks, the rest it shares.
-        vm = a.boot(mem_mib=64, workload="pattern=random pages=2048 seed=11")
+        # A working set of a quarter of memory, written mostly in a hot tenth of it.
+        vm = a.boot(mem_mib=64, workload="pattern=hotset pages=4096 seed=11")
         base = a.branch(vm.id, "base")[-1]
         assert base.phase == P.BRANCH_PHASE_DONE
         assert verify_snapshot(base.snapshot.path)[0] == 0
@@ -30,14 +51,22 @@ def test_branch_push_pull_spawn_across_two_hosts():
         before = rgw.stored_bytes()
         pushed_child = list(sa.Push(P.PushRequest(snapshot_name="child"),
                                     timeout=600))[-1].progress
-        # A branch of a fork stores only the chunks the fork changed.
+        # A branch of a fork stores only the chunks whose bytes are not in the bucket yet:
+        # exactly the child's distinct non-zero chunks that the parent does not hold.
         stored_child = rgw.stored_bytes() - before
-        assert pushed_child.chunks_skipped > 0
-        assert stored_child < child.snapshot.memory_bytes
-        print("figure: branch of a fork: %d bytes stored for %d bytes of memory (%.1f%%); "
-              "base: %d chunks, %d zero" % (stored_child, child.snapshot.memory_bytes,
-                                            100.0 * stored_child / child.snapshot.memory_bytes,
-                                            pushed.chunks_total, pushed.chunks_zero))
+        parent_chunks, child_chunks = chunk_hashes(base.snapshot.path), \
+            chunk_hashes(child.snapshot.path)
+        new = {h: n for h, n in child_chunks.items() if h and h not in parent_chunks}
+        assert stored_child == sum(new.values())
+        assert pushed_child.chunks_skipped == sum(
+            1 for h in child_chunks_list(child.snapshot.path) if h and h in parent_chunks)
+        print("figure: branch of a fork: %d bytes stored for %d bytes of memory (%.1f%%): "
+              "%d of %d chunks new, %d shared with the parent, %d zero; the parent stored "
+              "%d non-zero chunks" % (stored_child, child.snapshot.memory_bytes,
+                                      100.0 * stored_child / child.snapshot.memory_bytes,
+                                      len(new), pushed_child.chunks_total,
+                                      pushed_child.chunks_skipped, pushed_child.chunks_zero,
+                                      pushed.chunks_total - pushed.chunks_zero))
 
         names = [s.name for s in sb.ListRemote(P.ListRemoteRequest(), timeout=60).snapshots]
         assert names == ["base", "child"]
