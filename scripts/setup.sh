@@ -23,6 +23,9 @@ packages=(
   # Go client (built offline; see REFERENCE: golang-goprotobuf-dev conflicts)
   golang-go golang-google-grpc-dev golang-google-protobuf-dev
   golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc
+  # remote snapshots: sha256 of memory chunks (libcrypto); the S3 server of the tests and the
+  # demo (scripts/radosgw.sh: Ceph's radosgw, one monitor, one memstore OSD)
+  libssl-dev ceph-mon ceph-osd radosgw ceph-common
 )
 
 sudo_cmd=()

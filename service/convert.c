@@ -225,6 +225,10 @@ grpc_status_code convert_status_code(int code)
         return GRPC_STATUS_DATA_LOSS;
     case -ECANCELED:
         return GRPC_STATUS_CANCELLED;
+    case -EKEYREJECTED: /* the remote store rejects the credentials */
+        return GRPC_STATUS_UNAUTHENTICATED;
+    case -EACCES: /* the remote store denies access */
+        return GRPC_STATUS_PERMISSION_DENIED;
     default:
         return GRPC_STATUS_INTERNAL;
     }

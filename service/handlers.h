@@ -1,7 +1,8 @@
 /*
  * The RPC handlers the method table routes to, one module per group: info.c (GetInfo),
  * health.c (grpc.health.v1), vms.c (Boot, Spawn, ListVms, GetVm, StopVm), snapshots.c
- * (ListSnapshots, GetSnapshot, DeleteSnapshot), branches.c (Branch, WatchBranch). Each has the
+ * (ListSnapshots, GetSnapshot, DeleteSnapshot), branches.c (Branch, WatchBranch), remotes.c
+ * (Push, Pull, ListRemote, DeleteRemote). Each has the
  * rpc_handler_fn signature (call.h).
  */
 #ifndef FORKD_SERVICE_HANDLERS_H
@@ -30,5 +31,10 @@ FORKD_HANDLER(handle_get_snapshot);
 FORKD_HANDLER(handle_delete_snapshot);
 FORKD_HANDLER(handle_branch);
 FORKD_HANDLER(handle_watch_branch);
+/* remotes.c: the remote-snapshot RPCs */
+FORKD_HANDLER(handle_push);
+FORKD_HANDLER(handle_pull);
+FORKD_HANDLER(handle_list_remote);
+FORKD_HANDLER(handle_delete_remote);
 
 #endif

@@ -212,6 +212,16 @@ static int main_open_engine(struct daemon_state *daemon)
         .no_realtime = !opts->realtime,
         .realtime_max_percent = opts->realtime_max_percent,
     };
+    struct remote_config remote = {
+        .endpoint = opts->remote_endpoint,
+        .region = opts->remote_region,
+        .bucket = opts->remote_bucket,
+        .credentials_file = opts->remote_credentials,
+        .parallel = opts->remote_parallel,
+        .multipart_bytes = opts->remote_multipart_bytes,
+    };
+    if (opts->remote_endpoint)
+        config.remote = &remote;
     if (engine_open(&config, &daemon->engine, &err) < 0) {
         log_error("%s", err.message);
         return err.code;

@@ -32,6 +32,12 @@ enum {
     OPT_MAX_RECEIVE_MEMORY_BYTES,
     OPT_VERSION,
     OPT_ANONYMOUS_BOOT_MEMORY,
+    OPT_REMOTE_ENDPOINT,
+    OPT_REMOTE_REGION,
+    OPT_REMOTE_BUCKET,
+    OPT_REMOTE_CREDENTIALS,
+    OPT_REMOTE_PARALLEL,
+    OPT_REMOTE_MULTIPART_BYTES,
 };
 
 static const struct option long_options[] = {
@@ -58,6 +64,12 @@ static const struct option long_options[] = {
     {"request-timeout-ms", required_argument, NULL, OPT_REQUEST_TIMEOUT_MS},
     {"max-receive-memory-bytes", required_argument, NULL, OPT_MAX_RECEIVE_MEMORY_BYTES},
     {"version", no_argument, NULL, OPT_VERSION},
+    {"remote-endpoint", required_argument, NULL, OPT_REMOTE_ENDPOINT},
+    {"remote-region", required_argument, NULL, OPT_REMOTE_REGION},
+    {"remote-bucket", required_argument, NULL, OPT_REMOTE_BUCKET},
+    {"remote-credentials", required_argument, NULL, OPT_REMOTE_CREDENTIALS},
+    {"remote-parallel", required_argument, NULL, OPT_REMOTE_PARALLEL},
+    {"remote-multipart-bytes", required_argument, NULL, OPT_REMOTE_MULTIPART_BYTES},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -139,6 +151,19 @@ static void options_print_help(FILE *out)
             "  --realtime-max-percent N a SCHED_FIFO thread that uses more than N%% of a core\n"
             "                           over 100 ms goes back to normal priority for good, so it\n"
             "                           can never starve the host (default 50).\n"
+            "  --remote-endpoint URL    the S3 server remote snapshots go to (Push, Pull,\n"
+            "                           ListRemote, DeleteRemote), http(s)://host[:port];\n"
+            "                           requests are path-style and signed (SigV4).\n"
+            "  --remote-bucket NAME     the bucket holding them (needed with --remote-endpoint).\n"
+            "  --remote-region NAME     the region requests are signed for (default us-east-1).\n"
+            "  --remote-credentials FILE\n"
+            "                           an AWS-style credentials file (aws_access_key_id,\n"
+            "                           aws_secret_access_key); without it the environment's\n"
+            "                           AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.\n"
+            "  --remote-parallel N      chunk transfers at once per Push or Pull (default 4).\n"
+            "  --remote-multipart-bytes N\n"
+            "                           a vmstate larger than N bytes is uploaded in parts of N\n"
+            "                           bytes (default 67108864, at least 5 MiB).\n"
             "  --log-level LEVEL        error, warn, info or debug (default info). Logs go to\n"
             "                           stderr.\n"
             "  --version                print the version and exit.\n"
@@ -216,6 +241,16 @@ static int options_apply_number(int option, const char *text, struct forkd_optio
             return -EINVAL;
         opts->realtime_max_percent = (unsigned)value;
         return 0;
+    case OPT_REMOTE_PARALLEL:
+        if (options_parse_number(text, 1, 16, &value) < 0)
+            return -EINVAL;
+        opts->remote_parallel = (unsigned)value;
+        return 0;
+    case OPT_REMOTE_MULTIPART_BYTES:
+        if (options_parse_number(text, 5ULL << 20, 5ULL << 30, &value) < 0)
+            return -EINVAL;
+        opts->remote_multipart_bytes = value;
+        return 0;
     }
     return -EINVAL;
 }
@@ -280,6 +315,18 @@ static int options_apply(int option, const char *arg, struct forkd_options *opts
         return 0;
     case OPT_LOG_LEVEL:
         return log_parse_level(arg, &opts->log_level);
+    case OPT_REMOTE_ENDPOINT:
+        opts->remote_endpoint = arg;
+        return 0;
+    case OPT_REMOTE_REGION:
+        opts->remote_region = arg;
+        return 0;
+    case OPT_REMOTE_BUCKET:
+        opts->remote_bucket = arg;
+        return 0;
+    case OPT_REMOTE_CREDENTIALS:
+        opts->remote_credentials = arg;
+        return 0;
     default:
         return options_apply_number(option, arg, opts);
     }
@@ -343,6 +390,17 @@ enum options_result options_parse(int argc, char **argv, struct forkd_options *o
     }
     if (opts->tls_client_ca && opts->tls_no_client_auth) {
         fprintf(stderr, "forkd: --tls-client-ca and --tls-no-client-auth contradict each other\n");
+        return OPTIONS_EXIT_USAGE;
+    }
+    if (!opts->remote_endpoint != !opts->remote_bucket) {
+        fprintf(stderr, "forkd: --remote-endpoint and --remote-bucket go together\n");
+        return OPTIONS_EXIT_USAGE;
+    }
+    if ((opts->remote_region || opts->remote_credentials || opts->remote_parallel ||
+         opts->remote_multipart_bytes) &&
+        !opts->remote_endpoint) {
+        fprintf(stderr, "forkd: the --remote-* flags need --remote-endpoint and "
+                        "--remote-bucket\n");
         return OPTIONS_EXIT_USAGE;
     }
     return options_check_receive_memory(opts);

@@ -38,6 +38,13 @@ struct forkd_options {
     bool realtime;                 /* SCHED_FIFO for the pause and fault-serving threads */
     unsigned realtime_max_percent; /* CPU share a real-time thread may use before demotion */
     enum log_level log_level;
+    /* The S3 bucket of remote snapshots; endpoint NULL: none. */
+    const char *remote_endpoint;
+    const char *remote_region;
+    const char *remote_bucket;
+    const char *remote_credentials; /* a file; NULL: the environment */
+    unsigned remote_parallel;       /* 0: the engine's default */
+    unsigned long long remote_multipart_bytes; /* 0: the engine's default */
 };
 
 enum options_result { OPTIONS_RUN, OPTIONS_EXIT_OK, OPTIONS_EXIT_USAGE };

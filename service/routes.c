@@ -31,6 +31,10 @@ static const struct route_entry route_entries[] = {
     {&forkd__v1__forkd__descriptor, "GetSnapshot", false, handle_get_snapshot},
     {&forkd__v1__forkd__descriptor, "DeleteSnapshot", false, handle_delete_snapshot},
     {&forkd__v1__forkd__descriptor, "GetInfo", false, handle_get_info},
+    {&forkd__v1__forkd__descriptor, "Push", true, handle_push},
+    {&forkd__v1__forkd__descriptor, "Pull", true, handle_pull},
+    {&forkd__v1__forkd__descriptor, "ListRemote", false, handle_list_remote},
+    {&forkd__v1__forkd__descriptor, "DeleteRemote", false, handle_delete_remote},
     {&grpc__health__v1__health__descriptor, "Check", false, handle_health_check},
     {&grpc__health__v1__health__descriptor, "Watch", true, handle_health_watch},
 };

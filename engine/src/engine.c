@@ -13,6 +13,7 @@ struct engine {
     struct store *store;
     struct vm_registry *registry;
     struct page_server *page_server;
+    struct remote *remote; /* NULL when no remote store is configured */
 };
 
 int engine_open(const struct engine_config *config, struct engine **out, struct forkd_error *err)
@@ -42,6 +43,8 @@ int engine_open(const struct engine_config *config, struct engine **out, struct 
         forkd_error_prefix(err, "VM registry: ");
     if (rc == 0 && (rc = page_server_open(&server, &engine->page_server, err)) < 0)
         forkd_error_prefix(err, "page server: ");
+    if (rc == 0 && config->remote && (rc = remote_open(config->remote, &engine->remote, err)) < 0)
+        forkd_error_prefix(err, "remote store: ");
     if (rc < 0) {
         engine_close(engine, false, 0);
         return rc;
@@ -72,9 +75,15 @@ void engine_close(struct engine *engine, bool keep_vms, unsigned grace_ms)
     /* After the VMs: a UFFD fork whose page server is gone hangs on its next fault. */
     if (engine->page_server)
         page_server_close(engine->page_server);
+    remote_close(engine->remote);
     if (engine->store)
         store_close(engine->store);
     free(engine);
+}
+
+struct remote *engine_remote(struct engine *engine)
+{
+    return engine->remote;
 }
 
 struct store *engine_store(struct engine *engine)

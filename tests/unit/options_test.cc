@@ -131,3 +131,30 @@ TEST(Options, HelpAndVersionExitCleanly)
     EXPECT_EQ(OPTIONS_EXIT_OK, Parse({"--version"}, &opts));
     EXPECT_EQ(std::string("forkd ") + FORKD_VERSION + "\n", testing::internal::GetCapturedStdout());
 }
+
+TEST(Options, RemoteFlagsGoTogether)
+{
+    struct forkd_options opts;
+    ASSERT_EQ(OPTIONS_RUN, Parse({"--remote-endpoint", "http://127.0.0.1:7480", "--remote-bucket",
+                                  "snaps", "--remote-region", "eu-1", "--remote-credentials",
+                                  "/etc/forkd/s3", "--remote-parallel", "8",
+                                  "--remote-multipart-bytes", "8388608"},
+                                 &opts));
+    EXPECT_STREQ("http://127.0.0.1:7480", opts.remote_endpoint);
+    EXPECT_STREQ("snaps", opts.remote_bucket);
+    EXPECT_STREQ("eu-1", opts.remote_region);
+    EXPECT_STREQ("/etc/forkd/s3", opts.remote_credentials);
+    EXPECT_EQ(8u, opts.remote_parallel);
+    EXPECT_EQ(8388608ull, opts.remote_multipart_bytes);
+    ASSERT_EQ(OPTIONS_RUN, Parse({}, &opts));
+    EXPECT_EQ(nullptr, opts.remote_endpoint);
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--remote-endpoint", "http://x:1"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--remote-bucket", "snaps"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--remote-credentials", "/x"}, &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--remote-endpoint", "http://x:1", "--remote-bucket",
+                                         "snaps", "--remote-parallel", "0"},
+                                        &opts));
+    EXPECT_EQ(OPTIONS_EXIT_USAGE, Parse({"--remote-endpoint", "http://x:1", "--remote-bucket",
+                                         "snaps", "--remote-multipart-bytes", "1000"},
+                                        &opts));
+}

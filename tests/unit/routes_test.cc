@@ -22,7 +22,7 @@ class Routes : public ::testing::Test {
 TEST_F(Routes, EveryForkdMethodHasARoute)
 {
     const ProtobufCServiceDescriptor &service = forkd__v1__forkd__descriptor;
-    EXPECT_EQ(11u, service.n_methods);
+    EXPECT_EQ(15u, service.n_methods);
     for (unsigned i = 0; i < service.n_methods; i++) {
         std::string path = std::string("/forkd.v1.Forkd/") + service.methods[i].name;
         const struct route *route = routes_find(path.c_str());
@@ -31,13 +31,14 @@ TEST_F(Routes, EveryForkdMethodHasARoute)
     }
 }
 
-TEST_F(Routes, OnlyBranchAndWatchStream)
+TEST_F(Routes, OnlyBranchWatchPushAndPullStream)
 {
     std::set<std::string> streaming;
     for (size_t i = 0; const struct route *route = routes_at(i); i++)
         if (route->server_streaming)
             streaming.insert(route->path);
     EXPECT_EQ((std::set<std::string>{"/forkd.v1.Forkd/Branch", "/forkd.v1.Forkd/WatchBranch",
+                                     "/forkd.v1.Forkd/Push", "/forkd.v1.Forkd/Pull",
                                      "/grpc.health.v1.Health/Watch"}),
               streaming);
 }

@@ -251,3 +251,63 @@ func (b *Branch) Wait() (*forkdv1.Snapshot, error) {
 // Cancel leaves the stream. The daemon aborts the branch (VM resumed, no snapshot left)
 // unless it was started detached or this is a watch.
 func (b *Branch) Cancel() { b.cancel() }
+
+// Push uploads a READY snapshot to the daemon's remote bucket (forkd's --remote-* flags),
+// calling progress (may be nil) with each event, and returns the last one (Done set).
+// Cancelling ctx stops the upload: no remote snapshot is left.
+func (c *Client) Push(ctx context.Context, name string, progress func(*forkdv1.TransferEvent)) (*forkdv1.TransferEvent, error) {
+	stream, err := c.rpc.Push(ctx, &forkdv1.PushRequest{SnapshotName: name})
+	if err != nil {
+		return nil, err
+	}
+	return followTransfer(stream, progress)
+}
+
+// Pull downloads a remote snapshot into the daemon's store, calling progress (may be nil)
+// with each event; the last one (Done set) carries the local READY snapshot. A missing or
+// corrupt chunk fails it with codes.DataLoss and leaves nothing.
+func (c *Client) Pull(ctx context.Context, name string, progress func(*forkdv1.TransferEvent)) (*forkdv1.TransferEvent, error) {
+	stream, err := c.rpc.Pull(ctx, &forkdv1.PullRequest{SnapshotName: name})
+	if err != nil {
+		return nil, err
+	}
+	return followTransfer(stream, progress)
+}
+
+type transferStream interface {
+	Recv() (*forkdv1.TransferEvent, error)
+}
+
+func followTransfer(stream transferStream, progress func(*forkdv1.TransferEvent)) (*forkdv1.TransferEvent, error) {
+	var last *forkdv1.TransferEvent
+	for {
+		ev, err := stream.Recv()
+		if err == io.EOF {
+			if last == nil || !last.GetDone() {
+				return last, status.Error(codes.Unknown, "the transfer stream ended without a done event")
+			}
+			return last, nil
+		}
+		if err != nil {
+			return last, err
+		}
+		last = ev
+		if progress != nil {
+			progress(ev)
+		}
+	}
+}
+
+// ListRemote returns the complete snapshots in the daemon's remote bucket, sorted by name.
+func (c *Client) ListRemote(ctx context.Context) ([]*forkdv1.RemoteSnapshot, error) {
+	reply, err := c.rpc.ListRemote(ctx, &forkdv1.ListRemoteRequest{})
+	if err != nil {
+		return nil, err
+	}
+	return reply.GetSnapshots(), nil
+}
+
+// DeleteRemote deletes a remote snapshot and the chunks no other remote snapshot uses.
+func (c *Client) DeleteRemote(ctx context.Context, name string) (*forkdv1.DeleteRemoteResponse, error) {
+	return c.rpc.DeleteRemote(ctx, &forkdv1.DeleteRemoteRequest{SnapshotName: name})
+}

@@ -291,6 +291,12 @@ func TestErrorsAreStatuses(t *testing.T) {
 	expect("Boot of a taken name", codes.AlreadyExists, err)
 	_, err = c.Spawn(ctx, &forkdv1.SpawnRequest{Snapshot: "nope", Count: 1})
 	expect("Spawn from a missing snapshot", codes.NotFound, err)
+	_, err = c.ListRemote(ctx)
+	expect("ListRemote without a remote store", codes.FailedPrecondition, err)
+	_, err = c.Push(ctx, "taken", nil)
+	expect("Push without a remote store", codes.FailedPrecondition, err)
+	_, err = c.Pull(ctx, "../x", nil)
+	expect("Pull of a bad name", codes.InvalidArgument, err)
 
 	short, stop := context.WithTimeout(ctx, time.Microsecond)
 	defer stop()

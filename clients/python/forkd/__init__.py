@@ -11,14 +11,15 @@
 
 The ``forkctl`` command line (``python3 -m forkd``) is built on the same client.
 """
-from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Branch, Client, default_target
-from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition,
-                     ForkdError, Internal, InvalidArgument, NotFound, ResourceExhausted,
-                     Unavailable, Unimplemented)
-from .types import (BranchEvent, BranchFigures, BranchMode, BranchPhase, BranchProgress, Drive,
-                    FileIdentity, HostCapabilities, Info, MachineConfig, MemoryBackend,
-                    MemoryRegion, NetworkInterface, PageServerStats, Snapshot, SnapshotState,
-                    SpawnResult, Vm, VmState, Vsock)
+from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Branch, Client, Transfer, default_target
+from .errors import (AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition,
+                     ForkdError, Internal, InvalidArgument, NotFound, PermissionDenied,
+                     ResourceExhausted, Unauthenticated, Unavailable, Unimplemented)
+from .types import (BranchEvent, BranchFigures, BranchMode, BranchPhase, BranchProgress,
+                    DeleteRemoteResult, Drive, FileIdentity, HostCapabilities, Info,
+                    MachineConfig, MemoryBackend, MemoryRegion, NetworkInterface, PageServerStats,
+                    RemoteSnapshot, Snapshot, SnapshotState, SpawnResult, TransferEvent,
+                    TransferProgress, Vm, VmState, Vsock)
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,8 @@ __all__ = [
     "Client", "Branch", "DEFAULT_TARGET", "DEFAULT_TIMEOUT", "default_target",
     "ForkdError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "Unavailable", "Cancelled", "DeadlineExceeded", "Internal",
-    "Unimplemented",
+    "Unimplemented", "Unauthenticated", "PermissionDenied", "DataLoss",
+    "Transfer", "TransferEvent", "TransferProgress", "RemoteSnapshot", "DeleteRemoteResult",
     "VmState", "MemoryBackend", "BranchMode", "BranchPhase", "SnapshotState",
     "MachineConfig", "PageServerStats", "Vm", "SpawnResult", "BranchProgress", "BranchFigures",
     "MemoryRegion", "Snapshot", "BranchEvent", "HostCapabilities", "Info",

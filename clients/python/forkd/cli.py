@@ -23,8 +23,8 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .client import DEFAULT_TIMEOUT, Branch, Client, default_target
-from .errors import ForkdError, Unavailable
+from .client import DEFAULT_TIMEOUT, Branch, Client, Transfer, default_target
+from .errors import ForkdError, NotFound, Unavailable
 from .types import (BranchEvent, BranchMode, BranchPhase, Drive, Info, MemoryBackend,
                     NetworkInterface, Snapshot, SnapshotState, Vm, VmState, Vsock)
 
@@ -258,6 +258,41 @@ def follow(branch: Branch, out: Output) -> None:
             view.stop()
 
 
+def follow_transfer(verb: str, transfer: Transfer, out: Output) -> int:
+    """Shows a Push or Pull until it ends (a bar with bytes and rate, then a summary line);
+    raises its error. Ctrl-C leaves the stream, which stops the transfer."""
+    if out.json:
+        for event in transfer:
+            out.emit(event.to_dict(), lines=True)
+        return EXIT_OK
+    progress = Progress(TextColumn(f"[cyan]{verb:<5}"), BarColumn(bar_width=None),
+                        TaskProgressColumn(), DownloadColumn(binary_units=True), RateColumn(),
+                        console=out.out, refresh_per_second=10)
+    task = progress.add_task(verb, total=None)
+    progress.start()
+    try:
+        for event in transfer:
+            p = event.progress
+            if p and p.bytes_total:
+                progress.update(task, completed=p.bytes_done, total=p.bytes_total)
+    except KeyboardInterrupt:
+        transfer.cancel()
+        progress.stop()
+        out.error(f"{verb} stopped")
+        return EXIT_INTERRUPTED
+    finally:
+        progress.stop()
+    last = transfer.last
+    if last and last.progress:
+        p = last.progress
+        moved = p.chunks_total - p.chunks_skipped - p.chunks_zero
+        out.say(f"{verb} {transfer.snapshot_name}: {fmt_bytes(p.bytes_total)} in "
+                f"{fmt_ns(p.elapsed_ns)}, {fmt_bytes(p.bytes_transferred)} over the network "
+                f"({fmt_bytes(p.bytes_per_second)}/s); chunks: {moved} moved, "
+                f"{p.chunks_skipped} already there, {p.chunks_zero} zero")
+    return EXIT_OK
+
+
 # -- commands ------------------------------------------------------------------------------
 
 def cmd_info(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -386,7 +421,56 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_push(client: Client, args: argparse.Namespace, out: Output) -> int:
+    return follow_transfer("push", client.push(args.snapshot, progress_interval=args.interval),
+                           out)
+
+
+def cmd_pull(client: Client, args: argparse.Namespace, out: Output) -> int:
+    return follow_transfer("pull", client.pull(args.snapshot, progress_interval=args.interval),
+                           out)
+
+
+def cmd_remotes(client: Client, args: argparse.Namespace, out: Output) -> int:
+    remotes = client.remotes()
+    if out.json:
+        out.emit([r.to_dict() for r in remotes])
+        return EXIT_OK
+    if not remotes:
+        out.say("no remote snapshots")
+        return EXIT_OK
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "PARENT", "MEMORY", "CHUNKS", "ZERO", "CREATED"):
+        table.add_column(column)
+    for r in remotes:
+        table.add_row(r.name, r.parent_snapshot or "-", fmt_bytes(r.memory_bytes),
+                      str(r.chunk_count), str(r.zero_chunks), fmt_age(r.created_at_unix_ms))
+    out.say(table)
+    return EXIT_OK
+
+
+def cmd_delete_remote(client: Client, args: argparse.Namespace, out: Output) -> int:
+    results = {name: client.delete_remote(name) for name in args.snapshots}
+    if out.json:
+        out.emit({name: r.to_dict() for name, r in results.items()})
+        return EXIT_OK
+    for name, r in results.items():
+        out.say(f"deleted remote {name}: {r.chunks_deleted} chunks deleted, {r.chunks_kept} "
+                "kept (used by other remote snapshots)")
+    return EXIT_OK
+
+
 def cmd_spawn(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.remote:
+        # A snapshot this host does not have is pulled from the remote bucket first.
+        try:
+            client.snapshot(args.snapshot)
+        except NotFound:
+            transfer = client.pull(args.snapshot)
+            if out.json:
+                transfer.wait()  # one JSON document: the spawn's
+            elif (pulled := follow_transfer("pull", transfer, out)) != EXIT_OK:
+                return pulled
     result = client.spawn(args.snapshot, args.count, backend=BACKENDS[args.backend],
                           name_prefix=args.prefix, start_paused=args.paused,
                           labels=args.labels)
@@ -621,6 +705,29 @@ def build_parser() -> argparse.ArgumentParser:
     spawn.add_argument("--paused", action="store_true", help="leave them paused")
     spawn.add_argument("--label", dest="labels", type=_label, action="append", default=[],
                        metavar="KEY=VALUE", help="label kept with the VMs (repeatable)")
+
+    spawn.add_argument("--remote", action="store_true",
+                       help="pull the snapshot from the daemon's remote bucket first when "
+                            "this host does not have it")
+
+    push = command("push", cmd_push,
+                   "upload a snapshot to the daemon's remote bucket (forkd --remote-*)")
+    push.add_argument("snapshot", metavar="SNAPSHOT", help="name of a READY snapshot")
+    push.add_argument("--interval", type=float, default=0.1, metavar="SECONDS",
+                      help="least time between two progress updates (default 0.1)")
+
+    pull = command("pull", cmd_pull,
+                   "download a snapshot from the daemon's remote bucket into its store")
+    pull.add_argument("snapshot", metavar="SNAPSHOT", help="name of a remote snapshot")
+    pull.add_argument("--interval", type=float, default=0.1, metavar="SECONDS",
+                      help="least time between two progress updates (default 0.1)")
+
+    command("remotes", cmd_remotes, "list the snapshots in the daemon's remote bucket")
+
+    delete_remote = command("delete-remote", cmd_delete_remote,
+                            "delete remote snapshots (chunks other snapshots use stay)")
+    delete_remote.add_argument("snapshots", nargs="+", metavar="SNAPSHOT",
+                               help="name of a remote snapshot")
 
     vms = command("vms", cmd_vms, "list VMs, or show one")
     vms.add_argument("vm", nargs="?", metavar="VM", help="id or name of one VM")

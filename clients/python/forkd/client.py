@@ -16,10 +16,11 @@ except ModuleNotFoundError as missing:  # a source checkout where nobody generat
                       "(pip install clients/python) or run clients/python/gen_stubs.py"
                       ) from missing
 from .errors import ForkdError, Unavailable
-from .types import (BranchEvent, BranchMode, BranchPhase, Drive, Info, MemoryBackend,
-                    NetworkInterface, Snapshot, SpawnResult, Vm, Vsock)
+from .types import (BranchEvent, BranchMode, BranchPhase, DeleteRemoteResult, Drive, Info,
+                    MemoryBackend, NetworkInterface, RemoteSnapshot, Snapshot, SpawnResult,
+                    TransferEvent, Vm, Vsock)
 
-__all__ = ["Client", "Branch", "DEFAULT_TARGET", "DEFAULT_TIMEOUT", "default_target"]
+__all__ = ["Client", "Branch", "Transfer", "DEFAULT_TARGET", "DEFAULT_TIMEOUT", "default_target"]
 
 #: Where forkd listens unless told otherwise (forkd --listen's default).
 DEFAULT_TARGET = "unix:/run/forkd/forkd.sock"
@@ -235,6 +236,35 @@ class Client:
         self._unary(self.stub.DeleteSnapshot, pb.DeleteSnapshotRequest(name=name, force=force),
                     timeout)
 
+    # -- remote snapshots (the daemon's --remote-* S3 bucket) --------------------------------
+
+    def push(self, snapshot: str | Snapshot, *, progress_interval: float = 0.1,
+             timeout: float | None = None) -> Transfer:
+        """Uploads a READY snapshot to the remote bucket; iterate the returned Transfer for
+        its progress. Leaving it early (cancel) stops the upload: no remote snapshot."""
+        name = snapshot.name if isinstance(snapshot, Snapshot) else snapshot
+        request = pb.PushRequest(snapshot_name=name,
+                                 progress_interval_ms=_interval_ms(progress_interval))
+        return Transfer(self.stub.Push(request, timeout=timeout), name)
+
+    def pull(self, name: str, *, progress_interval: float = 0.1,
+             timeout: float | None = None) -> Transfer:
+        """Downloads a remote snapshot into the daemon's store; ``Transfer.snapshot`` is the
+        local READY snapshot once done."""
+        request = pb.PullRequest(snapshot_name=name,
+                                 progress_interval_ms=_interval_ms(progress_interval))
+        return Transfer(self.stub.Pull(request, timeout=timeout), name)
+
+    def remotes(self, *, timeout: float | None = _DEFAULT) -> list[RemoteSnapshot]:
+        """The complete snapshots in the remote bucket, sorted by name."""
+        reply = self._unary(self.stub.ListRemote, pb.ListRemoteRequest(), timeout)
+        return [RemoteSnapshot.from_proto(s) for s in reply.snapshots]
+
+    def delete_remote(self, name: str, *, timeout: float | None = _DEFAULT) -> DeleteRemoteResult:
+        """Deletes a remote snapshot and the chunks no other remote snapshot uses."""
+        return DeleteRemoteResult.from_proto(self._unary(
+            self.stub.DeleteRemote, pb.DeleteRemoteRequest(snapshot_name=name), timeout))
+
 
 def _enum(value: int) -> Any:
     # The generated stubs type enum fields as their own wrapper; ours are IntEnums of the
@@ -326,3 +356,59 @@ class Branch:
         phase = self.last.phase.name if self.last else "pending"
         return f"<Branch {self.branch_id or '?'} -> {self.snapshot_name or '?'}: {phase}>"
 
+
+
+class Transfer:
+    """A Push or Pull in progress, as a stream of ``TransferEvent``.
+
+    Iterating yields the events; the last one has ``done``. A failure raises the
+    ``ForkdError`` of the call's status after the events so far. ``wait()`` follows it to its
+    end; ``cancel()`` (or leaving a ``with`` block early) stops it.
+    """
+
+    def __init__(self, call: Any, snapshot_name: str) -> None:
+        self._call = call
+        self.snapshot_name = snapshot_name
+        self.events: list[TransferEvent] = []
+        self.snapshot: Snapshot | None = None
+        self._ended = False
+
+    def __iter__(self) -> Generator[TransferEvent, None, None]:
+        while not self._ended:
+            try:
+                message = next(self._call)
+            except StopIteration:
+                self._ended = True
+                if not self.events or not self.events[-1].done:
+                    raise ForkdError(grpc.StatusCode.UNKNOWN,
+                                     "the transfer stream ended without a done event") from None
+                return
+            except grpc.RpcError as error:
+                self._ended = True
+                raise ForkdError.from_rpc_error(error) from error
+            event = TransferEvent.from_proto(message)
+            self.events.append(event)
+            if event.done:
+                self.snapshot = event.snapshot
+            yield event
+
+    def wait(self) -> TransferEvent:
+        """Follows the transfer to its end; returns the last (done) event or raises."""
+        for _ in self:
+            pass
+        return self.events[-1]
+
+    def cancel(self) -> None:
+        if not self._ended:
+            self._call.cancel()
+
+    @property
+    def last(self) -> TransferEvent | None:
+        return self.events[-1] if self.events else None
+
+    def __enter__(self) -> Transfer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cancel()

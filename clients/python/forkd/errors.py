@@ -16,7 +16,7 @@ import grpc
 __all__ = [
     "ForkdError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "Unavailable", "Cancelled", "DeadlineExceeded", "Internal",
-    "Unimplemented",
+    "Unimplemented", "Unauthenticated", "PermissionDenied", "DataLoss",
 ]
 
 
@@ -82,9 +82,25 @@ class Unimplemented(ForkdError):
     status_code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(ForkdError):
+    """The remote store rejected forkd's credentials."""
+    status_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ForkdError):
+    """The remote store denied access."""
+    status_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DataLoss(ForkdError):
+    """A snapshot's data is missing or corrupt (a remote chunk that does not match its hash)."""
+    status_code = grpc.StatusCode.DATA_LOSS
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ForkdError]] = {
     c.status_code: c for c in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
                                ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded,
-                               Internal, Unimplemented)
+                               Internal, Unimplemented, Unauthenticated, PermissionDenied,
+                               DataLoss)
     if c.status_code is not None
 }

@@ -329,3 +329,47 @@ class Info(_Message):
     vmm_binary: str
     max_concurrent_branches: int
     pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferProgress(_Message):
+    """Where a Push or Pull stands: bytes of memory plus vmstate, and the memory's chunks
+    (``chunks_skipped``: already in the bucket; ``chunks_zero``: all-zero, never stored)."""
+    bytes_total: int
+    bytes_done: int
+    bytes_transferred: int
+    chunks_total: int
+    chunks_done: int
+    chunks_skipped: int
+    chunks_zero: int
+    elapsed_ns: int
+    bytes_per_second: int
+    chunk_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferEvent(_Message):
+    """One event of a Push or Pull stream; the last has ``done`` (and, for a Pull, the local
+    ``snapshot``)."""
+    snapshot_name: str
+    progress: TransferProgress | None
+    done: bool
+    snapshot: Snapshot | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteSnapshot(_Message):
+    """A complete snapshot in the remote bucket."""
+    name: str
+    parent_snapshot: str
+    memory_bytes: int
+    vmstate_bytes: int
+    chunk_count: int
+    zero_chunks: int
+    created_at_unix_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteRemoteResult(_Message):
+    chunks_deleted: int
+    chunks_kept: int

@@ -38,18 +38,21 @@ def required_path(name: str) -> str:
 class Daemon:
     """One forkd on a private socket and state directory, launching forkd-testvm."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, extra_args: tuple[str, ...] = (),
+                 plant: Callable[[str], None] | None = None) -> None:
         self.workdir = workdir
         self.socket_path = os.path.join(workdir, "forkd.sock")
         self.state_dir = os.path.join(workdir, "state")
         self.log_path = os.path.join(workdir, "forkd.log")
         self.testvm = required_path("FORKD_TESTVM")
         self.guest = required_path("FORKD_GUEST")
+        if plant is not None:  # lays down snapshots the store loads at start-up
+            plant(self.state_dir)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [required_path("FORKD_BIN"), "--listen", self.target, "--state-dir",
                  self.state_dir, "--vmm-binary", self.testvm, "--log-level", "debug",
-                 "--timeout-scale", str(math.ceil(TIME_SCALE))],
+                 "--timeout-scale", str(math.ceil(TIME_SCALE)), *extra_args],
                 stdout=log, stderr=subprocess.STDOUT)
         # Wait for the socket first: a connection refused now would put the channel into
         # reconnect backoff and cost a second.

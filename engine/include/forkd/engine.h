@@ -1,6 +1,6 @@
 /*
- * The engine's front door: one object that owns the snapshot store, the VM registry and the
- * page server, and the lifecycle actions that need more than one of them (Spawn, deleting a
+ * The engine's front door: one object that owns the snapshot store, the VM registry, the
+ * page server and (when configured) the remote store of snapshots in S3, and the lifecycle actions that need more than one of them (Spawn, deleting a
  * snapshot). A user opens one engine, reaches the three parts through the accessors for the
  * actions that need one part only (Boot, GetVm, ListSnapshots, Branch, ...), and closes it.
  *
@@ -15,6 +15,7 @@
 
 #include "basic/error.h"
 #include "forkd/page_server.h"
+#include "forkd/remote.h"
 #include "forkd/store.h"
 #include "forkd/vm.h"
 
@@ -44,6 +45,9 @@ struct engine_config {
      * raised thread using more than realtime_max_percent of a core (0: 50) is demoted. */
     bool no_realtime;
     unsigned realtime_max_percent;
+    /* The S3 bucket snapshots are pushed to and pulled from; NULL: none (engine_remote is then
+     * NULL). Opened after the page server (credentials loaded, nothing sent). */
+    const struct remote_config *remote;
 };
 
 /* Opens the store, the VM registry and the page server, in that order; on failure whatever was
@@ -68,6 +72,9 @@ unsigned long engine_realtime_demotions(void);
 struct store *engine_store(struct engine *engine);
 struct vm_registry *engine_registry(struct engine *engine);
 struct page_server *engine_page_server(struct engine *engine);
+/* The remote store (forkd/remote.h: Push, Pull, ListRemote, DeleteRemote), or NULL when the
+ * engine was opened without one. */
+struct remote *engine_remote(struct engine *engine);
 
 struct engine_spawn_request {
     const char *snapshot;    /* a READY snapshot (-EAGAIN while it is WRITING) */

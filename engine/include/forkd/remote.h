@@ -1,0 +1,117 @@
+/*
+ * Remote snapshots: the store's snapshots in an S3 bucket, so that a snapshot made on one host
+ * starts forks on another. Owns the bucket layout and the transfers (Push, Pull, ListRemote,
+ * DeleteRemote); the HTTP and the signing are the S3 client's (src/s3.h, over libcurl).
+ *
+ * Layout in the bucket:
+ *   snapshots/<name>/manifest.json  snapshot.json, the vmstate's size and sha256, and the chunk
+ *                                   index: the sha256 of each REMOTE_CHUNK_SIZE piece of
+ *                                   memory.bin, "" for an all-zero piece (not stored)
+ *   snapshots/<name>/vmstate
+ *   chunks/<sha256>                 one piece of memory, content-addressed: shared by every
+ *                                   snapshot holding the same bytes, uploaded once
+ * The manifest is written last, so a remote snapshot is visible only once it is complete; a push
+ * that fails leaves no manifest (its uploaded chunks stay, for a later push to reuse).
+ *
+ * Every transfer runs on the calling thread plus REMOTE_PARALLEL_MAX workers at most, each with
+ * its own S3 connection; the calling thread reports progress every interval and watches the
+ * caller's cancel predicate.
+ */
+#ifndef FORKD_REMOTE_H
+#define FORKD_REMOTE_H
+
+#include "basic/error.h"
+#include "forkd/store.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define REMOTE_CHUNK_SIZE   ((uint64_t)2 << 20)
+#define REMOTE_PARALLEL_MAX 16
+#define REMOTE_LIST_MAX     1000 /* ListRemote answers at most this many snapshots */
+
+struct remote_config {
+    const char *endpoint; /* http(s)://host[:port] */
+    const char *region;   /* NULL or "": us-east-1 */
+    const char *bucket;
+    const char *credentials_file; /* NULL or "": AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY */
+    unsigned parallel;            /* transfers at once; 0: 4 */
+    unsigned retries;             /* per request after the first; 0: 4 */
+    uint64_t multipart_bytes;     /* vmstate above this goes up in parts; 0: 64 MiB */
+};
+
+struct remote;
+
+/* Checks the configuration and loads the credentials (nothing is sent yet). */
+int remote_open(const struct remote_config *config, struct remote **out, struct forkd_error *err);
+void remote_close(struct remote *remote);
+
+/* Where a transfer stands. */
+struct remote_progress {
+    uint64_t bytes_total;       /* memory + vmstate */
+    uint64_t bytes_done;        /* of bytes_total: moved, skipped or zero */
+    uint64_t bytes_transferred; /* what actually crossed the network (bodies) */
+    uint64_t chunks_total;
+    uint64_t chunks_done;
+    uint64_t chunks_skipped; /* already in the bucket (push) */
+    uint64_t chunks_zero;    /* all-zero: neither stored nor fetched */
+    uint64_t elapsed_ns;
+};
+
+struct remote_transfer_control {
+    /* Called on the calling thread about every interval_ms (0: 100) and once at the end. */
+    void (*progress)(const struct remote_progress *progress, void *arg);
+    /* Asked as often; true stops the transfer with -ECANCELED. */
+    bool (*cancelled)(void *arg);
+    void *arg;
+    unsigned interval_ms;
+};
+
+/* Push: uploads a READY local snapshot (held with store_acquire while it is read). -EEXIST when
+ * the bucket already holds a snapshot of that name. *final (may be NULL) gets the last
+ * progress. */
+int remote_push(struct remote *remote, struct store *store, const char *name,
+                const struct remote_transfer_control *control, struct remote_progress *final,
+                struct forkd_error *err);
+
+/* Pull: downloads a remote snapshot into the store (WRITING, then READY when every chunk has
+ * arrived and matched its sha256). -ENOENT when the bucket has none of that name, -EEXIST when
+ * the store has one; -EIO for a missing or corrupt chunk, vmstate or manifest: then nothing is
+ * left in the store. */
+int remote_pull(struct remote *remote, struct store *store, const char *name,
+                const struct remote_transfer_control *control, struct remote_progress *final,
+                struct forkd_error *err);
+
+struct remote_snapshot_info {
+    char name[STORE_NAME_MAX + 1];
+    char parent_snapshot[STORE_NAME_MAX + 1];
+    uint64_t memory_bytes, vmstate_bytes;
+    uint64_t chunk_count, zero_chunks;
+    int64_t created_at_unix_ms;
+};
+
+/* ListRemote: the complete remote snapshots (those with a manifest), sorted by name, at most
+ * REMOTE_LIST_MAX (*truncated then). *out is malloc'd (NULL when *count is 0). */
+int remote_list(struct remote *remote, struct remote_snapshot_info **out, size_t *count,
+                bool *truncated, struct forkd_error *err);
+
+struct remote_delete_report {
+    uint64_t chunks_deleted; /* referenced by no other manifest */
+    uint64_t chunks_kept;    /* still referenced by another manifest */
+};
+
+/* DeleteRemote: removes the manifest first (the snapshot disappears at once), then the vmstate,
+ * then each of its chunks that no other manifest references. -ENOENT when there is none. */
+int remote_delete(struct remote *remote, const char *name, struct remote_delete_report *report,
+                  struct forkd_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

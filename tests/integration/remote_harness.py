@@ -1,0 +1,217 @@
+"""A real S3 server (scripts/radosgw.sh: Ceph's radosgw) for the remote-snapshot tests, a direct
+S3 client to look into its bucket (curl, signing with SigV4), and snapshots laid down in a state
+directory the way the store writes them (the store loads them when forkd starts)."""
+import json
+import os
+import subprocess
+import tempfile
+from urllib.parse import quote
+
+from forkd_harness import scaled
+
+SOURCE_DIR = os.environ.get("FORKD_SOURCE_DIR") or os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", ".."))
+RADOSGW_SH = os.path.join(SOURCE_DIR, "scripts", "radosgw.sh")
+CHUNK = 2 << 20
+
+
+class Radosgw:
+    """One radosgw instance in its own directory, on its own ports."""
+
+    def __init__(self, memory_mib=1024):
+        self._tmp = tempfile.TemporaryDirectory(prefix="forkd-rgw-")
+        self.dir = os.path.join(self._tmp.name, "rgw")
+        result = subprocess.run(["bash", RADOSGW_SH, "up", self.dir, "--memory-mib",
+                                 str(memory_mib)], capture_output=True, text=True,
+                                timeout=scaled(300))
+        if result.returncode != 0:
+            raise AssertionError("radosgw.sh up failed:\n" + result.stdout + result.stderr)
+        fields = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+        self.endpoint = fields["endpoint"]
+        self.credentials = fields["credentials"]
+        self.bucket = fields["bucket"]
+        self.start_ms = int(fields.get("start_ms", "0"))
+        keys = {}
+        with open(self.credentials) as f:
+            for line in f:
+                if "=" in line:
+                    k, v = line.split("=", 1)
+                    keys[k.strip()] = v.strip()
+        self.access_key = keys["aws_access_key_id"]
+        self.secret_key = keys["aws_secret_access_key"]
+        # curl reads the secret from this file, never from its command line.
+        self._curl_config = os.path.join(self._tmp.name, "curl.conf")
+        with open(self._curl_config, "w") as f:
+            f.write('user = "%s:%s"\n' % (self.access_key, self.secret_key))
+        os.chmod(self._curl_config, 0o600)
+
+    def forkd_args(self, credentials=None):
+        return ["--remote-endpoint", self.endpoint, "--remote-bucket", self.bucket,
+                "--remote-credentials", credentials or self.credentials]
+
+    def gateway_stop(self):
+        subprocess.run(["bash", RADOSGW_SH, "gateway-stop", self.dir], check=True,
+                       timeout=scaled(120))
+
+    def gateway_start(self):
+        subprocess.run(["bash", RADOSGW_SH, "gateway-start", self.dir], check=True,
+                       timeout=scaled(300))
+
+    def request(self, method, key="", data=None, query=""):
+        """(HTTP status, body bytes) of one signed request to the bucket."""
+        url = "%s/%s/%s%s" % (self.endpoint, self.bucket, key, "?" + query if query else "")
+        args = ["curl", "-s", "-K", self._curl_config, "--aws-sigv4", "aws:amz:us-east-1:s3",
+                "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-X", method,
+                "-w", "\n%{http_code}", url]
+        if method == "HEAD":
+            args[args.index("-X"):args.index("-X") + 2] = ["-I"]
+        if data is not None:
+            args += ["--data-binary", "@-"]
+        result = subprocess.run(args, input=data, capture_output=True, timeout=scaled(120))
+        body, _, status = result.stdout.rpartition(b"\n")
+        return int(status or 0), body
+
+    def keys(self, prefix=""):
+        """Every key in the bucket under prefix."""
+        import re
+        keys, token = [], ""
+        while True:
+            query = "list-type=2&prefix=" + quote(prefix, safe="")
+            if token:
+                query = "continuation-token=%s&%s" % (quote(token, safe=""), query)
+            status, body = self.request("GET", "", query=query)
+            assert status == 200, (status, body)
+            text = body.decode()
+            keys += re.findall(r"<Key>([^<]*)</Key>", text)
+            more = re.search(r"<NextContinuationToken>([^<]*)<", text)
+            if "<IsTruncated>true" not in text or not more:
+                return keys
+            token = more.group(1)
+
+    def stored_bytes(self, prefix="chunks/"):
+        import re
+        status, body = self.request("GET", "", query="list-type=2&prefix=" + quote(prefix, safe=""))
+        assert status == 200
+        return sum(int(s) for s in re.findall(r"<Size>(\d+)</Size>", body.decode()))
+
+    def down(self):
+        subprocess.run(["bash", RADOSGW_SH, "down", self.dir], timeout=scaled(120))
+        self._tmp.cleanup()
+
+
+FIGURES = ("pause_ns", "arm_ns", "rearm_ns", "rearmed_pages", "vmstate_ns", "copy_ns",
+           "publish_ns", "total_ns", "pages_by_fault", "pages_by_bulk", "bytes_copied",
+           "pause_request_ns", "resume_request_ns")
+
+
+def plant_snapshot(state_dir, name, memory, vmstate, parent=""):
+    """Lays down a READY snapshot the way the store writes one; forkd loads it at start-up."""
+    root = os.path.join(state_dir, "snapshots")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    d = os.path.join(root, name)
+    os.mkdir(d, 0o700)
+    with open(os.path.join(d, "memory.bin"), "wb") as f:
+        f.write(memory)
+    with open(os.path.join(d, "vmstate"), "wb") as f:
+        f.write(vmstate)
+    meta = {
+        "format_version": 1, "name": name, "source_vm": {"id": "vm-1", "name": "src"},
+        "parent_snapshot": parent, "mode": "live",
+        "machine": {"vcpu_count": 1, "mem_size_mib": len(memory) >> 20},
+        "memory_bytes": len(memory), "vmstate_bytes": len(vmstate), "page_size": 4096,
+        "regions": [{"guest_phys_addr": 0, "size": len(memory), "file_offset": 0,
+                     "page_size": 4096}],
+        "figures": {k: 1 for k in FIGURES},
+        "vmm": {"binary": "/usr/bin/forkd-testvm", "version": "1.0"},
+        "created_at_unix_ms": 1764640000000, "labels": {"origin": "host-a"},
+    }
+    with open(os.path.join(d, "snapshot.json"), "w") as f:
+        json.dump(meta, f)
+    return d
+
+
+def memory_image(chunks, seed):
+    """A memory image of len(chunks) 2 MiB chunks: 'z' zero, 'r' random, an int repeats that
+    index's chunk, bytes objects are used as they are."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for c in chunks:
+        if c == "z":
+            out.append(bytes(CHUNK))
+        elif c == "r":
+            out.append(rng.randbytes(CHUNK))
+        elif isinstance(c, int):
+            out.append(out[c])
+        else:
+            out.append(c)
+    return b"".join(out)
+
+
+class FlakyProxy:
+    """An HTTP/1.1 proxy in front of the real server that answers some requests itself with
+    503 SlowDown (S3's "retry later") instead of forwarding them: fail(request_number) decides.
+    Everything else goes to the server unchanged (the signature covers the Host header, which
+    is forwarded as the client sent it)."""
+
+    def __init__(self, endpoint, fail):
+        import http.client
+        import http.server
+        import threading
+        import urllib.parse
+        target = urllib.parse.urlparse(endpoint)
+        proxy = self
+        self.requests = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.requests += 1
+                    refuse = fail(proxy.requests)
+                    proxy.failed += refuse
+                if refuse:
+                    text = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown'
+                            b'</Code></Error>')
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(text)
+                    return
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = "http://127.0.0.1:%d" % self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self._server.shutdown()
+        self._server.server_close()
