@@ -42,8 +42,8 @@ struct forkd_options {
     const char *remote_endpoint;
     const char *remote_region;
     const char *remote_bucket;
-    const char *remote_credentials; /* a file; NULL: the environment */
-    unsigned remote_parallel;       /* 0: the engine's default */
+    const char *remote_credentials;            /* a file; NULL: the environment */
+    unsigned remote_parallel;                  /* 0: the engine's default */
     unsigned long long remote_multipart_bytes; /* 0: the engine's default */
 };
 

@@ -1,8 +1,9 @@
 /*
  * The engine's front door: one object that owns the snapshot store, the VM registry, the
- * page server and (when configured) the remote store of snapshots in S3, and the lifecycle actions that need more than one of them (Spawn, deleting a
- * snapshot). A user opens one engine, reaches the three parts through the accessors for the
- * actions that need one part only (Boot, GetVm, ListSnapshots, Branch, ...), and closes it.
+ * page server and (when configured) the remote store of snapshots in S3, and the lifecycle actions
+ * that need more than one of them (Spawn, deleting a snapshot). A user opens one engine, reaches
+ * its parts through the accessors for the actions that need one part only (Boot, GetVm,
+ * ListSnapshots, Branch, ...), and closes it.
  *
  * Each action states when it is allowed; the caller (the gRPC layer) turns a request into an
  * action and an action's error (negative errno + message) into its own status.
