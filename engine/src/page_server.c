@@ -1,7 +1,8 @@
 /*
- * The page server (see forkd/page_server.h). Owns the templates' read-only mappings of
- * memory.bin, each fork's handshake (listening socket, received userfaultfd and connection),
- * the event loop that resolves every fork's faults, prefetch, and the statistics.
+ * The page server (see forkd/page_server.h). Owns the templates (page_server_templates.c:
+ * read-only mappings of memory.bin, hot sets, prefetch), each fork's handshake (listening
+ * socket, received userfaultfd and connection), the event loop that resolves every fork's
+ * faults, and the statistics.
  *
  * Threads and what each owns:
  * - The loop thread owns every attached fork's fds, epoll registrations, removed-page bitmaps
@@ -13,7 +14,7 @@
  *   taken per fault. fork->lock guards the fork's state, error and drop reason, for waiters.
  * - Counters are atomics (written by the loop, or a handshake thread while prefetching).
  */
-#include "forkd/page_server.h"
+#include "page_server_internal.h"
 
 #include "basic/cleanup.h"
 #include "basic/clock.h"
@@ -41,46 +42,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PAGE_SERVER_SMALL_PAGE    4096ULL
-#define PAGE_SERVER_HUGE_PAGE     (2ULL << 20)
-#define PAGE_SERVER_MESSAGE_BATCH 64
-#define PAGE_SERVER_EPOLL_BATCH   64
-#define PAGE_SERVER_RETRY_DELAY_NS                                                                 \
-    1000000ULL /* EAGAIN: the next try after 1 ms (or the next round) */
-/* EAGAIN lasts while a REMOVE is unread or being applied: a guest discarding memory in a
- * long burst may keep a fault waiting that long. One refused for this long means a broken
- * VMM, and the fork is dropped. */
-#define PAGE_SERVER_RETRY_GIVE_UP_NS (30ULL * 1000000000ULL)
-#define PAGE_SERVER_PREFETCH_MAX_RUN (1ULL << 20) /* one prefetch ioctl copies at most this */
-#define PAGE_SERVER_NAME_MAX         128
-#define PAGE_SERVER_REASON_MAX       128
-
-/* ---------------------------------------------------------------- statistics */
-
-struct page_server_counters {
-    atomic_uint_fast64_t faults, bytes, prefetched, zero, existed, retries, removes;
-    struct latency_histogram service;
-};
-
-static uint64_t page_server_now_ns(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
-}
-
-static void page_server_count(atomic_uint_fast64_t *counter, uint64_t amount)
-{
-    atomic_fetch_add_explicit(counter, amount, memory_order_relaxed);
-}
-
-static uint64_t page_server_load(const atomic_uint_fast64_t *counter)
-{
-    return atomic_load_explicit(counter, memory_order_relaxed);
-}
-
-static void page_server_counters_read(const struct page_server_counters *c,
-                                      struct page_server_stats *out)
+void page_server_counters_read(const struct page_server_counters *c, struct page_server_stats *out)
 {
     uint64_t faults = atomic_load_explicit(&c->faults, memory_order_acquire);
     struct latency_summary service;
@@ -99,120 +61,9 @@ static void page_server_counters_read(const struct page_server_counters *c,
     };
 }
 
-/* ---------------------------------------------------------------- objects */
-
-struct page_server_template {
-    atomic_int refs; /* the server's list (while listed) and every fork */
-    struct page_server_template *next;
-    char name[PAGE_SERVER_NAME_MAX];
-    char path[PATH_MAX];
-    /* The file's identity: device and inode alone could name a new file on file systems that
-     * reuse inode numbers (or do not keep them stable), so its size and change times too. */
-    dev_t dev;
-    ino_t ino;
-    off_t file_size;
-    struct timespec mtime, ctime;
-    const uint8_t *memory; /* PROT_READ, MAP_SHARED: the page cache, read once for all forks */
-    uint64_t size;
-    unsigned times_mapped;
-    unsigned record_ms;        /* under server->lock */
-    atomic_uint_fast64_t *hot; /* bitmap of 4 KiB file pages faulted while recording */
-    atomic_uint_fast64_t hot_pages;
-    atomic_uint_fast64_t hot_ready_ns; /* monotonic time the first recording window closes */
-    atomic_uint forks_active, forks_total;
-    struct page_server_counters counters;
-};
-
-enum page_server_watch_kind {
-    PAGE_SERVER_WATCH_WAKE,
-    PAGE_SERVER_WATCH_TIMER,
-    PAGE_SERVER_WATCH_UFFD,
-    PAGE_SERVER_WATCH_CONNECTION
-};
-
-struct page_server_watch {
-    enum page_server_watch_kind kind;
-    struct page_server_fork *fork;
-};
-
-enum page_server_fork_state {
-    PAGE_SERVER_PENDING,
-    PAGE_SERVER_QUEUED,
-    PAGE_SERVER_ACTIVE,
-    PAGE_SERVER_FAILED,
-    PAGE_SERVER_DROPPED
-};
-
-/* A fault that got EAGAIN, tried again later. */
-struct page_server_retry {
-    uint64_t address;
-    uint64_t start_ns;
-};
-
-struct page_server_fork {
-    atomic_int refs; /* owner, handshake thread, loop, queued requests */
-    struct page_server *server;
-    struct page_server_template *template;
-    char label[64];
-    char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-    pid_t expected_pid;
-    bool adopted;       /* served by an earlier forkd: connection is the VMM's pidfd */
-    bool prefetch;      /* set at prepare: the template's hot set is ready */
-    unsigned record_ms; /* set at prepare: record the first record_ms of faults */
-
-    pthread_mutex_t lock; /* guards the fields down to drop_reason */
-    pthread_cond_t changed;
-    enum page_server_fork_state state;
-    bool released;
-    struct forkd_error error;
-    char drop_reason[PAGE_SERVER_REASON_MAX];
-
-    /* Handshake thread until queued for attach, then the loop thread. */
-    int listen_fd;
-    struct uffd_handshake handshake;
-    atomic_int peer_pid;
-    uint64_t memory_bytes;
-
-    /* Loop thread only. */
-    struct page_server_watch uffd_watch, connection_watch;
-    bool in_loop;
-    struct page_server_fork *loop_next, *queue_next, *grave_next, *retry_next;
-    bool retry_listed;
-    uint64_t record_until_ns;
-    atomic_uint_fast64_t *removed[UFFD_MAX_REGIONS]; /* pages removed (REMOVE), lazily made */
-    struct page_server_retry *retries;
-    size_t retry_count, retry_capacity;
-
-    atomic_bool active;
-    struct page_server_counters counters;
-};
-
-struct page_server {
-    atomic_int refs; /* the owner until page_server_close, and every fork */
-    int handshake_timeout_ms;
-    int epoll_fd, wake_fd, timer_fd;
-    struct page_server_watch wake_watch, timer_watch;
-    pthread_t loop;
-    bool loop_started;
-    const uint8_t *zero_page; /* PAGE_SERVER_HUGE_PAGE of zeros: the source of 2 MiB zero fills */
-    atomic_uint active_forks;
-
-    pthread_mutex_t lock; /* guards the fields down to handshakes */
-    pthread_cond_t handshakes_done;
-    bool closing;
-    struct page_server_template *templates;
-    struct page_server_fork *attach_queue, *detach_queue;
-    struct page_server_fork *pending; /* forks whose handshake thread runs (via queue_next) */
-    unsigned handshakes;
-
-    /* Loop thread only. */
-    struct page_server_fork *forks, *graveyard, *retry_list;
-    bool timer_armed;
-};
-
 static void page_server_server_unref(struct page_server *server);
 
-static void page_server_template_unref(struct page_server_template *t)
+void page_server_template_unref(struct page_server_template *t)
 {
     if (!t || atomic_fetch_sub(&t->refs, 1) != 1)
         return;
@@ -248,178 +99,6 @@ static void page_server_fork_unref(struct page_server_fork *fork)
 static const char *page_server_fork_label(const struct page_server_fork *fork)
 {
     return fork->label[0] ? fork->label : fork->socket_path;
-}
-
-/* ---------------------------------------------------------------- templates */
-
-static int page_server_map_memory(struct page_server_template *t, const char *path,
-                                  struct forkd_error *err)
-{
-    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) < 0)
-        return forkd_error_errno(err, -errno, "page server: open %s", path);
-    if (st.st_size <= 0 || (uint64_t)st.st_size % PAGE_SERVER_SMALL_PAGE)
-        return forkd_error_set(err, -EINVAL,
-                               "page server: %s: size %lld is not a non-zero "
-                               "multiple of 4096",
-                               path, (long long)st.st_size);
-    void *memory = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-    if (memory == MAP_FAILED)
-        return forkd_error_errno(err, -errno, "page server: mmap %s", path);
-    t->memory = memory;
-    t->size = (uint64_t)st.st_size;
-    t->dev = st.st_dev;
-    t->ino = st.st_ino;
-    t->file_size = st.st_size;
-    t->mtime = st.st_mtim;
-    t->ctime = st.st_ctim;
-    return 0;
-}
-
-static int page_server_template_new(const char *name, const char *path, unsigned times_mapped,
-                                    struct page_server_template **out, struct forkd_error *err)
-{
-    struct page_server_template *t = calloc(1, sizeof(*t));
-    if (!t)
-        return forkd_error_set(err, -ENOMEM, "page server: out of memory");
-    atomic_init(&t->refs, 1);
-    snprintf(t->name, sizeof(t->name), "%s", name);
-    snprintf(t->path, sizeof(t->path), "%s", path);
-    t->times_mapped = times_mapped;
-    int rc = page_server_map_memory(t, path, err);
-    if (rc < 0) {
-        free(t);
-        return rc;
-    }
-    *out = t;
-    return 0;
-}
-
-static bool page_server_same_time(struct timespec a, struct timespec b)
-{
-    return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec;
-}
-
-/* The template's file is still the one mapped (same path, inode, size and change times). */
-static bool page_server_template_current(const struct page_server_template *t, const char *path)
-{
-    struct stat st;
-    return strcmp(t->path, path) == 0 && stat(path, &st) == 0 && st.st_dev == t->dev &&
-           st.st_ino == t->ino && st.st_size == t->file_size &&
-           page_server_same_time(st.st_mtim, t->mtime) &&
-           page_server_same_time(st.st_ctim, t->ctime);
-}
-
-static struct page_server_template **page_server_template_slot(struct page_server *server,
-                                                               const char *name)
-{
-    struct page_server_template **slot = &server->templates;
-    while (*slot && strcmp((*slot)->name, name) != 0)
-        slot = &(*slot)->next;
-    return slot;
-}
-
-static int page_server_template_enable_recording(struct page_server_template *t, unsigned record_ms,
-                                                 struct forkd_error *err)
-{
-    size_t words = (size_t)((t->size / PAGE_SERVER_SMALL_PAGE + 63) / 64);
-    if (record_ms && !t->hot) {
-        t->hot = calloc(words, sizeof(*t->hot));
-        if (!t->hot)
-            return forkd_error_set(err, -ENOMEM, "page server: out of memory");
-    }
-    t->record_ms = record_ms;
-    return 0;
-}
-
-/* Finds or maps the template; under server->lock. Returns it without an extra reference. */
-static int page_server_template_get_locked(struct page_server *server, const char *name,
-                                           const char *path, struct page_server_template **out,
-                                           struct forkd_error *err)
-{
-    if (strlen(name) >= PAGE_SERVER_NAME_MAX)
-        return forkd_error_set(err, -ENAMETOOLONG, "page server: template name too long");
-    struct page_server_template **slot = page_server_template_slot(server, name);
-    if (*slot && page_server_template_current(*slot, path)) {
-        *out = *slot;
-        return 0;
-    }
-    unsigned times = *slot ? (*slot)->times_mapped + 1 : 1;
-    struct page_server_template *fresh = NULL;
-    int rc = page_server_template_new(name, path, times, &fresh, err);
-    if (rc < 0)
-        return rc;
-    if (*slot) { /* replaced on disk: the old mapping lives on for its forks */
-        struct page_server_template *old = *slot;
-        rc = page_server_template_enable_recording(fresh, old->record_ms, err);
-        if (rc < 0) {
-            page_server_template_unref(fresh);
-            return rc;
-        }
-        fresh->next = old->next;
-        page_server_template_unref(old);
-    }
-    *slot = fresh;
-    *out = fresh;
-    return 0;
-}
-
-int page_server_template_set_prefetch(struct page_server *server, const char *name,
-                                      const char *memory_path, unsigned record_ms,
-                                      struct forkd_error *err)
-{
-    pthread_mutex_lock(&server->lock);
-    struct page_server_template *t = NULL;
-    int rc = page_server_template_get_locked(server, name && *name ? name : memory_path,
-                                             memory_path, &t, err);
-    if (rc == 0)
-        rc = page_server_template_enable_recording(t, record_ms, err);
-    pthread_mutex_unlock(&server->lock);
-    return rc;
-}
-
-static bool page_server_hot_ready(const struct page_server_template *t, uint64_t now)
-{
-    uint64_t ready = atomic_load(&t->hot_ready_ns);
-    return ready != 0 && now >= ready;
-}
-
-int page_server_template_describe(struct page_server *server, const char *name,
-                                  struct page_server_template_info *out)
-{
-    pthread_mutex_lock(&server->lock);
-    struct page_server_template *t = *page_server_template_slot(server, name);
-    if (t) {
-        *out = (struct page_server_template_info){
-            .memory_bytes = t->size,
-            .times_mapped = t->times_mapped,
-            .hot_pages = page_server_load(&t->hot_pages),
-            .hot_set_ready = t->hot && page_server_hot_ready(t, page_server_now_ns()),
-        };
-        page_server_counters_read(&t->counters, &out->stats);
-        out->stats.forks_active = atomic_load(&t->forks_active);
-        out->stats.forks_total = atomic_load(&t->forks_total);
-    }
-    pthread_mutex_unlock(&server->lock);
-    return t ? 0 : -ENOENT;
-}
-
-int page_server_template_forget(struct page_server *server, const char *name)
-{
-    pthread_mutex_lock(&server->lock);
-    struct page_server_template **slot = page_server_template_slot(server, name);
-    struct page_server_template *t = *slot;
-    if (t)
-        *slot = t->next;
-    pthread_mutex_unlock(&server->lock);
-    page_server_template_unref(t);
-    return t ? 0 : -ENOENT;
-}
-
-unsigned page_server_active_forks(struct page_server *server)
-{
-    return atomic_load(&server->active_forks);
 }
 
 /* ---------------------------------------------------------------- fork state */
@@ -463,11 +142,6 @@ static const struct uffd_region *page_server_region_of(const struct page_server_
         }
     }
     return NULL;
-}
-
-static bool page_server_bit_test(atomic_uint_fast64_t *bits, uint64_t index)
-{
-    return bits && (page_server_load(&bits[index / 64]) >> (index % 64)) & 1;
 }
 
 /* Sets a bit; true when it was clear. */
@@ -903,91 +577,6 @@ static void *page_server_loop_main(void *arg)
         thread_priority_check(&priority);
     }
     return NULL;
-}
-
-/* ---------------------------------------------------------------- prefetch */
-
-/* Any hot 4 KiB page in the file range [offset, offset + length). */
-static bool page_server_hot_in(const struct page_server_template *t, uint64_t offset,
-                               uint64_t length)
-{
-    for (uint64_t p = offset / PAGE_SERVER_SMALL_PAGE;
-         p < (offset + length) / PAGE_SERVER_SMALL_PAGE; p++)
-        if (page_server_bit_test(t->hot, p))
-            return true;
-    return false;
-}
-
-/* Copies one run of whole pages; pages already there are skipped. A page already present in
- * the middle of the run makes the kernel copy the pages before it and answer EAGAIN with their
- * count: go on after them (the present page then answers EEXIST and is stepped over). EAGAIN
- * with nothing copied (an event waits to be read) or another error ends the prefetch: the
- * rest is served on demand. */
-static int page_server_prefetch_run(struct page_server_fork *fork, const struct uffd_region *r,
-                                    uint64_t start, uint64_t length)
-{
-    const struct page_server_template *t = fork->template;
-    while (length > 0) {
-        struct uffdio_copy copy = {
-            .dst = r->host_base + start,
-            .src = (uint64_t)(uintptr_t)(t->memory + r->file_offset + start),
-            .len = length,
-        };
-        int rc = ioctl(fork->handshake.uffd, UFFDIO_COPY, &copy) == 0 ? 0 : -errno;
-        uint64_t done = copy.copy > 0 ? (uint64_t)copy.copy : 0;
-        page_server_count(&fork->counters.bytes, done);
-        page_server_count(&fork->counters.prefetched, done / r->page_size);
-        if (rc == 0)
-            return 0;
-        if (rc == -EAGAIN && done > 0) {
-            start += done;
-            length -= done;
-            continue;
-        }
-        if (rc != -EEXIST)
-            return rc;
-        done += r->page_size; /* the page that was there */
-        start += done;
-        length = length > done ? length - done : 0;
-    }
-    return 0;
-}
-
-/* Handshake thread, before the fork runs: copies every 64 KiB chunk holding a hot page, in
- * runs of adjacent chunks (at least 64 KiB per ioctl, at most PAGE_SERVER_PREFETCH_MAX_RUN). */
-static int page_server_prefetch_region(struct page_server_fork *fork, const struct uffd_region *r)
-{
-    const struct page_server_template *t = fork->template;
-    uint64_t chunk = r->page_size > PAGE_SERVER_PREFETCH_BATCH_BYTES
-                         ? r->page_size
-                         : PAGE_SERVER_PREFETCH_BATCH_BYTES;
-    uint64_t run_start = 0, run_length = 0;
-    for (uint64_t at = 0; at < r->size; at += chunk) {
-        uint64_t length = r->size - at < chunk ? r->size - at : chunk;
-        bool hot = page_server_hot_in(t, r->file_offset + at, length);
-        if (hot && run_length == 0)
-            run_start = at;
-        if (hot)
-            run_length += length;
-        if (run_length &&
-            (!hot || run_length >= PAGE_SERVER_PREFETCH_MAX_RUN || at + length >= r->size)) {
-            int rc = page_server_prefetch_run(fork, r, run_start, run_length);
-            if (rc < 0)
-                return rc;
-            run_length = 0;
-        }
-    }
-    return 0;
-}
-
-static void page_server_prefetch(struct page_server_fork *fork)
-{
-    for (size_t i = 0; i < fork->handshake.region_count; i++)
-        if (page_server_prefetch_region(fork, &fork->handshake.regions[i]) < 0)
-            break;
-    struct page_server_counters *all = &fork->template->counters;
-    page_server_count(&all->bytes, page_server_load(&fork->counters.bytes));
-    page_server_count(&all->prefetched, page_server_load(&fork->counters.prefetched));
 }
 
 /* ---------------------------------------------------------------- handshake thread */
