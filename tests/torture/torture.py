@@ -4,9 +4,13 @@
 Boots VMs (on memfds, as forkd boots them), then for --branches branches (or --minutes) picks at
 random: a LIVE or FULL branch of any VM that accepts it (booted VMs, MEMFD, FILE and UFFD forks,
 forks started paused), cancelled at a random phase or not, with the VMM killed at a random
-phase now and then; spawns of every backend from the snapshots kept; stops of forks. Checks:
-- every READY snapshot passes the test VMM's verifier, and the totals of successive snapshots of
-  one VM never go down (torn otherwise);
+phase now and then; spawns of every backend from the snapshots kept; stops of forks. Every other
+booted VM has a writable drive its guest writes flat out (captured inside each branch's pause: a
+reflink where the state directory can, else a copy the branches accept; each fork gets its own).
+Checks:
+- every READY snapshot passes the test VMM's verifier, its captured drive included (memory, vCPU
+  state and disk of one instant), and the totals of successive snapshots of one VM never go down
+  (torn otherwise);
 - a cancel the daemon honoured leaves nothing; a cancel it did not honour (after the point of
   no return, or after the branch ended) leaves a snapshot that must verify; no temporary or WRITING
   snapshot stays behind once a branch ended (leftovers otherwise);
@@ -23,6 +27,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -48,8 +53,8 @@ class Torture:
         self.daemon = VmDaemon()
         self.stub = self.daemon.forkd()
         self.counts = dict.fromkeys(
-            ["branches", "verified", "torn", "cancels", "cancels_refused", "leftovers", "hangs",
-             "spawns", "kills", "failed", "errors"], 0)
+            ["branches", "verified", "disks", "torn", "cancels", "cancels_refused", "leftovers",
+             "hangs", "spawns", "kills", "failed", "errors"], 0)
         self.vms = {}            # id -> {"paused": bool, "last_total": int}
         self.kept = []           # READY snapshot names kept for spawns
         self.serial = 0
@@ -69,8 +74,17 @@ class Torture:
         vcpus = self.rng.choice([1, 2])
         workload = "pattern=%s seed=%d" % (self.rng.choice(["random", "hotset", "sequential"]),
                                            self.serial)
-        vm = self.daemon.boot(mem_mib=32, vcpus=vcpus, workload=workload,
-                              name="boot-%d" % self.serial)
+        drives = []
+        if self.serial % 2 == 0:
+            path = os.path.join(self.daemon.workdir, "disk-%d.img" % self.serial)
+            with open(path, "wb") as f:
+                f.truncate(2 << 20)
+            drives = [pb.Drive(drive_id="data", path_on_host=path)]
+        request = pb.BootRequest(
+            name="boot-%d" % self.serial, kernel_image_path=os.environ["FORKD_GUEST"],
+            boot_args=workload, machine=pb.MachineConfig(vcpu_count=vcpus, mem_size_mib=32),
+            drives=drives)
+        vm = self.stub.Boot(request, timeout=60)
         self.vms[vm.id] = {"paused": False, "last_total": 0}
 
     def get_vm(self, vm_id):
@@ -127,7 +141,15 @@ class Torture:
             return None
 
     def verify(self, name, vm_id):
-        rc, output = verify_snapshot(self.snapshot_dir(name))
+        disk = os.path.join(self.snapshot_dir(name), "drive-data")
+        if os.path.exists(disk):
+            self.counts["disks"] += 1
+            result = subprocess.run([os.environ["FORKD_TESTVM"], "verify", self.snapshot_dir(name),
+                                     "--disk", disk], capture_output=True, text=True,
+                                    timeout=scaled(120))
+            rc, output = result.returncode, result.stdout + result.stderr
+        else:
+            rc, output = verify_snapshot(self.snapshot_dir(name))
         if rc != 0:
             self.counts["torn"] += 1
             print("torture: TORN %s of %s:\n%s" % (name, vm_id, output), file=sys.stderr)
@@ -169,7 +191,7 @@ class Torture:
         name = "t%d" % self.serial
         self.counts["branches"] += 1
         request = pb.BranchRequest(vm_id=vm_id, snapshot_name=name, mode=mode,
-                                   progress_interval_ms=10)
+                                   progress_interval_ms=10, allow_disk_copy_in_pause=True)
         call = self.stub.Branch(request, timeout=300)
         branch_id, done, cancelled, killed, code, message = "", False, False, False, None, ""
         try:
