@@ -114,27 +114,42 @@ static grpc_status_code remotes_finish(struct remotes_stream *stream,
     return GRPC_STATUS_OK;
 }
 
+typedef int (*remotes_transfer_fn)(struct remote *remote, struct store *store, const char *name,
+                                   const struct remote_transfer_control *control,
+                                   struct remote_progress *final, struct forkd_error *err);
+
+/* What Push and Pull share: the checks, the progress stream and the engine call. */
+static grpc_status_code remotes_transfer(struct rpc_call *call, const char *verb,
+                                         remotes_transfer_fn transfer, const char *name,
+                                         uint32_t interval_ms, struct remotes_stream *stream,
+                                         struct remote_progress *final, struct rpc_status *status)
+{
+    struct daemon_state *daemon = call->daemon;
+    struct remote *remote = NULL;
+    if (remotes_check(daemon, name, true, &remote, status) != GRPC_STATUS_OK)
+        return status->code;
+    *stream = (struct remotes_stream){.call = call, .daemon = daemon, .name = name};
+    struct remote_transfer_control control = {.progress = remotes_send_progress,
+                                              .cancelled = remotes_cancelled,
+                                              .arg = stream,
+                                              .interval_ms = remotes_interval(interval_ms)};
+    struct forkd_error err = {0};
+    log_info("%s %s: started", verb, name);
+    if (transfer(remote, engine_store(daemon->engine), name, &control, final, &err) < 0) {
+        log_warn("%s %s: %s", verb, name, err.message);
+        return convert_error(status, &err);
+    }
+    return GRPC_STATUS_OK;
+}
+
 FORKD_HANDLER(handle_push)
 {
     const Forkd__V1__PushRequest *r = (const Forkd__V1__PushRequest *)request;
-    struct daemon_state *daemon = call->daemon;
-    struct remote *remote = NULL;
-    if (remotes_check(daemon, r->snapshot_name, true, &remote, status) != GRPC_STATUS_OK)
-        return status->code;
-    struct remotes_stream stream = {.call = call, .daemon = daemon, .name = r->snapshot_name};
-    struct remote_transfer_control control = {.progress = remotes_send_progress,
-                                              .cancelled = remotes_cancelled,
-                                              .arg = &stream,
-                                              .interval_ms =
-                                                  remotes_interval(r->progress_interval_ms)};
+    struct remotes_stream stream;
     struct remote_progress final;
-    struct forkd_error err = {0};
-    log_info("push %s: started", r->snapshot_name);
-    if (remote_push(remote, engine_store(daemon->engine), r->snapshot_name, &control, &final,
-                    &err) < 0) {
-        log_warn("push %s: %s", r->snapshot_name, err.message);
-        return convert_error(status, &err);
-    }
+    if (remotes_transfer(call, "push", remote_push, r->snapshot_name, r->progress_interval_ms,
+                         &stream, &final, status) != GRPC_STATUS_OK)
+        return status->code;
     log_info("push %s: done, %llu of %llu chunks uploaded (%llu already there, %llu zero)",
              r->snapshot_name,
              (unsigned long long)(final.chunks_total - final.chunks_skipped - final.chunks_zero),
@@ -146,25 +161,14 @@ FORKD_HANDLER(handle_push)
 FORKD_HANDLER(handle_pull)
 {
     const Forkd__V1__PullRequest *r = (const Forkd__V1__PullRequest *)request;
-    struct daemon_state *daemon = call->daemon;
-    struct remote *remote = NULL;
-    if (remotes_check(daemon, r->snapshot_name, true, &remote, status) != GRPC_STATUS_OK)
-        return status->code;
-    struct remotes_stream stream = {.call = call, .daemon = daemon, .name = r->snapshot_name};
-    struct remote_transfer_control control = {.progress = remotes_send_progress,
-                                              .cancelled = remotes_cancelled,
-                                              .arg = &stream,
-                                              .interval_ms =
-                                                  remotes_interval(r->progress_interval_ms)};
+    struct remotes_stream stream;
     struct remote_progress final;
-    struct forkd_error err = {0};
-    log_info("pull %s: started", r->snapshot_name);
-    if (remote_pull(remote, engine_store(daemon->engine), r->snapshot_name, &control, &final,
-                    &err) < 0) {
-        log_warn("pull %s: %s", r->snapshot_name, err.message);
-        return convert_error(status, &err);
-    }
+    if (remotes_transfer(call, "pull", remote_pull, r->snapshot_name, r->progress_interval_ms,
+                         &stream, &final, status) != GRPC_STATUS_OK)
+        return status->code;
+    struct daemon_state *daemon = call->daemon;
     struct store_snapshot record;
+    struct forkd_error err = {0};
     if (store_get(engine_store(daemon->engine), r->snapshot_name, &record, &err) < 0)
         return convert_error(status, &err);
     log_info("pull %s: done, %llu chunks fetched (%llu zero)", r->snapshot_name,
