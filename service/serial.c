@@ -1,8 +1,7 @@
 /*
  * A counter that survives restarts (see serial.h). The file holds one decimal number: every
- * number up to it may have been handed out. It is replaced atomically (write a temporary file,
- * fsync, rename, fsync the directory), opened relative to the directory and never through a
- * link.
+ * number up to it may have been handed out. It is replaced atomically (fs_replace_file) and
+ * read relative to the directory, never through a link.
  */
 #include "serial.h"
 
@@ -58,24 +57,11 @@ static int serial_read(struct serial *serial, unsigned long *out, struct forkd_e
 /* Makes value the file's high-water mark, durably. */
 static int serial_write(struct serial *serial, unsigned long value, struct forkd_error *err)
 {
-    char tmp[80], text[32];
-    snprintf(tmp, sizeof(tmp), ".%s.tmp", serial->name);
+    char tmp_name[80], text[32];
+    snprintf(tmp_name, sizeof(tmp_name), ".%s.tmp", serial->name);
     int length = snprintf(text, sizeof(text), "%lu\n", value);
-    unlinkat(serial->dir_fd, tmp, 0);
-    _cleanup_close_ int fd =
-        openat(serial->dir_fd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-    int rc = fd < 0 ? -errno : fs_write_all(fd, text, (size_t)length);
-    if (rc == 0 && fsync(fd) < 0)
-        rc = -errno;
-    if (rc == 0 && renameat(serial->dir_fd, tmp, serial->dir_fd, serial->name) < 0)
-        rc = -errno;
-    if (rc == 0 && fsync(serial->dir_fd) < 0)
-        rc = -errno;
-    if (rc < 0) {
-        unlinkat(serial->dir_fd, tmp, 0);
-        return forkd_error_errno(err, rc, "write %s/%s", serial->dir, serial->name);
-    }
-    return 0;
+    int rc = fs_replace_file(serial->dir, serial->name, tmp_name, text, (size_t)length);
+    return rc < 0 ? forkd_error_errno(err, rc, "write %s/%s", serial->dir, serial->name) : 0;
 }
 
 int serial_open(const char *dir, const char *name, struct serial **out, struct forkd_error *err)

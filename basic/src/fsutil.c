@@ -5,11 +5,13 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <string.h>
 #include <stdio.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 int fs_mkdir_parents(const char *path, mode_t mode)
 {
@@ -38,6 +40,29 @@ int fs_sync_dir(const char *path)
     if (fd < 0)
         return -errno;
     return fsync(fd) < 0 ? -errno : 0;
+}
+
+int fs_replace_file(const char *dir, const char *name, const char *tmp_name, const void *data,
+                    size_t length)
+{
+    char path[PATH_MAX], tmp[PATH_MAX];
+    if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path) ||
+        snprintf(tmp, sizeof(tmp), "%s/%s", dir, tmp_name) >= (int)sizeof(tmp))
+        return -ENAMETOOLONG;
+    unlink(tmp);
+    _cleanup_close_ int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -errno;
+    int rc = fs_write_all(fd, data, length);
+    if (rc == 0 && fsync(fd) < 0)
+        rc = -errno;
+    if (rc == 0 && rename(tmp, path) < 0)
+        rc = -errno;
+    if (rc < 0) {
+        unlink(tmp);
+        return rc;
+    }
+    return fs_sync_dir(dir);
 }
 
 bool fs_unix_socket_answers(const char *path)

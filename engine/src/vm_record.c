@@ -158,26 +158,11 @@ static bool vm_record_put(cJSON *root, const struct vm_record *r)
  * the new one, never a part. */
 static int vm_record_replace(const char *run_dir, const char *id, const char *text)
 {
-    char path[PATH_MAX], tmp[PATH_MAX];
-    int rc = vm_record_path(run_dir, id, "", path, sizeof(path));
-    if (rc == 0)
-        rc = vm_record_path(run_dir, id, ".tmp", tmp, sizeof(tmp));
-    if (rc < 0)
-        return rc;
-    unlink(tmp);
-    _cleanup_close_ int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return -errno;
-    rc = fs_write_all(fd, text, strlen(text));
-    if (rc == 0 && fsync(fd) < 0)
-        rc = -errno;
-    if (rc == 0 && rename(tmp, path) < 0)
-        rc = -errno;
-    if (rc < 0) {
-        unlink(tmp);
-        return rc;
-    }
-    return fs_sync_dir(run_dir);
+    char name[128], tmp_name[128];
+    if (snprintf(name, sizeof(name), "%s.vm", id) >= (int)sizeof(name) ||
+        snprintf(tmp_name, sizeof(tmp_name), "%s.vm.tmp", id) >= (int)sizeof(tmp_name))
+        return -ENAMETOOLONG;
+    return fs_replace_file(run_dir, name, tmp_name, text, strlen(text));
 }
 
 int vm_record_save(const char *run_dir, const struct vm_record *record)

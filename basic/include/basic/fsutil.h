@@ -24,6 +24,13 @@ int fs_pwrite_all(int fd, const void *buffer, size_t length, off_t offset);
 /* fsync()s a directory, making renames and creations inside it durable. Returns 0 or -errno. */
 int fs_sync_dir(const char *path);
 
+/* Replaces dir/name with length bytes of data, durably and atomically: written to dir/tmp_name
+ * (created anew, never through a link), fsynced, renamed over name, and the directory fsynced;
+ * a reader sees the old file or the new one, never a part. Returns 0 or -errno (the temporary
+ * file removed). */
+int fs_replace_file(const char *dir, const char *name, const char *tmp_name, const void *data,
+                    size_t length);
+
 #ifdef __cplusplus
 }
 #endif
