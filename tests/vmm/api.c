@@ -278,6 +278,7 @@ static int handle_get_root(struct vmm *vmm, const char *resource_id, const cJSON
     cJSON_AddNumberToObject(root, "mem_size_mib", vmm->mem_size_mib);
     cJSON_AddNumberToObject(root, "mmio_gap_mib", vmm->mmio_gap_mib);
     cJSON_AddStringToObject(root, "memory_backend", guest_memory_backend_name(vmm->memory.backend));
+    cJSON_AddStringToObject(root, "huge_pages", vmm->huge_pages ? "2M" : "None");
     add_regions(root, &vmm->memory);
     add_drives(root, vmm);
     add_network_and_vsock(root, vmm);
@@ -322,8 +323,9 @@ static int handle_machine_config(struct vmm *vmm, const char *resource_id, const
         {"smt", FIELD_BOOL, false},
         {"track_dirty_pages", FIELD_BOOL, false},
         {"mem_backend_path", FIELD_STRING, false},
+        {"huge_pages", FIELD_STRING, false},
     };
-    int r = check_fields(body, "machine-config", specs, 5, err, err_size);
+    int r = check_fields(body, "machine-config", specs, 6, err, err_size);
 
     (void)response;
     if (r == 0)
@@ -342,8 +344,16 @@ static int handle_machine_config(struct vmm *vmm, const char *resource_id, const
     const char *backend_path = string_field(body, "mem_backend_path");
     if (backend_path && (!*backend_path || strlen(backend_path) >= sizeof(vmm->boot_memory_path)))
         return error_set(err, err_size, EINVAL, "mem_backend_path must be a path");
+    const char *huge_pages = string_field(body, "huge_pages");
+    if (huge_pages && strcmp(huge_pages, "None") != 0 && strcmp(huge_pages, "2M") != 0)
+        return error_set(err, err_size, EINVAL, "huge_pages must be \"None\" or \"2M\"");
+    bool huge = huge_pages && strcmp(huge_pages, "2M") == 0;
+    if (huge && (uint32_t)mib % (GUEST_HUGE_PAGE_SIZE >> 20))
+        return error_set(err, err_size, EINVAL,
+                         "mem_size_mib must be a multiple of 2 with huge_pages \"2M\"");
     snprintf(vmm->boot_memory_path, sizeof(vmm->boot_memory_path), "%s",
              backend_path ? backend_path : "");
+    vmm->huge_pages = huge;
     vmm->vcpu_count = (uint32_t)vcpus;
     vmm->mem_size_mib = (uint32_t)mib;
     vmm->machine_configured = true;
@@ -595,6 +605,7 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
 
     r = guest_memory_plan(&vmm->memory, (uint64_t)vmm->mem_size_mib << 20,
                           (uint64_t)vmm->mmio_gap_mib << 20, err, err_size);
+    vmm->memory.page_size = vmm->huge_pages ? GUEST_HUGE_PAGE_SIZE : GUEST_PAGE_SIZE;
     /* A memory file given at machine-config (a memfd as /proc/<pid>/fd/<n>) is guest memory
      * from the first instruction, mapped shared as a restore with shared: true maps it. */
     if (r == 0 && vmm->boot_memory_path[0])
@@ -725,6 +736,7 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
     state->loop_end = vmm->loop_end;
     state->guest_config = vmm->guest_config;
     state->boot_filled = vmm->boot_filled;
+    state->huge_pages = vmm->huge_pages;
     /* The guest's disk writes are synchronous (written before its next instruction): at the
      * pause they are all on the drive file already, nothing is left to drain. */
     state->disk_window = vmm->disk_window;
@@ -877,6 +889,7 @@ static int restore_machine(struct vmm *vmm, const struct vmstate *state,
     int r =
         guest_memory_adopt_layout(&vmm->memory, state->regions, state->region_count, err, err_size);
 
+    vmm->memory.page_size = state->huge_pages ? GUEST_HUGE_PAGE_SIZE : GUEST_PAGE_SIZE;
     if (r == 0 && ((uint64_t)state->mem_size_mib << 20) != vmm->memory.total_size)
         r = error_set(err, err_size, EINVAL, "vmstate: regions do not add up to mem_size_mib");
     if (r == 0 && state->guest_config.vcpu_count != state->vcpu_count)
@@ -935,6 +948,7 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     vmm->mmio_gap_mib = state->mmio_gap_mib;
     vmm->guest_config = state->guest_config;
     vmm->boot_filled = state->boot_filled;
+    vmm->huge_pages = state->huge_pages;
     vmm->increment_window = state->increment_window;
     vmm->loop_start = state->loop_start;
     vmm->loop_end = state->loop_end;
@@ -954,7 +968,7 @@ static int open_write_protect_uffd(const struct guest_memory *memory, char *err,
     if (memory->backend == MEMORY_BACKEND_UFFD)
         return error_set(err, err_size, EINVAL,
                          "guest memory is registered with the restore userfaultfd already");
-    if (memory->backend == MEMORY_BACKEND_SHARED)
+    if (memory->backend == MEMORY_BACKEND_SHARED || memory->page_size == GUEST_HUGE_PAGE_SIZE)
         return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0, NULL,
                          err, err_size);
     /* Anonymous memory is all resident (boot fill), but never-touched ptes would be skipped
@@ -991,7 +1005,7 @@ static int handle_uffd_wp(struct vmm *vmm, const char *resource_id, const cJSON 
         if (r < 0)
             return r;
         handshake[i] = (struct uffd_handshake_region){(uint64_t)region->host, region->size,
-                                                      region->file_offset};
+                                                      region->file_offset, vmm->memory.page_size};
     }
     r = uffd_handshake_send(string_field(body, "socket"), uffd, handshake, vmm->memory.region_count,
                             &socket_fd, err, err_size);

@@ -61,6 +61,7 @@ struct vmm {
     uint32_t mem_size_mib;
     char kernel_image_path[PATH_MAX];
     char boot_memory_path[PATH_MAX]; /* machine-config mem_backend_path; empty: anonymous */
+    bool huge_pages; /* machine-config huge_pages "2M": guest memory in 2 MiB hugetlbfs pages */
     struct workload workload;
     /* Recorded; the first writable one is the guest's disk (GUEST_PORT_DISK, its fd in
      * vm.disk_fd while the machine exists), the others are not attached. */

@@ -7,7 +7,11 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
+
+#include <linux/magic.h>
+#include <linux/mman.h> /* MAP_HUGE_2MB */
 
 #include <forkd_compat/userfaultfd.h>
 
@@ -33,6 +37,7 @@ int guest_memory_plan(struct guest_memory *memory, uint64_t mem_size, uint64_t g
                          "MMIO gap start %" PRIu64 " must be a multiple of 2 MiB, at least 2 MiB",
                          gap_start);
     memset(memory, 0, sizeof(*memory));
+    memory->page_size = GUEST_PAGE_SIZE;
     memory->restore_uffd = -1;
     memory->restore_socket = -1;
     regions[0] = (struct memory_region){.size = mem_size < gap_start ? mem_size : gap_start};
@@ -62,6 +67,7 @@ int guest_memory_adopt_layout(struct guest_memory *memory, const struct memory_r
         return error_set(err, err_size, EINVAL, "%u memory regions (1 to %d allowed)", region_count,
                          GUEST_MEMORY_MAX_REGIONS);
     memset(memory, 0, sizeof(*memory));
+    memory->page_size = GUEST_PAGE_SIZE;
     memory->restore_uffd = -1;
     memory->restore_socket = -1;
     for (unsigned i = 0; i < region_count; i++) {
@@ -87,12 +93,27 @@ int guest_memory_adopt_layout(struct guest_memory *memory, const struct memory_r
     return 0;
 }
 
+static bool huge_pages(const struct guest_memory *memory)
+{
+    return memory->page_size == GUEST_HUGE_PAGE_SIZE;
+}
+
 static int map_regions(struct guest_memory *memory, int fd, int flags, char *err, size_t err_size)
 {
     for (unsigned i = 0; i < memory->region_count; i++) {
         struct memory_region *r = &memory->regions[i];
+        if (r->size % memory->page_size || r->file_offset % memory->page_size)
+            return error_set(err, err_size, EINVAL,
+                             "region %u (%" PRIu64 " bytes at offset %" PRIu64
+                             ") is not a whole number of %" PRIu64 "-byte pages",
+                             i, r->size, r->file_offset, memory->page_size);
         void *host = mmap(NULL, r->size, PROT_READ | PROT_WRITE, flags, fd,
                           fd >= 0 ? (off_t)r->file_offset : 0);
+        if (host == MAP_FAILED && errno == ENOMEM && huge_pages(memory))
+            return error_set(err, err_size, ENOMEM,
+                             "mmap of region %u (%" PRIu64 " bytes): not enough free 2 MiB huge "
+                             "pages (see /proc/sys/vm/nr_hugepages)",
+                             i, r->size);
         if (host == MAP_FAILED)
             return error_set(err, err_size, errno, "mmap of region %u (%" PRIu64 " bytes): %s", i,
                              r->size, strerror(errno));
@@ -101,10 +122,42 @@ static int map_regions(struct guest_memory *memory, int fd, int flags, char *err
     return 0;
 }
 
+/* Anonymous guest memory: huge pages are reserved when mapped (no MAP_NORESERVE, which would
+ * turn a shortage into a SIGBUS inside KVM_RUN later). */
+static int anonymous_flags(const struct guest_memory *memory)
+{
+    if (huge_pages(memory))
+        return MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB;
+    return MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+}
+
 int guest_memory_map_anonymous(struct guest_memory *memory, char *err, size_t err_size)
 {
     memory->backend = MEMORY_BACKEND_ANONYMOUS;
-    return map_regions(memory, -1, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, err, err_size);
+    return map_regions(memory, -1, anonymous_flags(memory), err, err_size);
+}
+
+/* A memory file's pages must be the guest's: a hugetlbfs file for 2 MiB pages, any other file
+ * for 4 KiB ones (mapping a hugetlbfs file as 4 KiB memory would silently hand KVM huge pages
+ * the snapshot does not record, and the reverse cannot work). */
+static int check_file_page_size(const struct guest_memory *memory, int fd, const char *path,
+                                char *err, size_t err_size)
+{
+    struct statfs fs;
+    if (fstatfs(fd, &fs) < 0)
+        return error_set(err, err_size, errno, "fstatfs(%s): %s", path, strerror(errno));
+    bool hugetlbfs = fs.f_type == HUGETLBFS_MAGIC;
+    if (huge_pages(memory) && (!hugetlbfs || (uint64_t)fs.f_bsize != GUEST_HUGE_PAGE_SIZE))
+        return error_set(err, err_size, EINVAL,
+                         "%s is not on hugetlbfs with 2 MiB pages, but guest memory uses 2 MiB "
+                         "pages (huge_pages \"2M\")",
+                         path);
+    if (!huge_pages(memory) && hugetlbfs)
+        return error_set(err, err_size, EINVAL,
+                         "%s is on hugetlbfs, but guest memory uses 4 KiB pages (set huge_pages "
+                         "\"2M\")",
+                         path);
+    return 0;
 }
 
 int guest_memory_map_file(struct guest_memory *memory, const char *path, bool shared, char *err,
@@ -122,6 +175,13 @@ int guest_memory_map_file(struct guest_memory *memory, const char *path, bool sh
         return error_set(err, err_size, EINVAL,
                          "%s is %lld bytes but the snapshot's regions add up to %" PRIu64, path,
                          (long long)st.st_size, memory->total_size);
+    if (huge_pages(memory) && !shared)
+        return error_set(err, err_size, EINVAL,
+                         "guest memory with 2 MiB pages cannot be a private file mapping "
+                         "(restore with backend Uffd, or a shared hugetlbfs file)");
+    int r = check_file_page_size(memory, fd, path, err, err_size);
+    if (r < 0)
+        return r;
     memory->backend = shared ? MEMORY_BACKEND_SHARED : MEMORY_BACKEND_FILE;
     /* The mappings keep the file alive; the descriptor is not needed afterwards. */
     return map_regions(memory, fd, shared ? MAP_SHARED : MAP_PRIVATE, err, err_size);
@@ -135,7 +195,7 @@ int guest_memory_map_uffd(struct guest_memory *memory, const char *socket_path, 
     int r;
 
     memory->backend = MEMORY_BACKEND_UFFD;
-    r = map_regions(memory, -1, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, err, err_size);
+    r = map_regions(memory, -1, anonymous_flags(memory), err, err_size);
     if (r < 0)
         return r;
     uffd = uffd_open(UFFD_FEATURE_EVENT_REMOVE, 0, NULL, err, err_size);
@@ -151,6 +211,7 @@ int guest_memory_map_uffd(struct guest_memory *memory, const char *socket_path, 
             .base_host_virt_addr = (uint64_t)region->host,
             .size = region->size,
             .offset = region->file_offset,
+            .page_size = memory->page_size,
         };
     }
     r = uffd_handshake_send(socket_path, uffd, handshake, memory->region_count,

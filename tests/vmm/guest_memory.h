@@ -33,6 +33,10 @@ struct memory_region {
 
 struct guest_memory {
     enum memory_backend backend;
+    /* GUEST_PAGE_SIZE, or GUEST_HUGE_PAGE_SIZE for guest memory from hugetlbfs (Firecracker's
+     * machine-config huge_pages "2M"): anonymous MAP_HUGETLB, or a file on hugetlbfs (a memfd
+     * made with MFD_HUGETLB). Set by plan/adopt to 4 KiB; the caller raises it before mapping. */
+    uint64_t page_size;
     unsigned region_count;
     struct memory_region regions[GUEST_MEMORY_MAX_REGIONS];
     uint64_t total_size;
@@ -51,7 +55,10 @@ int guest_memory_plan(struct guest_memory *memory, uint64_t mem_size, uint64_t g
 int guest_memory_adopt_layout(struct guest_memory *memory, const struct memory_region *regions,
                               unsigned region_count, char *err, size_t err_size);
 
-/* Sets up a planned (or, for restores, vmstate-described) layout with the given backend. */
+/* Sets up a planned (or, for restores, vmstate-described) layout with the given backend, in
+ * pages of memory->page_size: a file must then live on a file system of that page size
+ * (hugetlbfs for 2 MiB, anything else for 4 KiB), and anonymous huge pages are reserved at
+ * mapping time (ENOMEM, named, when the host has too few free). */
 int guest_memory_map_anonymous(struct guest_memory *memory, char *err, size_t err_size);
 int guest_memory_map_file(struct guest_memory *memory, const char *path, bool shared, char *err,
                           size_t err_size);

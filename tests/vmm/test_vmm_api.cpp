@@ -90,6 +90,10 @@ TEST_F(ApiTest, MalformedJsonAndSchemaViolationsAre400)
     expect_400("PUT", "/machine-config", "{\"vcpu_count\":1,\"mem_size_mib\":64,\"turbo\":true}",
                "unknown field 'turbo'");
     expect_400("PUT", "/machine-config", "{\"vcpu_count\":1}", "missing field 'mem_size_mib'");
+    expect_400("PUT", "/machine-config",
+               "{\"vcpu_count\":1,\"mem_size_mib\":64,\"huge_pages\":\"1G\"}", "huge_pages");
+    expect_400("PUT", "/machine-config",
+               "{\"vcpu_count\":1,\"mem_size_mib\":65,\"huge_pages\":\"2M\"}", "multiple of 2");
     expect_400("PUT", "/boot-source", "{\"kernel_image_path\":42}", "kernel_image_path");
     expect_400("PUT", "/boot-source", guest_boot_source("pages=abc"), "pages");
     expect_400("PUT", "/boot-source", guest_boot_source("pattern=zigzag"), "pattern");

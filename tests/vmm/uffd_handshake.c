@@ -18,7 +18,6 @@
 
 #include "vmm_error.h"
 
-#define HANDSHAKE_PAGE_SIZE 4096
 #define HANDSHAKE_MAX_BYTES 4096
 
 int uffd_open(uint64_t required, uint64_t optional, uint64_t *features_out, char *err,
@@ -72,9 +71,10 @@ static int format_regions(const struct uffd_handshake_region *regions, unsigned 
     for (unsigned i = 0; i < count && used < out_size; i++) {
         used += (size_t)snprintf(out + used, out_size - used,
                                  "%s{\"base_host_virt_addr\":%" PRIu64 ",\"size\":%" PRIu64
-                                 ",\"offset\":%" PRIu64 ",\"page_size\":%d,\"page_size_kib\":%d}",
+                                 ",\"offset\":%" PRIu64 ",\"page_size\":%" PRIu64
+                                 ",\"page_size_kib\":%" PRIu64 "}",
                                  i ? "," : "", regions[i].base_host_virt_addr, regions[i].size,
-                                 regions[i].offset, HANDSHAKE_PAGE_SIZE, HANDSHAKE_PAGE_SIZE);
+                                 regions[i].offset, regions[i].page_size, regions[i].page_size);
     }
     if (used < out_size)
         used += (size_t)snprintf(out + used, out_size - used, "]");

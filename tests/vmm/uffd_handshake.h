@@ -13,6 +13,7 @@ struct uffd_handshake_region {
     uint64_t base_host_virt_addr;
     uint64_t size;
     uint64_t offset;
+    uint64_t page_size; /* 4096, or 2 MiB for hugetlbfs memory */
 };
 
 /*

@@ -35,6 +35,7 @@ struct vmstate_file_header {
 };
 
 #define VMSTATE_FLAG_BOOT_FILLED 1ull
+#define VMSTATE_FLAG_HUGE_PAGES  2ull
 
 struct vmstate_file_drive {
     char id[64];
@@ -102,7 +103,8 @@ int vmstate_write(const char *path, const struct vmstate *state, bool sync, char
         .loop_start = state->loop_start,
         .loop_end = state->loop_end,
         .device_saves = state->device_saves,
-        .flags = state->boot_filled ? VMSTATE_FLAG_BOOT_FILLED : 0,
+        .flags = (state->boot_filled ? VMSTATE_FLAG_BOOT_FILLED : 0) |
+                 (state->huge_pages ? VMSTATE_FLAG_HUGE_PAGES : 0),
         .disk_window = state->disk_window,
         .drive_count = state->drive_count,
     };
@@ -218,6 +220,7 @@ int vmstate_read(const char *path, struct vmstate *state, char *err, size_t err_
     state->loop_end = header.loop_end;
     state->device_saves = header.device_saves;
     state->boot_filled = header.flags & VMSTATE_FLAG_BOOT_FILLED;
+    state->huge_pages = header.flags & VMSTATE_FLAG_HUGE_PAGES;
     const uint8_t *cursor = data + sizeof(header);
     for (uint32_t i = 0; i < header.region_count; i++) {
         struct vmstate_file_region region;

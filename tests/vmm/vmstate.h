@@ -62,6 +62,7 @@ struct vmstate {
     uint32_t drive_count;
     struct vmstate_drive drives[VMSTATE_MAX_DRIVES];
     bool boot_filled; /* boot memory was filled with the pattern; else sparse (zeros) */
+    bool huge_pages;  /* guest memory is in 2 MiB hugetlbfs pages (loads need Uffd or shared) */
     struct memory_region regions[GUEST_MEMORY_MAX_REGIONS]; /* host pointers not stored */
     struct guest_config guest_config;
     struct vcpu_state vcpus[GUEST_MAX_VCPUS];
