@@ -24,6 +24,9 @@ void convert_vm(struct vm *vm, struct vm_message *out)
     out->machine = (Forkd__V1__MachineConfig)FORKD__V1__MACHINE_CONFIG__INIT;
     out->machine.vcpu_count = status->vcpu_count;
     out->machine.mem_size_mib = status->mem_size_mib;
+    out->machine.huge_pages = status->page_size == VM_HUGE_PAGE_SIZE
+                                  ? FORKD__V1__HUGE_PAGES__HUGE_PAGES_2M
+                                  : FORKD__V1__HUGE_PAGES__HUGE_PAGES_NONE;
     out->vm = (Forkd__V1__Vm)FORKD__V1__VM__INIT;
     out->vm.id = out->status.id;
     out->vm.name = out->status.name;
@@ -122,6 +125,9 @@ void convert_snapshot(const struct store_snapshot *record, struct snapshot_messa
     out->machine = (Forkd__V1__MachineConfig)FORKD__V1__MACHINE_CONFIG__INIT;
     out->machine.vcpu_count = r->vcpu_count;
     out->machine.mem_size_mib = r->mem_size_mib;
+    out->machine.huge_pages = r->page_size == VM_HUGE_PAGE_SIZE
+                                  ? FORKD__V1__HUGE_PAGES__HUGE_PAGES_2M
+                                  : FORKD__V1__HUGE_PAGES__HUGE_PAGES_NONE;
     convert_figures(&r->figures, &out->figures);
     out->progress = (Forkd__V1__BranchProgress)FORKD__V1__BRANCH_PROGRESS__INIT;
     out->progress.bytes_copied = r->figures.bytes_copied;

@@ -45,6 +45,16 @@ static grpc_status_code vms_check_boot(const Forkd__V1__BootRequest *request,
         return rpc_status_set(
             status, GRPC_STATUS_INVALID_ARGUMENT, "mem_size_mib %llu is out of range %d..%d",
             (unsigned long long)machine->mem_size_mib, VM_MIN_MEMORY_MIB, VM_MAX_MEMORY_MIB);
+    if (machine->huge_pages != FORKD__V1__HUGE_PAGES__HUGE_PAGES_NONE &&
+        machine->huge_pages != FORKD__V1__HUGE_PAGES__HUGE_PAGES_2M)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "huge_pages %d is not HUGE_PAGES_NONE or HUGE_PAGES_2M",
+                              (int)machine->huge_pages);
+    if (machine->huge_pages == FORKD__V1__HUGE_PAGES__HUGE_PAGES_2M && machine->mem_size_mib % 2)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "mem_size_mib %llu is odd: with HUGE_PAGES_2M guest memory is whole "
+                              "2 MiB pages",
+                              (unsigned long long)machine->mem_size_mib);
     size_t boot_args_length = strlen(request->boot_args);
     if (boot_args_length > VM_MAX_BOOT_ARGS)
         return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
@@ -114,6 +124,9 @@ grpc_status_code handle_boot(struct rpc_call *call, const ProtobufCMessage *mess
         .name = request->name,
         .vcpu_count = request->machine->vcpu_count,
         .mem_size_mib = request->machine->mem_size_mib,
+        .page_size = request->machine->huge_pages == FORKD__V1__HUGE_PAGES__HUGE_PAGES_2M
+                         ? VM_HUGE_PAGE_SIZE
+                         : VM_SMALL_PAGE_SIZE,
         .kernel_image_path = request->kernel_image_path,
         .boot_args = request->boot_args,
         .labels = labels,

@@ -956,13 +956,45 @@ static int branch_run_full(struct branch *branch, struct branch_run_state *run,
         return forkd_error_errno(err, -errno, "memory.bin after a Full snapshot");
     run->total_bytes = (uint64_t)st.st_size;
     branch->bytes_total = run->total_bytes;
-    branch->page_size = 4096;
+    branch->page_size = (uint32_t)vm_page_size(run->vm);
     atomic_store(&branch->bytes_copied, run->total_bytes);
     branch_set_phase(branch, BRANCH_PHASE_RESUMED);
     return 0;
 }
 
 /* ---- the record and the run ------------------------------------------------------------- */
+
+/* memory.bin's regions: from the write-protect handshake (LIVE), else (FULL) from the VMM's
+ * own description where it gives one; where the guest sees each, as the VMM says (a region of
+ * the handshake is matched to the VMM's by offset and size). */
+static void branch_fill_regions(const struct branch *branch, const struct branch_run_state *run,
+                                const struct vmm_info *info, struct store_snapshot *meta)
+{
+    bool from_vmm = run->region_count == 0;
+    meta->region_count = from_vmm ? info->region_count : run->region_count;
+    if (meta->region_count > STORE_MAX_REGIONS)
+        meta->region_count = STORE_MAX_REGIONS;
+    for (size_t i = 0; i < meta->region_count; i++) {
+        struct store_region *r = &meta->regions[i];
+        if (from_vmm) {
+            *r = (struct store_region){.guest_phys_addr_known = true,
+                                       .guest_phys_addr = info->regions[i].guest_phys_addr,
+                                       .size = info->regions[i].size,
+                                       .file_offset = info->regions[i].file_offset,
+                                       .page_size = branch->page_size};
+            continue;
+        }
+        *r = (struct store_region){.size = run->regions[i].uffd.size,
+                                   .file_offset = run->regions[i].uffd.file_offset,
+                                   .page_size = (uint32_t)run->regions[i].uffd.page_size};
+        for (size_t j = 0; j < info->region_count; j++)
+            if (info->regions[j].file_offset == r->file_offset &&
+                info->regions[j].size == r->size) {
+                r->guest_phys_addr_known = true;
+                r->guest_phys_addr = info->regions[j].guest_phys_addr;
+            }
+    }
+}
 
 static void branch_fill_record(struct branch *branch, const struct branch_run_state *run,
                                const struct branch_request *request, struct store_snapshot *meta)
@@ -986,16 +1018,10 @@ static void branch_fill_record(struct branch *branch, const struct branch_run_st
     meta->mem_size_mib = run->total_bytes >> 20;
     meta->memory_bytes = run->total_bytes;
     meta->page_size = branch->page_size;
-    meta->region_count = run->region_count;
-    for (size_t i = 0; i < run->region_count; i++)
-        meta->regions[i] = (struct store_region){
-            .size = run->regions[i].uffd.size,
-            .file_offset = run->regions[i].uffd.file_offset,
-            .page_size = (uint32_t)run->regions[i].uffd.page_size,
-        };
-    struct vmm_info info;
+    struct vmm_info info = {0};
     if (vmm_get_info(vm_client(run->vm), &info, NULL) == 0)
         snprintf(meta->vmm_version, sizeof(meta->vmm_version), "%s", info.vmm_version);
+    branch_fill_regions(branch, run, &info, meta);
     struct stat st;
     if (stat(store_writer_vmstate_path(run->writer), &st) == 0)
         meta->vmstate_bytes = (uint64_t)st.st_size;

@@ -126,6 +126,7 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
         .memory = request->memory,
         .start_paused = start_paused,
         .vcpu_count = snapshot.vcpu_count,
+        .page_size = snapshot.page_size,
         .labels = request->labels,
         .label_count = request->label_count,
         .page_server = engine->page_server,

@@ -89,7 +89,8 @@ static bool snapshot_json_put_regions(cJSON *parent, const struct store_snapshot
         cJSON *obj = cJSON_CreateObject();
         if (!obj || !cJSON_AddItemToArray(array, obj))
             return cJSON_Delete(obj), false;
-        if (!snapshot_json_put_u64(obj, "guest_phys_addr", r->guest_phys_addr) ||
+        if ((r->guest_phys_addr_known &&
+             !snapshot_json_put_u64(obj, "guest_phys_addr", r->guest_phys_addr)) ||
             !snapshot_json_put_u64(obj, "size", r->size) ||
             !snapshot_json_put_u64(obj, "file_offset", r->file_offset) ||
             !snapshot_json_put_u64(obj, "page_size", r->page_size))
@@ -236,9 +237,12 @@ static int snapshot_json_get_regions(const cJSON *root, struct store_snapshot *m
     cJSON_ArrayForEach(item, array)
     {
         struct store_region *r = &meta->regions[meta->region_count];
+        r->guest_phys_addr_known =
+            cJSON_IsObject(item) && cJSON_GetObjectItemCaseSensitive(item, "guest_phys_addr");
         if (!cJSON_IsObject(item) ||
-            snapshot_json_get_u64(item, "guest_phys_addr", SNAPSHOT_JSON_INT_MAX,
-                                  &r->guest_phys_addr, err) ||
+            (r->guest_phys_addr_known &&
+             snapshot_json_get_u64(item, "guest_phys_addr", SNAPSHOT_JSON_INT_MAX,
+                                   &r->guest_phys_addr, err)) ||
             snapshot_json_get_u64(item, "size", SNAPSHOT_JSON_INT_MAX, &r->size, err) ||
             snapshot_json_get_u64(item, "file_offset", SNAPSHOT_JSON_INT_MAX, &r->file_offset,
                                   err) ||

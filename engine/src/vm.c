@@ -39,6 +39,14 @@
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+
+#include <linux/mman.h> /* MAP_HUGE_SHIFT */
+
+/* memfd_create's 2 MiB hugetlbfs page size (linux/memfd.h; that header's other flags clash
+ * with glibc's). */
+#ifndef MFD_HUGE_2MB
+#define MFD_HUGE_2MB (21U << MAP_HUGE_SHIFT)
+#endif
 #include <time.h>
 #include <unistd.h>
 
@@ -52,6 +60,7 @@ struct vm {
     enum vm_memory memory;
     unsigned vcpu_count;
     uint64_t mem_size_mib;
+    uint64_t page_size; /* VM_SMALL_PAGE_SIZE or VM_HUGE_PAGE_SIZE */
     size_t label_count;
     struct vm_label labels[VM_MAX_LABELS];
     struct vm_devices devices; /* set before the VM is listed as started; then read-only */
@@ -135,6 +144,7 @@ static struct vm *vm_new(struct vm_registry *registry)
     vm->registry = registry;
     vm->pidfd = -1;
     vm->memfd = -1;
+    vm->page_size = VM_SMALL_PAGE_SIZE;
     vm->state = VM_STATE_STARTING;
     vm->created_at_unix_ms = forkd_unix_ms();
     vm->starting = true;
@@ -156,6 +166,7 @@ static void vm_fill_record(struct vm *vm, struct vm_record *r)
     r->memory = vm->memory;
     r->vcpu_count = vm->vcpu_count;
     r->mem_size_mib = vm->mem_size_mib;
+    r->page_size = vm->page_size;
     r->memory_bytes = vm->memory_bytes;
     snprintf(r->source_snapshot, sizeof(r->source_snapshot), "%s", vm->source_snapshot);
     r->created_at_unix_ms = vm->created_at_unix_ms;
@@ -208,6 +219,11 @@ static int vm_mark_started(struct vm *vm, struct forkd_error *err)
     pthread_mutex_unlock(&vm->record_lock);
     int rc = vm_save_record(vm);
     return rc < 0 ? forkd_error_errno(err, rc, "write the record of VM %s", vm->id) : 0;
+}
+
+uint64_t vm_page_size(const struct vm *vm)
+{
+    return vm->page_size; /* set before the VM is listed, then fixed */
 }
 
 unsigned vm_slow_call_timeout_ms(const struct vm *vm)
@@ -417,6 +433,7 @@ void vm_get_status(struct vm *vm, struct vm_status *out)
     out->memory = vm->memory;
     out->vcpu_count = vm->vcpu_count;
     out->mem_size_mib = vm->mem_size_mib;
+    out->page_size = vm->page_size;
     out->label_count = vm->label_count;
     memcpy(out->labels, vm->labels, vm->label_count * sizeof(vm->labels[0]));
     out->devices = vm->devices;
@@ -903,20 +920,42 @@ static int vm_launch(struct vm_registry *registry, const struct vm_launch_params
 
 /* ---- boot, restore, stop ---------------------------------------------------------------- */
 
-/* A MEMFD boot: the guest memfd, created empty (no page is populated before the guest
- * touches it), handed to the VMM as /proc/<pid>/fd/<n> in backend_path. */
-static int vm_create_boot_memfd(struct vm *vm, char *backend_path, size_t backend_path_size,
-                                struct forkd_error *err)
+/* The guest memfd of a MEMFD VM, empty (no page populated), of 2 MiB hugetlbfs pages when the
+ * VM has huge pages. Those are reserved here, by mapping the whole file once: a host short of
+ * free huge pages fails now, by name, rather than the VMM at start or a vCPU later (SIGBUS). */
+static int vm_create_memfd(struct vm *vm, uint64_t bytes, struct forkd_error *err)
 {
     char name[64];
     snprintf(name, sizeof(name), "forkd-guest-%s", vm->id);
-    _cleanup_close_ int memfd = memfd_create(name, MFD_CLOEXEC);
-    if (memfd < 0 || ftruncate(memfd, (off_t)vm->memory_bytes) < 0)
-        return forkd_error_errno(err, -errno, "memfd for %s (%llu bytes)", vm->id,
-                                 (unsigned long long)vm->memory_bytes);
+    bool huge = vm->page_size == VM_HUGE_PAGE_SIZE;
+    _cleanup_close_ int memfd =
+        memfd_create(name, MFD_CLOEXEC | (huge ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
+    if (memfd < 0 || ftruncate(memfd, (off_t)bytes) < 0)
+        return forkd_error_errno(err, -errno, "%smemfd for %s (%llu bytes)",
+                                 huge ? "2 MiB hugetlbfs " : "", vm->id, (unsigned long long)bytes);
+    if (huge) {
+        void *map = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+        if (map == MAP_FAILED)
+            return forkd_error_errno(err, -errno,
+                                     "reserve %llu free 2 MiB huge pages for %s (see "
+                                     "/proc/sys/vm/nr_hugepages and "
+                                     "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages)",
+                                     (unsigned long long)(bytes / VM_HUGE_PAGE_SIZE), vm->id);
+        munmap(map, bytes); /* the reservation stays with the file */
+    }
+    return take_fd(memfd);
+}
+
+/* A MEMFD boot: the guest memfd handed to the VMM as /proc/<pid>/fd/<n> in backend_path. */
+static int vm_create_boot_memfd(struct vm *vm, char *backend_path, size_t backend_path_size,
+                                struct forkd_error *err)
+{
+    int memfd = vm_create_memfd(vm, vm->memory_bytes, err);
+    if (memfd < 0)
+        return memfd;
     snprintf(backend_path, backend_path_size, "/proc/%d/fd/%d", (int)getpid(), memfd);
     pthread_mutex_lock(&vm->lock);
-    vm->memfd = take_fd(memfd);
+    vm->memfd = memfd;
     pthread_mutex_unlock(&vm->lock);
     return 0;
 }
@@ -946,7 +985,8 @@ static int vm_configure_boot(struct vm *vm, const struct vm_boot_config *config,
         rc = vm_create_boot_memfd(vm, backend_path, sizeof(backend_path), err);
     if (rc == 0)
         rc = vmm_put_machine_config_backed(vm->client, config->vcpu_count, config->mem_size_mib,
-                                           backend_path[0] ? backend_path : NULL, err);
+                                           backend_path[0] ? backend_path : NULL,
+                                           vm->page_size == VM_HUGE_PAGE_SIZE, err);
     if (rc == 0)
         rc = vmm_put_boot_source_initrd(vm->client, config->kernel_image_path, config->boot_args,
                                         vm->devices.initrd_path, err);
@@ -981,6 +1021,14 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
     if (memory != VM_MEMORY_MEMFD && memory != VM_MEMORY_ANONYMOUS)
         return forkd_error_set(err, -EINVAL, "boot: memory %s is not MEMFD or ANONYMOUS",
                                vm_memory_name(memory, (char[32]){0}, 32));
+    uint64_t page_size = config->page_size ? config->page_size : VM_SMALL_PAGE_SIZE;
+    if (page_size != VM_SMALL_PAGE_SIZE && page_size != VM_HUGE_PAGE_SIZE)
+        return forkd_error_set(err, -EINVAL, "boot: page size %llu is not 4 KiB or 2 MiB",
+                               (unsigned long long)page_size);
+    if ((config->mem_size_mib << 20) % page_size)
+        return forkd_error_set(err, -EINVAL,
+                               "boot: mem_size_mib %llu is not a whole number of 2 MiB pages",
+                               (unsigned long long)config->mem_size_mib);
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
@@ -988,6 +1036,7 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
     if (rc < 0)
         return rc;
     vm->memory = memory;
+    vm->page_size = page_size;
     vm->devices = *devices;
     vm->vcpu_count = config->vcpu_count;
     vm->mem_size_mib = config->mem_size_mib;
@@ -1004,6 +1053,44 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
     return 0;
 }
 
+/* Copies memory.bin into a hugetlbfs memfd, which takes no write() or sendfile(): through a
+ * mapping of it. */
+static int vm_read_into_mapping(int memfd, int source, uint64_t bytes, const char *memory_path,
+                                struct forkd_error *err)
+{
+    uint8_t *map = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (map == MAP_FAILED)
+        return forkd_error_errno(err, -errno, "map the guest memfd (%llu bytes)",
+                                 (unsigned long long)bytes);
+    int rc = 0;
+    for (uint64_t done = 0; done < bytes && rc == 0;) {
+        ssize_t n = pread(source, map + done, bytes - done, (off_t)done);
+        if (n <= 0)
+            rc = forkd_error_set(err, n < 0 ? -errno : -EIO, "read %s at %llu: %s", memory_path,
+                                 (unsigned long long)done,
+                                 n < 0 ? strerror(errno) : "unexpected end of file");
+        else
+            done += (uint64_t)n;
+    }
+    munmap(map, bytes);
+    return rc;
+}
+
+static int vm_send_into_memfd(int memfd, int source, uint64_t bytes, const char *memory_path,
+                              struct forkd_error *err)
+{
+    off_t offset = 0;
+    while ((uint64_t)offset < bytes) {
+        /* sendfile copies page cache to the memfd in the kernel, in large steps. */
+        ssize_t n = sendfile(memfd, source, &offset, (size_t)(bytes - (uint64_t)offset));
+        if (n <= 0)
+            return forkd_error_set(err, n < 0 ? -errno : -EIO, "fill memfd from %s at %lld: %s",
+                                   memory_path, (long long)offset,
+                                   n < 0 ? strerror(errno) : "unexpected end of file");
+    }
+    return 0;
+}
+
 /* Creates the guest memfd of a MEMFD restore and fills it from memory.bin. */
 static int vm_fill_memfd(struct vm *vm, const char *memory_path, struct forkd_error *err)
 {
@@ -1011,22 +1098,22 @@ static int vm_fill_memfd(struct vm *vm, const char *memory_path, struct forkd_er
     struct stat st;
     if (source < 0 || fstat(source, &st) < 0)
         return forkd_error_errno(err, -errno, "open %s", memory_path);
-    char name[64];
-    snprintf(name, sizeof(name), "forkd-guest-%s", vm->id);
-    _cleanup_close_ int memfd = memfd_create(name, MFD_CLOEXEC);
-    if (memfd < 0 || ftruncate(memfd, st.st_size) < 0)
-        return forkd_error_errno(err, -errno, "memfd for %s (%lld bytes)", vm->id,
-                                 (long long)st.st_size);
-    off_t offset = 0;
-    while (offset < st.st_size) {
-        /* sendfile copies page cache to the memfd in the kernel, in large steps. */
-        ssize_t n = sendfile(memfd, source, &offset, (size_t)(st.st_size - offset));
-        if (n <= 0)
-            return forkd_error_set(err, n < 0 ? -errno : -EIO, "fill memfd from %s at %lld: %s",
-                                   memory_path, (long long)offset,
-                                   n < 0 ? strerror(errno) : "unexpected end of file");
-    }
-    vm->memory_bytes = (uint64_t)st.st_size;
+    uint64_t bytes = (uint64_t)st.st_size;
+    if (bytes % vm->page_size)
+        return forkd_error_set(err, -EIO,
+                               "%s holds %llu bytes, not a whole number of %llu-byte "
+                               "pages",
+                               memory_path, (unsigned long long)bytes,
+                               (unsigned long long)vm->page_size);
+    _cleanup_close_ int memfd = vm_create_memfd(vm, bytes, err);
+    if (memfd < 0)
+        return memfd;
+    int rc = vm->page_size == VM_HUGE_PAGE_SIZE
+                 ? vm_read_into_mapping(memfd, source, bytes, memory_path, err)
+                 : vm_send_into_memfd(memfd, source, bytes, memory_path, err);
+    if (rc < 0)
+        return rc;
+    vm->memory_bytes = bytes;
     pthread_mutex_lock(&vm->lock);
     vm->memfd = take_fd(memfd);
     pthread_mutex_unlock(&vm->lock);
@@ -1166,6 +1253,15 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
         config->memory != VM_MEMORY_UFFD)
         return forkd_error_set(err, -EINVAL, "restore: memory %s is not FILE, MEMFD or UFFD",
                                vm_memory_name(config->memory, (char[32]){0}, 32));
+    uint64_t page_size = config->page_size ? config->page_size : VM_SMALL_PAGE_SIZE;
+    if (page_size != VM_SMALL_PAGE_SIZE && page_size != VM_HUGE_PAGE_SIZE)
+        return forkd_error_set(err, -EINVAL, "restore: page size %llu is not 4 KiB or 2 MiB",
+                               (unsigned long long)page_size);
+    if (page_size == VM_HUGE_PAGE_SIZE && config->memory == VM_MEMORY_FILE)
+        return forkd_error_set(err, -EOPNOTSUPP,
+                               "restore: %s has 2 MiB pages, which FILE memory (a private "
+                               "mapping of memory.bin) cannot give the guest: use MEMFD or UFFD",
+                               config->snapshot_name ? config->snapshot_name : "the snapshot");
     struct vm *vm;
     struct vm_launch_params params = {config->name, config->extra_vmm_args, config->labels,
                                       config->label_count};
@@ -1173,6 +1269,7 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
     if (rc < 0)
         return rc;
     vm->memory = config->memory;
+    vm->page_size = page_size;
     vm->vcpu_count = config->vcpu_count;
     if (config->devices)
         vm->devices = *config->devices;
@@ -1319,6 +1416,7 @@ static struct vm *vm_from_record(struct vm_registry *registry, const struct vm_r
     vm->memory = r->memory;
     vm->vcpu_count = r->vcpu_count;
     vm->mem_size_mib = r->mem_size_mib;
+    vm->page_size = r->page_size;
     vm->memory_bytes = r->memory_bytes;
     snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s", r->source_snapshot);
     vm->created_at_unix_ms = r->created_at_unix_ms;

@@ -143,11 +143,11 @@ static bool vm_record_put(cJSON *root, const struct vm_record *r)
            vm_record_put_number(root, "vcpu_count", r->vcpu_count) &&
            vm_record_put_number(root, "mem_size_mib", (double)r->mem_size_mib) &&
            vm_record_put_number(root, "memory_bytes", (double)r->memory_bytes) &&
+           vm_record_put_number(root, "page_size", (double)r->page_size) &&
            vm_record_put_string(root, "source_snapshot", r->source_snapshot) &&
            vm_record_put_number(root, "created_at_unix_ms", (double)r->created_at_unix_ms) &&
            vm_record_put_labels(root, r) && vm_record_put_regions(root, r) &&
-           devices_json_put(root, &r->devices) &&
-           (held = cJSON_AddObjectToObject(root, "held")) &&
+           devices_json_put(root, &r->devices) && (held = cJSON_AddObjectToObject(root, "held")) &&
            vm_record_put_number(held, "memfd_inode", (double)r->memfd_inode) &&
            cJSON_AddBoolToObject(held, "uffd", r->memory == VM_MEMORY_UFFD) &&
            vm_record_put_string(root, "branch", r->branch_id) &&
@@ -275,6 +275,12 @@ static bool vm_record_get(const cJSON *root, struct vm_record *r)
               vm_record_get_string(root, "exit_reason", r->exit_reason, sizeof(r->exit_reason));
     struct forkd_error err = {0};
     if (!ok || pid < 1 || devices_json_get(root, &r->devices, &err) < 0)
+        return false;
+    /* Written since 2 MiB pages came; older records are of 4 KiB guests. */
+    r->page_size = 4096;
+    if (cJSON_GetObjectItemCaseSensitive(root, "page_size") &&
+        (!vm_record_get_u64(root, "page_size", &r->page_size) ||
+         (r->page_size != 4096 && r->page_size != (2u << 20))))
         return false;
     r->vmm.pid = (pid_t)pid;
     r->vmm.start_time = start_time;

@@ -41,6 +41,7 @@ struct vm_record {
     unsigned vcpu_count;
     uint64_t mem_size_mib;
     uint64_t memory_bytes;
+    uint64_t page_size; /* guest pages: 4 KiB or 2 MiB (records without it: 4 KiB) */
     char source_snapshot[VM_NAME_MAX + 1];
     int64_t created_at_unix_ms;
     size_t label_count;

@@ -204,18 +204,20 @@ static int vmm_send_json(struct vmm_client *client, const char *method, const ch
 int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint64_t mem_size_mib,
                            struct forkd_error *err)
 {
-    return vmm_put_machine_config_backed(client, vcpu_count, mem_size_mib, NULL, err);
+    return vmm_put_machine_config_backed(client, vcpu_count, mem_size_mib, NULL, false, err);
 }
 
 int vmm_put_machine_config_backed(struct vmm_client *client, unsigned vcpu_count,
                                   uint64_t mem_size_mib, const char *mem_backend_path,
-                                  struct forkd_error *err)
+                                  bool huge_pages, struct forkd_error *err)
 {
     cJSON *body = cJSON_CreateObject();
     cJSON_AddNumberToObject(body, "vcpu_count", vcpu_count);
     cJSON_AddNumberToObject(body, "mem_size_mib", (double)mem_size_mib);
     if (mem_backend_path)
         cJSON_AddStringToObject(body, "mem_backend_path", mem_backend_path);
+    if (huge_pages) /* only when asked: a VMM without the field keeps working otherwise */
+        cJSON_AddStringToObject(body, "huge_pages", "2M");
     return vmm_send_json(client, "PUT", "/machine-config", body, err);
 }
 
@@ -373,6 +375,37 @@ static void vmm_copy_string_field(const cJSON *json, const char *name, char *out
     snprintf(out, out_len, "%s", cJSON_IsString(item) ? item->valuestring : "");
 }
 
+static bool vmm_get_u64_field(const cJSON *json, const char *name, uint64_t *out)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(json, name);
+    if (!cJSON_IsNumber(item) || item->valuedouble < 0 || item->valuedouble > 9007199254740992.0)
+        return false;
+    *out = (uint64_t)item->valuedouble;
+    return true;
+}
+
+/* GET /'s optional "regions": [{guest_phys_addr, size, offset}, ...]. Anything malformed
+ * counts as not reported: the layout is information, never needed to branch. */
+static void vmm_copy_regions(const cJSON *json, struct vmm_info *out)
+{
+    const cJSON *array = cJSON_GetObjectItemCaseSensitive(json, "regions");
+    const cJSON *item;
+    out->region_count = 0;
+    if (!cJSON_IsArray(array) || cJSON_GetArraySize(array) > VMM_INFO_MAX_REGIONS)
+        return;
+    cJSON_ArrayForEach(item, array)
+    {
+        struct vmm_region *r = &out->regions[out->region_count];
+        if (!vmm_get_u64_field(item, "guest_phys_addr", &r->guest_phys_addr) ||
+            !vmm_get_u64_field(item, "size", &r->size) ||
+            !vmm_get_u64_field(item, "offset", &r->file_offset)) {
+            out->region_count = 0;
+            return;
+        }
+        out->region_count++;
+    }
+}
+
 int vmm_get_info(struct vmm_client *client, struct vmm_info *out, struct forkd_error *err)
 {
     return vmm_get_info_within(client, 0, out, err);
@@ -393,6 +426,7 @@ int vmm_get_info_within(struct vmm_client *client, long timeout_ms, struct vmm_i
     vmm_copy_string_field(json, "id", out->id, sizeof(out->id));
     vmm_copy_string_field(json, "state", out->state, sizeof(out->state));
     vmm_copy_string_field(json, "vmm_version", out->vmm_version, sizeof(out->vmm_version));
+    vmm_copy_regions(json, out);
     cJSON_Delete(json);
     return 0;
 }

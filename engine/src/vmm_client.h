@@ -23,10 +23,18 @@ struct vmm_client;
 enum vmm_snapshot_type { VMM_SNAPSHOT_FULL, VMM_SNAPSHOT_VMSTATE_ONLY };
 enum vmm_memory_backend { VMM_MEMORY_FILE, VMM_MEMORY_UFFD };
 
+#define VMM_INFO_MAX_REGIONS 16
+
 struct vmm_info {
     char id[128];
     char state[32]; /* "Not started", "Running", "Paused" */
     char vmm_version[64];
+    /* Guest memory as the VMM lays it out, where its GET / says (the test VMM; stock
+     * Firecracker does not): region_count 0 otherwise. */
+    size_t region_count;
+    struct vmm_region {
+        uint64_t guest_phys_addr, size, file_offset;
+    } regions[VMM_INFO_MAX_REGIONS];
 };
 
 int vmm_client_open(const char *socket_path, struct vmm_client **out, struct forkd_error *err);
@@ -48,10 +56,11 @@ int vmm_request_within(struct vmm_client *client, const char *method, const char
 int vmm_put_machine_config(struct vmm_client *client, unsigned vcpu_count, uint64_t mem_size_mib,
                            struct forkd_error *err);
 /* The same with guest memory backed by a file the VMM maps shared from boot on (a memfd as
- * /proc/<pid>/fd/<n>; the machine-config field mem_backend_path), or anonymous when NULL. */
+ * /proc/<pid>/fd/<n>; the machine-config field mem_backend_path), or anonymous when NULL;
+ * huge_pages sends Firecracker's huge_pages "2M" (2 MiB hugetlbfs pages). */
 int vmm_put_machine_config_backed(struct vmm_client *client, unsigned vcpu_count,
                                   uint64_t mem_size_mib, const char *mem_backend_path,
-                                  struct forkd_error *err);
+                                  bool huge_pages, struct forkd_error *err);
 int vmm_put_boot_source(struct vmm_client *client, const char *kernel_image_path,
                         const char *boot_args, struct forkd_error *err);
 /* The same with an initrd (boot-source initrd_path; NULL or "": none). */

@@ -138,6 +138,7 @@ TEST(Devices, AVmRecordKeepsThemExactly)
     snprintf(written.id, sizeof(written.id), "vm-3");
     ASSERT_EQ(0, vm_identity_of(getpid(), &written.vmm));
     written.memory = VM_MEMORY_MEMFD;
+    written.page_size = 4096;
     written.devices = Sample();
     ASSERT_EQ(0, vm_record_save(dir, &written));
     ASSERT_EQ(0, vm_record_load(dir, "vm-3", &read));

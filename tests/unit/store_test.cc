@@ -82,8 +82,8 @@ struct store_snapshot full_meta(const char *name)
     m.vcpu_count = 3;
     m.mem_size_mib = 4096;
     m.region_count = 2;
-    m.regions[0] = {0, UINT64_C(3) << 30, 0, 4096};
-    m.regions[1] = {UINT64_C(4) << 30, UINT64_C(1) << 30, UINT64_C(3) << 30, 2u << 20};
+    m.regions[0] = {false, 0, UINT64_C(3) << 30, 0, 4096}; /* a VMM that does not say */
+    m.regions[1] = {true, UINT64_C(4) << 30, UINT64_C(1) << 30, UINT64_C(3) << 30, 2u << 20};
     m.page_size = 4096;
     m.figures = {101, 102, 103, 104, 105, 106, 107, UINT64_C(1) << 50, 109, 110, UINT64_C(5) << 32, 111, 112, 113, 114};
     snprintf(m.vmm_binary, sizeof(m.vmm_binary), "/usr/bin/firecracker");
@@ -272,6 +272,8 @@ TEST_F(StoreTest, PublishRoundTripsEveryFieldAndSurvivesReopen)
         EXPECT_EQ(777u, got.vmstate_bytes);
         ASSERT_EQ(want.region_count, got.region_count);
         for (size_t i = 0; i < want.region_count; i++) {
+            EXPECT_EQ(want.regions[i].guest_phys_addr_known, got.regions[i].guest_phys_addr_known)
+                << i;
             EXPECT_EQ(want.regions[i].guest_phys_addr, got.regions[i].guest_phys_addr) << i;
             EXPECT_EQ(want.regions[i].size, got.regions[i].size) << i;
             EXPECT_EQ(want.regions[i].file_offset, got.regions[i].file_offset) << i;

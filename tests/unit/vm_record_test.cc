@@ -43,6 +43,7 @@ class VmRecordTest : public ::testing::Test
         r.vcpu_count = 2;
         r.mem_size_mib = 64;
         r.memory_bytes = 64 << 20;
+        r.page_size = 2 << 20;
         snprintf(r.source_snapshot, sizeof(r.source_snapshot), "base");
         r.created_at_unix_ms = 1764633600123;
         r.label_count = 2;
@@ -76,6 +77,7 @@ TEST_F(VmRecordTest, ARecordReadsBackAsWrittenAndLeavesNoTemporaryFile)
     EXPECT_EQ(VM_MEMORY_UFFD, read.memory);
     EXPECT_EQ(2u, read.vcpu_count);
     EXPECT_EQ(64u << 20, read.memory_bytes);
+    EXPECT_EQ(2u << 20, read.page_size);
     EXPECT_STREQ("base", read.source_snapshot);
     EXPECT_EQ(written.created_at_unix_ms, read.created_at_unix_ms);
     ASSERT_EQ(2u, read.label_count);

@@ -16,7 +16,7 @@ from .errors import (AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, Faile
                      ForkdError, Internal, InvalidArgument, NotFound, PermissionDenied,
                      ResourceExhausted, Unauthenticated, Unavailable, Unimplemented)
 from .types import (BranchEvent, BranchFigures, BranchMode, BranchPhase, BranchProgress,
-                    DeleteRemoteResult, Drive, FileIdentity, HostCapabilities, Info,
+                    DeleteRemoteResult, Drive, FileIdentity, HostCapabilities, HugePages, Info,
                     MachineConfig, MemoryBackend, MemoryRegion, NetworkInterface, PageServerStats,
                     RemoteSnapshot, Snapshot, SnapshotState, SpawnResult, TransferEvent,
                     TransferProgress, Vm, VmState, Vsock)
@@ -29,7 +29,7 @@ __all__ = [
     "ResourceExhausted", "Unavailable", "Cancelled", "DeadlineExceeded", "Internal",
     "Unimplemented", "Unauthenticated", "PermissionDenied", "DataLoss",
     "Transfer", "TransferEvent", "TransferProgress", "RemoteSnapshot", "DeleteRemoteResult",
-    "VmState", "MemoryBackend", "BranchMode", "BranchPhase", "SnapshotState",
+    "VmState", "MemoryBackend", "HugePages", "BranchMode", "BranchPhase", "SnapshotState",
     "MachineConfig", "PageServerStats", "Vm", "SpawnResult", "BranchProgress", "BranchFigures",
     "MemoryRegion", "Snapshot", "BranchEvent", "HostCapabilities", "Info",
     "FileIdentity", "Drive", "NetworkInterface", "Vsock",

@@ -25,7 +25,7 @@ from rich.text import Text
 from . import __version__
 from .client import DEFAULT_TIMEOUT, Branch, Client, Transfer, default_target
 from .errors import ForkdError, NotFound, Unavailable
-from .types import (BranchEvent, BranchMode, BranchPhase, Drive, Info, MemoryBackend,
+from .types import (BranchEvent, BranchMode, BranchPhase, Drive, HugePages, Info, MemoryBackend,
                     NetworkInterface, Snapshot, SnapshotState, Vm, VmState, Vsock)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -113,6 +113,8 @@ class Output:
 def vm_line(vm: Vm) -> str:
     machine = vm.machine
     shape = f"{machine.vcpu_count} vCPU, {machine.mem_size_mib} MiB" if machine else "?"
+    if machine and machine.huge_pages == HugePages.HUGE_2M:
+        shape += " in 2 MiB pages"
     return (f"{vm.id} ({vm.name}): {enum_name(vm.state)}, {shape}, "
             f"{enum_name(vm.memory_backend)} memory, VMM pid {vm.vmm_pid}")
 
@@ -324,7 +326,7 @@ def cmd_boot(client: Client, args: argparse.Namespace, out: Output) -> int:
     vm = client.boot(args.kernel, name=args.name, vcpu_count=args.vcpus,
                      mem_size_mib=args.mem, boot_args=args.boot_args, labels=args.labels,
                      initrd_path=args.initrd, drives=args.drives, network_interfaces=args.nets,
-                     vsock=args.vsock)
+                     vsock=args.vsock, huge_pages=args.huge_pages)
     if out.json:
         out.emit(vm.to_dict())
     else:
@@ -657,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--vcpus", type=_positive, default=1, help="vCPUs (default 1)")
     boot.add_argument("--mem", type=_positive, default=128, metavar="MIB",
                       help="guest memory in MiB (default 128)")
+    boot.add_argument("--huge-pages", action="store_true",
+                      help="back guest memory with 2 MiB huge pages (the host needs that many "
+                      "free: vm.nr_hugepages); forks then take --backend memfd or uffd")
     boot.add_argument("--boot-args", default="", metavar="ARGS",
                       help="kernel command line, or the test guest's workload")
     boot.add_argument("--initrd", default="", metavar="PATH", help="initial RAM disk")

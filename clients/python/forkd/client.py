@@ -125,17 +125,21 @@ class Client:
              mem_size_mib: int = 128, boot_args: str = "",
              labels: Mapping[str, str] | None = None, initrd_path: str = "",
              drives: Sequence[Drive] = (), network_interfaces: Sequence[NetworkInterface] = (),
-             vsock: Vsock | None = None, timeout: float | None = _DEFAULT) -> Vm:
+             vsock: Vsock | None = None, huge_pages: bool = False,
+             timeout: float | None = _DEFAULT) -> Vm:
         """Boots a fresh VM; returns it once its vCPUs run.
 
         ``kernel_image_path`` is an absolute path on the daemon's host (a kernel, or the test
         VMM's guest program, whose workload ``boot_args`` describes). ``drives``,
         ``network_interfaces``, ``vsock`` and ``initrd_path`` are Firecracker's devices; the
-        daemon checks them before any VMM starts.
+        daemon checks them before any VMM starts. ``huge_pages`` backs guest memory with 2 MiB
+        hugetlbfs pages (the host needs that many free: ``vm.nr_hugepages``).
         """
         request = pb.BootRequest(
             name=name, kernel_image_path=kernel_image_path, boot_args=boot_args,
-            machine=pb.MachineConfig(vcpu_count=vcpu_count, mem_size_mib=mem_size_mib),
+            machine=pb.MachineConfig(
+                vcpu_count=vcpu_count, mem_size_mib=mem_size_mib,
+                huge_pages=pb.HUGE_PAGES_2M if huge_pages else pb.HUGE_PAGES_NONE),
             labels=dict(labels or {}), initrd_path=initrd_path,
             drives=[d.to_proto(pb) for d in drives],
             network_interfaces=[n.to_proto(pb) for n in network_interfaces],

@@ -37,6 +37,12 @@ class MemoryBackend(enum.IntEnum):
     UFFD = 4       # filled lazily by the page server: FULL only
 
 
+class HugePages(enum.IntEnum):
+    """The guest's memory pages."""
+    NONE = 0  # 4 KiB pages
+    HUGE_2M = 1  # 2 MiB hugetlbfs pages: forks take MEMFD or UFFD
+
+
 class BranchMode(enum.IntEnum):
     UNSPECIFIED = 0  # the daemon treats it as LIVE
     LIVE = 1
@@ -130,6 +136,7 @@ def _to_plain(value: Any) -> Any:
 class MachineConfig(_Message):
     vcpu_count: int
     mem_size_mib: int
+    huge_pages: HugePages
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,9 @@ enum store_state { STORE_STATE_WRITING = 1, STORE_STATE_READY = 2, STORE_STATE_C
 enum store_mode { STORE_MODE_LIVE = 1, STORE_MODE_LIVE_ARM_IN_PAUSE = 2, STORE_MODE_FULL = 3 };
 
 struct store_region {
+    /* Where the guest sees the region, as the VMM reported it; unknown (false, and absent
+     * from snapshot.json) where the VMM does not say, as stock Firecracker does not. */
+    bool guest_phys_addr_known;
     uint64_t guest_phys_addr;
     uint64_t size;
     uint64_t file_offset;

@@ -49,6 +49,9 @@ enum vm_state {
 #define VM_ID_MAX     32
 #define VM_NAME_MAX   64
 #define VM_MAX_LABELS 16
+/* Guest page sizes: 4 KiB, or 2 MiB pages from hugetlbfs (Firecracker's huge_pages "2M"). */
+#define VM_SMALL_PAGE_SIZE 4096ULL
+#define VM_HUGE_PAGE_SIZE  (2ULL << 20)
 
 /* Free-form key/value kept with a VM for its users (the proto's labels). */
 struct vm_label {
@@ -86,6 +89,11 @@ struct vm_boot_config {
      * memory, live-branchable only where the kernel write-protects never-touched anonymous pages
      * (6.4+). */
     enum vm_memory memory;
+    /* 0 or VM_SMALL_PAGE_SIZE, or VM_HUGE_PAGE_SIZE: guest memory in 2 MiB hugetlbfs pages
+     * (MEMFD: a memfd made with MFD_HUGETLB, its pages reserved before the VMM starts, so a
+     * host without enough free huge pages fails the boot with -ENOMEM naming them; ANONYMOUS:
+     * the VMM's own MAP_HUGETLB memory). mem_size_mib must then be even. */
+    uint64_t page_size;
     /* NULL-terminated, appended to the VMM's argv; may be NULL */
     const char *const *extra_vmm_args;
     const struct vm_label *labels;
@@ -105,6 +113,10 @@ struct vm_restore_config {
     const char *vmstate_path;
     const char *memory_path; /* memory.bin */
     enum vm_memory memory;   /* FILE, MEMFD, or UFFD (needs page_server) */
+    /* The snapshot's page size (0: 4 KiB). With 2 MiB pages, FILE is refused (a private
+     * mapping of memory.bin cannot give huge pages: -EOPNOTSUPP), MEMFD fills a hugetlbfs
+     * memfd, UFFD serves 2 MiB pages. */
+    uint64_t page_size;
     bool start_paused;
     unsigned vcpu_count; /* from the snapshot's record, for status reports; 0 if unknown */
     const char *const *extra_vmm_args;
@@ -136,6 +148,7 @@ struct vm_status {
     enum vm_memory memory;
     unsigned vcpu_count;
     uint64_t mem_size_mib;
+    uint64_t page_size; /* VM_SMALL_PAGE_SIZE or VM_HUGE_PAGE_SIZE */
     pid_t vmm_pid; /* 0 once reaped */
     char api_socket_path[PATH_MAX];
     char vmm_binary[PATH_MAX];
@@ -249,6 +262,7 @@ int vm_memfd(struct vm *vm); /* the guest memfd of a MEMFD VM, -1 otherwise */
 /* A duplicate of the guest memfd (the caller closes it), or -EBADF when there is none. */
 int vm_dup_memfd(struct vm *vm);
 uint64_t vm_memory_bytes(const struct vm *vm);
+uint64_t vm_page_size(const struct vm *vm); /* VM_SMALL_PAGE_SIZE or VM_HUGE_PAGE_SIZE */
 /* Page-server figures of a UFFD VM (they stay readable after it exits); -ENOENT otherwise. */
 int vm_page_server_stats(struct vm *vm, struct page_server_stats *out);
 /* Any state. Time limit for VMM calls that touch all guest memory (start, Full snapshot): it
