@@ -6,7 +6,9 @@ random: a LIVE or FULL branch of any VM that accepts it (booted VMs, MEMFD, FILE
 forks started paused), cancelled at a random phase or not, with the VMM killed at a random
 phase now and then; spawns of every backend from the snapshots kept; stops of forks. Every other
 booted VM has a writable drive its guest writes flat out (captured inside each branch's pause: a
-reflink where the state directory can, else a copy the branches accept; each fork gets its own).
+reflink where the state directory can, else a copy the branches accept; each fork gets its own),
+and every third one runs on 2 MiB huge pages (the run reserves them and gives them back), whose
+forks take MEMFD or UFFD (FILE cannot give huge pages).
 Checks:
 - every READY snapshot passes the test VMM's verifier, its captured drive included (memory, vCPU
   state and disk of one instant), and the totals of successive snapshots of one VM never go down
@@ -44,6 +46,35 @@ PHASES = [pb.BRANCH_PHASE_STARTED, pb.BRANCH_PHASE_ARMED, pb.BRANCH_PHASE_PAUSED
           pb.BRANCH_PHASE_PUBLISHING]
 MAX_VMS = 4
 KEPT_SNAPSHOTS = 3
+GUEST_MIB = 32
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+FREE_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+
+
+def read_int(path):
+    with open(path) as f:
+        return int(f.read())
+
+
+def write_int(path, value):
+    with open(path, "w") as f:
+        f.write("%d\n" % value)
+
+
+class HugePages:
+    """Free 2 MiB pages for every VM the run may hold at once (and one spare guest); the
+    setting is put back when the run ends."""
+
+    def __init__(self):
+        self.before = read_int(NR_HUGEPAGES)
+        want = self.before - read_int(FREE_HUGEPAGES) + (MAX_VMS + 1) * GUEST_MIB // 2
+        write_int(NR_HUGEPAGES, want)
+        if read_int(NR_HUGEPAGES) < want:
+            self.restore()
+            raise SystemExit("torture: could not reserve %d huge pages" % want)
+
+    def restore(self):
+        write_int(NR_HUGEPAGES, self.before)
 
 
 class Torture:
@@ -54,9 +85,10 @@ class Torture:
         self.stub = self.daemon.forkd()
         self.counts = dict.fromkeys(
             ["branches", "verified", "disks", "torn", "cancels", "cancels_refused", "leftovers",
-             "hangs", "spawns", "kills", "failed", "errors"], 0)
+             "hangs", "spawns", "kills", "failed", "errors", "huge_branches"], 0)
         self.vms = {}            # id -> {"paused": bool, "last_total": int}
         self.kept = []           # READY snapshot names kept for spawns
+        self.huge = set()        # of them, those of huge-page VMs
         self.serial = 0
 
     # ---- reporting ----
@@ -80,10 +112,11 @@ class Torture:
             with open(path, "wb") as f:
                 f.truncate(2 << 20)
             drives = [pb.Drive(drive_id="data", path_on_host=path)]
+        huge = pb.HUGE_PAGES_2M if self.serial % 3 == 0 else pb.HUGE_PAGES_NONE
         request = pb.BootRequest(
             name="boot-%d" % self.serial, kernel_image_path=os.environ["FORKD_GUEST"],
-            boot_args=workload, machine=pb.MachineConfig(vcpu_count=vcpus, mem_size_mib=32),
-            drives=drives)
+            boot_args=workload, drives=drives,
+            machine=pb.MachineConfig(vcpu_count=vcpus, mem_size_mib=GUEST_MIB, huge_pages=huge))
         vm = self.stub.Boot(request, timeout=60)
         self.vms[vm.id] = {"paused": False, "last_total": 0}
 
@@ -105,8 +138,10 @@ class Torture:
         if not self.kept:
             return
         snapshot = self.rng.choice(self.kept)
-        backend = self.rng.choice([pb.MEMORY_BACKEND_FILE, pb.MEMORY_BACKEND_MEMFD,
-                                   pb.MEMORY_BACKEND_UFFD])
+        backends = [pb.MEMORY_BACKEND_MEMFD, pb.MEMORY_BACKEND_UFFD]
+        if snapshot not in self.huge:
+            backends.append(pb.MEMORY_BACKEND_FILE)
+        backend = self.rng.choice(backends)
         paused = self.rng.random() < 0.25
         try:
             reply = self.stub.Spawn(pb.SpawnRequest(snapshot=snapshot, count=1, backend=backend,
@@ -172,6 +207,7 @@ class Torture:
             try:
                 self.stub.DeleteSnapshot(pb.DeleteSnapshotRequest(name=old), timeout=60)
                 self.kept.pop(0)
+                self.huge.discard(old)
             except grpc.RpcError:
                 break  # forks use it: later
 
@@ -249,6 +285,9 @@ class Torture:
                 self.counts["cancels_refused"] += 1
             if snapshot.state == pb.SNAPSHOT_STATE_READY:
                 self.verify(name, vm_id)
+                if snapshot.machine.huge_pages == pb.HUGE_PAGES_2M:
+                    self.counts["huge_branches"] += 1
+                    self.huge.add(name)
                 self.keep_or_delete(name)
         elif done:
             self.error("branch %s reported DONE but snapshot %s is missing" % (branch_id, name))
@@ -298,7 +337,11 @@ def main():
     parser.add_argument("--seed", type=int, default=int(time.time()))
     args = parser.parse_args()
     print("torture: seed %d" % args.seed, flush=True)
-    return Torture(args).run()
+    huge_pages = HugePages()
+    try:
+        return Torture(args).run()
+    finally:
+        huge_pages.restore()
 
 
 if __name__ == "__main__":
