@@ -131,6 +131,8 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
         .page_server = engine->page_server,
         .devices = &snapshot.devices,
         .snapshot_dir = snapshot.path,
+        .overrides = request->overrides,
+        .fork_index = index,
         .start_finished_by_caller = true,
     };
     return vm_restore(engine->registry, &config, out, err);
@@ -138,26 +140,24 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
 
 /* A fork's read-only drives are the snapshot's files themselves: each must still be the file
  * the branch recorded (size, mtime, ctime, inode), or the fork's page cache and file system
- * would disagree with its disk. -ESTALE naming the drive otherwise. Forks restore the
- * snapshot's tap devices and vsock socket as they are (the VMM takes no per-fork override):
- * two forks cannot share them, so more than one is refused (-EINVAL) up front. */
+ * would disagree with its disk. -ESTALE naming the drive otherwise. Two forks cannot share a
+ * tap device or a vsock socket: the overrides must fit the snapshot's devices and, for more
+ * than one fork, give each its own (-EINVAL up front, naming the override to give). */
 static int engine_check_snapshot_devices(struct engine *engine, const char *name, unsigned count,
+                                         const struct devices_overrides *overrides,
                                          struct forkd_error *err)
 {
+    static const struct devices_overrides none;
     _cleanup_free_ struct store_snapshot *snapshot = malloc(sizeof(*snapshot));
     if (!snapshot)
         return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
     int rc = store_get(engine->store, name, snapshot, err);
     if (rc < 0)
         return rc;
-    const struct vm_devices *devices = &snapshot->devices;
-    if (count > 1 && (devices->net_count > 0 || devices->vsock.present))
-        return forkd_error_set(err, -EINVAL,
-                               "spawn from %s: count %u, but its VM has %s %s, which forks "
-                               "restore as they are and cannot share: spawn one fork at a time",
-                               name, count, devices->net_count ? "tap device" : "vsock socket",
-                               devices->net_count ? devices->nets[0].host_dev_name
-                                                  : devices->vsock.uds_path);
+    rc = devices_overrides_check(&snapshot->devices, overrides ? overrides : &none, count, name,
+                                 err);
+    if (rc < 0)
+        return rc;
     for (size_t i = 0; i < snapshot->devices.drive_count; i++) {
         const struct devices_drive *drive = &snapshot->devices.drives[i];
         if (!drive->read_only)
@@ -236,7 +236,11 @@ int engine_spawn(struct engine *engine, const struct engine_spawn_request *reque
         return rc;
     if (request->count < 1)
         return forkd_error_set(err, -EINVAL, "spawn: count must be at least 1");
-    rc = engine_check_snapshot_devices(engine, request->snapshot, request->count, err);
+    if (request->overrides &&
+        (rc = devices_overrides_validate(request->overrides, request->count, err)) < 0)
+        return rc;
+    rc = engine_check_snapshot_devices(engine, request->snapshot, request->count,
+                                       request->overrides, err);
     if (rc < 0)
         return rc;
     if (request->memory == VM_MEMORY_UFFD && request->prefetch_record_ms)
