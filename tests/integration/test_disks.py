@@ -155,10 +155,28 @@ def test_branch_records_devices_and_spawn_refuses_a_changed_read_only_drive(fork
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
         assert ("interface 'eth0' uses tap fk-tap0, which two forks cannot share: give "
                 "network_overrides {iface_id: \"eth0\"") in error.value.details()
-        forks = list(again.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1),
-                                         timeout=60).vms)
-        assert describe(forks[0]) == expected(request)
+        # One fork cannot have them either while the source VM runs: a VMM opens a tap for
+        # itself alone and binds its socket path.
+        with pytest.raises(grpc.RpcError) as error:
+            again.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1), timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+        assert ("fork 0's interface 'eth0' would use tap fk-tap0, which VM %s uses" % vm.id
+                ) in error.value.details()
+        one = P.SpawnRequest(snapshot="base", count=1,
+                             network_overrides=[P.NetworkOverride(iface_id="eth0",
+                                                                  host_dev_name="fk-one")],
+                             vsock_override=P.VsockOverride(uds_path=os.path.join(tmp, "1.sock")))
+        forks = list(again.forkd().Spawn(one, timeout=60).vms)
+        assert describe(forks[0]) == dict(
+            expected(request), nets=[("eth0", "fk-one", "06:00:ac:10:00:02")],
+            vsock=(request["vsock"].guest_cid, os.path.join(tmp, "1.sock")))
         forks += spawn_with_overrides(again, tmp, request)
+        one.network_overrides[0].host_dev_name = "fk-two"
+        with pytest.raises(grpc.RpcError) as error:
+            again.forkd().Spawn(one, timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+        assert ("fork 0's vsock would bind socket %s, which VM %s uses"
+                % (os.path.join(tmp, "1.sock"), forks[0].id)) in error.value.details()
         # The read-only root changes under the snapshot: a fork would see another disk.
         with open(rootfs, "r+b") as f:
             f.write(b"changed")
@@ -209,6 +227,12 @@ def spawn_with_overrides(d, tmp, request):
         assert [(x["iface_id"], x["host_dev_name"], x["guest_mac"])
                 for x in vmm["network_interfaces"]] == [("eth0", own_tap, mac)]
         assert vmm["vsock"]["uds_path"] == own_socket
+    # The same patterns again while those forks run: their taps are taken.
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Spawn(P.SpawnRequest(snapshot="base", count=1, network_overrides=[tap],
+                                  vsock_override=P.VsockOverride(uds_path=sockets)), timeout=60)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+    assert "would use tap fk-t0, which VM %s uses" % forks[0].id in error.value.details()
     return list(forks)
 
 

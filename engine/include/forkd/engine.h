@@ -99,7 +99,9 @@ struct engine_spawn_request {
 
 /* Spawn: starts request->count VMs restored from one snapshot, all or none. Refused with -ENODEV
  * first, before anything else is looked at, on a host that cannot run VMs; then -EINVAL for
- * overrides that do not fit the snapshot's devices (devices_overrides_check). Each VM holds a
+ * overrides that do not fit the snapshot's devices (devices_overrides_check), -EBUSY when a
+ * fork would get a tap device or vsock socket a live VM has (a VMM opens them for itself
+ * alone). Each VM holds a
  * use of the snapshot (so it cannot be deleted without force) until it is stopped. On success
  * *out is an array of request->count references (free with vm_list_free). On failure every
  * fork started is stopped again and the error says why: -ENOENT (no such snapshot), -EAGAIN
