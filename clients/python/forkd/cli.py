@@ -724,12 +724,12 @@ def build_parser() -> argparse.ArgumentParser:
     spawn.add_argument("--tap-pattern", dest="tap_patterns", type=_tap_pattern,
                        action="append", default=[], metavar="IFACE=PATTERN",
                        help="each fork's tap for interface IFACE ({i}: the fork's index), "
-                            "e.g. eth0=tap{i} (repeatable); needed for more than one fork of "
-                            "a VM with network interfaces")
+                            "e.g. eth0=tap{i} (repeatable); needed for more than one fork, "
+                            "or while another VM has the tap")
     spawn.add_argument("--vsock-pattern", type=_vsock_pattern, default=None, metavar="PATH",
                        help="each fork's vsock socket ({i}: the fork's index, {vm_id}: its "
                             "id), e.g. /run/forkd/vsock-{i}.sock; needed for more than one "
-                            "fork of a VM with a vsock")
+                            "fork, or while another VM has the socket")
 
     spawn.add_argument("--remote", action="store_true",
                        help="pull the snapshot from the daemon's remote bucket first when "

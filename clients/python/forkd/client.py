@@ -152,7 +152,8 @@ class Client:
 
         Two forks cannot share a tap or a vsock socket: with ``count`` > 1, a snapshot whose VM
         has network interfaces or a vsock needs a ``NetworkOverride`` per interface and a
-        ``VsockOverride`` (patterns expanded per fork); each fork's ``Vm`` names its own.
+        ``VsockOverride`` (patterns expanded per fork), and so does a fork whose tap or socket
+        a live VM has (``FailedPrecondition`` otherwise); each fork's ``Vm`` names its own.
         """
         request = pb.SpawnRequest(
             snapshot=snapshot.name if isinstance(snapshot, Snapshot) else snapshot,
