@@ -78,6 +78,50 @@ grpc_status_code device_messages_from_boot(const Forkd__V1__BootRequest *request
     return GRPC_STATUS_OK;
 }
 
+grpc_status_code device_messages_overrides_from_spawn(const Forkd__V1__SpawnRequest *request,
+                                                      struct devices_overrides *out,
+                                                      struct rpc_status *status)
+{
+    memset(out, 0, sizeof(*out));
+    if (request->n_network_overrides > DEVICES_MAX_NETS)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "network_overrides: at most %d (one per interface), got %zu",
+                              DEVICES_MAX_NETS, request->n_network_overrides);
+    grpc_status_code code = GRPC_STATUS_OK;
+    for (size_t i = 0; code == GRPC_STATUS_OK && i < request->n_network_overrides; i++) {
+        const Forkd__V1__NetworkOverride *in = request->network_overrides[i];
+        struct devices_net_override *net = &out->nets[i];
+        if (*in->guest_mac)
+            return rpc_status_set(
+                status, GRPC_STATUS_INVALID_ARGUMENT,
+                "network_overrides[%zu].guest_mac: a fork's MAC cannot be changed: the guest's "
+                "virtio-net config space, with its MAC, is restored from the snapshot. Leave it "
+                "empty; forks share the snapshot's MAC, so give each fork's tap its own network "
+                "namespace (or bridge), or change the address inside the guest after the restore",
+                i);
+        code = device_messages_copy("network_overrides", i, "iface_id", in->iface_id, net->iface_id,
+                                    sizeof(net->iface_id), status);
+        if (code == GRPC_STATUS_OK)
+            code = device_messages_copy("network_overrides", i, "host_dev_name", in->host_dev_name,
+                                        net->host_dev_name, sizeof(net->host_dev_name), status);
+        out->net_count++;
+    }
+    if (code == GRPC_STATUS_OK && request->vsock_override) {
+        code = device_messages_copy(NULL, 0, "vsock_override.uds_path",
+                                    request->vsock_override->uds_path, out->vsock_uds_path,
+                                    sizeof(out->vsock_uds_path), status);
+        if (code == GRPC_STATUS_OK && !out->vsock_uds_path[0])
+            return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                                  "vsock_override.uds_path: a path is required");
+    }
+    if (code != GRPC_STATUS_OK)
+        return code;
+    struct forkd_error err = {0};
+    if (devices_overrides_validate(out, request->count, &err) < 0)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT, "%s", err.message);
+    return GRPC_STATUS_OK;
+}
+
 /* Fills the holder; the caller points its message's fields at it. */
 static void device_messages_fill(struct device_messages *holder, struct vm_devices *devices)
 {

@@ -290,11 +290,12 @@ static bool vms_call_cancelled(void *call)
     return call_is_cancelled(call);
 }
 
-/* Turns a SpawnRequest into the engine's request; labels must outlive it. */
+/* Turns a SpawnRequest into the engine's request; labels and overrides must outlive it. */
 static grpc_status_code vms_check_spawn(struct rpc_call *call,
                                         const Forkd__V1__SpawnRequest *request,
-                                        struct vm_label *labels, struct engine_spawn_request *out,
-                                        struct rpc_status *status)
+                                        struct vm_label *labels,
+                                        struct devices_overrides *overrides,
+                                        struct engine_spawn_request *out, struct rpc_status *status)
 {
     struct forkd_error err = {0};
     if (store_validate_name(request->snapshot, &err) < 0)
@@ -317,10 +318,13 @@ static grpc_status_code vms_check_spawn(struct rpc_call *call,
         .prefetch_record_ms = request->prefetch_record_ms,
         .labels = labels,
         .label_count = request->n_labels,
+        .overrides = overrides,
         .cancelled = vms_call_cancelled,
         .cancelled_arg = call,
     };
     if (vms_memory_backend(request->backend, &out->memory, status) != GRPC_STATUS_OK)
+        return status->code;
+    if (device_messages_overrides_from_spawn(request, overrides, status) != GRPC_STATUS_OK)
         return status->code;
     return vms_copy_labels(request->n_labels, (void *const *)request->labels, labels, status);
 }
@@ -330,8 +334,11 @@ grpc_status_code handle_spawn(struct rpc_call *call, const ProtobufCMessage *mes
 {
     const Forkd__V1__SpawnRequest *request = (const Forkd__V1__SpawnRequest *)message;
     struct vm_label labels[VM_MAX_LABELS];
+    _cleanup_free_ struct devices_overrides *overrides = malloc(sizeof(*overrides));
+    if (!overrides)
+        return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     struct engine_spawn_request spawn;
-    if (vms_check_spawn(call, request, labels, &spawn, status) != GRPC_STATUS_OK)
+    if (vms_check_spawn(call, request, labels, overrides, &spawn, status) != GRPC_STATUS_OK)
         return status->code;
     struct daemon_state *daemon = call->daemon;
     uint64_t start = forkd_monotonic_ns();

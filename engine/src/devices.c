@@ -180,6 +180,290 @@ int devices_validate(const struct vm_devices *devices, struct forkd_error *err)
                               err);
 }
 
+/* ---- Spawn's per-fork overrides --------------------------------------------------------- */
+
+#define DEVICES_HAS_INDEX 1u /* a pattern's placeholders */
+#define DEVICES_HAS_VM_ID 2u
+
+struct devices_expansion {
+    const char *field; /* "network_overrides[0].host_dev_name", for messages */
+    const char *pattern;
+    bool tap; /* {vm_id} is refused */
+};
+
+/* Expands the pattern for one fork into out; *found gets the placeholders seen. -EINVAL for
+ * an unknown placeholder, -ENAMETOOLONG when out is too small, both naming the field. */
+static int devices_expand(const struct devices_expansion *x, unsigned index, const char *vm_id,
+                          char *out, size_t size, unsigned *found, struct forkd_error *err)
+{
+    char digits[16];
+    size_t used = 0;
+    *found = 0;
+    for (const char *c = x->pattern; *c;) {
+        const char *text = c;
+        size_t n = 1;
+        if (strncmp(c, "{i}", 3) == 0) {
+            snprintf(digits, sizeof(digits), "%u", index);
+            text = digits, n = strlen(digits), c += 3, *found |= DEVICES_HAS_INDEX;
+        } else if (strncmp(c, "{vm_id}", 7) == 0 && !x->tap) {
+            text = vm_id, n = strlen(vm_id), c += 7, *found |= DEVICES_HAS_VM_ID;
+        } else if (strncmp(c, "{vm_id}", 7) == 0) {
+            return forkd_error_set(err, -EINVAL,
+                                   "%s '%s': {vm_id} is not allowed in a tap name (at most 15 "
+                                   "bytes, chosen before the fork exists): use {i}",
+                                   x->field, x->pattern);
+        } else if (*c == '{' || *c == '}') {
+            return forkd_error_set(err, -EINVAL,
+                                   "%s '%s': unknown placeholder at '%.16s': the placeholders "
+                                   "are {i} (the fork's index)%s",
+                                   x->field, x->pattern, c, x->tap ? "" : " and {vm_id}");
+        } else {
+            c++;
+        }
+        if (used + n >= size)
+            return forkd_error_set(err, -ENAMETOOLONG, "%s '%s' gives fork %u a name too long",
+                                   x->field, x->pattern, index);
+        memcpy(out + used, text, n);
+        used += n;
+    }
+    out[used] = '\0';
+    return 0;
+}
+
+/* Every fork's tap from one pattern (taps[index]), each a valid device name. */
+static int devices_expand_taps(const struct devices_expansion *x, unsigned count,
+                               char (*taps)[DEVICES_TAP_NAME_MAX], struct forkd_error *err)
+{
+    char name[DEVICES_PATTERN_MAX + 16], field[128];
+    unsigned found = 0;
+    for (unsigned index = 0; index < count; index++) {
+        int rc = devices_expand(x, index, "", name, sizeof(name), &found, err);
+        snprintf(field, sizeof(field), "%s '%s' for fork %u", x->field, x->pattern, index);
+        if (rc == 0)
+            rc = devices_check_tap(field, name, err);
+        if (rc < 0)
+            return rc;
+        memcpy(taps[index], name, strlen(name) + 1); /* < DEVICES_TAP_NAME_MAX: checked */
+    }
+    if (count > 1 && !(found & DEVICES_HAS_INDEX))
+        return forkd_error_set(err, -EINVAL,
+                               "%s '%s': %u forks would share this tap: put {i} (the fork's "
+                               "index) in the pattern",
+                               x->field, x->pattern, count);
+    return 0;
+}
+
+static int devices_validate_vsock_override(const char *pattern, unsigned count,
+                                           struct forkd_error *err)
+{
+    const struct devices_expansion x = {"vsock_override.uds_path", pattern, false};
+    char path[DEVICES_PATTERN_MAX + 64];
+    unsigned found = 0;
+    /* The longest expansion: the most digits for {i}, the longest id for {vm_id}. */
+    int rc = devices_expand(&x, count - 1, DEVICES_VM_ID_LONGEST, path, sizeof(path), &found, err);
+    if (rc == 0)
+        rc = devices_check_path("vsock_override.uds_path", path, DEVICES_VSOCK_PATH_MAX, err);
+    if (rc < 0)
+        return forkd_error_prefix(err, "%s",
+                                  found ? "(expanded for the last fork and the "
+                                          "longest VM id) "
+                                        : "");
+    if (count > 1 && !found)
+        return forkd_error_set(err, -EINVAL,
+                               "vsock_override.uds_path '%s': %u forks would share this socket: "
+                               "put {i} (the fork's index) or {vm_id} in the pattern",
+                               pattern, count);
+    return 0;
+}
+
+/* taps[k * count + index]: fork index's tap from overrides->nets[k]. */
+static int devices_overrides_taps(const struct devices_overrides *o, unsigned count,
+                                  char (*taps)[DEVICES_TAP_NAME_MAX], struct forkd_error *err)
+{
+    char field[64];
+    for (size_t k = 0; k < o->net_count; k++) {
+        snprintf(field, sizeof(field), "network_overrides[%zu].host_dev_name", k);
+        const struct devices_expansion x = {field, o->nets[k].host_dev_name, true};
+        int rc = devices_expand_taps(&x, count, taps + k * count, err);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Two overrides that give some forks the same tap. */
+static int devices_overrides_distinct(const struct devices_overrides *o, unsigned count,
+                                      char (*taps)[DEVICES_TAP_NAME_MAX], struct forkd_error *err)
+{
+    for (size_t k = 0; k < o->net_count; k++)
+        for (size_t l = 0; l < k; l++)
+            for (unsigned a = 0; a < count; a++)
+                for (unsigned b = 0; b < count; b++)
+                    if (strcmp(taps[k * count + a], taps[l * count + b]) == 0)
+                        return forkd_error_set(err, -EINVAL,
+                                               "network_overrides[%zu].host_dev_name '%s' gives "
+                                               "fork %u tap %s, which network_overrides[%zu] "
+                                               "gives fork %u",
+                                               k, o->nets[k].host_dev_name, a, taps[k * count + a],
+                                               l, b);
+    return 0;
+}
+
+int devices_overrides_validate(const struct devices_overrides *o, unsigned count,
+                               struct forkd_error *err)
+{
+    char field[64];
+    if (count < 1)
+        return forkd_error_set(err, -EINVAL, "overrides: count must be at least 1");
+    if (o->net_count > DEVICES_MAX_NETS)
+        return forkd_error_set(err, -EINVAL, "network_overrides: at most %d, got %zu",
+                               DEVICES_MAX_NETS, o->net_count);
+    for (size_t k = 0; k < o->net_count; k++) {
+        snprintf(field, sizeof(field), "network_overrides[%zu].iface_id", k);
+        int rc = devices_check_id(field, o->nets[k].iface_id, err);
+        if (rc < 0)
+            return rc;
+        for (size_t l = 0; l < k; l++)
+            if (strcmp(o->nets[l].iface_id, o->nets[k].iface_id) == 0)
+                return forkd_error_set(err, -EINVAL,
+                                       "network_overrides[%zu].iface_id '%s' is also "
+                                       "network_overrides[%zu]'s",
+                                       k, o->nets[k].iface_id, l);
+    }
+    _cleanup_free_ char(*taps)[DEVICES_TAP_NAME_MAX] =
+        calloc(o->net_count * count + 1, DEVICES_TAP_NAME_MAX);
+    if (!taps)
+        return forkd_error_set(err, -ENOMEM, "overrides: out of memory");
+    int rc = devices_overrides_taps(o, count, taps, err);
+    if (rc == 0)
+        rc = devices_overrides_distinct(o, count, taps, err);
+    if (rc == 0 && o->vsock_uds_path[0])
+        rc = devices_validate_vsock_override(o->vsock_uds_path, count, err);
+    return rc;
+}
+
+static const struct devices_net_override *devices_override_of(const struct devices_overrides *o,
+                                                              const char *iface_id)
+{
+    for (size_t k = 0; k < o->net_count; k++)
+        if (strcmp(o->nets[k].iface_id, iface_id) == 0)
+            return &o->nets[k];
+    return NULL;
+}
+
+/* The interfaces of the snapshot's VM, for messages: "eth0, eth1" or "none". */
+static const char *devices_net_names(const struct vm_devices *d, char *out, size_t size)
+{
+    size_t used = 0;
+    snprintf(out, size, "none");
+    for (size_t i = 0; i < d->net_count && used < size; i++)
+        used += (size_t)snprintf(out + used, size - used, "%s%s", i ? ", " : "", d->nets[i].id);
+    return out;
+}
+
+/* With more than one fork, everything two forks cannot share must be overridden. */
+static int devices_overrides_cover(const struct vm_devices *d, const struct devices_overrides *o,
+                                   unsigned count, const char *snapshot, struct forkd_error *err)
+{
+    for (size_t i = 0; count > 1 && i < d->net_count; i++)
+        if (!devices_override_of(o, d->nets[i].id))
+            return forkd_error_set(err, -EINVAL,
+                                   "spawn of %u forks from %s: its VM's interface '%s' uses tap "
+                                   "%s, which two forks cannot share: give network_overrides "
+                                   "{iface_id: \"%s\", host_dev_name: a pattern with {i}, e.g. "
+                                   "\"tap{i}\"}, one tap per fork",
+                                   count, snapshot, d->nets[i].id, d->nets[i].host_dev_name,
+                                   d->nets[i].id);
+    if (count > 1 && d->vsock.present && !o->vsock_uds_path[0])
+        return forkd_error_set(err, -EINVAL,
+                               "spawn of %u forks from %s: its VM's vsock uses socket %s, which "
+                               "two forks cannot share: give vsock_override {uds_path: an "
+                               "absolute path with {i} or {vm_id}, e.g. \"/run/vsock-{i}.sock\"}",
+                               count, snapshot, d->vsock.uds_path);
+    return 0;
+}
+
+/* An interface that keeps its tap (count 1) must not get another interface's override. */
+static int devices_overrides_keep_apart(const struct vm_devices *d,
+                                        const struct devices_overrides *o, unsigned count,
+                                        struct forkd_error *err)
+{
+    char name[DEVICES_PATTERN_MAX + 16], field[64];
+    unsigned found;
+    for (size_t k = 0; k < o->net_count; k++) {
+        snprintf(field, sizeof(field), "network_overrides[%zu].host_dev_name", k);
+        const struct devices_expansion x = {field, o->nets[k].host_dev_name, true};
+        for (unsigned index = 0; index < count; index++) {
+            int rc = devices_expand(&x, index, "", name, sizeof(name), &found, err);
+            if (rc < 0)
+                return rc;
+            for (size_t i = 0; i < d->net_count; i++)
+                if (!devices_override_of(o, d->nets[i].id) &&
+                    strcmp(d->nets[i].host_dev_name, name) == 0)
+                    return forkd_error_set(err, -EINVAL,
+                                           "%s '%s' gives fork %u tap %s, which interface '%s' "
+                                           "keeps (it is not overridden)",
+                                           field, x.pattern, index, name, d->nets[i].id);
+        }
+    }
+    return 0;
+}
+
+int devices_overrides_check(const struct vm_devices *d, const struct devices_overrides *o,
+                            unsigned count, const char *snapshot, struct forkd_error *err)
+{
+    char names[DEVICES_MAX_NETS * DEVICES_ID_MAX + 8];
+    for (size_t k = 0; k < o->net_count; k++) {
+        bool known = false;
+        for (size_t i = 0; i < d->net_count && !known; i++)
+            known = strcmp(d->nets[i].id, o->nets[k].iface_id) == 0;
+        if (!known)
+            return forkd_error_set(err, -EINVAL,
+                                   "network_overrides[%zu].iface_id '%s': the VM of snapshot %s "
+                                   "has no such interface (its interfaces: %s)",
+                                   k, o->nets[k].iface_id, snapshot,
+                                   devices_net_names(d, names, sizeof(names)));
+    }
+    if (o->vsock_uds_path[0] && !d->vsock.present)
+        return forkd_error_set(
+            err, -EINVAL, "vsock_override.uds_path: the VM of snapshot %s has no vsock", snapshot);
+    int rc = devices_overrides_cover(d, o, count, snapshot, err);
+    if (rc == 0)
+        rc = devices_overrides_keep_apart(d, o, count, err);
+    return rc;
+}
+
+int devices_overrides_apply(struct vm_devices *d, const struct devices_overrides *o, unsigned index,
+                            const char *vm_id, struct forkd_error *err)
+{
+    char field[64];
+    unsigned found;
+    for (size_t k = 0; k < o->net_count; k++) {
+        struct devices_net *net = NULL;
+        for (size_t i = 0; i < d->net_count && !net; i++)
+            if (strcmp(d->nets[i].id, o->nets[k].iface_id) == 0)
+                net = &d->nets[i];
+        if (!net)
+            return forkd_error_set(err, -EINVAL,
+                                   "network_overrides[%zu].iface_id '%s': no such "
+                                   "interface",
+                                   k, o->nets[k].iface_id);
+        snprintf(field, sizeof(field), "network_overrides[%zu].host_dev_name", k);
+        const struct devices_expansion x = {field, o->nets[k].host_dev_name, true};
+        int rc = devices_expand(&x, index, vm_id, net->host_dev_name, sizeof(net->host_dev_name),
+                                &found, err);
+        if (rc < 0)
+            return rc;
+    }
+    if (!o->vsock_uds_path[0])
+        return 0;
+    if (!d->vsock.present)
+        return forkd_error_set(err, -EINVAL, "vsock_override.uds_path: the VM has no vsock");
+    const struct devices_expansion x = {"vsock_override.uds_path", o->vsock_uds_path, false};
+    return devices_expand(&x, index, vm_id, d->vsock.uds_path, sizeof(d->vsock.uds_path), &found,
+                          err);
+}
+
 /* ---- files ------------------------------------------------------------------------------ */
 
 static void devices_identity_from_stat(const struct stat *st, struct devices_file_identity *out)

@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct engine {
     struct store *store;
@@ -132,33 +133,108 @@ static int engine_spawn_one(struct engine *engine, const struct engine_spawn_req
         .page_server = engine->page_server,
         .devices = &snapshot.devices,
         .snapshot_dir = snapshot.path,
+        .overrides = request->overrides,
+        .fork_index = index,
         .start_finished_by_caller = true,
     };
     return vm_restore(engine->registry, &config, out, err);
 }
 
+/* The VM among the listed live ones whose tap or vsock socket is `name`, or NULL. */
+static const char *engine_device_user(struct vm **vms, const struct vm_status *statuses,
+                                      size_t count, bool tap, const char *name)
+{
+    for (size_t v = 0; v < count; v++) {
+        const struct vm_devices *d = &statuses[v].devices;
+        if (statuses[v].state == VM_STATE_STOPPED || statuses[v].state == VM_STATE_FAILED)
+            continue;
+        for (size_t i = 0; tap && i < d->net_count; i++)
+            if (strcmp(d->nets[i].host_dev_name, name) == 0)
+                return vm_id(vms[v]);
+        if (!tap && d->vsock.present && strcmp(d->vsock.uds_path, name) == 0)
+            return vm_id(vms[v]);
+    }
+    return NULL;
+}
+
+/* One fork's taps and socket against the live VMs'. */
+static int engine_check_fork_devices_free(const struct vm_devices *fork, unsigned index,
+                                          bool check_vsock, struct vm **vms,
+                                          const struct vm_status *statuses, size_t count,
+                                          struct forkd_error *err)
+{
+    for (size_t i = 0; i < fork->net_count; i++) {
+        const char *user =
+            engine_device_user(vms, statuses, count, true, fork->nets[i].host_dev_name);
+        if (user)
+            return forkd_error_set(err, -EBUSY,
+                                   "fork %u's interface '%s' would use tap %s, which VM %s uses "
+                                   "(a VMM opens a tap for itself alone): give network_overrides "
+                                   "for '%s' a pattern no running VM uses",
+                                   index, fork->nets[i].id, fork->nets[i].host_dev_name, user,
+                                   fork->nets[i].id);
+    }
+    const char *user = check_vsock && fork->vsock.present
+                           ? engine_device_user(vms, statuses, count, false, fork->vsock.uds_path)
+                           : NULL;
+    if (user)
+        return forkd_error_set(err, -EBUSY,
+                               "fork %u's vsock would bind socket %s, which VM %s uses (a VMM "
+                               "binds it and fails when it exists): give vsock_override a "
+                               "pattern no running VM uses",
+                               index, fork->vsock.uds_path, user);
+    return 0;
+}
+
+/* A VMM opens each tap for itself alone (Firecracker's TUNSETIFF has no IFF_MULTI_QUEUE: a
+ * second open is EBUSY) and binds the vsock socket path (EADDRINUSE when it exists): a fork
+ * whose tap or socket a live VM has (the source VM, earlier forks) would fail in its VMM.
+ * Refused up front, -EBUSY naming that VM. A socket path with {vm_id} is new by construction;
+ * two Spawns running at once are only caught by the VMMs. */
+static int engine_check_devices_free(struct engine *engine, const struct vm_devices *snapshot,
+                                     const struct devices_overrides *overrides, unsigned count,
+                                     struct forkd_error *err)
+{
+    struct vm **vms = NULL;
+    size_t listed = vm_list(engine->registry, &vms);
+    _cleanup_free_ struct vm_status *statuses = calloc(listed + 1, sizeof(*statuses));
+    _cleanup_free_ struct vm_devices *fork = malloc(sizeof(*fork));
+    int rc = statuses && fork ? 0 : forkd_error_set(err, -ENOMEM, "spawn: out of memory");
+    for (size_t v = 0; rc == 0 && v < listed; v++)
+        vm_get_status(vms[v], &statuses[v]);
+    bool check_vsock = !strstr(overrides->vsock_uds_path, "{vm_id}");
+    for (unsigned index = 0; rc == 0 && index < count; index++) {
+        *fork = *snapshot;
+        rc = devices_overrides_apply(fork, overrides, index, "", err);
+        if (rc == 0)
+            rc = engine_check_fork_devices_free(fork, index, check_vsock, vms, statuses, listed,
+                                                err);
+    }
+    vm_list_free(vms, listed);
+    return rc;
+}
+
 /* A fork's read-only drives are the snapshot's files themselves: each must still be the file
  * the branch recorded (size, mtime, ctime, inode), or the fork's page cache and file system
- * would disagree with its disk. -ESTALE naming the drive otherwise. Forks restore the
- * snapshot's tap devices and vsock socket as they are (the VMM takes no per-fork override):
- * two forks cannot share them, so more than one is refused (-EINVAL) up front. */
+ * would disagree with its disk. -ESTALE naming the drive otherwise. Two forks cannot share a
+ * tap device or a vsock socket: the overrides must fit the snapshot's devices and, for more
+ * than one fork, give each its own (-EINVAL up front, naming the override to give), and no
+ * fork may get a tap or socket a live VM has (-EBUSY naming it). */
 static int engine_check_snapshot_devices(struct engine *engine, const char *name, unsigned count,
+                                         const struct devices_overrides *overrides,
                                          struct forkd_error *err)
 {
+    static const struct devices_overrides none;
     _cleanup_free_ struct store_snapshot *snapshot = malloc(sizeof(*snapshot));
     if (!snapshot)
         return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
     int rc = store_get(engine->store, name, snapshot, err);
     if (rc < 0)
         return rc;
-    const struct vm_devices *devices = &snapshot->devices;
-    if (count > 1 && (devices->net_count > 0 || devices->vsock.present))
-        return forkd_error_set(err, -EINVAL,
-                               "spawn from %s: count %u, but its VM has %s %s, which forks "
-                               "restore as they are and cannot share: spawn one fork at a time",
-                               name, count, devices->net_count ? "tap device" : "vsock socket",
-                               devices->net_count ? devices->nets[0].host_dev_name
-                                                  : devices->vsock.uds_path);
+    rc = devices_overrides_check(&snapshot->devices, overrides ? overrides : &none, count, name,
+                                 err);
+    if (rc < 0)
+        return rc;
     for (size_t i = 0; i < snapshot->devices.drive_count; i++) {
         const struct devices_drive *drive = &snapshot->devices.drives[i];
         if (!drive->read_only)
@@ -178,7 +254,9 @@ static int engine_check_snapshot_devices(struct engine *engine, const char *name
                 name, drive->id, drive->path, (unsigned long long)drive->identity.size,
                 (unsigned long long)now.size);
     }
-    return 0;
+    rc = engine_check_devices_free(engine, &snapshot->devices, overrides ? overrides : &none, count,
+                                   err);
+    return rc < 0 ? forkd_error_prefix(err, "spawn from %s: ", name) : 0;
 }
 
 /* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
@@ -237,7 +315,11 @@ int engine_spawn(struct engine *engine, const struct engine_spawn_request *reque
         return rc;
     if (request->count < 1)
         return forkd_error_set(err, -EINVAL, "spawn: count must be at least 1");
-    rc = engine_check_snapshot_devices(engine, request->snapshot, request->count, err);
+    if (request->overrides &&
+        (rc = devices_overrides_validate(request->overrides, request->count, err)) < 0)
+        return rc;
+    rc = engine_check_snapshot_devices(engine, request->snapshot, request->count,
+                                       request->overrides, err);
     if (rc < 0)
         return rc;
     if (request->memory == VM_MEMORY_UFFD && request->prefetch_record_ms)

@@ -1198,6 +1198,25 @@ static int vm_repoint_fork_drives(struct vm *vm, struct forkd_error *err)
     return 0;
 }
 
+_Static_assert(VMM_LOAD_MAX_NETS >= DEVICES_MAX_NETS, "every interface can be overridden");
+
+/* What the load changes in the snapshot's devices: the fork's taps and socket, as expanded
+ * into vm->devices. */
+static void vm_load_overrides(const struct vm *vm, const struct vm_restore_config *config,
+                              struct vmm_load_overrides *out)
+{
+    *out = (struct vmm_load_overrides){0};
+    const struct devices_overrides *o = config->overrides;
+    for (size_t k = 0; o && k < o->net_count && k < VMM_LOAD_MAX_NETS; k++)
+        for (size_t i = 0; i < vm->devices.net_count; i++)
+            if (strcmp(vm->devices.nets[i].id, o->nets[k].iface_id) == 0) {
+                out->nets[out->net_count].iface_id = vm->devices.nets[i].id;
+                out->nets[out->net_count++].host_dev_name = vm->devices.nets[i].host_dev_name;
+            }
+    if (o && o->vsock_uds_path[0])
+        out->vsock_uds_path = vm->devices.vsock.uds_path;
+}
+
 /* UFFD: the page server listens on <run_dir>/<id>.uffd for the VMM's handshake. The load is
  * paused so that the prefetch lands before the guest runs. */
 static int vm_load_uffd(struct vm *vm, const struct vm_restore_config *config,
@@ -1213,10 +1232,12 @@ static int vm_load_uffd(struct vm *vm, const struct vm_restore_config *config,
                                            .socket_path = socket_path,
                                            .vmm_pid = vm->pid,
                                            .label = vm->id};
+    struct vmm_load_overrides overrides;
+    vm_load_overrides(vm, config, &overrides);
     int rc = page_server_fork_prepare(config->page_server, &fork, &vm->page_fork, err);
     if (rc == 0)
         rc = vmm_snapshot_load(vm->client, config->vmstate_path, VMM_MEMORY_UFFD, socket_path,
-                               false, false, err);
+                               false, false, &overrides, err);
     if (rc == 0)
         rc = page_server_fork_wait_ready(vm->page_fork, -1, err);
     if (rc == 0)
@@ -1248,8 +1269,10 @@ static int vm_load_snapshot(struct vm *vm, const struct vm_restore_config *confi
     }
     /* With writable drives the load is paused: they are re-pointed before the guest runs. */
     bool repoint = devices_have_writable_drive(&vm->devices);
+    struct vmm_load_overrides overrides;
+    vm_load_overrides(vm, config, &overrides);
     int rc = vmm_snapshot_load(vm->client, config->vmstate_path, VMM_MEMORY_FILE, backend_path,
-                               shared, !config->start_paused && !repoint, err);
+                               shared, !config->start_paused && !repoint, &overrides, err);
     if (rc == 0 && repoint)
         rc = vm_repoint_fork_drives(vm, err);
     if (rc == 0 && repoint && !config->start_paused)
@@ -1289,7 +1312,11 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
     vm->vcpu_count = config->vcpu_count;
     if (config->devices)
         vm->devices = *config->devices;
-    rc = vm_clone_fork_drives(vm, config, err);
+    if (config->overrides)
+        rc = devices_overrides_apply(&vm->devices, config->overrides, config->fork_index, vm->id,
+                                     err);
+    if (rc == 0)
+        rc = vm_clone_fork_drives(vm, config, err);
     if (rc < 0) {
         vm_remove_fork_drives(vm);
         vm_abandon_start(vm, rc, err);

@@ -347,9 +347,31 @@ int vmm_snapshot_create_within(struct vmm_client *client, enum vmm_snapshot_type
     return vmm_send_json_within(client, "PUT", "/snapshot/create", body, timeout_ms, err);
 }
 
+/* False when out of memory (the body is then incomplete and must not be sent). */
+static bool vmm_add_load_overrides(cJSON *body, const struct vmm_load_overrides *overrides)
+{
+    if (overrides->net_count) {
+        cJSON *nets = cJSON_AddArrayToObject(body, "network_overrides");
+        for (size_t i = 0; i < overrides->net_count; i++) {
+            cJSON *net = cJSON_CreateObject();
+            if (!nets || !net || !cJSON_AddItemToArray(nets, net) ||
+                !cJSON_AddStringToObject(net, "iface_id", overrides->nets[i].iface_id) ||
+                !cJSON_AddStringToObject(net, "host_dev_name", overrides->nets[i].host_dev_name))
+                return false;
+        }
+    }
+    if (overrides->vsock_uds_path) {
+        cJSON *vsock = cJSON_AddObjectToObject(body, "vsock_override");
+        if (!vsock || !cJSON_AddStringToObject(vsock, "uds_path", overrides->vsock_uds_path))
+            return false;
+    }
+    return true;
+}
+
 int vmm_snapshot_load(struct vmm_client *client, const char *snapshot_path,
                       enum vmm_memory_backend backend, const char *backend_path, bool shared,
-                      bool resume_vm, struct forkd_error *err)
+                      bool resume_vm, const struct vmm_load_overrides *overrides,
+                      struct forkd_error *err)
 {
     cJSON *body = cJSON_CreateObject();
     cJSON_AddStringToObject(body, "snapshot_path", snapshot_path);
@@ -359,6 +381,10 @@ int vmm_snapshot_load(struct vmm_client *client, const char *snapshot_path,
     if (shared)
         cJSON_AddBoolToObject(memory, "shared", true);
     cJSON_AddBoolToObject(body, "resume_vm", resume_vm);
+    if (body && overrides && !vmm_add_load_overrides(body, overrides)) {
+        cJSON_Delete(body);
+        body = NULL; /* refused as out of memory */
+    }
     return vmm_send_json(client, "PUT", "/snapshot/load", body, err);
 }
 

@@ -10,6 +10,7 @@
 #include "basic/error.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -93,9 +94,24 @@ int vmm_snapshot_create(struct vmm_client *client, enum vmm_snapshot_type type,
 int vmm_snapshot_create_within(struct vmm_client *client, enum vmm_snapshot_type type,
                                const char *snapshot_path, const char *mem_file_path,
                                long timeout_ms, struct forkd_error *err);
+/* What a restore changes in the snapshot's devices, as Firecracker's snapshot/load takes it:
+ * network_overrides (a new tap per interface, Firecracker 1.12 on) and vsock_override (a new
+ * host socket, Firecracker 1.16 on; older ones refuse the field). Only what is set is sent. */
+#define VMM_LOAD_MAX_NETS 4
+struct vmm_load_overrides {
+    size_t net_count;
+    struct {
+        const char *iface_id;
+        const char *host_dev_name;
+    } nets[VMM_LOAD_MAX_NETS];
+    const char *vsock_uds_path; /* NULL: none */
+};
+
+/* overrides may be NULL (none). */
 int vmm_snapshot_load(struct vmm_client *client, const char *snapshot_path,
                       enum vmm_memory_backend backend, const char *backend_path, bool shared,
-                      bool resume_vm, struct forkd_error *err);
+                      bool resume_vm, const struct vmm_load_overrides *overrides,
+                      struct forkd_error *err);
 /* Asks the VMM to send a write-protect userfaultfd to the Unix socket at socket_path. */
 int vmm_uffd_wp(struct vmm_client *client, const char *socket_path, struct forkd_error *err);
 int vmm_get_info(struct vmm_client *client, struct vmm_info *out, struct forkd_error *err);

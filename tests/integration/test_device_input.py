@@ -1,6 +1,8 @@
-"""Boot's device fields (drives, network interfaces, vsock, initrd) checked up front: a real
-forkd refuses bad ones with INVALID_ARGUMENT naming the field, before any VMM starts. Needs no
-KVM: the service checks them before the engine looks at the host."""
+"""Boot's device fields (drives, network interfaces, vsock, initrd) and Spawn's per-fork
+overrides (network_overrides, vsock_override) checked up front: a real forkd refuses bad ones
+with INVALID_ARGUMENT naming the field, before any VMM starts. Needs no KVM: the service checks
+them before the engine looks at the host (what needs the snapshot's devices is checked by the
+engine, tests/unit/devices_test.cc and tests/integration/test_disks.py)."""
 import grpc
 import pytest
 
@@ -78,3 +80,64 @@ def test_nul_in_a_drive_path_is_refused(forkd):
         forkd.forkd().Boot(boot_request(drives=[drive(path="/disk.img\0../../etc")]), timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "path_on_host" in error.value.details()
+
+
+def tap(iface_id="eth0", pattern="tap{i}", mac=""):
+    return P.NetworkOverride(iface_id=iface_id, host_dev_name=pattern, guest_mac=mac)
+
+
+def vsock_at(pattern):
+    return P.VsockOverride(uds_path=pattern)
+
+
+BAD_SPAWN = [
+    ("network_overrides[0].guest_mac: a fork's MAC cannot be changed",
+     2, dict(network_overrides=[tap(mac="06:00:ac:10:00:09")])),
+    ("network_overrides[0].host_dev_name 'tap0': 2 forks would share this tap",
+     2, dict(network_overrides=[tap(pattern="tap0")])),
+    ("{vm_id} is not allowed in a tap name", 1, dict(network_overrides=[tap(pattern="t{vm_id}")])),
+    ("network_overrides[0].host_dev_name 'tap{x}': unknown placeholder",
+     2, dict(network_overrides=[tap(pattern="tap{x}")])),
+    ("network_overrides[0].host_dev_name 'tap-abcdefghi{i}' for fork 100",
+     101, dict(network_overrides=[tap(pattern="tap-abcdefghi{i}")])),
+    ("network_overrides[0].host_dev_name: 300 bytes, at most 255",
+     1, dict(network_overrides=[tap(pattern="t" * 300)])),
+    ("network_overrides[0].iface_id", 1, dict(network_overrides=[tap(iface_id="a/b")])),
+    ("network_overrides[1].iface_id 'eth0' is also network_overrides[0]'s",
+     2, dict(network_overrides=[tap(), tap(pattern="u{i}")])),
+    ("network_overrides[1].host_dev_name 'a1{i}' gives fork 0 tap a10",
+     12, dict(network_overrides=[tap(pattern="a{i}"), tap("eth1", "a1{i}")])),
+    ("network_overrides: at most 4",
+     1, dict(network_overrides=[tap("e%d" % i, "t%d" % i) for i in range(5)])),
+    ("vsock_override.uds_path must be an absolute path",
+     2, dict(vsock_override=vsock_at("vsock-{i}.sock"))),
+    ("vsock_override.uds_path '/run/v.sock': 2 forks would share this socket",
+     2, dict(vsock_override=vsock_at("/run/v.sock"))),
+    ("longest VM id) vsock_override.uds_path",
+     1, dict(vsock_override=vsock_at("/" + "s" * 90 + "{vm_id}"))),
+    ("vsock_override.uds_path: a path is required", 1, dict(vsock_override=vsock_at(""))),
+]
+
+
+@pytest.mark.parametrize("message,count,overrides", BAD_SPAWN,
+                         ids=["spawn-%d" % i for i in range(len(BAD_SPAWN))])
+def test_bad_spawn_override_is_refused_naming_the_field(forkd, message, count, overrides):
+    stub = forkd.forkd()
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Spawn(P.SpawnRequest(snapshot="base", count=count, **overrides), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    assert message in error.value.details()
+    assert list(stub.ListVms(P.ListVmsRequest(), timeout=10).vms) == []
+
+
+def test_good_spawn_overrides_pass_the_request_checks(forkd):
+    """Patterns that fit go on to the engine, which then looks at the host and the snapshot
+    (this one has neither KVM nor the snapshot, or not both): never INVALID_ARGUMENT."""
+    request = P.SpawnRequest(snapshot="base", count=256,
+                             network_overrides=[tap(pattern="tap-abcdefg{i}"),
+                                                tap("eth1", "fk{i}-eth1")],
+                             vsock_override=vsock_at("/run/forkd/vsock-{i}-{vm_id}.sock"))
+    with pytest.raises(grpc.RpcError) as error:
+        forkd.forkd().Spawn(request, timeout=30)
+    assert error.value.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.NOT_FOUND), error.value.details()

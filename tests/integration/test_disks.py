@@ -1,7 +1,8 @@
 """VMs with Firecracker's devices, end to end on real KVM: a real forkd launching the real test
 VMM with drives, network interfaces, a vsock and an initrd; GetVm, GetSnapshot and the VMM
-itself (GET /) describe them, the VM record keeps them across a forkd restart, and a Spawn
-refuses a read-only drive whose file changed since the branch."""
+itself (GET /) describe them, the VM record keeps them across a forkd restart, a Spawn
+refuses a read-only drive whose file changed since the branch, and forks of a VM with a tap
+and a vsock each get their own through Spawn's overrides."""
 import http.client
 import json
 import os
@@ -147,13 +148,35 @@ def test_branch_records_devices_and_spawn_refuses_a_changed_read_only_drive(fork
         reread = again.forkd().GetSnapshot(P.GetSnapshotRequest(name="base"), timeout=10)
         assert describe(reread) == expected(request)
         assert reread.drives[0].identity == snapshot.drives[0].identity
-        # Forks restore the tap and the vsock socket as they are: two cannot share them.
+        # Two forks cannot share the tap or the vsock socket: without overrides, refused
+        # saying which override to give.
         with pytest.raises(grpc.RpcError) as error:
             again.forkd().Spawn(P.SpawnRequest(snapshot="base", count=2), timeout=60)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
-        assert "count 2" in error.value.details() and "fk-tap0" in error.value.details()
-        forks = again.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1), timeout=60).vms
-        assert describe(forks[0]) == expected(request)
+        assert ("interface 'eth0' uses tap fk-tap0, which two forks cannot share: give "
+                "network_overrides {iface_id: \"eth0\"") in error.value.details()
+        # One fork cannot have them either while the source VM runs: a VMM opens a tap for
+        # itself alone and binds its socket path.
+        with pytest.raises(grpc.RpcError) as error:
+            again.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1), timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+        assert ("fork 0's interface 'eth0' would use tap fk-tap0, which VM %s uses" % vm.id
+                ) in error.value.details()
+        one = P.SpawnRequest(snapshot="base", count=1,
+                             network_overrides=[P.NetworkOverride(iface_id="eth0",
+                                                                  host_dev_name="fk-one")],
+                             vsock_override=P.VsockOverride(uds_path=os.path.join(tmp, "1.sock")))
+        forks = list(again.forkd().Spawn(one, timeout=60).vms)
+        assert describe(forks[0]) == dict(
+            expected(request), nets=[("eth0", "fk-one", "06:00:ac:10:00:02")],
+            vsock=(request["vsock"].guest_cid, os.path.join(tmp, "1.sock")))
+        forks += spawn_with_overrides(again, tmp, request)
+        one.network_overrides[0].host_dev_name = "fk-two"
+        with pytest.raises(grpc.RpcError) as error:
+            again.forkd().Spawn(one, timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+        assert ("fork 0's vsock would bind socket %s, which VM %s uses"
+                % (os.path.join(tmp, "1.sock"), forks[0].id)) in error.value.details()
         # The read-only root changes under the snapshot: a fork would see another disk.
         with open(rootfs, "r+b") as f:
             f.write(b"changed")
@@ -161,11 +184,56 @@ def test_branch_records_devices_and_spawn_refuses_a_changed_read_only_drive(fork
             again.forkd().Spawn(P.SpawnRequest(snapshot="base", count=1), timeout=60)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
         assert "rootfs" in error.value.details() and "changed" in error.value.details()
-        assert len(again.forkd().ListVms(P.ListVmsRequest(), timeout=10).vms) == 2
-        for vm_id in (vm.id, forks[0].id):
+        assert len(again.forkd().ListVms(P.ListVmsRequest(), timeout=10).vms) == 1 + len(forks)
+        for vm_id in [vm.id] + [f.id for f in forks]:
             again.forkd().StopVm(P.StopVmRequest(vm_id=vm_id), timeout=60)
     finally:
         again.cleanup()
+
+
+def spawn_with_overrides(d, tmp, request):
+    """Forks of a snapshot whose VM has a tap and a vsock, each with its own: what a Spawn's
+    overrides must cover is checked against the snapshot before any fork starts, and each fork
+    (GetVm and its VMM's GET /) names its own tap and socket, with the snapshot's MAC."""
+    stub = d.forkd()
+    tap = P.NetworkOverride(iface_id="eth0", host_dev_name="fk-t{i}")
+    sockets = os.path.join(tmp, "vsock-{i}-{vm_id}.sock")
+    refusals = [
+        (dict(network_overrides=[tap]),
+         "vsock uses socket %s, which two forks cannot share: give vsock_override"
+         % request["vsock"].uds_path),
+        (dict(network_overrides=[tap, P.NetworkOverride(iface_id="eth1",
+                                                        host_dev_name="fk-u{i}")],
+              vsock_override=P.VsockOverride(uds_path=sockets)),
+         "network_overrides[1].iface_id 'eth1': the VM of snapshot base has no such interface "
+         "(its interfaces: eth0)"),
+    ]
+    for overrides, message in refusals:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Spawn(P.SpawnRequest(snapshot="base", count=2, **overrides), timeout=60)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+        assert message in error.value.details()
+    forks = stub.Spawn(P.SpawnRequest(snapshot="base", count=2, name_prefix="own",
+                                      network_overrides=[tap],
+                                      vsock_override=P.VsockOverride(uds_path=sockets)),
+                       timeout=120).vms
+    mac = request["network_interfaces"][0].guest_mac
+    for i, fork in enumerate(forks):
+        own_tap, own_socket = "fk-t%d" % i, sockets.format(i=i, vm_id=fork.id)
+        for seen in (fork, stub.GetVm(P.GetVmRequest(vm_id=fork.id), timeout=10)):
+            assert describe(seen)["nets"] == [("eth0", own_tap, mac)]
+            assert describe(seen)["vsock"] == (request["vsock"].guest_cid, own_socket)
+        vmm = vmm_get(fork)
+        assert [(x["iface_id"], x["host_dev_name"], x["guest_mac"])
+                for x in vmm["network_interfaces"]] == [("eth0", own_tap, mac)]
+        assert vmm["vsock"]["uds_path"] == own_socket
+    # The same patterns again while those forks run: their taps are taken.
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Spawn(P.SpawnRequest(snapshot="base", count=1, network_overrides=[tap],
+                                  vsock_override=P.VsockOverride(uds_path=sockets)), timeout=60)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+    assert "would use tap fk-t0, which VM %s uses" % forks[0].id in error.value.details()
+    return list(forks)
 
 
 def test_missing_drive_file_is_not_found_and_nothing_starts(forkd):

@@ -171,4 +171,137 @@ TEST(Devices, SnapshotJsonKeepsThemExactlyAndOlderRecordsHaveNone)
     EXPECT_FALSE(read.devices.vsock.present);
 }
 
+// Spawn's per-fork overrides: a second interface, so that two taps must stay apart.
+struct vm_devices TwoInterfaces()
+{
+    struct vm_devices d = Sample();
+    d.net_count = 2;
+    snprintf(d.nets[1].id, sizeof(d.nets[1].id), "eth1");
+    snprintf(d.nets[1].host_dev_name, sizeof(d.nets[1].host_dev_name), "tap1");
+    return d;
+}
+
+struct devices_overrides Overrides(const char *eth0, const char *eth1, const char *vsock)
+{
+    struct devices_overrides o = {};
+    if (eth0) {
+        snprintf(o.nets[o.net_count].iface_id, DEVICES_ID_MAX, "eth0");
+        snprintf(o.nets[o.net_count++].host_dev_name, DEVICES_PATTERN_MAX, "%s", eth0);
+    }
+    if (eth1) {
+        snprintf(o.nets[o.net_count].iface_id, DEVICES_ID_MAX, "eth1");
+        snprintf(o.nets[o.net_count++].host_dev_name, DEVICES_PATTERN_MAX, "%s", eth1);
+    }
+    if (vsock)
+        snprintf(o.vsock_uds_path, sizeof(o.vsock_uds_path), "%s", vsock);
+    return o;
+}
+
+TEST(DeviceOverrides, EachForkGetsItsOwnTapsAndSocket)
+{
+    struct vm_devices snapshot = TwoInterfaces();
+    struct devices_overrides o = Overrides("fa{i}", "fb{i}", "/run/fork-{i}-{vm_id}.sock");
+    struct forkd_error err = {};
+    ASSERT_EQ(0, devices_overrides_validate(&o, 12, &err)) << err.message;
+    ASSERT_EQ(0, devices_overrides_check(&snapshot, &o, 12, "s", &err)) << err.message;
+    struct vm_devices fork = snapshot;
+    ASSERT_EQ(0, devices_overrides_apply(&fork, &o, 11, "vm-42", &err)) << err.message;
+    EXPECT_STREQ("fa11", fork.nets[0].host_dev_name);
+    EXPECT_STREQ("fb11", fork.nets[1].host_dev_name);
+    EXPECT_STREQ("06:00:AC:10:00:02", fork.nets[0].guest_mac); // the snapshot's, unchanged
+    EXPECT_STREQ("/run/fork-11-vm-42.sock", fork.vsock.uds_path);
+    EXPECT_EQ(0, devices_validate(&fork, &err)) << err.message;
+}
+
+TEST(DeviceOverrides, OneForkMayKeepOrRenameWithoutAPlaceholder)
+{
+    struct vm_devices snapshot = TwoInterfaces();
+    struct devices_overrides none = {};
+    struct forkd_error err = {};
+    EXPECT_EQ(0, devices_overrides_check(&snapshot, &none, 1, "s", &err)) << err.message;
+    struct devices_overrides o = Overrides("tapx", nullptr, "/run/one.sock");
+    EXPECT_EQ(0, devices_overrides_validate(&o, 1, &err)) << err.message;
+    EXPECT_EQ(0, devices_overrides_check(&snapshot, &o, 1, "s", &err)) << err.message;
+}
+
+TEST(DeviceOverrides, EachBadOverrideIsRefusedNamingTheField)
+{
+    struct Case {
+        const char *field;
+        struct devices_overrides o;
+        unsigned count;
+    } cases[] = {
+        {"network_overrides[0].host_dev_name 'tap0': 2 forks", Overrides("tap0", "b{i}", "/{i}"),
+         2},
+        {"{vm_id} is not allowed", Overrides("t{vm_id}", nullptr, nullptr), 1},
+        {"unknown placeholder at '{n}'", Overrides("t{n}", nullptr, nullptr), 1},
+        {"unknown placeholder", Overrides("t{i", nullptr, nullptr), 1},
+        {"network_overrides[0].host_dev_name", Overrides("", nullptr, nullptr), 1},
+        {"'tap-abcdefghi{i}' for fork 100", Overrides("tap-abcdefghi{i}", nullptr, nullptr), 101},
+        {"network_overrides[1].host_dev_name 'a1{i}' gives fork 0 tap a10",
+         Overrides("a{i}", "a1{i}", nullptr), 12},
+        {"network_overrides[1].host_dev_name 'same' gives fork 0 tap same",
+         Overrides("same", "same", nullptr), 1},
+        {"vsock_override.uds_path must be an absolute path", Overrides(nullptr, nullptr, "v{i}"),
+         2},
+        {"vsock_override.uds_path '/run/v.sock': 2 forks",
+         Overrides(nullptr, nullptr, "/run/v.sock"), 2},
+        {"longest VM id) vsock_override.uds_path: 114 bytes",
+         Overrides(nullptr, nullptr,
+                   "/sssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssss"
+                   "sssssssssssssssss{vm_id}"),
+         1},
+    };
+    for (const auto &c : cases) {
+        struct forkd_error err = {};
+        EXPECT_EQ(-EINVAL, devices_overrides_validate(&c.o, c.count, &err)) << c.field;
+        EXPECT_NE(nullptr, strstr(err.message, c.field)) << err.message;
+    }
+    struct devices_overrides twice = Overrides("a{i}", "b{i}", nullptr);
+    strcpy(twice.nets[1].iface_id, "eth0");
+    struct forkd_error err = {};
+    EXPECT_EQ(-EINVAL, devices_overrides_validate(&twice, 2, &err));
+    EXPECT_NE(nullptr, strstr(err.message, "network_overrides[1].iface_id 'eth0' is also"))
+        << err.message;
+}
+
+TEST(DeviceOverrides, TheSnapshotsDevicesDecideWhatIsNeededAndKnown)
+{
+    struct Case {
+        const char *message;
+        struct devices_overrides o;
+        unsigned count;
+    } cases[] = {
+        {"interface 'eth0' uses tap tap0, which two forks cannot share: give network_overrides "
+         "{iface_id: \"eth0\"",
+         Overrides(nullptr, "b{i}", "/v{i}"), 2},
+        {"vsock uses socket /run/v.sock, which two forks cannot share: give vsock_override",
+         Overrides("a{i}", "b{i}", nullptr), 2},
+        {"gives fork 0 tap tap1, which interface 'eth1' keeps", Overrides("tap1", nullptr, nullptr),
+         1},
+    };
+    struct vm_devices snapshot = TwoInterfaces();
+    for (const auto &c : cases) {
+        struct forkd_error err = {};
+        EXPECT_EQ(0, devices_overrides_validate(&c.o, c.count, &err)) << err.message;
+        EXPECT_EQ(-EINVAL, devices_overrides_check(&snapshot, &c.o, c.count, "s", &err))
+            << c.message;
+        EXPECT_NE(nullptr, strstr(err.message, c.message)) << err.message;
+    }
+    struct devices_overrides unknown = Overrides("a{i}", "b{i}", "/v{i}");
+    strcpy(unknown.nets[1].iface_id, "eth7");
+    struct forkd_error err = {};
+    EXPECT_EQ(-EINVAL, devices_overrides_check(&snapshot, &unknown, 2, "s", &err));
+    EXPECT_NE(nullptr, strstr(err.message, "network_overrides[1].iface_id 'eth7': the VM of "
+                                           "snapshot s has no such interface (its interfaces: "
+                                           "eth0, eth1)"))
+        << err.message;
+    snapshot.vsock.present = false;
+    struct devices_overrides vsock = Overrides(nullptr, nullptr, "/v.sock");
+    EXPECT_EQ(-EINVAL, devices_overrides_check(&snapshot, &vsock, 1, "s", &err));
+    EXPECT_NE(nullptr, strstr(err.message, "vsock_override.uds_path: the VM of snapshot s has "
+                                           "no vsock"))
+        << err.message;
+}
+
 } // namespace

@@ -75,6 +75,7 @@ enum field_type {
     FIELD_UNSIGNED,
     FIELD_BOOL,
     FIELD_OBJECT,
+    FIELD_ARRAY,
 };
 
 struct field_spec {
@@ -86,7 +87,7 @@ struct field_spec {
 static const char *field_type_name(enum field_type type)
 {
     static const char *const names[] = {"a string", "a non-negative integer", "a boolean",
-                                        "an object"};
+                                        "an object", "an array"};
     return names[type];
 }
 
@@ -101,6 +102,8 @@ static bool field_has_type(const cJSON *item, enum field_type type)
                floor(item->valuedouble) == item->valuedouble;
     case FIELD_BOOL:
         return cJSON_IsBool(item);
+    case FIELD_ARRAY:
+        return cJSON_IsArray(item);
     default:
         return cJSON_IsObject(item);
     }
@@ -747,6 +750,16 @@ static int collect_vmstate(struct vmm *vmm, struct vmstate *state, char *err, si
         state->drives[i].root = vmm->drives[i].root;
         state->drives[i].read_only = vmm->drives[i].read_only;
     }
+    state->net_count = vmm->net_count;
+    for (unsigned i = 0; i < vmm->net_count; i++) {
+        memcpy(state->nets[i].id, vmm->nets[i].id, sizeof(state->nets[i].id));
+        memcpy(state->nets[i].host_dev_name, vmm->nets[i].host_dev_name,
+               sizeof(state->nets[i].host_dev_name));
+        memcpy(state->nets[i].guest_mac, vmm->nets[i].guest_mac, sizeof(state->nets[i].guest_mac));
+    }
+    state->vsock.present = vmm->vsock.present;
+    state->vsock.guest_cid = vmm->vsock.guest_cid;
+    memcpy(state->vsock.uds_path, vmm->vsock.uds_path, sizeof(state->vsock.uds_path));
     for (unsigned i = 0; i < vmm->memory.region_count; i++) {
         state->regions[i] = vmm->memory.regions[i];
         state->regions[i].host = NULL;
@@ -882,6 +895,22 @@ static int restore_drives(struct vmm *vmm, const struct vmstate *state, char *er
                                     : 0;
 }
 
+/* Recorded as PUT /network-interfaces and PUT /vsock record them (no tap is opened, no socket
+ * bound: the guest has neither). */
+static void restore_network_and_vsock(struct vmm *vmm, const struct vmstate *state)
+{
+    vmm->net_count = state->net_count;
+    for (unsigned i = 0; i < state->net_count; i++) {
+        memcpy(vmm->nets[i].id, state->nets[i].id, sizeof(vmm->nets[i].id));
+        memcpy(vmm->nets[i].host_dev_name, state->nets[i].host_dev_name,
+               sizeof(vmm->nets[i].host_dev_name));
+        memcpy(vmm->nets[i].guest_mac, state->nets[i].guest_mac, sizeof(vmm->nets[i].guest_mac));
+    }
+    vmm->vsock.present = state->vsock.present;
+    vmm->vsock.guest_cid = state->vsock.guest_cid;
+    memcpy(vmm->vsock.uds_path, state->vsock.uds_path, sizeof(vmm->vsock.uds_path));
+}
+
 static int restore_machine(struct vmm *vmm, const struct vmstate *state,
                            const struct restore_backend *backend, bool resume, char *err,
                            size_t err_size)
@@ -902,11 +931,81 @@ static int restore_machine(struct vmm *vmm, const struct vmstate *state,
     }
     if (r == 0)
         r = restore_drives(vmm, state, err, err_size);
+    if (r == 0)
+        restore_network_and_vsock(vmm, state);
     for (unsigned i = 0; r == 0 && i < state->vcpu_count; i++)
         r = kvm_vm_load_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
     if (r == 0)
         r = kvm_vm_start(&vmm->vm, !resume, err, err_size);
     return r;
+}
+
+/* network_overrides: [{iface_id, host_dev_name}], as Firecracker (v1.12 on) applies them to the
+ * saved state before the devices are built: each names an interface the snapshot has (else a
+ * 400, Firecracker's UnknownNetworkDevice), and the restored interface uses the new tap. Only
+ * the tap changes: the guest MAC is the guest's (its virtio-net config space), kept as saved. */
+static int apply_network_overrides(const cJSON *overrides, struct vmstate *state, char *err,
+                                   size_t err_size)
+{
+    static const struct field_spec specs[] = {{"iface_id", FIELD_STRING, true},
+                                              {"host_dev_name", FIELD_STRING, true}};
+    const cJSON *entry;
+
+    if (!overrides)
+        return 0;
+    if (!cJSON_IsArray(overrides))
+        return error_set(err, err_size, EINVAL,
+                         "snapshot/load: network_overrides must be an array");
+    cJSON_ArrayForEach(entry, overrides)
+    {
+        int r = check_fields(entry, "snapshot/load: network_overrides[]", specs, 2, err, err_size);
+        if (r < 0)
+            return r;
+        const char *id = string_field(entry, "iface_id");
+        const char *tap = string_field(entry, "host_dev_name");
+        if (!*tap || strlen(tap) >= sizeof(state->nets[0].host_dev_name) || strchr(tap, '/'))
+            return error_set(err, err_size, EINVAL,
+                             "network_overrides: host_dev_name '%s' is not a tap device name", tap);
+        struct vmstate_net *net = NULL;
+        for (unsigned i = 0; i < state->net_count && !net; i++)
+            if (strcmp(state->nets[i].id, id) == 0)
+                net = &state->nets[i];
+        if (!net)
+            return error_set(err, err_size, EINVAL,
+                             "network_overrides: unknown network device '%s' (the snapshot has "
+                             "no interface of that iface_id)",
+                             id);
+        snprintf(net->host_dev_name, sizeof(net->host_dev_name), "%s", tap);
+    }
+    for (unsigned i = 0; i < state->net_count; i++)
+        for (unsigned j = 0; j < i; j++)
+            if (strcmp(state->nets[i].host_dev_name, state->nets[j].host_dev_name) == 0)
+                return error_set(err, err_size, EINVAL,
+                                 "network_overrides: host_dev_name %s is already in use",
+                                 state->nets[i].host_dev_name);
+    return 0;
+}
+
+/* vsock_override: {uds_path}, as Firecracker (v1.16 on): the snapshot must have a vsock (else
+ * a 400, Firecracker's UnknownVsockDevice), which then uses the new socket path. */
+static int apply_vsock_override(const cJSON *override, struct vmstate *state, char *err,
+                                size_t err_size)
+{
+    static const struct field_spec specs[] = {{"uds_path", FIELD_STRING, true}};
+
+    if (!override)
+        return 0;
+    int r = check_fields(override, "snapshot/load: vsock_override", specs, 1, err, err_size);
+    if (r < 0)
+        return r;
+    const char *path = string_field(override, "uds_path");
+    if (!state->vsock.present)
+        return error_set(err, err_size, EINVAL,
+                         "vsock_override: unknown vsock device (the snapshot has no vsock)");
+    if (!*path || strlen(path) >= sizeof(state->vsock.uds_path))
+        return error_set(err, err_size, EINVAL, "vsock_override: uds_path is empty or too long");
+    snprintf(state->vsock.uds_path, sizeof(state->vsock.uds_path), "%s", path);
+    return 0;
 }
 
 static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const cJSON *body,
@@ -915,11 +1014,12 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     static const struct field_spec specs[] = {
         {"snapshot_path", FIELD_STRING, true},    {"mem_backend", FIELD_OBJECT, true},
         {"resume_vm", FIELD_BOOL, false},         {"enable_diff_snapshots", FIELD_BOOL, false},
-        {"track_dirty_pages", FIELD_BOOL, false},
+        {"track_dirty_pages", FIELD_BOOL, false}, {"network_overrides", FIELD_ARRAY, false},
+        {"vsock_override", FIELD_OBJECT, false},
     };
     _cleanup_free_ struct vmstate *state = NULL;
     struct restore_backend backend = {0};
-    int r = check_fields(body, "snapshot/load", specs, 5, err, err_size);
+    int r = check_fields(body, "snapshot/load", specs, 7, err, err_size);
 
     (void)response;
     if (r == 0)
@@ -935,12 +1035,20 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
     if (!state)
         return error_set(err, err_size, ENOMEM, "out of memory");
     r = vmstate_read(string_field(body, "snapshot_path"), state, err, err_size);
+    if (r == 0)
+        r = apply_network_overrides(cJSON_GetObjectItemCaseSensitive(body, "network_overrides"),
+                                    state, err, err_size);
+    if (r == 0)
+        r = apply_vsock_override(cJSON_GetObjectItemCaseSensitive(body, "vsock_override"), state,
+                                 err, err_size);
     if (r < 0)
         return r;
     bool resume = bool_field(body, "resume_vm", false);
     r = restore_machine(vmm, state, &backend, resume, err, err_size);
     if (r < 0) {
         release_machine(vmm);
+        vmm->drive_count = vmm->net_count = 0; /* fresh again */
+        vmm->vsock.present = false;
         return r;
     }
     vmm->vcpu_count = state->vcpu_count;

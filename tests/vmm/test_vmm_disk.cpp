@@ -197,4 +197,60 @@ TEST_F(VmmDiskTest, LoadFailsWhenARecordedDriveIsGone)
     EXPECT_NE(r.body.find("data"), std::string::npos) << r.body;
 }
 
+// snapshot/load's network_overrides and vsock_override, as Firecracker takes them: the
+// snapshot's interfaces and vsock come back from the vmstate, an override gives one another tap
+// or socket (the MAC stays the snapshot's), and an unknown interface is a 400 that leaves the
+// process fresh for another load.
+TEST_F(VmmDiskTest, LoadOverridesTapsAndTheVsockSocketAndRefusesAnUnknownInterface)
+{
+    std::string snap = make_dir(dir_, "snap");
+    TestVmm source(make_dir(dir_, "source"));
+    auto r = source.api().request("PUT", "/network-interfaces/eth0",
+                                  "{\"iface_id\":\"eth0\",\"host_dev_name\":\"fk-src\","
+                                  "\"guest_mac\":\"06:00:ac:10:00:02\"}");
+    ASSERT_EQ(r.status, 204) << r.body;
+    r = source.api().request("PUT", "/vsock",
+                             "{\"guest_cid\":3,\"uds_path\":\"" + dir_.file("src.sock") + "\"}");
+    ASSERT_EQ(r.status, 204) << r.body;
+    ASSERT_NO_FATAL_FAILURE(source.boot(1, 32, "pattern=random seed=5"));
+    ASSERT_NO_FATAL_FAILURE(source.wait_progress(1000));
+    ASSERT_NO_FATAL_FAILURE(source.pause());
+    ASSERT_NO_FATAL_FAILURE(source.snapshot(snap + "/vmstate", snap + "/memory.bin"));
+
+    std::string load = "{\"snapshot_path\":\"" + snap +
+                       "/vmstate\",\"mem_backend\":{\"backend_type\":\"File\",\"backend_path\":\"" +
+                       snap + "/memory.bin\"},\"resume_vm\":false";
+    TestVmm fork(make_dir(dir_, "fork"));
+    r = fork.api().request("PUT", "/snapshot/load",
+                           load + ",\"network_overrides\":[{\"iface_id\":\"eth9\","
+                                  "\"host_dev_name\":\"fk-t1\"}]}");
+    EXPECT_EQ(r.status, 400) << r.body;
+    EXPECT_NE(r.body.find("eth9"), std::string::npos) << r.body;
+    r = fork.api().request("PUT", "/snapshot/load",
+                           load + ",\"network_overrides\":[{\"iface_id\":\"eth0\","
+                                  "\"host_dev_name\":\"fk-t1\"}],\"vsock_override\":"
+                                  "{\"uds_path\":\"" +
+                               dir_.file("fork.sock") + "\"}}");
+    ASSERT_EQ(r.status, 204) << r.body;
+    Json loaded(fork.api().request("GET", "/").body);
+    const cJSON *net = cJSON_GetArrayItem(loaded.get("network_interfaces"), 0);
+    ASSERT_NE(net, nullptr) << "interfaces restored from the vmstate";
+    EXPECT_STREQ(cJSON_GetObjectItem(net, "host_dev_name")->valuestring, "fk-t1");
+    EXPECT_STREQ(cJSON_GetObjectItem(net, "guest_mac")->valuestring, "06:00:ac:10:00:02");
+    const cJSON *vsock = loaded.get("vsock");
+    ASSERT_TRUE(cJSON_IsObject(vsock));
+    EXPECT_EQ(dir_.file("fork.sock"), cJSON_GetObjectItem(vsock, "uds_path")->valuestring);
+    EXPECT_EQ(3, cJSON_GetObjectItem(vsock, "guest_cid")->valueint);
+    // Without overrides a restore keeps what the snapshot has.
+    TestVmm plain(make_dir(dir_, "plain"));
+    r = plain.api().request("PUT", "/snapshot/load", load + "}");
+    ASSERT_EQ(r.status, 204) << r.body;
+    Json kept(plain.api().request("GET", "/").body);
+    net = cJSON_GetArrayItem(kept.get("network_interfaces"), 0);
+    ASSERT_NE(net, nullptr);
+    EXPECT_STREQ(cJSON_GetObjectItem(net, "host_dev_name")->valuestring, "fk-src");
+    EXPECT_EQ(dir_.file("src.sock"),
+              cJSON_GetObjectItem(kept.get("vsock"), "uds_path")->valuestring);
+}
+
 } // namespace

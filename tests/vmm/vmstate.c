@@ -31,7 +31,7 @@ struct vmstate_file_header {
     uint64_t flags; /* VMSTATE_FLAG_* */
     uint64_t disk_window;
     uint32_t drive_count;
-    uint32_t reserved;
+    uint32_t net_count;
 };
 
 #define VMSTATE_FLAG_BOOT_FILLED 1ull
@@ -42,6 +42,18 @@ struct vmstate_file_drive {
     char path[4096];
     uint32_t root;
     uint32_t read_only;
+};
+
+struct vmstate_file_net {
+    char id[64];
+    char host_dev_name[16];
+    char guest_mac[24]; /* 18 used */
+};
+
+struct vmstate_file_vsock {
+    uint32_t present;
+    uint32_t guest_cid;
+    char uds_path[112]; /* 108 used */
 };
 
 struct vmstate_file_region {
@@ -58,11 +70,31 @@ static uint64_t fnv1a64(const uint8_t *data, size_t length)
     return hash;
 }
 
-static size_t file_size_for(uint32_t vcpu_count, uint32_t region_count, uint32_t drive_count)
+static size_t file_size_for(const struct vmstate_file_header *header)
 {
-    return sizeof(struct vmstate_file_header) + region_count * sizeof(struct vmstate_file_region) +
-           sizeof(struct guest_config) + vcpu_count * sizeof(struct vcpu_state) +
-           drive_count * sizeof(struct vmstate_file_drive) + sizeof(uint64_t);
+    return sizeof(struct vmstate_file_header) +
+           header->region_count * sizeof(struct vmstate_file_region) + sizeof(struct guest_config) +
+           header->vcpu_count * sizeof(struct vcpu_state) +
+           header->drive_count * sizeof(struct vmstate_file_drive) +
+           header->net_count * sizeof(struct vmstate_file_net) + sizeof(struct vmstate_file_vsock) +
+           sizeof(uint64_t);
+}
+
+static uint8_t *append(uint8_t *cursor, const void *data, size_t length);
+
+static uint8_t *append_devices(uint8_t *cursor, const struct vmstate *state)
+{
+    for (uint32_t i = 0; i < state->net_count; i++) {
+        struct vmstate_file_net net = {0};
+        memcpy(net.id, state->nets[i].id, sizeof(state->nets[i].id));
+        memcpy(net.host_dev_name, state->nets[i].host_dev_name, sizeof(net.host_dev_name));
+        memcpy(net.guest_mac, state->nets[i].guest_mac, sizeof(state->nets[i].guest_mac));
+        cursor = append(cursor, &net, sizeof(net));
+    }
+    struct vmstate_file_vsock vsock = {.present = state->vsock.present,
+                                       .guest_cid = state->vsock.guest_cid};
+    memcpy(vsock.uds_path, state->vsock.uds_path, sizeof(state->vsock.uds_path));
+    return append(cursor, &vsock, sizeof(vsock));
 }
 
 static uint8_t *append(uint8_t *cursor, const void *data, size_t length)
@@ -89,8 +121,6 @@ static int write_all_and_sync(const char *path, const uint8_t *data, size_t leng
 int vmstate_write(const char *path, const struct vmstate *state, bool sync, char *err,
                   size_t err_size)
 {
-    size_t size = file_size_for(state->vcpu_count, state->region_count, state->drive_count);
-    _cleanup_free_ uint8_t *buffer = calloc(1, size);
     struct vmstate_file_header header = {
         .magic = VMSTATE_MAGIC,
         .version = VMSTATE_VERSION,
@@ -107,7 +137,10 @@ int vmstate_write(const char *path, const struct vmstate *state, bool sync, char
                  (state->huge_pages ? VMSTATE_FLAG_HUGE_PAGES : 0),
         .disk_window = state->disk_window,
         .drive_count = state->drive_count,
+        .net_count = state->net_count,
     };
+    size_t size = file_size_for(&header);
+    _cleanup_free_ uint8_t *buffer = calloc(1, size);
 
     if (!buffer)
         return error_set(err, err_size, ENOMEM, "vmstate buffer of %zu bytes", size);
@@ -129,6 +162,7 @@ int vmstate_write(const char *path, const struct vmstate *state, bool sync, char
         memcpy(drive.path, state->drives[i].path, sizeof(drive.path));
         cursor = append(cursor, &drive, sizeof(drive));
     }
+    cursor = append_devices(cursor, state);
     uint64_t checksum = fnv1a64(buffer, (size_t)(cursor - buffer));
     append(cursor, &checksum, sizeof(checksum));
     return write_all_and_sync(path, buffer, size, sync, err, err_size);
@@ -178,14 +212,43 @@ static int check_header(const char *path, const struct vmstate_file_header *head
                          path, header->version, header->header_size, VMSTATE_VERSION);
     if (header->vcpu_count == 0 || header->vcpu_count > GUEST_MAX_VCPUS ||
         header->region_count == 0 || header->region_count > GUEST_MEMORY_MAX_REGIONS ||
-        header->drive_count > VMSTATE_MAX_DRIVES)
+        header->drive_count > VMSTATE_MAX_DRIVES || header->net_count > VMSTATE_MAX_NETS)
         return error_set(err, err_size, EINVAL,
-                         "%s: %u vCPUs, %u regions and %u drives are out of range", path,
-                         header->vcpu_count, header->region_count, header->drive_count);
-    size_t expected = file_size_for(header->vcpu_count, header->region_count, header->drive_count);
+                         "%s: %u vCPUs, %u regions, %u drives and %u network interfaces are out "
+                         "of range",
+                         path, header->vcpu_count, header->region_count, header->drive_count,
+                         header->net_count);
+    size_t expected = file_size_for(header);
     if (size != expected)
         return error_set(err, err_size, EINVAL, "%s: %zu bytes, expected %zu for %u vCPUs", path,
                          size, expected, header->vcpu_count);
+    return 0;
+}
+
+/* The network interfaces and the vsock, after the drives. */
+static int read_devices(const char *path, const uint8_t *cursor, struct vmstate *state, char *err,
+                        size_t err_size)
+{
+    for (uint32_t i = 0; i < state->net_count; i++) {
+        struct vmstate_file_net net;
+        memcpy(&net, cursor, sizeof(net));
+        cursor += sizeof(net);
+        if (!memchr(net.id, '\0', sizeof(state->nets[i].id)) ||
+            !memchr(net.host_dev_name, '\0', sizeof(net.host_dev_name)) ||
+            !memchr(net.guest_mac, '\0', sizeof(state->nets[i].guest_mac)))
+            return error_set(err, err_size, EINVAL, "%s: network interface %u is malformed", path,
+                             i);
+        memcpy(state->nets[i].id, net.id, sizeof(state->nets[i].id));
+        memcpy(state->nets[i].host_dev_name, net.host_dev_name, sizeof(net.host_dev_name));
+        memcpy(state->nets[i].guest_mac, net.guest_mac, sizeof(state->nets[i].guest_mac));
+    }
+    struct vmstate_file_vsock vsock;
+    memcpy(&vsock, cursor, sizeof(vsock));
+    if (!memchr(vsock.uds_path, '\0', sizeof(state->vsock.uds_path)))
+        return error_set(err, err_size, EINVAL, "%s: the vsock is malformed", path);
+    state->vsock.present = vsock.present != 0;
+    state->vsock.guest_cid = vsock.guest_cid;
+    memcpy(state->vsock.uds_path, vsock.uds_path, sizeof(state->vsock.uds_path));
     return 0;
 }
 
@@ -248,7 +311,8 @@ int vmstate_read(const char *path, struct vmstate *state, char *err, size_t err_
         state->drives[i].root = drive.root != 0;
         state->drives[i].read_only = drive.read_only != 0;
     }
-    return 0;
+    state->net_count = header.net_count;
+    return read_devices(path, cursor, state, err, err_size);
 }
 
 bool vmstate_vcpu_counting(const struct vmstate *state, unsigned index)

@@ -14,6 +14,11 @@
  *   struct vmstate_file_vcpu     x vcpu_count        kvm_regs, kvm_sregs, kvm_fpu, tsc
  *   struct vmstate_file_drive    x drive_count       id, path, root, read-only (reopened at
  *                                                   load, as Firecracker does)
+ *   struct vmstate_file_net      x net_count         id, tap name, guest MAC (as Firecracker's
+ *                                                   net device state: the tap is what
+ *                                                   network_overrides replaces at load)
+ *   struct vmstate_file_vsock                        present, guest CID, socket path
+ *                                                   (what vsock_override replaces)
  *   uint64_t checksum                                FNV-1a 64 of every byte before it
  * A reader rejects another magic, another version, counts out of range, a size that does not
  * match the counts, or a bad checksum.
@@ -31,9 +36,11 @@
 #include "guest_memory.h"
 
 #define VMSTATE_MAGIC "FKDVMST"
-/* 2: the save count and sparse boot; 3: guest_config.report_us; 4: drives, the guest's disk */
-#define VMSTATE_VERSION    4u
+/* 2: the save count and sparse boot; 3: guest_config.report_us; 4: drives, the guest's disk;
+ * 5: network interfaces and vsock */
+#define VMSTATE_VERSION    5u
 #define VMSTATE_MAX_DRIVES 8
+#define VMSTATE_MAX_NETS   4
 
 struct vcpu_state {
     struct kvm_regs regs;
@@ -49,6 +56,18 @@ struct vmstate_drive {
     bool read_only;
 };
 
+struct vmstate_net {
+    char id[64];
+    char host_dev_name[16];
+    char guest_mac[18];
+};
+
+struct vmstate_vsock {
+    bool present;
+    uint32_t guest_cid;
+    char uds_path[108];
+};
+
 struct vmstate {
     uint32_t vcpu_count;
     uint32_t mem_size_mib;
@@ -61,6 +80,9 @@ struct vmstate {
     uint64_t disk_window;  /* guest RIP after its disk write, before it records it in memory */
     uint32_t drive_count;
     struct vmstate_drive drives[VMSTATE_MAX_DRIVES];
+    uint32_t net_count;
+    struct vmstate_net nets[VMSTATE_MAX_NETS];
+    struct vmstate_vsock vsock;
     bool boot_filled; /* boot memory was filled with the pattern; else sparse (zeros) */
     bool huge_pages;  /* guest memory is in 2 MiB hugetlbfs pages (loads need Uffd or shared) */
     struct memory_region regions[GUEST_MEMORY_MAX_REGIONS]; /* host pointers not stored */

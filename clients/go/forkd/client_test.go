@@ -378,4 +378,13 @@ func TestBootWithDevicesIsDescribed(t *testing.T) {
 	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "vsock.guest_cid") {
 		t.Errorf("a CID of 2: %v", err)
 	}
+	// Spawn's per-fork overrides travel too: a MAC cannot be overridden, and the daemon says so.
+	_, err = c.Spawn(ctx, &forkdv1.SpawnRequest{Snapshot: "base", Count: 2,
+		NetworkOverrides: []*forkdv1.NetworkOverride{
+			{IfaceId: "eth0", HostDevName: "fk-t{i}", GuestMac: "06:00:ac:10:00:09"}},
+		VsockOverride: &forkdv1.VsockOverride{UdsPath: filepath.Join(dir, "v-{i}.sock")}})
+	if status.Code(err) != codes.InvalidArgument ||
+		!strings.Contains(err.Error(), "network_overrides[0].guest_mac: a fork's MAC cannot be changed") {
+		t.Errorf("a MAC override: %v", err)
+	}
 }

@@ -17,9 +17,10 @@ from .errors import (AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, Faile
                      ResourceExhausted, Unauthenticated, Unavailable, Unimplemented)
 from .types import (BranchEvent, BranchFigures, BranchMode, BranchPhase, BranchProgress,
                     DeleteRemoteResult, Drive, FileIdentity, HostCapabilities, HugePages, Info,
-                    MachineConfig, MemoryBackend, MemoryRegion, NetworkInterface, PageServerStats,
-                    RemoteSnapshot, Snapshot, SnapshotState, SpawnResult, TransferEvent,
-                    TransferProgress, Vm, VmState, Vsock)
+                    MachineConfig, MemoryBackend, MemoryRegion, NetworkInterface,
+                    NetworkOverride, PageServerStats, RemoteSnapshot, Snapshot, SnapshotState,
+                    SpawnResult, TransferEvent, TransferProgress, Vm, VmState, Vsock,
+                    VsockOverride)
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,5 @@ __all__ = [
     "VmState", "MemoryBackend", "HugePages", "BranchMode", "BranchPhase", "SnapshotState",
     "MachineConfig", "PageServerStats", "Vm", "SpawnResult", "BranchProgress", "BranchFigures",
     "MemoryRegion", "Snapshot", "BranchEvent", "HostCapabilities", "Info",
-    "FileIdentity", "Drive", "NetworkInterface", "Vsock",
+    "FileIdentity", "Drive", "NetworkInterface", "Vsock", "NetworkOverride", "VsockOverride",
 ]

@@ -26,7 +26,8 @@ from . import __version__
 from .client import DEFAULT_TIMEOUT, Branch, Client, Transfer, default_target
 from .errors import ForkdError, NotFound, Unavailable
 from .types import (BranchEvent, BranchMode, BranchPhase, Drive, HugePages, Info, MemoryBackend,
-                    NetworkInterface, Snapshot, SnapshotState, Vm, VmState, Vsock)
+                    NetworkInterface, NetworkOverride, Snapshot, SnapshotState, Vm, VmState,
+                    Vsock, VsockOverride)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -475,7 +476,8 @@ def cmd_spawn(client: Client, args: argparse.Namespace, out: Output) -> int:
                 return pulled
     result = client.spawn(args.snapshot, args.count, backend=BACKENDS[args.backend],
                           name_prefix=args.prefix, start_paused=args.paused,
-                          labels=args.labels)
+                          labels=args.labels, network_overrides=args.tap_patterns,
+                          vsock_override=args.vsock_pattern)
     if out.json:
         out.emit(result.to_dict())
         return EXIT_OK
@@ -605,6 +607,20 @@ def _vsock(text: str) -> Vsock:
         raise argparse.ArgumentTypeError("--vsock needs cid=N,path=PATH") from None
 
 
+def _tap_pattern(text: str) -> NetworkOverride:
+    """IFACE=PATTERN"""
+    iface, sep, pattern = text.partition("=")
+    if not sep or not iface or not pattern:
+        raise argparse.ArgumentTypeError("--tap-pattern needs IFACE=PATTERN, e.g. eth0=tap{i}")
+    return NetworkOverride(iface_id=iface, host_dev_name=pattern)
+
+
+def _vsock_pattern(text: str) -> VsockOverride:
+    if not text:
+        raise argparse.ArgumentTypeError("--vsock-pattern needs a path, e.g. /run/v-{i}.sock")
+    return VsockOverride(uds_path=text)
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
@@ -710,6 +726,15 @@ def build_parser() -> argparse.ArgumentParser:
     spawn.add_argument("--paused", action="store_true", help="leave them paused")
     spawn.add_argument("--label", dest="labels", type=_label, action="append", default=[],
                        metavar="KEY=VALUE", help="label kept with the VMs (repeatable)")
+    spawn.add_argument("--tap-pattern", dest="tap_patterns", type=_tap_pattern,
+                       action="append", default=[], metavar="IFACE=PATTERN",
+                       help="each fork's tap for interface IFACE ({i}: the fork's index), "
+                            "e.g. eth0=tap{i} (repeatable); needed for more than one fork, "
+                            "or while another VM has the tap")
+    spawn.add_argument("--vsock-pattern", type=_vsock_pattern, default=None, metavar="PATH",
+                       help="each fork's vsock socket ({i}: the fork's index, {vm_id}: its "
+                            "id), e.g. /run/forkd/vsock-{i}.sock; needed for more than one "
+                            "fork, or while another VM has the socket")
 
     spawn.add_argument("--remote", action="store_true",
                        help="pull the snapshot from the daemon's remote bucket first when "

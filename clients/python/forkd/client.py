@@ -17,8 +17,8 @@ except ModuleNotFoundError as missing:  # a source checkout where nobody generat
                       ) from missing
 from .errors import ForkdError, Unavailable
 from .types import (BranchEvent, BranchMode, BranchPhase, DeleteRemoteResult, Drive, Info,
-                    MemoryBackend, NetworkInterface, RemoteSnapshot, Snapshot, SpawnResult,
-                    TransferEvent, Vm, Vsock)
+                    MemoryBackend, NetworkInterface, NetworkOverride, RemoteSnapshot, Snapshot,
+                    SpawnResult, TransferEvent, Vm, Vsock, VsockOverride)
 
 __all__ = ["Client", "Branch", "Transfer", "DEFAULT_TARGET", "DEFAULT_TIMEOUT", "default_target"]
 
@@ -149,12 +149,22 @@ class Client:
     def spawn(self, snapshot: str | Snapshot, count: int = 1, *,
               backend: MemoryBackend = MemoryBackend.FILE, name_prefix: str = "",
               start_paused: bool = False, labels: Mapping[str, str] | None = None,
+              network_overrides: Sequence[NetworkOverride] = (),
+              vsock_override: VsockOverride | None = None,
               timeout: float | None = _DEFAULT) -> SpawnResult:
-        """Starts ``count`` VMs restored from a READY snapshot (all or none)."""
+        """Starts ``count`` VMs restored from a READY snapshot (all or none).
+
+        Two forks cannot share a tap or a vsock socket: with ``count`` > 1, a snapshot whose VM
+        has network interfaces or a vsock needs a ``NetworkOverride`` per interface and a
+        ``VsockOverride`` (patterns expanded per fork), and so does a fork whose tap or socket
+        a live VM has (``FailedPrecondition`` otherwise); each fork's ``Vm`` names its own.
+        """
         request = pb.SpawnRequest(
             snapshot=snapshot.name if isinstance(snapshot, Snapshot) else snapshot,
             count=count, backend=_enum(backend), name_prefix=name_prefix,
-            start_paused=start_paused, labels=dict(labels or {}))
+            start_paused=start_paused, labels=dict(labels or {}),
+            network_overrides=[n.to_proto(pb) for n in network_overrides],
+            vsock_override=vsock_override.to_proto(pb) if vsock_override else None)
         return SpawnResult.from_proto(self._unary(self.stub.Spawn, request, timeout))
 
     def branch(self, vm: str | Vm, snapshot_name: str, *, mode: BranchMode = BranchMode.LIVE,

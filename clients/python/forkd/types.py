@@ -198,6 +198,34 @@ class Vsock(_Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class NetworkOverride(_Message):
+    """Spawn: each fork's own tap for one interface of the snapshot's VM.
+
+    ``host_dev_name`` is a pattern: ``{i}`` is the fork's index (0..count-1), required when
+    spawning more than one; each expansion a tap name of 1..15 bytes. ``guest_mac`` must stay
+    empty: a restored guest keeps its snapshot's MAC (the daemon refuses one), so give each
+    fork's tap its own network namespace.
+    """
+    iface_id: str
+    host_dev_name: str
+    guest_mac: str = ""
+
+    def to_proto(self, pb: Any) -> Any:
+        return pb.NetworkOverride(iface_id=self.iface_id, host_dev_name=self.host_dev_name,
+                                  guest_mac=self.guest_mac)
+
+
+@dataclasses.dataclass(frozen=True)
+class VsockOverride(_Message):
+    """Spawn: each fork's own vsock socket, an absolute path pattern with ``{i}`` (the fork's
+    index) or ``{vm_id}`` (its VM id), one of them required when spawning more than one."""
+    uds_path: str
+
+    def to_proto(self, pb: Any) -> Any:
+        return pb.VsockOverride(uds_path=self.uds_path)
+
+
+@dataclasses.dataclass(frozen=True)
 class Vm(_Message):
     id: str
     name: str

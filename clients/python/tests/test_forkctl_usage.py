@@ -143,3 +143,26 @@ def test_device_options_reach_the_daemon_which_names_a_bad_field(planted: Daemon
                  "--vsock", "cid=3,path=/v.sock")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "drives[1].path_on_host" in result.stderr
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--tap-pattern", "eth0", "--tap-pattern needs IFACE=PATTERN"),
+    ("--tap-pattern", "=tap{i}", "--tap-pattern needs IFACE=PATTERN"),
+    ("--vsock-pattern", "", "--vsock-pattern needs a path"),
+])
+def test_bad_spawn_patterns_are_usage_errors(flag: str, value: str, expected: str) -> None:
+    result = run("spawn", "short", "-n", "2", flag, value)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+
+
+@pytest.mark.parametrize("args,field", [
+    (("--tap-pattern", "eth0=tap0"), "network_overrides[0].host_dev_name 'tap0': 2 forks"),
+    (("--tap-pattern", "eth0=tap{i}", "--vsock-pattern", "v-{i}.sock"),
+     "vsock_override.uds_path must be an absolute path"),
+])
+def test_spawn_patterns_reach_the_daemon_which_names_a_bad_field(
+        planted: Daemon, args: tuple[str, ...], field: str) -> None:
+    result = run("--addr", planted.target, "spawn", "short", "-n", "2", *args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert field in result.stderr

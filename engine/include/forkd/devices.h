@@ -67,6 +67,50 @@ struct vm_devices {
     struct devices_vsock vsock;
 };
 
+/* Spawn's per-fork overrides of what two forks of one snapshot cannot share, as Firecracker's
+ * PUT /snapshot/load takes them: network_overrides (a tap per interface, Firecracker 1.12 on)
+ * and vsock_override (the host socket, Firecracker 1.16 on). Each value is a pattern expanded
+ * per fork: "{i}" is the fork's index in its Spawn (0..count-1), and in the vsock path only,
+ * "{vm_id}" is the fork's VM id (unknown until the fork exists, and a tap name has only 15
+ * bytes). Any other '{' is refused. A guest MAC cannot be overridden: the guest's virtio-net
+ * config space comes from the snapshot. */
+#define DEVICES_PATTERN_MAX   256
+#define DEVICES_VM_ID_LONGEST "vm-18446744073709551615" /* the longest id {vm_id} can give */
+
+struct devices_net_override {
+    char iface_id[DEVICES_ID_MAX];
+    char host_dev_name[DEVICES_PATTERN_MAX]; /* a pattern */
+};
+
+struct devices_overrides {
+    size_t net_count;
+    struct devices_net_override nets[DEVICES_MAX_NETS];
+    char vsock_uds_path[DEVICES_PATTERN_MAX]; /* a pattern; empty: no override */
+};
+
+/* Checks the overrides alone, for count forks: iface ids as Boot's and each named once,
+ * placeholders known, a per-fork placeholder in every pattern when count > 1, every expansion
+ * a valid tap name (1..15 bytes) or an absolute socket path (< 108 bytes, with the longest VM
+ * id), no two taps the same. -EINVAL naming the field ("network_overrides[0].host_dev_name")
+ * otherwise. */
+int devices_overrides_validate(const struct devices_overrides *overrides, unsigned count,
+                               struct forkd_error *err);
+
+/* Checks the overrides against the devices of the snapshot forks restore (named snapshot in
+ * messages), for count forks: each iface_id is one of its interfaces, a vsock override needs
+ * its vsock, no fork's tap is another interface's, and with count > 1 every interface and the
+ * vsock are overridden (two forks cannot share a tap or a socket; the message says which
+ * override to give). -EINVAL otherwise. */
+int devices_overrides_check(const struct vm_devices *devices,
+                            const struct devices_overrides *overrides, unsigned count,
+                            const char *snapshot, struct forkd_error *err);
+
+/* Applies the overrides for fork index (VM id vm_id) to devices (the snapshot's, copied for the
+ * fork): the interfaces and the vsock then name the fork's own tap and socket. -EINVAL or
+ * -ENAMETOOLONG naming the field when an expansion does not fit (checked up front already). */
+int devices_overrides_apply(struct vm_devices *devices, const struct devices_overrides *overrides,
+                            unsigned index, const char *vm_id, struct forkd_error *err);
+
 /* Checks a description: ids 1..63 of [A-Za-z0-9_] and unique per kind, absolute paths without
  * "." or ".." components, at most one root drive, tap names 1..15 printable bytes without '/',
  * MACs as six hex pairs, a vsock CID of at least 3 and an absolute socket path. -EINVAL naming

@@ -87,6 +87,9 @@ struct engine_spawn_request {
      * resumed together (the benchmark's default; the daemon never sets it). */
     bool run_as_restored;
     unsigned prefetch_record_ms; /* UFFD: record and prefetch hot pages (0: off) */
+    /* Per-fork taps and vsock socket (NULL: none; see devices_overrides_validate). More than
+     * one fork of a snapshot whose VM has a network interface or a vsock needs them. */
+    const struct devices_overrides *overrides;
     const struct vm_label *labels;
     size_t label_count; /* at most VM_MAX_LABELS */
     /* Asked between restores; true stops the spawn with -ECANCELED. May be NULL. */
@@ -95,7 +98,10 @@ struct engine_spawn_request {
 };
 
 /* Spawn: starts request->count VMs restored from one snapshot, all or none. Refused with -ENODEV
- * first, before anything else is looked at, on a host that cannot run VMs. Each VM holds a
+ * first, before anything else is looked at, on a host that cannot run VMs; then -EINVAL for
+ * overrides that do not fit the snapshot's devices (devices_overrides_check), -EBUSY when a
+ * fork would get a tap device or vsock socket a live VM has (a VMM opens them for itself
+ * alone). Each VM holds a
  * use of the snapshot (so it cannot be deleted without force) until it is stopped. On success
  * *out is an array of request->count references (free with vm_list_free). On failure every
  * fork started is stopped again and the error says why: -ENOENT (no such snapshot), -EAGAIN

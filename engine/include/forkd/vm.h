@@ -130,6 +130,11 @@ struct vm_restore_config {
      * stopped. The VM's description names the fork's own files. */
     const struct vm_devices *devices;
     const char *snapshot_dir;
+    /* Spawn's per-fork overrides (NULL: none), checked against devices already: expanded for
+     * fork_index and the VM's id, sent with the load, and the VM's description then names the
+     * fork's own tap devices and vsock socket. */
+    const struct devices_overrides *overrides;
+    unsigned fork_index;
     /* UFFD: serves the fork's memory. The fork's socket is <run_dir>/<id>.uffd; the template
      * is named snapshot_name (memory_path when none). The fork stays registered until the
      * VM's last reference goes (the page server drops it by itself when the VMM exits). */
