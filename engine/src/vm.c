@@ -101,6 +101,9 @@ struct vm_registry {
     char kvm_unusable_reason[200]; /* empty: VMs may start */
 
     pthread_mutex_t lock; /* guards vms, count, next_id */
+    /* Held by a restore from placing stand-in drives until its VMM is re-pointed off them
+     * (vm_place_stand_ins): two restores never share one. */
+    pthread_mutex_t stand_in_lock;
     struct vm **vms;
     size_t count, capacity;
     unsigned long next_id;
@@ -612,6 +615,7 @@ int vm_registry_open(const struct vm_registry_config *config, struct vm_registry
         snprintf(registry->kvm_unusable_reason, sizeof(registry->kvm_unusable_reason), "%s",
                  config->kvm_unusable_reason[0] ? config->kvm_unusable_reason : "unknown reason");
     pthread_mutex_init(&registry->lock, NULL);
+    pthread_mutex_init(&registry->stand_in_lock, NULL);
     registry->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     registry->stop_fd = eventfd(0, EFD_CLOEXEC);
     struct epoll_event stop = {.events = EPOLLIN, .data.ptr = NULL};
@@ -657,6 +661,7 @@ void vm_registry_close(struct vm_registry *registry, bool keep_vms, unsigned gra
     close(registry->epoll_fd);
     close(registry->stop_fd);
     pthread_mutex_destroy(&registry->lock);
+    pthread_mutex_destroy(&registry->stand_in_lock);
     free(registry);
 }
 
@@ -1182,6 +1187,73 @@ static int vm_clone_fork_drives(struct vm *vm, const struct vm_restore_config *c
     return 0;
 }
 
+static void vm_remove_stand_ins(struct vm *vm, char (*placed)[DEVICES_PATH_MAX], int count)
+{
+    for (int i = 0; i < count; i++)
+        unlink(placed[i]);
+    if (count > 0)
+        pthread_mutex_unlock(&vm->registry->stand_in_lock);
+}
+
+/* True if path is a fork's own clone of drive_id in this run directory,
+ * <run_dir>/vm-<n>.drive-<drive_id> (vm_fork_drive_path). */
+static bool vm_is_fork_drive_path(const struct vm_registry *registry, const char *path,
+                                  const char *drive_id)
+{
+    size_t dir = strlen(registry->run_dir);
+    if (strncmp(path, registry->run_dir, dir) != 0 || path[dir] != '/')
+        return false;
+    const char *name = path + dir + 1;
+    unsigned long id;
+    int used = 0;
+    if (sscanf(name, "vm-%lu%n", &id, &used) != 1 || used <= 3)
+        return false;
+    char suffix[DEVICES_ID_MAX + 8];
+    snprintf(suffix, sizeof(suffix), ".drive-%s", drive_id);
+    return strcmp(name + used, suffix) == 0;
+}
+
+/* The VMM reopens each writable drive at the path the snapshot's state names (the source VM's
+ * when the branch ran) before forkd re-points it (PATCH /drives after the paused load). A
+ * source that was itself a fork had its own clone there, removed when it stopped: for the
+ * load a stand-in is put at that path, a reflink clone of the snapshot's capture (the disk
+ * the fork is given anyway), and removed once the fork is re-pointed (vm_remove_stand_ins).
+ * The registry's stand_in_lock is held meanwhile (taken with the first stand-in). A missing
+ * path outside forkd's run directory is the user's file: -ESTALE naming it, forkd creates
+ * nothing there. Returns how many stand-ins were placed, their paths in placed. */
+static int vm_place_stand_ins(struct vm *vm, const struct vm_restore_config *config,
+                              char (*placed)[DEVICES_PATH_MAX], struct forkd_error *err)
+{
+    int count = 0, rc = 0;
+    for (size_t i = 0; rc == 0 && config->devices && i < config->devices->drive_count; i++) {
+        const struct devices_drive *drive = &config->devices->drives[i];
+        char capture[PATH_MAX];
+        uint64_t copied = 0;
+        if (drive->read_only || access(drive->path, F_OK) == 0)
+            continue;
+        if (!vm_is_fork_drive_path(vm->registry, drive->path, drive->id)) {
+            rc = forkd_error_set(err, -ESTALE,
+                                 "drive '%s': the snapshot's state names %s, which no longer "
+                                 "exists; the VMM opens it before forkd can point the fork at "
+                                 "its own disk",
+                                 drive->id, drive->path);
+            break;
+        }
+        if (count == 0)
+            pthread_mutex_lock(&vm->registry->stand_in_lock);
+        rc = store_drive_path(config->snapshot_dir, drive->id, capture, sizeof(capture));
+        if (rc == 0 && (rc = disk_clone_file(capture, drive->path, true, &copied, err)) == 0)
+            snprintf(placed[count++], DEVICES_PATH_MAX, "%s", drive->path);
+        else if (rc == -ENAMETOOLONG)
+            forkd_error_set(err, rc, "drive '%s': no path for its capture", drive->id);
+    }
+    if (rc < 0) {
+        vm_remove_stand_ins(vm, placed, count);
+        return forkd_error_prefix(err, "fork %s: ", vm->id);
+    }
+    return count;
+}
+
 /* After a paused load, before the guest runs: the VMM opened the drives at the paths the
  * snapshot's state names (the source VM's); each writable one is re-pointed at the fork's
  * clone, so the fork never writes the source's disk or the snapshot's capture. */
@@ -1312,19 +1384,22 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
     vm->vcpu_count = config->vcpu_count;
     if (config->devices)
         vm->devices = *config->devices;
+    char stand_ins[DEVICES_MAX_DRIVES][DEVICES_PATH_MAX];
     if (config->overrides)
         rc = devices_overrides_apply(&vm->devices, config->overrides, config->fork_index, vm->id,
                                      err);
     if (rc == 0)
         rc = vm_clone_fork_drives(vm, config, err);
-    if (rc < 0) {
+    int placed = rc < 0 ? rc : vm_place_stand_ins(vm, config, stand_ins, err);
+    if (placed < 0) {
         vm_remove_fork_drives(vm);
-        vm_abandon_start(vm, rc, err);
-        return rc;
+        vm_abandon_start(vm, placed, err);
+        return placed;
     }
     snprintf(vm->source_snapshot, sizeof(vm->source_snapshot), "%s",
              config->snapshot_name ? config->snapshot_name : "");
     rc = vm_load_snapshot(vm, config, err);
+    vm_remove_stand_ins(vm, stand_ins, placed); /* the VMM was re-pointed, or failed */
     if (rc == 0) {
         vm->mem_size_mib = vm->memory_bytes >> 20;
         rc = config->start_finished_by_caller ? vm_save_record(vm) : vm_mark_started(vm, err);

@@ -398,3 +398,41 @@ def test_branch_is_refused_before_any_pause_where_the_state_directory_cannot_ref
     code, output = verify_with_disk(event.snapshot.path,
                                     os.path.join(event.snapshot.path, "drive-data"))
     assert code == 0, output
+
+
+def test_a_fork_of_a_stopped_fork_gets_its_disk_and_a_gone_user_drive_is_named(forkd):
+    """The VMM reopens each drive at the path the snapshot's state names before forkd re-points
+    it. A snapshot of a fork names the fork's own clone, removed when that fork stopped: a
+    Spawn from it still starts (forkd puts a stand-in there for the load, then removes it),
+    and its fork writes a disk of its own that verifies. A user's drive file that is gone is a
+    FAILED_PRECONDITION naming it, with nothing started."""
+    stub = forkd.forkd()
+    data = make_file(os.path.join(forkd.workdir, "data.img"), 4 << 20)
+    vm = boot_writing_disk(forkd, data, vcpus=1)
+    done(forkd.branch(vm.id, "base", allow_disk_copy_in_pause=True))
+    fork, = stub.Spawn(P.SpawnRequest(snapshot="base", count=1,
+                                      backend=P.MEMORY_BACKEND_MEMFD), timeout=120).vms
+    clone = fork.drives[0].path_on_host
+    done(forkd.branch(fork.id, "of-fork", allow_disk_copy_in_pause=True))
+    stub.StopVm(P.StopVmRequest(vm_id=fork.id), timeout=60)
+    assert not os.path.exists(clone)
+    second, = stub.Spawn(P.SpawnRequest(snapshot="of-fork", count=1,
+                                        backend=P.MEMORY_BACKEND_MEMFD), timeout=120).vms
+    own = second.drives[0].path_on_host
+    assert own != clone and not os.path.exists(clone), "the stand-in is removed"
+    start = disk_word(own, 0)
+    wait_until(lambda: disk_word(own, 0) != start, 60, "the second fork to write its own disk")
+    event = done(forkd.branch(second.id, "of-second", allow_disk_copy_in_pause=True))
+    code, output = verify_with_disk(event.snapshot.path,
+                                    os.path.join(event.snapshot.path, "drive-data"))
+    assert code == 0, output
+
+    stub.StopVm(P.StopVmRequest(vm_id=vm.id), timeout=60)
+    os.unlink(data)
+    before = {v.id for v in stub.ListVms(P.ListVmsRequest(), timeout=10).vms}
+    with pytest.raises(grpc.RpcError) as gone:
+        stub.Spawn(P.SpawnRequest(snapshot="base", count=1, backend=P.MEMORY_BACKEND_MEMFD),
+                   timeout=120)
+    assert gone.value.code() == grpc.StatusCode.FAILED_PRECONDITION, gone.value.details()
+    assert data in gone.value.details() and "no longer exists" in gone.value.details()
+    assert {v.id for v in stub.ListVms(P.ListVmsRequest(), timeout=10).vms} == before
