@@ -113,6 +113,7 @@ func (t *tapPatterns) Set(text string) error {
 type config struct {
 	addr, kernel, bootArgs string
 	memMiB                 uint64
+	hugePages              bool
 	drives                 drives
 	nets                   nets
 	vsock                  vsock
@@ -128,6 +129,8 @@ func main() {
 	flag.StringVar(&cfg.kernel, "kernel", "", "boot a new VM from this kernel or guest program")
 	flag.StringVar(&cfg.bootArgs, "boot-args", "", "kernel command line or test guest workload")
 	flag.Uint64Var(&cfg.memMiB, "mem", 128, "guest memory of the new VM, MiB")
+	flag.BoolVar(&cfg.hugePages, "huge-pages", false,
+		"back the new VM's memory with 2 MiB huge pages (the host needs that many free)")
 	flag.StringVar(&cfg.vmID, "vm", "", "branch this running VM instead of booting one")
 	flag.StringVar(&cfg.snapshot, "snapshot", "base", "name of the new snapshot")
 	flag.UintVar(&cfg.forks, "forks", 0, "spawn this many MEMFD forks from the snapshot")
@@ -164,9 +167,13 @@ func run(ctx context.Context, cfg *config) error {
 	if cfg.kernel != "" {
 		callCtx, cancel := context.WithTimeout(ctx, time.Minute)
 		defer cancel()
+		machine := &forkdv1.MachineConfig{VcpuCount: 1, MemSizeMib: cfg.memMiB}
+		if cfg.hugePages {
+			machine.HugePages = forkdv1.HugePages_HUGE_PAGES_2M
+		}
 		vm, err := c.Boot(callCtx, &forkdv1.BootRequest{
 			KernelImagePath: cfg.kernel, BootArgs: cfg.bootArgs,
-			Machine:           &forkdv1.MachineConfig{VcpuCount: 1, MemSizeMib: cfg.memMiB},
+			Machine:           machine,
 			Drives:            cfg.drives,
 			NetworkInterfaces: cfg.nets,
 			Vsock:             cfg.vsock.v,
