@@ -89,6 +89,12 @@ struct engine_spawn_request {
     unsigned prefetch_record_ms; /* UFFD: record and prefetch hot pages (0: off) */
     const struct vm_label *labels;
     size_t label_count; /* at most VM_MAX_LABELS */
+    /* From the bucket, chunk by chunk (UFFD only, else -EINVAL; -EOPNOTSUPP without a remote
+     * store): a READY local snapshot of that name is used as it is; otherwise the forks run on
+     * a lazy pull (forkd/remote.h) while it proceeds: -ENOENT when the bucket has no such
+     * snapshot, -EAGAIN while a local one of that name is being written by something else.
+     * prefetch_record_ms does not apply to a lazy pull. */
+    bool remote;
     /* Asked between restores; true stops the spawn with -ECANCELED. May be NULL. */
     bool (*cancelled)(void *arg);
     void *cancelled_arg;
@@ -102,6 +108,11 @@ struct engine_spawn_request {
  * (still being written), -ECANCELED, or the restore's error. */
 int engine_spawn(struct engine *engine, const struct engine_spawn_request *request,
                  struct vm ***out, struct forkd_error *err);
+
+/* How far the latest lazy pull of the snapshot is (remote_lazy_state: 1 fetching, 0 READY,
+ * <0 failed); -ENOENT when no lazy pull of it is known (none, or freed since it ended). */
+int engine_lazy_status(struct engine *engine, const char *name, struct remote_lazy_status *out,
+                       struct forkd_error *err);
 
 /* DeleteSnapshot: removes it from the store (-EBUSY while VMs use it, unless force) and makes
  * the page server forget its template, so a later snapshot of that name is mapped afresh. */
