@@ -965,8 +965,10 @@ static void remote_lazy_fetch(struct remote_lazy_worker *worker, uint64_t chunk)
         return;
     }
     atomic_fetch_add(&lazy->chunks_failed, 1);
-    forkd_error_prefix(&err, "lazy pull '%s': ", lazy->manifest.name);
+    /* Without the pull's name: the reason ends up in a fork's exit_reason (128 bytes), and the
+     * fork names its snapshot itself. */
     page_server_chunk_failed(lazy->server, lazy->template, chunk, err.message);
+    forkd_error_prefix(&err, "lazy pull '%s': ", lazy->manifest.name);
     pthread_mutex_lock(&lazy->lock);
     if (lazy->error.code == 0)
         lazy->error = err;

@@ -461,7 +461,10 @@ def cmd_delete_remote(client: Client, args: argparse.Namespace, out: Output) -> 
 
 
 def cmd_spawn(client: Client, args: argparse.Namespace, out: Output) -> int:
-    if args.remote:
+    if args.lazy and args.backend != "uffd":
+        out.error("spawn --lazy needs --backend uffd (forks served by forkd as memory arrives)")
+        return EXIT_USAGE
+    if args.remote and not args.lazy:
         # A snapshot this host does not have is pulled from the remote bucket first.
         try:
             client.snapshot(args.snapshot)
@@ -473,7 +476,7 @@ def cmd_spawn(client: Client, args: argparse.Namespace, out: Output) -> int:
                 return pulled
     result = client.spawn(args.snapshot, args.count, backend=BACKENDS[args.backend],
                           name_prefix=args.prefix, start_paused=args.paused,
-                          labels=args.labels)
+                          labels=args.labels, remote=args.lazy)
     if out.json:
         out.emit(result.to_dict())
         return EXIT_OK
@@ -709,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     spawn.add_argument("--remote", action="store_true",
                        help="pull the snapshot from the daemon's remote bucket first when "
                             "this host does not have it")
+    spawn.add_argument("--lazy", action="store_true",
+                       help="with --backend uffd: start the VMs before the snapshot's memory "
+                            "has arrived from the remote bucket (fetched chunk by chunk as they "
+                            "touch it, the rest in the background); implies --remote")
 
     push = command("push", cmd_push,
                    "upload a snapshot to the daemon's remote bucket (forkd --remote-*)")

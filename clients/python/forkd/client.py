@@ -145,12 +145,18 @@ class Client:
     def spawn(self, snapshot: str | Snapshot, count: int = 1, *,
               backend: MemoryBackend = MemoryBackend.FILE, name_prefix: str = "",
               start_paused: bool = False, labels: Mapping[str, str] | None = None,
-              timeout: float | None = _DEFAULT) -> SpawnResult:
-        """Starts ``count`` VMs restored from a READY snapshot (all or none)."""
+              remote: bool = False, timeout: float | None = _DEFAULT) -> SpawnResult:
+        """Starts ``count`` VMs restored from a READY snapshot (all or none).
+
+        ``remote``: from the daemon's remote bucket, chunk by chunk (``MemoryBackend.UFFD``
+        only): a local READY snapshot of that name is used as it is, otherwise the VMs start
+        before the snapshot's memory has arrived, while the daemon pulls it into its store.
+        A VM that needs a chunk that cannot be fetched is killed (its ``exit_reason`` says
+        why)."""
         request = pb.SpawnRequest(
             snapshot=snapshot.name if isinstance(snapshot, Snapshot) else snapshot,
             count=count, backend=_enum(backend), name_prefix=name_prefix,
-            start_paused=start_paused, labels=dict(labels or {}))
+            start_paused=start_paused, labels=dict(labels or {}), remote=remote)
         return SpawnResult.from_proto(self._unary(self.stub.Spawn, request, timeout))
 
     def branch(self, vm: str | Vm, snapshot_name: str, *, mode: BranchMode = BranchMode.LIVE,
