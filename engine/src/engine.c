@@ -24,7 +24,7 @@ struct engine {
     struct store *store;
     struct vm_registry *registry;
     struct page_server *page_server;
-    struct remote *remote; /* NULL when no remote store is configured */
+    struct remote *remote;     /* NULL when no remote store is configured */
     pthread_mutex_t lazy_lock; /* guards lazies */
     struct engine_lazy *lazies;
 };
@@ -273,8 +273,8 @@ static int engine_restore_all(struct engine *engine, const struct engine_spawn_r
     for (*started = 0; *started < request->count; (*started)++) {
         if (request->cancelled && request->cancelled(request->cancelled_arg))
             return forkd_error_set(err, -ECANCELED, "spawn cancelled");
-        int rc = engine_spawn_one(engine, request, lazy, (unsigned)*started, paused,
-                                  &vms[*started], err);
+        int rc = engine_spawn_one(engine, request, lazy, (unsigned)*started, paused, &vms[*started],
+                                  err);
         if (rc < 0)
             return rc;
     }
@@ -343,14 +343,14 @@ static void engine_reap_lazies_locked(struct engine *engine)
 }
 
 /* The running lazy pull of the snapshot (started now if there is none), held for a Spawn. */
-static int engine_lazy_acquire(struct engine *engine, const char *name,
-                               struct engine_lazy **out, struct forkd_error *err)
+static int engine_lazy_acquire(struct engine *engine, const char *name, struct engine_lazy **out,
+                               struct forkd_error *err)
 {
     pthread_mutex_lock(&engine->lazy_lock);
     engine_reap_lazies_locked(engine);
     struct engine_lazy *entry = engine->lazies;
-    while (entry && (strcmp(entry->name, name) != 0 ||
-                     remote_lazy_state(entry->lazy, NULL, NULL) != 1))
+    while (entry &&
+           (strcmp(entry->name, name) != 0 || remote_lazy_state(entry->lazy, NULL, NULL) != 1))
         entry = entry->next;
     int rc = 0;
     if (!entry) {
@@ -405,10 +405,15 @@ static int engine_spawn_remote(struct engine *engine, const struct engine_spawn_
     }
     struct engine_lazy *entry = NULL;
     int rc = engine_lazy_acquire(engine, request->snapshot, &entry, err);
+    if (rc == -EEXIST) { /* a lazy pull of it ended READY just now */
+        struct engine_spawn_request here = *request;
+        here.remote = false;
+        return engine_spawn(engine, &here, out, err);
+    }
     if (rc < 0)
         return rc;
-    rc = engine_check_devices(remote_lazy_snapshot(entry->lazy), request->snapshot,
-                              request->count, err);
+    rc = engine_check_devices(remote_lazy_snapshot(entry->lazy), request->snapshot, request->count,
+                              err);
     if (rc == 0)
         rc = engine_spawn_forks(engine, request, entry->lazy, out, err);
     engine_lazy_release(engine, entry);

@@ -801,8 +801,8 @@ static int remote_pull_files(struct remote *remote, struct s3_client *client,
     const char *name = manifest->name;
     struct store_snapshot meta;
     size_t vmstate_length = 0;
-    int rc = remote_pull_begin(client, manifest, writer, &meta, &vmstate_length, &job->memory_fd,
-                               err);
+    int rc =
+        remote_pull_begin(client, manifest, writer, &meta, &vmstate_length, &job->memory_fd, err);
     if (rc < 0)
         return rc;
     job->memory_bytes = manifest->memory_bytes;
@@ -888,8 +888,8 @@ struct remote_lazy {
     char memory_path[PATH_MAX], vmstate_path[PATH_MAX], dir[PATH_MAX];
     int memory_fd;
     atomic_bool stop;
-    atomic_uchar *claimed;  /* per chunk: a worker took it (zero chunks from the start) */
-    atomic_uchar *asked;    /* per chunk: in the request queue once */
+    atomic_uchar *claimed;       /* per chunk: a worker took it (zero chunks from the start) */
+    atomic_uchar *asked;         /* per chunk: in the request queue once */
     atomic_uint_fast64_t cursor; /* the next chunk in file order */
     atomic_uint_fast64_t chunks_fetched, chunks_failed, bytes_fetched;
     uint64_t start_ns;
@@ -897,7 +897,7 @@ struct remote_lazy {
     unsigned worker_count;
 
     pthread_mutex_t lock; /* guards the fields below */
-    uint64_t *requests; /* ring of chunk_count entries: each chunk is queued at most once */
+    uint64_t *requests;   /* ring of chunk_count entries: each chunk is queued at most once */
     uint64_t request_head, request_count;
     unsigned running;
     int result; /* 1 while fetching, 0 READY in the store, -errno failed (error) */
@@ -951,8 +951,8 @@ static void remote_lazy_fetch(struct remote_lazy_worker *worker, uint64_t chunk)
                           ? lazy->manifest.memory_bytes - offset
                           : REMOTE_CHUNK_SIZE;
     struct forkd_error err = {0};
-    int rc = remote_fetch_chunk(worker->client, worker->buffer, chunk,
-                                lazy->manifest.chunks[chunk], length, &err);
+    int rc = remote_fetch_chunk(worker->client, worker->buffer, chunk, lazy->manifest.chunks[chunk],
+                                length, &err);
     if (rc == 0) {
         rc = fs_pwrite_all(lazy->memory_fd, worker->buffer, length, (off_t)offset);
         if (rc < 0)
@@ -1110,8 +1110,7 @@ static int remote_lazy_start_workers(struct remote_lazy *lazy, struct forkd_erro
     return 0;
 }
 
-static int remote_lazy_prepare(struct remote_lazy *lazy, const char *name,
-                               struct forkd_error *err)
+static int remote_lazy_prepare(struct remote_lazy *lazy, const char *name, struct forkd_error *err)
 {
     struct s3_client *client = NULL;
     int rc = s3_client_new(&lazy->remote->s3, &lazy->stop, &client, err);
@@ -1122,8 +1121,8 @@ static int remote_lazy_prepare(struct remote_lazy *lazy, const char *name,
         rc = store_begin(lazy->store, name, &lazy->writer, err);
     size_t vmstate_bytes = 0;
     if (rc == 0)
-        rc = remote_pull_begin(client, &lazy->manifest, lazy->writer, &lazy->meta,
-                               &vmstate_bytes, &lazy->memory_fd, err);
+        rc = remote_pull_begin(client, &lazy->manifest, lazy->writer, &lazy->meta, &vmstate_bytes,
+                               &lazy->memory_fd, err);
     s3_client_free(client);
     if (rc < 0)
         return rc;
