@@ -440,19 +440,6 @@ int engine_spawn(struct engine *engine, const struct engine_spawn_request *reque
     return engine_spawn_forks(engine, request, NULL, out, err);
 }
 
-/* How far the lazy pull of a snapshot is (-ENOENT: none known). */
-int engine_lazy_status(struct engine *engine, const char *name, struct remote_lazy_status *out,
-                       struct forkd_error *err)
-{
-    pthread_mutex_lock(&engine->lazy_lock);
-    struct engine_lazy *entry = engine->lazies;
-    while (entry && strcmp(entry->name, name) != 0)
-        entry = entry->next;
-    int rc = entry ? remote_lazy_state(entry->lazy, out, err) : -ENOENT;
-    pthread_mutex_unlock(&engine->lazy_lock);
-    return rc;
-}
-
 int engine_delete_snapshot(struct engine *engine, const char *name, bool force,
                            struct forkd_error *err)
 {

@@ -109,11 +109,6 @@ struct engine_spawn_request {
 int engine_spawn(struct engine *engine, const struct engine_spawn_request *request,
                  struct vm ***out, struct forkd_error *err);
 
-/* How far the latest lazy pull of the snapshot is (remote_lazy_state: 1 fetching, 0 READY,
- * <0 failed); -ENOENT when no lazy pull of it is known (none, or freed since it ended). */
-int engine_lazy_status(struct engine *engine, const char *name, struct remote_lazy_status *out,
-                       struct forkd_error *err);
-
 /* DeleteSnapshot: removes it from the store (-EBUSY while VMs use it, unless force) and makes
  * the page server forget its template, so a later snapshot of that name is mapped afresh. */
 int engine_delete_snapshot(struct engine *engine, const char *name, bool force,
