@@ -155,9 +155,10 @@ class FlakyProxy:
     """An HTTP/1.1 proxy in front of the real server that answers some requests itself with
     503 SlowDown (S3's "retry later") instead of forwarding them: fail(request_number) decides.
     Everything else goes to the server unchanged (the signature covers the Host header, which
-    is forwarded as the client sent it)."""
+    is forwarded as the client sent it). With hold_chunks, every GET of a chunk waits (counted
+    in held) until release is set: chunk fetches stay in flight as long as a test needs."""
 
-    def __init__(self, endpoint, fail):
+    def __init__(self, endpoint, fail, hold_chunks=False):
         import http.client
         import http.server
         import threading
@@ -166,6 +167,8 @@ class FlakyProxy:
         proxy = self
         self.requests = 0
         self.failed = 0
+        self.held = 0
+        self.release = threading.Event()
         self._lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -181,6 +184,10 @@ class FlakyProxy:
                     proxy.requests += 1
                     refuse = fail(proxy.requests)
                     proxy.failed += refuse
+                if hold_chunks and self.command == "GET" and "/chunks/" in self.path:
+                    with proxy._lock:
+                        proxy.held += 1
+                    proxy.release.wait(scaled(600))
                 if refuse:
                     text = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown'
                             b'</Code></Error>')
