@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
@@ -927,13 +928,24 @@ TEST_F(LazyPageServerTest, AFaultWaitsForItsChunkWhileOtherForksAreServed)
 // VMM (through the pidfd); a fork not needing it goes on; no page of it is ever copied.
 TEST_F(LazyPageServerTest, AChunkThatFailsEndsOnlyTheForksNeedingIt)
 {
-    pid_t child = ::fork();
-    ASSERT_GE(child, 0);
-    if (child == 0) {
+    // A process standing for the VMM: killed and reaped at the end whatever happens.
+    struct Child {
+        pid_t pid = ::fork();
+        bool reaped = false;
+        ~Child()
+        {
+            if (pid > 0 && !reaped) {
+                kill(pid, SIGKILL);
+                waitpid(pid, nullptr, 0);
+            }
+        }
+    } child;
+    ASSERT_GE(child.pid, 0);
+    if (child.pid == 0) {
         pause();
         _exit(0);
     }
-    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, child, 0));
+    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, child.pid, 0));
     ASSERT_GE(pidfd, 0);
     FakeVmm a({kTemplateBytes}, kPage), b({kTemplateBytes}, kPage);
     struct page_server_fork *fa = AttachLazy(a, "a.sock", &pidfd), *fb = AttachLazy(b, "b.sock");
@@ -947,9 +959,11 @@ TEST_F(LazyPageServerTest, AChunkThatFailsEndsOnlyTheForksNeedingIt)
     EXPECT_TRUE(page_server_fork_memory_failed(fa, why, sizeof(why)));
     EXPECT_STREQ("chunk 3 is corrupt: its sha256 is 00", why);
     int status = 0;
-    ASSERT_EQ(child, waitpid(child, &status, 0));
-    EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
     close(pidfd);
+    ASSERT_TRUE(WaitFor([&] { return waitpid(child.pid, &status, WNOHANG) == child.pid; }))
+        << "the VMM was not killed";
+    child.reaped = true;
+    EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
     EXPECT_EQ(0u, Stats(fa).bytes_copied);
     EXPECT_NE(std::future_status::ready, waiting.wait_for(std::chrono::milliseconds(0)));
     Release(a, waiting);
