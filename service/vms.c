@@ -326,6 +326,15 @@ static grpc_status_code vms_check_spawn(struct rpc_call *call,
         return status->code;
     if (device_messages_overrides_from_spawn(request, overrides, status) != GRPC_STATUS_OK)
         return status->code;
+    out->remote = request->remote;
+    if (request->remote && out->memory != VM_MEMORY_UFFD)
+        return rpc_status_set(status, GRPC_STATUS_INVALID_ARGUMENT,
+                              "remote: forks start before their memory arrives only with "
+                              "backend UFFD");
+    if (request->remote && !engine_remote(((struct daemon_state *)call->daemon)->engine))
+        return rpc_status_set(status, GRPC_STATUS_FAILED_PRECONDITION,
+                              "remote: no remote store: start forkd with --remote-endpoint and "
+                              "--remote-bucket");
     return vms_copy_labels(request->n_labels, (void *const *)request->labels, labels, status);
 }
 

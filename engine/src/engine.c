@@ -6,15 +6,27 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* A lazy pull forks of a remote snapshot run on (Spawn with remote); kept until it has ended and
+ * no Spawn uses its files, then freed by the next lazy Spawn or at close. */
+struct engine_lazy {
+    struct engine_lazy *next;
+    struct remote_lazy *lazy;
+    char name[STORE_NAME_MAX + 1];
+    unsigned spawns; /* Spawns restoring forks from its files now */
+};
 
 struct engine {
     struct store *store;
     struct vm_registry *registry;
     struct page_server *page_server;
-    struct remote *remote; /* NULL when no remote store is configured */
+    struct remote *remote;     /* NULL when no remote store is configured */
+    pthread_mutex_t lazy_lock; /* guards lazies */
+    struct engine_lazy *lazies;
 };
 
 int engine_open(const struct engine_config *config, struct engine **out, struct forkd_error *err)
@@ -22,6 +34,7 @@ int engine_open(const struct engine_config *config, struct engine **out, struct 
     struct engine *engine = calloc(1, sizeof(*engine));
     if (!engine)
         return forkd_error_set(err, -ENOMEM, "engine: out of memory");
+    pthread_mutex_init(&engine->lazy_lock, NULL);
     char run_dir[PATH_MAX];
     if (config->run_dir && *config->run_dir)
         snprintf(run_dir, sizeof(run_dir), "%s", config->run_dir);
@@ -73,6 +86,15 @@ void engine_close(struct engine *engine, bool keep_vms, unsigned grace_ms)
         return;
     if (engine->registry)
         vm_registry_close(engine->registry, keep_vms, grace_ms);
+    /* Lazy pulls after the VMs (their forks are gone) and before the page server they feed; one
+     * still fetching is stopped and leaves the store clean. */
+    while (engine->lazies) {
+        struct engine_lazy *entry = engine->lazies;
+        engine->lazies = entry->next;
+        remote_lazy_free(entry->lazy);
+        free(entry);
+    }
+    pthread_mutex_destroy(&engine->lazy_lock);
     /* After the VMs: a UFFD fork whose page server is gone hangs on its next fault. */
     if (engine->page_server)
         page_server_close(engine->page_server);
@@ -104,11 +126,44 @@ struct page_server *engine_page_server(struct engine *engine)
 
 /* ---- Spawn ------------------------------------------------------------------------------ */
 
+/* Restores one fork of a lazy pull: its files are the WRITING snapshot's, it holds no use of
+ * the snapshot in the store (not READY yet), and its memory comes from the lazy template. */
+static int engine_spawn_one_lazy(struct engine *engine, const struct engine_spawn_request *request,
+                                 struct remote_lazy *lazy, unsigned index, bool start_paused,
+                                 struct vm **out, struct forkd_error *err)
+{
+    const struct store_snapshot *snapshot = remote_lazy_snapshot(lazy);
+    char name[VM_NAME_MAX + 1] = "";
+    if (request->name_prefix && *request->name_prefix)
+        snprintf(name, sizeof(name), "%s-%u", request->name_prefix, index);
+    struct vm_restore_config config = {
+        .name = name,
+        .snapshot_name = request->snapshot,
+        .vmstate_path = remote_lazy_vmstate_path(lazy),
+        .memory_path = remote_lazy_memory_path(lazy),
+        .memory = VM_MEMORY_UFFD,
+        .start_paused = start_paused,
+        .vcpu_count = snapshot->vcpu_count,
+        .page_size = snapshot->page_size,
+        .labels = request->labels,
+        .label_count = request->label_count,
+        .page_server = engine->page_server,
+        .devices = &snapshot->devices,
+        .snapshot_dir = remote_lazy_dir(lazy),
+        .overrides = request->overrides,
+        .fork_index = index,
+        .start_finished_by_caller = true,
+    };
+    return vm_restore(engine->registry, &config, out, err);
+}
+
 /* Restores one fork; the VM takes over the use of the snapshot acquired here. */
 static int engine_spawn_one(struct engine *engine, const struct engine_spawn_request *request,
-                            unsigned index, bool start_paused, struct vm **out,
-                            struct forkd_error *err)
+                            struct remote_lazy *lazy, unsigned index, bool start_paused,
+                            struct vm **out, struct forkd_error *err)
 {
+    if (lazy)
+        return engine_spawn_one_lazy(engine, request, lazy, index, start_paused, out, err);
     struct store_snapshot snapshot;
     int rc = store_acquire(engine->store, request->snapshot, &snapshot, err);
     if (rc < 0)
@@ -220,19 +275,14 @@ static int engine_check_devices_free(struct engine *engine, const struct vm_devi
  * tap device or a vsock socket: the overrides must fit the snapshot's devices and, for more
  * than one fork, give each its own (-EINVAL up front, naming the override to give), and no
  * fork may get a tap or socket a live VM has (-EBUSY naming it). */
-static int engine_check_snapshot_devices(struct engine *engine, const char *name, unsigned count,
-                                         const struct devices_overrides *overrides,
-                                         struct forkd_error *err)
+static int engine_check_devices(struct engine *engine, const struct store_snapshot *snapshot,
+                                const char *name, unsigned count,
+                                const struct devices_overrides *overrides,
+                                struct forkd_error *err)
 {
     static const struct devices_overrides none;
-    _cleanup_free_ struct store_snapshot *snapshot = malloc(sizeof(*snapshot));
-    if (!snapshot)
-        return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
-    int rc = store_get(engine->store, name, snapshot, err);
-    if (rc < 0)
-        return rc;
-    rc = devices_overrides_check(&snapshot->devices, overrides ? overrides : &none, count, name,
-                                 err);
+    int rc = devices_overrides_check(&snapshot->devices, overrides ? overrides : &none, count,
+                                     name, err);
     if (rc < 0)
         return rc;
     for (size_t i = 0; i < snapshot->devices.drive_count; i++) {
@@ -257,6 +307,17 @@ static int engine_check_snapshot_devices(struct engine *engine, const char *name
     rc = engine_check_devices_free(engine, &snapshot->devices, overrides ? overrides : &none, count,
                                    err);
     return rc < 0 ? forkd_error_prefix(err, "spawn from %s: ", name) : 0;
+}
+
+static int engine_check_snapshot_devices(struct engine *engine, const char *name, unsigned count,
+                                         const struct devices_overrides *overrides,
+                                         struct forkd_error *err)
+{
+    _cleanup_free_ struct store_snapshot *snapshot = malloc(sizeof(*snapshot));
+    if (!snapshot)
+        return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
+    int rc = store_get(engine->store, name, snapshot, err);
+    return rc < 0 ? rc : engine_check_devices(engine, snapshot, name, count, overrides, err);
 }
 
 /* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
@@ -287,13 +348,15 @@ static int engine_resume_all(struct vm **vms, size_t count, struct forkd_error *
 }
 
 static int engine_restore_all(struct engine *engine, const struct engine_spawn_request *request,
-                              struct vm **vms, size_t *started, struct forkd_error *err)
+                              struct remote_lazy *lazy, struct vm **vms, size_t *started,
+                              struct forkd_error *err)
 {
     bool paused = request->start_paused || !request->run_as_restored;
     for (*started = 0; *started < request->count; (*started)++) {
         if (request->cancelled && request->cancelled(request->cancelled_arg))
             return forkd_error_set(err, -ECANCELED, "spawn cancelled");
-        int rc = engine_spawn_one(engine, request, (unsigned)*started, paused, &vms[*started], err);
+        int rc = engine_spawn_one(engine, request, lazy, (unsigned)*started, paused, &vms[*started],
+                                  err);
         if (rc < 0)
             return rc;
     }
@@ -304,6 +367,138 @@ static int engine_restore_all(struct engine *engine, const struct engine_spawn_r
      * stops (all or none), never a part of a Spawn nobody was told about. */
     for (size_t i = 0; rc == 0 && i < *started; i++)
         rc = vm_start_finished(vms[i], err);
+    return rc;
+}
+
+/* A fork of a lazy pull already ended because a chunk it needed cannot be fetched: the Spawn
+ * fails with the pull's reason (the forks' exit_reason holds it too). */
+static int engine_check_lazy_forks(struct remote_lazy *lazy, struct vm **vms, size_t count,
+                                   struct forkd_error *err)
+{
+    struct remote_lazy_status status;
+    struct forkd_error failure = {0};
+    if (remote_lazy_state(lazy, &status, &failure) >= 0 && status.chunks_failed == 0)
+        return 0;
+    for (size_t i = 0; i < count; i++)
+        if (!vm_is_alive(vms[i]))
+            return forkd_error_set(err, failure.code < 0 ? failure.code : -EIO,
+                                   "spawn: fork %s ended: its memory could not be fetched: %s",
+                                   vm_id(vms[i]), failure.message);
+    return 0;
+}
+
+static int engine_spawn_forks(struct engine *engine, const struct engine_spawn_request *request,
+                              struct remote_lazy *lazy, struct vm ***out, struct forkd_error *err)
+{
+    struct vm **vms = calloc(request->count, sizeof(*vms));
+    if (!vms)
+        return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
+    size_t started = 0;
+    int rc = engine_restore_all(engine, request, lazy, vms, &started, err);
+    if (rc == 0 && lazy)
+        rc = engine_check_lazy_forks(lazy, vms, started, err);
+    if (rc < 0) {
+        /* All or none: the forks of a failed spawn are stopped again. */
+        for (size_t i = 0; i < started; i++)
+            vm_stop(engine->registry, vms[i], 0, NULL);
+        vm_list_free(vms, started);
+        return rc;
+    }
+    *out = vms;
+    return 0;
+}
+
+/* Under lazy_lock: frees the lazy pulls that ended and that no Spawn uses. */
+static void engine_reap_lazies_locked(struct engine *engine)
+{
+    struct engine_lazy **slot = &engine->lazies;
+    while (*slot) {
+        struct engine_lazy *entry = *slot;
+        if (entry->spawns == 0 && remote_lazy_state(entry->lazy, NULL, NULL) != 1) {
+            *slot = entry->next;
+            remote_lazy_free(entry->lazy); /* its workers have ended: joins at once */
+            free(entry);
+        } else {
+            slot = &entry->next;
+        }
+    }
+}
+
+/* The running lazy pull of the snapshot (started now if there is none), held for a Spawn. */
+static int engine_lazy_acquire(struct engine *engine, const char *name, struct engine_lazy **out,
+                               struct forkd_error *err)
+{
+    pthread_mutex_lock(&engine->lazy_lock);
+    engine_reap_lazies_locked(engine);
+    struct engine_lazy *entry = engine->lazies;
+    while (entry &&
+           (strcmp(entry->name, name) != 0 || remote_lazy_state(entry->lazy, NULL, NULL) != 1))
+        entry = entry->next;
+    int rc = 0;
+    if (!entry) {
+        entry = calloc(1, sizeof(*entry));
+        rc = entry ? remote_lazy_start(engine->remote, engine->store, engine->page_server, name,
+                                       &entry->lazy, err)
+                   : forkd_error_set(err, -ENOMEM, "spawn: out of memory");
+        if (rc == 0) {
+            snprintf(entry->name, sizeof(entry->name), "%s", name);
+            entry->next = engine->lazies;
+            engine->lazies = entry;
+        } else {
+            free(entry);
+        }
+    }
+    if (rc == 0) {
+        entry->spawns++;
+        *out = entry;
+    }
+    pthread_mutex_unlock(&engine->lazy_lock);
+    return rc;
+}
+
+static void engine_lazy_release(struct engine *engine, struct engine_lazy *entry)
+{
+    pthread_mutex_lock(&engine->lazy_lock);
+    entry->spawns--;
+    pthread_mutex_unlock(&engine->lazy_lock);
+}
+
+/* Spawn from the bucket: a READY local snapshot of that name is used as it is; otherwise the
+ * forks run on a lazy pull of it (one per snapshot, shared by the Spawns made while it runs). */
+static int engine_spawn_remote(struct engine *engine, const struct engine_spawn_request *request,
+                               struct vm ***out, struct forkd_error *err)
+{
+    if (request->memory != VM_MEMORY_UFFD)
+        return forkd_error_set(err, -EINVAL,
+                               "spawn '%s' from the bucket: forks start before their memory "
+                               "arrives only with the UFFD backend",
+                               request->snapshot);
+    if (!engine->remote)
+        return forkd_error_set(err, -EOPNOTSUPP,
+                               "spawn '%s' from the bucket: no remote store is configured",
+                               request->snapshot);
+    struct store_snapshot local;
+    struct forkd_error ignored = {0};
+    if (store_get(engine->store, request->snapshot, &local, &ignored) == 0 &&
+        local.state == STORE_STATE_READY) {
+        struct engine_spawn_request here = *request;
+        here.remote = false;
+        return engine_spawn(engine, &here, out, err);
+    }
+    struct engine_lazy *entry = NULL;
+    int rc = engine_lazy_acquire(engine, request->snapshot, &entry, err);
+    if (rc == -EEXIST) { /* a lazy pull of it ended READY just now */
+        struct engine_spawn_request here = *request;
+        here.remote = false;
+        return engine_spawn(engine, &here, out, err);
+    }
+    if (rc < 0)
+        return rc;
+    rc = engine_check_devices(engine, remote_lazy_snapshot(entry->lazy), request->snapshot,
+                              request->count, request->overrides, err);
+    if (rc == 0)
+        rc = engine_spawn_forks(engine, request, entry->lazy, out, err);
+    engine_lazy_release(engine, entry);
     return rc;
 }
 
@@ -318,6 +513,8 @@ int engine_spawn(struct engine *engine, const struct engine_spawn_request *reque
     if (request->overrides &&
         (rc = devices_overrides_validate(request->overrides, request->count, err)) < 0)
         return rc;
+    if (request->remote)
+        return engine_spawn_remote(engine, request, out, err);
     rc = engine_check_snapshot_devices(engine, request->snapshot, request->count,
                                        request->overrides, err);
     if (rc < 0)
@@ -326,20 +523,7 @@ int engine_spawn(struct engine *engine, const struct engine_spawn_request *reque
         rc = engine_set_prefetch(engine, request, err);
     if (rc < 0)
         return rc;
-    struct vm **vms = calloc(request->count, sizeof(*vms));
-    if (!vms)
-        return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
-    size_t started = 0;
-    rc = engine_restore_all(engine, request, vms, &started, err);
-    if (rc < 0) {
-        /* All or none: the forks of a failed spawn are stopped again. */
-        for (size_t i = 0; i < started; i++)
-            vm_stop(engine->registry, vms[i], 0, NULL);
-        vm_list_free(vms, started);
-        return rc;
-    }
-    *out = vms;
-    return 0;
+    return engine_spawn_forks(engine, request, NULL, out, err);
 }
 
 int engine_delete_snapshot(struct engine *engine, const char *name, bool force,

@@ -27,6 +27,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,6 +38,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <sys/un.h>
 #include <time.h>
@@ -70,6 +72,9 @@ void page_server_template_unref(struct page_server_template *t)
     if (t->memory)
         munmap((void *)t->memory, t->size);
     free(t->hot);
+    free(t->chunk_ready);
+    free(t->chunk_failed);
+    pthread_mutex_destroy(&t->chunk_lock);
     free(t);
 }
 
@@ -89,6 +94,9 @@ static void page_server_fork_unref(struct page_server_fork *fork)
     for (size_t i = 0; i < UFFD_MAX_REGIONS; i++)
         free(fork->removed[i]);
     free(fork->retries);
+    free(fork->waits);
+    if (fork->pidfd >= 0)
+        close(fork->pidfd);
     page_server_template_unref(fork->template);
     pthread_mutex_destroy(&fork->lock);
     pthread_cond_destroy(&fork->changed);
@@ -195,7 +203,29 @@ static void page_server_record_hot(struct page_server_fork *fork, uint64_t file_
         page_server_count(&t->hot_pages, 1);
 }
 
-/* Resolves one fault: 0 or 1 (resolved; 1: was present), or -errno. */
+/* A lazy template's chunks under the file range [offset, offset + length): 0 when all are here,
+ * -EINPROGRESS when one is on its way (asked for again: the source ignores repeats), -EIO when
+ * one cannot be fetched. The ready bit is read with acquire: the chunk's bytes were written to
+ * the file before it was set. */
+static int page_server_chunks_state(struct page_server_template *t, uint64_t offset,
+                                    uint64_t length)
+{
+    if (!t->chunk_ready)
+        return 0;
+    for (uint64_t c = offset / t->chunk_size; c <= (offset + length - 1) / t->chunk_size; c++) {
+        uint64_t mask = 1ULL << (c % 64);
+        if (atomic_load_explicit(&t->chunk_ready[c / 64], memory_order_acquire) & mask)
+            continue;
+        if (page_server_bit_test(t->chunk_failed, c))
+            return -EIO;
+        t->want(t->want_arg, c);
+        return -EINPROGRESS;
+    }
+    return 0;
+}
+
+/* Resolves one fault: 0 or 1 (resolved; 1: was present), or -errno (-EINPROGRESS: its lazy
+ * chunk is on its way; -EIO: its lazy chunk cannot be fetched). */
 static int page_server_resolve(struct page_server_fork *fork, uint64_t address, bool *zero_filled)
 {
     size_t index;
@@ -207,6 +237,9 @@ static int page_server_resolve(struct page_server_fork *fork, uint64_t address, 
     *zero_filled = page_server_bit_test(fork->removed[index], (page - r->host_base) / r->page_size);
     if (*zero_filled)
         return page_server_zero_page(fork, page, r->page_size);
+    int rc = page_server_chunks_state(fork->template, offset, r->page_size);
+    if (rc < 0)
+        return rc;
     if (fork->record_until_ns)
         page_server_record_hot(fork, offset, page_server_now_ns());
     return page_server_copy_page(fork, page, fork->template->memory + offset, r->page_size);
@@ -270,6 +303,9 @@ static void page_server_drop(struct page_server *server, struct page_server_fork
     free(fork->retries);
     fork->retries = NULL;
     fork->retry_count = fork->retry_capacity = 0;
+    free(fork->waits);
+    fork->waits = NULL;
+    fork->wait_count = fork->wait_capacity = 0;
     if (fork->retry_listed)
         page_server_retry_unlist(server, fork);
     page_server_loop_unlist(server, fork);
@@ -293,6 +329,24 @@ static void page_server_drop_errno(struct page_server *server, struct page_serve
     page_server_drop(server, fork, why);
 }
 
+/* Loop thread: the fork needs a chunk of its lazy template that cannot be fetched. Its vCPU
+ * waits on a fault nobody can answer with the right bytes, so its VMM is killed (through the
+ * pidfd its owner gave, which proves it ours), and the reason kept for the owner. */
+static void page_server_fail_memory(struct page_server *server, struct page_server_fork *fork)
+{
+    struct page_server_template *t = fork->template;
+    char why[PAGE_SERVER_REASON_MAX];
+    pthread_mutex_lock(&t->chunk_lock);
+    snprintf(why, sizeof(why), "%s", t->chunk_error);
+    pthread_mutex_unlock(&t->chunk_lock);
+    pthread_mutex_lock(&fork->lock);
+    snprintf(fork->memory_error, sizeof(fork->memory_error), "%s", why);
+    pthread_mutex_unlock(&fork->lock);
+    if (fork->pidfd >= 0)
+        syscall(SYS_pidfd_send_signal, fork->pidfd, SIGKILL, NULL, 0);
+    page_server_drop(server, fork, why);
+}
+
 static void page_server_bury(struct page_server *server)
 {
     while (server->graveyard) {
@@ -303,6 +357,28 @@ static void page_server_bury(struct page_server *server)
 }
 
 /* ---------------------------------------------------------------- EAGAIN retries */
+
+static int page_server_fault_list_add(struct page_server_retry **list, size_t *count,
+                                      size_t *capacity, uint64_t address, uint64_t start_ns)
+{
+    if (*count == *capacity) {
+        size_t grown_capacity = *capacity ? *capacity * 2 : 8;
+        struct page_server_retry *grown = realloc(*list, grown_capacity * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        *list = grown;
+        *capacity = grown_capacity;
+    }
+    (*list)[(*count)++] = (struct page_server_retry){address, start_ns};
+    return 0;
+}
+
+/* A fault whose lazy chunk is on its way waits for it (looked at again when a chunk arrives). */
+static int page_server_wait_add(struct page_server_fork *fork, uint64_t address, uint64_t start_ns)
+{
+    return page_server_fault_list_add(&fork->waits, &fork->wait_count, &fork->wait_capacity,
+                                      address, start_ns);
+}
 
 static int page_server_retry_add(struct page_server_fork *fork, uint64_t address, uint64_t start_ns)
 {
@@ -343,6 +419,11 @@ static void page_server_retry_faults(struct page_server *server, struct page_ser
         int rc = page_server_resolve(fork, retry.address, &zero_filled);
         if (rc >= 0) {
             page_server_account_fault(fork, rc, zero_filled, retry.start_ns);
+        } else if (rc == -EINPROGRESS) {
+            if (page_server_wait_add(fork, retry.address, retry.start_ns) < 0)
+                page_server_drop(server, fork, "out of memory queueing a fault");
+        } else if (rc == -EIO) {
+            page_server_fail_memory(server, fork);
         } else if (rc != -EAGAIN) {
             page_server_drop_errno(server, fork, "resolve a retried fault", rc);
         } else if (page_server_now_ns() - retry.start_ns >= PAGE_SERVER_RETRY_GIVE_UP_NS) {
@@ -356,6 +437,51 @@ static void page_server_retry_faults(struct page_server *server, struct page_ser
     fork->retry_count = kept;
     if (kept)
         page_server_arm_timer(server, fork);
+}
+
+/* Looks again at the fork's faults waiting for lazy chunks: served once their chunk is here,
+ * the fork failed when it cannot be fetched. */
+static void page_server_serve_waits(struct page_server *server, struct page_server_fork *fork)
+{
+    size_t kept = 0;
+    bool retry = false;
+    for (size_t i = 0; i < fork->wait_count && fork->in_loop; i++) {
+        struct page_server_retry wait = fork->waits[i];
+        bool zero_filled = false;
+        int rc = page_server_resolve(fork, wait.address, &zero_filled);
+        if (rc >= 0) {
+            page_server_account_fault(fork, rc, zero_filled, wait.start_ns);
+        } else if (rc == -EINPROGRESS) {
+            fork->waits[kept++] = wait;
+        } else if (rc == -EIO) {
+            page_server_fail_memory(server, fork);
+        } else if (rc == -EAGAIN) {
+            if (page_server_retry_add(fork, wait.address, wait.start_ns) < 0)
+                page_server_drop(server, fork, "out of memory queueing a retry");
+            retry = true;
+        } else {
+            page_server_drop_errno(server, fork, "resolve a fault that waited for its chunk", rc);
+        }
+    }
+    if (!fork->in_loop)
+        return;
+    fork->wait_count = kept;
+    if (retry)
+        page_server_arm_timer(server, fork);
+}
+
+/* Loop thread: a lazy chunk arrived or failed; every waiting fault is looked at again. */
+static void page_server_on_chunks(struct page_server *server)
+{
+    if (!atomic_exchange(&server->chunks_changed, false))
+        return;
+    struct page_server_fork *fork = server->forks;
+    while (fork) {
+        struct page_server_fork *next = fork->loop_next; /* the fork may be dropped */
+        if (fork->wait_count)
+            page_server_serve_waits(server, fork);
+        fork = next;
+    }
 }
 
 static void page_server_on_timer(struct page_server *server)
@@ -386,6 +512,12 @@ static void page_server_on_fault(struct page_server *server, struct page_server_
         page_server_account_fault(fork, rc, zero_filled, start_ns);
     else if (rc == -EAGAIN && page_server_retry_add(fork, address, start_ns) < 0)
         page_server_drop(server, fork, "out of memory queueing a retry");
+    else if (rc == -EINPROGRESS && page_server_wait_add(fork, address, start_ns) < 0)
+        page_server_drop(server, fork, "out of memory queueing a fault");
+    else if (rc == -EINPROGRESS)
+        return;
+    else if (rc == -EIO)
+        page_server_fail_memory(server, fork);
     else if (rc == -ERANGE)
         page_server_drop(server, fork, "fault outside every announced region");
     else if (rc != -EAGAIN)
@@ -535,6 +667,7 @@ static bool page_server_on_wake(struct page_server *server)
     }
     while (closing && server->forks)
         page_server_drop(server, server->forks, "page server closed");
+    page_server_on_chunks(server);
     return closing;
 }
 
@@ -687,6 +820,7 @@ static struct page_server_fork *page_server_fork_new(struct page_server *server,
     fork->server = server;
     atomic_fetch_add(&server->refs, 1);
     fork->listen_fd = -1;
+    fork->pidfd = config->vmm_pidfd ? fcntl(*config->vmm_pidfd, F_DUPFD_CLOEXEC, 0) : -1;
     fork->handshake.uffd = fork->handshake.connection = -1;
     fork->expected_pid = config->vmm_pid;
     fork->state = PAGE_SERVER_PENDING;
@@ -713,6 +847,8 @@ static int page_server_fork_bind_template(struct page_server *server, struct pag
         return rc;
     atomic_fetch_add(&t->refs, 1);
     fork->template = t;
+    if (t->chunk_ready) /* lazy: its pages may not be here yet; no hot set recorded either */
+        return 0;
     if (t->record_ms && t->hot && page_server_hot_ready(t, page_server_now_ns()))
         fork->prefetch = page_server_load(&t->hot_pages) > 0;
     else if (t->record_ms)
@@ -889,6 +1025,47 @@ void page_server_fork_drop_reason(const struct page_server_fork *fork, char *out
     pthread_mutex_lock(&mutable_fork->lock);
     snprintf(out, size, "%s", fork->drop_reason);
     pthread_mutex_unlock(&mutable_fork->lock);
+}
+
+bool page_server_fork_memory_failed(const struct page_server_fork *fork, char *why, size_t size)
+{
+    struct page_server_fork *mutable_fork = (struct page_server_fork *)fork;
+    pthread_mutex_lock(&mutable_fork->lock);
+    bool failed = fork->memory_error[0] != '\0';
+    snprintf(why, size, "%s", fork->memory_error);
+    pthread_mutex_unlock(&mutable_fork->lock);
+    return failed;
+}
+
+/* A lazy template's chunk state changed: the loop looks at the faults waiting for chunks. */
+static void page_server_chunks_changed(struct page_server *server)
+{
+    atomic_store(&server->chunks_changed, true);
+    page_server_wake_loop(server);
+}
+
+void page_server_chunk_arrived(struct page_server *server, struct page_server_template *t,
+                               uint64_t chunk)
+{
+    if (chunk >= t->chunk_count)
+        return;
+    atomic_fetch_or_explicit(&t->chunk_ready[chunk / 64], 1ULL << (chunk % 64),
+                             memory_order_release);
+    page_server_chunks_changed(server);
+}
+
+void page_server_chunk_failed(struct page_server *server, struct page_server_template *t,
+                              uint64_t chunk, const char *why)
+{
+    if (chunk >= t->chunk_count)
+        return;
+    pthread_mutex_lock(&t->chunk_lock);
+    if (!t->chunk_error[0])
+        snprintf(t->chunk_error, sizeof(t->chunk_error), "%s", why);
+    pthread_mutex_unlock(&t->chunk_lock);
+    atomic_fetch_or_explicit(&t->chunk_failed[chunk / 64], 1ULL << (chunk % 64),
+                             memory_order_release);
+    page_server_chunks_changed(server);
 }
 
 /* Wakes a handshake thread still waiting for its VMM to connect: our own connection closes

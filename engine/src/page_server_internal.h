@@ -85,6 +85,15 @@ struct page_server_template {
     atomic_uint_fast64_t hot_ready_ns; /* monotonic time the first recording window closes */
     atomic_uint forks_active, forks_total;
     struct page_server_counters counters;
+    /* A lazy template (page_server_template_open_lazy): its memory.bin is still being filled,
+     * chunk by chunk. NULL bitmaps: every byte is there. A fault in a chunk not ready yet
+     * asks want() for it and waits; one in a failed chunk ends its fork. */
+    atomic_uint_fast64_t *chunk_ready, *chunk_failed;
+    uint64_t chunk_size, chunk_count;
+    void (*want)(void *arg, uint64_t chunk);
+    void *want_arg;
+    pthread_mutex_t chunk_lock; /* guards chunk_error (the first failure's reason) */
+    char chunk_error[PAGE_SERVER_REASON_MAX];
 };
 
 enum page_server_watch_kind {
@@ -130,6 +139,7 @@ struct page_server_fork {
     bool released;
     struct forkd_error error;
     char drop_reason[PAGE_SERVER_REASON_MAX];
+    char memory_error[PAGE_SERVER_REASON_MAX]; /* why its memory could not be served, or "" */
 
     /* Handshake thread until queued for attach, then the loop thread. */
     int listen_fd;
@@ -146,6 +156,9 @@ struct page_server_fork {
     atomic_uint_fast64_t *removed[UFFD_MAX_REGIONS]; /* pages removed (REMOVE), lazily made */
     struct page_server_retry *retries;
     size_t retry_count, retry_capacity;
+    struct page_server_retry *waits; /* faults waiting for a chunk of a lazy template */
+    size_t wait_count, wait_capacity;
+    int pidfd; /* the VMM's (a dup), -1: none; killed when its memory cannot be served */
 
     atomic_bool active;
     struct page_server_counters counters;
@@ -160,6 +173,7 @@ struct page_server {
     bool loop_started;
     const uint8_t *zero_page; /* PAGE_SERVER_HUGE_PAGE of zeros: the source of 2 MiB zero fills */
     atomic_uint active_forks;
+    atomic_bool chunks_changed; /* a lazy template's chunk arrived or failed: look at waits */
 
     pthread_mutex_t lock; /* guards the fields down to handshakes */
     pthread_cond_t handshakes_done;

@@ -53,11 +53,13 @@ static int page_server_template_new(const char *name, const char *path, unsigned
     if (!t)
         return forkd_error_set(err, -ENOMEM, "page server: out of memory");
     atomic_init(&t->refs, 1);
+    pthread_mutex_init(&t->chunk_lock, NULL);
     snprintf(t->name, sizeof(t->name), "%s", name);
     snprintf(t->path, sizeof(t->path), "%s", path);
     t->times_mapped = times_mapped;
     int rc = page_server_map_memory(t, path, err);
     if (rc < 0) {
+        pthread_mutex_destroy(&t->chunk_lock);
         free(t);
         return rc;
     }
@@ -70,14 +72,15 @@ static bool page_server_same_time(struct timespec a, struct timespec b)
     return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec;
 }
 
-/* The template's file is still the one mapped (same path, inode, size and change times). */
+/* The template's file is still the one mapped (same path, inode, size and change times; a lazy
+ * template's file changes as its chunks arrive, so its times are not compared). */
 static bool page_server_template_current(const struct page_server_template *t, const char *path)
 {
     struct stat st;
     return strcmp(t->path, path) == 0 && stat(path, &st) == 0 && st.st_dev == t->dev &&
            st.st_ino == t->ino && st.st_size == t->file_size &&
-           page_server_same_time(st.st_mtim, t->mtime) &&
-           page_server_same_time(st.st_ctim, t->ctime);
+           (t->chunk_ready || (page_server_same_time(st.st_mtim, t->mtime) &&
+                               page_server_same_time(st.st_ctim, t->ctime)));
 }
 
 static struct page_server_template **page_server_template_slot(struct page_server *server,
@@ -170,6 +173,66 @@ int page_server_template_describe(struct page_server *server, const char *name,
     }
     pthread_mutex_unlock(&server->lock);
     return t ? 0 : -ENOENT;
+}
+
+static int page_server_template_make_lazy(struct page_server_template *t,
+                                          const struct page_server_lazy_source *source,
+                                          struct forkd_error *err)
+{
+    if (source->chunk_size < PAGE_SERVER_HUGE_PAGE ||
+        (source->chunk_size & (source->chunk_size - 1)) || !source->want ||
+        source->chunk_count != (t->size + source->chunk_size - 1) / source->chunk_size)
+        return forkd_error_set(err, -EINVAL,
+                               "page server: lazy template %s: chunks do not cover its %" PRIu64
+                               " bytes",
+                               t->name, t->size);
+    size_t words = (size_t)((source->chunk_count + 63) / 64);
+    t->chunk_ready = calloc(words, sizeof(*t->chunk_ready));
+    t->chunk_failed = calloc(words, sizeof(*t->chunk_failed));
+    if (!t->chunk_ready || !t->chunk_failed)
+        return forkd_error_set(err, -ENOMEM, "page server: out of memory");
+    for (uint64_t c = 0; source->present && c < source->chunk_count; c++)
+        if (source->present[c])
+            atomic_fetch_or(&t->chunk_ready[c / 64], 1ULL << (c % 64));
+    t->chunk_size = source->chunk_size;
+    t->chunk_count = source->chunk_count;
+    t->want = source->want;
+    t->want_arg = source->arg;
+    return 0;
+}
+
+int page_server_template_open_lazy(struct page_server *server, const char *name,
+                                   const char *memory_path,
+                                   const struct page_server_lazy_source *source,
+                                   struct page_server_template **out, struct forkd_error *err)
+{
+    if (strlen(name) >= PAGE_SERVER_NAME_MAX)
+        return forkd_error_set(err, -ENAMETOOLONG, "page server: template name too long");
+    pthread_mutex_lock(&server->lock);
+    struct page_server_template **slot = page_server_template_slot(server, name);
+    unsigned times = *slot ? (*slot)->times_mapped + 1 : 1;
+    struct page_server_template *fresh = NULL;
+    int rc = server->closing ? forkd_error_set(err, -ESHUTDOWN, "page server: closing")
+                             : page_server_template_new(name, memory_path, times, &fresh, err);
+    if (rc == 0 && (rc = page_server_template_make_lazy(fresh, source, err)) < 0)
+        page_server_template_unref(fresh);
+    if (rc == 0) {
+        if (*slot) { /* the old mapping lives on for its forks */
+            struct page_server_template *old = *slot;
+            fresh->next = old->next;
+            page_server_template_unref(old);
+        }
+        *slot = fresh;
+        atomic_fetch_add(&fresh->refs, 1); /* the caller's */
+        *out = fresh;
+    }
+    pthread_mutex_unlock(&server->lock);
+    return rc;
+}
+
+void page_server_template_release(struct page_server_template *t)
+{
+    page_server_template_unref(t);
 }
 
 int page_server_template_forget(struct page_server *server, const char *name)

@@ -4,6 +4,8 @@
 
 #include "s3.h"
 
+#include "forkd/page_server.h"
+
 #include "basic/cleanup.h"
 #include "basic/clock.h"
 #include "basic/fsutil.h"
@@ -680,19 +682,15 @@ int remote_push(struct remote *remote, struct store *store, const char *name,
 
 /* ---- Pull --------------------------------------------------------------------------------- */
 
-static int remote_pull_chunk(struct remote_worker *worker, uint64_t index, struct forkd_error *err)
+/* GETs chunk index (hash, length bytes) into buffer and checks its size and sha256: -EIO for
+ * a missing or corrupt one, naming it. */
+static int remote_fetch_chunk(struct s3_client *client, unsigned char *buffer, uint64_t index,
+                              const char *hash, uint64_t length, struct forkd_error *err)
 {
-    struct remote_job *job = worker->job;
-    uint64_t length = remote_chunk_length(job, index);
-    const char *hash = job->chunks[index];
-    if (!hash[0]) { /* all zero: the file's hole already reads as zero */
-        atomic_fetch_add(&job->chunks_zero, 1);
-        return 0;
-    }
     char key[S3_KEY_MAX];
     remote_chunk_key(hash, key, sizeof(key));
     size_t got = 0;
-    int rc = s3_get(worker->client, key, 0, 0, worker->buffer, REMOTE_CHUNK_SIZE, &got, err);
+    int rc = s3_get(client, key, 0, 0, buffer, REMOTE_CHUNK_SIZE, &got, err);
     if (rc == -ENOENT)
         return forkd_error_set(err, -EIO, "chunk %" PRIu64 " (%s) is missing from the bucket",
                                index, key);
@@ -708,35 +706,47 @@ static int remote_pull_chunk(struct remote_worker *worker, uint64_t index, struc
         return forkd_error_set(err, -EIO,
                                "chunk %" PRIu64 " (%s) is corrupt: %zu bytes, expected %" PRIu64,
                                index, key, got, length);
-    rc = remote_sha256(worker->buffer, length, actual, err);
+    rc = remote_sha256(buffer, length, actual, err);
     if (rc < 0)
         return rc;
     if (strcmp(actual, hash) != 0)
         return forkd_error_set(err, -EIO, "chunk %" PRIu64 " (%s) is corrupt: its sha256 is %s",
                                index, key, actual);
+    return 0;
+}
+
+static int remote_pull_chunk(struct remote_worker *worker, uint64_t index, struct forkd_error *err)
+{
+    struct remote_job *job = worker->job;
+    uint64_t length = remote_chunk_length(job, index);
+    const char *hash = job->chunks[index];
+    if (!hash[0]) { /* all zero: the file's hole already reads as zero */
+        atomic_fetch_add(&job->chunks_zero, 1);
+        return 0;
+    }
+    int rc = remote_fetch_chunk(worker->client, worker->buffer, index, hash, length, err);
+    if (rc < 0)
+        return rc;
     rc = fs_pwrite_all(job->memory_fd, worker->buffer, length, (off_t)(index * REMOTE_CHUNK_SIZE));
     if (rc < 0)
         return forkd_error_errno(err, rc, "write chunk %" PRIu64 " into memory.bin", index);
     return 0;
 }
 
-static int remote_pull_files(struct remote *remote, struct s3_client *client,
-                             struct remote_job *job, struct remote_manifest *manifest,
-                             struct store_writer **writer_slot,
-                             const struct remote_transfer_control *control,
-                             struct remote_progress *final, struct forkd_error *err)
+/* The part of a pull before the memory moves: checks the manifest's snapshot.json against it
+ * (meta gets it), fetches and checks the vmstate into the writer's directory, and creates
+ * memory.bin at its full size (a hole reads as zeros) as *memory_fd. */
+static int remote_pull_begin(struct s3_client *client, const struct remote_manifest *manifest,
+                             struct store_writer *writer, struct store_snapshot *meta,
+                             size_t *vmstate_bytes, int *memory_fd, struct forkd_error *err)
 {
-    (void)remote;
-    struct store_writer *writer = *writer_slot;
-    uint64_t start_ns = forkd_monotonic_ns();
     const char *name = manifest->name;
-    struct store_snapshot meta;
     int rc =
-        store_parse_metadata(manifest->snapshot_json, strlen(manifest->snapshot_json), &meta, err);
+        store_parse_metadata(manifest->snapshot_json, strlen(manifest->snapshot_json), meta, err);
     if (rc < 0)
         return forkd_error_prefix(err, "pull '%s': the manifest's snapshot.json: ", name);
-    if (strcmp(meta.name, name) != 0 || meta.memory_bytes != manifest->memory_bytes ||
-        meta.vmstate_bytes != manifest->vmstate_bytes)
+    if (strcmp(meta->name, name) != 0 || meta->memory_bytes != manifest->memory_bytes ||
+        meta->vmstate_bytes != manifest->vmstate_bytes)
         return forkd_error_set(err, -EIO,
                                "pull '%s': the manifest's snapshot.json does not "
                                "match its name or sizes",
@@ -769,13 +779,32 @@ static int remote_pull_files(struct remote *remote, struct s3_client *client,
     rc = fs_write_all(vmstate_fd, vmstate, vmstate_length);
     if (rc < 0)
         return forkd_error_errno(err, rc, "write %s", store_writer_vmstate_path(writer));
-
-    job->memory_fd =
-        open(store_writer_memory_path(writer), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (job->memory_fd < 0)
+    *vmstate_bytes = vmstate_length;
+    *memory_fd =
+        open(store_writer_memory_path(writer), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (*memory_fd < 0)
         return forkd_error_errno(err, -errno, "create %s", store_writer_memory_path(writer));
-    if (ftruncate(job->memory_fd, (off_t)manifest->memory_bytes) < 0)
+    if (ftruncate(*memory_fd, (off_t)manifest->memory_bytes) < 0)
         return forkd_error_errno(err, -errno, "size %s", store_writer_memory_path(writer));
+    return 0;
+}
+
+static int remote_pull_files(struct remote *remote, struct s3_client *client,
+                             struct remote_job *job, struct remote_manifest *manifest,
+                             struct store_writer **writer_slot,
+                             const struct remote_transfer_control *control,
+                             struct remote_progress *final, struct forkd_error *err)
+{
+    (void)remote;
+    struct store_writer *writer = *writer_slot;
+    uint64_t start_ns = forkd_monotonic_ns();
+    const char *name = manifest->name;
+    struct store_snapshot meta;
+    size_t vmstate_length = 0;
+    int rc =
+        remote_pull_begin(client, manifest, writer, &meta, &vmstate_length, &job->memory_fd, err);
+    if (rc < 0)
+        return rc;
     job->memory_bytes = manifest->memory_bytes;
     job->chunk_count = manifest->chunk_count;
     job->chunks = manifest->chunks;
@@ -833,6 +862,373 @@ int remote_pull(struct remote *remote, struct store *store, const char *name,
     remote_manifest_free(&manifest);
     remote_job_destroy(&job);
     return rc;
+}
+
+/* ---- Lazy pull (a pull forks run on while it proceeds) -------------------------------------- */
+
+/* Each worker takes the chunks the page server asked for first (the oldest request first), then
+ * the next chunk in file order not taken yet; a chunk is taken once (claimed), so it is fetched
+ * once and every fault waiting on it is served when it arrives. */
+struct remote_lazy_worker {
+    struct remote_lazy *lazy;
+    struct s3_client *client;
+    unsigned char *buffer;
+    pthread_t thread;
+    bool started;
+};
+
+struct remote_lazy {
+    struct remote *remote;
+    struct store *store;
+    struct page_server *server;
+    struct page_server_template *template;
+    struct remote_manifest manifest;
+    struct store_snapshot meta;
+    struct store_writer *writer; /* until published or aborted by the last worker */
+    char memory_path[PATH_MAX], vmstate_path[PATH_MAX], dir[PATH_MAX];
+    int memory_fd;
+    atomic_bool stop;
+    atomic_uchar *claimed;       /* per chunk: a worker took it (zero chunks from the start) */
+    atomic_uchar *asked;         /* per chunk: in the request queue once */
+    atomic_uint_fast64_t cursor; /* the next chunk in file order */
+    atomic_uint_fast64_t chunks_fetched, chunks_failed, bytes_fetched;
+    uint64_t start_ns;
+    struct remote_lazy_worker workers[REMOTE_PARALLEL_MAX];
+    unsigned worker_count;
+
+    pthread_mutex_t lock; /* guards the fields below */
+    uint64_t *requests;   /* ring of chunk_count entries: each chunk is queued at most once */
+    uint64_t request_head, request_count;
+    unsigned running;
+    int result; /* 1 while fetching, 0 READY in the store, -errno failed (error) */
+    struct forkd_error error;
+    uint64_t done_ns;
+};
+
+/* The page server's want(): queues a chunk no worker has taken (loop thread: never blocks on
+ * the network; the lock is held by workers only to pop a request). */
+static void remote_lazy_want(void *arg, uint64_t chunk)
+{
+    struct remote_lazy *lazy = arg;
+    if (chunk >= lazy->manifest.chunk_count || atomic_load(&lazy->claimed[chunk]) ||
+        atomic_exchange(&lazy->asked[chunk], 1))
+        return;
+    pthread_mutex_lock(&lazy->lock);
+    uint64_t n = lazy->manifest.chunk_count;
+    lazy->requests[(lazy->request_head + lazy->request_count) % n] = chunk;
+    lazy->request_count++;
+    pthread_mutex_unlock(&lazy->lock);
+}
+
+/* The next chunk for a worker to fetch: false when every chunk is taken. */
+static bool remote_lazy_next(struct remote_lazy *lazy, uint64_t *chunk)
+{
+    uint64_t n = lazy->manifest.chunk_count;
+    for (;;) {
+        pthread_mutex_lock(&lazy->lock);
+        bool requested = lazy->request_count > 0;
+        if (requested) {
+            *chunk = lazy->requests[lazy->request_head];
+            lazy->request_head = (lazy->request_head + 1) % n;
+            lazy->request_count--;
+        }
+        pthread_mutex_unlock(&lazy->lock);
+        if (!requested) {
+            *chunk = atomic_fetch_add(&lazy->cursor, 1);
+            if (*chunk >= n)
+                return false;
+        }
+        if (!atomic_exchange(&lazy->claimed[*chunk], 1))
+            return true;
+    }
+}
+
+static void remote_lazy_fetch(struct remote_lazy_worker *worker, uint64_t chunk)
+{
+    struct remote_lazy *lazy = worker->lazy;
+    uint64_t offset = chunk * REMOTE_CHUNK_SIZE;
+    uint64_t length = lazy->manifest.memory_bytes - offset < REMOTE_CHUNK_SIZE
+                          ? lazy->manifest.memory_bytes - offset
+                          : REMOTE_CHUNK_SIZE;
+    struct forkd_error err = {0};
+    int rc = remote_fetch_chunk(worker->client, worker->buffer, chunk, lazy->manifest.chunks[chunk],
+                                length, &err);
+    if (rc == 0) {
+        rc = fs_pwrite_all(lazy->memory_fd, worker->buffer, length, (off_t)offset);
+        if (rc < 0)
+            forkd_error_errno(&err, rc, "write chunk %" PRIu64 " into memory.bin", chunk);
+    }
+    if (rc == 0) {
+        atomic_fetch_add(&lazy->chunks_fetched, 1);
+        atomic_fetch_add(&lazy->bytes_fetched, length);
+        page_server_chunk_arrived(lazy->server, lazy->template, chunk);
+        return;
+    }
+    atomic_fetch_add(&lazy->chunks_failed, 1);
+    /* Without the pull's name: the reason ends up in a fork's exit_reason (128 bytes), and the
+     * fork names its snapshot itself. */
+    page_server_chunk_failed(lazy->server, lazy->template, chunk, err.message);
+    forkd_error_prefix(&err, "lazy pull '%s': ", lazy->manifest.name);
+    pthread_mutex_lock(&lazy->lock);
+    if (lazy->error.code == 0)
+        lazy->error = err;
+    pthread_mutex_unlock(&lazy->lock);
+}
+
+/* The last worker: READY when every chunk arrived and matched, otherwise the store is left
+ * clean (the forks already running keep their mapping of the unlinked file). Either way the
+ * page server forgets the lazy template: later forks map the published memory.bin. */
+static void remote_lazy_finish(struct remote_lazy *lazy)
+{
+    struct forkd_error err = {0};
+    int rc = 0;
+    pthread_mutex_lock(&lazy->lock);
+    if (lazy->error.code < 0) {
+        err = lazy->error;
+        rc = err.code;
+    }
+    pthread_mutex_unlock(&lazy->lock);
+    if (rc == 0 && atomic_load(&lazy->stop))
+        rc = forkd_error_set(&err, -ECANCELED, "lazy pull '%s': stopped", lazy->manifest.name);
+    if (rc == 0 && store_writer_abandoned(lazy->writer))
+        rc = forkd_error_set(&err, -ECANCELED, "lazy pull '%s': deleted while being written",
+                             lazy->manifest.name);
+    struct store_writer *writer = lazy->writer;
+    lazy->writer = NULL;
+    if (rc == 0)
+        rc = store_publish(writer, &lazy->meta, &err); /* frees the writer either way */
+    else
+        store_abort(writer);
+    page_server_template_forget(lazy->server, lazy->manifest.name);
+    pthread_mutex_lock(&lazy->lock);
+    lazy->result = rc;
+    if (rc < 0)
+        lazy->error = err;
+    lazy->done_ns = forkd_monotonic_ns();
+    pthread_mutex_unlock(&lazy->lock);
+}
+
+static void *remote_lazy_worker_main(void *arg)
+{
+    struct remote_lazy_worker *worker = arg;
+    struct remote_lazy *lazy = worker->lazy;
+    uint64_t chunk;
+    while (!atomic_load(&lazy->stop) && remote_lazy_next(lazy, &chunk))
+        remote_lazy_fetch(worker, chunk);
+    if (atomic_load(&lazy->stop)) { /* what nobody took will never come: fail its faults */
+        for (uint64_t c = 0; c < lazy->manifest.chunk_count; c++)
+            if (!atomic_exchange(&lazy->claimed[c], 1))
+                page_server_chunk_failed(lazy->server, lazy->template, c,
+                                         "lazy pull stopped (forkd shutting down)");
+    }
+    pthread_mutex_lock(&lazy->lock);
+    bool last = --lazy->running == 0;
+    pthread_mutex_unlock(&lazy->lock);
+    if (last)
+        remote_lazy_finish(lazy);
+    return NULL;
+}
+
+static void remote_lazy_destroy(struct remote_lazy *lazy)
+{
+    for (unsigned i = 0; i < lazy->worker_count; i++) {
+        s3_client_free(lazy->workers[i].client);
+        free(lazy->workers[i].buffer);
+    }
+    if (lazy->writer)
+        store_abort(lazy->writer);
+    if (lazy->memory_fd >= 0)
+        close(lazy->memory_fd);
+    page_server_template_release(lazy->template);
+    remote_manifest_free(&lazy->manifest);
+    free(lazy->claimed);
+    free(lazy->asked);
+    free(lazy->requests);
+    pthread_mutex_destroy(&lazy->lock);
+    free(lazy);
+}
+
+/* Lists the lazy template: its zero chunks are there from the start. */
+static int remote_lazy_open_template(struct remote_lazy *lazy, struct forkd_error *err)
+{
+    uint64_t n = lazy->manifest.chunk_count;
+    _cleanup_free_ bool *present = calloc(n ? n : 1, sizeof(*present));
+    if (!present)
+        return forkd_error_set(err, -ENOMEM, "lazy pull: out of memory");
+    for (uint64_t c = 0; c < n; c++) {
+        present[c] = !lazy->manifest.chunks[c][0];
+        if (present[c])
+            atomic_store(&lazy->claimed[c], 1);
+    }
+    struct page_server_lazy_source source = {
+        .chunk_size = REMOTE_CHUNK_SIZE,
+        .chunk_count = n,
+        .present = present,
+        .want = remote_lazy_want,
+        .arg = lazy,
+    };
+    return page_server_template_open_lazy(lazy->server, lazy->manifest.name, lazy->memory_path,
+                                          &source, &lazy->template, err);
+}
+
+static int remote_lazy_start_workers(struct remote_lazy *lazy, struct forkd_error *err)
+{
+    unsigned count = lazy->remote->parallel;
+    if (count > lazy->manifest.chunk_count)
+        count = lazy->manifest.chunk_count ? (unsigned)lazy->manifest.chunk_count : 1;
+    for (unsigned i = 0; i < count; i++) {
+        struct remote_lazy_worker *w = &lazy->workers[i];
+        w->lazy = lazy;
+        lazy->worker_count = i + 1;
+        w->buffer = malloc(REMOTE_CHUNK_SIZE);
+        if (!w->buffer)
+            return forkd_error_set(err, -ENOMEM, "lazy pull: out of memory");
+        int rc = s3_client_new(&lazy->remote->s3, &lazy->stop, &w->client, err);
+        if (rc < 0)
+            return rc;
+    }
+    /* Started last, all or none would need joins on failure: the first failure stops the ones
+     * started (they see stop) and the caller joins them through remote_lazy_free. */
+    for (unsigned i = 0; i < count; i++) {
+        pthread_mutex_lock(&lazy->lock);
+        lazy->running++;
+        pthread_mutex_unlock(&lazy->lock);
+        int e = pthread_create(&lazy->workers[i].thread, NULL, remote_lazy_worker_main,
+                               &lazy->workers[i]);
+        if (e) {
+            pthread_mutex_lock(&lazy->lock);
+            bool last = --lazy->running == 0;
+            pthread_mutex_unlock(&lazy->lock);
+            atomic_store(&lazy->stop, true);
+            forkd_error_errno(err, -e, "lazy pull: start a fetch thread");
+            if (last)
+                remote_lazy_finish(lazy);
+            return -e;
+        }
+        lazy->workers[i].started = true;
+    }
+    return 0;
+}
+
+static int remote_lazy_prepare(struct remote_lazy *lazy, const char *name, struct forkd_error *err)
+{
+    struct s3_client *client = NULL;
+    int rc = s3_client_new(&lazy->remote->s3, &lazy->stop, &client, err);
+    if (rc == 0 && (rc = remote_manifest_get(client, name, &lazy->manifest, err)) < 0 &&
+        rc != -ENOENT)
+        forkd_error_prefix(err, "lazy pull '%s': ", name);
+    if (rc == 0)
+        rc = store_begin(lazy->store, name, &lazy->writer, err);
+    size_t vmstate_bytes = 0;
+    if (rc == 0)
+        rc = remote_pull_begin(client, &lazy->manifest, lazy->writer, &lazy->meta, &vmstate_bytes,
+                               &lazy->memory_fd, err);
+    s3_client_free(client);
+    if (rc < 0)
+        return rc;
+    snprintf(lazy->memory_path, sizeof(lazy->memory_path), "%s",
+             store_writer_memory_path(lazy->writer));
+    snprintf(lazy->vmstate_path, sizeof(lazy->vmstate_path), "%s",
+             store_writer_vmstate_path(lazy->writer));
+    snprintf(lazy->dir, sizeof(lazy->dir), "%s", store_writer_dir(lazy->writer));
+    uint64_t n = lazy->manifest.chunk_count;
+    lazy->claimed = calloc(n ? n : 1, sizeof(*lazy->claimed));
+    lazy->asked = calloc(n ? n : 1, sizeof(*lazy->asked));
+    lazy->requests = calloc(n ? n : 1, sizeof(*lazy->requests));
+    if (!lazy->claimed || !lazy->asked || !lazy->requests)
+        return forkd_error_set(err, -ENOMEM, "lazy pull: out of memory");
+    rc = remote_lazy_open_template(lazy, err);
+    if (rc == 0)
+        rc = remote_lazy_start_workers(lazy, err);
+    return rc;
+}
+
+int remote_lazy_start(struct remote *remote, struct store *store, struct page_server *server,
+                      const char *name, struct remote_lazy **out, struct forkd_error *err)
+{
+    *out = NULL;
+    int rc = store_validate_name(name, err);
+    if (rc < 0)
+        return rc;
+    struct store_snapshot existing;
+    struct forkd_error ignored = {0};
+    if (store_get(store, name, &existing, &ignored) == 0)
+        return forkd_error_set(err, existing.state == STORE_STATE_WRITING ? -EAGAIN : -EEXIST,
+                               "lazy pull '%s': the store already has a snapshot of that name "
+                               "(%s)",
+                               name,
+                               existing.state == STORE_STATE_WRITING ? "being written" : "ready");
+    struct remote_lazy *lazy = calloc(1, sizeof(*lazy));
+    if (!lazy)
+        return forkd_error_set(err, -ENOMEM, "lazy pull: out of memory");
+    lazy->remote = remote;
+    lazy->store = store;
+    lazy->server = server;
+    lazy->memory_fd = -1;
+    lazy->result = 1;
+    lazy->start_ns = forkd_monotonic_ns();
+    pthread_mutex_init(&lazy->lock, NULL);
+    rc = remote_lazy_prepare(lazy, name, err);
+    if (rc < 0) {
+        remote_lazy_free(lazy);
+        return rc;
+    }
+    *out = lazy;
+    return 0;
+}
+
+void remote_lazy_free(struct remote_lazy *lazy)
+{
+    if (!lazy)
+        return;
+    atomic_store(&lazy->stop, true);
+    for (unsigned i = 0; i < lazy->worker_count; i++)
+        if (lazy->workers[i].started)
+            pthread_join(lazy->workers[i].thread, NULL);
+    /* No worker ran to the end (a start that failed): the template is still listed. */
+    if (lazy->template && lazy->result == 1)
+        page_server_template_forget(lazy->server, lazy->manifest.name);
+    remote_lazy_destroy(lazy);
+}
+
+int remote_lazy_state(struct remote_lazy *lazy, struct remote_lazy_status *out,
+                      struct forkd_error *err)
+{
+    pthread_mutex_lock(&lazy->lock);
+    int rc = lazy->result;
+    if (rc < 0 && err)
+        *err = lazy->error;
+    uint64_t end = lazy->result == 1 ? forkd_monotonic_ns() : lazy->done_ns;
+    pthread_mutex_unlock(&lazy->lock);
+    if (out)
+        *out = (struct remote_lazy_status){
+            .chunks_total = lazy->manifest.chunk_count,
+            .chunks_fetched = atomic_load(&lazy->chunks_fetched),
+            .chunks_failed = atomic_load(&lazy->chunks_failed),
+            .bytes_fetched = atomic_load(&lazy->bytes_fetched),
+            .elapsed_ns = end - lazy->start_ns,
+        };
+    return rc;
+}
+
+const struct store_snapshot *remote_lazy_snapshot(const struct remote_lazy *lazy)
+{
+    return &lazy->meta;
+}
+
+const char *remote_lazy_memory_path(const struct remote_lazy *lazy)
+{
+    return lazy->memory_path;
+}
+
+const char *remote_lazy_vmstate_path(const struct remote_lazy *lazy)
+{
+    return lazy->vmstate_path;
+}
+
+const char *remote_lazy_dir(const struct remote_lazy *lazy)
+{
+    return lazy->dir;
 }
 
 /* ---- ListRemote and DeleteRemote ---------------------------------------------------------- */

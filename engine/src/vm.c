@@ -502,8 +502,13 @@ static void vm_record_exit(struct vm *vm)
     bool status_known = waitid((idtype_t)P_PIDFD, (id_t)vm->pidfd, &info, WEXITED | WNOHANG) == 0;
     if (status_known ? info.si_pid == 0 : !(vm->adopted && errno == ECHILD))
         return;
+    char memory_error[128] = "";
+    bool memory_failed = vm->page_fork && page_server_fork_memory_failed(
+                                              vm->page_fork, memory_error, sizeof(memory_error));
     pthread_mutex_lock(&vm->lock);
-    if (status_known)
+    if (memory_failed) /* the page server killed it: its memory could not be fetched */
+        snprintf(vm->exit_reason, sizeof(vm->exit_reason), "killed: %s", memory_error);
+    else if (status_known)
         vm_describe_exit(&info, vm->exit_reason, sizeof(vm->exit_reason));
     else
         snprintf(vm->exit_reason, sizeof(vm->exit_reason),
@@ -1303,6 +1308,7 @@ static int vm_load_uffd(struct vm *vm, const struct vm_restore_config *config,
                                            .memory_path = config->memory_path,
                                            .socket_path = socket_path,
                                            .vmm_pid = vm->pid,
+                                           .vmm_pidfd = &vm->pidfd,
                                            .label = vm->id};
     struct vmm_load_overrides overrides;
     vm_load_overrides(vm, config, &overrides);

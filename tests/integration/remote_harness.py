@@ -1,8 +1,10 @@
 """A real S3 server (scripts/radosgw.sh: Ceph's radosgw) for the remote-snapshot tests, a direct
 S3 client to look into its bucket (curl, signing with SigV4), and snapshots laid down in a state
 directory the way the store writes them (the store loads them when forkd starts)."""
+import http.client
 import json
 import os
+import socket
 import subprocess
 import tempfile
 from urllib.parse import quote
@@ -153,9 +155,10 @@ class FlakyProxy:
     """An HTTP/1.1 proxy in front of the real server that answers some requests itself with
     503 SlowDown (S3's "retry later") instead of forwarding them: fail(request_number) decides.
     Everything else goes to the server unchanged (the signature covers the Host header, which
-    is forwarded as the client sent it)."""
+    is forwarded as the client sent it). With hold_chunks, every GET of a chunk waits (counted
+    in held) until release is set: chunk fetches stay in flight as long as a test needs."""
 
-    def __init__(self, endpoint, fail):
+    def __init__(self, endpoint, fail, hold_chunks=False):
         import http.client
         import http.server
         import threading
@@ -164,6 +167,8 @@ class FlakyProxy:
         proxy = self
         self.requests = 0
         self.failed = 0
+        self.held = 0
+        self.release = threading.Event()
         self._lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -179,6 +184,10 @@ class FlakyProxy:
                     proxy.requests += 1
                     refuse = fail(proxy.requests)
                     proxy.failed += refuse
+                if hold_chunks and self.command == "GET" and "/chunks/" in self.path:
+                    with proxy._lock:
+                        proxy.held += 1
+                    proxy.release.wait(scaled(600))
                 if refuse:
                     text = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown'
                             b'</Code></Error>')
@@ -215,3 +224,41 @@ class FlakyProxy:
     def close(self):
         self._server.shutdown()
         self._server.server_close()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost")
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self._path)
+
+
+def guest_progress(vm):
+    """The sum of the guest's vCPU progress counters, as the test VMM reports them (GET /); 0
+    before the guest has run (or when the VMM does not answer)."""
+    connection = _UnixHTTPConnection(vm.api_socket_path)
+    try:
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        if response.status != 200:
+            return 0
+        return sum(json.loads(response.read()).get("guest_progress") or [])
+    except OSError:
+        return 0
+    finally:
+        connection.close()
+
+
+def userfaultfds_of(pid):
+    """How many userfaultfds the process holds."""
+    count = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:[userfaultfd]":
+                count += 1
+        except OSError:
+            pass
+    return count

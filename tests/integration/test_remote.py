@@ -226,6 +226,27 @@ def test_no_remote_store_names_the_flags():
         with pytest.raises(grpc.RpcError) as e:
             push(d, "../x")
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # A Spawn from the bucket is refused before anything is looked at: no remote store.
+        with pytest.raises(grpc.RpcError) as e:
+            d.forkd().Spawn(forkd_pb2.SpawnRequest(snapshot="x", count=1, remote=True,
+                                                   backend=forkd_pb2.MEMORY_BACKEND_UFFD),
+                            timeout=30)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--remote-endpoint" in e.value.details()
+    finally:
+        d.cleanup()
+
+
+def test_a_spawn_from_the_bucket_needs_the_uffd_backend(rgw):
+    d = started(rgw.forkd_args())
+    try:
+        for backend in (forkd_pb2.MEMORY_BACKEND_UNSPECIFIED, forkd_pb2.MEMORY_BACKEND_FILE,
+                        forkd_pb2.MEMORY_BACKEND_MEMFD):
+            with pytest.raises(grpc.RpcError) as e:
+                d.forkd().Spawn(forkd_pb2.SpawnRequest(snapshot="x", count=1, remote=True,
+                                                       backend=backend), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "UFFD" in e.value.details()
     finally:
         d.cleanup()
 

@@ -3,13 +3,16 @@
 // events, huge pages, prefetch and handshake abuse are checked without KVM.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
 #include <future>
+#include <mutex>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <string>
@@ -19,6 +22,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -773,4 +777,233 @@ TEST_F(PageServerTest, AnAdoptedForkWhoseRegionsExceedTheTemplateIsRefusedAndIts
                                      static_cast<int>(syscall(SYS_pidfd_open, getpid(), 0)), &fork,
                                      &err));
     EXPECT_EQ(uffds_before, CountUserfaultfds());
+}
+
+// ---- lazy templates: memory that arrives chunk by chunk (a Spawn from the bucket) ----
+
+namespace
+{
+
+constexpr uint64_t kChunk = 2ULL << 20; // kTemplateBytes is 4 chunks
+
+// Plays the lazy pull: records the chunks the page server asks for, and fills memory.bin (a
+// hole until then) with the template's pattern when the test delivers a chunk.
+class LazySource
+{
+  public:
+    static void Want(void *arg, uint64_t chunk)
+    {
+        auto *self = static_cast<LazySource *>(arg);
+        std::lock_guard<std::mutex> hold(self->lock_);
+        self->asked_.push_back(chunk);
+    }
+    bool Asked(uint64_t chunk)
+    {
+        std::lock_guard<std::mutex> hold(lock_);
+        return std::find(asked_.begin(), asked_.end(), chunk) != asked_.end();
+    }
+    std::vector<uint64_t> asked_;
+    std::mutex lock_;
+};
+
+class LazyPageServerTest : public PageServerTest
+{
+  protected:
+    void SetUp() override
+    {
+        PageServerTest::SetUp();
+        lazy_path_ = dir_ + "/lazy.bin";
+        int fd = open(lazy_path_.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
+        ASSERT_GE(fd, 0);
+        ASSERT_EQ(0, ftruncate(fd, static_cast<off_t>(kTemplateBytes)));
+        lazy_fd_ = fd;
+        bool present[4] = {false, true, false, false}; // chunk 1 is all zero: not fetched
+        struct page_server_lazy_source source = {};
+        source.chunk_size = kChunk;
+        source.chunk_count = 4;
+        source.present = present;
+        source.want = LazySource::Want;
+        source.arg = &source_;
+        struct forkd_error err = {};
+        ASSERT_EQ(0, page_server_template_open_lazy(server_, "lazy", lazy_path_.c_str(), &source,
+                                                    &template_, &err))
+            << err.message;
+    }
+    void TearDown() override
+    {
+        page_server_template_release(template_);
+        close(lazy_fd_);
+        PageServerTest::TearDown();
+    }
+    struct page_server_fork *AttachLazy(FakeVmm &vmm, const std::string &socket_name,
+                                        const int *pidfd = nullptr)
+    {
+        std::string path = dir_ + "/" + socket_name;
+        struct page_server_fork_config config = {};
+        config.template_name = "lazy";
+        config.memory_path = lazy_path_.c_str();
+        config.socket_path = path.c_str();
+        config.vmm_pid = getpid();
+        config.vmm_pidfd = pidfd;
+        config.label = socket_name.c_str();
+        struct page_server_fork *fork = nullptr;
+        struct forkd_error err = {};
+        EXPECT_EQ(0, page_server_fork_prepare(server_, &config, &fork, &err)) << err.message;
+        if (!fork)
+            return nullptr;
+        EXPECT_TRUE(vmm.Connect(path));
+        EXPECT_EQ(0, page_server_fork_wait_ready(fork, 5000, &err)) << err.message;
+        return fork;
+    }
+    // Writes the chunk's bytes into the file, then tells the page server.
+    void Deliver(uint64_t chunk)
+    {
+        std::vector<uint64_t> words(kChunk / 8);
+        for (uint64_t i = 0; i < words.size(); i++)
+            words[i] = Pattern(chunk * kChunk + 8 * i);
+        ASSERT_EQ(static_cast<ssize_t>(kChunk),
+                  pwrite(lazy_fd_, words.data(), kChunk, static_cast<off_t>(chunk * kChunk)));
+        page_server_chunk_arrived(server_, template_, chunk);
+    }
+    // Ends a read the page server will never answer (its range is unregistered: the reader
+    // then reads the anonymous page itself).
+    static void Release(FakeVmm &vmm, std::future<uint8_t> &reader)
+    {
+        for (const auto &r : vmm.regions_) {
+            struct uffdio_range range = {r.host_base, r.size};
+            ioctl(vmm.uffd(), UFFDIO_UNREGISTER, &range);
+        }
+        reader.wait();
+    }
+    static std::future<uint8_t> Read(const uint8_t *address)
+    {
+        return std::async(std::launch::async, [address] {
+            return *reinterpret_cast<const volatile uint8_t *>(address);
+        });
+    }
+
+    std::string lazy_path_;
+    int lazy_fd_ = -1;
+    LazySource source_;
+    struct page_server_template *template_ = nullptr;
+};
+
+} // namespace
+
+// A fault in a chunk not there yet asks for it and waits, while another fork's fault in a chunk
+// that arrives is served meanwhile; the waiting fault is served (with the chunk's bytes) once its
+// chunk arrives; an all-zero chunk is served without being asked for.
+TEST_F(LazyPageServerTest, AFaultWaitsForItsChunkWhileOtherForksAreServed)
+{
+    FakeVmm a({kTemplateBytes}, kPage), b({kTemplateBytes}, kPage);
+    struct page_server_fork *fa = AttachLazy(a, "a.sock"), *fb = AttachLazy(b, "b.sock");
+    ASSERT_NE(nullptr, fa);
+    ASSERT_NE(nullptr, fb);
+    const uint64_t in_chunk2 = 2 * kChunk + 5 * kPage;
+    auto waiting = Read(a.Region(0) + in_chunk2);
+    ASSERT_TRUE(WaitFor([&] { return source_.Asked(2); }));
+    EXPECT_NE(std::future_status::ready, waiting.wait_for(std::chrono::milliseconds(50)));
+
+    // The other fork is served meanwhile: from a chunk delivered now, and from the zero chunk.
+    Deliver(0);
+    ASSERT_TRUE(Touch(b, b.Region(0) + 3 * kPage));
+    EXPECT_TRUE(PageMatches(b.Region(0) + 3 * kPage, 3 * kPage, kPage));
+    ASSERT_TRUE(Touch(b, b.Region(0) + kChunk + kPage));
+    EXPECT_TRUE(PageIsZero(b.Region(0) + kChunk + kPage, kPage));
+    EXPECT_FALSE(source_.Asked(1));
+    EXPECT_NE(std::future_status::ready, waiting.wait_for(std::chrono::milliseconds(0)));
+
+    Deliver(2);
+    ASSERT_EQ(std::future_status::ready, waiting.wait_for(std::chrono::seconds(5)));
+    EXPECT_TRUE(PageMatches(a.Region(0) + in_chunk2, in_chunk2, kPage));
+    EXPECT_TRUE(page_server_fork_active(fa));
+    EXPECT_FALSE(source_.Asked(3)); // never touched, never asked for
+    char why[128];
+    EXPECT_FALSE(page_server_fork_memory_failed(fa, why, sizeof(why)));
+    page_server_fork_release(fa);
+    page_server_fork_release(fb);
+}
+
+// A chunk that cannot be had ends the forks faulting in it, with the reason, and kills their
+// VMM (through the pidfd); a fork not needing it goes on; no page of it is ever copied.
+TEST_F(LazyPageServerTest, AChunkThatFailsEndsOnlyTheForksNeedingIt)
+{
+    // A process standing for the VMM: killed and reaped at the end whatever happens.
+    struct Child {
+        pid_t pid = ::fork();
+        bool reaped = false;
+        ~Child()
+        {
+            if (pid > 0 && !reaped) {
+                kill(pid, SIGKILL);
+                waitpid(pid, nullptr, 0);
+            }
+        }
+    } child;
+    ASSERT_GE(child.pid, 0);
+    if (child.pid == 0) {
+        pause();
+        _exit(0);
+    }
+    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, child.pid, 0));
+    ASSERT_GE(pidfd, 0);
+    FakeVmm a({kTemplateBytes}, kPage), b({kTemplateBytes}, kPage);
+    struct page_server_fork *fa = AttachLazy(a, "a.sock", &pidfd), *fb = AttachLazy(b, "b.sock");
+    ASSERT_NE(nullptr, fa);
+    ASSERT_NE(nullptr, fb);
+    auto waiting = Read(a.Region(0) + 3 * kChunk);
+    ASSERT_TRUE(WaitFor([&] { return source_.Asked(3); }));
+    page_server_chunk_failed(server_, template_, 3, "chunk 3 is corrupt: its sha256 is 00");
+    ASSERT_TRUE(WaitFor([&] { return !page_server_fork_active(fa); }));
+    char why[128] = "";
+    EXPECT_TRUE(page_server_fork_memory_failed(fa, why, sizeof(why)));
+    EXPECT_STREQ("chunk 3 is corrupt: its sha256 is 00", why);
+    int status = 0;
+    close(pidfd);
+    ASSERT_TRUE(WaitFor([&] { return waitpid(child.pid, &status, WNOHANG) == child.pid; }))
+        << "the VMM was not killed";
+    child.reaped = true;
+    EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    EXPECT_EQ(0u, Stats(fa).bytes_copied);
+    EXPECT_NE(std::future_status::ready, waiting.wait_for(std::chrono::milliseconds(0)));
+    Release(a, waiting);
+
+    // The other fork: served from what arrives; a later fault in the failed chunk ends it too.
+    Deliver(0);
+    ASSERT_TRUE(Touch(b, b.Region(0)));
+    EXPECT_TRUE(PageMatches(b.Region(0), 0, kPage));
+    EXPECT_TRUE(page_server_fork_active(fb));
+    EXPECT_FALSE(page_server_fork_memory_failed(fb, why, sizeof(why)));
+    auto late = Read(b.Region(0) + 3 * kChunk + kPage);
+    ASSERT_TRUE(WaitFor([&] { return !page_server_fork_active(fb); }));
+    EXPECT_TRUE(page_server_fork_memory_failed(fb, why, sizeof(why)));
+    Release(b, late);
+    page_server_fork_release(fa);
+    page_server_fork_release(fb);
+}
+
+// A fork released while its fault waits for a chunk: the chunk arriving later touches nothing
+// of it, and the template's other forks are served.
+TEST_F(LazyPageServerTest, AForkReleasedWhileItsChunkIsInFlightLeavesNothingBehind)
+{
+    int before = CountUserfaultfds();
+    {
+        FakeVmm a({kTemplateBytes}, kPage), b({kTemplateBytes}, kPage);
+        struct page_server_fork *fa = AttachLazy(a, "a.sock"), *fb = AttachLazy(b, "b.sock");
+        ASSERT_NE(nullptr, fa);
+        ASSERT_NE(nullptr, fb);
+        auto waiting = Read(a.Region(0) + 2 * kChunk);
+        ASSERT_TRUE(WaitFor([&] { return source_.Asked(2); }));
+        a.Hangup(); // the VMM is gone (killed): its connection closes
+        ASSERT_TRUE(WaitFor([&] { return !page_server_fork_active(fa); }));
+        Deliver(2);
+        ASSERT_TRUE(Touch(b, b.Region(0) + 2 * kChunk));
+        EXPECT_TRUE(PageMatches(b.Region(0) + 2 * kChunk, 2 * kChunk, kPage));
+        Release(a, waiting);
+        page_server_fork_release(fa);
+        page_server_fork_release(fb);
+    }
+    // The loop closes a dropped fork's fds at the end of its event batch.
+    EXPECT_TRUE(WaitFor([&] { return CountUserfaultfds() == before; }))
+        << CountUserfaultfds() << " userfaultfds open, " << before << " before";
 }

@@ -86,7 +86,9 @@ func (c *Client) Boot(ctx context.Context, req *forkdv1.BootRequest) (*forkdv1.V
 	return c.rpc.Boot(ctx, req)
 }
 
-// Spawn starts req.Count VMs restored from a READY snapshot, all or none.
+// Spawn starts req.Count VMs restored from a READY snapshot, all or none. With req.Remote
+// (backend UFFD only) the snapshot comes from the daemon's remote bucket chunk by chunk: the
+// VMs start before its memory has arrived (see SpawnRequest.remote in the proto).
 func (c *Client) Spawn(ctx context.Context, req *forkdv1.SpawnRequest) (*forkdv1.SpawnResponse, error) {
 	return c.rpc.Spawn(ctx, req)
 }

@@ -464,7 +464,10 @@ def cmd_delete_remote(client: Client, args: argparse.Namespace, out: Output) -> 
 
 
 def cmd_spawn(client: Client, args: argparse.Namespace, out: Output) -> int:
-    if args.remote:
+    if args.lazy and args.backend != "uffd":
+        out.error("spawn --lazy needs --backend uffd (forks served by forkd as memory arrives)")
+        return EXIT_USAGE
+    if args.remote and not args.lazy:
         # A snapshot this host does not have is pulled from the remote bucket first.
         try:
             client.snapshot(args.snapshot)
@@ -477,7 +480,7 @@ def cmd_spawn(client: Client, args: argparse.Namespace, out: Output) -> int:
     result = client.spawn(args.snapshot, args.count, backend=BACKENDS[args.backend],
                           name_prefix=args.prefix, start_paused=args.paused,
                           labels=args.labels, network_overrides=args.tap_patterns,
-                          vsock_override=args.vsock_pattern)
+                          vsock_override=args.vsock_pattern, remote=args.lazy)
     if out.json:
         out.emit(result.to_dict())
         return EXIT_OK
@@ -739,6 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
     spawn.add_argument("--remote", action="store_true",
                        help="pull the snapshot from the daemon's remote bucket first when "
                             "this host does not have it")
+    spawn.add_argument("--lazy", action="store_true",
+                       help="with --backend uffd: start the VMs before the snapshot's memory "
+                            "has arrived from the remote bucket (fetched chunk by chunk as they "
+                            "touch it, the rest in the background); implies --remote")
 
     push = command("push", cmd_push,
                    "upload a snapshot to the daemon's remote bucket (forkd --remote-*)")

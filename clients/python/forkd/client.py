@@ -150,7 +150,7 @@ class Client:
               backend: MemoryBackend = MemoryBackend.FILE, name_prefix: str = "",
               start_paused: bool = False, labels: Mapping[str, str] | None = None,
               network_overrides: Sequence[NetworkOverride] = (),
-              vsock_override: VsockOverride | None = None,
+              vsock_override: VsockOverride | None = None, remote: bool = False,
               timeout: float | None = _DEFAULT) -> SpawnResult:
         """Starts ``count`` VMs restored from a READY snapshot (all or none).
 
@@ -158,13 +158,20 @@ class Client:
         has network interfaces or a vsock needs a ``NetworkOverride`` per interface and a
         ``VsockOverride`` (patterns expanded per fork), and so does a fork whose tap or socket
         a live VM has (``FailedPrecondition`` otherwise); each fork's ``Vm`` names its own.
+
+        ``remote``: from the daemon's remote bucket, chunk by chunk (``MemoryBackend.UFFD``
+        only): a local READY snapshot of that name is used as it is, otherwise the VMs start
+        before the snapshot's memory has arrived, while the daemon pulls it into its store.
+        A VM that needs a chunk that cannot be fetched is killed (its ``exit_reason`` says
+        why).
         """
         request = pb.SpawnRequest(
             snapshot=snapshot.name if isinstance(snapshot, Snapshot) else snapshot,
             count=count, backend=_enum(backend), name_prefix=name_prefix,
             start_paused=start_paused, labels=dict(labels or {}),
             network_overrides=[n.to_proto(pb) for n in network_overrides],
-            vsock_override=vsock_override.to_proto(pb) if vsock_override else None)
+            vsock_override=vsock_override.to_proto(pb) if vsock_override else None,
+            remote=remote)
         return SpawnResult.from_proto(self._unary(self.stub.Spawn, request, timeout))
 
     def branch(self, vm: str | Vm, snapshot_name: str, *, mode: BranchMode = BranchMode.LIVE,

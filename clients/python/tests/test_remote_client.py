@@ -103,6 +103,8 @@ def test_two_hosts_through_the_bucket(rgw: dict[str, str]) -> None:
                 assert f.read() == memory
             with open(os.path.join(d, "vmstate"), "rb") as f:
                 assert f.read() == vmstate
+            lazy = forkctl(b, "spawn", "--lazy", "base", check=False)
+            assert lazy.returncode == 2 and "--backend uffd" in lazy.stderr, lazy
             refused = forkctl(b, "--json", "pull", "base", check=False)
             assert refused.returncode == 1 and "ALREADY_EXISTS" in refused.stderr
 

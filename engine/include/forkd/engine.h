@@ -92,6 +92,12 @@ struct engine_spawn_request {
     const struct devices_overrides *overrides;
     const struct vm_label *labels;
     size_t label_count; /* at most VM_MAX_LABELS */
+    /* From the bucket, chunk by chunk (UFFD only, else -EINVAL; -EOPNOTSUPP without a remote
+     * store): a READY local snapshot of that name is used as it is; otherwise the forks run on
+     * a lazy pull (forkd/remote.h) while it proceeds: -ENOENT when the bucket has no such
+     * snapshot, -EAGAIN while a local one of that name is being written by something else.
+     * prefetch_record_ms does not apply to a lazy pull. */
+    bool remote;
     /* Asked between restores; true stops the spawn with -ECANCELED. May be NULL. */
     bool (*cancelled)(void *arg);
     void *cancelled_arg;

@@ -21,6 +21,14 @@
  *   handshake socket, ESRCH/ENOSPC from an ioctl) is dropped without disturbing the others:
  *   its fds and memory are released at once; its statistics stay readable until the owner
  *   releases it. UFFDIO_API / UFFDIO_REGISTER are never called on a received fd.
+ * - Lazy templates (a snapshot whose memory is still arriving, see remote.h): memory.bin is
+ *   mapped at its full size while its owner fills it chunk by chunk. A fault in a chunk not
+ *   there yet asks the owner for it (want(), on the loop thread: it must not block) and waits,
+ *   while the loop goes on serving every other fault; when the owner reports the chunk arrived,
+ *   the waiting faults are served from the file. A fault in a chunk the owner reports failed
+ *   ends that fork: its VMM is killed (through the pidfd given at prepare) and the reason kept
+ *   (page_server_fork_memory_failed); a fork is never given bytes that did not arrive. Lazy
+ *   templates have no hot-set recording or prefetch.
  * - Prefetch (optional, per template): the first forks of a template record which pages they
  *   fault during their first record_ms; forks prepared after that window get those pages
  *   copied in >= 64 KiB UFFDIO_COPY batches before they run.
@@ -118,6 +126,7 @@ struct page_server_fork_config {
     const char *memory_path;   /* memory.bin; mapped on the template's first fork */
     const char *socket_path;   /* where to listen (< 108 bytes); removed once accepted */
     pid_t vmm_pid;             /* SO_PEERCRED must match (0: any peer) */
+    const int *vmm_pidfd;      /* the VMM's pidfd (dup'd); NULL: none (never killed) */
     const char *label;         /* for messages (the VM id); may be NULL */
 };
 
@@ -167,6 +176,44 @@ bool page_server_fork_active(const struct page_server_fork *fork);
 
 /* Why the fork was dropped ("" while served): "peer hung up", "ESRCH", ... */
 void page_server_fork_drop_reason(const struct page_server_fork *fork, char *out, size_t size);
+
+/* True when the fork was ended because its memory could not be served (a lazy template's
+ * chunk failed); why gets the reason. */
+bool page_server_fork_memory_failed(const struct page_server_fork *fork, char *why, size_t size);
+
+/* ---- lazy templates ---- */
+
+struct page_server_template;
+
+struct page_server_lazy_source {
+    uint64_t chunk_size;  /* a power of two, at least 2 MiB (a huge page lies in one chunk) */
+    uint64_t chunk_count; /* covers memory.bin's size */
+    const bool *present;  /* chunk_count flags: chunks there from the start; NULL: none */
+    /* Asks for a chunk (loop thread; must not block; may be asked again for the same one). */
+    void (*want)(void *arg, uint64_t chunk);
+    void *arg;
+};
+
+/* Lists a lazy template under name (replacing one of that name: its forks keep the old one),
+ * memory.bin at memory_path already at its full size. *out is the caller's reference, for
+ * page_server_chunk_arrived/failed; release it with page_server_template_release. Forks are
+ * then prepared as usual, with this name and path. */
+int page_server_template_open_lazy(struct page_server *server, const char *name,
+                                   const char *memory_path,
+                                   const struct page_server_lazy_source *source,
+                                   struct page_server_template **out, struct forkd_error *err);
+
+/* The chunk's bytes are in memory.bin (written before this call): its waiting faults are
+ * served. */
+void page_server_chunk_arrived(struct page_server *server, struct page_server_template *t,
+                               uint64_t chunk);
+
+/* The chunk cannot be had: every fork faulting in it, now or later, is ended with why (the
+ * template's first failure's reason). */
+void page_server_chunk_failed(struct page_server *server, struct page_server_template *t,
+                              uint64_t chunk, const char *why);
+
+void page_server_template_release(struct page_server_template *t);
 
 /* Drops the owner's reference: a pending handshake is cancelled, a served fork is dropped
  * from the loop (asynchronously: its fds are closed by the loop thread). NULL is a no-op. */

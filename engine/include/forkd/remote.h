@@ -87,6 +87,46 @@ int remote_pull(struct remote *remote, struct store *store, const char *name,
                 const struct remote_transfer_control *control, struct remote_progress *final,
                 struct forkd_error *err);
 
+/* ---- Lazy pull: a pull that UFFD forks run on while it proceeds (Spawn with remote set) ----
+ *
+ * remote_lazy_start checks the manifest, fetches the vmstate and creates memory.bin at its full
+ * size in a WRITING snapshot of the store, lists it with the page server as a lazy template
+ * (forkd/page_server.h) and starts the remote's parallel workers (one S3 connection each). The
+ * workers fetch first the chunks forks fault in (queued by the page server), then every other
+ * chunk in file order; each chunk's sha256 is checked before a fork is served from it. When
+ * every chunk has arrived and matched, the snapshot is published (READY); if any chunk cannot be
+ * fetched (missing, corrupt, server down after the retries), the forks faulting in it are ended
+ * (see the page server), the others keep running on what arrived, and once every other chunk
+ * was tried the WRITING snapshot is removed: the store is left clean. Either way the page server
+ * forgets the lazy template; later forks of that name map the published file.
+ * The forks hold no use of the snapshot in the store (it was not READY when they started). */
+struct remote_lazy;
+struct page_server;
+
+struct remote_lazy_status {
+    uint64_t chunks_total, chunks_fetched, chunks_failed, bytes_fetched;
+    uint64_t elapsed_ns; /* since the start, until the end once finished */
+};
+
+/* -EEXIST when the store has a snapshot of that name, -ENOENT when the bucket has none, -EIO for
+ * a bad manifest or vmstate; nothing is left in the store or the page server on failure. */
+int remote_lazy_start(struct remote *remote, struct store *store, struct page_server *server,
+                      const char *name, struct remote_lazy **out, struct forkd_error *err);
+
+/* 1 while chunks are being fetched, 0 once the snapshot is READY, or the failure (-errno, err). */
+int remote_lazy_state(struct remote_lazy *lazy, struct remote_lazy_status *out,
+                      struct forkd_error *err);
+
+/* snapshot.json as the manifest holds it (vcpu_count, devices, ...), and the WRITING files. */
+const struct store_snapshot *remote_lazy_snapshot(const struct remote_lazy *lazy);
+const char *remote_lazy_memory_path(const struct remote_lazy *lazy);
+const char *remote_lazy_vmstate_path(const struct remote_lazy *lazy);
+const char *remote_lazy_dir(const struct remote_lazy *lazy);
+
+/* Stops the workers if still running (chunks not fetched then fail their faults, the store is
+ * left clean), joins them and frees. NULL is a no-op. */
+void remote_lazy_free(struct remote_lazy *lazy);
+
 struct remote_snapshot_info {
     char name[STORE_NAME_MAX + 1];
     char parent_snapshot[STORE_NAME_MAX + 1];
