@@ -3,9 +3,12 @@
 Paths come from the environment ctest sets: FORKD_BIN (the daemon) and FORKD_PROTO_PYTHON (the
 stubs generated from proto/ at build time).
 """
+import http.client
+import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -160,3 +163,54 @@ def verify_snapshot(path):
     result = subprocess.run([FORKD_TESTVM, "verify", path], capture_output=True, text=True,
                             timeout=scaled(120))
     return result.returncode, result.stdout + result.stderr
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost")
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self._path)
+
+
+def vmm_get(vm):
+    """The VMM's own description of itself (the test VMM's GET /), as a dict."""
+    connection = _UnixHTTPConnection(vm.api_socket_path)
+    try:
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        assert response.status == 200, response.status
+        return json.loads(response.read())
+    finally:
+        connection.close()
+
+
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+FREE_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+RESERVED_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages"
+
+
+def read_int(path):
+    with open(path) as f:
+        return int(f.read())
+
+
+def write_int(path, value):
+    with open(path, "w") as f:
+        f.write("%d\n" % value)
+
+
+def reserve_huge_pages(free):
+    """Makes `free` 2 MiB pages free on top of those in use (vm.nr_hugepages); returns the
+    earlier setting, for write_int(NR_HUGEPAGES, it) afterwards. Raises when the host cannot
+    give them (memory too small or too fragmented)."""
+    before = read_int(NR_HUGEPAGES)
+    want = before - read_int(FREE_HUGEPAGES) + free
+    write_int(NR_HUGEPAGES, want)
+    if read_int(NR_HUGEPAGES) < want:
+        got = read_int(NR_HUGEPAGES)
+        write_int(NR_HUGEPAGES, before)
+        raise RuntimeError("could not reserve %d huge pages (got %d)" % (want, got))
+    return before

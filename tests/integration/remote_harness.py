@@ -4,12 +4,11 @@ directory the way the store writes them (the store loads them when forkd starts)
 import http.client
 import json
 import os
-import socket
 import subprocess
 import tempfile
 from urllib.parse import quote
 
-from forkd_harness import scaled
+from forkd_harness import scaled, vmm_get
 
 SOURCE_DIR = os.environ.get("FORKD_SOURCE_DIR") or os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -226,30 +225,13 @@ class FlakyProxy:
         self._server.server_close()
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost")
-        self._path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self._path)
-
-
 def guest_progress(vm):
     """The sum of the guest's vCPU progress counters, as the test VMM reports them (GET /); 0
     before the guest has run (or when the VMM does not answer)."""
-    connection = _UnixHTTPConnection(vm.api_socket_path)
     try:
-        connection.request("GET", "/")
-        response = connection.getresponse()
-        if response.status != 200:
-            return 0
-        return sum(json.loads(response.read()).get("guest_progress") or [])
-    except OSError:
+        return sum(vmm_get(vm).get("guest_progress") or [])
+    except (OSError, AssertionError):
         return 0
-    finally:
-        connection.close()
 
 
 def userfaultfds_of(pid):

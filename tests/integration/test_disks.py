@@ -3,41 +3,16 @@ VMM with drives, network interfaces, a vsock and an initrd; GetVm, GetSnapshot a
 itself (GET /) describe them, the VM record keeps them across a forkd restart, a Spawn
 refuses a read-only drive whose file changed since the branch, and forks of a VM with a tap
 and a vsock each get their own through Spawn's overrides."""
-import http.client
-import json
 import os
 import signal
-import socket
 import subprocess
 
 import grpc
 import pytest
 
-from forkd_harness import VmDaemon, forkd_pb2, scaled, verify_snapshot, wait_until
+from forkd_harness import VmDaemon, forkd_pb2, scaled, verify_snapshot, vmm_get, wait_until
 
 P = forkd_pb2
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost")
-        self._path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self._path)
-
-
-def vmm_get(vm):
-    """The VMM's own description of itself (the test VMM's GET /)."""
-    connection = UnixHTTPConnection(vm.api_socket_path)
-    try:
-        connection.request("GET", "/")
-        response = connection.getresponse()
-        assert response.status == 200
-        return json.loads(response.read())
-    finally:
-        connection.close()
 
 
 @pytest.fixture

@@ -5,45 +5,28 @@ huge pages, FILE forks are refused, and a host short of free huge pages gets a b
 name with nothing left behind.
 
 The test reserves the huge pages it needs (vm.nr_hugepages) and puts the setting back."""
-import json
 import os
-import socket
-import http.client
 
 import grpc
 import pytest
 
-from forkd_harness import VmDaemon, forkd_pb2, verify_snapshot, wait_until
+from forkd_harness import (FREE_HUGEPAGES, NR_HUGEPAGES, RESERVED_HUGEPAGES, VmDaemon, forkd_pb2,
+                           read_int, reserve_huge_pages, verify_snapshot, vmm_get, wait_until,
+                           write_int)
 
 P = forkd_pb2
 HUGE = 2 << 20
 GUEST_MIB = 64
-NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
-FREE_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
-RESERVED_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages"
-
-
-def read_int(path):
-    with open(path) as f:
-        return int(f.read())
-
-
-def write_int(path, value):
-    with open(path, "w") as f:
-        f.write("%d\n" % value)
 
 
 @pytest.fixture
 def huge_pages():
     """Makes free 2 MiB pages for a few 64 MiB guests (a booted VM, a MEMFD and a UFFD fork,
     and the branches' own maps); puts vm.nr_hugepages back afterwards."""
-    before = read_int(NR_HUGEPAGES)
-    want = before - read_int(FREE_HUGEPAGES) + 4 * GUEST_MIB * (1 << 20) // HUGE
-    write_int(NR_HUGEPAGES, want)
-    if read_int(NR_HUGEPAGES) < want:
-        write_int(NR_HUGEPAGES, before)
-        pytest.fail("could not reserve %d huge pages (got %d): the host's memory is too "
-                    "fragmented or too small" % (want, read_int(NR_HUGEPAGES)))
+    try:
+        before = reserve_huge_pages(4 * GUEST_MIB * (1 << 20) // HUGE)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield
     write_int(NR_HUGEPAGES, before)
 
@@ -53,27 +36,6 @@ def forkd():
     d = VmDaemon("--shutdown-grace-ms", "5000")
     yield d
     d.cleanup()
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost")
-        self._path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self._path)
-
-
-def vmm_get(vm):
-    connection = UnixHTTPConnection(vm.api_socket_path)
-    try:
-        connection.request("GET", "/")
-        response = connection.getresponse()
-        assert response.status == 200
-        return json.loads(response.read())
-    finally:
-        connection.close()
 
 
 def guest_mappings(pid):

@@ -36,7 +36,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 
 import grpc  # noqa: E402
-from forkd_harness import VmDaemon, forkd_pb2, scaled, verify_snapshot  # noqa: E402
+from forkd_harness import (NR_HUGEPAGES, VmDaemon, forkd_pb2, reserve_huge_pages,  # noqa: E402
+                           scaled, verify_snapshot, write_int)
 
 pb = forkd_pb2
 LIVE, FULL = pb.BRANCH_MODE_LIVE, pb.BRANCH_MODE_FULL
@@ -47,31 +48,15 @@ PHASES = [pb.BRANCH_PHASE_STARTED, pb.BRANCH_PHASE_ARMED, pb.BRANCH_PHASE_PAUSED
 MAX_VMS = 4
 KEPT_SNAPSHOTS = 3
 GUEST_MIB = 32
-NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
-FREE_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
-
-
-def read_int(path):
-    with open(path) as f:
-        return int(f.read())
-
-
-def write_int(path, value):
-    with open(path, "w") as f:
-        f.write("%d\n" % value)
-
-
 class HugePages:
     """Free 2 MiB pages for every VM the run may hold at once (and one spare guest); the
     setting is put back when the run ends."""
 
     def __init__(self):
-        self.before = read_int(NR_HUGEPAGES)
-        want = self.before - read_int(FREE_HUGEPAGES) + (MAX_VMS + 1) * GUEST_MIB // 2
-        write_int(NR_HUGEPAGES, want)
-        if read_int(NR_HUGEPAGES) < want:
-            self.restore()
-            raise SystemExit("torture: could not reserve %d huge pages" % want)
+        try:
+            self.before = reserve_huge_pages((MAX_VMS + 1) * GUEST_MIB // 2)
+        except RuntimeError as e:
+            raise SystemExit("torture: %s" % e)
 
     def restore(self):
         write_int(NR_HUGEPAGES, self.before)
