@@ -31,8 +31,9 @@
 #include "guest_memory.h"
 
 #define VMSTATE_MAGIC "FKDVMST"
-/* 2: the save count and sparse boot; 3: guest_config.report_us; 4: drives, the guest's disk */
-#define VMSTATE_VERSION    4u
+/* 2: the save count and sparse boot; 3: guest_config.report_us; 4: drives, the guest's disk;
+ * 5: guest_config's balloon */
+#define VMSTATE_VERSION    5u
 #define VMSTATE_MAX_DRIVES 8
 
 struct vcpu_state {
