@@ -120,8 +120,8 @@ static int plan_balloon(const struct guest_memory *memory, uint64_t balloon_page
                          balloon_pages, need);
     config->balloon_pages = balloon_pages;
     config->balloon_table_gpa = last->guest_phys_addr + last->size - need * GUEST_PAGE_SIZE;
-    config->balloon_gpa = config->balloon_table_gpa +
-                          guest_balloon_table_pages(balloon_pages) * GUEST_PAGE_SIZE;
+    config->balloon_gpa =
+        config->balloon_table_gpa + guest_balloon_table_pages(balloon_pages) * GUEST_PAGE_SIZE;
     return 0;
 }
 

@@ -133,9 +133,9 @@ struct guest_config {
     uint64_t tsc_khz;
     uint64_t range_count;
     struct guest_page_range ranges[GUEST_MAX_RANGES];
-    uint64_t report_us; /* progress report interval; 0 (older images and snapshots) = 10 ms */
-    uint64_t disk;      /* 1: write the running total to GUEST_PORT_DISK (see above) */
-    uint64_t balloon_pages;     /* 0: no balloon (see GUEST_PORT_BALLOON) */
+    uint64_t report_us;     /* progress report interval; 0 (older images and snapshots) = 10 ms */
+    uint64_t disk;          /* 1: write the running total to GUEST_PORT_DISK (see above) */
+    uint64_t balloon_pages; /* 0: no balloon (see GUEST_PORT_BALLOON) */
     uint64_t balloon_table_gpa; /* the state table, guest_balloon_table_pages() pages */
     uint64_t balloon_gpa;       /* balloon page i is balloon_gpa + i * GUEST_PAGE_SIZE */
 };

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -659,24 +660,34 @@ static void wait_balloon_discards(TestVmm &vmm, uint64_t minimum)
     ASSERT_GE(balloon_discards(vmm), minimum) << "the guest's balloon did not cycle";
 }
 
-// The table entries of a snapshot's memory.bin.
-static std::vector<uint64_t> balloon_table(const std::string &memory_path)
+// The table entries in a file laid out as memory.bin.
+static std::vector<uint64_t> balloon_table(int fd)
 {
     std::vector<uint64_t> entries(kBalloonPages);
-    int fd = open(memory_path.c_str(), O_RDONLY | O_CLOEXEC);
-    EXPECT_GE(fd, 0);
     EXPECT_EQ(pread(fd, entries.data(), entries.size() * 8, kBalloonTable),
               (ssize_t)(entries.size() * 8));
+    return entries;
+}
+
+static std::vector<uint64_t> balloon_table(const std::string &memory_path)
+{
+    int fd = open(memory_path.c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_GE(fd, 0);
+    std::vector<uint64_t> entries = balloon_table(fd);
     close(fd);
     return entries;
 }
 
 // The guest frees and takes back balloon pages while it counts: a snapshot verifies, a page in
 // use that memory lost (zeros, as a discard leaves it) fails, a free page may hold anything.
-static void check_balloon_snapshot(TestVmm &vmm, const std::string &snap)
+static void check_balloon_snapshot(TestVmm &vmm, const std::string &snap,
+                                   const std::function<void()> &while_paused = nullptr)
 {
     ASSERT_NO_FATAL_FAILURE(wait_balloon_discards(vmm, 4 * kBalloonPages));
     ASSERT_NO_FATAL_FAILURE(vmm.pause());
+    if (while_paused) {
+        ASSERT_NO_FATAL_FAILURE(while_paused());
+    }
     ASSERT_NO_FATAL_FAILURE(vmm.snapshot(snap + "/vmstate", snap + "/memory.bin"));
     auto result = verify_dir(snap);
     expect_consistent(result, 2);
@@ -725,20 +736,24 @@ TEST_F(VmmTest, BalloonOnASharedMemfdPunchesHoles)
     ASSERT_EQ(r.status, 204) << r.body;
     r = vmm.api().request("PUT", "/actions", R"({"action_type":"InstanceStart"})");
     ASSERT_EQ(r.status, 204) << r.body;
-    ASSERT_NO_FATAL_FAILURE(check_balloon_snapshot(vmm, snapshot_path(dir_, "snap")));
-    // Paused: the freed balloon pages are holes in the memfd (MADV_REMOVE), not just unmapped;
-    // all but those a vCPU marked FREE right before its discard (one each at most).
-    std::vector<uint64_t> table = balloon_table(snapshot_path(dir_, "snap") + "/memory.bin");
-    uint64_t freed = 0, holes = 0;
-    for (uint64_t i = 0; i < kBalloonPages; i++) {
-        if (table[i] == 0 || (table[i] & 1))
-            continue; // never taken, or in use
-        off_t page = kBalloonFirstPage + (off_t)i * 4096;
-        freed++;
-        holes += lseek(memfd, page, SEEK_HOLE) == page;
-    }
-    EXPECT_GT(holes, 0u);
-    EXPECT_LE(freed - holes, 2u);
+    // Paused, before the save reads them back in: the freed balloon pages are holes in the
+    // memfd (MADV_REMOVE), not just unmapped; all but those a vCPU marked FREE right before
+    // its discard (one each at most).
+    auto holes_in_memfd = [memfd] {
+        std::vector<uint64_t> table = balloon_table(memfd);
+        uint64_t freed = 0, holes = 0;
+        for (uint64_t i = 0; i < kBalloonPages; i++) {
+            if (table[i] == 0 || (table[i] & 1))
+                continue; // never taken, or in use
+            off_t page = kBalloonFirstPage + (off_t)i * 4096;
+            freed++;
+            holes += lseek(memfd, page, SEEK_HOLE) == page;
+        }
+        EXPECT_GT(holes, 0u);
+        EXPECT_LE(freed - holes, 2u);
+    };
+    ASSERT_NO_FATAL_FAILURE(
+        check_balloon_snapshot(vmm, snapshot_path(dir_, "snap"), holes_in_memfd));
     close(memfd);
 }
 

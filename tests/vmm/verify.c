@@ -49,8 +49,8 @@ static void balloon_area(const struct guest_config *config, uint64_t *start, uin
                                  : *start;
 }
 
-static int check_balloon_config(const struct guest_config *config,
-                                const struct memory_image *image, char *err, size_t err_size)
+static int check_balloon_config(const struct guest_config *config, const struct memory_image *image,
+                                char *err, size_t err_size)
 {
     uint64_t start, end;
     if (!config->balloon_pages)
@@ -180,8 +180,8 @@ static int check_device_page(const struct memory_image *image, char *err, size_t
 /* A balloon page: IN_USE(g) in the table (as memory.bin holds it) means the page holds
  * generation g's signature; a FREE page may hold anything. The table itself may hold anything
  * the guest wrote. */
-static int check_balloon_page(const struct memory_image *image, const uint64_t *words,
-                              uint64_t gpa, struct verify_result *out, char *err, size_t err_size)
+static int check_balloon_page(const struct memory_image *image, const uint64_t *words, uint64_t gpa,
+                              struct verify_result *out, char *err, size_t err_size)
 {
     const struct guest_config *config = &image->state->guest_config;
     if (gpa < config->balloon_gpa) {

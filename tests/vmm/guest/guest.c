@@ -278,9 +278,8 @@ static int config_is_valid(uint64_t vcpu_index, const struct guest_config *confi
         return 0;
     if (config->range_count == 1 && config->ranges[0].pages != config->pages)
         return 0;
-    if (config->balloon_pages &&
-        (config->balloon_pages > GUEST_BALLOON_MAX_PAGES || !config->balloon_table_gpa ||
-         !config->balloon_gpa))
+    if (config->balloon_pages && (config->balloon_pages > GUEST_BALLOON_MAX_PAGES ||
+                                  !config->balloon_table_gpa || !config->balloon_gpa))
         return 0;
     return vcpu_index < config->vcpu_count && vcpu_index < GUEST_MAX_VCPUS;
 }
