@@ -31,7 +31,7 @@
 #define UFFD_PAGE_2M             (2ULL << 20)
 #define UFFD_LISTEN_BACKLOG      16
 #define UFFD_EAGAIN_TRIES        1000 /* yields before the retries sleep */
-#define UFFD_EAGAIN_MS           1000 /* then short sleeps, this long at most */
+#define UFFD_EAGAIN_MS           3000 /* then short sleeps, this long at most */
 #define UFFD_EAGAIN_SLEEP_NS     50000
 #define UFFD_FORMAT_REGION_BYTES 256 /* one region's JSON, five 20-digit numbers and the keys */
 /* Room for several fds, so that "too many" is counted instead of hidden by MSG_CTRUNC. */
@@ -779,7 +779,10 @@ static const char *uffd_wp_mode_name(bool protect, bool dont_wake)
 static int uffd_range_error(struct forkd_error *err, int code, const char *ioctl_name,
                             uint64_t address, uint64_t length, const char *mode)
 {
-    const char *hint = code == -EAGAIN ? " (after retries: unread REMOVE event, or VMM gone)" : "";
+    const char *hint = code == -EAGAIN ? " (after retries: the guest kept discarding memory, each "
+                                         "discard's unread REMOVE event holding the address "
+                                         "space, or the VMM is gone)"
+                                       : "";
     return forkd_error_set(err, code, "%s [0x%" PRIx64 "+0x%" PRIx64 ")%s%s: %s%s", ioctl_name,
                            address, length, *mode ? " " : "", mode, strerror(-code), hint);
 }

@@ -94,7 +94,7 @@ uint64_t uffd_total_size(const struct uffd_handshake *handshake);
  * address and length must be non-zero multiples of page_size, a power of two (-EINVAL
  * otherwise, nothing done). Unprotecting wakes the threads waiting on the range unless
  * dont_wake (ignored when protecting: there is no one to wake). EAGAIN (a pending REMOVE or
- * mapping change) is retried for a bounded time (about a second); -EAGAIN after that means an
+ * mapping change) is retried for a bounded time (about three seconds); -EAGAIN after that means an
  * event waits to be read, or the VMM has exited (the kernel then answers EAGAIN to every range
  * ioctl). Returns 0 or -errno; allocates nothing, logs nothing. */
 int uffd_write_protect(int uffd, uint64_t address, uint64_t length, uint64_t page_size,

@@ -214,9 +214,14 @@ TEST_F(BranchTest, LiveBranchesOfABallooningGuestNeverTear)
             EXPECT_NE(std::string::npos, verify.output.find("balloon: ")) << verify.output;
             verified += verify.exit_code == 0;
         } else {
+            // A discard of a page not yet captured, or (rarely, on a slow host) discards so
+            // frequent that write-protect calls kept being refused: both say so.
             failed++;
-            EXPECT_EQ(-ENODATA, result.rc) << name << ": " << result.error;
-            EXPECT_NE(std::string::npos, result.error.find("discarded")) << result.error;
+            EXPECT_TRUE(result.rc == -ENODATA || result.rc == -EAGAIN)
+                << name << ": " << result.rc << " " << result.error;
+            EXPECT_TRUE(result.error.find("discarded") != std::string::npos ||
+                        result.error.find("kept discarding") != std::string::npos)
+                << result.error;
             ExpectStoreClean(name);
         }
         EXPECT_EQ("Running", VmmState(vm));
