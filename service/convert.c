@@ -231,6 +231,8 @@ grpc_status_code convert_status_code(int code)
         return GRPC_STATUS_DATA_LOSS;
     case -ECANCELED:
         return GRPC_STATUS_CANCELLED;
+    case -ENODATA: /* the guest discarded memory a live branch had yet to capture */
+        return GRPC_STATUS_ABORTED;
     case -EKEYREJECTED: /* the remote store rejects the credentials */
         return GRPC_STATUS_UNAUTHENTICATED;
     case -EACCES: /* the remote store denies access */

@@ -230,6 +230,19 @@ int branch_read_guest(const struct branch_run_state *run, const struct branch_re
     return n < 0 ? -errno : -EIO;
 }
 
+void branch_mark_captured(struct branch_run_state *run, struct branch_region *region,
+                          uint64_t first, uint64_t count)
+{
+    /* The pre-images were read before the count is: a discard reported by a later read
+     * cannot have removed a page under that capture. */
+    atomic_thread_fence(memory_order_seq_cst);
+    uint32_t captured_at = atomic_load(&run->handler.reads) + 1;
+    for (uint64_t p = first; p < first + count; p++) {
+        atomic_store_explicit(&region->captured_at[p], captured_at, memory_order_relaxed);
+        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    }
+}
+
 void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pages)
 {
     if (!region->write_counts)
@@ -357,6 +370,8 @@ static int branch_protect_in_pause(struct branch *branch, struct branch_run_stat
     if (run->mode == STORE_MODE_LIVE_ARM_IN_PAUSE) {
         int rc = branch_arm_all(run, true, err);
         branch_record(branch, &branch->figures.arm_ns, forkd_monotonic_ns() - start);
+        if (rc == 0)
+            atomic_store(&run->save_protected, true);
         return rc;
     }
     struct dirty_list last;
@@ -367,6 +382,7 @@ static int branch_protect_in_pause(struct branch *branch, struct branch_run_stat
         return forkd_error_set(err, rc, "fault handler: %s", run->handler.error_message);
     if (pages < 0)
         return (int)pages;
+    atomic_store(&run->save_protected, true);
     branch_record(branch, &branch->figures.rearm_ns, forkd_monotonic_ns() - start);
     branch_record(branch, &branch->figures.rearmed_pages, (uint64_t)pages);
     return 0;
@@ -433,8 +449,7 @@ static int branch_release_run(struct branch_run_state *run, struct branch_region
                               uint64_t first, uint64_t count, struct forkd_error *err)
 {
     uint64_t page_size = region->uffd.page_size;
-    for (uint64_t p = first; p < first + count; p++)
-        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    branch_mark_captured(run, region, first, count);
     int rc = uffd_write_protect(run->handshake.uffd, region->uffd.host_base + first * page_size,
                                 count * page_size, page_size, false, false, err);
     if (rc < 0)
@@ -747,8 +762,9 @@ static int branch_setup_regions(struct branch *branch, struct branch_run_state *
         region->uffd = run->handshake.regions[i];
         region->page_count = region->uffd.size / region->uffd.page_size;
         region->pages = calloc(region->page_count, 1);
+        region->captured_at = calloc(region->page_count, sizeof(*region->captured_at));
         region->write_counts = count_writes ? calloc(region->page_count, 1) : NULL;
-        if (!region->pages || (count_writes && !region->write_counts))
+        if (!region->pages || !region->captured_at || (count_writes && !region->write_counts))
             return forkd_error_set(err, -ENOMEM, "page claims: out of memory");
         run->total_bytes += region->uffd.size;
         run->total_pages += region->page_count;
@@ -849,6 +865,7 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
     branch_keep_write_counts(branch, run);
     for (size_t r = 0; r < run->region_count; r++) {
         free(run->regions[r].pages);
+        free(run->regions[r].captured_at);
         free(run->regions[r].write_counts);
     }
     if (run->guest_map)

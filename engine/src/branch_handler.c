@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -53,6 +54,44 @@ int branch_dirty_append(struct dirty_list *list, uint64_t address)
     return 0;
 }
 
+/* Reads what the uffd holds into the deferred ring, counting the read as the main loop does
+ * (see branch_region.captured_at). Returns how many messages it read, or -errno. */
+static int branch_handler_read_early(struct branch_run_state *run)
+{
+    struct branch_handler *handler = &run->handler;
+    uint64_t room = HANDLER_DEFERRED_MAX - (handler->deferred_tail - handler->deferred_head);
+    struct uffd_msg messages[HANDLER_BATCH];
+    if (room == 0)
+        return 0;
+    uint32_t read_number = atomic_fetch_add(&handler->reads, 1) + 1;
+    int count = uffd_read_events(run->handshake.uffd, messages,
+                                 room < HANDLER_BATCH ? room : HANDLER_BATCH, NULL);
+    for (int i = 0; i < count; i++)
+        handler->deferred[handler->deferred_tail++ % HANDLER_DEFERRED_MAX] =
+            (struct deferred_message){messages[i], read_number};
+    return count;
+}
+
+/* The handler's own unprotect. The kernel refuses range ioctls (EAGAIN) while an event such
+ * as a discard's REMOVE waits to be read, and this thread is its reader: read what waits
+ * (handled after the message in hand), then try again, for a bounded time. */
+static int branch_handler_unprotect(struct branch_run_state *run, uint64_t address, uint64_t length,
+                                    uint64_t page_size, struct forkd_error *err)
+{
+    uint64_t deadline = forkd_deadline_after_ms(HANDLER_EAGAIN_MS);
+    for (;;) {
+        int rc = uffd_write_protect_once(run->handshake.uffd, address, length, page_size, false,
+                                         false, err);
+        if (rc != -EAGAIN || forkd_ms_left(deadline) == 0)
+            return rc;
+        int read = branch_handler_read_early(run);
+        if (read < 0)
+            return forkd_error_set(err, read, "read userfaultfd: %s", strerror(-read));
+        if (read == 0)
+            sched_yield(); /* the discarding thread still has to leave its wait */
+    }
+}
+
 /* Tracking mode: remember the page, then let the writer go. The order matters: a page is in
  * the list before it is writable, so the barrier's final list covers every unprotected page. */
 static void branch_track_fault(struct branch_run_state *run, struct branch_region *region,
@@ -63,8 +102,8 @@ static void branch_track_fault(struct branch_run_state *run, struct branch_regio
         return; /* the page stays protected: the vCPU waits until the branch aborts */
     }
     struct forkd_error err;
-    if (uffd_write_protect(run->handshake.uffd, page_address, region->uffd.page_size,
-                           region->uffd.page_size, false, false, &err) < 0)
+    if (branch_handler_unprotect(run, page_address, region->uffd.page_size, region->uffd.page_size,
+                                 &err) < 0)
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
 }
 
@@ -167,8 +206,7 @@ static void branch_fault_on_claimed(struct branch *branch, struct branch_run_sta
     }
     struct forkd_error err;
     uint64_t page_size = region->uffd.page_size;
-    if (uffd_write_protect(run->handshake.uffd, page_address, page_size, page_size, false, false,
-                           &err) < 0)
+    if (branch_handler_unprotect(run, page_address, page_size, page_size, &err) < 0)
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
     latency_record(&branch->service, forkd_monotonic_ns() - started_ns);
 }
@@ -197,11 +235,10 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
     if (rc < 0)
         branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
                             (unsigned long long)page_address, strerror(-rc));
-    for (uint64_t p = first; p < first + count; p++)
-        atomic_fetch_or(&region->pages[p], (uint8_t)PAGE_CAPTURED);
+    branch_mark_captured(run, region, first, count);
     struct forkd_error err;
-    if (uffd_write_protect(run->handshake.uffd, region->uffd.host_base + first * page_size,
-                           count * page_size, page_size, false, false, &err) < 0)
+    if (branch_handler_unprotect(run, region->uffd.host_base + first * page_size, count * page_size,
+                                 page_size, &err) < 0)
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
     latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
     atomic_fetch_add(&run->pages_released, count);
@@ -211,9 +248,75 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
         branch_fault_write(branch, run, region, first, count, buffer);
 }
 
-static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
-                                  const struct uffd_msg *message, uint8_t *buffer)
+/* Pages [first, +count) of region were discarded while tracking: the page is empty at the
+ * save unless written again, and a write after the re-arm faults. Whether the discard kept the
+ * page write-protected is the kernel's business: the page is re-armed at the next round and,
+ * since the removal itself completes only after this read, once more inside the pause. */
+static void branch_removed_while_tracking(struct branch_run_state *run,
+                                          const struct branch_region *region, uint64_t first,
+                                          uint64_t count)
 {
+    uint64_t page_size = region->uffd.page_size;
+    for (uint64_t p = first; p < first + count; p++) {
+        uint64_t address = region->uffd.host_base + p * page_size;
+        if (branch_dirty_append(&run->handler.tracking, address) < 0 ||
+            branch_dirty_append(&run->handler.removed, address) < 0) {
+            branch_handler_fail(run, -ENOMEM, "fault handler: out of memory for the dirty set");
+            return;
+        }
+    }
+}
+
+/* Pages [first, +count) of region were discarded after the save (reported by userfaultfd read
+ * number `read`): their contents at the save are gone unless captured before that read. */
+static void branch_removed_while_copying(struct branch_run_state *run,
+                                         const struct branch_region *region, uint64_t first,
+                                         uint64_t count, uint32_t read)
+{
+    uint64_t lost = 0;
+    for (uint64_t p = first; p < first + count; p++) {
+        uint32_t captured_at = atomic_load(&region->captured_at[p]);
+        lost += captured_at == 0 || captured_at > read;
+    }
+    if (lost == 0)
+        return;
+    run->handler.pages_lost += lost;
+    branch_handler_fail(run, -ENODATA,
+                        "the guest discarded %llu pages of memory during the copy (balloon) "
+                        "before they were captured; the snapshot would be torn",
+                        (unsigned long long)run->handler.pages_lost);
+}
+
+/* UFFD_EVENT_REMOVE (the VMM asked for EVENT_REMOVE): the guest discarded [start, end), with
+ * no write-protect fault (MADV_DONTNEED, MADV_REMOVE). The discarding thread waits until this
+ * event is read, so the pages are still there, but forkd can no longer take them. */
+static void branch_handle_remove(struct branch_run_state *run, uint64_t start, uint64_t end,
+                                 uint32_t read)
+{
+    for (size_t i = 0; i < run->region_count; i++) {
+        const struct branch_region *region = &run->regions[i];
+        uint64_t base = region->uffd.host_base, page_size = region->uffd.page_size;
+        uint64_t from = start > base ? start : base;
+        uint64_t to = end < base + region->uffd.size ? end : base + region->uffd.size;
+        if (from >= to)
+            continue;
+        uint64_t first = (from - base) / page_size;
+        uint64_t count = (to - base + page_size - 1) / page_size - first;
+        if (atomic_load(&run->handler.mode) == HANDLER_TRACKING)
+            branch_removed_while_tracking(run, region, first, count);
+        else if (atomic_load(&run->save_protected))
+            branch_removed_while_copying(run, region, first, count, read);
+        /* else: copy mode before the save (ARM_IN_PAUSE arms all of memory in the pause). */
+    }
+}
+
+static void branch_handle_message(struct branch *branch, struct branch_run_state *run,
+                                  const struct uffd_msg *message, uint8_t *buffer, uint32_t read)
+{
+    if (message->event == UFFD_EVENT_REMOVE) {
+        branch_handle_remove(run, message->arg.remove.start, message->arg.remove.end, read);
+        return;
+    }
     if (message->event != UFFD_EVENT_PAGEFAULT || !uffd_is_wp_fault(message))
         return; /* a write-protect uffd registers nothing else; nothing to serve */
     uint64_t address = message->arg.pagefault.address;
@@ -239,6 +342,11 @@ static void branch_handler_serve_request(struct branch_run_state *run)
 {
     pthread_mutex_lock(&run->handler.control_lock);
     if (run->handler.ack_seq != run->handler.request_seq) {
+        /* Into the pause: every page discarded while tracking is re-armed once more. */
+        for (size_t i = 0;
+             run->handler.requested_mode == HANDLER_COPY && i < run->handler.removed.count; i++)
+            if (branch_dirty_append(&run->handler.tracking, run->handler.removed.addresses[i]) < 0)
+                branch_handler_fail(run, -ENOMEM, "fault handler: out of memory for the dirty set");
         run->handler.handed_over = run->handler.tracking;
         run->handler.tracking = (struct dirty_list){0};
         atomic_store(&run->handler.mode, (int)run->handler.requested_mode);
@@ -276,9 +384,17 @@ static void *branch_handler_loop(void *arg)
         uint64_t ignored;
         if (read(run->handler.control_fd, &ignored, sizeof(ignored)) < 0 && errno != EAGAIN)
             break;
+        /* Counted before the read: see branch_region.captured_at. */
+        uint32_t read_number = atomic_fetch_add(&run->handler.reads, 1) + 1;
         int count = uffd_read_events(run->handshake.uffd, messages, HANDLER_BATCH, NULL);
         for (int i = 0; i < count; i++)
-            branch_handle_message(branch, run, &messages[i], buffer);
+            branch_handle_message(branch, run, &messages[i], buffer, read_number);
+        /* Then what was read early meanwhile, in order (it may read more early itself). */
+        while (run->handler.deferred_head != run->handler.deferred_tail) {
+            struct deferred_message deferred =
+                run->handler.deferred[run->handler.deferred_head++ % HANDLER_DEFERRED_MAX];
+            branch_handle_message(branch, run, &deferred.message, buffer, deferred.read);
+        }
         branch_handler_serve_request(run);
         thread_priority_check(&priority);
     }
@@ -350,5 +466,6 @@ void branch_handler_close(struct branch_run_state *run)
     pthread_cond_destroy(&run->handler.control_cond);
     close(run->handler.control_fd);
     free(run->handler.tracking.addresses);
+    free(run->handler.removed.addresses);
     free(run->handler.handed_over.addresses);
 }

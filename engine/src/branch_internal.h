@@ -35,6 +35,8 @@
 #define STAGING_BYTES            (16u << 20) /* pre-images the fault handler can hold unwritten */
 #define STAGING_MIN_SLOTS        8
 #define HANDLER_BATCH            64
+#define HANDLER_DEFERRED_MAX     256  /* events read early; one per VMM thread at most */
+#define HANDLER_EAGAIN_MS        2000 /* the handler's own ioctls, refused while events wait */
 #define REARM_MAX_ROUNDS         16
 #define REARM_CONVERGED_PAGES    64 /* dirty set small enough to re-arm inside the pause */
 #define HANDSHAKE_TIMEOUT_MS     5000
@@ -46,6 +48,11 @@ struct branch_region {
     struct uffd_region uffd;
     uint64_t page_count;
     _Atomic uint8_t *pages;
+    /* Per page, once captured: 1 + the number of userfaultfd reads the handler had begun when
+     * the capture was complete (branch_mark_captured); 0 until then. A page the guest discards
+     * is safe exactly when this is at most the number of the read that reported the discard:
+     * its pre-image was taken before that read, so before the kernel removed the page. */
+    _Atomic uint32_t *captured_at;
     _Atomic uint8_t *write_counts; /* tests only */
 };
 
@@ -74,6 +81,13 @@ struct staging {
     atomic_uint_fast64_t full; /* faults written by the handler itself: no slot was free */
 };
 
+/* A message the handler read early, while its own ioctl waited for the events ahead of it to
+ * be read (branch_handler.c), with the number of the read that returned it. */
+struct deferred_message {
+    struct uffd_msg message;
+    uint32_t read;
+};
+
 /* The fault handler thread and its hand-shake with the branch thread (branch_handler.c). */
 struct branch_handler {
     pthread_t thread;
@@ -89,6 +103,14 @@ struct branch_handler {
     bool exited; /* guarded by control_lock */
     _Atomic int mode;
     struct dirty_list tracking; /* owned by the handler */
+    /* Pages the guest discarded while the handler tracked (owned by the handler): re-armed in
+     * the pause, when every discard reported before it has completed. */
+    struct dirty_list removed;
+    _Atomic uint32_t reads; /* userfaultfd reads begun: see branch_region.captured_at */
+    /* Handler only: a ring of messages read early, handled in order after the one in hand. */
+    struct deferred_message deferred[HANDLER_DEFERRED_MAX];
+    uint64_t deferred_head, deferred_tail;
+    uint64_t pages_lost; /* handler only: discarded after the save before their capture */
     /* Negative errno once the handler failed, published after its message is complete (the
      * first failure claims the message through error_claimed, then writes it). */
     _Atomic int error;
@@ -115,7 +137,10 @@ struct branch_run_state {
     atomic_uint_fast64_t pages_written;
     atomic_uint_fast64_t pages_released; /* captured and unprotected, by either path */
     uint64_t total_pages;
-    uint64_t resumed_ns;    /* start of the copy phase */
+    uint64_t resumed_ns; /* start of the copy phase */
+    /* Set inside the pause once memory at the save is write-protected: from then on a page
+     * the guest discards before its capture is lost (branch_handler.c). */
+    atomic_bool save_protected;
     unsigned levers;        /* branch_lever bits in use */
     struct staging staging; /* with BRANCH_LEVER_STAGING */
     struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
@@ -159,6 +184,10 @@ static inline bool branch_lever(const struct branch_run_state *run, enum branch_
  * the VMM's address space for anonymous memory. A read never trips write-protect. */
 int branch_read_guest(const struct branch_run_state *run, const struct branch_region *region,
                       uint64_t offset, void *buffer, size_t length);
+/* Marks pages [first, +count) captured, once their pre-images are read and before they are
+ * unprotected; records which userfaultfd read the capture precedes (captured_at). */
+void branch_mark_captured(struct branch_run_state *run, struct branch_region *region,
+                          uint64_t first, uint64_t count);
 /* Tests: counts a write of pages [page, +pages) to memory.bin. */
 void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pages);
 /* The region holding address, or NULL. */

@@ -30,7 +30,9 @@
 #define UFFD_PAGE_4K             4096ULL
 #define UFFD_PAGE_2M             (2ULL << 20)
 #define UFFD_LISTEN_BACKLOG      16
-#define UFFD_EAGAIN_TRIES        1000
+#define UFFD_EAGAIN_TRIES        1000 /* yields before the retries sleep */
+#define UFFD_EAGAIN_MS           3000 /* then short sleeps, this long at most */
+#define UFFD_EAGAIN_SLEEP_NS     50000
 #define UFFD_FORMAT_REGION_BYTES 256 /* one region's JSON, five 20-digit numbers and the keys */
 /* Room for several fds, so that "too many" is counted instead of hidden by MSG_CTRUNC. */
 #define UFFD_MAX_RECEIVED_FDS 8
@@ -738,15 +740,32 @@ static bool uffd_range_aligned(uint64_t address, uint64_t length, uint64_t page_
 }
 
 /* EAGAIN means the address space is changing under a queued event (a REMOVE): the window is
- * short unless no one reads the event, so retry a bounded number of times. */
-static int uffd_ioctl_retry(int uffd, unsigned long request, void *argument)
+ * short unless no one reads the event, so retry, yielding, a bounded number of times. A
+ * patient caller, whose events another thread reads, also retries sleeping briefly for a
+ * bounded time after that: a guest that discards memory all the time reopens the window all
+ * the time, and a busy host may not run the event's reader at once. */
+static int uffd_ioctl_retry(int uffd, unsigned long request, void *argument, bool patient)
 {
+    uint64_t deadline = 0;
     for (int tries = 1;; tries++) {
         if (ioctl(uffd, request, argument) == 0)
             return 0;
-        if ((errno != EAGAIN && errno != EINTR) || tries >= UFFD_EAGAIN_TRIES)
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN)
             return -errno;
-        sched_yield();
+        if (tries < UFFD_EAGAIN_TRIES) {
+            sched_yield();
+            continue;
+        }
+        if (!patient)
+            return -EAGAIN;
+        if (deadline == 0)
+            deadline = forkd_deadline_after_ms(UFFD_EAGAIN_MS);
+        else if (forkd_ms_left(deadline) == 0)
+            return -EAGAIN;
+        struct timespec pause = {.tv_nsec = UFFD_EAGAIN_SLEEP_NS};
+        nanosleep(&pause, NULL);
     }
 }
 
@@ -760,13 +779,17 @@ static const char *uffd_wp_mode_name(bool protect, bool dont_wake)
 static int uffd_range_error(struct forkd_error *err, int code, const char *ioctl_name,
                             uint64_t address, uint64_t length, const char *mode)
 {
-    const char *hint = code == -EAGAIN ? " (after retries: unread REMOVE event, or VMM gone)" : "";
+    const char *hint = code == -EAGAIN ? " (after retries: the guest kept discarding memory, each "
+                                         "discard's unread REMOVE event holding the address "
+                                         "space, or the VMM is gone)"
+                                       : "";
     return forkd_error_set(err, code, "%s [0x%" PRIx64 "+0x%" PRIx64 ")%s%s: %s%s", ioctl_name,
                            address, length, *mode ? " " : "", mode, strerror(-code), hint);
 }
 
-int uffd_write_protect(int uffd, uint64_t address, uint64_t length, uint64_t page_size,
-                       bool protect, bool dont_wake, struct forkd_error *err)
+static int uffd_write_protect_with(int uffd, uint64_t address, uint64_t length, uint64_t page_size,
+                                   bool protect, bool dont_wake, bool retry,
+                                   struct forkd_error *err)
 {
     const char *mode = uffd_wp_mode_name(protect, dont_wake);
     if (!uffd_range_aligned(address, length, page_size))
@@ -780,16 +803,34 @@ int uffd_write_protect(int uffd, uint64_t address, uint64_t length, uint64_t pag
         .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP
                         : (dont_wake ? UFFDIO_WRITEPROTECT_MODE_DONTWAKE : 0),
     };
-    int r = uffd_ioctl_retry(uffd, UFFDIO_WRITEPROTECT, &wp);
+    int r = 0;
+    if (retry)
+        r = uffd_ioctl_retry(uffd, UFFDIO_WRITEPROTECT, &wp, true);
+    else
+        while ((r = ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0) == -EINTR)
+            ;
     if (r < 0)
         return uffd_range_error(err, r, "UFFDIO_WRITEPROTECT", address, length, mode);
     return 0;
 }
 
+int uffd_write_protect(int uffd, uint64_t address, uint64_t length, uint64_t page_size,
+                       bool protect, bool dont_wake, struct forkd_error *err)
+{
+    return uffd_write_protect_with(uffd, address, length, page_size, protect, dont_wake, true, err);
+}
+
+int uffd_write_protect_once(int uffd, uint64_t address, uint64_t length, uint64_t page_size,
+                            bool protect, bool dont_wake, struct forkd_error *err)
+{
+    return uffd_write_protect_with(uffd, address, length, page_size, protect, dont_wake, false,
+                                   err);
+}
+
 int uffd_wake(int uffd, uint64_t address, uint64_t length, struct forkd_error *err)
 {
     struct uffdio_range range = {.start = address, .len = length};
-    int r = uffd_ioctl_retry(uffd, UFFDIO_WAKE, &range);
+    int r = uffd_ioctl_retry(uffd, UFFDIO_WAKE, &range, false);
     if (r < 0)
         return uffd_range_error(err, r, "UFFDIO_WAKE", address, length, "");
     return 0;

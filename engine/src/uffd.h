@@ -94,13 +94,18 @@ uint64_t uffd_total_size(const struct uffd_handshake *handshake);
  * address and length must be non-zero multiples of page_size, a power of two (-EINVAL
  * otherwise, nothing done). Unprotecting wakes the threads waiting on the range unless
  * dont_wake (ignored when protecting: there is no one to wake). EAGAIN (a pending REMOVE or
- * mapping change) is retried a bounded number of times; -EAGAIN after that means an event
- * waits to be read, or the VMM has exited (the kernel then answers EAGAIN to every range
+ * mapping change) is retried for a bounded time (about three seconds); -EAGAIN after that means an
+ * event waits to be read, or the VMM has exited (the kernel then answers EAGAIN to every range
  * ioctl). Returns 0 or -errno; allocates nothing, logs nothing. */
 int uffd_write_protect(int uffd, uint64_t address, uint64_t length, uint64_t page_size,
                        bool protect, bool dont_wake, struct forkd_error *err);
+/* The same without retrying EAGAIN: for the thread that reads the uffd's events, which must
+ * read the pending one before the kernel accepts the call. */
+int uffd_write_protect_once(int uffd, uint64_t address, uint64_t length, uint64_t page_size,
+                            bool protect, bool dont_wake, struct forkd_error *err);
 
-/* Wakes threads blocked on [address, address+length) without changing protection. */
+/* Wakes threads blocked on [address, address+length) without changing protection; EAGAIN is
+ * retried a bounded number of times, never waited out (its caller reads the events). */
 int uffd_wake(int uffd, uint64_t address, uint64_t length, struct forkd_error *err);
 
 /* Reads up to max pending messages with one read(). The uffd must be O_NONBLOCK, as every fd

@@ -289,6 +289,8 @@ static int handle_get_root(struct vmm *vmm, const char *resource_id, const cJSON
     cJSON_AddNumberToObject(root, "last_pause_ns", (double)vmm->last_pause_ns);
     cJSON_AddNumberToObject(root, "last_resume_ns", (double)vmm->last_resume_ns);
     cJSON_AddNumberToObject(root, "last_snapshot_ns", (double)vmm->last_snapshot_ns);
+    cJSON_AddNumberToObject(root, "balloon_discards",
+                            vmm->vm_created ? (double)atomic_load(&vmm->vm.balloon_discards) : 0);
     add_guest_status(root, vmm);
     *response = cJSON_PrintUnformatted(root);
     return *response ? 0 : error_set(err, err_size, ENOMEM, "out of memory");
@@ -633,6 +635,8 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
         r = guest_boot_prepare(&vmm->memory, vmm->kernel_image_path, &vmm->workload,
                                vmm->vcpu_count, vmm->vm.tsc_khz, &boot, err, err_size);
     if (r == 0)
+        r = kvm_vm_set_balloon(&vmm->vm, &vmm->memory, &boot.config, err, err_size);
+    if (r == 0)
         r = kvm_vm_set_boot_state(&vmm->vm, boot.header.entry, err, err_size);
     if (r == 0)
         r = kvm_vm_start(&vmm->vm, false, err, err_size);
@@ -933,6 +937,8 @@ static int restore_machine(struct vmm *vmm, const struct vmstate *state,
         r = restore_drives(vmm, state, err, err_size);
     if (r == 0)
         restore_network_and_vsock(vmm, state);
+    if (r == 0)
+        r = kvm_vm_set_balloon(&vmm->vm, &vmm->memory, &state->guest_config, err, err_size);
     for (unsigned i = 0; r == 0 && i < state->vcpu_count; i++)
         r = kvm_vm_load_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
     if (r == 0)
@@ -1076,13 +1082,16 @@ static int open_write_protect_uffd(const struct guest_memory *memory, char *err,
     if (memory->backend == MEMORY_BACKEND_UFFD)
         return error_set(err, err_size, EINVAL,
                          "guest memory is registered with the restore userfaultfd already");
+    /* EVENT_REMOVE when offered: a page the guest's balloon discards (MADV_DONTNEED,
+     * MADV_REMOVE) loses its contents without a write-protect fault; the event tells the
+     * receiver which pages, before they are gone (the discard waits until it is read). */
     if (memory->backend == MEMORY_BACKEND_SHARED || memory->page_size == GUEST_HUGE_PAGE_SIZE)
-        return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0, NULL,
-                         err, err_size);
-    /* Anonymous memory is all resident (boot fill), but never-touched ptes would be skipped
-     * by UFFDIO_WRITEPROTECT without WP_UNPOPULATED: take it when offered. */
-    return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, NULL, err,
-                     err_size);
+        return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+                         UFFD_FEATURE_EVENT_REMOVE, NULL, err, err_size);
+    /* Never-touched anonymous ptes would be skipped by UFFDIO_WRITEPROTECT without
+     * WP_UNPOPULATED: take it when offered. */
+    return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+                     UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE, NULL, err, err_size);
 }
 
 static int handle_uffd_wp(struct vmm *vmm, const char *resource_id, const cJSON *body,

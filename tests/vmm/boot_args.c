@@ -81,8 +81,16 @@ static int parse_pair(char *pair, struct workload *w, char *err, size_t err_size
                              "boot_args: report_us must be from 100 to 1000000");
         return r;
     }
+    if (strcmp(key, "balloon") == 0) {
+        int r = parse_u64(key, value, &w->balloon_pages, err, err_size);
+        if (r == 0 && w->balloon_pages > GUEST_BALLOON_MAX_PAGES)
+            return error_set(err, err_size, EINVAL, "boot_args: balloon must be at most %llu",
+                             (unsigned long long)GUEST_BALLOON_MAX_PAGES);
+        return r;
+    }
     return error_set(err, err_size, EINVAL,
-                     "boot_args: unknown key '%s' (expected pages, pattern, rate, seed, report_us)",
+                     "boot_args: unknown key '%s' (expected pages, pattern, rate, seed, report_us, "
+                     "balloon)",
                      key);
 }
 

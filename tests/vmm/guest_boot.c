@@ -104,19 +104,43 @@ static void plan_working_set(const struct guest_memory *memory, uint64_t pages,
     }
 }
 
+/* The balloon's table and pages: the last pages of the last region, after the working set. */
+static int plan_balloon(const struct guest_memory *memory, uint64_t balloon_pages,
+                        struct guest_config *config, char *err, size_t err_size)
+{
+    const struct memory_region *last = &memory->regions[memory->region_count - 1];
+    uint64_t start = memory->region_count == 1 ? GUEST_SYSTEM_AREA_END : last->guest_phys_addr;
+    uint64_t need = guest_balloon_table_pages(balloon_pages) + balloon_pages;
+    if (balloon_pages == 0)
+        return 0;
+    if ((last->guest_phys_addr + last->size - start) / GUEST_PAGE_SIZE < need)
+        return error_set(err, err_size, EINVAL,
+                         "boot_args: balloon=%" PRIu64 " needs %" PRIu64
+                         " pages at the end of the last memory region",
+                         balloon_pages, need);
+    config->balloon_pages = balloon_pages;
+    config->balloon_table_gpa = last->guest_phys_addr + last->size - need * GUEST_PAGE_SIZE;
+    config->balloon_gpa =
+        config->balloon_table_gpa + guest_balloon_table_pages(balloon_pages) * GUEST_PAGE_SIZE;
+    return 0;
+}
+
 int guest_boot_prepare(struct guest_memory *memory, const char *image_path,
                        const struct workload *workload, unsigned vcpu_count, uint64_t tsc_khz,
                        struct guest_boot_result *out, char *err, size_t err_size)
 {
+    uint64_t balloon = workload->balloon_pages;
+    uint64_t reserved = balloon ? guest_balloon_table_pages(balloon) + balloon : 0;
     uint64_t available = guest_boot_available_pages(memory);
+    available = available > reserved ? available - reserved : 0;
     uint64_t pages = workload->pages ? workload->pages : available;
     int r;
 
-    if (pages > available)
+    if (pages > available || pages == 0)
         return error_set(err, err_size, EINVAL,
                          "boot_args: pages=%" PRIu64 " but the guest has only %" PRIu64
-                         " usable pages",
-                         pages, available);
+                         " usable pages%s",
+                         pages, available, balloon ? " besides its balloon" : "");
     r = load_image(memory, image_path, &out->header, err, err_size);
     if (r < 0)
         return r;
@@ -133,6 +157,9 @@ int guest_boot_prepare(struct guest_memory *memory, const char *image_path,
         .disk = workload->disk ? 1 : 0,
     };
     plan_working_set(memory, pages, &out->config);
+    r = plan_balloon(memory, balloon, &out->config, err, err_size);
+    if (r < 0)
+        return r;
     memcpy(guest_memory_host_address(memory, GUEST_CONFIG_GPA, sizeof(out->config)), &out->config,
            sizeof(out->config));
     return 0;

@@ -61,6 +61,31 @@
 #define GUEST_PORT_DISK          0x514
 #define GUEST_DISK_OFFSET        4096ull
 #define GUEST_DISK_RECORD_OFFSET 128u
+/*
+ * The balloon (guest_config.balloon_pages > 0, boot_args balloon=N): N pages outside the
+ * working set that the guest hands back to the VMM and takes back again, each time it looks at
+ * the clock, as a guest's balloon driver does. The state table at balloon_table_gpa holds one
+ * 8-byte entry per balloon page: FREE (even, generation << 1; zero at boot) or IN_USE (odd,
+ * generation << 1 | 1). vCPU v owns the pages whose index i has i % vcpu_count == v, and visits
+ * them in turn: an IN_USE page is freed (its entry goes FREE first, then i is written to
+ * GUEST_PORT_BALLOON and the VMM discards the page inside the exit: MADV_DONTNEED, or
+ * MADV_REMOVE for shared memory), a FREE page is taken back (filled with guest_balloon_word of
+ * the next generation first, then its entry goes IN_USE). So at every instruction boundary an
+ * IN_USE(g) entry means the page holds generation g's signature; a FREE page may hold anything.
+ */
+#define GUEST_PORT_BALLOON      0x516
+#define GUEST_BALLOON_MAX_PAGES 65536ull
+
+static inline uint64_t guest_balloon_word(uint64_t gpa, uint64_t generation)
+{
+    /* gpa < GUEST_PHYS_LIMIT = 2^34: the generation's low 20 bits sit above it. */
+    return 0xBA00000000000000ull | ((generation & 0xFFFFFull) << 34) | gpa;
+}
+
+static inline uint64_t guest_balloon_table_pages(uint64_t balloon_pages)
+{
+    return (balloon_pages * 8 + GUEST_PAGE_SIZE - 1) / GUEST_PAGE_SIZE;
+}
 
 enum guest_panic_code {
     GUEST_PANIC_BAD_CONFIG = 1,
@@ -108,8 +133,11 @@ struct guest_config {
     uint64_t tsc_khz;
     uint64_t range_count;
     struct guest_page_range ranges[GUEST_MAX_RANGES];
-    uint64_t report_us; /* progress report interval; 0 (older images and snapshots) = 10 ms */
-    uint64_t disk;      /* 1: write the running total to GUEST_PORT_DISK (see above) */
+    uint64_t report_us;     /* progress report interval; 0 (older images and snapshots) = 10 ms */
+    uint64_t disk;          /* 1: write the running total to GUEST_PORT_DISK (see above) */
+    uint64_t balloon_pages; /* 0: no balloon (see GUEST_PORT_BALLOON) */
+    uint64_t balloon_table_gpa; /* the state table, guest_balloon_table_pages() pages */
+    uint64_t balloon_gpa;       /* balloon page i is balloon_gpa + i * GUEST_PAGE_SIZE */
 };
 
 /*

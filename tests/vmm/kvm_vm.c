@@ -398,6 +398,46 @@ static int write_disk(struct vcpu *vcpu, uint32_t value)
     return 1;
 }
 
+int kvm_vm_set_balloon(struct kvm_vm *vm, const struct guest_memory *memory,
+                       const struct guest_config *config, char *err, size_t err_size)
+{
+    if (config->balloon_pages == 0)
+        return 0;
+    if (memory->page_size != GUEST_PAGE_SIZE)
+        return error_set(err, err_size, EINVAL,
+                         "boot_args: balloon needs 4 KiB pages, but guest memory is in huge pages");
+    uint8_t *host = guest_memory_host_address(memory, config->balloon_gpa,
+                                              config->balloon_pages * GUEST_PAGE_SIZE);
+    if (!host || config->balloon_pages > GUEST_BALLOON_MAX_PAGES)
+        return error_set(err, err_size, EINVAL, "the guest's balloon lies outside its memory");
+    vm->balloon_host = host;
+    vm->balloon_pages = config->balloon_pages;
+    /* Shared memory keeps a page in the file until the hole is punched; MADV_REMOVE on the
+     * mapping punches it and, unlike fallocate, tells a userfaultfd (UFFD_EVENT_REMOVE). */
+    vm->balloon_advice = memory->backend == MEMORY_BACKEND_SHARED ? MADV_REMOVE : MADV_DONTNEED;
+    return 0;
+}
+
+/* The guest handed balloon page `index` back: discard it inside the exit, so it is gone before
+ * the guest's next instruction and before any pause completes. Returns 1 or -1. */
+static int discard_balloon_page(struct vcpu *vcpu, uint32_t index)
+{
+    struct kvm_vm *vm = vcpu->vm;
+    if (index >= vm->balloon_pages) {
+        vcpu_fail(vcpu, "vCPU %u: guest freed balloon page %u of %llu", vcpu->index, index,
+                  (unsigned long long)vm->balloon_pages);
+        return -1;
+    }
+    if (madvise(vm->balloon_host + (uint64_t)index * GUEST_PAGE_SIZE, GUEST_PAGE_SIZE,
+                vm->balloon_advice) < 0) {
+        vcpu_fail(vcpu, "vCPU %u: discarding balloon page %u: %s", vcpu->index, index,
+                  strerror(errno));
+        return -1;
+    }
+    atomic_fetch_add(&vm->balloon_discards, 1);
+    return 1;
+}
+
 /* Returns 1 when the exit left port I/O pending, 0 to keep running, -1 when the vCPU failed. */
 static int handle_exit(struct vcpu *vcpu)
 {
@@ -414,6 +454,8 @@ static int handle_exit(struct vcpu *vcpu)
             }
             if (run->io.port == GUEST_PORT_DISK)
                 return write_disk(vcpu, value);
+            if (run->io.port == GUEST_PORT_BALLOON)
+                return discard_balloon_page(vcpu, value);
             if (run->io.port == GUEST_PORT_PANIC) {
                 vcpu_fail(vcpu, "vCPU %u: guest panic code %u", vcpu->index, value);
                 return -1;

@@ -73,6 +73,12 @@ struct kvm_vm {
     /* The file the guest's disk writes (GUEST_PORT_DISK) land in, -1: none. Owned by the API
      * thread, which changes it only while every vCPU is parked or before they start. */
     _Atomic int disk_fd;
+    /* The guest's balloon (GUEST_PORT_BALLOON): where its pages are mapped and how a page the
+     * guest hands back is discarded. Set by the API thread before the vCPUs start. */
+    uint8_t *balloon_host;
+    uint64_t balloon_pages;
+    int balloon_advice; /* MADV_DONTNEED, or MADV_REMOVE for shared memory */
+    atomic_uint_fast64_t balloon_discards;
 };
 
 /* Opens KVM, creates the VM with one memory slot per region and vcpu_count vCPUs (CPUID set). */
@@ -87,6 +93,11 @@ int kvm_vm_save_vcpu(struct kvm_vm *vm, unsigned index, struct vcpu_state *out, 
                      size_t err_size);
 int kvm_vm_load_vcpu(struct kvm_vm *vm, unsigned index, const struct vcpu_state *state, char *err,
                      size_t err_size);
+
+/* Sets up the guest's balloon from its config (none when config->balloon_pages is 0) before
+ * the vCPUs start: refused on huge pages (a 4 KiB discard cannot split them). */
+int kvm_vm_set_balloon(struct kvm_vm *vm, const struct guest_memory *memory,
+                       const struct guest_config *config, char *err, size_t err_size);
 
 /* Starts the vCPU threads, parked when start_paused. */
 int kvm_vm_start(struct kvm_vm *vm, bool start_paused, char *err, size_t err_size);

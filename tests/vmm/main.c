@@ -75,6 +75,9 @@ static int run_verify(int argc, char **argv)
            result.vcpu_count, result.working_set_pages, result.other_pages);
     if (result.disk_checked)
         printf("disk agrees with memory and vCPU state\n");
+    if (result.balloon_in_use + result.balloon_free)
+        printf("balloon: %" PRIu64 " pages in use hold their signature, %" PRIu64 " free\n",
+               result.balloon_in_use, result.balloon_free);
     return 0;
 }
 

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -636,6 +637,144 @@ TEST_F(VmmTest, FilledBootMemoryRejectsAZeroedPage)
     EXPECT_NE(result.err.find("boot pattern"), std::string::npos) << result.err;
 }
 
+// ---- the balloon: pages handed back (discarded by the VMM) and taken back ----
+
+// balloon=64 in a single-region 64 MiB guest: the table is one page, then the 64 pages, at the
+// end of memory (guest_boot.c); memory.bin offsets equal guest-physical addresses.
+static constexpr uint64_t kBalloonPages = 64;
+static constexpr off_t kBalloonTable = (64 << 20) - (1 + kBalloonPages) * 4096;
+static constexpr off_t kBalloonFirstPage = kBalloonTable + 4096;
+
+// The VMM's count of balloon pages it discarded (GET / balloon_discards).
+static uint64_t balloon_discards(TestVmm &vmm)
+{
+    Json info(vmm.api().request("GET", "/").body);
+    return static_cast<uint64_t>(info.number("balloon_discards"));
+}
+
+static void wait_balloon_discards(TestVmm &vmm, uint64_t minimum)
+{
+    auto deadline = Clock::now() + scaled(60s);
+    while (balloon_discards(vmm) < minimum && Clock::now() < deadline)
+        std::this_thread::sleep_for(1ms);
+    ASSERT_GE(balloon_discards(vmm), minimum) << "the guest's balloon did not cycle";
+}
+
+// The table entries in a file laid out as memory.bin.
+static std::vector<uint64_t> balloon_table(int fd)
+{
+    std::vector<uint64_t> entries(kBalloonPages);
+    EXPECT_EQ(pread(fd, entries.data(), entries.size() * 8, kBalloonTable),
+              (ssize_t)(entries.size() * 8));
+    return entries;
+}
+
+static std::vector<uint64_t> balloon_table(const std::string &memory_path)
+{
+    int fd = open(memory_path.c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_GE(fd, 0);
+    std::vector<uint64_t> entries = balloon_table(fd);
+    close(fd);
+    return entries;
+}
+
+// The guest frees and takes back balloon pages while it counts: a snapshot verifies, a page in
+// use that memory lost (zeros, as a discard leaves it) fails, a free page may hold anything.
+static void check_balloon_snapshot(TestVmm &vmm, const std::string &snap,
+                                   const std::function<void()> &while_paused = nullptr)
+{
+    ASSERT_NO_FATAL_FAILURE(wait_balloon_discards(vmm, 4 * kBalloonPages));
+    ASSERT_NO_FATAL_FAILURE(vmm.pause());
+    if (while_paused) {
+        ASSERT_NO_FATAL_FAILURE(while_paused());
+    }
+    ASSERT_NO_FATAL_FAILURE(vmm.snapshot(snap + "/vmstate", snap + "/memory.bin"));
+    auto result = verify_dir(snap);
+    expect_consistent(result, 2);
+    EXPECT_NE(result.out.find("balloon: "), std::string::npos) << result.out;
+    std::vector<uint64_t> table = balloon_table(snap + "/memory.bin");
+    int in_use = -1, free_page = -1;
+    for (int i = 0; i < (int)table.size(); i++) {
+        if ((table[i] & 1) && in_use < 0)
+            in_use = i;
+        if (!(table[i] & 1) && free_page < 0)
+            free_page = i;
+    }
+    ASSERT_GE(in_use, 0) << "no balloon page in use at the snapshot";
+    ASSERT_GE(free_page, 0) << "no balloon page free at the snapshot";
+    ASSERT_NO_FATAL_FAILURE(
+        poke_word(snap + "/memory.bin", kBalloonFirstPage + free_page * 4096, 0x5eed));
+    expect_consistent(verify_dir(snap), 2);
+    ASSERT_NO_FATAL_FAILURE(
+        poke_word(snap + "/memory.bin", kBalloonFirstPage + in_use * 4096 + 8, 0));
+    auto torn = verify_dir(snap);
+    EXPECT_EQ(torn.exit_code, 1) << torn.out;
+    EXPECT_NE(torn.err.find("torn"), std::string::npos) << torn.err;
+}
+
+TEST_F(VmmTest, BalloonOnAnonymousMemory)
+{
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(vmm.boot(2, 64, "pages=300 pattern=random seed=31 balloon=64"));
+    ASSERT_NO_FATAL_FAILURE(check_balloon_snapshot(vmm, snapshot_path(dir_, "snap")));
+}
+
+TEST_F(VmmTest, BalloonOnASharedMemfdPunchesHoles)
+{
+    int memfd = memfd_create("forkd-testvm-balloon", MFD_CLOEXEC);
+    ASSERT_GE(memfd, 0);
+    ASSERT_EQ(0, ftruncate(memfd, 64 << 20));
+    std::string path = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(memfd);
+    TestVmm vmm(dir_.path());
+    auto r = vmm.api().request("PUT", "/machine-config",
+                               R"({"vcpu_count":2,"mem_size_mib":64,"mem_backend_path":")" + path +
+                                   "\"}");
+    ASSERT_EQ(r.status, 204) << r.body;
+    r = vmm.api().request("PUT", "/boot-source",
+                          std::string("{\"kernel_image_path\":\"") + FORKD_GUEST_PATH +
+                              R"(","boot_args":"pages=300 seed=32 balloon=64"})");
+    ASSERT_EQ(r.status, 204) << r.body;
+    r = vmm.api().request("PUT", "/actions", R"({"action_type":"InstanceStart"})");
+    ASSERT_EQ(r.status, 204) << r.body;
+    // Paused, before the save reads them back in: the freed balloon pages are holes in the
+    // memfd (MADV_REMOVE), not just unmapped; all but those a vCPU marked FREE right before
+    // its discard (one each at most).
+    auto holes_in_memfd = [memfd] {
+        std::vector<uint64_t> table = balloon_table(memfd);
+        uint64_t freed = 0, holes = 0;
+        for (uint64_t i = 0; i < kBalloonPages; i++) {
+            if (table[i] == 0 || (table[i] & 1))
+                continue; // never taken, or in use
+            off_t page = kBalloonFirstPage + (off_t)i * 4096;
+            freed++;
+            holes += lseek(memfd, page, SEEK_HOLE) == page;
+        }
+        EXPECT_GT(holes, 0u);
+        EXPECT_LE(freed - holes, 2u);
+    };
+    ASSERT_NO_FATAL_FAILURE(
+        check_balloon_snapshot(vmm, snapshot_path(dir_, "snap"), holes_in_memfd));
+    close(memfd);
+}
+
+TEST_F(VmmTest, BalloonArgumentsAreChecked)
+{
+    TestVmm vmm(dir_.path());
+    auto r = vmm.api().request("PUT", "/boot-source",
+                               std::string("{\"kernel_image_path\":\"") + FORKD_GUEST_PATH +
+                                   R"(","boot_args":"balloon=65537"})");
+    EXPECT_EQ(r.status, 400) << r.body;
+    r = vmm.api().request("PUT", "/machine-config", R"({"vcpu_count":1,"mem_size_mib":4})");
+    ASSERT_EQ(r.status, 204) << r.body;
+    r = vmm.api().request("PUT", "/boot-source",
+                          std::string("{\"kernel_image_path\":\"") + FORKD_GUEST_PATH +
+                              R"(","boot_args":"balloon=2000"})");
+    ASSERT_EQ(r.status, 204) << r.body;
+    r = vmm.api().request("PUT", "/actions", R"({"action_type":"InstanceStart"})");
+    EXPECT_EQ(r.status, 400) << r.body;
+    EXPECT_NE(fault_message(r).find("balloon"), std::string::npos) << r.body;
+}
+
 TEST_F(VmmTest, VerifierRejectsDamagedFiles)
 {
     std::string snap = snapshot_path(dir_, "snap");
@@ -714,6 +853,41 @@ TEST_F(WriteProtectTest, SharedMemfdAfterRestore)
                                load_body(snap, "File", memfd.proc_path(), true));
     ASSERT_EQ(r.status, 204) << r.body;
     ASSERT_NO_FATAL_FAILURE(exercise_write_protect(vmm));
+}
+
+// The write-protect uffd asks for EVENT_REMOVE: its receiver hears of each balloon discard
+// (which waits until the event is read) within the balloon's pages.
+TEST_F(WriteProtectTest, BalloonDiscardsAreReportedAsRemoveEvents)
+{
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(vmm.boot(1, 64, "pages=300 balloon=64"));
+    HandshakeListener listener(dir_.file("wp.sock"));
+    auto r = vmm.api().request("PUT", "/uffd/wp", "{\"socket\":\"" + listener.path() + "\"}");
+    ASSERT_EQ(r.status, 204) << r.body;
+    Handshake handshake = listener.receive();
+    uint64_t base = handshake.regions.at(0).base_host_virt_addr;
+    uint64_t removes = 0, outside = 0;
+    auto deadline = Clock::now() + scaled(30s);
+    while (removes < 8 && Clock::now() < deadline) {
+        struct pollfd pfd = {handshake.uffd, POLLIN, 0};
+        if (poll(&pfd, 1, 100) <= 0)
+            continue;
+        struct uffd_msg msg;
+        if (read(handshake.uffd, &msg, sizeof(msg)) != (ssize_t)sizeof(msg))
+            continue;
+        if (msg.event != UFFD_EVENT_REMOVE)
+            continue;
+        removes++;
+        if (msg.arg.remove.start < base + kBalloonFirstPage ||
+            msg.arg.remove.end > base + kBalloonFirstPage + kBalloonPages * 4096 ||
+            msg.arg.remove.end - msg.arg.remove.start != 4096)
+            outside++;
+    }
+    EXPECT_GE(removes, 8u);
+    EXPECT_EQ(outside, 0u);
+    close(handshake.uffd);
+    close(handshake.connection);
+    ASSERT_NO_FATAL_FAILURE(wait_balloon_discards(vmm, balloon_discards(vmm) + 8));
 }
 
 TEST_F(WriteProtectTest, RefusedForPrivateFileMemory)

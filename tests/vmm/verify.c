@@ -41,6 +41,40 @@ static bool in_working_set(const struct guest_config *config, uint64_t gpa)
     return false;
 }
 
+/* [start, end) of the balloon's table and pages; empty without a balloon. */
+static void balloon_area(const struct guest_config *config, uint64_t *start, uint64_t *end)
+{
+    *start = config->balloon_table_gpa;
+    *end = config->balloon_pages ? config->balloon_gpa + config->balloon_pages * GUEST_PAGE_SIZE
+                                 : *start;
+}
+
+static int check_balloon_config(const struct guest_config *config, const struct memory_image *image,
+                                char *err, size_t err_size)
+{
+    uint64_t start, end;
+    if (!config->balloon_pages)
+        return 0;
+    balloon_area(config, &start, &end);
+    if (config->balloon_pages > GUEST_BALLOON_MAX_PAGES ||
+        config->balloon_gpa !=
+            start + guest_balloon_table_pages(config->balloon_pages) * GUEST_PAGE_SIZE ||
+        start < GUEST_SYSTEM_AREA_END || start % GUEST_PAGE_SIZE || !page_words(image, start) ||
+        !page_words(image, end - 1) ||
+        (const uint8_t *)page_words(image, end - 1) - (const uint8_t *)page_words(image, start) !=
+            (ptrdiff_t)(end - 1 - start))
+        return error_set(err, err_size, EBADMSG,
+                         "the balloon (%" PRIu64 " pages, table at 0x%" PRIx64
+                         ") does not lie in one region of guest memory",
+                         config->balloon_pages, start);
+    for (uint64_t r = 0; r < config->range_count; r++) {
+        const struct guest_page_range *range = &config->ranges[r];
+        if (range->gpa < end && start < range->gpa + range->pages * GUEST_PAGE_SIZE)
+            return error_set(err, err_size, EBADMSG, "the balloon overlaps the working set");
+    }
+    return 0;
+}
+
 static int check_config(const struct vmstate *state, const struct memory_image *image, char *err,
                         size_t err_size)
 {
@@ -70,7 +104,7 @@ static int check_config(const struct vmstate *state, const struct memory_image *
     }
     if (pages != config->pages)
         return error_set(err, err_size, EBADMSG, "working-set ranges do not add up to pages");
-    return 0;
+    return check_balloon_config(config, image, err, err_size);
 }
 
 /* What boot left in the word at gpa: the pattern if boot memory was filled, else zero (a sparse
@@ -143,6 +177,37 @@ static int check_device_page(const struct memory_image *image, char *err, size_t
     return 0;
 }
 
+/* A balloon page: IN_USE(g) in the table (as memory.bin holds it) means the page holds
+ * generation g's signature; a FREE page may hold anything. The table itself may hold anything
+ * the guest wrote. */
+static int check_balloon_page(const struct memory_image *image, const uint64_t *words, uint64_t gpa,
+                              struct verify_result *out, char *err, size_t err_size)
+{
+    const struct guest_config *config = &image->state->guest_config;
+    if (gpa < config->balloon_gpa) {
+        out->balloon_table_pages++;
+        return 0;
+    }
+    uint64_t index = (gpa - config->balloon_gpa) / GUEST_PAGE_SIZE;
+    uint64_t entry = page_words(image, config->balloon_table_gpa)[index];
+    if (!(entry & 1)) {
+        out->balloon_free++;
+        return 0;
+    }
+    uint64_t generation = entry >> 1;
+    for (uint64_t w = 0; w < GUEST_PAGE_SIZE / 8; w++)
+        if (words[w] != guest_balloon_word(gpa + 8 * w, generation))
+            return error_set(err, err_size, EBADMSG,
+                             "balloon page %" PRIu64 " (0x%" PRIx64 ") is in use at generation "
+                             "%" PRIu64 " but word %" PRIu64 " is 0x%" PRIx64 ", not its "
+                             "signature 0x%" PRIx64 ": memory lost a page the guest was using "
+                             "(torn)",
+                             index, gpa, generation, w, words[w],
+                             guest_balloon_word(gpa + 8 * w, generation));
+    out->balloon_in_use++;
+    return 0;
+}
+
 static int scan_pages(const struct memory_image *image, uint64_t *sums, struct verify_result *out,
                       char *err, size_t err_size)
 {
@@ -156,7 +221,11 @@ static int scan_pages(const struct memory_image *image, uint64_t *sums, struct v
             int rc = 0;
             if (gpa < GUEST_SYSTEM_AREA_END)
                 continue;
-            if (in_working_set(&state->guest_config, gpa)) {
+            uint64_t balloon_start, balloon_end;
+            balloon_area(&state->guest_config, &balloon_start, &balloon_end);
+            if (gpa >= balloon_start && gpa < balloon_end) {
+                rc = check_balloon_page(image, words, gpa, out, err, err_size);
+            } else if (in_working_set(&state->guest_config, gpa)) {
                 rc = check_working_page(state, words, gpa, sums, err, err_size);
                 out->working_set_pages++;
             } else {

@@ -5,7 +5,9 @@
  * pattern. A snapshot whose memory lags or leads its vCPU state fails. When the guest writes a
  * disk (guest_config.disk), the snapshot's copy of that drive must hold, for every vCPU, the
  * total its memory records as last written (or its register total at guest_disk_window): a
- * disk captured at another instant than memory fails.
+ * disk captured at another instant than memory fails. When the guest has a balloon, every
+ * balloon page its table says is in use must hold its signature: a page lost (discarded, or
+ * never captured) while in use fails.
  */
 #ifndef FORKD_TESTVM_VERIFY_H
 #define FORKD_TESTVM_VERIFY_H
@@ -21,6 +23,7 @@ struct verify_result {
     uint64_t totals[GUEST_MAX_VCPUS];
     uint64_t working_set_pages;
     uint64_t other_pages;
+    uint64_t balloon_table_pages, balloon_in_use, balloon_free; /* guest_config.balloon_pages */
     bool disk_checked;
 };
 

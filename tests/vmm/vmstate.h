@@ -37,8 +37,8 @@
 
 #define VMSTATE_MAGIC "FKDVMST"
 /* 2: the save count and sparse boot; 3: guest_config.report_us; 4: drives, the guest's disk;
- * 5: network interfaces and vsock */
-#define VMSTATE_VERSION    5u
+ * 5: network interfaces and vsock; 6: guest_config's balloon */
+#define VMSTATE_VERSION    6u
 #define VMSTATE_MAX_DRIVES 8
 #define VMSTATE_MAX_NETS   4
 

@@ -35,6 +35,12 @@ struct loop_params {
     uint64_t clock_mask;     /* 112: flat out, look at the clock when total & mask == 0 */
     uint64_t disk;           /* 120: write the total to the disk port at each clock look */
     uint64_t disk_record;    /* 128: the total last written to the disk */
+    uint64_t balloon_pages;  /* 136: 0 = this vCPU owns no balloon page */
+    uint64_t balloon_next;   /* 144: the balloon page this vCPU visits next */
+    uint64_t balloon_first;  /* 152: its first balloon page (the vCPU index) */
+    uint64_t balloon_stride; /* 160: the vCPU count */
+    uint64_t balloon_table;  /* 168: guest_config.balloon_table_gpa */
+    uint64_t balloon_gpa;    /* 176: guest_config.balloon_gpa */
 };
 _Static_assert(offsetof(struct loop_params, pages) == 8, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, hot_pages) == 16, "guest_loop offsets");
@@ -53,7 +59,15 @@ _Static_assert(offsetof(struct loop_params, clock_mask) == 112, "guest_loop offs
 _Static_assert(offsetof(struct loop_params, disk) == 120, "guest_loop offsets");
 _Static_assert(offsetof(struct loop_params, disk_record) == GUEST_DISK_RECORD_OFFSET,
                "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, balloon_pages) == 136, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, balloon_next) == 144, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, balloon_first) == 152, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, balloon_stride) == 160, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, balloon_table) == 168, "guest_loop offsets");
+_Static_assert(offsetof(struct loop_params, balloon_gpa) == 176, "guest_loop offsets");
 _Static_assert(GUEST_PORT_DISK == 0x514, "guest_loop hard-codes the disk port");
+_Static_assert(GUEST_PORT_BALLOON == 0x516, "guest_loop hard-codes the balloon port");
+_Static_assert(GUEST_PAGE_SIZE == 4096, "guest_loop fills a balloon page in 512 words");
 _Static_assert(GUEST_PORT_PROGRESS == 0x510 && GUEST_PORT_PROGRESS_HIGH == 0x512,
                "guest_loop hard-codes the progress ports");
 _Static_assert(GUEST_PATTERN_SEQUENTIAL == 0 && GUEST_PATTERN_RANDOM == 1, "guest_loop patterns");
@@ -152,7 +166,46 @@ __asm__(".pushsection .text, \"ax\"\n"
         ".globl guest_disk_window\n"
         "guest_disk_window:\n"
         "    movq %r15, 128(%rbx)\n"
-        "36: rdtsc\n"
+        /* the balloon: visit this vCPU's next balloon page (guest_layout.h, GUEST_PORT_BALLOON) */
+        "36: cmpq $0, 136(%rbx)\n"
+        "    je 40f\n"
+        "    movq 144(%rbx), %rax\n" /* %rax = i */
+        "    movq %rax, %rcx\n"
+        "    addq 160(%rbx), %rcx\n"
+        "    cmpq 136(%rbx), %rcx\n"
+        "    jb 37f\n"
+        "    movq 152(%rbx), %rcx\n"
+        "37: movq %rcx, 144(%rbx)\n"
+        "    movq 168(%rbx), %rsi\n"
+        "    leaq (%rsi,%rax,8), %rsi\n" /* %rsi = its table entry */
+        "    movq %rax, %rdi\n"
+        "    shlq $12, %rdi\n"
+        "    addq 176(%rbx), %rdi\n" /* %rdi = its guest-physical address */
+        "    movq (%rsi), %rcx\n"
+        "    testq $1, %rcx\n"
+        "    jz 38f\n"
+        "    andq $-2, %rcx\n" /* free it: FREE first, then the VMM discards it */
+        "    movq %rcx, (%rsi)\n"
+        "    movl $0x516, %edx\n"
+        "    outl %eax, %dx\n"
+        "    jmp 40f\n"
+        "38: addq $2, %rcx\n" /* take it back: the next generation's signature first */
+        "    movq %rcx, %r8\n"
+        "    shrq $1, %r8\n"
+        "    andl $0xfffff, %r8d\n"
+        "    shlq $34, %r8\n"
+        "    movabsq $0xBA00000000000000, %r9\n"
+        "    orq %r9, %r8\n"
+        "    orq %rdi, %r8\n"
+        "    movl $512, %r9d\n"
+        "39: movq %r8, (%rdi)\n"
+        "    addq $8, %rdi\n"
+        "    addq $8, %r8\n"
+        "    decl %r9d\n"
+        "    jnz 39b\n"
+        "    orq $1, %rcx\n" /* then IN_USE */
+        "    movq %rcx, (%rsi)\n"
+        "40: rdtsc\n"
         "    shlq $32, %rdx\n"
         "    orq %rdx, %rax\n"
         "    movq %rax, %rsi\n" /* %rsi = now */
@@ -225,6 +278,9 @@ static int config_is_valid(uint64_t vcpu_index, const struct guest_config *confi
         return 0;
     if (config->range_count == 1 && config->ranges[0].pages != config->pages)
         return 0;
+    if (config->balloon_pages && (config->balloon_pages > GUEST_BALLOON_MAX_PAGES ||
+                                  !config->balloon_table_gpa || !config->balloon_gpa))
+        return 0;
     return vcpu_index < config->vcpu_count && vcpu_index < GUEST_MAX_VCPUS;
 }
 
@@ -261,5 +317,12 @@ void guest_main(uint64_t vcpu_index, const struct guest_config *config)
     params.last_report = 0;
     params.disk = config->disk;
     params.disk_record = 0;
+    /* vCPU v owns balloon pages v, v + vcpu_count, ...; none when there are fewer pages. */
+    params.balloon_pages = vcpu_index < config->balloon_pages ? config->balloon_pages : 0;
+    params.balloon_next = vcpu_index;
+    params.balloon_first = vcpu_index;
+    params.balloon_stride = config->vcpu_count;
+    params.balloon_table = config->balloon_table_gpa;
+    params.balloon_gpa = config->balloon_gpa;
     guest_loop(&params);
 }
