@@ -17,6 +17,12 @@ static void convert_page_server_stats(const struct page_server_stats *stats,
     out->service_max_ns = stats->service_max_ns;
 }
 
+static Forkd__V1__HugePages convert_huge_pages(uint64_t page_size)
+{
+    return page_size == VM_HUGE_PAGE_SIZE ? FORKD__V1__HUGE_PAGES__HUGE_PAGES_2M
+                                          : FORKD__V1__HUGE_PAGES__HUGE_PAGES_NONE;
+}
+
 void convert_vm(struct vm *vm, struct vm_message *out)
 {
     vm_get_status(vm, &out->status);
@@ -24,9 +30,7 @@ void convert_vm(struct vm *vm, struct vm_message *out)
     out->machine = (Forkd__V1__MachineConfig)FORKD__V1__MACHINE_CONFIG__INIT;
     out->machine.vcpu_count = status->vcpu_count;
     out->machine.mem_size_mib = status->mem_size_mib;
-    out->machine.huge_pages = status->page_size == VM_HUGE_PAGE_SIZE
-                                  ? FORKD__V1__HUGE_PAGES__HUGE_PAGES_2M
-                                  : FORKD__V1__HUGE_PAGES__HUGE_PAGES_NONE;
+    out->machine.huge_pages = convert_huge_pages(status->page_size);
     out->vm = (Forkd__V1__Vm)FORKD__V1__VM__INIT;
     out->vm.id = out->status.id;
     out->vm.name = out->status.name;
@@ -125,9 +129,7 @@ void convert_snapshot(const struct store_snapshot *record, struct snapshot_messa
     out->machine = (Forkd__V1__MachineConfig)FORKD__V1__MACHINE_CONFIG__INIT;
     out->machine.vcpu_count = r->vcpu_count;
     out->machine.mem_size_mib = r->mem_size_mib;
-    out->machine.huge_pages = r->page_size == VM_HUGE_PAGE_SIZE
-                                  ? FORKD__V1__HUGE_PAGES__HUGE_PAGES_2M
-                                  : FORKD__V1__HUGE_PAGES__HUGE_PAGES_NONE;
+    out->machine.huge_pages = convert_huge_pages(r->page_size);
     convert_figures(&r->figures, &out->figures);
     out->progress = (Forkd__V1__BranchProgress)FORKD__V1__BRANCH_PROGRESS__INIT;
     out->progress.bytes_copied = r->figures.bytes_copied;

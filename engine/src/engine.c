@@ -126,73 +126,59 @@ struct page_server *engine_page_server(struct engine *engine)
 
 /* ---- Spawn ------------------------------------------------------------------------------ */
 
-/* Restores one fork of a lazy pull: its files are the WRITING snapshot's, it holds no use of
- * the snapshot in the store (not READY yet), and its memory comes from the lazy template. */
-static int engine_spawn_one_lazy(struct engine *engine, const struct engine_spawn_request *request,
-                                 struct remote_lazy *lazy, unsigned index, bool start_paused,
-                                 struct vm **out, struct forkd_error *err)
+/* Restores one fork from the snapshot's record and files (in dir): the settings every fork
+ * of a Spawn shares, whatever the snapshot's files are. */
+static int engine_restore_fork(struct engine *engine, const struct engine_spawn_request *request,
+                               const struct store_snapshot *snapshot, const char *dir,
+                               struct vm_restore_config *config, unsigned index, struct vm **out,
+                               struct forkd_error *err)
 {
-    const struct store_snapshot *snapshot = remote_lazy_snapshot(lazy);
     char name[VM_NAME_MAX + 1] = "";
     if (request->name_prefix && *request->name_prefix)
         snprintf(name, sizeof(name), "%s-%u", request->name_prefix, index);
-    struct vm_restore_config config = {
-        .name = name,
-        .snapshot_name = request->snapshot,
-        .vmstate_path = remote_lazy_vmstate_path(lazy),
-        .memory_path = remote_lazy_memory_path(lazy),
-        .memory = VM_MEMORY_UFFD,
-        .start_paused = start_paused,
-        .vcpu_count = snapshot->vcpu_count,
-        .page_size = snapshot->page_size,
-        .labels = request->labels,
-        .label_count = request->label_count,
-        .page_server = engine->page_server,
-        .devices = &snapshot->devices,
-        .snapshot_dir = remote_lazy_dir(lazy),
-        .overrides = request->overrides,
-        .fork_index = index,
-        .start_finished_by_caller = true,
-    };
-    return vm_restore(engine->registry, &config, out, err);
+    config->name = name;
+    config->snapshot_name = request->snapshot;
+    config->vcpu_count = snapshot->vcpu_count;
+    config->page_size = snapshot->page_size;
+    config->labels = request->labels;
+    config->label_count = request->label_count;
+    config->page_server = engine->page_server;
+    config->devices = &snapshot->devices;
+    config->snapshot_dir = dir;
+    config->overrides = request->overrides;
+    config->fork_index = index;
+    config->start_finished_by_caller = true;
+    return vm_restore(engine->registry, config, out, err);
 }
 
-/* Restores one fork; the VM takes over the use of the snapshot acquired here. */
+/* Restores one fork. From a lazy pull: its files are the WRITING snapshot's, it holds no use
+ * of the snapshot in the store (not READY yet), and its memory comes from the lazy template.
+ * Otherwise the VM takes over the use of the snapshot acquired here. */
 static int engine_spawn_one(struct engine *engine, const struct engine_spawn_request *request,
                             struct remote_lazy *lazy, unsigned index, bool start_paused,
                             struct vm **out, struct forkd_error *err)
 {
-    if (lazy)
-        return engine_spawn_one_lazy(engine, request, lazy, index, start_paused, out, err);
+    if (lazy) {
+        struct vm_restore_config config = {.vmstate_path = remote_lazy_vmstate_path(lazy),
+                                           .memory_path = remote_lazy_memory_path(lazy),
+                                           .memory = VM_MEMORY_UFFD,
+                                           .start_paused = start_paused};
+        return engine_restore_fork(engine, request, remote_lazy_snapshot(lazy),
+                                   remote_lazy_dir(lazy), &config, index, out, err);
+    }
     struct store_snapshot snapshot;
     int rc = store_acquire(engine->store, request->snapshot, &snapshot, err);
     if (rc < 0)
         return rc;
-    char name[VM_NAME_MAX + 1] = "", vmstate[PATH_MAX + 16], memory_path[PATH_MAX + 16];
-    if (request->name_prefix && *request->name_prefix)
-        snprintf(name, sizeof(name), "%s-%u", request->name_prefix, index);
+    char vmstate[PATH_MAX + 16], memory_path[PATH_MAX + 16];
     store_file_path(snapshot.path, STORE_FILE_VMSTATE, vmstate, sizeof(vmstate));
     store_file_path(snapshot.path, STORE_FILE_MEMORY, memory_path, sizeof(memory_path));
-    struct vm_restore_config config = {
-        .name = name,
-        .snapshot_name = request->snapshot,
-        .store = engine->store,
-        .vmstate_path = vmstate,
-        .memory_path = memory_path,
-        .memory = request->memory,
-        .start_paused = start_paused,
-        .vcpu_count = snapshot.vcpu_count,
-        .page_size = snapshot.page_size,
-        .labels = request->labels,
-        .label_count = request->label_count,
-        .page_server = engine->page_server,
-        .devices = &snapshot.devices,
-        .snapshot_dir = snapshot.path,
-        .overrides = request->overrides,
-        .fork_index = index,
-        .start_finished_by_caller = true,
-    };
-    return vm_restore(engine->registry, &config, out, err);
+    struct vm_restore_config config = {.store = engine->store,
+                                       .vmstate_path = vmstate,
+                                       .memory_path = memory_path,
+                                       .memory = request->memory,
+                                       .start_paused = start_paused};
+    return engine_restore_fork(engine, request, &snapshot, snapshot.path, &config, index, out, err);
 }
 
 /* The VM among the listed live ones whose tap or vsock socket is `name`, or NULL. */

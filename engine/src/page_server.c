@@ -382,15 +382,10 @@ static int page_server_wait_add(struct page_server_fork *fork, uint64_t address,
 
 static int page_server_retry_add(struct page_server_fork *fork, uint64_t address, uint64_t start_ns)
 {
-    if (fork->retry_count == fork->retry_capacity) {
-        size_t capacity = fork->retry_capacity ? fork->retry_capacity * 2 : 8;
-        struct page_server_retry *grown = realloc(fork->retries, capacity * sizeof(*grown));
-        if (!grown)
-            return -ENOMEM;
-        fork->retries = grown;
-        fork->retry_capacity = capacity;
-    }
-    fork->retries[fork->retry_count++] = (struct page_server_retry){address, start_ns};
+    int rc = page_server_fault_list_add(&fork->retries, &fork->retry_count, &fork->retry_capacity,
+                                        address, start_ns);
+    if (rc < 0)
+        return rc;
     page_server_count(&fork->counters.retries, 1);
     page_server_count(&fork->template->counters.retries, 1);
     return 0;

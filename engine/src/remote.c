@@ -287,10 +287,10 @@ struct remote_job {
     struct forkd_error error; /* the first failure */
 };
 
-static uint64_t remote_chunk_length(const struct remote_job *job, uint64_t index)
+/* Bytes of chunk index in memory of memory_bytes (the last one may be short). */
+static uint64_t remote_chunk_length(uint64_t memory_bytes, uint64_t index)
 {
-    uint64_t offset = index * REMOTE_CHUNK_SIZE;
-    uint64_t left = job->memory_bytes - offset;
+    uint64_t left = memory_bytes - index * REMOTE_CHUNK_SIZE;
     return left < REMOTE_CHUNK_SIZE ? left : REMOTE_CHUNK_SIZE;
 }
 
@@ -311,7 +311,7 @@ static void *remote_worker_main(void *arg)
                                                       s3_client_bytes_received(worker->client) -
                                                       before);
         if (rc == 0) {
-            atomic_fetch_add(&job->bytes_done, remote_chunk_length(job, index));
+            atomic_fetch_add(&job->bytes_done, remote_chunk_length(job->memory_bytes, index));
             atomic_fetch_add(&job->chunks_done, 1);
         }
     }
@@ -445,7 +445,7 @@ static int remote_read_full(int fd, void *buffer, size_t length, uint64_t offset
 static int remote_push_chunk(struct remote_worker *worker, uint64_t index, struct forkd_error *err)
 {
     struct remote_job *job = worker->job;
-    uint64_t length = remote_chunk_length(job, index);
+    uint64_t length = remote_chunk_length(job->memory_bytes, index);
     int rc = remote_read_full(job->memory_fd, worker->buffer, length, index * REMOTE_CHUNK_SIZE);
     if (rc < 0)
         return forkd_error_errno(err, rc, "read chunk %" PRIu64 " of memory.bin", index);
@@ -718,7 +718,7 @@ static int remote_fetch_chunk(struct s3_client *client, unsigned char *buffer, u
 static int remote_pull_chunk(struct remote_worker *worker, uint64_t index, struct forkd_error *err)
 {
     struct remote_job *job = worker->job;
-    uint64_t length = remote_chunk_length(job, index);
+    uint64_t length = remote_chunk_length(job->memory_bytes, index);
     const char *hash = job->chunks[index];
     if (!hash[0]) { /* all zero: the file's hole already reads as zero */
         atomic_fetch_add(&job->chunks_zero, 1);
@@ -947,9 +947,7 @@ static void remote_lazy_fetch(struct remote_lazy_worker *worker, uint64_t chunk)
 {
     struct remote_lazy *lazy = worker->lazy;
     uint64_t offset = chunk * REMOTE_CHUNK_SIZE;
-    uint64_t length = lazy->manifest.memory_bytes - offset < REMOTE_CHUNK_SIZE
-                          ? lazy->manifest.memory_bytes - offset
-                          : REMOTE_CHUNK_SIZE;
+    uint64_t length = remote_chunk_length(lazy->manifest.memory_bytes, chunk);
     struct forkd_error err = {0};
     int rc = remote_fetch_chunk(worker->client, worker->buffer, chunk, lazy->manifest.chunks[chunk],
                                 length, &err);

@@ -930,6 +930,17 @@ static int vm_launch(struct vm_registry *registry, const struct vm_launch_params
 
 /* ---- boot, restore, stop ---------------------------------------------------------------- */
 
+/* A boot's or restore's page size: 0 means 4 KiB; anything but 4 KiB and 2 MiB is -EINVAL. */
+static int vm_page_size_of(uint64_t requested, const char *what, uint64_t *out,
+                           struct forkd_error *err)
+{
+    *out = requested ? requested : VM_SMALL_PAGE_SIZE;
+    if (*out != VM_SMALL_PAGE_SIZE && *out != VM_HUGE_PAGE_SIZE)
+        return forkd_error_set(err, -EINVAL, "%s: page size %llu is not 4 KiB or 2 MiB", what,
+                               (unsigned long long)*out);
+    return 0;
+}
+
 /* The guest memfd of a MEMFD VM, empty (no page populated), of 2 MiB hugetlbfs pages when the
  * VM has huge pages. Those are reserved here, by mapping the whole file once: a host short of
  * free huge pages fails now, by name, rather than the VMM at start or a vCPU later (SIGBUS). */
@@ -1031,10 +1042,10 @@ int vm_boot(struct vm_registry *registry, const struct vm_boot_config *config, s
     if (memory != VM_MEMORY_MEMFD && memory != VM_MEMORY_ANONYMOUS)
         return forkd_error_set(err, -EINVAL, "boot: memory %s is not MEMFD or ANONYMOUS",
                                vm_memory_name(memory, (char[32]){0}, 32));
-    uint64_t page_size = config->page_size ? config->page_size : VM_SMALL_PAGE_SIZE;
-    if (page_size != VM_SMALL_PAGE_SIZE && page_size != VM_HUGE_PAGE_SIZE)
-        return forkd_error_set(err, -EINVAL, "boot: page size %llu is not 4 KiB or 2 MiB",
-                               (unsigned long long)page_size);
+    uint64_t page_size;
+    rc = vm_page_size_of(config->page_size, "boot", &page_size, err);
+    if (rc < 0)
+        return rc;
     if ((config->mem_size_mib << 20) % page_size)
         return forkd_error_set(err, -EINVAL,
                                "boot: mem_size_mib %llu is not a whole number of 2 MiB pages",
@@ -1354,10 +1365,10 @@ static int vm_restore_held(struct vm_registry *registry, const struct vm_restore
         config->memory != VM_MEMORY_UFFD)
         return forkd_error_set(err, -EINVAL, "restore: memory %s is not FILE, MEMFD or UFFD",
                                vm_memory_name(config->memory, (char[32]){0}, 32));
-    uint64_t page_size = config->page_size ? config->page_size : VM_SMALL_PAGE_SIZE;
-    if (page_size != VM_SMALL_PAGE_SIZE && page_size != VM_HUGE_PAGE_SIZE)
-        return forkd_error_set(err, -EINVAL, "restore: page size %llu is not 4 KiB or 2 MiB",
-                               (unsigned long long)page_size);
+    uint64_t page_size;
+    rc = vm_page_size_of(config->page_size, "restore", &page_size, err);
+    if (rc < 0)
+        return rc;
     if (page_size == VM_HUGE_PAGE_SIZE && config->memory == VM_MEMORY_FILE)
         return forkd_error_set(err, -EOPNOTSUPP,
                                "restore: %s has 2 MiB pages, which FILE memory (a private "
