@@ -7,6 +7,8 @@
 #                                    runner on Debian 12's stock kernel, whatever the host has
 #                                    (CI's second kernel leg); combines with --sanitize.
 #                                    --debian-kernel=LABELS picks other ctest labels (a regex)
+#   scripts/test.sh --build-dir=DIR  build and test in DIR instead (CI's nested leg, which runs
+#                                    beside the native ones where /dev/kvm works)
 #   scripts/test.sh --nested-exclude=LABELS
 #                                    in the nested-KVM runner, leave out tests with these labels
 #                                    (a regex; CI's sanitizer leg leaves out the clients' tests,
@@ -25,6 +27,7 @@ build_dir=build
 cmake_flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo)
 debian_kernel_labels=
 nested_exclude=()
+build_dir_override=
 while [ $# -gt 0 ]; do
   case "$1" in
     --sanitize)
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
       export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:${ASAN_OPTIONS:-}"
       export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
       shift ;;
+    --build-dir=?*) build_dir_override=${1#--build-dir=}; shift ;;
     --debian-kernel) debian_kernel_labels='kvm|uffd'; shift ;;
     --debian-kernel=?*) debian_kernel_labels=${1#--debian-kernel=}; shift ;;
     --nested-exclude=?*) nested_exclude=(-LE "${1#--nested-exclude=}"); shift ;;
@@ -41,6 +45,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+build_dir=${build_dir_override:-$build_dir}
 bash scripts/setup.sh
 cmake -S . -B "$build_dir" "${cmake_flags[@]}"
 cmake --build "$build_dir" -j"$(nproc)"
