@@ -7,10 +7,10 @@ forks started paused), cancelled at a random phase or not, with the VMM killed a
 phase now and then; spawns of every backend from the snapshots kept; stops of forks. Every other
 booted VM has a writable drive its guest writes flat out (captured inside each branch's pause: a
 reflink where the state directory can, else a copy the branches accept; each fork gets its own),
-and every third one runs on 2 MiB huge pages (the run reserves them and gives them back), whose
-forks take MEMFD or UFFD (FILE cannot give huge pages). About a third of the others run a
-balloon that hands pages back and takes them again flat out (the VMM discards each page handed
-back: MADV_REMOVE on the memfd, MADV_DONTNEED in forks), as do their forks.
+and of every three, one runs on 2 MiB huge pages (the run reserves them and gives them back),
+whose forks take MEMFD or UFFD (FILE cannot give huge pages), and one runs a balloon that hands
+pages back and takes them again flat out (the VMM discards each page handed back: MADV_REMOVE
+on the memfd, MADV_DONTNEED in forks), as do its forks.
 Checks:
 - every READY snapshot passes the test VMM's verifier, its captured drive included (memory, vCPU
   state and disk of one instant), and the totals of successive snapshots of one VM never go down
@@ -83,6 +83,7 @@ class Torture:
         self.huge = set()        # of them, those of huge-page VMs
         self.ballooned = set()   # of them, those of ballooning VMs
         self.serial = 0
+        self.boots = 0
 
     # ---- reporting ----
     def error(self, what):
@@ -100,13 +101,14 @@ class Torture:
         workload = "pattern=%s seed=%d" % (self.rng.choice(["random", "hotset", "sequential"]),
                                            self.serial)
         drives = []
-        if self.serial % 2 == 0:
+        self.boots += 1
+        if self.boots % 2 == 0:
             path = os.path.join(self.daemon.workdir, "disk-%d.img" % self.serial)
             with open(path, "wb") as f:
                 f.truncate(2 << 20)
             drives = [pb.Drive(drive_id="data", path_on_host=path)]
-        huge = pb.HUGE_PAGES_2M if self.serial % 3 == 0 else pb.HUGE_PAGES_NONE
-        balloon = huge == pb.HUGE_PAGES_NONE and self.rng.random() < 0.35
+        huge = pb.HUGE_PAGES_2M if self.boots % 3 == 0 else pb.HUGE_PAGES_NONE
+        balloon = self.boots % 3 == 1
         if balloon:  # the balloon needs 4 KiB pages
             workload += " balloon=%d" % BALLOON_PAGES
         request = pb.BootRequest(
