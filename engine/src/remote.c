@@ -903,10 +903,10 @@ struct remote_lazy {
     /* Spawns restoring forks on the WRITING files (remote_lazy_hold): the pull publishes or
      * aborts, which moves or removes those files, only once none holds it. */
     unsigned holds;
-    bool workers_done; /* every worker ended: the end waits only for the holds */
-    bool finishing;    /* remote_lazy_finish began: no new hold */
+    bool workers_done;    /* every worker ended: the end waits only for the holds */
+    bool finishing;       /* remote_lazy_finish began: no new hold */
     pthread_cond_t ended; /* broadcast when result leaves 1 */
-    int result; /* 1 while fetching, 0 READY in the store, -errno failed (error) */
+    int result;           /* 1 while fetching, 0 READY in the store, -errno failed (error) */
     struct forkd_error error;
     uint64_t done_ns;
 };
