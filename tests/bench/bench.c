@@ -37,6 +37,7 @@ static void usage(FILE *out)
             "fan-out 1,8,32; the guest reports its progress every 1000 us; a branch's cost is\n"
             "counted until 500 ms after it ends.\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
+            "--rate-ms MS: each undisturbed window, one before and one after every branch.\n"
             "--levers: the LIVE branches of each repetition, the first giving the LIVE figures:\n"
             "all (every copy-phase lever), none (the engine without them), or all but one:\n"
             "no-staging, no-hot, no-around, no-release, no-direct. Default all,none.\n"

@@ -69,23 +69,50 @@ static void report_copy_and_faults(const struct size_result *r)
     row3("during the null handler", &r->rate_null, NULL, NULL);
 }
 
+/* A row's name, with the mark of a row whose undisturbed windows drifted apart. */
+static const char *row_name(const struct size_result *r, unsigned row, char *out, size_t size)
+{
+    snprintf(out, size, "%s%s", r->cost_names[row], r->cost[row].unsteady ? " *" : "");
+    return out;
+}
+
+static void report_unsteady(const struct size_result *r)
+{
+    bool any = false;
+    for (unsigned row = 0; row < r->cost_rows; row++) {
+        const struct cost_figures *c = &r->cost[row];
+        if (!c->unsteady)
+            continue;
+        printf("%s%s: %u of %u", any ? "; " : "  * ", r->cost_names[row], c->unsteady,
+               c->drift.count);
+        any = true;
+    }
+    if (any)
+        printf(" repetitions: the guest's undisturbed rate after the branch is more than %.0f%%\n"
+               "    off the one before it (drift), so these rows' lost work and stalls are not "
+               "results\n",
+               DRIFT_LIMIT * 100);
+}
+
 /* What each kind of branch cost the guest: one row per kind, medians with their ranges. */
 static void report_cost(const struct size_result *r)
 {
     printf("  What the guest felt (ms; ratios per repetition; lost counted to %s)\n",
            "the branch's end + tail");
-    printf("  %-24s %-22s %-22s %-20s %-22s %-22s %-20s %s\n", "branch", "guest work lost",
+    printf("  %-26s %-22s %-22s %-20s %-22s %-22s %-20s %-22s %s\n", "branch", "guest work lost",
            "lost / FULL's", "longest stall", "resume->captured", "resume->READY",
-           "READY / plain copy", "request->READY");
+           "READY / plain copy", "request->READY", "drift after/before");
     for (unsigned row = 0; row < r->cost_rows; row++) {
         const struct cost_figures *c = &r->cost[row];
-        char a[64], b[64], d[64], e[64], f[64], g[64], h[64];
-        printf("  %-24s %-22s %-22s %-20s %-22s %-22s %-20s %s\n", r->cost_names[row],
-               fmt(&c->lost_ms, a, sizeof(a)), fmt(&c->lost_over_full, b, sizeof(b)),
-               fmt(&c->stall_ms, d, sizeof(d)), fmt(&c->captured_ms, e, sizeof(e)),
-               fmt(&c->ready_ms, f, sizeof(f)), fmt(&c->ready_over_copy, g, sizeof(g)),
-               fmt(&c->total_ms, h, sizeof(h)));
+        char n[48], a[64], b[64], d[64], e[64], f[64], g[64], h[64], i[64];
+        printf("  %-26s %-22s %-22s %-20s %-22s %-22s %-20s %-22s %s\n",
+               row_name(r, row, n, sizeof(n)), fmt(&c->lost_ms, a, sizeof(a)),
+               fmt(&c->lost_over_full, b, sizeof(b)), fmt(&c->stall_ms, d, sizeof(d)),
+               fmt(&c->captured_ms, e, sizeof(e)), fmt(&c->ready_ms, f, sizeof(f)),
+               fmt(&c->ready_over_copy, g, sizeof(g)), fmt(&c->total_ms, h, sizeof(h)),
+               fmt(&c->drift, i, sizeof(i)));
     }
+    report_unsteady(r);
     char x[64], y[64];
     printf("  plain copy of the same bytes (ms): %s; guest report spacing (ms): %s\n",
            fmt(&r->copy_ms, x, sizeof(x)), fmt(&r->cost[0].report_spacing_ms, y, sizeof(y)));
@@ -113,6 +140,10 @@ static cJSON *cost_json(const struct cost_figures *c)
     cJSON_AddItemToObject(o, "ready_over_plain_copy", series_json(&c->ready_over_copy));
     cJSON_AddItemToObject(o, "request_to_ready_ms", series_json(&c->total_ms));
     cJSON_AddItemToObject(o, "undisturbed_writes_per_s", series_json(&c->undisturbed_per_s));
+    cJSON_AddItemToObject(o, "undisturbed_before_per_s", series_json(&c->before_per_s));
+    cJSON_AddItemToObject(o, "undisturbed_after_per_s", series_json(&c->after_per_s));
+    cJSON_AddItemToObject(o, "drift_after_over_before", series_json(&c->drift));
+    cJSON_AddNumberToObject(o, "unsteady_repetitions", c->unsteady);
     cJSON_AddItemToObject(o, "report_spacing_ms", series_json(&c->report_spacing_ms));
     return o;
 }
