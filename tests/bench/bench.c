@@ -37,6 +37,8 @@ static void usage(FILE *out)
             "fan-out 1,8,32; the guest reports its progress every 1000 us; a branch's cost is\n"
             "counted until 500 ms after it ends.\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
+            "--reps N: N repetitions at every size (1 to 16); --reps-large N then sets those of\n"
+            "1 GiB and up, wherever it appears.\n"
             "--rate-ms MS: each undisturbed window, one before and one after every branch.\n"
             "--levers: the LIVE branches of each repetition, the first giving the LIVE figures:\n"
             "all (every copy-phase lever), none (the engine without them), or all but one:\n"
@@ -217,8 +219,13 @@ static int apply_option(struct bench_options *o, int option, const char *arg)
     case OPT_FANOUT:
         return parse_list(arg, o->fanout, BENCH_MAX_FANOUT, &o->fanout_count);
     case OPT_REPS:
-        return parse_number(arg, &o->reps) < 0 || o->reps > BENCH_MAX_REPS ? -EINVAL : 0;
+        if (parse_number(arg, &o->reps) < 0 || o->reps > BENCH_MAX_REPS)
+            return -EINVAL;
+        if (!o->reps_large_set)
+            o->reps_large = o->reps;
+        return 0;
     case OPT_REPS_LARGE:
+        o->reps_large_set = true;
         return parse_number(arg, &o->reps_large) < 0 || o->reps_large > BENCH_MAX_REPS ? -EINVAL
                                                                                        : 0;
     case OPT_NULL:
@@ -287,13 +294,19 @@ static int parse_options(int argc, char **argv, struct bench_options *o)
     for (int i = 1; i < argc; i++)
         quick |= strcmp(argv[i], "--quick") == 0;
     set_defaults(o, quick);
-    int option;
-    while ((option = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
+    int option, index = 0;
+    while ((option = getopt_long(argc, argv, "", long_options, &index)) != -1) {
         if (option == OPT_HELP) {
             usage(stdout);
             exit(0);
         }
+        if (option == '?') {
+            usage(stderr);
+            return -EINVAL;
+        }
         if (option != OPT_QUICK && apply_option(o, option, optarg) < 0) {
+            fprintf(stderr, "forkd-bench: --%s %s: not a valid value (see below)\n",
+                    long_options[index].name, optarg);
             usage(stderr);
             return -EINVAL;
         }

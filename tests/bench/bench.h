@@ -47,6 +47,7 @@ struct bench_options {
     unsigned sizes_mib[BENCH_MAX_SIZES];
     unsigned reps;       /* per size and mode */
     unsigned reps_large; /* for guests of 1 GiB and more */
+    bool reps_large_set; /* --reps-large given: --reps leaves it alone */
     size_t fanout_count;
     unsigned fanout[BENCH_MAX_FANOUT];
     unsigned null_ms;   /* how long the null handler serves faults */
