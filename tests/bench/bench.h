@@ -48,6 +48,7 @@ struct bench_options {
     unsigned reps;       /* per size and mode */
     unsigned reps_large; /* for guests of 1 GiB and more */
     bool reps_large_set; /* --reps-large given: --reps leaves it alone */
+    uint32_t seed;       /* of the order of the rows in each repetition */
     size_t fanout_count;
     unsigned fanout[BENCH_MAX_FANOUT];
     unsigned null_ms;   /* how long the null handler serves faults */
@@ -90,6 +91,11 @@ uint64_t bench_percentile(const uint64_t *sorted, size_t count, double percentil
 
 uint64_t bench_now_ns(void);
 void bench_sleep_ms(unsigned ms);
+
+/* A seeded pseudo-random stream (splitmix64): the same seed gives the same orders. */
+uint64_t bench_random_next(uint64_t *state);
+/* Fisher-Yates shuffle of items[0..count). */
+void bench_shuffle(uint64_t *state, unsigned *items, unsigned count);
 
 /* ---- guests ----------------------------------------------------------------------------- */
 
@@ -241,6 +247,8 @@ struct size_result {
     char cost_names[COST_ROWS][40];
     struct cost_figures cost[COST_ROWS];
     struct series copy_ms; /* the plain copy baseline, as a time */
+    uint32_t seed;
+    unsigned order[BENCH_MAX_REPS][COST_ROWS]; /* the cost rows in the order each repetition ran */
     unsigned regions;
     unsigned reps;
     double boot_s;

@@ -24,6 +24,7 @@
 #define SETTLE_FIRST_MS    30000  /* after the restore: every page is cold */
 #define SETTLE_MAX_MS      10000  /* after a branch: bounded, the run must end in time */
 #define VM_API_TIMEOUT_MS  600000 /* a FULL branch of 4 GiB on a slow disk */
+#define ORDER_DRAWS        64     /* shuffles drawn per repetition, the best spread kept */
 
 static const char *const mode_names[MODE_COUNT] = {"LIVE", "ARM_IN_PAUSE", "FULL"};
 static const enum store_mode store_modes[MODE_COUNT] = {
@@ -71,6 +72,8 @@ struct size_run {
     bool keep_live; /* keep this rep's LIVE snapshot for the fan-out */
     bool settled_once;
     double last_idle_rate; /* sampler's write rate over the last branch's undisturbed window */
+    uint64_t random;       /* the seeded stream that orders this size's rows */
+    unsigned placed[COST_ROWS][COST_ROWS]; /* times each row ran at each position */
 };
 
 static double ms(uint64_t ns)
@@ -380,28 +383,57 @@ static void finish_rep(struct size_run *run)
     }
 }
 
-/* One repetition: every figure of this size once, each baseline next to what it judges. */
-static int measure_rep(struct size_run *run, struct forkd_error *err)
+/* The order of this repetition's rows: shuffled by the seeded stream, the best of a few draws
+ * at putting each row where it has run least often, so that whatever drifts over a repetition
+ * (the machine, the disk, the guest) lands on a different row each time. */
+static void choose_order(struct size_run *run, unsigned *order)
+{
+    unsigned rows = run->result->cost_rows, best = UINT_MAX, draw[COST_ROWS];
+    for (unsigned attempt = 0; attempt < ORDER_DRAWS && best > 0; attempt++) {
+        for (unsigned i = 0; i < rows; i++)
+            draw[i] = i;
+        bench_shuffle(&run->random, draw, rows);
+        unsigned repeats = 0;
+        for (unsigned position = 0; position < rows; position++)
+            repeats += run->placed[draw[position]][position];
+        if (repeats < best) {
+            best = repeats;
+            memcpy(order, draw, rows * sizeof(*order));
+        }
+    }
+    for (unsigned position = 0; position < rows; position++)
+        run->placed[order[position]][position]++;
+}
+
+/* One cost row. The first LIVE row brings its baselines along: the copy baseline next to it
+ * (alternating sides) and the null handler after it, which is judged against its faults. */
+static int measure_row(struct size_run *run, unsigned row, struct forkd_error *err)
 {
     const struct bench_options *options = run->context->options;
-    struct size_result *result = run->result;
-    int rc = measure_live_and_copy(run, err);
-    if (rc < 0)
-        return rc;
-    for (unsigned v = 1; v < options->variant_count; v++) {
-        steady(run);
-        if ((rc = measure_mode(run, MODE_LIVE, v, options->variants[v].levers_off, err)) < 0)
+    unsigned rows = run->result->cost_rows;
+    if (row == 0) {
+        int rc = measure_live_and_copy(run, err);
+        if (rc < 0)
+            return rc;
+        settle(run);
+        return measure_null(run, err);
+    }
+    steady(run);
+    if (row < rows - 2)
+        return measure_mode(run, MODE_LIVE, row, options->variants[row].levers_off, err);
+    return measure_mode(run, row == rows - 2 ? MODE_ARM_IN_PAUSE : MODE_FULL, row, 0, err);
+}
+
+/* One repetition: every figure of this size once, the rows in a seeded random order. */
+static int measure_rep(struct size_run *run, struct forkd_error *err)
+{
+    unsigned *order = run->result->order[run->rep];
+    choose_order(run, order);
+    for (unsigned position = 0; position < run->result->cost_rows; position++) {
+        int rc = measure_row(run, order[position], err);
+        if (rc < 0)
             return rc;
     }
-    settle(run);
-    if ((rc = measure_null(run, err)) < 0)
-        return rc;
-    steady(run);
-    if ((rc = measure_mode(run, MODE_ARM_IN_PAUSE, result->cost_rows - 2, 0, err)) < 0)
-        return rc;
-    steady(run);
-    if ((rc = measure_mode(run, MODE_FULL, result->cost_rows - 1, 0, err)) < 0)
-        return rc;
     finish_rep(run);
     return 0;
 }
@@ -475,8 +507,14 @@ int bench_size(struct bench_context *context, unsigned mem_mib, enum bench_workl
     out->mem_mib = mem_mib;
     out->workload = workload;
     out->reps = mem_mib >= 1024 ? options->reps_large : options->reps;
+    out->seed = options->seed;
     name_cost_rows(options, out);
-    struct size_run run = {.context = context, .result = out};
+    /* The orders of a size and workload follow from the seed and the rows alone, so a run
+     * narrowed to them (--sizes, --workloads) repeats what the whole run did there. */
+    struct size_run run = {.context = context,
+                           .result = out,
+                           .random = ((uint64_t)options->seed << 32) ^ ((uint64_t)mem_mib << 8) ^
+                                     (uint64_t)workload};
     fprintf(stderr, "forkd-bench: %u MiB, %s: booting and seeding the source VM\n", mem_mib,
             bench_workload_names[workload]);
     int rc = make_source_vm(context, mem_mib, workload, out, &run.vm, err);

@@ -94,6 +94,17 @@ static void report_unsteady(const struct size_result *r)
                DRIFT_LIMIT * 100);
 }
 
+static void report_order(const struct size_result *r)
+{
+    printf("  order of the rows in each repetition (seed %u):\n", r->seed);
+    for (unsigned rep = 0; rep < r->cost[0].drift.count && rep < BENCH_MAX_REPS; rep++) {
+        printf("    %u:", rep + 1);
+        for (unsigned position = 0; position < r->cost_rows; position++)
+            printf("%s %s", position ? " |" : "", r->cost_names[r->order[rep][position]]);
+        printf("\n");
+    }
+}
+
 /* What each kind of branch cost the guest: one row per kind, medians with their ranges. */
 static void report_cost(const struct size_result *r)
 {
@@ -116,13 +127,27 @@ static void report_cost(const struct size_result *r)
     char x[64], y[64];
     printf("  plain copy of the same bytes (ms): %s; guest report spacing (ms): %s\n",
            fmt(&r->copy_ms, x, sizeof(x)), fmt(&r->cost[0].report_spacing_ms, y, sizeof(y)));
+    report_order(r);
+}
+
+static cJSON *orders_json(const struct size_result *r)
+{
+    cJSON *orders = cJSON_CreateArray();
+    for (unsigned rep = 0; rep < r->cost[0].drift.count && rep < BENCH_MAX_REPS; rep++) {
+        cJSON *order = cJSON_CreateArray();
+        for (unsigned position = 0; position < r->cost_rows; position++)
+            cJSON_AddItemToArray(order, cJSON_CreateString(r->cost_names[r->order[rep][position]]));
+        cJSON_AddItemToArray(orders, order);
+    }
+    return orders;
 }
 
 void report_size(const struct size_result *r)
 {
-    printf("\n== %u MiB guest, workload %s, %u region%s, %u repetitions: median [min..max] ==\n",
+    printf("\n== %u MiB guest, workload %s, %u region%s, %u repetitions, seed %u: median "
+           "[min..max] ==\n",
            r->mem_mib, bench_workload_names[r->workload], r->regions, r->regions == 1 ? "" : "s",
-           r->reps);
+           r->reps, r->seed);
     report_cost(r);
     report_pause(r);
     report_copy_and_faults(r);
@@ -171,6 +196,8 @@ cJSON *size_json(const struct size_result *r)
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "mem_mib", r->mem_mib);
     cJSON_AddStringToObject(o, "workload", bench_workload_names[r->workload]);
+    cJSON_AddNumberToObject(o, "seed", r->seed);
+    cJSON_AddItemToObject(o, "orders", orders_json(r));
     cJSON *cost = cJSON_AddObjectToObject(o, "guest_cost");
     for (unsigned row = 0; row < r->cost_rows; row++)
         cJSON_AddItemToObject(cost, r->cost_names[row], cost_json(&r->cost[row]));
