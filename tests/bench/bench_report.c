@@ -130,6 +130,90 @@ static void report_cost(const struct size_result *r)
     report_order(r);
 }
 
+/* One of the goals the LIVE branch is held to, from the medians of the table's columns. */
+struct goal {
+    const char *name; /* in the JSON */
+    char text[80];
+    double value, limit;
+    bool strict;   /* value < limit, else value <= limit */
+    bool unsteady; /* computed from a row marked unsteady: not a result */
+};
+
+static double median_or_nan(const struct series *series)
+{
+    return series->count ? series_median(series) : NAN;
+}
+
+/* The goals that apply to this size and workload: LIVE's lost work against FULL's (a tenth on
+ * the hot set at 1 GiB, half on random memory, never more than FULL's), its longest stall, and
+ * its time to READY against a plain copy of the same bytes. */
+static unsigned collect_goals(const struct size_result *r, struct goal *goals)
+{
+    const struct cost_figures *live = &r->cost[0], *full = &r->cost[r->cost_rows - 1];
+    const char *name = r->cost_names[0];
+    bool lost_unsteady = live->unsteady || full->unsteady;
+    double over_full = median_or_nan(&live->lost_over_full);
+    double share = r->workload == WORKLOAD_RANDOM                         ? 0.5
+                   : r->workload == WORKLOAD_HOTSET && r->mem_mib == 1024 ? 0.1
+                                                                          : 0;
+    unsigned n = 0;
+    if (share > 0) {
+        goals[n] = (struct goal){"lost_over_full", "", over_full, share, false, lost_unsteady};
+        snprintf(goals[n++].text, sizeof(goals[0].text), "%s lost / FULL's <= %.1f", name, share);
+    }
+    goals[n] = (struct goal){"lost_at_most_full", "", over_full, 1, false, lost_unsteady};
+    snprintf(goals[n++].text, sizeof(goals[0].text), "%s lost <= FULL's (ratio <= 1)", name);
+    goals[n] = (struct goal){"longest_stall_ms", "", median_or_nan(&live->stall_ms), 10, true,
+                             live->unsteady > 0};
+    snprintf(goals[n++].text, sizeof(goals[0].text), "%s longest stall < 10 ms", name);
+    goals[n] = (struct goal){
+        "ready_over_plain_copy", "", median_or_nan(&live->ready_over_copy), 1.25, false, false};
+    snprintf(goals[n++].text, sizeof(goals[0].text), "%s resume->READY / plain copy <= 1.25", name);
+    return n;
+}
+
+static const char *goal_verdict(const struct goal *goal)
+{
+    if (isnan(goal->value))
+        return "n/a";
+    bool pass = goal->strict ? goal->value < goal->limit : goal->value <= goal->limit;
+    return pass ? "PASS" : "MISS";
+}
+
+#define MAX_GOALS 4
+
+static void report_goals(const struct size_result *r)
+{
+    struct goal goals[MAX_GOALS];
+    unsigned count = collect_goals(r, goals);
+    printf("  Goals (medians; reported, not asserted):\n");
+    for (unsigned i = 0; i < count; i++)
+        printf("    %-4s  %-44s %8.3f%s\n", goal_verdict(&goals[i]), goals[i].text, goals[i].value,
+               goals[i].unsteady ? "   * from a row marked unsteady" : "");
+}
+
+static cJSON *goals_json(const struct size_result *r)
+{
+    struct goal goals[MAX_GOALS];
+    unsigned count = collect_goals(r, goals);
+    cJSON *array = cJSON_CreateArray();
+    for (unsigned i = 0; i < count; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "goal", goals[i].name);
+        cJSON_AddStringToObject(o, "text", goals[i].text);
+        if (isnan(goals[i].value))
+            cJSON_AddNullToObject(o, "value");
+        else
+            cJSON_AddNumberToObject(o, "value", goals[i].value);
+        cJSON_AddStringToObject(o, "comparison", goals[i].strict ? "<" : "<=");
+        cJSON_AddNumberToObject(o, "limit", goals[i].limit);
+        cJSON_AddStringToObject(o, "result", goal_verdict(&goals[i]));
+        cJSON_AddBoolToObject(o, "from_unsteady_row", goals[i].unsteady);
+        cJSON_AddItemToArray(array, o);
+    }
+    return array;
+}
+
 static cJSON *orders_json(const struct size_result *r)
 {
     cJSON *orders = cJSON_CreateArray();
@@ -149,6 +233,7 @@ void report_size(const struct size_result *r)
            r->mem_mib, bench_workload_names[r->workload], r->regions, r->regions == 1 ? "" : "s",
            r->reps, r->seed);
     report_cost(r);
+    report_goals(r);
     report_pause(r);
     report_copy_and_faults(r);
     fflush(stdout);
@@ -202,6 +287,7 @@ cJSON *size_json(const struct size_result *r)
     for (unsigned row = 0; row < r->cost_rows; row++)
         cJSON_AddItemToObject(cost, r->cost_names[row], cost_json(&r->cost[row]));
     cJSON_AddItemToObject(o, "plain_copy_ms", series_json(&r->copy_ms));
+    cJSON_AddItemToObject(o, "goals", goals_json(r));
     cJSON_AddNumberToObject(o, "regions", r->regions);
     cJSON_AddNumberToObject(o, "repetitions", r->reps);
     cJSON_AddNumberToObject(o, "seed_boot_s", r->boot_s);
