@@ -188,8 +188,8 @@ static void vm_fill_record(struct vm *vm, struct vm_record *r)
     pthread_mutex_unlock(&vm->lock);
 }
 
-/* Writes the VM's record as it is now (nothing before the VMM answered: until then there is no
- * process a later forkd could adopt). Returns 0 or -errno. */
+/* Writes the VM's record as it is now (nothing before the VMM is spawned: until then there is
+ * no process a later forkd could find). Returns 0 or -errno. */
 static int vm_save_record(struct vm *vm)
 {
     if (vm->identity.pid == 0)
@@ -222,6 +222,16 @@ static int vm_mark_started(struct vm *vm, struct forkd_error *err)
     pthread_mutex_unlock(&vm->record_lock);
     int rc = vm_save_record(vm);
     return rc < 0 ? forkd_error_errno(err, rc, "write the record of VM %s", vm->id) : 0;
+}
+
+/* The VMM's first record, written as soon as it is spawned (posix_spawn returns once the
+ * child has exec'd, so the identity is the VMM's): a forkd that dies before the VMM answers
+ * (a slow start, a VMM that hangs) leaves a record with which the next one finds the process
+ * and stops it, instead of an orphan nobody can prove is its own (vm_adopt_prove). */
+static int vm_record_launch(struct vm *vm)
+{
+    int rc = vm_identity_of(vm->pid, &vm->identity);
+    return rc < 0 ? rc : vm_save_record(vm);
 }
 
 uint64_t vm_page_size(const struct vm *vm)
@@ -836,6 +846,11 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
         forkd_kill_reapp(&pid);
         return forkd_error_errno(err, -saved, "pidfd_open(%d)", vm->pid);
     }
+    rc = vm_record_launch(vm);
+    if (rc < 0) {
+        forkd_kill_reapp(&pid);
+        return forkd_error_errno(err, rc, "write the record of VM %s", vm->id);
+    }
     return vm_watch(vm, err);
 }
 
@@ -887,6 +902,7 @@ static void vm_abandon_start(struct vm *vm, int rc, struct forkd_error *err)
         if (tail[0])
             forkd_error_prefix(err, "VMM %s (\"%s\"): ", vm->exit_reason, tail);
     }
+    vm_forget_record(vm); /* the VMM died by itself: its launch record goes too */
     vm_delist(vm->registry, vm);
     vm_unref(vm);
 }
@@ -1686,6 +1702,25 @@ static void vm_adopt_branch(struct vm_adoption *a, struct vm *vm, const struct v
         a->config->branch_failed(a->config->arg, vm->id, r->branch_id);
 }
 
+/* True if pid's command line holds "--api-sock" followed by socket_path, as vm_spawn_vmm
+ * starts every VMM. */
+static bool vm_launched_for(pid_t pid, const char *socket_path)
+{
+    char path[64], args[8192];
+    snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t length = fd < 0 ? -1 : read(fd, args, sizeof(args) - 1);
+    if (length <= 0)
+        return false;
+    args[length] = '\0';
+    for (const char *arg = args, *end = args + length; arg < end; arg += strlen(arg) + 1) {
+        const char *next = arg + strlen(arg) + 1;
+        if (strcmp(arg, "--api-sock") == 0 && next < end && strcmp(next, socket_path) == 0)
+            return true;
+    }
+    return false;
+}
+
 /* Proves that the recorded VMM is alive and ours, and pins it with a pidfd: 0, -ESRCH when it
  * is gone (its pid free or taken by a later process), -EPERM when the process is not provably
  * the one recorded (never acted on). */
@@ -1701,15 +1736,20 @@ static int vm_adopt_prove(struct vm *vm, const struct vm_record *r)
     /* Checked again with the pidfd held: the process it names can no longer be replaced. */
     if (vm->pidfd < 0 || !vm_identity_is_live(&r->vmm))
         return -ESRCH;
-    return vm_socket_owner(vm->api_socket_path) == r->vmm.pid ? 0 : -EPERM;
+    if (vm_socket_owner(vm->api_socket_path) == r->vmm.pid)
+        return 0;
+    /* A VMM still launching has no socket yet: the arguments forkd gave it, which name this
+     * VM's socket in forkd's own run directory, prove it; it is then stopped, never adopted. */
+    return r->starting && vm_launched_for(r->vmm.pid, vm->api_socket_path) ? 0 : -EPERM;
 }
 
 static void vm_adopt_live(struct vm_adoption *a, struct vm *vm, const struct vm_record *r)
 {
     struct forkd_error err = {0};
     vm->adopted = true; /* the reaper records its exit without a status */
-    /* Reached before it is listed: a VMM forkd cannot talk to is left as it is. */
-    int rc = vm_adopt_connect(vm, &err);
+    /* Reached before it is listed: a VMM forkd cannot talk to is left as it is (one whose start
+     * was cut short is stopped without a word: it may not answer yet). */
+    int rc = r->starting ? 0 : vm_adopt_connect(vm, &err);
     if (rc < 0) {
         a->report->foreign++;
         vm_adopt_log(a, true, "VM %s (VMM pid %d) does not answer, left alone: %s", vm->id,
