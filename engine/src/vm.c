@@ -224,14 +224,46 @@ static int vm_mark_started(struct vm *vm, struct forkd_error *err)
     return rc < 0 ? forkd_error_errno(err, rc, "write the record of VM %s", vm->id) : 0;
 }
 
-/* The VMM's first record, written as soon as it is spawned (posix_spawn returns once the
- * child has exec'd, so the identity is the VMM's): a forkd that dies before the VMM answers
- * (a slow start, a VMM that hangs) leaves a record with which the next one finds the process
- * and stops it, instead of an orphan nobody can prove is its own (vm_adopt_prove). */
-static int vm_record_launch(struct vm *vm)
+/* Waits until the VMM's exec closed its copy of exec_done's write end (vm_exec_pipe), bounded
+ * by the start timeout. */
+static int vm_wait_exec_done(struct vm *vm, int exec_done, struct forkd_error *err)
 {
-    int rc = vm_identity_of(vm->pid, &vm->identity);
-    return rc < 0 ? rc : vm_save_record(vm);
+    uint64_t deadline = forkd_deadline_after_ms(vm->registry->start_timeout_ms);
+    struct pollfd closed = {.fd = exec_done, .events = POLLIN};
+    int ready;
+    while ((ready = poll(&closed, 1, forkd_ms_left(deadline))) < 0 && errno == EINTR)
+        ;
+    if (ready < 0)
+        return forkd_error_errno(err, -errno, "wait for the exec of VMM pid %d", vm->pid);
+    if (ready == 0)
+        return forkd_error_set(err, -ETIMEDOUT,
+                               "VMM pid %d had not finished its exec of %s after %u ms", vm->pid,
+                               vm->registry->vmm_binary, vm->registry->start_timeout_ms);
+    return 0;
+}
+
+/* The VMM's first record, written as soon as it is spawned: a forkd that dies before the VMM
+ * answers (a slow start, a VMM that hangs) leaves a record with which the next one finds the
+ * process and stops it, instead of an orphan nobody can prove is its own (vm_adopt_prove).
+ * posix_spawn returns when the child's exec is past its point of no return, a moment before
+ * the exec moves the child onto the VMM's memory: until then /proc/<pid>/exe names forkd, and
+ * an identity read then never matches the VMM (the next forkd would leave it running). The
+ * exec closes exec_done only after that move. A VMM that exited already needs no record: its
+ * start fails in vm_wait_for_api, with its last words. */
+static int vm_record_launch(struct vm *vm, int exec_done, struct forkd_error *err)
+{
+    int rc = vm_wait_exec_done(vm, exec_done, err);
+    if (rc < 0)
+        return rc;
+    struct vm_identity identity;
+    rc = vm_identity_of(vm->pid, &identity);
+    if (rc == -ESRCH)
+        return 0;
+    if (rc == 0) {
+        vm->identity = identity;
+        rc = vm_save_record(vm);
+    }
+    return rc < 0 ? forkd_error_errno(err, rc, "write the record of VM %s", vm->id) : 0;
 }
 
 uint64_t vm_page_size(const struct vm *vm)
@@ -807,6 +839,42 @@ static int vm_spawn_setup(posix_spawn_file_actions_t *actions, posix_spawnattr_t
                                                     POSIX_SPAWN_SETSID);
 }
 
+/* A close-on-exec pipe for vm_record_launch: once posix_spawn returned, forkd closes its
+ * write end and the VMM's copy is closed by its exec (a VMM spawned meanwhile by another
+ * thread holds one until its own exec). The write end is kept off the standard streams, which
+ * the spawn's file actions replace before the exec. */
+static int vm_exec_pipe(int fds[2], struct forkd_error *err)
+{
+    if (pipe2(fds, O_CLOEXEC) < 0)
+        return forkd_error_errno(err, -errno, "pipe for the VMM's exec");
+    if (fds[1] > STDERR_FILENO)
+        return 0;
+    int above = fcntl(fds[1], F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+    int saved = errno;
+    close(fds[1]);
+    if (above < 0) {
+        close(fds[0]);
+        return forkd_error_errno(err, -saved, "pipe for the VMM's exec");
+    }
+    fds[1] = above;
+    return 0;
+}
+
+static int vm_posix_spawn(const struct vm *vm, const char *const *argv, pid_t *pid,
+                          struct forkd_error *err)
+{
+    const char *binary = vm->registry->vmm_binary;
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    vm_spawn_setup(&actions, &attributes, vm->log_path);
+    int rc = strchr(binary, '/')
+                 ? posix_spawn(pid, binary, &actions, &attributes, (char *const *)argv, environ)
+                 : posix_spawnp(pid, binary, &actions, &attributes, (char *const *)argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attributes);
+    return rc != 0 ? forkd_error_errno(err, -rc, "start VMM %s", binary) : 0;
+}
+
 static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct forkd_error *err)
 {
     struct vm_registry *registry = vm->registry;
@@ -826,19 +894,16 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
     size_t argc = 5;
     for (size_t i = 0; extra_args && extra_args[i] && argc < 31; i++)
         argv[argc++] = extra_args[i];
-    posix_spawn_file_actions_t actions;
-    posix_spawnattr_t attributes;
-    vm_spawn_setup(&actions, &attributes, vm->log_path);
+    int exec_done[2];
+    int rc = vm_exec_pipe(exec_done, err);
+    if (rc < 0)
+        return rc;
+    _cleanup_close_ int exec_done_read = exec_done[0];
     pid_t pid;
-    int rc = strchr(registry->vmm_binary, '/')
-                 ? posix_spawn(&pid, registry->vmm_binary, &actions, &attributes,
-                               (char *const *)argv, environ)
-                 : posix_spawnp(&pid, registry->vmm_binary, &actions, &attributes,
-                                (char *const *)argv, environ);
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attributes);
-    if (rc != 0)
-        return forkd_error_errno(err, -rc, "start VMM %s", registry->vmm_binary);
+    rc = vm_posix_spawn(vm, argv, &pid, err);
+    close(exec_done[1]); /* the VMM's copy is the one left */
+    if (rc < 0)
+        return rc;
     vm->pid = pid;
     vm->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (vm->pidfd < 0) {
@@ -846,10 +911,10 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
         forkd_kill_reapp(&pid);
         return forkd_error_errno(err, -saved, "pidfd_open(%d)", vm->pid);
     }
-    rc = vm_record_launch(vm);
+    rc = vm_record_launch(vm, exec_done_read, err);
     if (rc < 0) {
         forkd_kill_reapp(&pid);
-        return forkd_error_errno(err, rc, "write the record of VM %s", vm->id);
+        return rc;
     }
     return vm_watch(vm, err);
 }

@@ -373,7 +373,8 @@ def test_kill9_while_a_vmm_is_launching_stops_it():
     the VMM is recorded as soon as it is spawned, so the next forkd finds it, proves it its
     own (its arguments name the VM's socket in forkd's run directory) and stops it. Before,
     the first record came only once the API answered, and such a VMM was left running with
-    nobody able to prove it was forkd's."""
+    nobody able to prove it was forkd's. The record names the launched process's executable
+    (its identity is taken once its exec is complete, not when posix_spawn returns)."""
     home = Daemon(start=False)  # owns the temporary directory both daemons use
     vmm, pidfile = slow_vmm(home.workdir)
     d = Daemon("--vmm-binary", vmm, "--shutdown-grace-ms", "2000", workdir=home.workdir)
@@ -389,6 +390,11 @@ def test_kill9_while_a_vmm_is_launching_stops_it():
         wait_until(lambda: os.path.exists(os.path.join(run_dir(d), "vm-1.vm")) or boot.done(),
                    30, "the launching VMM's record")
         assert not boot.done(), "Boot ended before forkd was killed: %s" % boot.exception()
+        with open(os.path.join(run_dir(d), "vm-1.vm")) as f:
+            launched = json.load(f)["vmm"]
+        # Taken once the exec is complete: the launched process's executable, never forkd's.
+        live_exe = os.readlink("/proc/%d/exe" % pid)
+        assert (launched["pid"], launched["exe"]) == (pid, live_exe), launched
         kill9(d)
         assert alive(pid), "the launching VMM died with forkd"
         again = Daemon("--vmm-binary", vmm, "--shutdown-grace-ms", "2000", workdir=d.workdir)
