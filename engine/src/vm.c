@@ -1938,14 +1938,20 @@ int vm_registry_adopt(struct vm_registry *registry, const struct vm_adopt_config
     registry->next_id = highest; /* new ids never reuse an adopted id or another VM's files */
     pthread_mutex_unlock(&registry->lock);
     char id[VM_ID_MAX];
-    /* UFFD forks first: their vCPUs wait on the page server until they are adopted. */
+    /* UFFD forks first: their vCPUs wait on the page server until they are adopted. Each
+     * record's pass is chosen before the first: one it removes (a start cut short) is not
+     * taken up again by the second as unreadable. */
+    bool uffd[ARRAY_SIZE(ids)];
+    for (size_t i = 0; i < count; i++) {
+        snprintf(id, sizeof(id), "vm-%lu", ids[i]);
+        struct vm_record peek;
+        uffd[i] =
+            vm_record_load(registry->run_dir, id, &peek) == 0 && peek.memory == VM_MEMORY_UFFD;
+    }
     for (int pass = 0; pass < 2; pass++) {
         for (size_t i = 0; i < count; i++) {
             snprintf(id, sizeof(id), "vm-%lu", ids[i]);
-            struct vm_record peek;
-            bool uffd = vm_record_load(registry->run_dir, id, &peek) == 0 &&
-                        peek.memory == VM_MEMORY_UFFD;
-            if (uffd == (pass == 0))
+            if (uffd[i] == (pass == 0))
                 vm_adopt_record(&a, id);
         }
     }

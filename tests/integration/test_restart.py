@@ -335,6 +335,9 @@ def test_kill9_mid_spawn_stops_every_fork_of_it():
         assert set(listed) == {booted.id}, "forks of the cut Spawn were adopted: %s" % [
             (v.id, v.name, v.state) for v in listed.values() if v.id != booted.id]
         assert listed[booted.id].state == P.VM_STATE_RUNNING
+        # Every record of the cut Spawn was read and its VMM proven forkd's (and stopped).
+        assert "left alone" not in again.log(), "records %s; the next forkd's log:\n%s" % (
+            cut, again.log())
         for record in cut.values():
             pid = record["vmm"]["pid"]
             try:
