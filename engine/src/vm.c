@@ -188,8 +188,8 @@ static void vm_fill_record(struct vm *vm, struct vm_record *r)
     pthread_mutex_unlock(&vm->lock);
 }
 
-/* Writes the VM's record as it is now (nothing before the VMM answered: until then there is no
- * process a later forkd could adopt). Returns 0 or -errno. */
+/* Writes the VM's record as it is now (nothing before the VMM is spawned: until then there is
+ * no process a later forkd could find). Returns 0 or -errno. */
 static int vm_save_record(struct vm *vm)
 {
     if (vm->identity.pid == 0)
@@ -221,6 +221,48 @@ static int vm_mark_started(struct vm *vm, struct forkd_error *err)
     vm->starting = false;
     pthread_mutex_unlock(&vm->record_lock);
     int rc = vm_save_record(vm);
+    return rc < 0 ? forkd_error_errno(err, rc, "write the record of VM %s", vm->id) : 0;
+}
+
+/* Waits until the VMM's exec closed its copy of exec_done's write end (vm_exec_pipe), bounded
+ * by the start timeout. */
+static int vm_wait_exec_done(struct vm *vm, int exec_done, struct forkd_error *err)
+{
+    uint64_t deadline = forkd_deadline_after_ms(vm->registry->start_timeout_ms);
+    struct pollfd closed = {.fd = exec_done, .events = POLLIN};
+    int ready;
+    while ((ready = poll(&closed, 1, forkd_ms_left(deadline))) < 0 && errno == EINTR)
+        ;
+    if (ready < 0)
+        return forkd_error_errno(err, -errno, "wait for the exec of VMM pid %d", vm->pid);
+    if (ready == 0)
+        return forkd_error_set(err, -ETIMEDOUT,
+                               "VMM pid %d had not finished its exec of %s after %u ms", vm->pid,
+                               vm->registry->vmm_binary, vm->registry->start_timeout_ms);
+    return 0;
+}
+
+/* The VMM's first record, written as soon as it is spawned: a forkd that dies before the VMM
+ * answers (a slow start, a VMM that hangs) leaves a record with which the next one finds the
+ * process and stops it, instead of an orphan nobody can prove is its own (vm_adopt_prove).
+ * posix_spawn returns when the child's exec is past its point of no return, a moment before
+ * the exec moves the child onto the VMM's memory: until then /proc/<pid>/exe names forkd, and
+ * an identity read then never matches the VMM (the next forkd would leave it running). The
+ * exec closes exec_done only after that move. A VMM that exited already needs no record: its
+ * start fails in vm_wait_for_api, with its last words. */
+static int vm_record_launch(struct vm *vm, int exec_done, struct forkd_error *err)
+{
+    int rc = vm_wait_exec_done(vm, exec_done, err);
+    if (rc < 0)
+        return rc;
+    struct vm_identity identity;
+    rc = vm_identity_of(vm->pid, &identity);
+    if (rc == -ESRCH)
+        return 0;
+    if (rc == 0) {
+        vm->identity = identity;
+        rc = vm_save_record(vm);
+    }
     return rc < 0 ? forkd_error_errno(err, rc, "write the record of VM %s", vm->id) : 0;
 }
 
@@ -797,6 +839,42 @@ static int vm_spawn_setup(posix_spawn_file_actions_t *actions, posix_spawnattr_t
                                                     POSIX_SPAWN_SETSID);
 }
 
+/* A close-on-exec pipe for vm_record_launch: once posix_spawn returned, forkd closes its
+ * write end and the VMM's copy is closed by its exec (a VMM spawned meanwhile by another
+ * thread holds one until its own exec). The write end is kept off the standard streams, which
+ * the spawn's file actions replace before the exec. */
+static int vm_exec_pipe(int fds[2], struct forkd_error *err)
+{
+    if (pipe2(fds, O_CLOEXEC) < 0)
+        return forkd_error_errno(err, -errno, "pipe for the VMM's exec");
+    if (fds[1] > STDERR_FILENO)
+        return 0;
+    int above = fcntl(fds[1], F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+    int saved = errno;
+    close(fds[1]);
+    if (above < 0) {
+        close(fds[0]);
+        return forkd_error_errno(err, -saved, "pipe for the VMM's exec");
+    }
+    fds[1] = above;
+    return 0;
+}
+
+static int vm_posix_spawn(const struct vm *vm, const char *const *argv, pid_t *pid,
+                          struct forkd_error *err)
+{
+    const char *binary = vm->registry->vmm_binary;
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    vm_spawn_setup(&actions, &attributes, vm->log_path);
+    int rc = strchr(binary, '/')
+                 ? posix_spawn(pid, binary, &actions, &attributes, (char *const *)argv, environ)
+                 : posix_spawnp(pid, binary, &actions, &attributes, (char *const *)argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attributes);
+    return rc != 0 ? forkd_error_errno(err, -rc, "start VMM %s", binary) : 0;
+}
+
 static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct forkd_error *err)
 {
     struct vm_registry *registry = vm->registry;
@@ -816,25 +894,27 @@ static int vm_spawn_vmm(struct vm *vm, const char *const *extra_args, struct for
     size_t argc = 5;
     for (size_t i = 0; extra_args && extra_args[i] && argc < 31; i++)
         argv[argc++] = extra_args[i];
-    posix_spawn_file_actions_t actions;
-    posix_spawnattr_t attributes;
-    vm_spawn_setup(&actions, &attributes, vm->log_path);
+    int exec_done[2];
+    int rc = vm_exec_pipe(exec_done, err);
+    if (rc < 0)
+        return rc;
+    _cleanup_close_ int exec_done_read = exec_done[0];
     pid_t pid;
-    int rc = strchr(registry->vmm_binary, '/')
-                 ? posix_spawn(&pid, registry->vmm_binary, &actions, &attributes,
-                               (char *const *)argv, environ)
-                 : posix_spawnp(&pid, registry->vmm_binary, &actions, &attributes,
-                                (char *const *)argv, environ);
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attributes);
-    if (rc != 0)
-        return forkd_error_errno(err, -rc, "start VMM %s", registry->vmm_binary);
+    rc = vm_posix_spawn(vm, argv, &pid, err);
+    close(exec_done[1]); /* the VMM's copy is the one left */
+    if (rc < 0)
+        return rc;
     vm->pid = pid;
     vm->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (vm->pidfd < 0) {
         int saved = errno;
         forkd_kill_reapp(&pid);
         return forkd_error_errno(err, -saved, "pidfd_open(%d)", vm->pid);
+    }
+    rc = vm_record_launch(vm, exec_done_read, err);
+    if (rc < 0) {
+        forkd_kill_reapp(&pid);
+        return rc;
     }
     return vm_watch(vm, err);
 }
@@ -887,6 +967,7 @@ static void vm_abandon_start(struct vm *vm, int rc, struct forkd_error *err)
         if (tail[0])
             forkd_error_prefix(err, "VMM %s (\"%s\"): ", vm->exit_reason, tail);
     }
+    vm_forget_record(vm); /* the VMM died by itself: its launch record goes too */
     vm_delist(vm->registry, vm);
     vm_unref(vm);
 }
@@ -1686,6 +1767,25 @@ static void vm_adopt_branch(struct vm_adoption *a, struct vm *vm, const struct v
         a->config->branch_failed(a->config->arg, vm->id, r->branch_id);
 }
 
+/* True if pid's command line holds "--api-sock" followed by socket_path, as vm_spawn_vmm
+ * starts every VMM. */
+static bool vm_launched_for(pid_t pid, const char *socket_path)
+{
+    char path[64], args[8192];
+    snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t length = fd < 0 ? -1 : read(fd, args, sizeof(args) - 1);
+    if (length <= 0)
+        return false;
+    args[length] = '\0';
+    for (const char *arg = args, *end = args + length; arg < end; arg += strlen(arg) + 1) {
+        const char *next = arg + strlen(arg) + 1;
+        if (strcmp(arg, "--api-sock") == 0 && next < end && strcmp(next, socket_path) == 0)
+            return true;
+    }
+    return false;
+}
+
 /* Proves that the recorded VMM is alive and ours, and pins it with a pidfd: 0, -ESRCH when it
  * is gone (its pid free or taken by a later process), -EPERM when the process is not provably
  * the one recorded (never acted on). */
@@ -1701,15 +1801,20 @@ static int vm_adopt_prove(struct vm *vm, const struct vm_record *r)
     /* Checked again with the pidfd held: the process it names can no longer be replaced. */
     if (vm->pidfd < 0 || !vm_identity_is_live(&r->vmm))
         return -ESRCH;
-    return vm_socket_owner(vm->api_socket_path) == r->vmm.pid ? 0 : -EPERM;
+    if (vm_socket_owner(vm->api_socket_path) == r->vmm.pid)
+        return 0;
+    /* A VMM still launching has no socket yet: the arguments forkd gave it, which name this
+     * VM's socket in forkd's own run directory, prove it; it is then stopped, never adopted. */
+    return r->starting && vm_launched_for(r->vmm.pid, vm->api_socket_path) ? 0 : -EPERM;
 }
 
 static void vm_adopt_live(struct vm_adoption *a, struct vm *vm, const struct vm_record *r)
 {
     struct forkd_error err = {0};
     vm->adopted = true; /* the reaper records its exit without a status */
-    /* Reached before it is listed: a VMM forkd cannot talk to is left as it is. */
-    int rc = vm_adopt_connect(vm, &err);
+    /* Reached before it is listed: a VMM forkd cannot talk to is left as it is (one whose start
+     * was cut short is stopped without a word: it may not answer yet). */
+    int rc = r->starting ? 0 : vm_adopt_connect(vm, &err);
     if (rc < 0) {
         a->report->foreign++;
         vm_adopt_log(a, true, "VM %s (VMM pid %d) does not answer, left alone: %s", vm->id,
@@ -1833,14 +1938,20 @@ int vm_registry_adopt(struct vm_registry *registry, const struct vm_adopt_config
     registry->next_id = highest; /* new ids never reuse an adopted id or another VM's files */
     pthread_mutex_unlock(&registry->lock);
     char id[VM_ID_MAX];
-    /* UFFD forks first: their vCPUs wait on the page server until they are adopted. */
+    /* UFFD forks first: their vCPUs wait on the page server until they are adopted. Each
+     * record's pass is chosen before the first: one it removes (a start cut short) is not
+     * taken up again by the second as unreadable. */
+    bool uffd[ARRAY_SIZE(ids)];
+    for (size_t i = 0; i < count; i++) {
+        snprintf(id, sizeof(id), "vm-%lu", ids[i]);
+        struct vm_record peek;
+        uffd[i] =
+            vm_record_load(registry->run_dir, id, &peek) == 0 && peek.memory == VM_MEMORY_UFFD;
+    }
     for (int pass = 0; pass < 2; pass++) {
         for (size_t i = 0; i < count; i++) {
             snprintf(id, sizeof(id), "vm-%lu", ids[i]);
-            struct vm_record peek;
-            bool uffd = vm_record_load(registry->run_dir, id, &peek) == 0 &&
-                        peek.memory == VM_MEMORY_UFFD;
-            if (uffd == (pass == 0))
+            if (uffd[i] == (pass == 0))
                 vm_adopt_record(&a, id);
         }
     }

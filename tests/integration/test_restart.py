@@ -10,8 +10,8 @@ import time
 
 import grpc
 
-from forkd_harness import (VmDaemon, forkd_pb2, forkd_pb2_grpc, scaled, verify_snapshot,
-                           wait_until)
+from forkd_harness import (FORKD_TESTVM, Daemon, VmDaemon, forkd_pb2, forkd_pb2_grpc, scaled,
+                           verify_snapshot, wait_until)
 
 P = forkd_pb2
 # The guest writes pages one after another at a bounded rate, so a UFFD fork keeps faulting
@@ -335,9 +335,16 @@ def test_kill9_mid_spawn_stops_every_fork_of_it():
         assert set(listed) == {booted.id}, "forks of the cut Spawn were adopted: %s" % [
             (v.id, v.name, v.state) for v in listed.values() if v.id != booted.id]
         assert listed[booted.id].state == P.VM_STATE_RUNNING
+        # Every record of the cut Spawn was read and its VMM proven forkd's (and stopped).
+        assert "left alone" not in again.log(), "records %s; the next forkd's log:\n%s" % (
+            cut, again.log())
         for record in cut.values():
             pid = record["vmm"]["pid"]
-            wait_until(lambda: not alive(pid), 30, "VMM %d of the cut Spawn to be gone" % pid)
+            try:
+                wait_until(lambda: not alive(pid), 30, "VMM %d of the cut Spawn to be gone" % pid)
+            except AssertionError as e:
+                raise AssertionError("%s; records %s; the next forkd's log:\n%s"
+                                     % (e, cut, again.log()))
         assert spawn_records(again, "half") == {}
         again.forkd().DeleteSnapshot(P.DeleteSnapshotRequest(name="base"), timeout=30)
         assert leftovers(again) == []
@@ -349,6 +356,62 @@ def test_kill9_mid_spawn_stops_every_fork_of_it():
         # A VMM launched in the instant before its record was written is known by its
         # arguments only (they name the run directory).
         kill_leftovers(pids + vmm_pids_of(d))
+
+
+def slow_vmm(workdir):
+    """A VMM that takes its time to start: a script that writes its pid, then blocks in a shell
+    builtin (no child process) until its FIFO is written, and only then becomes the test VMM."""
+    fifo, pidfile = os.path.join(workdir, "start.fifo"), os.path.join(workdir, "vmm.pid")
+    os.mkfifo(fifo)
+    path = os.path.join(workdir, "slow-vmm")
+    with open(path, "w") as f:
+        f.write("#!/bin/bash\necho $$ > %s\nread -t 600 <> %s\nexec %s \"$@\"\n"
+                % (pidfile, fifo, FORKD_TESTVM))
+    os.chmod(path, 0o755)
+    return path, pidfile
+
+
+def test_kill9_while_a_vmm_is_launching_stops_it():
+    """forkd killed after it spawned a VMM and before the VMM's API answered (a slow start):
+    the VMM is recorded as soon as it is spawned, so the next forkd finds it, proves it its
+    own (its arguments name the VM's socket in forkd's run directory) and stops it. Before,
+    the first record came only once the API answered, and such a VMM was left running with
+    nobody able to prove it was forkd's. The record names the launched process's executable
+    (its identity is taken once its exec is complete, not when posix_spawn returns)."""
+    home = Daemon(start=False)  # owns the temporary directory both daemons use
+    vmm, pidfile = slow_vmm(home.workdir)
+    d = Daemon("--vmm-binary", vmm, "--shutdown-grace-ms", "2000", workdir=home.workdir)
+    again, pid = None, 0
+    try:
+        boot = forkd_pb2_grpc.ForkdStub(d.channel).Boot.future(P.BootRequest(
+            kernel_image_path=os.environ["FORKD_GUEST"],
+            machine=P.MachineConfig(vcpu_count=1, mem_size_mib=16)), timeout=scaled(600))
+        wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0, 60,
+                   "the VMM to be launched")
+        with open(pidfile) as f:
+            pid = int(f.read())
+        wait_until(lambda: os.path.exists(os.path.join(run_dir(d), "vm-1.vm")) or boot.done(),
+                   30, "the launching VMM's record")
+        assert not boot.done(), "Boot ended before forkd was killed: %s" % boot.exception()
+        with open(os.path.join(run_dir(d), "vm-1.vm")) as f:
+            launched = json.load(f)["vmm"]
+        # Taken once the exec is complete: the launched process's executable, never forkd's.
+        live_exe = os.readlink("/proc/%d/exe" % pid)
+        assert (launched["pid"], launched["exe"]) == (pid, live_exe), launched
+        kill9(d)
+        assert alive(pid), "the launching VMM died with forkd"
+        again = Daemon("--vmm-binary", vmm, "--shutdown-grace-ms", "2000", workdir=d.workdir)
+        wait_until(lambda: not alive(pid), 30, "the launching VMM %d to be stopped" % pid)
+        assert vms_by_id(again) == {}
+        assert [n for n in os.listdir(run_dir(again))
+                if n.startswith("vm-1.") and not n.endswith(".log")] == []
+        assert "start was cut short" in again.log(), again.log()
+    finally:
+        d.stop()
+        if again:
+            again.cleanup()
+        kill_leftovers([pid])
+        home.cleanup()
 
 
 def test_a_planted_record_naming_another_process_is_ignored():
