@@ -9,6 +9,7 @@
 #include "basic/fsutil.h"
 
 #include "disk_clone.h"
+#include "hot_set.h"
 #include "forkd/probe.h"
 #include "latency.h"
 #include "pause.h"
@@ -321,7 +322,8 @@ static void branch_dirty_free(struct dirty_list *list)
     *list = (struct dirty_list){0};
 }
 
-/* Appends a round's dirty pages to the hot list; out of memory only costs the ordering. */
+/* Appends a round's dirty pages to the hot list; out of memory only costs the ordering and
+ * the hot set's completeness. */
 static void branch_dirty_extend(struct dirty_list *list, const struct dirty_list *more)
 {
     for (size_t i = 0; i < more->count; i++)
@@ -343,7 +345,7 @@ static int branch_prearm(struct branch *branch, struct branch_run_state *run,
         struct dirty_list list;
         rc = branch_handler_request(run, HANDLER_TRACKING, &list);
         long pages = rc < 0 ? rc : branch_rearm(run, &list, err);
-        if (pages > 0 && branch_lever(run, BRANCH_LEVER_HOT_FIRST))
+        if (pages > 0) /* copied first (BRANCH_LEVER_HOT_FIRST), and the snapshot's hot set */
             branch_dirty_extend(&run->hot, &list);
         branch_dirty_free(&list);
         if (rc < 0)
@@ -632,6 +634,27 @@ static int branch_bulk_hot(struct branch *branch, struct branch_run_state *run, 
     return 0;
 }
 
+/* The hot set the snapshot records: the pages dirtied while pre-arming, as runs of memory.bin
+ * (a page of its region's size each), coalesced. Out of memory leaves the snapshot without
+ * one, which it may well be. */
+static void branch_build_hot_set(struct branch_run_state *run)
+{
+    const struct dirty_list *hot = &run->hot;
+    run->hot_set_count = 0;
+    _cleanup_free_ struct store_hot_range *runs =
+        malloc((hot->count ? hot->count : 1) * sizeof(*runs));
+    if (!runs)
+        return;
+    for (size_t i = 0; i < hot->count; i++) {
+        const struct branch_region *region = branch_region_of(run, hot->addresses[i]);
+        runs[i] = (struct store_hot_range){region->uffd.file_offset +
+                                               (hot->addresses[i] - region->uffd.host_base),
+                                           region->uffd.page_size};
+    }
+    if (hot_set_build(runs, hot->count, run->total_bytes, run->hot_set, &run->hot_set_count) < 0)
+        run->hot_set_count = 0;
+}
+
 static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
                             struct forkd_error *err)
 {
@@ -902,6 +925,8 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     rc = branch_bulk_copy(branch, run, err);
     if (rc == 0)
         rc = branch_wait_all_written(branch, run, err);
+    if (rc == 0) /* the guest pays nothing for the branch any more */
+        branch_build_hot_set(run);
     if (rc == 0 && fsync(run->memory_fd) < 0)
         rc = forkd_error_errno(err, -errno, "fsync memory.bin");
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
@@ -1047,6 +1072,8 @@ static void branch_fill_record(struct branch *branch, const struct branch_run_st
         request->label_count < STORE_MAX_LABELS ? request->label_count : STORE_MAX_LABELS;
     for (size_t i = 0; i < meta->label_count; i++)
         meta->labels[i] = request->labels[i];
+    meta->hot_count = run->hot_set_count;
+    memcpy(meta->hot, run->hot_set, run->hot_set_count * sizeof(*run->hot_set));
 }
 
 static int branch_publish(struct branch *branch, struct branch_run_state *run,

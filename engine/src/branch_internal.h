@@ -144,6 +144,9 @@ struct branch_run_state {
     unsigned levers;        /* branch_lever bits in use */
     struct staging staging; /* with BRANCH_LEVER_STAGING */
     struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
+    /* The hot set the snapshot records, built from `hot` once the copy is done. */
+    size_t hot_set_count;
+    struct store_hot_range hot_set[STORE_MAX_HOT_RANGES];
     /* Futex word bumped by the fault handler after each page it wrote, woken only while the
      * copier waits for the last of them (written_waiting), so the fault path makes no system
      * call otherwise and takes no lock. */
