@@ -442,6 +442,17 @@ static int engine_lazy_acquire(struct engine *engine, const char *name, struct e
     return rc;
 }
 
+int engine_lazy_pull_status(struct engine *engine, const char *name, struct remote_lazy_status *out)
+{
+    int rc = -ENOENT;
+    pthread_mutex_lock(&engine->lazy_lock);
+    for (struct engine_lazy *entry = engine->lazies; entry && rc < 0; entry = entry->next)
+        if (strcmp(entry->name, name) == 0 && remote_lazy_state(entry->lazy, out, NULL) == 1)
+            rc = 0;
+    pthread_mutex_unlock(&engine->lazy_lock);
+    return rc;
+}
+
 static void engine_lazy_release(struct engine *engine, struct engine_lazy *entry)
 {
     pthread_mutex_lock(&engine->lazy_lock);

@@ -187,6 +187,20 @@ def vmm_get(vm):
         connection.close()
 
 
+def vmm_set_state(vm, state):
+    """PATCH /vm {"state": state} ("Paused" or "Resumed") on the VM's VMM (the test VMM's API,
+    as Firecracker's): forkd has no call to resume a fork spawned paused."""
+    connection = _UnixHTTPConnection(vm.api_socket_path)
+    try:
+        connection.request("PATCH", "/vm", body=json.dumps({"state": state}),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 204, (response.status, body)
+    finally:
+        connection.close()
+
+
 NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 FREE_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
 RESERVED_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages"
