@@ -1,5 +1,6 @@
-// A snapshot's hot set: built from written pages (merged, coalesced to the bound, never losing a
-// page), and the chunks it touches.
+// A snapshot's hot set: built from written pages (merged, coalesced to the bound across the
+// narrowest gaps, the sparsest ranges dropped when that is not enough), and the chunks it
+// touches.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -100,6 +101,26 @@ TEST(HotSet, TheSmallestGapsAreClosedFirst)
     EXPECT_EQ(257 * kPage + kPage, covered);
     EXPECT_EQ(100 * 8 * kPage, set[100].offset);
     EXPECT_EQ(3 * kPage, set[100].length);
+}
+
+TEST(HotSet, WritesScatteredWideApartKeepTheDensestRangesAndNeverSpanAWideGap)
+{
+    // 300 single pages 4 MiB apart, and a cluster of 100 pages after them: no gap may close
+    // (each is wider than a chunk), so the 256 ranges the guest wrote most in stay.
+    std::vector<store_hot_range> pages;
+    for (uint64_t i = 0; i < 300; i++)
+        pages.push_back({i * (4 << 20), kPage});
+    const uint64_t cluster = 300ULL * (4 << 20);
+    pages.push_back({cluster, 100 * kPage});
+    auto set = Build(pages, 2ULL << 30);
+    ExpectValid(set, 2ULL << 30);
+    ASSERT_EQ((size_t)STORE_MAX_HOT_RANGES, set.size());
+    EXPECT_EQ(cluster, set.back().offset);
+    EXPECT_EQ(100 * kPage, set.back().length);
+    for (size_t i = 0; i + 1 < set.size(); i++) {
+        EXPECT_EQ(i * (4 << 20), set[i].offset) << "the earliest of the single pages stay";
+        EXPECT_EQ(kPage, set[i].length) << "no range spans a gap wider than a chunk";
+    }
 }
 
 TEST(HotSet, RunsBeyondMemoryAreCutAndAnEmptyListGivesNoSet)
