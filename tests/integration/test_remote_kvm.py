@@ -310,6 +310,13 @@ def test_a_live_branch_records_the_guests_hot_region_and_it_survives_push_and_pu
         assert in_hot / hot_pages >= 4 * elsewhere / (pages - hot_pages), (in_hot, elsewhere)
         assert live.snapshot.hot_bytes == sum(n for _, n in ranges)
         assert live.snapshot.hot_ranges == len(ranges) <= 256
+        # Local UFFD forks with prefetch on get the hot set copied in before they run, from the
+        # first fork on (before, only forks after a recording window were prefetched).
+        first = sa.Spawn(P.SpawnRequest(snapshot="warm", count=1, backend=P.MEMORY_BACKEND_UFFD,
+                                        prefetch_record_ms=1000), timeout=120).vms[0]
+        assert first.page_server.pages_prefetched >= live.snapshot.hot_bytes // 4096, \
+            first.page_server
+        sa.StopVm(P.StopVmRequest(vm_id=first.id), timeout=60)
         # A FULL branch does not watch the guest write: it records none.
         full = a.branch(vm.id, "warm-full", mode=P.BRANCH_MODE_FULL)[-1]
         assert full.phase == P.BRANCH_PHASE_DONE, full
