@@ -175,11 +175,12 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def vmm_get(vm):
-    """The VMM's own description of itself (the test VMM's GET /), as a dict."""
+def vmm_get(vm, path="/"):
+    """The VMM's own description of itself (the test VMM's GET /), as a dict; or another GET's
+    answer (GET /progress/<since_ns>: the guest's progress reports)."""
     connection = _UnixHTTPConnection(vm.api_socket_path)
     try:
-        connection.request("GET", "/")
+        connection.request("GET", path)
         response = connection.getresponse()
         assert response.status == 200, response.status
         return json.loads(response.read())
