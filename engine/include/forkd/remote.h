@@ -4,9 +4,10 @@
  * DeleteRemote); the HTTP and the signing are the S3 client's (src/s3.h, over libcurl).
  *
  * Layout in the bucket:
- *   snapshots/<name>/manifest.json  snapshot.json, the vmstate's size and sha256, and the chunk
- *                                   index: the sha256 of each REMOTE_CHUNK_SIZE piece of
- *                                   memory.bin, "" for an all-zero piece (not stored)
+ *   snapshots/<name>/manifest.json  snapshot.json (its hot set included), the vmstate's size and
+ *                                   sha256, and the chunk index: the sha256 of each
+ *                                   REMOTE_CHUNK_SIZE piece of memory.bin, "" for an all-zero
+ *                                   piece (not stored)
  *   snapshots/<name>/vmstate
  *   chunks/<sha256>                 one piece of memory, content-addressed: shared by every
  *                                   snapshot holding the same bytes, uploaded once
