@@ -128,7 +128,9 @@ def lazy_figures(args, rgw, work, daemons):
         name="lazy-src", kernel_image_path=guest,
         boot_args="pattern=hotset pages=%d skip=%d seed=41" % (ws_pages, skip),
         machine=forkd_pb2.MachineConfig(vcpu_count=1, mem_size_mib=args.lazy_mib)), timeout=120)
-    wait_until(lambda: guest_progress(vm) > 0, 60, "the source guest to run")
+    # Well into its loop (10^7 writes: a fraction of a second flat out), as a guest one branches
+    # would be: the branch's 20 ms window then sees it write.
+    wait_until(lambda: guest_progress(vm) > 10 ** 7, 120, "the source guest to run")
     branch = list(a.forkd().Branch(forkd_pb2.BranchRequest(vm_id=vm.id, snapshot_name="hot"),
                                    timeout=600))[-1]
     assert branch.phase == forkd_pb2.BRANCH_PHASE_DONE, branch

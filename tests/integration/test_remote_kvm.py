@@ -289,7 +289,7 @@ def test_a_live_branch_records_the_guests_hot_region_and_it_survives_push_and_pu
         mem_mib = 128
         pages = ((mem_mib - 1) << 20) // 4096
         vm = a.boot(mem_mib=mem_mib, workload="pattern=hotset seed=31")
-        wait_until(lambda: guest_progress(vm) > 0, 60, "the guest to run")
+        wait_until(lambda: guest_progress(vm) > 10 ** 7, 120, "the guest to be well into its loop")
         live = a.branch(vm.id, "warm")[-1]
         assert live.phase == P.BRANCH_PHASE_DONE, live
         hot = snapshot_hot(live.snapshot.path)
