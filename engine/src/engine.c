@@ -420,9 +420,9 @@ static void engine_reap_lazies_locked(struct engine *engine)
     }
 }
 
-/* The running lazy pull of the snapshot (started now if there is none), held for a Spawn. */
-static int engine_lazy_acquire(struct engine *engine, const char *name, struct engine_lazy **out,
-                               struct forkd_error *err)
+/* The running lazy pull of the snapshot, or a new one; its spawns counted (kept from reaping). */
+static int engine_lazy_find_or_start(struct engine *engine, const char *name,
+                                     struct engine_lazy **out, struct forkd_error *err)
 {
     pthread_mutex_lock(&engine->lazy_lock);
     engine_reap_lazies_locked(engine);
@@ -452,6 +452,28 @@ static int engine_lazy_acquire(struct engine *engine, const char *name, struct e
     return rc;
 }
 
+/* The running lazy pull of the snapshot (started now if there is none), held for a Spawn: its
+ * files stay where they are until the Spawn releases it. A pull that is ending just now is
+ * waited for, then looked for again (-EEXIST: it ended READY). */
+static int engine_lazy_acquire(struct engine *engine, const char *name, struct engine_lazy **out,
+                               struct forkd_error *err)
+{
+    for (;;) {
+        struct engine_lazy *entry = NULL;
+        int rc = engine_lazy_find_or_start(engine, name, &entry, err);
+        if (rc < 0)
+            return rc;
+        if (remote_lazy_hold(entry->lazy) == 0) {
+            *out = entry;
+            return 0;
+        }
+        remote_lazy_wait(entry->lazy);
+        pthread_mutex_lock(&engine->lazy_lock);
+        entry->spawns--;
+        pthread_mutex_unlock(&engine->lazy_lock);
+    }
+}
+
 int engine_lazy_pull_status(struct engine *engine, const char *name, struct remote_lazy_status *out)
 {
     int rc = -ENOENT;
@@ -465,6 +487,7 @@ int engine_lazy_pull_status(struct engine *engine, const char *name, struct remo
 
 static void engine_lazy_release(struct engine *engine, struct engine_lazy *entry)
 {
+    remote_lazy_release(entry->lazy);
     pthread_mutex_lock(&engine->lazy_lock);
     entry->spawns--;
     pthread_mutex_unlock(&engine->lazy_lock);

@@ -909,7 +909,13 @@ struct remote_lazy {
     uint64_t *requests;   /* ring of chunk_count entries: each chunk is queued at most once */
     uint64_t request_head, request_count;
     unsigned running;
-    int result; /* 1 while fetching, 0 READY in the store, -errno failed (error) */
+    /* Spawns restoring forks on the WRITING files (remote_lazy_hold): the pull publishes or
+     * aborts, which moves or removes those files, only once none holds it. */
+    unsigned holds;
+    bool workers_done;    /* every worker ended: the end waits only for the holds */
+    bool finishing;       /* remote_lazy_finish began: no new hold */
+    pthread_cond_t ended; /* broadcast when result leaves 1 */
+    int result;           /* 1 while fetching, 0 READY in the store, -errno failed (error) */
     struct forkd_error error;
     uint64_t done_ns;
 };
@@ -988,16 +994,19 @@ static void remote_lazy_fetch(struct remote_lazy_worker *worker, uint64_t chunk)
         remote_lazy_hot_settled(lazy, chunk, true);
         return;
     }
+    /* The reason is kept before the failure is counted or a fork ended for it: a Spawn that
+     * sees either reads the reason with it (remote_lazy_state). */
+    struct forkd_error named = err;
+    forkd_error_prefix(&named, "lazy pull '%s': ", lazy->manifest.name);
+    pthread_mutex_lock(&lazy->lock);
+    if (lazy->error.code == 0)
+        lazy->error = named;
+    pthread_mutex_unlock(&lazy->lock);
     atomic_fetch_add(&lazy->chunks_failed, 1);
     remote_lazy_hot_settled(lazy, chunk, false);
     /* Without the pull's name: the reason ends up in a fork's exit_reason (128 bytes), and the
      * fork names its snapshot itself. */
     page_server_chunk_failed(lazy->server, lazy->template, chunk, err.message);
-    forkd_error_prefix(&err, "lazy pull '%s': ", lazy->manifest.name);
-    pthread_mutex_lock(&lazy->lock);
-    if (lazy->error.code == 0)
-        lazy->error = err;
-    pthread_mutex_unlock(&lazy->lock);
 }
 
 /* The last worker: READY when every chunk arrived and matched, otherwise the store is left
@@ -1030,6 +1039,47 @@ static void remote_lazy_finish(struct remote_lazy *lazy)
     if (rc < 0)
         lazy->error = err;
     lazy->done_ns = forkd_monotonic_ns();
+    pthread_cond_broadcast(&lazy->ended);
+    pthread_mutex_unlock(&lazy->lock);
+}
+
+/* A worker ended (or never started): the last one finishes the pull unless a Spawn holds it,
+ * in which case the last release does. */
+static void remote_lazy_worker_ended(struct remote_lazy *lazy)
+{
+    pthread_mutex_lock(&lazy->lock);
+    bool finish = --lazy->running == 0 && lazy->holds == 0;
+    lazy->workers_done = lazy->running == 0;
+    lazy->finishing |= finish;
+    pthread_mutex_unlock(&lazy->lock);
+    if (finish)
+        remote_lazy_finish(lazy);
+}
+
+int remote_lazy_hold(struct remote_lazy *lazy)
+{
+    pthread_mutex_lock(&lazy->lock);
+    bool open = !lazy->finishing;
+    lazy->holds += open;
+    pthread_mutex_unlock(&lazy->lock);
+    return open ? 0 : -EALREADY;
+}
+
+void remote_lazy_release(struct remote_lazy *lazy)
+{
+    pthread_mutex_lock(&lazy->lock);
+    bool finish = --lazy->holds == 0 && lazy->workers_done && !lazy->finishing;
+    lazy->finishing |= finish;
+    pthread_mutex_unlock(&lazy->lock);
+    if (finish)
+        remote_lazy_finish(lazy);
+}
+
+void remote_lazy_wait(struct remote_lazy *lazy)
+{
+    pthread_mutex_lock(&lazy->lock);
+    while (lazy->result == 1)
+        pthread_cond_wait(&lazy->ended, &lazy->lock);
     pthread_mutex_unlock(&lazy->lock);
 }
 
@@ -1046,11 +1096,7 @@ static void *remote_lazy_worker_main(void *arg)
                 page_server_chunk_failed(lazy->server, lazy->template, c,
                                          "lazy pull stopped (forkd shutting down)");
     }
-    pthread_mutex_lock(&lazy->lock);
-    bool last = --lazy->running == 0;
-    pthread_mutex_unlock(&lazy->lock);
-    if (last)
-        remote_lazy_finish(lazy);
+    remote_lazy_worker_ended(lazy);
     return NULL;
 }
 
@@ -1071,6 +1117,7 @@ static void remote_lazy_destroy(struct remote_lazy *lazy)
     free(lazy->requests);
     free(lazy->hot_chunks);
     free(lazy->hot);
+    pthread_cond_destroy(&lazy->ended);
     pthread_mutex_destroy(&lazy->lock);
     free(lazy);
 }
@@ -1124,13 +1171,9 @@ static int remote_lazy_start_workers(struct remote_lazy *lazy, struct forkd_erro
         int e = pthread_create(&lazy->workers[i].thread, NULL, remote_lazy_worker_main,
                                &lazy->workers[i]);
         if (e) {
-            pthread_mutex_lock(&lazy->lock);
-            bool last = --lazy->running == 0;
-            pthread_mutex_unlock(&lazy->lock);
             atomic_store(&lazy->stop, true);
             forkd_error_errno(err, -e, "lazy pull: start a fetch thread");
-            if (last)
-                remote_lazy_finish(lazy);
+            remote_lazy_worker_ended(lazy);
             return -e;
         }
         lazy->workers[i].started = true;
@@ -1216,6 +1259,7 @@ int remote_lazy_start(struct remote *remote, struct store *store, struct page_se
     lazy->result = 1;
     lazy->start_ns = forkd_monotonic_ns();
     pthread_mutex_init(&lazy->lock, NULL);
+    pthread_cond_init(&lazy->ended, NULL);
     rc = remote_lazy_prepare(lazy, name, err);
     if (rc < 0) {
         remote_lazy_free(lazy);
@@ -1244,7 +1288,7 @@ int remote_lazy_state(struct remote_lazy *lazy, struct remote_lazy_status *out,
 {
     pthread_mutex_lock(&lazy->lock);
     int rc = lazy->result;
-    if (rc < 0 && err)
+    if (err && lazy->error.code < 0) /* a chunk failed: the pull may still run for the others */
         *err = lazy->error;
     uint64_t end = lazy->result == 1 ? forkd_monotonic_ns() : lazy->done_ns;
     pthread_mutex_unlock(&lazy->lock);

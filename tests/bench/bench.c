@@ -32,11 +32,16 @@ static void usage(FILE *out)
             "                   [--boost-vcpus] [--null-sweep] [--spawn-paused] [--no-branch]\n"
             "                   [--no-fanout] [--no-realtime] [--timeout-scale N]\n"
             "                   [--workloads random,hotset,sequential] [--levers VARIANT,...]\n"
-            "                   [--report-us US] [--tail-ms MS] [--vcpus N]\n"
+            "                   [--report-us US] [--tail-ms MS] [--vcpus N] [--seed N]\n"
             "Defaults: sizes 256,1024,4096; every workload; 5 repetitions (3 at 1 GiB and up);\n"
             "fan-out 1,8,32; the guest reports its progress every 1000 us; a branch's cost is\n"
             "counted until 500 ms after it ends.\n"
             "--quick: 256 MiB, 2 repetitions, fan-out 1,8. JSON to build/bench.json.\n"
+            "--reps N: N repetitions at every size (1 to 16); --reps-large N then sets those of\n"
+            "1 GiB and up, wherever it appears.\n"
+            "--rate-ms MS: each undisturbed window, one before and one after every branch.\n"
+            "--seed N (0 to 4294967295): the rows of each repetition run in an order shuffled\n"
+            "from N; default from the clock, printed with the results so a run can be repeated.\n"
             "--levers: the LIVE branches of each repetition, the first giving the LIVE figures:\n"
             "all (every copy-phase lever), none (the engine without them), or all but one:\n"
             "no-staging, no-hot, no-around, no-release, no-direct. Default all,none.\n"
@@ -137,6 +142,9 @@ static void set_defaults(struct bench_options *o, bool quick)
     o->report_us = 1000;
     o->vcpus = BENCH_VCPUS;
     o->tail_ms = 500;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    o->seed = (uint32_t)((uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec);
     parse_workloads("random,hotset,sequential", o);
     parse_variants("all,none", o);
 }
@@ -166,6 +174,7 @@ enum {
     OPT_REPORT_US,
     OPT_TAIL_MS,
     OPT_VCPUS,
+    OPT_SEED_ORDER,
     OPT_HELP
 };
 
@@ -194,6 +203,7 @@ static const struct option long_options[] = {
     {"report-us", required_argument, NULL, OPT_REPORT_US},
     {"tail-ms", required_argument, NULL, OPT_TAIL_MS},
     {"vcpus", required_argument, NULL, OPT_VCPUS},
+    {"seed", required_argument, NULL, OPT_SEED_ORDER},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -208,6 +218,17 @@ static int parse_number(const char *text, unsigned *out)
     return 0;
 }
 
+static int parse_seed(const char *text, uint32_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long value = strtoull(text, &end, 10);
+    if (!*text || *end || *text == '-' || errno || value > UINT32_MAX)
+        return -EINVAL;
+    *out = (uint32_t)value;
+    return 0;
+}
+
 static int apply_option(struct bench_options *o, int option, const char *arg)
 {
     switch (option) {
@@ -216,10 +237,17 @@ static int apply_option(struct bench_options *o, int option, const char *arg)
     case OPT_FANOUT:
         return parse_list(arg, o->fanout, BENCH_MAX_FANOUT, &o->fanout_count);
     case OPT_REPS:
-        return parse_number(arg, &o->reps) < 0 || o->reps > BENCH_MAX_REPS ? -EINVAL : 0;
+        if (parse_number(arg, &o->reps) < 0 || o->reps > BENCH_MAX_REPS)
+            return -EINVAL;
+        if (!o->reps_large_set)
+            o->reps_large = o->reps;
+        return 0;
     case OPT_REPS_LARGE:
+        o->reps_large_set = true;
         return parse_number(arg, &o->reps_large) < 0 || o->reps_large > BENCH_MAX_REPS ? -EINVAL
                                                                                        : 0;
+    case OPT_SEED_ORDER:
+        return parse_seed(arg, &o->seed);
     case OPT_NULL:
         return parse_number(arg, &o->null_ms);
     case OPT_RATE:
@@ -286,13 +314,19 @@ static int parse_options(int argc, char **argv, struct bench_options *o)
     for (int i = 1; i < argc; i++)
         quick |= strcmp(argv[i], "--quick") == 0;
     set_defaults(o, quick);
-    int option;
-    while ((option = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
+    int option, index = 0;
+    while ((option = getopt_long(argc, argv, "", long_options, &index)) != -1) {
         if (option == OPT_HELP) {
             usage(stdout);
             exit(0);
         }
+        if (option == '?') {
+            usage(stderr);
+            return -EINVAL;
+        }
         if (option != OPT_QUICK && apply_option(o, option, optarg) < 0) {
+            fprintf(stderr, "forkd-bench: --%s %s: not a valid value (see below)\n",
+                    long_options[index].name, optarg);
             usage(stderr);
             return -EINVAL;
         }
@@ -499,6 +533,10 @@ int main(int argc, char **argv)
     struct bench_context context = {.options = &options, .json = cJSON_CreateObject()};
     watch_interrupts(&context);
     cJSON_AddItemToObject(context.json, "machine", machine_json());
+    cJSON_AddNumberToObject(context.json, "seed", options.seed);
+    printf("forkd-bench: seed %u (--seed %u runs the rows in the same orders)\n", options.seed,
+           options.seed);
+    fflush(stdout);
     struct forkd_error err = {0};
     int rc = open_context(&context, &err);
     if (rc == 0)

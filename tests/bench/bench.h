@@ -47,6 +47,8 @@ struct bench_options {
     unsigned sizes_mib[BENCH_MAX_SIZES];
     unsigned reps;       /* per size and mode */
     unsigned reps_large; /* for guests of 1 GiB and more */
+    bool reps_large_set; /* --reps-large given: --reps leaves it alone */
+    uint32_t seed;       /* of the order of the rows in each repetition */
     size_t fanout_count;
     unsigned fanout[BENCH_MAX_FANOUT];
     unsigned null_ms;   /* how long the null handler serves faults */
@@ -89,6 +91,11 @@ uint64_t bench_percentile(const uint64_t *sorted, size_t count, double percentil
 
 uint64_t bench_now_ns(void);
 void bench_sleep_ms(unsigned ms);
+
+/* A seeded pseudo-random stream (splitmix64): the same seed gives the same orders. */
+uint64_t bench_random_next(uint64_t *state);
+/* Fisher-Yates shuffle of items[0..count). */
+void bench_shuffle(uint64_t *state, unsigned *items, unsigned count);
 
 /* ---- guests ----------------------------------------------------------------------------- */
 
@@ -139,15 +146,32 @@ int guest_read_progress_log(struct vmm_client *client, uint64_t since_ns, struct
                             struct forkd_error *err);
 void progress_log_free(struct progress_log *log);
 
-/* What the guest lost over [from, to] against its rate over [idle_from, from]: work lost
- * (ms of guest work per vCPU), the longest interval a vCPU made under 10% of its undisturbed
- * progress, and the undisturbed rate (writes/s, all vCPUs). -ENODATA without enough reports. */
-struct guest_cost {
-    double lost_ms, stall_ms, undisturbed_per_s, window_ms, report_spacing_ms;
+/* Each vCPU's undisturbed progress rate (per ns) over the reports inside a window with the guest
+ * left alone, and the spacing of those reports. */
+struct guest_rates {
+    unsigned vcpu_count;
+    double per_ns[BENCH_MAX_VCPUS];
+    double spacing_ns[BENCH_MAX_VCPUS];
 };
 
-int guest_cost_compute(const struct progress_log *log, uint64_t idle_from, uint64_t from,
-                       uint64_t to, struct guest_cost *out, struct forkd_error *err);
+/* -ENODATA without enough reports in [from, to]. */
+int guest_rates_compute(const struct progress_log *log, uint64_t from, uint64_t to,
+                        struct guest_rates *out, struct forkd_error *err);
+/* Every vCPU's mean of two windows' rates (before and after a branch). */
+void guest_rates_mean(const struct guest_rates *a, const struct guest_rates *b,
+                      struct guest_rates *out);
+/* Writes per second, all vCPUs. */
+double guest_rates_per_s(const struct guest_rates *rates);
+
+/* What the guest lost over [from, to] against its undisturbed rates: work lost (ms of guest work
+ * per vCPU) and the longest interval a vCPU made under 10% of its undisturbed progress.
+ * -ENODATA without enough reports. */
+struct guest_cost {
+    double lost_ms, stall_ms, window_ms, report_spacing_ms;
+};
+
+int guest_cost_compute(const struct progress_log *log, const struct guest_rates *undisturbed,
+                       uint64_t from, uint64_t to, struct guest_cost *out, struct forkd_error *err);
 
 /* Boots a guest writing flat out in a VMM of our own, takes a Full snapshot of it into dir
  * (vmstate, memory.bin) and stops it. Used to seed MEMFD VMs of any size: vm_boot gives up on
@@ -198,15 +222,21 @@ struct pause_figures {
 
 /* What one kind of branch cost the guest (tests/bench/README.md, "What the guest feels"). */
 struct cost_figures {
-    struct series lost_ms;         /* guest work lost over the branch and its tail */
-    struct series stall_ms;        /* longest interval of a vCPU under 10% of its rate */
-    struct series captured_ms;     /* resume to every page captured and unprotected */
-    struct series ready_ms;        /* resume to READY (published) */
-    struct series total_ms;        /* request to READY */
-    struct series ready_over_copy; /* ready_ms / the plain copy of the same bytes */
-    struct series lost_over_full;  /* lost_ms / FULL's lost_ms, same repetition */
-    struct series undisturbed_per_s, report_spacing_ms;
+    struct series lost_ms;           /* guest work lost over the branch and its tail */
+    struct series stall_ms;          /* longest interval of a vCPU under 10% of its rate */
+    struct series captured_ms;       /* resume to every page captured and unprotected */
+    struct series ready_ms;          /* resume to READY (published) */
+    struct series total_ms;          /* request to READY */
+    struct series ready_over_copy;   /* ready_ms / the plain copy of the same bytes */
+    struct series lost_over_full;    /* lost_ms / FULL's lost_ms, same repetition */
+    struct series undisturbed_per_s; /* the mean of the windows before and after, lost_ms's u */
+    struct series before_per_s, after_per_s, drift; /* drift: after / before */
+    unsigned unsteady; /* repetitions whose drift is beyond DRIFT_LIMIT: not a result */
+    struct series report_spacing_ms;
 };
+
+/* The two undisturbed windows of a branch may differ by this share before its row is marked. */
+#define DRIFT_LIMIT 0.1
 
 #define COST_ROWS (BENCH_MAX_VARIANTS + 2) /* the LIVE variants, ARM_IN_PAUSE, FULL */
 
@@ -217,6 +247,8 @@ struct size_result {
     char cost_names[COST_ROWS][40];
     struct cost_figures cost[COST_ROWS];
     struct series copy_ms; /* the plain copy baseline, as a time */
+    uint32_t seed;
+    unsigned order[BENCH_MAX_REPS][COST_ROWS]; /* the cost rows in the order each repetition ran */
     unsigned regions;
     unsigned reps;
     double boot_s;

@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,7 @@
 #define SETTLE_FIRST_MS    30000  /* after the restore: every page is cold */
 #define SETTLE_MAX_MS      10000  /* after a branch: bounded, the run must end in time */
 #define VM_API_TIMEOUT_MS  600000 /* a FULL branch of 4 GiB on a slow disk */
+#define ORDER_DRAWS        64     /* shuffles drawn per repetition, the best spread kept */
 
 static const char *const mode_names[MODE_COUNT] = {"LIVE", "ARM_IN_PAUSE", "FULL"};
 static const enum store_mode store_modes[MODE_COUNT] = {
@@ -70,6 +72,8 @@ struct size_run {
     bool keep_live; /* keep this rep's LIVE snapshot for the fan-out */
     bool settled_once;
     double last_idle_rate; /* sampler's write rate over the last branch's undisturbed window */
+    uint64_t random;       /* the seeded stream that orders this size's rows */
+    unsigned placed[COST_ROWS][COST_ROWS]; /* times each row ran at each position */
 };
 
 static double ms(uint64_t ns)
@@ -158,38 +162,106 @@ static void snapshot_name(struct size_run *run, enum bench_mode mode, char *out,
              run->context->snapshot_seq++);
 }
 
-/* What the branch cost the guest, from its progress reports over the undisturbed window
- * [idle_from, start], the branch and the tail after it. */
-static int record_cost(struct size_run *run, unsigned row, uint64_t idle_from,
+/* Lets the disk finish what earlier steps left (deleted snapshots are discarded, dirty pages
+ * written back), so neither copy pays for the other's leftovers. */
+static void quiet_disk(struct size_run *run)
+{
+    _cleanup_close_ int fd = open(run->context->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0)
+        syncfs(fd);
+}
+
+static void settle(struct size_run *run)
+{
+    rate_sampler_settle(run->sampler, SETTLE_WINDOW_MS,
+                        run->settled_once ? SETTLE_MAX_MS : SETTLE_FIRST_MS);
+    run->settled_once = true;
+}
+
+/* What every undisturbed window starts from, before a branch and after it: the disk quiet and
+ * the guest's rate steady. */
+static void steady(struct size_run *run)
+{
+    quiet_disk(run);
+    settle(run);
+}
+
+/* The snapshot of a branch whose figures are taken: kept for the fan-out, or deleted. */
+static void release_snapshot(struct size_run *run, unsigned row, const char *name)
+{
+    if (row == 0 && run->keep_live)
+        snprintf(run->context->fanout_snapshot, sizeof(run->context->fanout_snapshot), "%s", name);
+    else
+        store_delete(run->context->store, name, true, NULL);
+}
+
+/* The guest's undisturbed rates over a window of --rate-ms after a branch, once it is steady. */
+static int rates_after(struct size_run *run, struct guest_rates *after, struct forkd_error *err)
+{
+    unsigned rate_ms = run->context->options->rate_ms;
+    steady(run);
+    uint64_t from = bench_now_ns();
+    bench_sleep_ms(rate_ms + 100); /* and the first report after the window */
+    _cleanup_(progress_log_free) struct progress_log log = {0};
+    /* From a little before the window, in case the reports are sparser than it. */
+    int rc = guest_read_progress_log(vm_client(run->vm), from - 2000000000ull, &log, err);
+    if (rc == 0)
+        rc = guest_rates_compute(&log, from, from + rate_ms * 1000000ull, after, err);
+    return rc < 0 ? forkd_error_prefix(err, "the undisturbed window after the branch: ") : 0;
+}
+
+static void add_cost(struct cost_figures *figures, const struct guest_cost *cost,
+                     const struct guest_rates *before, const struct guest_rates *after)
+{
+    struct guest_rates mean;
+    guest_rates_mean(before, after, &mean);
+    double drift = guest_rates_per_s(after) / guest_rates_per_s(before);
+    series_add(&figures->lost_ms, cost->lost_ms);
+    series_add(&figures->stall_ms, cost->stall_ms);
+    series_add(&figures->undisturbed_per_s, guest_rates_per_s(&mean));
+    series_add(&figures->before_per_s, guest_rates_per_s(before));
+    series_add(&figures->after_per_s, guest_rates_per_s(after));
+    series_add(&figures->drift, drift);
+    if (fabs(drift - 1) > DRIFT_LIMIT)
+        figures->unsteady++;
+    series_add(&figures->report_spacing_ms, cost->report_spacing_ms);
+}
+
+/* What the branch cost the guest: its progress reports over the branch and its tail, against
+ * each vCPU's mean rate over two undisturbed windows, [idle_from, start] before the branch and
+ * one once the guest is steady again after the tail. The snapshot goes only after the tail:
+ * deleting it is the bench's work, not the branch's. */
+static int record_cost(struct size_run *run, unsigned row, const char *name, uint64_t idle_from,
                        const struct branch_progress *progress, const struct branch_watch *watch,
                        struct forkd_error *err)
 {
     const struct bench_options *options = run->context->options;
-    bench_sleep_ms(options->tail_ms + 100); /* and the first report after the tail */
-    struct progress_log log;
-    /* From a little before the window, in case the reports are sparser than it. */
-    int rc = guest_read_progress_log(vm_client(run->vm), idle_from - 2000000000ull, &log, err);
-    if (rc < 0)
-        return rc;
-    struct guest_cost cost;
     uint64_t start = watch->at[BRANCH_PHASE_STARTED], done = watch->at[BRANCH_PHASE_DONE];
-    rc = guest_cost_compute(&log, idle_from, start, done + options->tail_ms * 1000000ull, &cost,
-                            err);
-    progress_log_free(&log);
+    bench_sleep_ms(options->tail_ms + 100); /* and the first report after the tail */
+    _cleanup_(progress_log_free) struct progress_log log = {0};
+    int rc = guest_read_progress_log(vm_client(run->vm), idle_from - 2000000000ull, &log, err);
+    release_snapshot(run, row, name);
+    struct guest_rates before, after, mean;
+    if (rc == 0)
+        rc = guest_rates_compute(&log, idle_from, start, &before, err);
+    if (rc < 0)
+        return forkd_error_prefix(err, "the undisturbed window before the branch: ");
+    if ((rc = rates_after(run, &after, err)) < 0)
+        return rc;
+    guest_rates_mean(&before, &after, &mean);
+    struct guest_cost cost;
+    rc = guest_cost_compute(&log, &mean, start, done + options->tail_ms * 1000000ull, &cost, err);
     if (rc < 0)
         return forkd_error_prefix(err, "the guest's cost of the branch: ");
     struct cost_figures *figures = &run->result->cost[row];
-    series_add(&figures->lost_ms, cost.lost_ms);
-    series_add(&figures->stall_ms, cost.stall_ms);
-    series_add(&figures->undisturbed_per_s, cost.undisturbed_per_s);
-    series_add(&figures->report_spacing_ms, cost.report_spacing_ms);
+    add_cost(figures, &cost, &before, &after);
     series_add(&figures->captured_ms, ms(progress->captured_ns));
     series_add(&figures->ready_ms, ms(done - watch->at[BRANCH_PHASE_RESUMED]));
     series_add(&figures->total_ms, ms(done - start));
     return 0;
 }
 
-/* A branch in one mode (LIVE: with some levers left out), after a window of undisturbed
+/* A branch in one mode (LIVE: with some levers left out) between two windows of undisturbed
  * guest progress; its figures recorded in cost row `row`. */
 static int measure_mode(struct size_run *run, enum bench_mode mode, unsigned row,
                         unsigned levers_off, struct forkd_error *err)
@@ -206,27 +278,15 @@ static int measure_mode(struct size_run *run, enum bench_mode mode, unsigned row
         return rc;
     struct guest_info vmm;
     rc = guest_get_info(vm_client(run->vm), &vmm, err);
-    if (rc < 0)
+    if (rc < 0) {
+        release_snapshot(run, row, name);
         return rc;
+    }
     if (row == 0 || mode != MODE_LIVE)
         record_pause(run, mode, &progress, &watch, &vmm);
     if (row == 0)
         record_copy(run, &progress, &watch);
-    bool keep = row == 0 && run->keep_live;
-    if (keep)
-        snprintf(run->context->fanout_snapshot, sizeof(run->context->fanout_snapshot), "%s", name);
-    else
-        store_delete(run->context->store, name, true, NULL);
-    return record_cost(run, row, idle_from, &progress, &watch, err);
-}
-
-/* Lets the disk finish what earlier steps left (deleted snapshots are discarded, dirty pages
- * written back), so neither copy pays for the other's leftovers. */
-static void quiet_disk(struct size_run *run)
-{
-    _cleanup_close_ int fd = open(run->context->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0)
-        syncfs(fd);
+    return record_cost(run, row, name, idle_from, &progress, &watch, err);
 }
 
 static int measure_copy_baseline(struct size_run *run, double *mb_s, struct forkd_error *err)
@@ -269,14 +329,6 @@ static int measure_null(struct size_run *run, struct forkd_error *err)
     return 0;
 }
 
-static void settle(struct size_run *run)
-{
-    rate_sampler_settle(run->sampler, SETTLE_WINDOW_MS,
-                        run->settled_once ? SETTLE_MAX_MS : SETTLE_FIRST_MS);
-    run->settled_once = true;
-}
-
-/* One repetition: every figure of this size once, each baseline next to what it judges. */
 /* The LIVE branch and the copy baseline, in alternating order (the disk is shared and its
  * speed drifts), with the undisturbed write rate measured just before the branch. */
 static int measure_live_and_copy(struct size_run *run, struct forkd_error *err)
@@ -287,8 +339,7 @@ static int measure_live_and_copy(struct size_run *run, struct forkd_error *err)
     int rc = baseline_first ? measure_copy_baseline(run, &baseline, err) : 0;
     if (rc < 0)
         return rc;
-    settle(run);
-    quiet_disk(run);
+    steady(run);
     unsigned copies = result->copy_mb_s.count, rates = result->rate_copy.count;
     if ((rc = measure_mode(run, MODE_LIVE, 0, run->context->options->variants[0].levers_off, err)) <
         0)
@@ -332,31 +383,57 @@ static void finish_rep(struct size_run *run)
     }
 }
 
-/* One repetition: every figure of this size once, each baseline next to what it judges. */
-static int measure_rep(struct size_run *run, struct forkd_error *err)
+/* The order of this repetition's rows: shuffled by the seeded stream, the best of a few draws
+ * at putting each row where it has run least often, so that whatever drifts over a repetition
+ * (the machine, the disk, the guest) lands on a different row each time. */
+static void choose_order(struct size_run *run, unsigned *order)
+{
+    unsigned rows = run->result->cost_rows, best = UINT_MAX, draw[COST_ROWS];
+    for (unsigned attempt = 0; attempt < ORDER_DRAWS && best > 0; attempt++) {
+        for (unsigned i = 0; i < rows; i++)
+            draw[i] = i;
+        bench_shuffle(&run->random, draw, rows);
+        unsigned repeats = 0;
+        for (unsigned position = 0; position < rows; position++)
+            repeats += run->placed[draw[position]][position];
+        if (repeats < best) {
+            best = repeats;
+            memcpy(order, draw, rows * sizeof(*order));
+        }
+    }
+    for (unsigned position = 0; position < rows; position++)
+        run->placed[order[position]][position]++;
+}
+
+/* One cost row. The first LIVE row brings its baselines along: the copy baseline next to it
+ * (alternating sides) and the null handler after it, which is judged against its faults. */
+static int measure_row(struct size_run *run, unsigned row, struct forkd_error *err)
 {
     const struct bench_options *options = run->context->options;
-    struct size_result *result = run->result;
-    int rc = measure_live_and_copy(run, err);
-    if (rc < 0)
-        return rc;
-    for (unsigned v = 1; v < options->variant_count; v++) {
+    unsigned rows = run->result->cost_rows;
+    if (row == 0) {
+        int rc = measure_live_and_copy(run, err);
+        if (rc < 0)
+            return rc;
         settle(run);
-        quiet_disk(run);
-        if ((rc = measure_mode(run, MODE_LIVE, v, options->variants[v].levers_off, err)) < 0)
+        return measure_null(run, err);
+    }
+    steady(run);
+    if (row < rows - 2)
+        return measure_mode(run, MODE_LIVE, row, options->variants[row].levers_off, err);
+    return measure_mode(run, row == rows - 2 ? MODE_ARM_IN_PAUSE : MODE_FULL, row, 0, err);
+}
+
+/* One repetition: every figure of this size once, the rows in a seeded random order. */
+static int measure_rep(struct size_run *run, struct forkd_error *err)
+{
+    unsigned *order = run->result->order[run->rep];
+    choose_order(run, order);
+    for (unsigned position = 0; position < run->result->cost_rows; position++) {
+        int rc = measure_row(run, order[position], err);
+        if (rc < 0)
             return rc;
     }
-    settle(run);
-    if ((rc = measure_null(run, err)) < 0)
-        return rc;
-    settle(run);
-    quiet_disk(run);
-    if ((rc = measure_mode(run, MODE_ARM_IN_PAUSE, result->cost_rows - 2, 0, err)) < 0)
-        return rc;
-    settle(run);
-    quiet_disk(run);
-    if ((rc = measure_mode(run, MODE_FULL, result->cost_rows - 1, 0, err)) < 0)
-        return rc;
     finish_rep(run);
     return 0;
 }
@@ -430,8 +507,14 @@ int bench_size(struct bench_context *context, unsigned mem_mib, enum bench_workl
     out->mem_mib = mem_mib;
     out->workload = workload;
     out->reps = mem_mib >= 1024 ? options->reps_large : options->reps;
+    out->seed = options->seed;
     name_cost_rows(options, out);
-    struct size_run run = {.context = context, .result = out};
+    /* The orders of a size and workload follow from the seed and the rows alone, so a run
+     * narrowed to them (--sizes, --workloads) repeats what the whole run did there. */
+    struct size_run run = {.context = context,
+                           .result = out,
+                           .random = ((uint64_t)options->seed << 32) ^ ((uint64_t)mem_mib << 8) ^
+                                     (uint64_t)workload};
     fprintf(stderr, "forkd-bench: %u MiB, %s: booting and seeding the source VM\n", mem_mib,
             bench_workload_names[workload]);
     int rc = make_source_vm(context, mem_mib, workload, out, &run.vm, err);

@@ -138,56 +138,101 @@ static double longest_stall_ns(const struct progress_series *s, long a, long b, 
     return longest;
 }
 
-/* One vCPU: its undisturbed rate over [idle_from, from], then over the reports that enclose
- * [from, to]: lost = elapsed - progress / rate (the telescoped sum of (1 - rate_i/rate) dt_i),
- * and the longest stall. */
-static int vcpu_cost(const struct progress_series *s, uint64_t idle_from, uint64_t from,
-                     uint64_t to, double *lost_ns, double *stall_ns, double *rate_per_ns,
-                     double *spacing_ns)
+/* One vCPU's rate over the reports inside [from, to], widened to the last three reports before
+ * `to` when they are sparser than the window. */
+static int vcpu_rate(const struct progress_series *s, uint64_t from, uint64_t to,
+                     double *rate_per_ns, double *spacing_ns)
 {
-    long i0 = report_after(s, idle_from), i1 = report_before(s, from);
-    long a = i1, b = report_after(s, to);
-    if (b < 0) /* no report yet after the end: the last one is as close as we know */
-        b = (long)s->count - 1;
-    if (i1 >= 2 && (i0 < 0 || i1 - i0 < 2)) /* reports sparser than the window: widen it */
+    long i0 = report_after(s, from), i1 = report_before(s, to);
+    if (i1 >= 2 && (i0 < 0 || i1 - i0 < 2))
         i0 = i1 - 2;
-    if (i0 < 0 || i1 <= i0 || b <= a)
+    if (i0 < 0 || i1 <= i0)
         return -ENODATA;
     double rate =
         (double)(s->progress[i1] - s->progress[i0]) / (double)(s->at_ns[i1] - s->at_ns[i0]);
     if (rate <= 0)
         return -ENODATA;
-    double elapsed = (double)(s->at_ns[b] - s->at_ns[a]);
-    *lost_ns = elapsed - (double)(s->progress[b] - s->progress[a]) / rate;
-    *stall_ns = longest_stall_ns(s, a, b, rate);
     *rate_per_ns = rate;
     *spacing_ns = (double)(s->at_ns[i1] - s->at_ns[i0]) / (double)(i1 - i0);
     return 0;
 }
 
-int guest_cost_compute(const struct progress_log *log, uint64_t idle_from, uint64_t from,
-                       uint64_t to, struct guest_cost *out, struct forkd_error *err)
+/* Where the reports of a vCPU lie against a window, for an error that says why it had too few. */
+static int no_reports(struct forkd_error *err, const char *what, unsigned vcpu,
+                      const struct progress_series *s, uint64_t from, uint64_t to)
+{
+    return forkd_error_set(err, -ENODATA,
+                           "%s: vCPU %u: %zu reports from %+.0f to %+.0f ms of the window's "
+                           "start, which lasted %.0f ms",
+                           what, vcpu, s->count,
+                           s->count ? ((double)s->at_ns[0] - (double)from) / 1e6 : 0,
+                           s->count ? ((double)s->at_ns[s->count - 1] - (double)from) / 1e6 : 0,
+                           (double)(to - from) / 1e6);
+}
+
+int guest_rates_compute(const struct progress_log *log, uint64_t from, uint64_t to,
+                        struct guest_rates *out, struct forkd_error *err)
 {
     memset(out, 0, sizeof(*out));
     if (!log->vcpu_count)
         return forkd_error_set(err, -ENODATA, "no vCPU progress reports");
+    for (unsigned v = 0; v < log->vcpu_count; v++)
+        if (vcpu_rate(&log->vcpus[v], from, to, &out->per_ns[v], &out->spacing_ns[v]) < 0)
+            return no_reports(err, "undisturbed rate", v, &log->vcpus[v], from, to);
+    out->vcpu_count = log->vcpu_count;
+    return 0;
+}
+
+void guest_rates_mean(const struct guest_rates *a, const struct guest_rates *b,
+                      struct guest_rates *out)
+{
+    *out = *a;
+    for (unsigned v = 0; v < a->vcpu_count && v < b->vcpu_count; v++) {
+        out->per_ns[v] = (a->per_ns[v] + b->per_ns[v]) / 2;
+        out->spacing_ns[v] = (a->spacing_ns[v] + b->spacing_ns[v]) / 2;
+    }
+}
+
+double guest_rates_per_s(const struct guest_rates *rates)
+{
+    double total = 0;
+    for (unsigned v = 0; v < rates->vcpu_count; v++)
+        total += rates->per_ns[v] * 1e9;
+    return total;
+}
+
+/* One vCPU, over the reports that enclose [from, to]: lost = elapsed - progress / rate (the
+ * telescoped sum of (1 - rate_i/rate) dt_i), and the longest stall. */
+static int vcpu_cost(const struct progress_series *s, double rate, uint64_t from, uint64_t to,
+                     double *lost_ns, double *stall_ns)
+{
+    long a = report_before(s, from), b = report_after(s, to);
+    if (b < 0) /* no report yet after the end: the last one is as close as we know */
+        b = (long)s->count - 1;
+    if (a < 0 || b <= a)
+        return -ENODATA;
+    double elapsed = (double)(s->at_ns[b] - s->at_ns[a]);
+    *lost_ns = elapsed - (double)(s->progress[b] - s->progress[a]) / rate;
+    *stall_ns = longest_stall_ns(s, a, b, rate);
+    return 0;
+}
+
+int guest_cost_compute(const struct progress_log *log, const struct guest_rates *undisturbed,
+                       uint64_t from, uint64_t to, struct guest_cost *out, struct forkd_error *err)
+{
+    memset(out, 0, sizeof(*out));
+    if (!log->vcpu_count || log->vcpu_count != undisturbed->vcpu_count)
+        return forkd_error_set(err, -ENODATA, "%u vCPUs reported progress, %u have a rate",
+                               log->vcpu_count, undisturbed->vcpu_count);
     for (unsigned v = 0; v < log->vcpu_count; v++) {
-        double lost, stall, rate, spacing;
+        double lost, stall;
         const struct progress_series *s = &log->vcpus[v];
-        int rc = vcpu_cost(s, idle_from, from, to, &lost, &stall, &rate, &spacing);
-        if (rc < 0)
-            return forkd_error_set(
-                err, rc,
-                "vCPU %u: %zu reports from %+.0f to %+.0f ms of the branch's "
-                "start, which lasted %.0f ms",
-                v, s->count, s->count ? ((double)s->at_ns[0] - (double)from) / 1e6 : 0,
-                s->count ? ((double)s->at_ns[s->count - 1] - (double)from) / 1e6 : 0,
-                (double)(to - from) / 1e6);
+        if (vcpu_cost(s, undisturbed->per_ns[v], from, to, &lost, &stall) < 0)
+            return no_reports(err, "the branch", v, s, from, to);
         out->lost_ms += lost / 1e6 / log->vcpu_count; /* per vCPU: a pause of X costs X */
         if (stall / 1e6 > out->stall_ms)
             out->stall_ms = stall / 1e6;
-        out->undisturbed_per_s += rate * 1e9;
-        out->report_spacing_ms += spacing / 1e6 / log->vcpu_count;
+        out->report_spacing_ms += undisturbed->spacing_ns[v] / 1e6 / log->vcpu_count;
     }
     out->window_ms = (double)(to - from) / 1e6;
     return 0;

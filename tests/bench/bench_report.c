@@ -69,34 +69,171 @@ static void report_copy_and_faults(const struct size_result *r)
     row3("during the null handler", &r->rate_null, NULL, NULL);
 }
 
+/* A row's name, with the mark of a row whose undisturbed windows drifted apart. */
+static const char *row_name(const struct size_result *r, unsigned row, char *out, size_t size)
+{
+    snprintf(out, size, "%s%s", r->cost_names[row], r->cost[row].unsteady ? " *" : "");
+    return out;
+}
+
+static void report_unsteady(const struct size_result *r)
+{
+    bool any = false;
+    for (unsigned row = 0; row < r->cost_rows; row++) {
+        const struct cost_figures *c = &r->cost[row];
+        if (!c->unsteady)
+            continue;
+        printf("%s%s: %u of %u", any ? "; " : "  * ", r->cost_names[row], c->unsteady,
+               c->drift.count);
+        any = true;
+    }
+    if (any)
+        printf(" repetitions: the guest's undisturbed rate after the branch is more than %.0f%%\n"
+               "    off the one before it (drift), so these rows' lost work and stalls are not "
+               "results\n",
+               DRIFT_LIMIT * 100);
+}
+
+static void report_order(const struct size_result *r)
+{
+    printf("  order of the rows in each repetition (seed %u):\n", r->seed);
+    for (unsigned rep = 0; rep < r->cost[0].drift.count && rep < BENCH_MAX_REPS; rep++) {
+        printf("    %u:", rep + 1);
+        for (unsigned position = 0; position < r->cost_rows; position++)
+            printf("%s %s", position ? " |" : "", r->cost_names[r->order[rep][position]]);
+        printf("\n");
+    }
+}
+
 /* What each kind of branch cost the guest: one row per kind, medians with their ranges. */
 static void report_cost(const struct size_result *r)
 {
     printf("  What the guest felt (ms; ratios per repetition; lost counted to %s)\n",
            "the branch's end + tail");
-    printf("  %-24s %-22s %-22s %-20s %-22s %-22s %-20s %s\n", "branch", "guest work lost",
+    printf("  %-26s %-22s %-22s %-20s %-22s %-22s %-20s %-22s %s\n", "branch", "guest work lost",
            "lost / FULL's", "longest stall", "resume->captured", "resume->READY",
-           "READY / plain copy", "request->READY");
+           "READY / plain copy", "request->READY", "drift after/before");
     for (unsigned row = 0; row < r->cost_rows; row++) {
         const struct cost_figures *c = &r->cost[row];
-        char a[64], b[64], d[64], e[64], f[64], g[64], h[64];
-        printf("  %-24s %-22s %-22s %-20s %-22s %-22s %-20s %s\n", r->cost_names[row],
-               fmt(&c->lost_ms, a, sizeof(a)), fmt(&c->lost_over_full, b, sizeof(b)),
-               fmt(&c->stall_ms, d, sizeof(d)), fmt(&c->captured_ms, e, sizeof(e)),
-               fmt(&c->ready_ms, f, sizeof(f)), fmt(&c->ready_over_copy, g, sizeof(g)),
-               fmt(&c->total_ms, h, sizeof(h)));
+        char n[48], a[64], b[64], d[64], e[64], f[64], g[64], h[64], i[64];
+        printf("  %-26s %-22s %-22s %-20s %-22s %-22s %-20s %-22s %s\n",
+               row_name(r, row, n, sizeof(n)), fmt(&c->lost_ms, a, sizeof(a)),
+               fmt(&c->lost_over_full, b, sizeof(b)), fmt(&c->stall_ms, d, sizeof(d)),
+               fmt(&c->captured_ms, e, sizeof(e)), fmt(&c->ready_ms, f, sizeof(f)),
+               fmt(&c->ready_over_copy, g, sizeof(g)), fmt(&c->total_ms, h, sizeof(h)),
+               fmt(&c->drift, i, sizeof(i)));
     }
+    report_unsteady(r);
     char x[64], y[64];
     printf("  plain copy of the same bytes (ms): %s; guest report spacing (ms): %s\n",
            fmt(&r->copy_ms, x, sizeof(x)), fmt(&r->cost[0].report_spacing_ms, y, sizeof(y)));
+    report_order(r);
+}
+
+/* One of the goals the LIVE branch is held to, from the medians of the table's columns. */
+struct goal {
+    const char *name; /* in the JSON */
+    char text[80];
+    double value, limit;
+    bool strict;   /* value < limit, else value <= limit */
+    bool unsteady; /* computed from a row marked unsteady: not a result */
+};
+
+static double median_or_nan(const struct series *series)
+{
+    return series->count ? series_median(series) : NAN;
+}
+
+/* The goals that apply to this size and workload: LIVE's lost work against FULL's (a tenth on
+ * the hot set at 1 GiB, half on random memory, never more than FULL's), its longest stall, and
+ * its time to READY against a plain copy of the same bytes. */
+static unsigned collect_goals(const struct size_result *r, struct goal *goals)
+{
+    const struct cost_figures *live = &r->cost[0], *full = &r->cost[r->cost_rows - 1];
+    const char *name = r->cost_names[0];
+    bool lost_unsteady = live->unsteady || full->unsteady;
+    double over_full = median_or_nan(&live->lost_over_full);
+    double share = r->workload == WORKLOAD_RANDOM                         ? 0.5
+                   : r->workload == WORKLOAD_HOTSET && r->mem_mib == 1024 ? 0.1
+                                                                          : 0;
+    unsigned n = 0;
+    if (share > 0) {
+        goals[n] = (struct goal){"lost_over_full", "", over_full, share, false, lost_unsteady};
+        snprintf(goals[n++].text, sizeof(goals[0].text), "%s lost / FULL's <= %.1f", name, share);
+    }
+    goals[n] = (struct goal){"lost_at_most_full", "", over_full, 1, false, lost_unsteady};
+    snprintf(goals[n++].text, sizeof(goals[0].text), "%s lost <= FULL's (ratio <= 1)", name);
+    goals[n] = (struct goal){"longest_stall_ms", "", median_or_nan(&live->stall_ms), 10, true,
+                             live->unsteady > 0};
+    snprintf(goals[n++].text, sizeof(goals[0].text), "%s longest stall < 10 ms", name);
+    goals[n] = (struct goal){
+        "ready_over_plain_copy", "", median_or_nan(&live->ready_over_copy), 1.25, false, false};
+    snprintf(goals[n++].text, sizeof(goals[0].text), "%s resume->READY / plain copy <= 1.25", name);
+    return n;
+}
+
+static const char *goal_verdict(const struct goal *goal)
+{
+    if (isnan(goal->value))
+        return "n/a";
+    bool pass = goal->strict ? goal->value < goal->limit : goal->value <= goal->limit;
+    return pass ? "PASS" : "MISS";
+}
+
+#define MAX_GOALS 4
+
+static void report_goals(const struct size_result *r)
+{
+    struct goal goals[MAX_GOALS];
+    unsigned count = collect_goals(r, goals);
+    printf("  Goals (medians; reported, not asserted):\n");
+    for (unsigned i = 0; i < count; i++)
+        printf("    %-4s  %-44s %8.3f%s\n", goal_verdict(&goals[i]), goals[i].text, goals[i].value,
+               goals[i].unsteady ? "   * from a row marked unsteady" : "");
+}
+
+static cJSON *goals_json(const struct size_result *r)
+{
+    struct goal goals[MAX_GOALS];
+    unsigned count = collect_goals(r, goals);
+    cJSON *array = cJSON_CreateArray();
+    for (unsigned i = 0; i < count; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "goal", goals[i].name);
+        cJSON_AddStringToObject(o, "text", goals[i].text);
+        if (isnan(goals[i].value))
+            cJSON_AddNullToObject(o, "value");
+        else
+            cJSON_AddNumberToObject(o, "value", goals[i].value);
+        cJSON_AddStringToObject(o, "comparison", goals[i].strict ? "<" : "<=");
+        cJSON_AddNumberToObject(o, "limit", goals[i].limit);
+        cJSON_AddStringToObject(o, "result", goal_verdict(&goals[i]));
+        cJSON_AddBoolToObject(o, "from_unsteady_row", goals[i].unsteady);
+        cJSON_AddItemToArray(array, o);
+    }
+    return array;
+}
+
+static cJSON *orders_json(const struct size_result *r)
+{
+    cJSON *orders = cJSON_CreateArray();
+    for (unsigned rep = 0; rep < r->cost[0].drift.count && rep < BENCH_MAX_REPS; rep++) {
+        cJSON *order = cJSON_CreateArray();
+        for (unsigned position = 0; position < r->cost_rows; position++)
+            cJSON_AddItemToArray(order, cJSON_CreateString(r->cost_names[r->order[rep][position]]));
+        cJSON_AddItemToArray(orders, order);
+    }
+    return orders;
 }
 
 void report_size(const struct size_result *r)
 {
-    printf("\n== %u MiB guest, workload %s, %u region%s, %u repetitions: median [min..max] ==\n",
+    printf("\n== %u MiB guest, workload %s, %u region%s, %u repetitions, seed %u: median "
+           "[min..max] ==\n",
            r->mem_mib, bench_workload_names[r->workload], r->regions, r->regions == 1 ? "" : "s",
-           r->reps);
+           r->reps, r->seed);
     report_cost(r);
+    report_goals(r);
     report_pause(r);
     report_copy_and_faults(r);
     fflush(stdout);
@@ -113,6 +250,10 @@ static cJSON *cost_json(const struct cost_figures *c)
     cJSON_AddItemToObject(o, "ready_over_plain_copy", series_json(&c->ready_over_copy));
     cJSON_AddItemToObject(o, "request_to_ready_ms", series_json(&c->total_ms));
     cJSON_AddItemToObject(o, "undisturbed_writes_per_s", series_json(&c->undisturbed_per_s));
+    cJSON_AddItemToObject(o, "undisturbed_before_per_s", series_json(&c->before_per_s));
+    cJSON_AddItemToObject(o, "undisturbed_after_per_s", series_json(&c->after_per_s));
+    cJSON_AddItemToObject(o, "drift_after_over_before", series_json(&c->drift));
+    cJSON_AddNumberToObject(o, "unsteady_repetitions", c->unsteady);
     cJSON_AddItemToObject(o, "report_spacing_ms", series_json(&c->report_spacing_ms));
     return o;
 }
@@ -140,10 +281,13 @@ cJSON *size_json(const struct size_result *r)
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "mem_mib", r->mem_mib);
     cJSON_AddStringToObject(o, "workload", bench_workload_names[r->workload]);
+    cJSON_AddNumberToObject(o, "seed", r->seed);
+    cJSON_AddItemToObject(o, "orders", orders_json(r));
     cJSON *cost = cJSON_AddObjectToObject(o, "guest_cost");
     for (unsigned row = 0; row < r->cost_rows; row++)
         cJSON_AddItemToObject(cost, r->cost_names[row], cost_json(&r->cost[row]));
     cJSON_AddItemToObject(o, "plain_copy_ms", series_json(&r->copy_ms));
+    cJSON_AddItemToObject(o, "goals", goals_json(r));
     cJSON_AddNumberToObject(o, "regions", r->regions);
     cJSON_AddNumberToObject(o, "repetitions", r->reps);
     cJSON_AddNumberToObject(o, "seed_boot_s", r->boot_s);

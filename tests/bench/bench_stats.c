@@ -1,4 +1,4 @@
-/* Repeated measurements, percentiles, clocks. */
+/* Repeated measurements, percentiles, clocks, and the seeded stream that orders the rows. */
 #include "bench.h"
 
 #include "pause.h"
@@ -81,5 +81,24 @@ void bench_sleep_ms(unsigned ms)
 {
     struct timespec pause = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
     while (nanosleep(&pause, &pause) < 0 && errno == EINTR) {
+    }
+}
+
+uint64_t bench_random_next(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void bench_shuffle(uint64_t *state, unsigned *items, unsigned count)
+{
+    for (unsigned i = count; i > 1; i--) {
+        /* An index below i from the high bits: no modulo bias worth the name for small i. */
+        unsigned j = (unsigned)(((unsigned __int128)bench_random_next(state) * i) >> 64);
+        unsigned item = items[i - 1];
+        items[i - 1] = items[j];
+        items[j] = item;
     }
 }

@@ -81,7 +81,7 @@ std::string EngineTest::VmmState(struct vm *vm)
     return info.state;
 }
 
-unsigned long long EngineTest::VmmPauseCount(struct vm *vm)
+unsigned long long EngineTest::VmmCounter(struct vm *vm, const std::string &key)
 {
     char *body = nullptr;
     struct forkd_error err = {};
@@ -91,12 +91,18 @@ unsigned long long EngineTest::VmmPauseCount(struct vm *vm)
     }
     std::string json(body);
     free(body);
-    size_t at = json.find("\"pause_count\":");
+    std::string field = "\"" + key + "\":";
+    size_t at = json.find(field);
     if (at == std::string::npos) {
-        ADD_FAILURE() << "no pause_count in " << json;
+        ADD_FAILURE() << "no " << key << " in " << json;
         return 0;
     }
-    return strtoull(json.c_str() + at + strlen("\"pause_count\":"), nullptr, 10);
+    return strtoull(json.c_str() + at + field.size(), nullptr, 10);
+}
+
+unsigned long long EngineTest::VmmPauseCount(struct vm *vm)
+{
+    return VmmCounter(vm, "pause_count");
 }
 
 unsigned long long EngineTest::GuestWrites(struct vm *vm)

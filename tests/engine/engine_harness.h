@@ -38,6 +38,8 @@ class EngineTest : public ::testing::Test
 
     // The test VMM's count of pause requests it carried out (GET / pause_count).
     static unsigned long long VmmPauseCount(struct vm *vm);
+    // A number from the test VMM's GET / (pause_count, balloon_discards, ...).
+    static unsigned long long VmmCounter(struct vm *vm, const std::string &key);
 
     // The state the VMM reports in GET / ("Running", "Paused"), or the error.
     static std::string VmmState(struct vm *vm);

@@ -8,14 +8,18 @@ radosgw runs inside the runner's guest on its loopback). One radosgw serves the 
 takes about 107 s to start under nested emulation)."""
 import json
 import os
+import shutil
 import signal
+import tempfile
+import threading
 import time
 
 import grpc
 import hashlib
 import pytest
 
-from forkd_harness import VmDaemon, forkd_pb2 as P, verify_snapshot, vmm_set_state, wait_until
+from forkd_harness import (FORKD_TESTVM, Daemon, VmDaemon, forkd_pb2 as P, scaled,
+                           verify_snapshot, vmm_set_state, wait_until)
 from remote_harness import CHUNK, FlakyProxy, Radosgw, copy_remote, guest_progress, hot_chunks, \
     userfaultfds_of
 
@@ -34,6 +38,69 @@ def child_chunks_list(path):
         while chunk := f.read(CHUNK):
             out.append("" if chunk.count(0) == len(chunk) else hashlib.sha256(chunk).hexdigest())
     return out
+
+
+def spawn_while_the_pull_ends(rgw, source):
+    """A Spawn whose fork is still starting when the lazy pull's last chunk arrives: the pull
+    publishes only once that Spawn has its fork on the pull's files. (It used to publish at
+    once, moving the WRITING memory.bin away, and the Spawn failed with NOT_FOUND naming it.)
+    Host E's VMM binary is a gate in front of the test VMM that holds one launch until told;
+    its proxy holds every chunk GET until released, so the fork is launching when the chunks
+    come."""
+    gate = tempfile.mkdtemp(prefix="forkd-gate-")
+    wrapper = os.path.join(gate, "vmm")
+    with open(wrapper, "w") as f:
+        f.write('#!/bin/sh\n'
+                'if [ -e %(g)s/close ]; then rm -f %(g)s/close; : >%(g)s/waiting\n'
+                '  while [ ! -e %(g)s/open ]; do sleep 0.02; done\n'
+                'fi\n'
+                'exec %(vmm)s "$@"\n' % {"g": gate, "vmm": FORKD_TESTVM})
+    os.chmod(wrapper, 0o755)
+    expected = child_chunks_list(source)
+    proxy = FlakyProxy(rgw.endpoint, lambda n: False, hold_chunks=True)
+    e = Daemon("--vmm-binary", wrapper, "--shutdown-grace-ms", "1000", "--remote-endpoint",
+               proxy.endpoint, "--remote-bucket", rgw.bucket, "--remote-credentials",
+               rgw.credentials)
+    try:
+        se = e.forkd()
+        open(os.path.join(gate, "close"), "w").close()
+        result = {}
+
+        def spawn():
+            try:
+                result["vms"] = se.Spawn(P.SpawnRequest(snapshot="lazy-base", count=1,
+                                                        backend=P.MEMORY_BACKEND_UFFD,
+                                                        remote=True), timeout=300).vms
+            except grpc.RpcError as error:
+                result["error"] = error
+        caller = threading.Thread(target=spawn)
+        caller.start()
+        wait_until(lambda: os.path.exists(os.path.join(gate, "waiting")), 60,
+                   "the fork's VMM to be launching")
+        proxy.release.set()
+        snapshots = os.path.join(e.state_dir, "snapshots")
+
+        def every_chunk_written():
+            writing = [n for n in os.listdir(snapshots) if n.startswith(".tmp-lazy-base")]
+            return len(writing) == 1 and \
+                child_chunks_list(os.path.join(snapshots, writing[0])) == expected
+        wait_until(every_chunk_written, 300, "every chunk in the WRITING memory.bin")
+        open(os.path.join(gate, "open"), "w").close()
+        caller.join(scaled(300))
+        assert "error" not in result, result["error"].details()
+        fork = result["vms"][0]
+        wait_until(lambda: guest_progress(fork) > 0, 120, "the fork to run")
+        wait_until(lambda: se.GetSnapshot(P.GetSnapshotRequest(name="lazy-base"),
+                                          timeout=30).state == P.SNAPSHOT_STATE_READY,
+                   120, "the pull to end READY once the Spawn let go")
+        assert child_chunks_list(os.path.join(snapshots, "lazy-base")) == expected
+        se.StopVm(P.StopVmRequest(vm_id=fork.id), timeout=60)
+    finally:
+        proxy.release.set()
+        open(os.path.join(gate, "open"), "w").close()
+        e.cleanup()
+        proxy.close()
+        shutil.rmtree(gate, ignore_errors=True)
 
 
 def chunk_hashes(path):
@@ -202,6 +269,8 @@ def test_lazy_spawn_runs_forks_before_their_memory_arrives(rgw):
             proxy.release.set()
             d.cleanup()
             proxy.close()
+
+        spawn_while_the_pull_ends(rgw, made["lazy-base"])
 
         start = time.monotonic()
         list(sc.Pull(P.PullRequest(snapshot_name="lazy-base"), timeout=600))

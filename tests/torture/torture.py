@@ -7,8 +7,10 @@ forks started paused), cancelled at a random phase or not, with the VMM killed a
 phase now and then; spawns of every backend from the snapshots kept; stops of forks. Every other
 booted VM has a writable drive its guest writes flat out (captured inside each branch's pause: a
 reflink where the state directory can, else a copy the branches accept; each fork gets its own),
-and every third one runs on 2 MiB huge pages (the run reserves them and gives them back), whose
-forks take MEMFD or UFFD (FILE cannot give huge pages).
+and of every three, one runs on 2 MiB huge pages (the run reserves them and gives them back),
+whose forks take MEMFD or UFFD (FILE cannot give huge pages), and one runs a balloon that hands
+pages back and takes them again flat out (the VMM discards each page handed back: MADV_REMOVE
+on the memfd, MADV_DONTNEED in forks), as do its forks.
 Checks:
 - every READY snapshot passes the test VMM's verifier, its captured drive included (memory, vCPU
   state and disk of one instant), and the totals of successive snapshots of one VM never go down
@@ -17,7 +19,10 @@ Checks:
   no return, or after the branch ended) leaves a snapshot that must verify; no temporary or WRITING
   snapshot stays behind once a branch ended (leftovers otherwise);
 - every branch ends within a guard time, and its VM is back in the state it was in (running,
-  or paused if it was paused) unless its VMM was killed (hangs / errors otherwise).
+  or paused if it was paused) unless its VMM was killed (hangs / errors otherwise);
+- a LIVE branch of a ballooning VM either verifies (each balloon page in use holds its
+  signature) or fails naming the discard that would have torn it (discard_aborts), leaving
+  nothing; any other failure is an error.
 Prints one line of counts and exits 1 if anything was torn, left over, hung or failed
 unexpectedly.
 
@@ -48,6 +53,7 @@ PHASES = [pb.BRANCH_PHASE_STARTED, pb.BRANCH_PHASE_ARMED, pb.BRANCH_PHASE_PAUSED
 MAX_VMS = 4
 KEPT_SNAPSHOTS = 3
 GUEST_MIB = 32
+BALLOON_PAGES = 256
 class HugePages:
     """Free 2 MiB pages for every VM the run may hold at once (and one spare guest); the
     setting is put back when the run ends."""
@@ -70,11 +76,14 @@ class Torture:
         self.stub = self.daemon.forkd()
         self.counts = dict.fromkeys(
             ["branches", "verified", "disks", "torn", "cancels", "cancels_refused", "leftovers",
-             "hangs", "spawns", "kills", "failed", "errors", "huge_branches"], 0)
-        self.vms = {}            # id -> {"paused": bool, "last_total": int}
+             "hangs", "spawns", "kills", "failed", "errors", "huge_branches", "balloon_branches",
+             "discard_aborts"], 0)
+        self.vms = {}            # id -> {"paused": bool, "last_total": int, "balloon": bool}
         self.kept = []           # READY snapshot names kept for spawns
         self.huge = set()        # of them, those of huge-page VMs
+        self.ballooned = set()   # of them, those of ballooning VMs
         self.serial = 0
+        self.boots = 0
 
     # ---- reporting ----
     def error(self, what):
@@ -92,18 +101,22 @@ class Torture:
         workload = "pattern=%s seed=%d" % (self.rng.choice(["random", "hotset", "sequential"]),
                                            self.serial)
         drives = []
-        if self.serial % 2 == 0:
+        self.boots += 1
+        if self.boots % 2 == 0:
             path = os.path.join(self.daemon.workdir, "disk-%d.img" % self.serial)
             with open(path, "wb") as f:
                 f.truncate(2 << 20)
             drives = [pb.Drive(drive_id="data", path_on_host=path)]
-        huge = pb.HUGE_PAGES_2M if self.serial % 3 == 0 else pb.HUGE_PAGES_NONE
+        huge = pb.HUGE_PAGES_2M if self.boots % 3 == 0 else pb.HUGE_PAGES_NONE
+        balloon = self.boots % 3 == 1
+        if balloon:  # the balloon needs 4 KiB pages
+            workload += " balloon=%d" % BALLOON_PAGES
         request = pb.BootRequest(
             name="boot-%d" % self.serial, kernel_image_path=os.environ["FORKD_GUEST"],
             boot_args=workload, drives=drives,
             machine=pb.MachineConfig(vcpu_count=vcpus, mem_size_mib=GUEST_MIB, huge_pages=huge))
         vm = self.stub.Boot(request, timeout=60)
-        self.vms[vm.id] = {"paused": False, "last_total": 0}
+        self.vms[vm.id] = {"paused": False, "last_total": 0, "balloon": balloon}
 
     def get_vm(self, vm_id):
         try:
@@ -136,7 +149,8 @@ class Torture:
             return
         self.counts["spawns"] += 1
         for vm in reply.vms:
-            self.vms[vm.id] = {"paused": paused, "last_total": 0}
+            self.vms[vm.id] = {"paused": paused, "last_total": 0,
+                               "balloon": snapshot in self.ballooned}
 
     # ---- the store ----
     def snapshot_dir(self, name):
@@ -176,6 +190,9 @@ class Torture:
             return
         total = sum(int(t) for t in re.findall(r"vcpu \d+ total (\d+)", output))
         state = self.vms.get(vm_id)
+        if state is not None and state["balloon"] and "balloon: " not in output:
+            self.error("%s of ballooning VM %s: the verifier did not check the balloon:\n%s" %
+                       (name, vm_id, output))
         if state is not None:
             if total < state["last_total"]:
                 self.counts["torn"] += 1
@@ -193,6 +210,7 @@ class Torture:
                 self.stub.DeleteSnapshot(pb.DeleteSnapshotRequest(name=old), timeout=60)
                 self.kept.pop(0)
                 self.huge.discard(old)
+                self.ballooned.discard(old)
             except grpc.RpcError:
                 break  # forks use it: later
 
@@ -235,12 +253,22 @@ class Torture:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self.counts["hangs"] += 1
             self.error("branch %s of %s hung: %s" % (name, vm_id, message))
+        elif code is not None and self.discarded(vm_id, mode, code, message):
+            self.counts["discard_aborts"] += 1
         elif code is not None and not (cancelled and code == grpc.StatusCode.CANCELLED):
             self.counts["failed"] += 1
             if not killed:
                 self.error("branch %s (%s) of %s failed: %s: %s" %
                            (name, "LIVE" if mode == LIVE else "FULL", vm_id, code, message))
         self.settle(vm_id, name, branch_id, done, cancelled, killed)
+
+    def discarded(self, vm_id, mode, code, message):
+        """A LIVE branch of a ballooning VM that failed because the guest discarded a page
+        before it was captured (ABORTED), or discarded so often that write-protect kept being
+        refused (UNAVAILABLE): the engine's words, which say so."""
+        return (mode == LIVE and self.vms.get(vm_id, {}).get("balloon") and
+                code in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE) and
+                ("discarded" in message or "kept discarding" in message))
 
     def settle(self, vm_id, name, branch_id, done, cancelled, killed):
         """After a branch: wait for its end, then check the VM and the store."""
@@ -273,6 +301,9 @@ class Torture:
                 if snapshot.machine.huge_pages == pb.HUGE_PAGES_2M:
                     self.counts["huge_branches"] += 1
                     self.huge.add(name)
+                if self.vms.get(vm_id, {}).get("balloon"):
+                    self.counts["balloon_branches"] += 1
+                    self.ballooned.add(name)
                 self.keep_or_delete(name)
         elif done:
             self.error("branch %s reported DONE but snapshot %s is missing" % (branch_id, name))

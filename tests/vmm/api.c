@@ -635,7 +635,8 @@ static int boot_machine(struct vmm *vmm, char *err, size_t err_size)
         r = guest_boot_prepare(&vmm->memory, vmm->kernel_image_path, &vmm->workload,
                                vmm->vcpu_count, vmm->vm.tsc_khz, &boot, err, err_size);
     if (r == 0)
-        r = kvm_vm_set_balloon(&vmm->vm, &vmm->memory, &boot.config, err, err_size);
+        r = kvm_vm_set_balloon(&vmm->vm, &vmm->memory, &boot.config,
+                               vmm->balloon_discard_firecracker, err, err_size);
     if (r == 0)
         r = kvm_vm_set_boot_state(&vmm->vm, boot.header.entry, err, err_size);
     if (r == 0)
@@ -938,7 +939,8 @@ static int restore_machine(struct vmm *vmm, const struct vmstate *state,
     if (r == 0)
         restore_network_and_vsock(vmm, state);
     if (r == 0)
-        r = kvm_vm_set_balloon(&vmm->vm, &vmm->memory, &state->guest_config, err, err_size);
+        r = kvm_vm_set_balloon(&vmm->vm, &vmm->memory, &state->guest_config,
+                               vmm->balloon_discard_firecracker, err, err_size);
     for (unsigned i = 0; r == 0 && i < state->vcpu_count; i++)
         r = kvm_vm_load_vcpu(&vmm->vm, i, &state->vcpus[i], err, err_size);
     if (r == 0)
@@ -1073,8 +1075,10 @@ static int handle_snapshot_load(struct vmm *vmm, const char *resource_id, const 
 
 /* ---- PUT /uffd/wp ---- */
 
-static int open_write_protect_uffd(const struct guest_memory *memory, char *err, size_t err_size)
+static int open_write_protect_uffd(const struct guest_memory *memory, bool report_discards,
+                                   char *err, size_t err_size)
 {
+    uint64_t remove = report_discards ? UFFD_FEATURE_EVENT_REMOVE : 0;
     if (memory->backend == MEMORY_BACKEND_FILE)
         return error_set(err, err_size, EINVAL,
                          "guest memory is a private file mapping, which cannot be write-protected "
@@ -1086,12 +1090,12 @@ static int open_write_protect_uffd(const struct guest_memory *memory, char *err,
      * MADV_REMOVE) loses its contents without a write-protect fault; the event tells the
      * receiver which pages, before they are gone (the discard waits until it is read). */
     if (memory->backend == MEMORY_BACKEND_SHARED || memory->page_size == GUEST_HUGE_PAGE_SIZE)
-        return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-                         UFFD_FEATURE_EVENT_REMOVE, NULL, err, err_size);
+        return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, remove,
+                         NULL, err, err_size);
     /* Never-touched anonymous ptes would be skipped by UFFDIO_WRITEPROTECT without
      * WP_UNPOPULATED: take it when offered. */
-    return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP,
-                     UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE, NULL, err, err_size);
+    return uffd_open(UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED | remove, NULL,
+                     err, err_size);
 }
 
 static int handle_uffd_wp(struct vmm *vmm, const char *resource_id, const cJSON *body,
@@ -1108,7 +1112,7 @@ static int handle_uffd_wp(struct vmm *vmm, const char *resource_id, const cJSON 
         return r;
     if (vmm->state == VMM_NOT_STARTED)
         return error_set(err, err_size, EINVAL, "uffd/wp needs a started microVM");
-    uffd = open_write_protect_uffd(&vmm->memory, err, err_size);
+    uffd = open_write_protect_uffd(&vmm->memory, !vmm->balloon_discard_firecracker, err, err_size);
     if (uffd < 0)
         return uffd;
     for (unsigned i = 0; i < vmm->memory.region_count; i++) {

@@ -53,6 +53,8 @@ struct vmm {
     unsigned pause_delay_ms;
     bool fill_boot_memory; /* --boot-memory fill: write the boot pattern everywhere at boot */
     bool boot_filled;      /* this guest's memory was filled at boot (carried by snapshots) */
+    /* --balloon-discard firecracker: MADV_DONTNEED whatever the memory, no EVENT_REMOVE */
+    bool balloon_discard_firecracker;
 
     enum vmm_state state;
     bool machine_configured;

@@ -399,7 +399,8 @@ static int write_disk(struct vcpu *vcpu, uint32_t value)
 }
 
 int kvm_vm_set_balloon(struct kvm_vm *vm, const struct guest_memory *memory,
-                       const struct guest_config *config, char *err, size_t err_size)
+                       const struct guest_config *config, bool like_firecracker, char *err,
+                       size_t err_size)
 {
     if (config->balloon_pages == 0)
         return 0;
@@ -413,8 +414,10 @@ int kvm_vm_set_balloon(struct kvm_vm *vm, const struct guest_memory *memory,
     vm->balloon_host = host;
     vm->balloon_pages = config->balloon_pages;
     /* Shared memory keeps a page in the file until the hole is punched; MADV_REMOVE on the
-     * mapping punches it and, unlike fallocate, tells a userfaultfd (UFFD_EVENT_REMOVE). */
-    vm->balloon_advice = memory->backend == MEMORY_BACKEND_SHARED ? MADV_REMOVE : MADV_DONTNEED;
+     * mapping punches it and, unlike fallocate, tells a userfaultfd (UFFD_EVENT_REMOVE).
+     * Firecracker only drops the mapping's page-table entries (MADV_DONTNEED). */
+    vm->balloon_advice =
+        memory->backend == MEMORY_BACKEND_SHARED && !like_firecracker ? MADV_REMOVE : MADV_DONTNEED;
     return 0;
 }
 

@@ -77,7 +77,7 @@ struct kvm_vm {
      * guest hands back is discarded. Set by the API thread before the vCPUs start. */
     uint8_t *balloon_host;
     uint64_t balloon_pages;
-    int balloon_advice; /* MADV_DONTNEED, or MADV_REMOVE for shared memory */
+    int balloon_advice; /* MADV_DONTNEED, or MADV_REMOVE for shared memory (precise discards) */
     atomic_uint_fast64_t balloon_discards;
 };
 
@@ -95,9 +95,11 @@ int kvm_vm_load_vcpu(struct kvm_vm *vm, unsigned index, const struct vcpu_state 
                      size_t err_size);
 
 /* Sets up the guest's balloon from its config (none when config->balloon_pages is 0) before
- * the vCPUs start: refused on huge pages (a 4 KiB discard cannot split them). */
+ * the vCPUs start: refused on huge pages (a 4 KiB discard cannot split them). like_firecracker:
+ * discard with MADV_DONTNEED whatever the memory (see --balloon-discard). */
 int kvm_vm_set_balloon(struct kvm_vm *vm, const struct guest_memory *memory,
-                       const struct guest_config *config, char *err, size_t err_size);
+                       const struct guest_config *config, bool like_firecracker, char *err,
+                       size_t err_size);
 
 /* Starts the vCPU threads, parked when start_paused. */
 int kvm_vm_start(struct kvm_vm *vm, bool start_paused, char *err, size_t err_size);

@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -755,13 +756,11 @@ TEST_F(VmmTest, BalloonOnAnonymousMemory)
     ASSERT_NO_FATAL_FAILURE(check_balloon_snapshot(vmm, snapshot_path(dir_, "snap")));
 }
 
-TEST_F(VmmTest, BalloonOnASharedMemfdPunchesHoles)
+// Boots a 2-vCPU guest with balloon=64 on a 64 MiB memfd (mem_backend_path), as forkd does.
+static void boot_balloon_on_memfd(TestVmm &vmm, int memfd)
 {
-    int memfd = memfd_create("forkd-testvm-balloon", MFD_CLOEXEC);
-    ASSERT_GE(memfd, 0);
     ASSERT_EQ(0, ftruncate(memfd, 64 << 20));
     std::string path = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(memfd);
-    TestVmm vmm(dir_.path());
     auto r = vmm.api().request("PUT", "/machine-config",
                                R"({"vcpu_count":2,"mem_size_mib":64,"mem_backend_path":")" + path +
                                    "\"}");
@@ -772,25 +771,75 @@ TEST_F(VmmTest, BalloonOnASharedMemfdPunchesHoles)
     ASSERT_EQ(r.status, 204) << r.body;
     r = vmm.api().request("PUT", "/actions", R"({"action_type":"InstanceStart"})");
     ASSERT_EQ(r.status, 204) << r.body;
+}
+
+// Of the balloon pages the guest freed (FREE after having been in use), how many are holes in
+// the memfd.
+static void count_freed_holes(int memfd, uint64_t *freed, uint64_t *holes)
+{
+    std::vector<uint64_t> table = balloon_table(memfd);
+    *freed = *holes = 0;
+    for (uint64_t i = 0; i < kBalloonPages; i++) {
+        if (table[i] == 0 || (table[i] & 1))
+            continue; // never taken, or in use
+        off_t page = kBalloonFirstPage + (off_t)i * 4096;
+        (*freed)++;
+        *holes += lseek(memfd, page, SEEK_HOLE) == page;
+    }
+}
+
+TEST_F(VmmTest, BalloonOnASharedMemfdPunchesHoles)
+{
+    int memfd = memfd_create("forkd-testvm-balloon", MFD_CLOEXEC);
+    ASSERT_GE(memfd, 0);
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(boot_balloon_on_memfd(vmm, memfd));
     // Paused, before the save reads them back in: the freed balloon pages are holes in the
     // memfd (MADV_REMOVE), not just unmapped; all but those a vCPU marked FREE right before
     // its discard (one each at most).
     auto holes_in_memfd = [memfd] {
-        std::vector<uint64_t> table = balloon_table(memfd);
-        uint64_t freed = 0, holes = 0;
-        for (uint64_t i = 0; i < kBalloonPages; i++) {
-            if (table[i] == 0 || (table[i] & 1))
-                continue; // never taken, or in use
-            off_t page = kBalloonFirstPage + (off_t)i * 4096;
-            freed++;
-            holes += lseek(memfd, page, SEEK_HOLE) == page;
-        }
+        uint64_t freed, holes;
+        count_freed_holes(memfd, &freed, &holes);
         EXPECT_GT(holes, 0u);
         EXPECT_LE(freed - holes, 2u);
     };
     ASSERT_NO_FATAL_FAILURE(
         check_balloon_snapshot(vmm, snapshot_path(dir_, "snap"), holes_in_memfd));
     close(memfd);
+}
+
+// --balloon-discard firecracker: MADV_DONTNEED over the memfd drops only the VMM's mapping of
+// a freed page; the page stays in the file, and the snapshot still verifies.
+TEST_F(VmmTest, BalloonLikeFirecrackerKeepsFreedPagesInTheMemfd)
+{
+    int memfd = memfd_create("forkd-testvm-balloon", MFD_CLOEXEC);
+    ASSERT_GE(memfd, 0);
+    TestVmm vmm(dir_.path(), {"--balloon-discard", "firecracker"});
+    ASSERT_NO_FATAL_FAILURE(boot_balloon_on_memfd(vmm, memfd));
+    auto no_holes = [memfd] {
+        uint64_t freed, holes;
+        count_freed_holes(memfd, &freed, &holes);
+        EXPECT_GT(freed, 0u);
+        EXPECT_EQ(holes, 0u);
+    };
+    ASSERT_NO_FATAL_FAILURE(check_balloon_snapshot(vmm, snapshot_path(dir_, "snap"), no_holes));
+    close(memfd);
+}
+
+// A bad --balloon-discard stops the VMM at once, naming the choices.
+TEST(VmmOptions, BadBalloonDiscardIsRefused)
+{
+    std::string command = std::string(FORKD_TESTVM_PATH) +
+                          " --api-sock /nonexistent/api.sock --balloon-discard sideways 2>&1";
+    FILE *pipe = popen(command.c_str(), "r");
+    ASSERT_NE(nullptr, pipe);
+    std::string output;
+    char buffer[256];
+    while (fgets(buffer, sizeof(buffer), pipe))
+        output += buffer;
+    int status = pclose(pipe);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 2) << status;
+    EXPECT_NE(output.find("precise or firecracker, not 'sideways'"), std::string::npos) << output;
 }
 
 TEST_F(VmmTest, BalloonArgumentsAreChecked)

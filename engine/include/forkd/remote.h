@@ -122,7 +122,17 @@ struct remote_lazy_status {
 int remote_lazy_start(struct remote *remote, struct store *store, struct page_server *server,
                       const char *name, struct remote_lazy **out, struct forkd_error *err);
 
-/* 1 while chunks are being fetched, 0 once the snapshot is READY, or the failure (-errno, err). */
+/* A Spawn holds the pull while it restores forks on its WRITING files, so that the pull's end
+ * (publishing moves them, a failure removes them) waits for it. -EALREADY once the end has
+ * begun: remote_lazy_wait, then look again (a READY snapshot in the store, or a new pull). */
+int remote_lazy_hold(struct remote_lazy *lazy);
+/* Ends a hold; the last one ends a pull whose chunks are all done (on the caller's thread). */
+void remote_lazy_release(struct remote_lazy *lazy);
+/* Waits until the pull has ended (remote_lazy_state no longer 1). */
+void remote_lazy_wait(struct remote_lazy *lazy);
+
+/* 1 while chunks are being fetched, 0 once the snapshot is READY, or the failure (-errno, err).
+ * err also gets the first chunk's failure while the pull still runs. */
 int remote_lazy_state(struct remote_lazy *lazy, struct remote_lazy_status *out,
                       struct forkd_error *err);
 
