@@ -69,6 +69,27 @@ void convert_snapshot_page_server(struct page_server *server, struct snapshot_me
     out->snapshot.page_server = &out->page_server;
 }
 
+void convert_snapshot_lazy_pull(struct engine *engine, struct snapshot_message *out)
+{
+    struct remote_lazy_status status;
+    if (out->record.state != STORE_STATE_WRITING ||
+        engine_lazy_pull_status(engine, out->record.name, &status) < 0)
+        return;
+    Forkd__V1__LazyPull *m = &out->lazy_pull;
+    *m = (Forkd__V1__LazyPull)FORKD__V1__LAZY_PULL__INIT;
+    m->chunks_total = status.chunks_total;
+    m->chunks_zero = status.chunks_zero;
+    m->chunks_fetched = status.chunks_fetched;
+    m->chunks_failed = status.chunks_failed;
+    m->chunks_demanded = status.chunks_demanded;
+    m->hot_chunks = status.hot_chunks;
+    m->hot_chunks_fetched = status.hot_chunks_fetched;
+    m->hot_fetched_ns = status.hot_done_ns;
+    m->bytes_fetched = status.bytes_fetched;
+    m->elapsed_ns = status.elapsed_ns;
+    out->snapshot.lazy_pull = m;
+}
+
 void convert_figures(const struct store_figures *figures, Forkd__V1__BranchFigures *out)
 {
     *out = (Forkd__V1__BranchFigures)FORKD__V1__BRANCH_FIGURES__INIT;
@@ -156,6 +177,9 @@ void convert_snapshot(const struct store_snapshot *record, struct snapshot_messa
     s->created_at_unix_ms = r->created_at_unix_ms;
     s->path = r->path;
     s->vms_using = r->users;
+    s->hot_ranges = (uint32_t)r->hot_count;
+    for (size_t i = 0; i < r->hot_count; i++)
+        s->hot_bytes += r->hot[i].length;
     convert_snapshot_regions(out);
     device_messages_fill_snapshot(&out->devices, &r->devices, s);
 }

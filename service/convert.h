@@ -10,6 +10,7 @@
 #include "device_messages.h"
 
 #include "forkd/branch.h"
+#include "forkd/engine.h"
 #include "basic/error.h"
 #include "forkd/page_server.h"
 #include "forkd/store.h"
@@ -36,12 +37,16 @@ struct snapshot_message {
     Forkd__V1__Snapshot__LabelsEntry labels[STORE_MAX_LABELS];
     Forkd__V1__Snapshot__LabelsEntry *label_pointers[STORE_MAX_LABELS];
     Forkd__V1__PageServerStats page_server;
+    Forkd__V1__LazyPull lazy_pull;
     struct store_snapshot record;
     struct device_messages devices;
 };
 
 /* Adds a template's page-server figures to a snapshot message (when it has UFFD forks). */
 void convert_snapshot_page_server(struct page_server *server, struct snapshot_message *out);
+
+/* Adds the progress of the lazy pull filling a WRITING snapshot (when one is). */
+void convert_snapshot_lazy_pull(struct engine *engine, struct snapshot_message *out);
 
 void convert_vm(struct vm *vm, struct vm_message *out);
 void convert_snapshot(const struct store_snapshot *record, struct snapshot_message *out);

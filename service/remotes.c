@@ -205,6 +205,7 @@ FORKD_HANDLER(handle_list_remote)
             m->vmstate_bytes = infos[i].vmstate_bytes;
             m->chunk_count = infos[i].chunk_count;
             m->zero_chunks = infos[i].zero_chunks;
+            m->hot_bytes = infos[i].hot_bytes;
             m->created_at_unix_ms = infos[i].created_at_unix_ms;
             pointers[i] = m;
         }

@@ -31,6 +31,7 @@ grpc_status_code handle_get_snapshot(struct rpc_call *call, const ProtobufCMessa
         return rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     convert_snapshot(&record, reply);
     convert_snapshot_page_server(engine_page_server(daemon->engine), reply);
+    convert_snapshot_lazy_pull(daemon->engine, reply);
     int rc = call_set_response(call, &reply->snapshot.base);
     free(reply);
     return rc < 0 ? rpc_status_set(status, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory")
@@ -63,6 +64,7 @@ grpc_status_code handle_list_snapshots(struct rpc_call *call, const ProtobufCMes
         for (size_t i = 0; i < count; i++) {
             convert_snapshot(&records[i], &messages[i]);
             convert_snapshot_page_server(engine_page_server(daemon->engine), &messages[i]);
+            convert_snapshot_lazy_pull(daemon->engine, &messages[i]);
             pointers[i] = &messages[i].snapshot;
         }
         Forkd__V1__ListSnapshotsResponse response = FORKD__V1__LIST_SNAPSHOTS_RESPONSE__INIT;

@@ -9,6 +9,7 @@
 #include "basic/fsutil.h"
 
 #include "disk_clone.h"
+#include "hot_set.h"
 #include "forkd/probe.h"
 #include "latency.h"
 #include "pause.h"
@@ -321,7 +322,8 @@ static void branch_dirty_free(struct dirty_list *list)
     *list = (struct dirty_list){0};
 }
 
-/* Appends a round's dirty pages to the hot list; out of memory only costs the ordering. */
+/* Appends a round's dirty pages to the hot list; out of memory only costs the ordering and
+ * the hot set's completeness. */
 static void branch_dirty_extend(struct dirty_list *list, const struct dirty_list *more)
 {
     for (size_t i = 0; i < more->count; i++)
@@ -329,8 +331,18 @@ static void branch_dirty_extend(struct dirty_list *list, const struct dirty_list
             return;
 }
 
-/* LIVE, outside the pause: arm everything, then re-arm what the guest dirtied meanwhile until
- * the dirty set is small, so the pause only has a handful of pages left to re-arm. */
+/* Sleeps until the monotonic time until_ns. */
+static void branch_sleep_until(uint64_t until_ns)
+{
+    struct timespec until = {.tv_sec = (time_t)(until_ns / 1000000000ULL),
+                             .tv_nsec = (long)(until_ns % 1000000000ULL)};
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL) == EINTR)
+        ;
+}
+
+/* LIVE, outside the pause: arm everything, let the guest write for the hot window, then re-arm
+ * what it dirtied meanwhile until the dirty set is small, so the pause only has a handful of
+ * pages left to re-arm. */
 static int branch_prearm(struct branch *branch, struct branch_run_state *run,
                          struct forkd_error *err)
 {
@@ -338,12 +350,13 @@ static int branch_prearm(struct branch *branch, struct branch_run_state *run,
     int rc = branch_arm_all(run, true, err);
     if (rc < 0)
         return rc;
+    branch_sleep_until(start + REARM_HOT_WINDOW_MS * 1000000ULL);
     long previous = -1;
     for (int round = 0; round < REARM_MAX_ROUNDS; round++) {
-        struct dirty_list list;
+        struct dirty_list list = {0};
         rc = branch_handler_request(run, HANDLER_TRACKING, &list);
         long pages = rc < 0 ? rc : branch_rearm(run, &list, err);
-        if (pages > 0 && branch_lever(run, BRANCH_LEVER_HOT_FIRST))
+        if (pages > 0) /* copied first (BRANCH_LEVER_HOT_FIRST), and the snapshot's hot set */
             branch_dirty_extend(&run->hot, &list);
         branch_dirty_free(&list);
         if (rc < 0)
@@ -374,10 +387,10 @@ static int branch_protect_in_pause(struct branch *branch, struct branch_run_stat
             atomic_store(&run->save_protected, true);
         return rc;
     }
-    struct dirty_list last;
+    struct dirty_list last = {0};
     int rc = branch_handler_request(run, HANDLER_COPY, &last);
     long pages = rc < 0 ? rc : branch_rearm(run, &last, err);
-    branch_dirty_free(&last);
+    run->paused_dirty = last; /* for the hot set, once the copy is done */
     if (rc < 0)
         return forkd_error_set(err, rc, "fault handler: %s", run->handler.error_message);
     if (pages < 0)
@@ -632,6 +645,28 @@ static int branch_bulk_hot(struct branch *branch, struct branch_run_state *run, 
     return 0;
 }
 
+/* The hot set the snapshot records: the pages dirtied while pre-arming and right before the
+ * pause, as runs of memory.bin (a page of its region's size each), coalesced. Out of memory
+ * leaves the snapshot without one, which it may well be. */
+static void branch_build_hot_set(struct branch_run_state *run)
+{
+    const struct dirty_list *hot = &run->hot;
+    run->hot_set_count = 0;
+    branch_dirty_extend(&run->hot, &run->paused_dirty);
+    _cleanup_free_ struct store_hot_range *runs =
+        malloc((hot->count ? hot->count : 1) * sizeof(*runs));
+    if (!runs)
+        return;
+    for (size_t i = 0; i < hot->count; i++) {
+        const struct branch_region *region = branch_region_of(run, hot->addresses[i]);
+        runs[i] = (struct store_hot_range){region->uffd.file_offset +
+                                               (hot->addresses[i] - region->uffd.host_base),
+                                           region->uffd.page_size};
+    }
+    if (hot_set_build(runs, hot->count, run->total_bytes, run->hot_set, &run->hot_set_count) < 0)
+        run->hot_set_count = 0;
+}
+
 static int branch_bulk_copy(struct branch *branch, struct branch_run_state *run,
                             struct forkd_error *err)
 {
@@ -873,6 +908,7 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
     if (run->memory_fd >= 0)
         close(run->memory_fd);
     branch_dirty_free(&run->hot);
+    branch_dirty_free(&run->paused_dirty);
     branch_staging_close(&run->staging);
 }
 
@@ -902,6 +938,8 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     rc = branch_bulk_copy(branch, run, err);
     if (rc == 0)
         rc = branch_wait_all_written(branch, run, err);
+    if (rc == 0) /* the guest pays nothing for the branch any more */
+        branch_build_hot_set(run);
     if (rc == 0 && fsync(run->memory_fd) < 0)
         rc = forkd_error_errno(err, -errno, "fsync memory.bin");
     branch_record(branch, &branch->figures.copy_ns, forkd_monotonic_ns() - start);
@@ -1047,6 +1085,8 @@ static void branch_fill_record(struct branch *branch, const struct branch_run_st
         request->label_count < STORE_MAX_LABELS ? request->label_count : STORE_MAX_LABELS;
     for (size_t i = 0; i < meta->label_count; i++)
         meta->labels[i] = request->labels[i];
+    meta->hot_count = run->hot_set_count;
+    memcpy(meta->hot, run->hot_set, run->hot_set_count * sizeof(*run->hot_set));
 }
 
 static int branch_publish(struct branch *branch, struct branch_run_state *run,

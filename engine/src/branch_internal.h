@@ -39,6 +39,10 @@
 #define HANDLER_EAGAIN_MS        2000 /* the handler's own ioctls, refused while events wait */
 #define REARM_MAX_ROUNDS         16
 #define REARM_CONVERGED_PAGES    64 /* dirty set small enough to re-arm inside the pause */
+/* LIVE: the first tracking round lasts at least this long. What the guest writes in it is its
+ * working set, the snapshot's hot set; a round that ends as soon as everything is armed sees
+ * the few pages written during the arming (one write fault each), and converges at once. */
+#define REARM_HOT_WINDOW_MS      20
 #define HANDSHAKE_TIMEOUT_MS     5000
 #define VMSTATE_ONLY_MEMORY_PATH "/dev/null/forkd-vmstate-only" /* must never be opened */
 
@@ -144,6 +148,12 @@ struct branch_run_state {
     unsigned levers;        /* branch_lever bits in use */
     struct staging staging; /* with BRANCH_LEVER_STAGING */
     struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
+    /* The last dirty set, re-armed inside the pause: joins `hot` for the snapshot's hot set once
+     * the copy is done (the guest was writing these pages right before the pause). */
+    struct dirty_list paused_dirty;
+    /* The hot set the snapshot records, built from `hot` once the copy is done. */
+    size_t hot_set_count;
+    struct store_hot_range hot_set[STORE_MAX_HOT_RANGES];
     /* Futex word bumped by the fault handler after each page it wrote, woken only while the
      * copier waits for the last of them (written_waiting), so the fault path makes no system
      * call otherwise and takes no lock. */

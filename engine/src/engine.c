@@ -306,18 +306,28 @@ static int engine_check_snapshot_devices(struct engine *engine, const char *name
     return rc < 0 ? rc : engine_check_devices(engine, snapshot, name, count, overrides, err);
 }
 
-/* Turns on hot-page recording and prefetch for the snapshot's UFFD forks. */
+/* Turns on hot-page recording and prefetch for the snapshot's UFFD forks, the snapshot's own
+ * hot set (recorded by its branch) prefetched from the first fork on. */
 static int engine_set_prefetch(struct engine *engine, const struct engine_spawn_request *request,
                                struct forkd_error *err)
 {
-    struct store_snapshot snapshot;
-    int rc = store_get(engine->store, request->snapshot, &snapshot, err);
+    _cleanup_free_ struct store_snapshot *snapshot = malloc(sizeof(*snapshot));
+    if (!snapshot)
+        return forkd_error_set(err, -ENOMEM, "spawn: out of memory");
+    int rc = store_get(engine->store, request->snapshot, snapshot, err);
     if (rc < 0)
         return rc;
     char memory_path[PATH_MAX + 16];
-    store_file_path(snapshot.path, STORE_FILE_MEMORY, memory_path, sizeof(memory_path));
-    return page_server_template_set_prefetch(engine->page_server, request->snapshot, memory_path,
-                                             request->prefetch_record_ms, err);
+    store_file_path(snapshot->path, STORE_FILE_MEMORY, memory_path, sizeof(memory_path));
+    rc = page_server_template_set_prefetch(engine->page_server, request->snapshot, memory_path,
+                                           request->prefetch_record_ms, err);
+    struct page_server_range hot[STORE_MAX_HOT_RANGES];
+    for (size_t i = 0; i < snapshot->hot_count; i++)
+        hot[i] = (struct page_server_range){snapshot->hot[i].offset, snapshot->hot[i].length};
+    if (rc == 0 && snapshot->hot_count)
+        rc = page_server_template_seed_hot(engine->page_server, request->snapshot, memory_path, hot,
+                                           snapshot->hot_count, err);
+    return rc;
 }
 
 /* Forks are restored paused and resumed together: restoring the later ones does not compete
@@ -462,6 +472,17 @@ static int engine_lazy_acquire(struct engine *engine, const char *name, struct e
         entry->spawns--;
         pthread_mutex_unlock(&engine->lazy_lock);
     }
+}
+
+int engine_lazy_pull_status(struct engine *engine, const char *name, struct remote_lazy_status *out)
+{
+    int rc = -ENOENT;
+    pthread_mutex_lock(&engine->lazy_lock);
+    for (struct engine_lazy *entry = engine->lazies; entry && rc < 0; entry = entry->next)
+        if (strcmp(entry->name, name) == 0 && remote_lazy_state(entry->lazy, out, NULL) == 1)
+            rc = 0;
+    pthread_mutex_unlock(&engine->lazy_lock);
+    return rc;
 }
 
 static void engine_lazy_release(struct engine *engine, struct engine_lazy *entry)

@@ -153,12 +153,6 @@ static const struct uffd_region *page_server_region_of(const struct page_server_
 }
 
 /* Sets a bit; true when it was clear. */
-static bool page_server_bit_set(atomic_uint_fast64_t *bits, uint64_t index)
-{
-    uint64_t mask = 1ULL << (index % 64);
-    return !(atomic_fetch_or_explicit(&bits[index / 64], mask, memory_order_relaxed) & mask);
-}
-
 /* UFFDIO_COPY of one page (which wakes the faulting threads): 0, 1 when it was there
  * already (then woken), or -errno (-EAGAIN: try again later). */
 static int page_server_copy_page(struct page_server_fork *fork, uint64_t page, const void *source,
@@ -844,9 +838,10 @@ static int page_server_fork_bind_template(struct page_server *server, struct pag
     fork->template = t;
     if (t->chunk_ready) /* lazy: its pages may not be here yet; no hot set recorded either */
         return 0;
-    if (t->record_ms && t->hot && page_server_hot_ready(t, page_server_now_ns()))
+    bool ready = page_server_hot_ready(t, page_server_now_ns());
+    if (t->record_ms && t->hot && (ready || t->hot_seeded))
         fork->prefetch = page_server_load(&t->hot_pages) > 0;
-    else if (t->record_ms)
+    if (t->record_ms && !ready)
         fork->record_ms = t->record_ms;
     return 0;
 }

@@ -59,6 +59,13 @@ static inline uint64_t page_server_load(const atomic_uint_fast64_t *counter)
     return atomic_load_explicit(counter, memory_order_relaxed);
 }
 
+/* Sets a bit; true when it was clear. */
+static inline bool page_server_bit_set(atomic_uint_fast64_t *bits, uint64_t index)
+{
+    uint64_t mask = 1ULL << (index % 64);
+    return !(atomic_fetch_or_explicit(&bits[index / 64], mask, memory_order_relaxed) & mask);
+}
+
 /* A bit of a bitmap that may not exist yet (NULL: clear). */
 static inline bool page_server_bit_test(atomic_uint_fast64_t *bits, uint64_t index)
 {
@@ -83,6 +90,9 @@ struct page_server_template {
     atomic_uint_fast64_t *hot; /* bitmap of 4 KiB file pages faulted while recording */
     atomic_uint_fast64_t hot_pages;
     atomic_uint_fast64_t hot_ready_ns; /* monotonic time the first recording window closes */
+    /* The hot set was seeded (page_server_template_seed_hot): forks are prefetched from the
+     * first on, the recording ones too. Under server->lock. */
+    bool hot_seeded;
     atomic_uint forks_active, forks_total;
     struct page_server_counters counters;
     /* A lazy template (page_server_template_open_lazy): its memory.bin is still being filled,

@@ -2,8 +2,8 @@
  * The page server's templates (see page_server_internal.h): the read-only mapping of a
  * snapshot's memory.bin that all its forks are served from, identified by path and by the
  * file's identity so a new file under an old name is never served the old mapping; the hot
- * set recorded from the first forks' faults; and the prefetch that copies that set into a
- * new fork before it runs.
+ * set recorded from the first forks' faults (or seeded with the snapshot's own); and the
+ * prefetch that copies that set into a new fork before it runs.
  */
 #include "page_server_internal.h"
 
@@ -149,6 +149,33 @@ int page_server_template_set_prefetch(struct page_server *server, const char *na
     return rc;
 }
 
+int page_server_template_seed_hot(struct page_server *server, const char *name,
+                                  const char *memory_path, const struct page_server_range *ranges,
+                                  size_t count, struct forkd_error *err)
+{
+    pthread_mutex_lock(&server->lock);
+    struct page_server_template *t = NULL;
+    int rc = page_server_template_get_locked(server, name && *name ? name : memory_path,
+                                             memory_path, &t, err);
+    for (size_t i = 0; rc == 0 && i < count; i++)
+        if (ranges[i].offset % PAGE_SERVER_SMALL_PAGE ||
+            ranges[i].length % PAGE_SERVER_SMALL_PAGE || ranges[i].offset > t->size ||
+            ranges[i].length > t->size - ranges[i].offset)
+            rc = forkd_error_set(err, -EINVAL,
+                                 "page server: template %s: hot range %zu [%" PRIu64 ", +%" PRIu64
+                                 ") is not whole pages of its %" PRIu64 " bytes",
+                                 t->name, i, ranges[i].offset, ranges[i].length, t->size);
+    for (size_t i = 0; rc == 0 && t->hot && i < count; i++)
+        for (uint64_t p = ranges[i].offset / PAGE_SERVER_SMALL_PAGE;
+             p < (ranges[i].offset + ranges[i].length) / PAGE_SERVER_SMALL_PAGE; p++)
+            if (page_server_bit_set(t->hot, p))
+                page_server_count(&t->hot_pages, 1);
+    if (rc == 0 && t->hot && count > 0)
+        t->hot_seeded = true;
+    pthread_mutex_unlock(&server->lock);
+    return rc;
+}
+
 bool page_server_hot_ready(const struct page_server_template *t, uint64_t now)
 {
     uint64_t ready = atomic_load(&t->hot_ready_ns);
@@ -165,7 +192,8 @@ int page_server_template_describe(struct page_server *server, const char *name,
             .memory_bytes = t->size,
             .times_mapped = t->times_mapped,
             .hot_pages = page_server_load(&t->hot_pages),
-            .hot_set_ready = t->hot && page_server_hot_ready(t, page_server_now_ns()),
+            .hot_set_ready =
+                t->hot && (t->hot_seeded || page_server_hot_ready(t, page_server_now_ns())),
         };
         page_server_counters_read(&t->counters, &out->stats);
         out->stats.forks_active = atomic_load(&t->forks_active);

@@ -2,6 +2,7 @@
  * forkd/remote.h). */
 #include "forkd/remote.h"
 
+#include "hot_set.h"
 #include "s3.h"
 
 #include "forkd/page_server.h"
@@ -867,8 +868,9 @@ int remote_pull(struct remote *remote, struct store *store, const char *name,
 /* ---- Lazy pull (a pull forks run on while it proceeds) -------------------------------------- */
 
 /* Each worker takes the chunks the page server asked for first (the oldest request first), then
- * the next chunk in file order not taken yet; a chunk is taken once (claimed), so it is fetched
- * once and every fault waiting on it is served when it arrives. */
+ * the next chunk of the hot set not taken yet (in file order), then the next chunk in file order
+ * not taken yet; a chunk is taken once (claimed), so it is fetched once and every fault waiting
+ * on it is served when it arrives. */
 struct remote_lazy_worker {
     struct remote_lazy *lazy;
     struct s3_client *client;
@@ -891,7 +893,14 @@ struct remote_lazy {
     atomic_uchar *claimed;       /* per chunk: a worker took it (zero chunks from the start) */
     atomic_uchar *asked;         /* per chunk: in the request queue once */
     atomic_uint_fast64_t cursor; /* the next chunk in file order */
-    atomic_uint_fast64_t chunks_fetched, chunks_failed, bytes_fetched;
+    uint64_t *hot_chunks;        /* the hot set's non-zero chunks, ascending */
+    uint64_t hot_count;
+    bool *hot;                       /* per chunk: in hot_chunks */
+    atomic_uint_fast64_t hot_cursor; /* the next of hot_chunks */
+    atomic_uint_fast64_t chunks_fetched, chunks_failed, bytes_fetched, chunks_demanded;
+    atomic_uint_fast64_t hot_settled, hot_fetched; /* hot chunks arrived or failed; arrived */
+    atomic_uint_fast64_t hot_done_ns;              /* since start_ns, once all settled; else 0 */
+    uint64_t chunks_zero;
     uint64_t start_ns;
     struct remote_lazy_worker workers[REMOTE_PARALLEL_MAX];
     unsigned worker_count;
@@ -940,13 +949,29 @@ static bool remote_lazy_next(struct remote_lazy *lazy, uint64_t *chunk)
         }
         pthread_mutex_unlock(&lazy->lock);
         if (!requested) {
-            *chunk = atomic_fetch_add(&lazy->cursor, 1);
+            uint64_t hot = atomic_fetch_add(&lazy->hot_cursor, 1);
+            *chunk =
+                hot < lazy->hot_count ? lazy->hot_chunks[hot] : atomic_fetch_add(&lazy->cursor, 1);
             if (*chunk >= n)
                 return false;
         }
-        if (!atomic_exchange(&lazy->claimed[*chunk], 1))
+        if (!atomic_exchange(&lazy->claimed[*chunk], 1)) {
+            if (requested)
+                atomic_fetch_add(&lazy->chunks_demanded, 1);
             return true;
+        }
     }
+}
+
+/* A hot chunk arrived or failed: the moment the last one did is the hot set's time. */
+static void remote_lazy_hot_settled(struct remote_lazy *lazy, uint64_t chunk, bool arrived)
+{
+    if (!lazy->hot[chunk])
+        return;
+    if (arrived)
+        atomic_fetch_add(&lazy->hot_fetched, 1);
+    if (atomic_fetch_add(&lazy->hot_settled, 1) + 1 == lazy->hot_count)
+        atomic_store(&lazy->hot_done_ns, forkd_monotonic_ns() - lazy->start_ns);
 }
 
 static void remote_lazy_fetch(struct remote_lazy_worker *worker, uint64_t chunk)
@@ -966,6 +991,7 @@ static void remote_lazy_fetch(struct remote_lazy_worker *worker, uint64_t chunk)
         atomic_fetch_add(&lazy->chunks_fetched, 1);
         atomic_fetch_add(&lazy->bytes_fetched, length);
         page_server_chunk_arrived(lazy->server, lazy->template, chunk);
+        remote_lazy_hot_settled(lazy, chunk, true);
         return;
     }
     /* The reason is kept before the failure is counted or a fork ended for it: a Spawn that
@@ -977,6 +1003,7 @@ static void remote_lazy_fetch(struct remote_lazy_worker *worker, uint64_t chunk)
         lazy->error = named;
     pthread_mutex_unlock(&lazy->lock);
     atomic_fetch_add(&lazy->chunks_failed, 1);
+    remote_lazy_hot_settled(lazy, chunk, false);
     /* Without the pull's name: the reason ends up in a fork's exit_reason (128 bytes), and the
      * fork names its snapshot itself. */
     page_server_chunk_failed(lazy->server, lazy->template, chunk, err.message);
@@ -1088,6 +1115,8 @@ static void remote_lazy_destroy(struct remote_lazy *lazy)
     free(lazy->claimed);
     free(lazy->asked);
     free(lazy->requests);
+    free(lazy->hot_chunks);
+    free(lazy->hot);
     pthread_cond_destroy(&lazy->ended);
     pthread_mutex_destroy(&lazy->lock);
     free(lazy);
@@ -1104,6 +1133,7 @@ static int remote_lazy_open_template(struct remote_lazy *lazy, struct forkd_erro
         present[c] = !lazy->manifest.chunks[c][0];
         if (present[c])
             atomic_store(&lazy->claimed[c], 1);
+        lazy->chunks_zero += present[c];
     }
     struct page_server_lazy_source source = {
         .chunk_size = REMOTE_CHUNK_SIZE,
@@ -1151,6 +1181,23 @@ static int remote_lazy_start_workers(struct remote_lazy *lazy, struct forkd_erro
     return 0;
 }
 
+/* The hot set's chunks that hold something (an all-zero one is there from the start), in file
+ * order: fetched before the rest. The manifest's snapshot.json was checked, so the ranges lie
+ * within memory_bytes, which the manifest's chunks cover. */
+static void remote_lazy_plan_hot(struct remote_lazy *lazy)
+{
+    uint64_t n = hot_set_chunks(&lazy->meta, REMOTE_CHUNK_SIZE, lazy->manifest.chunk_count,
+                                lazy->hot_chunks);
+    lazy->hot_count = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t c = lazy->hot_chunks[i];
+        if (!lazy->manifest.chunks[c][0])
+            continue;
+        lazy->hot_chunks[lazy->hot_count++] = c;
+        lazy->hot[c] = true;
+    }
+}
+
 static int remote_lazy_prepare(struct remote_lazy *lazy, const char *name, struct forkd_error *err)
 {
     struct s3_client *client = NULL;
@@ -1176,8 +1223,11 @@ static int remote_lazy_prepare(struct remote_lazy *lazy, const char *name, struc
     lazy->claimed = calloc(n ? n : 1, sizeof(*lazy->claimed));
     lazy->asked = calloc(n ? n : 1, sizeof(*lazy->asked));
     lazy->requests = calloc(n ? n : 1, sizeof(*lazy->requests));
-    if (!lazy->claimed || !lazy->asked || !lazy->requests)
+    lazy->hot_chunks = calloc(n ? n : 1, sizeof(*lazy->hot_chunks));
+    lazy->hot = calloc(n ? n : 1, sizeof(*lazy->hot));
+    if (!lazy->claimed || !lazy->asked || !lazy->requests || !lazy->hot_chunks || !lazy->hot)
         return forkd_error_set(err, -ENOMEM, "lazy pull: out of memory");
+    remote_lazy_plan_hot(lazy);
     rc = remote_lazy_open_template(lazy, err);
     if (rc == 0)
         rc = remote_lazy_start_workers(lazy, err);
@@ -1249,6 +1299,11 @@ int remote_lazy_state(struct remote_lazy *lazy, struct remote_lazy_status *out,
             .chunks_failed = atomic_load(&lazy->chunks_failed),
             .bytes_fetched = atomic_load(&lazy->bytes_fetched),
             .elapsed_ns = end - lazy->start_ns,
+            .chunks_zero = lazy->chunks_zero,
+            .chunks_demanded = atomic_load(&lazy->chunks_demanded),
+            .hot_chunks = lazy->hot_count,
+            .hot_chunks_fetched = atomic_load(&lazy->hot_fetched),
+            .hot_done_ns = atomic_load(&lazy->hot_done_ns),
         };
     return rc;
 }
@@ -1370,6 +1425,8 @@ int remote_list(struct remote *remote, struct remote_snapshot_info **out, size_t
             snprintf(info->parent_snapshot, sizeof(info->parent_snapshot), "%s",
                      meta.parent_snapshot);
             info->created_at_unix_ms = meta.created_at_unix_ms;
+            for (size_t h = 0; h < meta.hot_count; h++)
+                info->hot_bytes += meta.hot[h].length;
         }
         remote_manifest_free(&manifest);
     }

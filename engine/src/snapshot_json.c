@@ -12,6 +12,10 @@
 #include <string.h>
 
 #define SNAPSHOT_JSON_FORMAT_VERSION 1
+/* The form of "hot" (its own version: the field is optional, so a record without it is still
+ * format_version 1, and a later form is refused by name rather than misread). */
+#define SNAPSHOT_JSON_HOT_VERSION 1
+#define SNAPSHOT_JSON_HOT_ALIGN   4096
 /* JSON numbers are doubles: integers above 2^53 do not survive a round trip. */
 #define SNAPSHOT_JSON_INT_MAX (UINT64_C(1) << 53)
 
@@ -110,6 +114,24 @@ static bool snapshot_json_put_labels(cJSON *parent, const struct store_snapshot 
     return true;
 }
 
+/* "hot": {"version": 1, "ranges": [[offset, length], ...]}, only when there is a hot set. */
+static bool snapshot_json_put_hot(cJSON *parent, const struct store_snapshot *meta)
+{
+    if (meta->hot_count == 0)
+        return true;
+    cJSON *obj = snapshot_json_put_object(parent, "hot");
+    cJSON *ranges = obj ? cJSON_AddArrayToObject(obj, "ranges") : NULL;
+    if (!ranges || !snapshot_json_put_u64(obj, "version", SNAPSHOT_JSON_HOT_VERSION))
+        return false;
+    for (size_t i = 0; i < meta->hot_count; i++) {
+        const double pair[2] = {(double)meta->hot[i].offset, (double)meta->hot[i].length};
+        cJSON *item = cJSON_CreateDoubleArray(pair, 2);
+        if (!item || !cJSON_AddItemToArray(ranges, item))
+            return cJSON_Delete(item), false;
+    }
+    return true;
+}
+
 static bool snapshot_json_put_snapshot(cJSON *root, const struct store_snapshot *meta)
 {
     cJSON *source, *machine, *vmm;
@@ -132,7 +154,8 @@ static bool snapshot_json_put_snapshot(cJSON *root, const struct store_snapshot 
            snapshot_json_put_str(vmm, "binary", meta->vmm_binary) &&
            snapshot_json_put_str(vmm, "version", meta->vmm_version) &&
            cJSON_AddNumberToObject(root, "created_at_unix_ms", (double)meta->created_at_unix_ms) &&
-           snapshot_json_put_labels(root, meta) && devices_json_put(root, &meta->devices);
+           snapshot_json_put_labels(root, meta) && devices_json_put(root, &meta->devices) &&
+           snapshot_json_put_hot(root, meta);
 }
 
 /* Returns a malloc'd, pretty-printed snapshot.json, or NULL when out of memory. */
@@ -324,6 +347,83 @@ static int snapshot_json_get_identity(const cJSON *root, struct store_snapshot *
     return 0;
 }
 
+int snapshot_json_hot_check(const struct store_snapshot *meta, struct forkd_error *err)
+{
+    if (meta->hot_count > STORE_MAX_HOT_RANGES)
+        return forkd_error_set(err, -EIO, "hot: %zu ranges (at most %d)", meta->hot_count,
+                               STORE_MAX_HOT_RANGES);
+    uint64_t end = 0;
+    for (size_t i = 0; i < meta->hot_count; i++) {
+        const struct store_hot_range *r = &meta->hot[i];
+        if (r->offset % SNAPSHOT_JSON_HOT_ALIGN || r->length % SNAPSHOT_JSON_HOT_ALIGN ||
+            r->length == 0)
+            return forkd_error_set(err, -EIO,
+                                   "hot: ranges[%zu]: offset and length must be multiples of "
+                                   "%d, the length above 0",
+                                   i, SNAPSHOT_JSON_HOT_ALIGN);
+        if (i > 0 && r->offset < end)
+            return forkd_error_set(
+                err, -EIO,
+                "hot: ranges[%zu] starts at %llu, before ranges[%zu] ends (%llu): "
+                "ranges must be sorted and apart",
+                i, (unsigned long long)r->offset, i - 1, (unsigned long long)end);
+        if (r->offset > meta->memory_bytes || r->length > meta->memory_bytes - r->offset)
+            return forkd_error_set(err, -EIO,
+                                   "hot: ranges[%zu] ends at %llu, beyond memory_bytes (%llu)", i,
+                                   (unsigned long long)(r->offset + r->length),
+                                   (unsigned long long)meta->memory_bytes);
+        end = r->offset + r->length;
+    }
+    return 0;
+}
+
+/* The optional "hot" (absent: no hot set). Read after memory_bytes, which bounds it. */
+static int snapshot_json_get_hot(const cJSON *root, struct store_snapshot *meta,
+                                 struct forkd_error *err)
+{
+    const cJSON *obj = cJSON_GetObjectItemCaseSensitive(root, "hot");
+    if (!obj)
+        return 0;
+    uint64_t version;
+    if (!cJSON_IsObject(obj))
+        return forkd_error_set(err, -EIO, "field \"hot\" must be an object");
+    /* Not `return forkd_error_prefix(...)`: without err it returns 0. */
+    if (snapshot_json_get_u64(obj, "version", SNAPSHOT_JSON_INT_MAX, &version, err)) {
+        forkd_error_prefix(err, "hot: ");
+        return -EIO;
+    }
+    if (version != SNAPSHOT_JSON_HOT_VERSION)
+        return forkd_error_set(err, -EIO, "hot: version %llu is not supported (expected %d)",
+                               (unsigned long long)version, SNAPSHOT_JSON_HOT_VERSION);
+    const cJSON *ranges = snapshot_json_field(obj, "ranges", err);
+    if (!ranges) {
+        forkd_error_prefix(err, "hot: ");
+        return -EIO;
+    }
+    if (!cJSON_IsArray(ranges) || cJSON_GetArraySize(ranges) > STORE_MAX_HOT_RANGES)
+        return forkd_error_set(err, -EIO, "hot: \"ranges\" must be an array of at most %d",
+                               STORE_MAX_HOT_RANGES);
+    const cJSON *item;
+    cJSON_ArrayForEach(item, ranges)
+    {
+        struct store_hot_range *r = &meta->hot[meta->hot_count];
+        const cJSON *offset = cJSON_GetArrayItem(item, 0), *length = cJSON_GetArrayItem(item, 1);
+        double o = offset ? offset->valuedouble : -1, l = length ? length->valuedouble : -1;
+        /* Written so that NaN fails too, before the casts that would be undefined for it. */
+        if (!cJSON_IsArray(item) || cJSON_GetArraySize(item) != 2 || !cJSON_IsNumber(offset) ||
+            !cJSON_IsNumber(length) || !(o >= 0 && o <= (double)SNAPSHOT_JSON_INT_MAX) ||
+            !(l >= 0 && l <= (double)SNAPSHOT_JSON_INT_MAX) || o != (double)(uint64_t)o ||
+            l != (double)(uint64_t)l)
+            return forkd_error_set(err, -EIO,
+                                   "hot: ranges[%zu] must be [offset, length], two integers "
+                                   "from 0 to 2^53",
+                                   meta->hot_count);
+        *r = (struct store_hot_range){(uint64_t)o, (uint64_t)l};
+        meta->hot_count++;
+    }
+    return snapshot_json_hot_check(meta, err);
+}
+
 static int snapshot_json_get_created_at(const cJSON *root, int64_t *out, struct forkd_error *err)
 {
     const cJSON *item = snapshot_json_field(root, "created_at_unix_ms", err);
@@ -360,7 +460,7 @@ int snapshot_json_parse(const char *text, size_t len, struct store_snapshot *met
         snapshot_json_get_regions(root, meta, err) ||
         snapshot_json_get_figures(root, &meta->figures, err) ||
         snapshot_json_get_created_at(root, &meta->created_at_unix_ms, err) ||
-        snapshot_json_get_labels(root, meta, err))
+        snapshot_json_get_labels(root, meta, err) || snapshot_json_get_hot(root, meta, err))
         return -EIO;
     if (devices_json_get(root, &meta->devices, err) < 0) {
         if (err)

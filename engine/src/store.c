@@ -717,6 +717,12 @@ static int store_prepare(struct store_writer *w, struct store_snapshot *meta, ch
         r = store_sync_data_file(w->vmstate_path, &meta->vmstate_bytes, err);
     if (r == 0)
         r = store_sync_data_file(w->memory_path, &meta->memory_bytes, err);
+    /* Against the file's size: what a later load checks it against. */
+    if (r == 0 && snapshot_json_hot_check(meta, err) < 0) {
+        if (err)
+            err->code = -EINVAL;
+        r = -EINVAL;
+    }
     if (r < 0)
         return r;
     if (meta->created_at_unix_ms == 0)

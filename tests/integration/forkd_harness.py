@@ -175,14 +175,29 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def vmm_get(vm):
-    """The VMM's own description of itself (the test VMM's GET /), as a dict."""
+def vmm_get(vm, path="/"):
+    """The VMM's own description of itself (the test VMM's GET /), as a dict; or another GET's
+    answer (GET /progress/<since_ns>: the guest's progress reports)."""
     connection = _UnixHTTPConnection(vm.api_socket_path)
     try:
-        connection.request("GET", "/")
+        connection.request("GET", path)
         response = connection.getresponse()
         assert response.status == 200, response.status
         return json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def vmm_set_state(vm, state):
+    """PATCH /vm {"state": state} ("Paused" or "Resumed") on the VM's VMM (the test VMM's API,
+    as Firecracker's): forkd has no call to resume a fork spawned paused."""
+    connection = _UnixHTTPConnection(vm.api_socket_path)
+    try:
+        connection.request("PATCH", "/vm", body=json.dumps({"state": state}),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 204, (response.status, body)
     finally:
         connection.close()
 

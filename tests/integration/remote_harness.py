@@ -105,8 +105,9 @@ FIGURES = ("pause_ns", "arm_ns", "rearm_ns", "rearmed_pages", "vmstate_ns", "cop
            "pause_request_ns", "resume_request_ns")
 
 
-def plant_snapshot(state_dir, name, memory, vmstate, parent=""):
-    """Lays down a READY snapshot the way the store writes one; forkd loads it at start-up."""
+def plant_snapshot(state_dir, name, memory, vmstate, parent="", hot=None):
+    """Lays down a READY snapshot the way the store writes one; forkd loads it at start-up.
+    hot: its snapshot.json's "hot" value (None: none, as before the hot set existed)."""
     root = os.path.join(state_dir, "snapshots")
     os.makedirs(root, mode=0o700, exist_ok=True)
     os.chmod(state_dir, 0o700)
@@ -127,6 +128,8 @@ def plant_snapshot(state_dir, name, memory, vmstate, parent=""):
         "vmm": {"binary": "/usr/bin/forkd-testvm", "version": "1.0"},
         "created_at_unix_ms": 1764640000000, "labels": {"origin": "host-a"},
     }
+    if hot is not None:
+        meta["hot"] = hot
     with open(os.path.join(d, "snapshot.json"), "w") as f:
         json.dump(meta, f)
     return d
@@ -155,9 +158,11 @@ class FlakyProxy:
     503 SlowDown (S3's "retry later") instead of forwarding them: fail(request_number) decides.
     Everything else goes to the server unchanged (the signature covers the Host header, which
     is forwarded as the client sent it). With hold_chunks, every GET of a chunk waits (counted
-    in held) until release is set: chunk fetches stay in flight as long as a test needs."""
+    in held) until release is set: chunk fetches stay in flight as long as a test needs;
+    hold_chunk(hash) holds only the chunks it says. chunk_gets lists the hash of every chunk GET
+    in the order they came in."""
 
-    def __init__(self, endpoint, fail, hold_chunks=False):
+    def __init__(self, endpoint, fail, hold_chunks=False, hold_chunk=None):
         import http.client
         import http.server
         import threading
@@ -167,6 +172,7 @@ class FlakyProxy:
         self.requests = 0
         self.failed = 0
         self.held = 0
+        self.chunk_gets = []
         self.release = threading.Event()
         self._lock = threading.Lock()
 
@@ -183,7 +189,12 @@ class FlakyProxy:
                     proxy.requests += 1
                     refuse = fail(proxy.requests)
                     proxy.failed += refuse
-                if hold_chunks and self.command == "GET" and "/chunks/" in self.path:
+                chunk = self.path.split("/chunks/", 1)[1].split("?")[0] \
+                    if self.command == "GET" and "/chunks/" in self.path else None
+                if chunk:
+                    with proxy._lock:
+                        proxy.chunk_gets.append(chunk)
+                if chunk and (hold_chunks or (hold_chunk and hold_chunk(chunk))):
                     with proxy._lock:
                         proxy.held += 1
                     proxy.release.wait(scaled(600))
@@ -223,6 +234,36 @@ class FlakyProxy:
     def close(self):
         self._server.shutdown()
         self._server.server_close()
+
+
+def copy_remote(rgw, source, target, hot=None):
+    """A second remote snapshot `target` holding what `source` holds (its manifest renamed, its
+    vmstate copied; the chunks are shared), with its snapshot.json's hot set replaced by hot (a
+    list of [offset, length] ranges, or a whole "hot" value when a dict; None drops it, as in a
+    manifest pushed before the hot set existed). Returns the new manifest."""
+    status, body = rgw.request("GET", "snapshots/%s/manifest.json" % source)
+    assert status == 200, status
+    manifest = json.loads(body)
+    manifest["name"] = manifest["snapshot"]["name"] = target
+    manifest["snapshot"].pop("hot", None)
+    if isinstance(hot, dict):
+        manifest["snapshot"]["hot"] = hot
+    elif hot is not None:
+        manifest["snapshot"]["hot"] = {"version": 1, "ranges": hot}
+    status, vmstate = rgw.request("GET", "snapshots/%s/vmstate" % source)
+    assert status == 200, status
+    assert rgw.request("PUT", "snapshots/%s/vmstate" % target, data=vmstate)[0] == 200
+    assert rgw.request("PUT", "snapshots/%s/manifest.json" % target,
+                       data=json.dumps(manifest).encode())[0] == 200
+    return manifest
+
+
+def hot_chunks(hot, chunk=CHUNK):
+    """The chunk indices a snapshot.json "hot" value touches, ascending."""
+    out = set()
+    for offset, length in (hot or {}).get("ranges", []):
+        out.update(range(offset // chunk, (offset + length - 1) // chunk + 1))
+    return sorted(out)
 
 
 def guest_progress(vm):

@@ -4,13 +4,14 @@ gets are the bytes A had. Faults: the gateway stopped mid-push, a chunk corrupte
 the bucket, wrong credentials, a client that leaves. No VM is needed: the snapshots are laid down
 in A's state directory the way the store writes them (it loads them at start-up)."""
 import hashlib
+import json
 import os
 
 import grpc
 import pytest
 
 from forkd_harness import Daemon, forkd_pb2, wait_until
-from remote_harness import CHUNK, Radosgw, memory_image, plant_snapshot
+from remote_harness import CHUNK, Radosgw, copy_remote, memory_image, plant_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +374,97 @@ def test_a_client_that_leaves_stops_the_pull_and_the_store_stays_clean(rgw):
         # Pulled again to the end, it is whole.
         pull(b, "gone")
         assert snapshot_files(b, "gone") == (memory, b"v" * 100)
+    finally:
+        a.cleanup()
+        b.cleanup()
+        _delete_everything(rgw)
+
+
+def read_metadata(daemon, name):
+    with open(os.path.join(daemon.state_dir, "snapshots", name, "snapshot.json")) as f:
+        return json.load(f)
+
+
+# A hot set over LAYOUT's memory (11.5 chunks): a page of chunk 2, then chunk 6 and a page more.
+HOT = {"version": 1, "ranges": [[2 * CHUNK, 8192], [6 * CHUNK + 4096, CHUNK]]}
+
+
+def test_the_hot_set_travels_in_the_manifest_and_the_pull_keeps_it(rgw):
+    memory = memory_image(LAYOUT, seed=21)
+    a = started(rgw.forkd_args(),
+                lambda s: plant_snapshot(s, "warm", memory, b"w" * 1000, hot=HOT))
+    b = started(rgw.forkd_args())
+    try:
+        got = a.forkd().GetSnapshot(forkd_pb2.GetSnapshotRequest(name="warm"), timeout=30)
+        assert (got.hot_bytes, got.hot_ranges) == (8192 + CHUNK, 2)
+        push(a, "warm")
+        status, body = rgw.request("GET", "snapshots/warm/manifest.json")
+        assert status == 200 and json.loads(body)["snapshot"]["hot"] == HOT
+        listed = b.forkd().ListRemote(forkd_pb2.ListRemoteRequest(), timeout=60)
+        assert [(s.name, s.hot_bytes) for s in listed.snapshots] == [("warm", 8192 + CHUNK)]
+
+        assert pull(b, "warm")[-1].snapshot.hot_bytes == 8192 + CHUNK
+        assert read_metadata(b, "warm")["hot"] == HOT
+        got = b.forkd().GetSnapshot(forkd_pb2.GetSnapshotRequest(name="warm"), timeout=30)
+        assert (got.hot_bytes, got.hot_ranges) == (8192 + CHUNK, 2)
+
+        # A manifest from before the hot set (its snapshot.json has none) pulls as it did.
+        copy_remote(rgw, "warm", "cold", hot=None)
+        assert pull(b, "cold")[-1].snapshot.hot_bytes == 0
+        assert "hot" not in read_metadata(b, "cold")
+        assert snapshot_files(b, "cold") == (memory, b"w" * 1000)
+    finally:
+        a.cleanup()
+        b.cleanup()
+        _delete_everything(rgw)
+
+
+BAD_HOT = [
+    ({"version": 1, "ranges": [[11 * CHUNK, CHUNK]]},
+     "hot: ranges[0] ends at %d, beyond memory_bytes (%d)" % (12 * CHUNK, 11 * CHUNK + CHUNK // 2)),
+    ({"version": 2, "ranges": []}, "hot: version 2 is not supported"),
+    ({"version": 1, "ranges": [[CHUNK, 4096], [0, 4096]]},
+     "hot: ranges[1] starts at 0, before ranges[0] ends (%d)" % (CHUNK + 4096)),
+    ({"version": 1, "ranges": [[0, 100]]}, "hot: ranges[0]: offset and length must be multiples"),
+    ({"version": 1, "ranges": [[0, 4096]] * 257}, "at most 256"),
+]
+
+
+@pytest.mark.parametrize("hot,why", BAD_HOT, ids=["beyond", "version", "order", "unaligned",
+                                                  "too-many"])
+def test_a_corrupt_hot_set_is_refused_naming_it_and_leaves_nothing(rgw, hot, why):
+    memory = memory_image(LAYOUT, seed=22)
+    a = started(rgw.forkd_args(), lambda s: (plant_snapshot(s, "good", memory, b"g" * 100),
+                                             plant_snapshot(s, "bad", memory, b"g" * 100,
+                                                            hot=hot)))
+    b = started(rgw.forkd_args())
+    try:
+        # In a local snapshot.json: the snapshot is CORRUPT, saying why; Push refuses it.
+        listed = a.forkd().ListSnapshots(forkd_pb2.ListSnapshotsRequest(), timeout=30).snapshots
+        bad = [s for s in listed if s.name == "bad"][0]
+        assert bad.state == forkd_pb2.SNAPSHOT_STATE_CORRUPT
+        assert why in bad.corrupt_reason and "snapshot.json" in bad.corrupt_reason, \
+            bad.corrupt_reason
+        with pytest.raises(grpc.RpcError) as e:
+            a.forkd().GetSnapshot(forkd_pb2.GetSnapshotRequest(name="bad"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS and why in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            push(a, "bad")
+        assert why in e.value.details(), e.value.details()
+        assert not rgw.keys("snapshots/bad/")
+
+        # In a manifest: the pull is refused before anything moves and the store stays clean.
+        push(a, "good")
+        copy_remote(rgw, "good", "tampered", hot=hot)
+        with pytest.raises(grpc.RpcError) as e:
+            pull(b, "tampered")
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "tampered" in e.value.details() and why in e.value.details(), e.value.details()
+        assert store_is_clean(b)
+        # ListRemote still names it, without a hot set it cannot read.
+        listed = b.forkd().ListRemote(forkd_pb2.ListRemoteRequest(), timeout=60)
+        assert [(s.name, s.hot_bytes) for s in listed.snapshots] == [("good", 0),
+                                                                      ("tampered", 0)]
     finally:
         a.cleanup()
         b.cleanup()

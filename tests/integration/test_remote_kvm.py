@@ -6,6 +6,7 @@ only in the bucket, before its memory has arrived; a fork killed while its chunk
 and a chunk corrupted in the bucket. Needs KVM (label kvm: runs in the nested runner, where
 radosgw runs inside the runner's guest on its loopback). One radosgw serves the module (it
 takes about 107 s to start under nested emulation)."""
+import json
 import os
 import shutil
 import signal
@@ -18,8 +19,9 @@ import hashlib
 import pytest
 
 from forkd_harness import (FORKD_TESTVM, Daemon, VmDaemon, forkd_pb2 as P, scaled,
-                           verify_snapshot, wait_until)
-from remote_harness import CHUNK, FlakyProxy, Radosgw, guest_progress, userfaultfds_of
+                           verify_snapshot, vmm_set_state, wait_until)
+from remote_harness import CHUNK, FlakyProxy, Radosgw, copy_remote, guest_progress, hot_chunks, \
+    userfaultfds_of
 
 
 @pytest.fixture(scope="module")
@@ -335,3 +337,157 @@ def test_lazy_spawn_runs_forks_before_their_memory_arrives(rgw):
         a.cleanup()
         b.cleanup()
         c.cleanup()
+
+
+def snapshot_hot(path):
+    """The "hot" value of a snapshot's snapshot.json, or None."""
+    with open(os.path.join(path, "snapshot.json")) as f:
+        return json.load(f).get("hot")
+
+
+def covered(ranges, offset):
+    return any(o <= offset < o + n for o, n in ranges)
+
+
+def test_a_live_branch_records_the_guests_hot_region_and_it_survives_push_and_pull(rgw):
+    a = VmDaemon("--shutdown-grace-ms", "1000", *rgw.forkd_args())
+    b = VmDaemon("--shutdown-grace-ms", "1000", *rgw.forkd_args())
+    try:
+        sa, sb = a.forkd(), b.forkd()
+        # Every page above 1 MiB is in the working set; 9 writes in 10 go to its middle tenth.
+        mem_mib = 128
+        pages = ((mem_mib - 1) << 20) // 4096
+        vm = a.boot(mem_mib=mem_mib, workload="pattern=hotset seed=31")
+        wait_until(lambda: guest_progress(vm) > 10 ** 7, 120, "the guest to be well into its loop")
+        live = a.branch(vm.id, "warm")[-1]
+        assert live.phase == P.BRANCH_PHASE_DONE, live
+        hot = snapshot_hot(live.snapshot.path)
+        assert hot is not None and hot["version"] == 1, hot
+        ranges = hot["ranges"]
+        # memory.bin is guest-physical memory (one region): the hot tenth's pages are at
+        # 1 MiB + (pages - hot_pages) / 2 pages on.
+        hot_pages = pages // 10
+        first = (1 << 20) + (pages - hot_pages) // 2 * 4096
+        end = first + hot_pages * 4096
+        # The hot set holds every chunk of the hot tenth (what a lazy Spawn fetches first) ...
+        chunks = set(hot_chunks(hot))
+        assert set(range(first // CHUNK, (end - 1) // CHUNK + 1)) <= chunks, (first, end, ranges)
+        # ... and its pages far more densely than the rest of the working set: it is what the
+        # guest was writing (in the branch's window, a write fault per page), not memory at large.
+        in_hot = sum(1 for p in range(first, end, 4096) if covered(ranges, p))
+        elsewhere = sum(n for _, n in ranges) // 4096 - in_hot
+        assert in_hot / hot_pages >= 4 * elsewhere / (pages - hot_pages), (in_hot, elsewhere)
+        assert live.snapshot.hot_bytes == sum(n for _, n in ranges)
+        assert live.snapshot.hot_ranges == len(ranges) <= 256
+        # Local UFFD forks with prefetch on get the hot set copied in before they run, from the
+        # first fork on (before, only forks after a recording window were prefetched).
+        first = sa.Spawn(P.SpawnRequest(snapshot="warm", count=1, backend=P.MEMORY_BACKEND_UFFD,
+                                        prefetch_record_ms=1000), timeout=120).vms[0]
+        assert first.page_server.pages_prefetched >= live.snapshot.hot_bytes // 4096, \
+            first.page_server
+        sa.StopVm(P.StopVmRequest(vm_id=first.id), timeout=60)
+        # A FULL branch does not watch the guest write: it records none.
+        full = a.branch(vm.id, "warm-full", mode=P.BRANCH_MODE_FULL)[-1]
+        assert full.phase == P.BRANCH_PHASE_DONE, full
+        assert full.snapshot.hot_bytes == 0 and snapshot_hot(full.snapshot.path) is None
+
+        list(sa.Push(P.PushRequest(snapshot_name="warm"), timeout=600))
+        listed = sb.ListRemote(P.ListRemoteRequest(), timeout=60).snapshots
+        assert [s.hot_bytes for s in listed if s.name == "warm"] == [live.snapshot.hot_bytes]
+        pulled = list(sb.Pull(P.PullRequest(snapshot_name="warm"), timeout=600))[-1].snapshot
+        assert snapshot_hot(pulled.path) == hot
+        assert (pulled.hot_bytes, pulled.hot_ranges) == (live.snapshot.hot_bytes, len(ranges))
+    finally:
+        a.cleanup()
+        b.cleanup()
+
+
+def test_a_lazy_spawn_fetches_the_hot_chunks_before_the_others(rgw):
+    a = VmDaemon("--shutdown-grace-ms", "1000", *rgw.forkd_args())
+    proxy, d = None, None
+    try:
+        sa = a.forkd()
+        # A guest writing slowly all over its memory, 9 times in 10 to its hot tenth: by the
+        # branch every chunk holds something, but only the chunks it wrote while the branch
+        # armed write-protect are hot.
+        vm = a.boot(mem_mib=64, workload="pattern=hotset rate=5000 seed=32")
+        wait_until(lambda: guest_progress(vm) > 15000, 120, "the guest to write all over")
+        made = a.branch(vm.id, "ordered")[-1].snapshot
+        list(sa.Push(P.PushRequest(snapshot_name="ordered"), timeout=600))
+        hashes = child_chunks_list(made.path)
+        hot = set(hot_chunks(snapshot_hot(made.path)))
+        present = [i for i, h in enumerate(hashes) if h]
+        hot_first = [i for i in present if i in hot]
+        rest = [i for i in present if i not in hot]
+        assert hot_first and rest, (hot_first, rest)
+        assert hot_first + rest != present, "the hot chunks come first in file order anyway"
+
+        # Host D fetches through a proxy that holds the cold chunks, with one connection: the
+        # order of its GETs is the order the pull takes the chunks in. Its fork is spawned
+        # paused, so no fault asks for a chunk out of turn.
+        cold = {hashes[i] for i in rest}
+        proxy = FlakyProxy(rgw.endpoint, lambda n: False, hold_chunk=lambda h: h in cold)
+        d = VmDaemon("--shutdown-grace-ms", "1000", "--remote-parallel", "1",
+                     "--remote-endpoint", proxy.endpoint, "--remote-bucket", rgw.bucket,
+                     "--remote-credentials", rgw.credentials)
+        sd = d.forkd()
+        fork = sd.Spawn(P.SpawnRequest(snapshot="ordered", count=1, start_paused=True,
+                                       backend=P.MEMORY_BACKEND_UFFD, remote=True),
+                        timeout=300).vms[0]
+
+        def pulled(name="ordered"):
+            return sd.GetSnapshot(P.GetSnapshotRequest(name=name), timeout=30)
+
+        wait_until(lambda: pulled().lazy_pull.hot_chunks_fetched == len(hot_first), 120,
+                   "every hot chunk to arrive while the cold ones are held")
+        status = pulled()
+        assert status.state == P.SNAPSHOT_STATE_WRITING
+        progress = status.lazy_pull
+        assert progress.hot_chunks == len(hot_first) and progress.hot_fetched_ns > 0
+        assert progress.chunks_fetched == len(hot_first) and progress.chunks_demanded == 0
+        assert progress.chunks_total == len(hashes)
+        assert progress.chunks_zero == len(hashes) - len(present)
+        assert proxy.chunk_gets[:len(hot_first)] == [hashes[i] for i in hot_first]
+
+        proxy.release.set()
+        wait_until(lambda: pulled().state == P.SNAPSHOT_STATE_READY, 300,
+                   "the lazy pull to end READY")
+        gets = [h for i, h in enumerate(proxy.chunk_gets)
+                if i == 0 or h != proxy.chunk_gets[i - 1]]  # a retried GET counts once
+        assert gets == [hashes[i] for i in hot_first + rest]
+        assert not pulled().HasField("lazy_pull")
+        with open(os.path.join(made.path, "memory.bin"), "rb") as x, \
+                open(os.path.join(pulled().path, "memory.bin"), "rb") as y:
+            assert x.read() == y.read()
+        vmm_set_state(fork, "Resumed")
+        wait_until(lambda: guest_progress(fork) > 0, 120, "the fork to run once resumed")
+
+        # A manifest from before the hot set spawns lazily as it did (file order, no hot chunk).
+        copy_remote(rgw, "ordered", "ordered-old", hot=None)
+        old = sd.Spawn(P.SpawnRequest(snapshot="ordered-old", count=1,
+                                      backend=P.MEMORY_BACKEND_UFFD, remote=True),
+                       timeout=300).vms[0]
+        wait_until(lambda: guest_progress(old) > 0, 120, "a fork of an old manifest to run")
+        wait_until(lambda: pulled("ordered-old").state == P.SNAPSHOT_STATE_READY, 300,
+                   "the old manifest's lazy pull to end READY")
+
+        # A hot set that does not fit the snapshot is refused before anything is fetched, naming
+        # what is wrong, and leaves nothing.
+        copy_remote(rgw, "ordered", "ordered-bad", hot=[[0, 4096], [made.memory_bytes, 4096]])
+        with pytest.raises(grpc.RpcError) as refused:
+            sd.Spawn(P.SpawnRequest(snapshot="ordered-bad", count=1,
+                                    backend=P.MEMORY_BACKEND_UFFD, remote=True), timeout=300)
+        assert refused.value.code() == grpc.StatusCode.DATA_LOSS, refused.value.details()
+        assert "ordered-bad" in refused.value.details()
+        assert "hot: ranges[1] ends at %d, beyond memory_bytes (%d)" % (
+            made.memory_bytes + 4096, made.memory_bytes) in refused.value.details()
+        assert local_snapshots(d) == (["ordered", "ordered-old"], [])
+        assert len(sd.ListVms(P.ListVmsRequest(), timeout=30).vms) == 2
+    finally:
+        if proxy:
+            proxy.release.set()
+        if d:
+            d.cleanup()
+        if proxy:
+            proxy.close()
+        a.cleanup()

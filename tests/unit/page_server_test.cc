@@ -632,6 +632,54 @@ TEST_F(PageServerTest, PrefetchCopiesTheRecordedHotSetBeforeTheForkRuns)
     page_server_fork_release(later);
 }
 
+// The snapshot's own hot set (recorded by its branch) seeds the template: the first fork is
+// prefetched already, and still records what else it faults in for the forks after it.
+TEST_F(PageServerTest, ASeededHotSetIsPrefetchedIntoTheFirstForkWhichStillRecords)
+{
+    struct forkd_error err = {};
+    const struct page_server_range seed[] = {{0, 20 * kPage}, {300 * kPage, 4 * kPage}};
+    // Without prefetch on, a template keeps no hot set: the seed changes nothing.
+    ASSERT_EQ(0,
+              page_server_template_seed_hot(server_, "tmpl", memory_path_.c_str(), seed, 2, &err))
+        << err.message;
+    struct page_server_template_info info = {};
+    ASSERT_EQ(0, page_server_template_describe(server_, "tmpl", &info));
+    EXPECT_EQ(0u, info.hot_pages);
+    EXPECT_FALSE(info.hot_set_ready);
+    // A range that is not whole pages of memory.bin is refused, and marks nothing.
+    const struct page_server_range bad[] = {{0, kPage}, {kTemplateBytes - kPage, 2 * kPage}};
+    ASSERT_EQ(0,
+              page_server_template_set_prefetch(server_, "tmpl", memory_path_.c_str(), 2000, &err))
+        << err.message;
+    EXPECT_EQ(-EINVAL,
+              page_server_template_seed_hot(server_, "tmpl", memory_path_.c_str(), bad, 2, &err));
+    EXPECT_NE(nullptr, strstr(err.message, "hot range 1")) << err.message;
+    ASSERT_EQ(0, page_server_template_describe(server_, "tmpl", &info));
+    EXPECT_EQ(0u, info.hot_pages);
+
+    ASSERT_EQ(0,
+              page_server_template_seed_hot(server_, "tmpl", memory_path_.c_str(), seed, 2, &err))
+        << err.message;
+    ASSERT_EQ(0, page_server_template_describe(server_, "tmpl", &info));
+    EXPECT_EQ(24u, info.hot_pages);
+    EXPECT_TRUE(info.hot_set_ready);
+    FakeVmm first({2 << 20}, kPage);
+    struct page_server_fork *fork = Attach(first, "first.sock");
+    ASSERT_NE(nullptr, fork);
+    // 64 KiB chunks holding a seeded page: [0, 32) pages (two chunks) and [288, 304) (one).
+    EXPECT_EQ(48u, Stats(fork).pages_prefetched);
+    for (uint64_t page : {0, 19, 31, 288, 303}) {
+        ASSERT_TRUE(Touch(first, first.Region(0) + page * kPage));
+        EXPECT_TRUE(PageMatches(first.Region(0) + page * kPage, page * kPage, kPage));
+    }
+    EXPECT_EQ(0u, Stats(fork).faults_served) << "seeded pages take no fault";
+    ASSERT_TRUE(Touch(first, first.Region(0) + 500 * kPage));
+    EXPECT_EQ(1u, Settled(fork, 1).faults_served);
+    ASSERT_EQ(0, page_server_template_describe(server_, "tmpl", &info));
+    EXPECT_EQ(25u, info.hot_pages) << "the first fork records what it faults in";
+    page_server_fork_release(fork);
+}
+
 // A page already present in the middle of a prefetch run: the kernel copies the pages before
 // it and answers EAGAIN with their count; the prefetch skips the present page and goes on
 // (it used to stop there, leaving the rest of the hot set to faults).

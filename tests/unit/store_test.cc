@@ -97,6 +97,25 @@ struct store_snapshot full_meta(const char *name)
     return m;
 }
 
+// Adds "hot": {"version": version (none when negative), "ranges": ranges (JSON; none when null)}.
+void add_hot(cJSON *root, int version, const char *ranges)
+{
+    cJSON *hot = cJSON_AddObjectToObject(root, "hot");
+    if (version >= 0)
+        cJSON_AddNumberToObject(hot, "version", version);
+    if (ranges)
+        cJSON_AddItemToObject(hot, "ranges", cJSON_Parse(ranges));
+}
+
+// count valid one-page ranges, a page apart: too many is the only thing wrong with them.
+std::string many_hot_ranges(int count)
+{
+    std::string out = "[";
+    for (int i = 0; i < count; i++)
+        out += (i ? ", [" : "[") + std::to_string(i * 8192) + ", 4096]";
+    return out + "]";
+}
+
 class StoreTest : public ::testing::Test
 {
   protected:
@@ -248,6 +267,9 @@ TEST_F(StoreTest, PublishRoundTripsEveryFieldAndSurvivesReopen)
     struct store_snapshot meta = full_meta("snap-1");
     meta.memory_bytes = 1; // the store records the real sizes
     meta.vmstate_bytes = 2;
+    meta.hot_count = 2;
+    meta.hot[0] = {0, 4096};
+    meta.hot[1] = {8192, 4096};
     struct forkd_error err = {};
     ASSERT_EQ(0, store_publish(w, &meta, &err)) << err.message;
     EXPECT_EQ((std::set<std::string>{"snap-1"}), entries_of(snapshots_));
@@ -291,6 +313,11 @@ TEST_F(StoreTest, PublishRoundTripsEveryFieldAndSurvivesReopen)
         }
         EXPECT_EQ(snapshots_ + "/snap-1", got.path);
         EXPECT_EQ(0u, got.users);
+        ASSERT_EQ(2u, got.hot_count);
+        EXPECT_EQ(0u, got.hot[0].offset);
+        EXPECT_EQ(4096u, got.hot[0].length);
+        EXPECT_EQ(8192u, got.hot[1].offset);
+        EXPECT_EQ(4096u, got.hot[1].length);
         if (pass == 0)
             Reopen();
     }
@@ -310,6 +337,7 @@ TEST_F(StoreTest, SnapshotJsonIsVersionedReadableAndHoldsNoStoreFields)
     EXPECT_EQ(nullptr, cJSON_GetObjectItem(root, "path"));
     EXPECT_EQ(nullptr, cJSON_GetObjectItem(root, "users"));
     EXPECT_EQ(nullptr, cJSON_GetObjectItem(root, "state"));
+    EXPECT_EQ(nullptr, cJSON_GetObjectItem(root, "hot")) << "written without a hot set";
     cJSON_Delete(root);
     // Exact integers, not 1.1258999068426e+15.
     EXPECT_NE(std::string::npos, text.find("1125899906842624")) << text;
@@ -466,6 +494,22 @@ TEST_F(StoreTest, PublishRefusesMetadataItCannotStoreAndLeavesNothing)
         {"unterminated vmm version",
          [](struct store_snapshot *m) { memset(m->vmm_version, 'x', sizeof(m->vmm_version)); },
          "not NUL-terminated"},
+        {"hot range beyond memory.bin",
+         [](struct store_snapshot *m) {
+             m->hot_count = 1;
+             m->hot[0] = {4096, 8192}; /* memory.bin is 8192 bytes */
+         },
+         "hot: ranges[0] ends at 12288, beyond memory_bytes (8192)"},
+        {"hot ranges out of order",
+         [](struct store_snapshot *m) {
+             m->hot_count = 2;
+             m->hot[0] = {4096, 4096};
+             m->hot[1] = {0, 4096};
+         },
+         "ranges[1] starts at 0, before ranges[0] ends"},
+        {"too many hot ranges",
+         [](struct store_snapshot *m) { m->hot_count = STORE_MAX_HOT_RANGES + 1; },
+         "257 ranges (at most 256)"},
     };
     for (const auto &c : cases) {
         SCOPED_TRACE(c.what);
@@ -672,6 +716,38 @@ TEST_F(StoreTest, SnapshotJsonIsReadStrictly)
          },
          "\"id\" must be a string"},
         {"root an array", [](cJSON *r) { (void)r; }, "not a JSON object"},
+        // The hot set: optional, but checked like every other field (memory.bin is 8192 bytes).
+        {"hot an array", [](cJSON *r) { cJSON_AddItemToObject(r, "hot", cJSON_CreateArray()); },
+         "field \"hot\" must be an object"},
+        {"hot without a version", [](cJSON *r) { add_hot(r, -1, "[[0, 4096]]"); },
+         "hot: field \"version\" is missing"},
+        {"hot version 2", [](cJSON *r) { add_hot(r, 2, "[[0, 4096]]"); },
+         "hot: version 2 is not supported"},
+        {"hot without ranges", [](cJSON *r) { add_hot(r, 1, nullptr); },
+         "hot: field \"ranges\" is missing"},
+        {"hot ranges an object", [](cJSON *r) { add_hot(r, 1, "{}"); },
+         "hot: \"ranges\" must be an array of at most 256"},
+        {"hot range of three numbers", [](cJSON *r) { add_hot(r, 1, "[[0, 4096, 1]]"); },
+         "hot: ranges[0] must be [offset, length]"},
+        {"hot range of strings", [](cJSON *r) { add_hot(r, 1, "[[0, 4096], [\"4096\", 1]]"); },
+         "hot: ranges[1] must be [offset, length]"},
+        {"hot range negative", [](cJSON *r) { add_hot(r, 1, "[[-4096, 4096]]"); },
+         "hot: ranges[0] must be [offset, length]"},
+        {"hot range fraction", [](cJSON *r) { add_hot(r, 1, "[[0, 4096.5]]"); },
+         "hot: ranges[0] must be [offset, length]"},
+        {"hot range unaligned", [](cJSON *r) { add_hot(r, 1, "[[0, 4096], [4096, 100]]"); },
+         "hot: ranges[1]: offset and length must be multiples of 4096"},
+        {"hot range empty", [](cJSON *r) { add_hot(r, 1, "[[4096, 0]]"); },
+         "hot: ranges[0]: offset and length must be multiples of 4096, the length above 0"},
+        {"hot range beyond memory.bin", [](cJSON *r) { add_hot(r, 1, "[[4096, 8192]]"); },
+         "hot: ranges[0] ends at 12288, beyond memory_bytes (8192)"},
+        {"hot range far beyond memory.bin",
+         [](cJSON *r) { add_hot(r, 1, "[[18014398509481984, 4096]]"); },
+         "hot: ranges[0] must be [offset, length]"},
+        {"hot ranges overlapping", [](cJSON *r) { add_hot(r, 1, "[[0, 8192], [4096, 4096]]"); },
+         "hot: ranges[1] starts at 4096, before ranges[0] ends (8192)"},
+        {"too many hot ranges", [](cJSON *r) { add_hot(r, 1, many_hot_ranges(257).c_str()); },
+         "hot: \"ranges\" must be an array of at most 256"},
     };
     for (const auto &c : cases) {
         SCOPED_TRACE(c.what);
@@ -698,11 +774,26 @@ TEST_F(StoreTest, SnapshotJsonIsReadStrictly)
         EXPECT_EQ(-EIO, Get("strict", &got, &err));
         EXPECT_NE(nullptr, strstr(err.message, "holds a NUL byte")) << err.message;
     }
+    {
+        SCOPED_TRACE("the hot ranges may touch, and reach the end of memory.bin");
+        cJSON *root = cJSON_Parse(original.c_str());
+        add_hot(root, 1, "[[0, 4096], [4096, 4096]]");
+        char *text = cJSON_Print(root);
+        write_file(path, text);
+        free(text);
+        cJSON_Delete(root);
+        Reopen();
+        struct store_snapshot got;
+        struct forkd_error err = {};
+        ASSERT_EQ(0, Get("strict", &got, &err)) << err.message;
+        EXPECT_EQ(2u, got.hot_count);
+    }
     write_file(path, original);
     Reopen();
     struct store_snapshot got;
     struct forkd_error err = {};
     EXPECT_EQ(0, Get("strict", &got, &err)) << err.message;
+    EXPECT_EQ(0u, got.hot_count);
 }
 
 // ---- uses and deletes ----

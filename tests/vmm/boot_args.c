@@ -88,9 +88,11 @@ static int parse_pair(char *pair, struct workload *w, char *err, size_t err_size
                              (unsigned long long)GUEST_BALLOON_MAX_PAGES);
         return r;
     }
+    if (strcmp(key, "skip") == 0)
+        return parse_u64(key, value, &w->skip_pages, err, err_size);
     return error_set(err, err_size, EINVAL,
                      "boot_args: unknown key '%s' (expected pages, pattern, rate, seed, report_us, "
-                     "balloon)",
+                     "balloon, skip)",
                      key);
 }
 

@@ -3,7 +3,8 @@
  * Space-separated key=value pairs: pages=N pattern=sequential|random|hotset rate=N seed=N
  * report_us=N (how often the guest reports its progress, 100 us to 1 s; default 10 ms)
  * balloon=N (N pages, at most GUEST_BALLOON_MAX_PAGES, that the guest keeps handing back to the
- * VMM and taking back; default 0, none).
+ * VMM and taking back; default 0, none), skip=N (the working set starts N pages further into
+ * memory; default 0, right after the system area).
  */
 #ifndef FORKD_TESTVM_BOOT_ARGS_H
 #define FORKD_TESTVM_BOOT_ARGS_H
@@ -19,6 +20,7 @@ struct workload {
     uint64_t seed;
     uint64_t report_us;     /* 0 = the guest's default, 10 ms */
     uint64_t balloon_pages; /* 0 = no balloon */
+    uint64_t skip_pages;    /* pages left out before the working set */
     /* Not a boot_args key: set by the VMM when it has a writable drive for the guest's disk
      * writes (guest_config.disk). */
     bool disk;

@@ -88,8 +88,9 @@ uint64_t guest_boot_available_pages(const struct guest_memory *memory)
     return pages;
 }
 
-/* The working set is the first `pages` pages after the system area, across regions. */
-static void plan_working_set(const struct guest_memory *memory, uint64_t pages,
+/* The working set is `pages` pages after the system area and `skip` pages more, across
+ * regions. */
+static void plan_working_set(const struct guest_memory *memory, uint64_t skip, uint64_t pages,
                              struct guest_config *config)
 {
     config->pages = pages;
@@ -98,8 +99,14 @@ static void plan_working_set(const struct guest_memory *memory, uint64_t pages,
         const struct memory_region *r = &memory->regions[i];
         uint64_t start = i == 0 ? GUEST_SYSTEM_AREA_END : r->guest_phys_addr;
         uint64_t available = (r->guest_phys_addr + r->size - start) / GUEST_PAGE_SIZE;
+        uint64_t skipped = skip < available ? skip : available;
+        skip -= skipped;
+        available -= skipped;
+        if (available == 0)
+            continue;
         uint64_t take = pages < available ? pages : available;
-        config->ranges[config->range_count++] = (struct guest_page_range){start, take};
+        config->ranges[config->range_count++] =
+            (struct guest_page_range){start + skipped * GUEST_PAGE_SIZE, take};
         pages -= take;
     }
 }
@@ -133,14 +140,22 @@ int guest_boot_prepare(struct guest_memory *memory, const char *image_path,
     uint64_t reserved = balloon ? guest_balloon_table_pages(balloon) + balloon : 0;
     uint64_t available = guest_boot_available_pages(memory);
     available = available > reserved ? available - reserved : 0;
+    uint64_t skip = workload->skip_pages;
+    if (skip >= available)
+        return error_set(err, err_size, EINVAL,
+                         "boot_args: skip=%" PRIu64 " leaves none of the guest's %" PRIu64
+                         " usable pages%s",
+                         skip, available, balloon ? " besides its balloon" : "");
+    available -= skip;
     uint64_t pages = workload->pages ? workload->pages : available;
     int r;
 
     if (pages > available || pages == 0)
         return error_set(err, err_size, EINVAL,
                          "boot_args: pages=%" PRIu64 " but the guest has only %" PRIu64
-                         " usable pages%s",
-                         pages, available, balloon ? " besides its balloon" : "");
+                         " usable pages%s%s",
+                         pages, available, balloon ? " besides its balloon" : "",
+                         skip ? " after those skipped" : "");
     r = load_image(memory, image_path, &out->header, err, err_size);
     if (r < 0)
         return r;
@@ -156,7 +171,7 @@ int guest_boot_prepare(struct guest_memory *memory, const char *image_path,
         .report_us = workload->report_us,
         .disk = workload->disk ? 1 : 0,
     };
-    plan_working_set(memory, pages, &out->config);
+    plan_working_set(memory, skip, pages, &out->config);
     r = plan_balloon(memory, balloon, &out->config, err, err_size);
     if (r < 0)
         return r;

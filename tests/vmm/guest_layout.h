@@ -10,7 +10,8 @@
  *   0x08000 page directories (GUEST_PD_COUNT pages, one per GiB of guest-physical space)
  *   0x20000 guest image (header first, at most GUEST_IMAGE_MAX bytes)
  *   0x40000 vCPU stacks (GUEST_STACK_SIZE each, GUEST_MAX_VCPUS of them)
- *   0x100000 onwards: working-set pages, then region 1 (after the MMIO gap) in full.
+ *   0x100000 onwards: working-set pages (after boot_args skip= pages), then region 1 (after the
+ *   MMIO gap) in full.
  */
 #ifndef FORKD_TESTVM_GUEST_LAYOUT_H
 #define FORKD_TESTVM_GUEST_LAYOUT_H

@@ -405,6 +405,42 @@ TEST_F(VmmTest, WorkingSetSmallerThanMemoryLeavesBootPattern)
     EXPECT_NE(result.out.find("300 working-set pages"), std::string::npos) << result.out;
 }
 
+// skip=N moves the working set N pages further into memory: the guest writes there and nowhere
+// before it (the verifier checks every page outside the working set holds boot contents).
+TEST_F(VmmTest, SkippedPagesComeBeforeTheWorkingSet)
+{
+    std::string snap = snapshot_path(dir_, "snap");
+    TestVmm vmm(dir_.path());
+    ASSERT_NO_FATAL_FAILURE(
+        boot_run_snapshot(vmm, 1, "pages=300 skip=5000 pattern=sequential seed=14", snap));
+    auto result = verify_dir(snap);
+    expect_consistent(result, 1);
+    EXPECT_NE(result.out.find("300 working-set pages"), std::string::npos) << result.out;
+    int fd = open((snap + "/memory.bin").c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    auto page_written = [fd](uint64_t page) {
+        std::vector<uint64_t> words(512);
+        EXPECT_EQ(4096, pread(fd, words.data(), 4096, (off_t)((1ULL << 20) + page * 4096)));
+        return std::any_of(words.begin(), words.end(), [](uint64_t w) { return w != 0; });
+    };
+    EXPECT_FALSE(page_written(0)) << "the first page after the system area is skipped";
+    EXPECT_FALSE(page_written(4999));
+    EXPECT_TRUE(page_written(5000)) << "the working set starts after the skipped pages";
+    close(fd);
+
+    TestVmm too_far(snapshot_path(dir_, "far"));
+    auto r =
+        too_far.api().request("PUT", "/machine-config", R"({"vcpu_count":1,"mem_size_mib":4})");
+    ASSERT_EQ(r.status, 204) << r.body;
+    r = too_far.api().request("PUT", "/boot-source",
+                              std::string("{\"kernel_image_path\":\"") + FORKD_GUEST_PATH +
+                                  R"(","boot_args":"skip=768"})");
+    ASSERT_EQ(r.status, 204) << r.body;
+    r = too_far.api().request("PUT", "/actions", R"({"action_type":"InstanceStart"})");
+    EXPECT_EQ(r.status, 400) << r.body;
+    EXPECT_NE(fault_message(r).find("skip=768 leaves none"), std::string::npos) << r.body;
+}
+
 // ---- restore with each backend, run, snapshot again ----
 
 class RestoreTest : public VmmTest

@@ -115,6 +115,11 @@ struct engine_spawn_request {
 int engine_spawn(struct engine *engine, const struct engine_spawn_request *request,
                  struct vm ***out, struct forkd_error *err);
 
+/* How the lazy pull of a snapshot that Spawns from the bucket run on stands (GetSnapshot of
+ * the WRITING snapshot): 0 while it fetches, -ENOENT when none is fetching it. */
+int engine_lazy_pull_status(struct engine *engine, const char *name,
+                            struct remote_lazy_status *out);
+
 /* DeleteSnapshot: removes it from the store (-EBUSY while VMs use it, unless force) and makes
  * the page server forget its template, so a later snapshot of that name is mapped afresh. */
 int engine_delete_snapshot(struct engine *engine, const char *name, bool force,

@@ -31,7 +31,8 @@
  *   templates have no hot-set recording or prefetch.
  * - Prefetch (optional, per template): the first forks of a template record which pages they
  *   fault during their first record_ms; forks prepared after that window get those pages
- *   copied in >= 64 KiB UFFDIO_COPY batches before they run.
+ *   copied in >= 64 KiB UFFDIO_COPY batches before they run. A template seeded with the
+ *   snapshot's recorded hot set prefetches that from its first fork on.
  *
  * Using it (the service): one server per daemon (page_server_open at start-up, close at
  * shut-down after the VMs are stopped). Spawn(UFFD): vm_restore with memory = VM_MEMORY_UFFD
@@ -49,6 +50,7 @@
 #include "basic/error.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -89,7 +91,7 @@ struct page_server_template_info {
     uint64_t memory_bytes; /* size of memory.bin */
     unsigned times_mapped; /* how often memory.bin was opened and mapped under this name */
     uint64_t hot_pages;    /* 4 KiB pages in the recorded hot set */
-    bool hot_set_ready;    /* the recording window has closed: new forks are prefetched */
+    bool hot_set_ready;    /* new forks are prefetched (seeded, or the recording window closed) */
     struct page_server_stats stats;
 };
 
@@ -109,6 +111,21 @@ void page_server_close(struct page_server *server);
 int page_server_template_set_prefetch(struct page_server *server, const char *name,
                                       const char *memory_path, unsigned record_ms,
                                       struct forkd_error *err);
+
+/* A run of memory.bin, in bytes (offset and length multiples of 4096). */
+struct page_server_range {
+    uint64_t offset, length;
+};
+
+/* Seeds the hot set of a template (created if unknown) with ranges of memory.bin known to be
+ * hot already: the snapshot's recorded hot set. With prefetch on (page_server_template_set_
+ * prefetch first), forks prepared from now are prefetched from the first one on, not only once
+ * a recording window has closed; the first forks still record, adding the pages they fault
+ * in. A template whose prefetch is off keeps no hot set: nothing happens then. -EINVAL (and
+ * nothing marked) for a range that is not whole pages of memory.bin. */
+int page_server_template_seed_hot(struct page_server *server, const char *name,
+                                  const char *memory_path, const struct page_server_range *ranges,
+                                  size_t count, struct forkd_error *err);
 
 /* -ENOENT when no template has that name. */
 int page_server_template_describe(struct page_server *server, const char *name,

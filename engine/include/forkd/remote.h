@@ -4,9 +4,10 @@
  * DeleteRemote); the HTTP and the signing are the S3 client's (src/s3.h, over libcurl).
  *
  * Layout in the bucket:
- *   snapshots/<name>/manifest.json  snapshot.json, the vmstate's size and sha256, and the chunk
- *                                   index: the sha256 of each REMOTE_CHUNK_SIZE piece of
- *                                   memory.bin, "" for an all-zero piece (not stored)
+ *   snapshots/<name>/manifest.json  snapshot.json (its hot set included), the vmstate's size and
+ *                                   sha256, and the chunk index: the sha256 of each
+ *                                   REMOTE_CHUNK_SIZE piece of memory.bin, "" for an all-zero
+ *                                   piece (not stored)
  *   snapshots/<name>/vmstate
  *   chunks/<sha256>                 one piece of memory, content-addressed: shared by every
  *                                   snapshot holding the same bytes, uploaded once
@@ -92,8 +93,9 @@ int remote_pull(struct remote *remote, struct store *store, const char *name,
  * remote_lazy_start checks the manifest, fetches the vmstate and creates memory.bin at its full
  * size in a WRITING snapshot of the store, lists it with the page server as a lazy template
  * (forkd/page_server.h) and starts the remote's parallel workers (one S3 connection each). The
- * workers fetch first the chunks forks fault in (queued by the page server), then every other
- * chunk in file order; each chunk's sha256 is checked before a fork is served from it. When
+ * workers fetch first the chunks forks fault in (queued by the page server), then the chunks of
+ * the snapshot's recorded hot set (snapshot.json "hot", in file order), then every other chunk
+ * in file order; each chunk's sha256 is checked before a fork is served from it. When
  * every chunk has arrived and matched, the snapshot is published (READY); if any chunk cannot be
  * fetched (missing, corrupt, server down after the retries), the forks faulting in it are ended
  * (see the page server), the others keep running on what arrived, and once every other chunk
@@ -105,7 +107,14 @@ struct page_server;
 
 struct remote_lazy_status {
     uint64_t chunks_total, chunks_fetched, chunks_failed, bytes_fetched;
-    uint64_t elapsed_ns; /* since the start, until the end once finished */
+    uint64_t elapsed_ns;  /* since the start, until the end once finished */
+    uint64_t chunks_zero; /* all-zero: there from the start, never fetched */
+    /* Fetched because a fork faulted in them: ahead of the hot set and the rest. */
+    uint64_t chunks_demanded;
+    /* The snapshot's hot set (snapshot.json "hot"): its non-zero chunks, fetched before the
+     * others (after the ones forks asked for); how many have arrived; and when the last of them
+     * arrived or failed, since the start (0 until then, and without a hot set). */
+    uint64_t hot_chunks, hot_chunks_fetched, hot_done_ns;
 };
 
 /* -EEXIST when the store has a snapshot of that name, -ENOENT when the bucket has none, -EIO for
@@ -143,6 +152,7 @@ struct remote_snapshot_info {
     uint64_t memory_bytes, vmstate_bytes;
     uint64_t chunk_count, zero_chunks;
     int64_t created_at_unix_ms;
+    uint64_t hot_bytes; /* the bytes of its hot set (0: none recorded) */
 };
 
 /* ListRemote: the complete remote snapshots (those with a manifest), sorted by name, at most

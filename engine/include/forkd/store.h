@@ -25,6 +25,9 @@ extern "C" {
 #define STORE_NAME_MAX    64 /* ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ */
 #define STORE_MAX_REGIONS 16
 #define STORE_MAX_LABELS  16
+/* A hot set is coalesced to at most this many ranges: its part of snapshot.json stays a few KiB
+ * and struct store_snapshot a fixed size. */
+#define STORE_MAX_HOT_RANGES 256
 
 enum store_state { STORE_STATE_WRITING = 1, STORE_STATE_READY = 2, STORE_STATE_CORRUPT = 3 };
 
@@ -72,6 +75,11 @@ struct store_label {
     char value[256];
 };
 
+/* A run of memory.bin, in bytes: offset and length multiples of 4096, length above 0. */
+struct store_hot_range {
+    uint64_t offset, length;
+};
+
 /* What snapshot.json records. Filled by the branch before store_publish; read back by
  * store_get/store_list. */
 struct store_snapshot {
@@ -101,6 +109,14 @@ struct store_snapshot {
     /* The source VM's drives (read-only ones with their file's identity at branch time),
      * network interfaces, vsock and initrd. */
     struct vm_devices devices;
+    /* The hot set: where in memory.bin the guest was writing when it was branched, so that
+     * forks get those pages first (a lazy Spawn fetches their chunks before the others). LIVE
+     * branches record the pages dirtied while write-protect was being armed, coalesced to at
+     * most STORE_MAX_HOT_RANGES ranges; FULL and ARM_IN_PAUSE branches record none (0), and
+     * records written before it existed have none ("hot" is optional in snapshot.json). Sorted,
+     * not overlapping, within memory_bytes (checked on load and at publish). */
+    size_t hot_count;
+    struct store_hot_range hot[STORE_MAX_HOT_RANGES];
 };
 
 struct store;
