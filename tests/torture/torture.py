@@ -145,12 +145,42 @@ class Torture:
             reply = self.stub.Spawn(pb.SpawnRequest(snapshot=snapshot, count=1, backend=backend,
                                                     start_paused=paused), timeout=120)
         except grpc.RpcError as e:
-            self.error("spawn from %s: %s" % (snapshot, e.details()))
+            holders = self.huge_page_holders() if "huge pages" in (e.details() or "") else ""
+            self.error("spawn from %s: %s%s" % (snapshot, e.details(), holders))
             return
         self.counts["spawns"] += 1
         for vm in reply.vms:
             self.vms[vm.id] = {"paused": paused, "last_total": 0,
                                "balloon": snapshot in self.ballooned}
+
+    def huge_page_holders(self):
+        """Who holds 2 MiB pages when a spawn could not have them: the run reserves enough for
+        every VM it holds at once, so this says which process or file kept more."""
+        base = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
+        counts = {n: open(base + n).read().strip()
+                  for n in ("nr_hugepages", "free_hugepages", "resv_hugepages")}
+        held = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open("/proc/%s/status" % pid) as f:
+                    status = dict(l.split(":", 1) for l in f if ":" in l)
+                fds = os.listdir("/proc/%s/fd" % pid)
+            except OSError:
+                continue
+            kib = status.get("HugetlbPages", "0 kB").split()[0]
+            memfds = []
+            for fd in fds:
+                try:
+                    link = os.readlink("/proc/%s/fd/%s" % (pid, fd))
+                except OSError:
+                    continue
+                if link.startswith("/memfd:forkd-guest"):
+                    memfds.append(link[len("/memfd:"):])
+            if kib != "0" or memfds:
+                held.append("%s %s %s kB mapped%s" % (pid, status["Name"].strip(), kib,
+                                                     " fds " + ",".join(memfds) if memfds else ""))
+        return "\n  huge pages %s; torture VMs %s; holders:\n  %s" % (
+            counts, sorted(self.vms), "\n  ".join(held))
 
     # ---- the store ----
     def snapshot_dir(self, name):
