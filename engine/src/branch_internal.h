@@ -30,19 +30,21 @@
 #define PAGE_CLAIMED_BY_BULK  2u
 #define PAGE_CAPTURED         4u
 
-#define BULK_CHUNK_BYTES         (2u << 20)  /* one read and one write per chunk */
-#define FAULT_AROUND_BYTES       (64u << 10) /* an aligned run a fault may capture in one go */
-#define STAGING_BYTES            (16u << 20) /* pre-images the fault handler can hold unwritten */
-#define STAGING_MIN_SLOTS        8
-#define HANDLER_BATCH            64
-#define HANDLER_DEFERRED_MAX     256  /* events read early; one per VMM thread at most */
-#define HANDLER_EAGAIN_MS        2000 /* the handler's own ioctls, refused while events wait */
-#define REARM_MAX_ROUNDS         16
-#define REARM_CONVERGED_PAGES    64 /* dirty set small enough to re-arm inside the pause */
+#define BULK_CHUNK_BYTES      (2u << 20)  /* one read and one write per chunk */
+#define FAULT_AROUND_BYTES    (64u << 10) /* an aligned run a fault may capture in one go */
+#define STAGING_BYTES         (16u << 20) /* pre-images the fault handler can hold unwritten */
+#define STAGING_MIN_SLOTS     8
+#define HANDLER_BATCH         64
+#define HANDLER_DEFERRED_MAX  256  /* events read early; one per VMM thread at most */
+#define HANDLER_EAGAIN_MS     2000 /* the handler's own ioctls, refused while events wait */
+#define REARM_MAX_ROUNDS      16
+#define REARM_CONVERGED_PAGES 64 /* dirty set small enough to re-arm inside the pause */
 /* LIVE: the first tracking round lasts at least this long. What the guest writes in it is its
  * working set, the snapshot's hot set; a round that ends as soon as everything is armed sees
  * the few pages written during the arming (one write fault each), and converges at once. */
-#define REARM_HOT_WINDOW_MS      20
+#ifndef REARM_HOT_WINDOW_MS /* a build may set it, to measure what the window costs */
+#define REARM_HOT_WINDOW_MS 20
+#endif
 #define HANDSHAKE_TIMEOUT_MS     5000
 #define VMSTATE_ONLY_MEMORY_PATH "/dev/null/forkd-vmstate-only" /* must never be opened */
 

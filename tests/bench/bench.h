@@ -213,6 +213,8 @@ struct bench_context {
 
 enum bench_mode { MODE_LIVE, MODE_ARM_IN_PAUSE, MODE_FULL, MODE_COUNT };
 
+enum { BENCH_COST_STAGES = 4 };
+
 struct pause_figures {
     struct series window_ms, engine_ms, protect_ms, prearm_ms, rearmed_pages;
     struct series vmm_pause_ms, vmm_snapshot_ms, vmm_resume_ms, vmstate_rpc_ms;
@@ -233,6 +235,10 @@ struct cost_figures {
     struct series before_per_s, after_per_s, drift; /* drift: after / before */
     unsigned unsteady; /* repetitions whose drift is beyond DRIFT_LIMIT: not a result */
     struct series report_spacing_ms;
+    /* Where lost_ms falls: request to resume, resume to every page captured, captured to READY,
+     * the tail after READY (each over the reports enclosing its stage, so they overlap by up to
+     * a report interval and need not sum exactly to lost_ms). */
+    struct series stage_lost_ms[BENCH_COST_STAGES];
 };
 
 /* The two undisturbed windows of a branch may differ by this share before its row is marked. */

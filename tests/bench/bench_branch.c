@@ -227,6 +227,32 @@ static void add_cost(struct cost_figures *figures, const struct guest_cost *cost
     series_add(&figures->report_spacing_ms, cost->report_spacing_ms);
 }
 
+/* Splits the guest's lost work over the branch's stages (cost_figures.stage_lost_ms). A FULL
+ * branch captures nothing after its resume: its second stage is empty. */
+static int record_stage_costs(struct cost_figures *figures, const struct progress_log *log,
+                              const struct guest_rates *mean, const struct branch_watch *watch,
+                              const struct branch_progress *progress, uint64_t tail_end,
+                              struct forkd_error *err)
+{
+    uint64_t resumed = watch->at[BRANCH_PHASE_RESUMED], done = watch->at[BRANCH_PHASE_DONE];
+    uint64_t captured = resumed + progress->captured_ns;
+    if (captured > done)
+        captured = done;
+    uint64_t bounds[BENCH_COST_STAGES + 1] = {watch->at[BRANCH_PHASE_STARTED], resumed, captured,
+                                              done, tail_end};
+    for (unsigned stage = 0; stage < BENCH_COST_STAGES; stage++) {
+        struct guest_cost cost = {0};
+        if (bounds[stage + 1] > bounds[stage]) {
+            int rc = guest_cost_compute(log, mean, bounds[stage], bounds[stage + 1], &cost, err);
+            if (rc < 0)
+                return forkd_error_prefix(
+                    err, "the guest's cost of stage %u of the branch: ", stage + 1);
+        }
+        series_add(&figures->stage_lost_ms[stage], cost.lost_ms);
+    }
+    return 0;
+}
+
 /* What the branch cost the guest: its progress reports over the branch and its tail, against
  * each vCPU's mean rate over two undisturbed windows, [idle_from, start] before the branch and
  * one once the guest is steady again after the tail. The snapshot goes only after the tail:
@@ -258,7 +284,8 @@ static int record_cost(struct size_run *run, unsigned row, const char *name, uin
     series_add(&figures->captured_ms, ms(progress->captured_ns));
     series_add(&figures->ready_ms, ms(done - watch->at[BRANCH_PHASE_RESUMED]));
     series_add(&figures->total_ms, ms(done - start));
-    return 0;
+    return record_stage_costs(figures, &log, &mean, watch, progress,
+                              done + options->tail_ms * 1000000ull, err);
 }
 
 /* A branch in one mode (LIVE: with some levers left out) between two windows of undisturbed

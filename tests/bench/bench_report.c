@@ -124,6 +124,16 @@ static void report_cost(const struct size_result *r)
                fmt(&c->drift, i, sizeof(i)));
     }
     report_unsteady(r);
+    printf("  %-26s %-22s %-22s %-22s %s\n", "where the work was lost", "request->resume",
+           "resume->captured", "captured->READY", "READY->tail end");
+    for (unsigned row = 0; row < r->cost_rows; row++) {
+        const struct cost_figures *c = &r->cost[row];
+        char n[48], s[BENCH_COST_STAGES][64];
+        for (unsigned stage = 0; stage < BENCH_COST_STAGES; stage++)
+            fmt(&c->stage_lost_ms[stage], s[stage], sizeof(s[stage]));
+        printf("  %-26s %-22s %-22s %-22s %s\n", row_name(r, row, n, sizeof(n)), s[0], s[1], s[2],
+               s[3]);
+    }
     char x[64], y[64];
     printf("  plain copy of the same bytes (ms): %s; guest report spacing (ms): %s\n",
            fmt(&r->copy_ms, x, sizeof(x)), fmt(&r->cost[0].report_spacing_ms, y, sizeof(y)));
@@ -255,6 +265,11 @@ static cJSON *cost_json(const struct cost_figures *c)
     cJSON_AddItemToObject(o, "drift_after_over_before", series_json(&c->drift));
     cJSON_AddNumberToObject(o, "unsteady_repetitions", c->unsteady);
     cJSON_AddItemToObject(o, "report_spacing_ms", series_json(&c->report_spacing_ms));
+    static const char *const stages[BENCH_COST_STAGES] = {"request_to_resume", "resume_to_captured",
+                                                          "captured_to_ready", "ready_to_tail_end"};
+    cJSON *split = cJSON_AddObjectToObject(o, "lost_ms_by_stage");
+    for (unsigned stage = 0; stage < BENCH_COST_STAGES; stage++)
+        cJSON_AddItemToObject(split, stages[stage], series_json(&c->stage_lost_ms[stage]));
     return o;
 }
 
