@@ -608,6 +608,13 @@ grpc_status_code handle_branch(struct rpc_call *call, const ProtobufCMessage *me
         vm_unref(vm);
         return branches_refuse_vm(&vm_now, status);
     }
+    /* A client that left before its branch began gets nothing begun. (It may still leave just
+     * after this check: then the branch starts and the follower cancels it.) */
+    if (call_is_cancelled(call)) {
+        vm_unref(vm);
+        return rpc_status_set(status, GRPC_STATUS_CANCELLED,
+                              "the client left before the branch began: nothing was done");
+    }
     struct branch_job *job = branches_new_job(daemon, vm, request, mode);
     if (!job) {
         vm_unref(vm);
