@@ -429,7 +429,14 @@ TEST_F(PageServerTest, FaultsRacingRemoveEventsAreRetriedAndStayCorrect)
             while (!stop)
                 for (uint64_t page = t; page < 256 && !stop; page += 2) {
                     const uint8_t *p = base + page * kPage;
-                    if (!PageMatches(p, page * kPage, kPage) && !PageIsZero(p, kPage))
+                    // A page may turn from the template's to zeros at any moment (a discard),
+                    // never back: so it is good if it matched, or else is zeros when read
+                    // after. The fence keeps the compiler from moving the second read before
+                    // the first (clang did: the zero check read a page before the match did,
+                    // so a page that turned to zeros in between failed both).
+                    bool matched = PageMatches(p, page * kPage, kPage);
+                    std::atomic_signal_fence(std::memory_order_seq_cst);
+                    if (!matched && !PageIsZero(p, kPage))
                         torn++;
                 }
         });
