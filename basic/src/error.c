@@ -1,6 +1,7 @@
 /* The engine's error report (see forkd/error.h). */
 #include "basic/error.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -33,8 +34,8 @@ int forkd_error_errno(struct forkd_error *err, int code, const char *fmt, ...)
 
 int forkd_error_prefix(struct forkd_error *err, const char *fmt, ...)
 {
-    if (!err)
-        return 0;
+    if (!err) /* the code went nowhere either: still a failure, never success */
+        return -EIO;
     char prefix[FORKD_ERROR_MESSAGE_MAX];
     char old[FORKD_ERROR_MESSAGE_MAX];
     va_list ap;

@@ -387,11 +387,8 @@ static int snapshot_json_get_hot(const cJSON *root, struct store_snapshot *meta,
     uint64_t version;
     if (!cJSON_IsObject(obj))
         return forkd_error_set(err, -EIO, "field \"hot\" must be an object");
-    /* Not `return forkd_error_prefix(...)`: without err it returns 0. */
-    if (snapshot_json_get_u64(obj, "version", SNAPSHOT_JSON_INT_MAX, &version, err)) {
-        forkd_error_prefix(err, "hot: ");
-        return -EIO;
-    }
+    if (snapshot_json_get_u64(obj, "version", SNAPSHOT_JSON_INT_MAX, &version, err))
+        return forkd_error_prefix(err, "hot: ");
     if (version != SNAPSHOT_JSON_HOT_VERSION)
         return forkd_error_set(err, -EIO, "hot: version %llu is not supported (expected %d)",
                                (unsigned long long)version, SNAPSHOT_JSON_HOT_VERSION);

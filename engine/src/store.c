@@ -231,8 +231,10 @@ static int store_fill_snapshot(const struct store *store, const struct store_ent
 {
     if (entry->kind == STORE_ENTRY_READY) {
         int r = snapshot_json_parse(entry->metadata, strlen(entry->metadata), out, err);
-        if (r < 0)
-            return forkd_error_prefix(err, "snapshot '%s': ", entry->name);
+        if (r < 0) {
+            forkd_error_prefix(err, "snapshot '%s': ", entry->name);
+            return r; /* store_get's callers may pass no err */
+        }
         out->state = STORE_STATE_READY;
         store_path(store, entry->name, out->path, sizeof(out->path), NULL);
     } else if (entry->kind == STORE_ENTRY_CORRUPT) {

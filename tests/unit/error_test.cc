@@ -40,3 +40,10 @@ TEST(Error, NullReportIsAllowed)
     EXPECT_EQ(-EINVAL, forkd_error_set(nullptr, -EINVAL, "ignored"));
     forkd_error_clear(nullptr);
 }
+
+// `return forkd_error_prefix(err, ...)` after a failure must not turn into success for a caller
+// that passed no report (store_get(..., NULL) did, when a READY record failed to parse).
+TEST(Error, PrefixWithoutAReportStillFails)
+{
+    EXPECT_LT(forkd_error_prefix(nullptr, "context: "), 0);
+}

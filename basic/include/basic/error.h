@@ -30,7 +30,7 @@ int forkd_error_errno(struct forkd_error *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 /* Prefixes the message already in err with more context ("branch vm-1: " + message).
- * Returns err->code. */
+ * Returns err->code; without err (a caller that wants no report), -EIO: never 0. */
 int forkd_error_prefix(struct forkd_error *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
