@@ -410,6 +410,7 @@ static void *branch_handler_loop(void *arg)
 int branch_handler_request(struct branch_run_state *run, enum handler_mode mode,
                            struct dirty_list *out)
 {
+    *out = (struct dirty_list){0}; /* empty on every failure: the caller frees it regardless */
     pthread_mutex_lock(&run->handler.control_lock);
     run->handler.requested_mode = mode;
     unsigned seq = ++run->handler.request_seq;
