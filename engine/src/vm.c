@@ -71,7 +71,7 @@ struct vm {
     int64_t created_at_unix_ms;
     struct vmm_client *client;
     struct page_server_fork *page_fork; /* UFFD: our registration with the page server */
-    struct store *store; /* holds a use of source_snapshot until stopped (under lock) */
+    struct store *store;         /* holds a use of source_snapshot until stopped (under lock) */
     struct vm_identity identity; /* the VMM process, once it answers */
     bool adopted;                /* started by an earlier forkd: not our child */
 
@@ -250,15 +250,42 @@ static int vm_wait_exec_done(struct vm *vm, int exec_done, struct forkd_error *e
  * an identity read then never matches the VMM (the next forkd would leave it running). The
  * exec closes exec_done only after that move. A VMM that exited already needs no record: its
  * start fails in vm_wait_for_api, with its last words. */
+/* The VMM's identity once /proc/<pid>/exe no longer names forkd's own executable. The pipe's
+ * end should mean that already; on Debian 12's 6.1 kernel under emulation it did not (records
+ * named forkd), so the identity itself is what is waited for, bounded by the start timeout. */
+static int vm_launched_identity(struct vm *vm, struct vm_identity *identity,
+                                struct forkd_error *err)
+{
+    char own[sizeof(identity->exe)];
+    ssize_t length = readlink("/proc/self/exe", own, sizeof(own) - 1);
+    if (length < 0)
+        return forkd_error_errno(err, -errno, "readlink /proc/self/exe");
+    own[length] = '\0';
+    uint64_t deadline = forkd_deadline_after_ms(vm->registry->start_timeout_ms);
+    for (;;) {
+        int rc = vm_identity_of(vm->pid, identity);
+        if (rc < 0 || strcmp(identity->exe, own) != 0)
+            return rc;
+        if (forkd_ms_left(deadline) == 0)
+            return forkd_error_set(err, -ETIMEDOUT,
+                                   "VMM pid %d still ran forkd's executable after %u ms", vm->pid,
+                                   vm->registry->start_timeout_ms);
+        struct timespec pause = {.tv_nsec = 1000000};
+        nanosleep(&pause, NULL);
+    }
+}
+
 static int vm_record_launch(struct vm *vm, int exec_done, struct forkd_error *err)
 {
     int rc = vm_wait_exec_done(vm, exec_done, err);
     if (rc < 0)
         return rc;
     struct vm_identity identity;
-    rc = vm_identity_of(vm->pid, &identity);
+    rc = vm_launched_identity(vm, &identity, err);
     if (rc == -ESRCH)
         return 0;
+    if (rc == -ETIMEDOUT)
+        return rc;
     if (rc == 0) {
         vm->identity = identity;
         rc = vm_save_record(vm);
@@ -276,6 +303,11 @@ unsigned vm_slow_call_timeout_ms(const struct vm *vm)
     /* 10 s, plus 20 ms per MiB: writing or filling 4 GiB takes 12-25 s on a nested host. */
     return (VMM_CLIENT_DEFAULT_TIMEOUT_MS + (unsigned)((vm->memory_bytes >> 20) * 20)) *
            vm->registry->timeout_scale;
+}
+
+unsigned vm_time_scale(const struct vm *vm)
+{
+    return vm->registry->timeout_scale;
 }
 
 unsigned vm_call_timeout_ms(const struct vm *vm)
@@ -545,8 +577,8 @@ static void vm_record_exit(struct vm *vm)
     else
         snprintf(vm->exit_reason, sizeof(vm->exit_reason),
                  "exited (status unknown: started by an earlier forkd)");
-    bool clean = vm->stop_requested ||
-                 (status_known && info.si_code == CLD_EXITED && info.si_status == 0);
+    bool clean =
+        vm->stop_requested || (status_known && info.si_code == CLD_EXITED && info.si_status == 0);
     vm->state = clean ? VM_STATE_STOPPED : VM_STATE_FAILED;
     vm->exited = true;
     /* The guest's memfd is released with the VM; a branch still copying holds its own map. */
@@ -1624,8 +1656,8 @@ static struct vm *vm_from_record(struct vm_registry *registry, const struct vm_r
     memcpy(vm->labels, r->labels, r->label_count * sizeof(r->labels[0]));
     vm->devices = r->devices;
     /* Same length as when the VM was started here, which checked it. */
-    if (snprintf(vm->api_socket_path, sizeof(vm->api_socket_path), "%s/%s.sock",
-                 registry->run_dir, r->id) >= (int)sizeof(vm->api_socket_path) ||
+    if (snprintf(vm->api_socket_path, sizeof(vm->api_socket_path), "%s/%s.sock", registry->run_dir,
+                 r->id) >= (int)sizeof(vm->api_socket_path) ||
         snprintf(vm->log_path, sizeof(vm->log_path), "%s/%s.log", registry->run_dir, r->id) >=
             (int)sizeof(vm->log_path)) {
         vm_unref(vm);
@@ -1697,8 +1729,8 @@ static int vm_adopt_uffd(struct vm_adoption *a, struct vm *vm, const struct vm_r
                                            .socket_path = "",
                                            .vmm_pid = vm->pid,
                                            .label = vm->id};
-    return page_server_fork_adopt(a->config->page_server, &fork, r->regions, r->region_count,
-                                  uffd, pidfd, &vm->page_fork, err);
+    return page_server_fork_adopt(a->config->page_server, &fork, r->regions, r->region_count, uffd,
+                                  pidfd, &vm->page_fork, err);
 }
 
 /* MEMFD: the guest memfd, from the VMM's files or mappings, checked by inode. */
@@ -1725,8 +1757,7 @@ static void vm_adopt_snapshot_use(struct vm_adoption *a, struct vm *vm)
     if (store_acquire(a->config->store, vm->source_snapshot, &snapshot, &err) == 0)
         vm->store = a->config->store;
     else
-        vm_adopt_log(a, true, "VM %s: snapshot %s: %s", vm->id, vm->source_snapshot,
-                     err.message);
+        vm_adopt_log(a, true, "VM %s: snapshot %s: %s", vm->id, vm->source_snapshot, err.message);
 }
 
 /* What forkd held for the VM, taken back; a VM adopted without it is still listed. */
@@ -1817,8 +1848,8 @@ static void vm_adopt_live(struct vm_adoption *a, struct vm *vm, const struct vm_
     int rc = r->starting ? 0 : vm_adopt_connect(vm, &err);
     if (rc < 0) {
         a->report->foreign++;
-        vm_adopt_log(a, true, "VM %s (VMM pid %d) does not answer, left alone: %s", vm->id,
-                     vm->pid, err.message);
+        vm_adopt_log(a, true, "VM %s (VMM pid %d) does not answer, left alone: %s", vm->id, vm->pid,
+                     err.message);
         return;
     }
     rc = vm_enlist_adopted(a->registry, vm, &err);
