@@ -350,7 +350,8 @@ static int branch_prearm(struct branch *branch, struct branch_run_state *run,
     int rc = branch_arm_all(run, true, err);
     if (rc < 0)
         return rc;
-    branch_sleep_until(start + REARM_HOT_WINDOW_MS * 1000000ULL);
+    /* An emulated host runs the guest many times slower: its working set needs as much more. */
+    branch_sleep_until(start + (uint64_t)REARM_HOT_WINDOW_MS * vm_time_scale(run->vm) * 1000000ULL);
     long previous = -1;
     for (int round = 0; round < REARM_MAX_ROUNDS; round++) {
         struct dirty_list list = {0};

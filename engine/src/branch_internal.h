@@ -39,7 +39,7 @@
 #define HANDLER_EAGAIN_MS     2000 /* the handler's own ioctls, refused while events wait */
 #define REARM_MAX_ROUNDS      16
 #define REARM_CONVERGED_PAGES 64 /* dirty set small enough to re-arm inside the pause */
-/* LIVE: the first tracking round lasts at least this long. What the guest writes in it is its
+/* LIVE: the first tracking round lasts at least this long (times the host's time scale). What the guest writes in it is its
  * working set, the snapshot's hot set; a round that ends as soon as everything is armed sees
  * the few pages written during the arming (one write fault each), and converges at once. */
 #ifndef REARM_HOT_WINDOW_MS /* a build may set it, to measure what the window costs */

@@ -275,6 +275,9 @@ int vm_page_server_stats(struct vm *vm, struct page_server_stats *out);
 unsigned vm_slow_call_timeout_ms(const struct vm *vm);
 /* Any state. The time limit of an ordinary VMM API call for this VM (the default, scaled). */
 unsigned vm_call_timeout_ms(const struct vm *vm);
+/* The host's slowness factor (--timeout-scale; 1 on a normal host): guard timeouts and the
+ * windows that wait on the guest's own progress are multiplied by it. */
+unsigned vm_time_scale(const struct vm *vm);
 const char *vm_source_snapshot(const struct vm *vm); /* any state */
 
 /* Pauses the guest (PATCH /vm Paused) and records PAUSED. Accepts RUNNING and PAUSED (pausing
