@@ -18,7 +18,7 @@ import grpc
 import hashlib
 import pytest
 
-from forkd_harness import (FORKD_TESTVM, Daemon, VmDaemon, forkd_pb2 as P, scaled,
+from forkd_harness import (FORKD_TESTVM, TIME_SCALE, Daemon, VmDaemon, forkd_pb2 as P, scaled,
                            verify_snapshot, vmm_set_state, wait_until)
 from remote_harness import CHUNK, FlakyProxy, Radosgw, copy_remote, guest_progress, hot_chunks, \
     userfaultfds_of
@@ -408,10 +408,12 @@ def test_a_lazy_spawn_fetches_the_hot_chunks_before_the_others(rgw):
     try:
         sa = a.forkd()
         # A guest writing slowly all over its memory, 9 times in 10 to its hot tenth: by the
-        # branch every chunk holds something, but only the chunks it wrote while the branch
-        # armed write-protect are hot.
-        vm = a.boot(mem_mib=64, workload="pattern=hotset rate=5000 seed=32")
-        wait_until(lambda: guest_progress(vm) > 15000, 120, "the guest to write all over")
+        # branch most chunks hold something, but only the chunks it wrote while the branch
+        # armed write-protect are hot. forkd's window for that grows with the host's time
+        # scale, so the guest writes as much slower (else it writes everywhere in the window).
+        rate = max(1, int(5000 / TIME_SCALE))
+        vm = a.boot(mem_mib=64, workload="pattern=hotset rate=%d seed=32" % rate)
+        wait_until(lambda: guest_progress(vm) > 3 * rate, 120, "the guest to write all over")
         made = a.branch(vm.id, "ordered")[-1].snapshot
         list(sa.Push(P.PushRequest(snapshot_name="ordered"), timeout=600))
         hashes = child_chunks_list(made.path)
