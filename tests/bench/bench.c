@@ -33,6 +33,7 @@ static void usage(FILE *out)
             "                   [--no-fanout] [--no-realtime] [--timeout-scale N]\n"
             "                   [--workloads random,hotset,sequential] [--levers VARIANT,...]\n"
             "                   [--report-us US] [--tail-ms MS] [--vcpus N] [--seed N]\n"
+            "                   [--huge-pages]\n"
             "Defaults: sizes 256,1024,4096; every workload; 5 repetitions (3 at 1 GiB and up);\n"
             "fan-out 1,8,32; the guest reports its progress every 1000 us; a branch's cost is\n"
             "counted until 500 ms after it ends.\n"
@@ -45,6 +46,8 @@ static void usage(FILE *out)
             "--levers: the LIVE branches of each repetition, the first giving the LIVE figures:\n"
             "all (every copy-phase lever), none (the engine without them), or all but one:\n"
             "no-staging, no-hot, no-around, no-release, no-direct. Default all,none.\n"
+            "--huge-pages: the source VMs' memory in 2 MiB hugetlbfs pages (the bench raises\n"
+            "vm.nr_hugepages for the largest size and puts it back); no fan-out then.\n"
             "--vcpus: of the source VMs (default 2; 1 leaves a core to forkd on a 2-core host).\n"
             "Diagnoses: --copier-fifo runs the bulk copier at SCHED_FIFO like the fault handler;\n"
             "--boost-vcpus runs the VMM's vCPU threads at SCHED_FIFO from just before a LIVE\n"
@@ -175,6 +178,7 @@ enum {
     OPT_TAIL_MS,
     OPT_VCPUS,
     OPT_SEED_ORDER,
+    OPT_HUGE_PAGES,
     OPT_HELP
 };
 
@@ -204,6 +208,7 @@ static const struct option long_options[] = {
     {"tail-ms", required_argument, NULL, OPT_TAIL_MS},
     {"vcpus", required_argument, NULL, OPT_VCPUS},
     {"seed", required_argument, NULL, OPT_SEED_ORDER},
+    {"huge-pages", no_argument, NULL, OPT_HUGE_PAGES},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -294,6 +299,9 @@ static int apply_option(struct bench_options *o, int option, const char *arg)
     case OPT_NO_REALTIME:
         o->no_realtime = true;
         return 0;
+    case OPT_HUGE_PAGES:
+        o->huge_pages = o->skip_fanout = true; /* forks would need huge pages of their own */
+        return 0;
     case OPT_TIMEOUT_SCALE: {
         char *end;
         unsigned long value = strtoul(arg, &end, 10);
@@ -365,6 +373,62 @@ static int open_context(struct bench_context *context, struct forkd_error *err)
     return 0;
 }
 
+/* ---- huge pages ------------------------------------------------------------------------- */
+
+#define NR_HUGEPAGES   "/proc/sys/vm/nr_hugepages"
+#define FREE_HUGEPAGES "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+
+static long huge_pages_setting = -1; /* vm.nr_hugepages before the bench raised it */
+
+static long read_count(const char *path)
+{
+    _cleanup_fclose_ FILE *f = fopen(path, "re");
+    long value = -1;
+    if (!f || fscanf(f, "%ld", &value) != 1)
+        return -1;
+    return value;
+}
+
+static int write_count(const char *path, long value)
+{
+    _cleanup_fclose_ FILE *f = fopen(path, "we");
+    if (!f || fprintf(f, "%ld\n", value) < 0)
+        return -errno;
+    return fflush(f) == 0 ? 0 : -errno;
+}
+
+/* Makes free 2 MiB pages for the largest source VM (one at a time; the seed VMM is gone before
+ * the source is restored), plus a few for the VMM's own rounding; the old setting is put back
+ * by huge_pages_restore. */
+static int huge_pages_reserve(const struct bench_options *o, struct forkd_error *err)
+{
+    unsigned largest = 0;
+    for (size_t i = 0; i < o->size_count; i++)
+        largest = o->sizes_mib[i] > largest ? o->sizes_mib[i] : largest;
+    long need = largest / 2 + 4, total = read_count(NR_HUGEPAGES),
+         free = read_count(FREE_HUGEPAGES);
+    if (total < 0 || free < 0)
+        return forkd_error_errno(err, -ENOENT, "read %s and %s", NR_HUGEPAGES, FREE_HUGEPAGES);
+    if (free >= need)
+        return 0;
+    huge_pages_setting = total;
+    int rc = write_count(NR_HUGEPAGES, total + need - free);
+    if (rc < 0)
+        return forkd_error_errno(err, rc, "write %s", NR_HUGEPAGES);
+    if ((free = read_count(FREE_HUGEPAGES)) < need)
+        return forkd_error_set(err, -ENOMEM,
+                               "%ld free 2 MiB huge pages after raising %s, %ld needed "
+                               "(memory too fragmented?)",
+                               free, NR_HUGEPAGES, need);
+    return 0;
+}
+
+static void huge_pages_restore(void)
+{
+    if (huge_pages_setting >= 0)
+        write_count(NR_HUGEPAGES, huge_pages_setting);
+}
+
 static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
     (void)st, (void)flag, (void)ftw;
@@ -412,6 +476,7 @@ static void *interrupt_loop(void *arg)
         nftw(context->state_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
     if (context->seed_path[0])
         nftw(context->seed_path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    huge_pages_restore();
     _exit(128 + signal_number);
 }
 
@@ -538,10 +603,14 @@ int main(int argc, char **argv)
            options.seed);
     fflush(stdout);
     struct forkd_error err = {0};
-    int rc = open_context(&context, &err);
+    cJSON_AddBoolToObject(context.json, "huge_pages", options.huge_pages);
+    int rc = options.huge_pages ? huge_pages_reserve(&options, &err) : 0;
+    if (rc == 0)
+        rc = open_context(&context, &err);
     if (rc == 0)
         rc = run(&context, &err);
     close_context(&context);
+    huge_pages_restore();
     double wall = (double)(bench_now_ns() - start) / 1e9;
     cJSON_AddNumberToObject(context.json, "wall_s", wall);
     cJSON_AddBoolToObject(context.json, "complete", rc == 0);

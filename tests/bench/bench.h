@@ -66,6 +66,7 @@ struct bench_options {
     unsigned report_us; /* the guest's progress report interval */
     unsigned vcpus;     /* of the source VMs */
     unsigned tail_ms;   /* the guest's cost is counted this long after a branch ends */
+    bool huge_pages;    /* source VMs on 2 MiB hugetlbfs pages (no fan-out then) */
     const char *json_path;
     const char *state_dir; /* NULL: a fresh directory under /var/tmp */
     const char *seed_dir;  /* where seed snapshots are written (tmpfs) */
@@ -249,6 +250,7 @@ struct cost_figures {
 struct size_result {
     unsigned mem_mib;
     enum bench_workload workload;
+    bool huge_pages; /* the source VM's memory in 2 MiB pages */
     unsigned cost_rows;
     char cost_names[COST_ROWS][40];
     struct cost_figures cost[COST_ROWS];

@@ -483,7 +483,11 @@ static int make_source_vm(struct bench_context *context, unsigned mem_mib,
     store_file_path(seed, STORE_FILE_MEMORY, memory, sizeof(memory));
     snprintf(name, sizeof(name), "source-%u-%s", mem_mib, bench_workload_names[workload]);
     struct vm_restore_config config = {
-        .name = name, .vmstate_path = vmstate, .memory_path = memory, .memory = VM_MEMORY_MEMFD};
+        .name = name,
+        .vmstate_path = vmstate,
+        .memory_path = memory,
+        .memory = VM_MEMORY_MEMFD,
+        .page_size = context->options->huge_pages ? VM_HUGE_PAGE_SIZE : VM_SMALL_PAGE_SIZE};
     if (rc == 0)
         rc = vm_restore(context->registry, &config, out, err);
     unlink(vmstate);
@@ -533,6 +537,7 @@ int bench_size(struct bench_context *context, unsigned mem_mib, enum bench_workl
     memset(out, 0, sizeof(*out));
     out->mem_mib = mem_mib;
     out->workload = workload;
+    out->huge_pages = options->huge_pages;
     out->reps = mem_mib >= 1024 ? options->reps_large : options->reps;
     out->seed = options->seed;
     name_cost_rows(options, out);

@@ -223,13 +223,14 @@ static int seed_spawn(const char *socket_path, const char *log_path, pid_t *pid,
 }
 
 /* Boots, lets the guest run, pauses and writes a Full snapshot. */
-static int seed_drive(struct vmm_client *client, unsigned vcpus, unsigned mem_mib,
-                      const char *boot_args, const char *dir, uint64_t *boot_ns,
+static int seed_drive(struct vmm_client *client, const struct bench_options *options,
+                      unsigned mem_mib, const char *boot_args, const char *dir, uint64_t *boot_ns,
                       struct forkd_error *err)
 {
     vmm_client_set_timeout_ms(client, 600000); /* the VMM touches all memory at boot */
     uint64_t start = bench_now_ns();
-    int rc = vmm_put_machine_config(client, vcpus, mem_mib, err);
+    int rc = vmm_put_machine_config_backed(client, options->vcpus, mem_mib, NULL,
+                                           options->huge_pages, err);
     if (rc == 0)
         rc = vmm_put_boot_source(client, FORKD_GUEST_PATH, boot_args, err);
     if (rc == 0)
@@ -272,7 +273,7 @@ int guest_seed_snapshot(const struct bench_options *options, unsigned mem_mib,
     struct vmm_client *client = NULL;
     rc = vmm_client_open(socket_path, &client, err);
     if (rc == 0)
-        rc = seed_drive(client, options->vcpus, mem_mib, boot_args, dir, boot_ns, err);
+        rc = seed_drive(client, options, mem_mib, boot_args, dir, boot_ns, err);
     vmm_client_close(client);
     forkd_kill_reapp(&pid); /* before the socket goes: the VMM must not be left serving it */
     unlink(socket_path);

@@ -238,10 +238,10 @@ static cJSON *orders_json(const struct size_result *r)
 
 void report_size(const struct size_result *r)
 {
-    printf("\n== %u MiB guest, workload %s, %u region%s, %u repetitions, seed %u: median "
+    printf("\n== %u MiB guest%s, workload %s, %u region%s, %u repetitions, seed %u: median "
            "[min..max] ==\n",
-           r->mem_mib, bench_workload_names[r->workload], r->regions, r->regions == 1 ? "" : "s",
-           r->reps, r->seed);
+           r->mem_mib, r->huge_pages ? " on 2 MiB pages" : "", bench_workload_names[r->workload],
+           r->regions, r->regions == 1 ? "" : "s", r->reps, r->seed);
     report_cost(r);
     report_goals(r);
     report_pause(r);
@@ -296,6 +296,7 @@ cJSON *size_json(const struct size_result *r)
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "mem_mib", r->mem_mib);
     cJSON_AddStringToObject(o, "workload", bench_workload_names[r->workload]);
+    cJSON_AddBoolToObject(o, "huge_pages", r->huge_pages);
     cJSON_AddNumberToObject(o, "seed", r->seed);
     cJSON_AddItemToObject(o, "orders", orders_json(r));
     cJSON *cost = cJSON_AddObjectToObject(o, "guest_cost");
