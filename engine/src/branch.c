@@ -84,6 +84,7 @@ static void branch_service_percentiles(struct branch *branch, struct branch_prog
     out->fault_service_max_ns = service.max_ns;
     out->faults_left_to_bulk = atomic_load(&branch->faults_left_to_bulk);
     out->captured_ns = atomic_load(&branch->captured_ns);
+    out->levers = atomic_load(&branch->levers);
 }
 
 void branch_get_progress(struct branch *branch, struct branch_progress *out)
@@ -861,6 +862,7 @@ static int branch_live_setup(struct branch *branch, struct branch_run_state *run
                              const struct branch_request *request, struct forkd_error *err)
 {
     run->levers = BRANCH_LEVER_ALL & ~request->levers_off;
+    atomic_store(&branch->levers, run->levers);
     int rc = branch_receive_uffd(run, err);
     if (rc == 0)
         rc = branch_setup_regions(branch, run, request->count_page_writes, err);

@@ -172,6 +172,7 @@ struct branch {
     struct latency_histogram service; /* fault service times */
     atomic_uint_fast64_t faults_left_to_bulk;
     atomic_uint_fast64_t captured_ns; /* resume to the last page released; 0 until then */
+    _Atomic unsigned levers;          /* branch_progress.levers */
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
     uint64_t bytes_total;

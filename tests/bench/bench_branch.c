@@ -142,7 +142,8 @@ static int run_branch(struct size_run *run, enum bench_mode mode, unsigned lever
                                      .snapshot_name = name,
                                      .mode = store_modes[mode],
                                      .on_phase = watch_phase,
-                                     .context = watch};
+                                     .context = watch,
+                                     .levers_off = levers_off};
     struct store_snapshot snapshot;
     /* The diagnosis of the fault handler's tail: the copier at the handler's priority. */
     struct thread_priority priority = {0};
@@ -153,6 +154,11 @@ static int run_branch(struct size_run *run, enum bench_mode mode, unsigned lever
     branch_get_progress(branch, progress);
     branch_free(branch);
     rate_sampler_quiet(run->sampler, false);
+    /* A row measures the levers it names, or nothing (an early bench never passed them on). */
+    if (rc == 0 && mode != MODE_FULL && progress->levers != (BRANCH_LEVER_ALL & ~levers_off))
+        return forkd_error_set(err, -EPROTO,
+                               "branch %s ran with levers 0x%x, its row asked for 0x%x", name,
+                               progress->levers, BRANCH_LEVER_ALL & ~levers_off);
     return rc;
 }
 

@@ -64,6 +64,8 @@ struct branch_progress {
     /* LIVE and ARM_IN_PAUSE: from the resume until every page was captured and unprotected,
      * when the guest stops paying for the branch (memory.bin may not be durable yet); 0 before. */
     uint64_t captured_ns;
+    /* LIVE and ARM_IN_PAUSE: the branch_lever bits in use (what a benchmark row measured). */
+    unsigned levers;
 };
 
 /* Copy-phase levers (see branch.c), all in use by default. The benchmark leaves them out one
