@@ -84,6 +84,7 @@ static void branch_service_percentiles(struct branch *branch, struct branch_prog
     out->fault_service_max_ns = service.max_ns;
     out->faults_left_to_bulk = atomic_load(&branch->faults_left_to_bulk);
     out->captured_ns = atomic_load(&branch->captured_ns);
+    out->mirror_bytes = atomic_load(&branch->mirror_bytes);
     out->levers = atomic_load(&branch->levers);
 }
 
@@ -251,6 +252,13 @@ void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pa
         return;
     for (uint64_t p = page; p < page + pages; p++)
         atomic_fetch_add(&region->write_counts[p], 1);
+}
+
+void branch_wake_copier(struct branch_run_state *run)
+{
+    atomic_fetch_add(&run->written_seq, 1);
+    if (atomic_load(&run->written_waiting))
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
 struct branch_region *branch_region_of(struct branch_run_state *run, uint64_t address)
@@ -544,6 +552,23 @@ static bool branch_next_claimed_run(const bool *claimed, uint64_t count, uint64_
     return *i > *start;
 }
 
+/* Captures each run of the chunk claimed here into the mirror and unprotects it; memory.bin is
+ * written from the mirror once every page is captured (branch_mirror_write). */
+static int branch_bulk_mirror(struct branch *branch, struct branch_run_state *run,
+                              struct branch_region *region, uint64_t first, const bool *claimed,
+                              uint64_t count, struct forkd_error *err)
+{
+    uint64_t page_size = region->uffd.page_size, i = 0, start;
+    while (branch_next_claimed_run(claimed, count, &i, &start)) {
+        uint64_t at = region->uffd.file_offset + (first + start) * page_size;
+        int rc = branch_bulk_capture(run, region, first + start, i - start, run->mirror + at, err);
+        if (rc < 0)
+            return rc;
+        atomic_fetch_add(&branch->pages_by_bulk, i - start);
+    }
+    return 0;
+}
+
 /* One chunk: claim every free page, then capture and unprotect each run of pages claimed here
  * and write it. With BRANCH_LEVER_RELEASE_FIRST every run is released before any is written,
  * so a vCPU faulting on the chunk's second run never waits behind the write of its first. */
@@ -557,9 +582,11 @@ static int branch_bulk_chunk(struct branch *branch, struct branch_run_state *run
         claimed[i] = atomic_compare_exchange_strong(&region->pages[first + i], &expected,
                                                     (uint8_t)PAGE_CLAIMED_BY_BULK);
     }
+    uint64_t page_size = region->uffd.page_size, i = 0, start;
+    if (run->mirror)
+        return branch_bulk_mirror(branch, run, region, first, claimed, count, err);
     bool direct = branch_lever(run, BRANCH_LEVER_DIRECT) && run->guest_map;
     bool release_first = !direct && branch_lever(run, BRANCH_LEVER_RELEASE_FIRST);
-    uint64_t page_size = region->uffd.page_size, i = 0, start;
     while (direct && branch_next_claimed_run(claimed, count, &i, &start)) {
         int rc = branch_bulk_direct(branch, run, region, first + start, i - start, err);
         if (rc < 0)
@@ -715,6 +742,47 @@ static void branch_note_captured(struct branch *branch, struct branch_run_state 
 /* Waits for the fault handler to finish writing the pages it claimed: woken by each page it
  * writes, and every WRITTEN_CHECK_MS to see whether the branch was cancelled or failed. */
 #define WRITTEN_CHECK_MS 10
+
+/* With a mirror: waits until the fault handler captured the pages it claimed (woken by each
+ * capture), then writes the mirror to memory.bin, region by region, in MIRROR_WRITE_BYTES
+ * pieces, checking between them whether the branch was cancelled or failed. */
+static int branch_mirror_write(struct branch *branch, struct branch_run_state *run,
+                               struct forkd_error *err)
+{
+    atomic_store(&run->written_waiting, true);
+    int rc = 0;
+    for (;;) {
+        uint32_t seen = atomic_load(&run->written_seq);
+        branch_note_captured(branch, run);
+        if (atomic_load(&run->pages_released) >= run->total_pages)
+            break;
+        if ((rc = branch_check_alive(branch, run, err)) < 0)
+            break;
+        struct timespec check = {.tv_nsec = WRITTEN_CHECK_MS * 1000000L};
+        syscall(SYS_futex, &run->written_seq, FUTEX_WAIT_PRIVATE, seen, &check, NULL, 0);
+    }
+    atomic_store(&run->written_waiting, false);
+    for (size_t r = 0; rc == 0 && r < run->region_count; r++) {
+        struct branch_region *region = &run->regions[r];
+        uint64_t page_size = region->uffd.page_size;
+        for (uint64_t done = 0; rc == 0 && done < region->uffd.size;) {
+            uint64_t length = region->uffd.size - done;
+            length = length < MIRROR_WRITE_BYTES ? length : MIRROR_WRITE_BYTES;
+            off_t at = (off_t)(region->uffd.file_offset + done);
+            if ((rc = branch_check_alive(branch, run, err)) < 0)
+                break;
+            if ((rc = fs_pwrite_all(run->memory_fd, run->mirror + at, length, at)) < 0) {
+                forkd_error_errno(err, rc, "write memory.bin at %llu", (unsigned long long)at);
+                break;
+            }
+            branch_count_write(region, done / page_size, length / page_size);
+            atomic_fetch_add(&branch->bytes_copied, length);
+            atomic_fetch_add(&run->pages_written, length / page_size);
+            done += length;
+        }
+    }
+    return rc;
+}
 static int branch_wait_all_written(struct branch *branch, struct branch_run_state *run,
                                    struct forkd_error *err)
 {
@@ -858,6 +926,59 @@ static void branch_staging_close(struct staging *staging)
     staging->pages = NULL;
 }
 
+/* MemAvailable of /proc/meminfo in bytes, or 0 when it cannot be read. */
+static uint64_t branch_memory_available(void)
+{
+    _cleanup_fclose_ FILE *f = fopen("/proc/meminfo", "re");
+    char line[128];
+    unsigned long long kib;
+    while (f && fgets(line, sizeof(line), f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1)
+            return (uint64_t)kib << 10;
+    return 0;
+}
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
+#endif
+
+/* Whether the guest's memory is in pages bigger than 4 KiB in every region. */
+static bool branch_all_pages_huge(const struct branch_run_state *run)
+{
+    for (size_t i = 0; i < run->region_count; i++)
+        if (run->regions[i].uffd.page_size <= 4096)
+            return false;
+    return run->region_count > 0;
+}
+
+/* The mirror (BRANCH_LEVER_MIRROR), populated now, before the pause: a capture must never
+ * wait for forkd's own page faults. Only for guests on 2 MiB pages: there the guest pays
+ * nothing once its pages are captured, so the capture's speed is its whole cost, and memory
+ * speed beats the page cache's; with 4 KiB pages the second-level refaults after the branch
+ * dominate and the mirror's extra copy only adds work (forkd-bench, issue 17). Transparent
+ * huge pages where the host gives them (fewer faults to populate). Without room for it (more
+ * than 1/MIRROR_MEMORY_SHARE of the memory available, or populating fails), the branch copies
+ * as it would without the lever: the same snapshot; branch_progress.mirror_bytes says which
+ * way it went. */
+static void branch_mirror_open(struct branch *branch, struct branch_run_state *run)
+{
+    if (!branch_lever(run, BRANCH_LEVER_MIRROR) || !branch_all_pages_huge(run) ||
+        run->total_bytes > branch_memory_available() / MIRROR_MEMORY_SHARE)
+        return;
+    void *mirror = mmap(NULL, run->total_bytes, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mirror == MAP_FAILED)
+        return;
+    madvise(mirror, run->total_bytes, MADV_HUGEPAGE);
+    if (madvise(mirror, run->total_bytes, MADV_POPULATE_WRITE) < 0) {
+        munmap(mirror, run->total_bytes);
+        return;
+    }
+    run->mirror = mirror;
+    run->mirror_bytes = run->total_bytes;
+    atomic_store(&branch->mirror_bytes, run->total_bytes);
+}
+
 static int branch_live_setup(struct branch *branch, struct branch_run_state *run,
                              const struct branch_request *request, struct forkd_error *err)
 {
@@ -871,6 +992,8 @@ static int branch_live_setup(struct branch *branch, struct branch_run_state *run
     if (rc == 0)
         rc = branch_open_memory_file(run, err);
     if (rc == 0)
+        branch_mirror_open(branch, run);
+    if (rc == 0 && !run->mirror)
         rc = branch_staging_open(run, err);
     return rc;
 }
@@ -913,6 +1036,8 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
     branch_dirty_free(&run->hot);
     branch_dirty_free(&run->paused_dirty);
     branch_staging_close(&run->staging);
+    if (run->mirror)
+        munmap(run->mirror, run->mirror_bytes);
 }
 
 /* ---- the two kinds of branch ------------------------------------------------------------ */
@@ -939,6 +1064,8 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     run->resumed_ns = start;
     branch_set_phase(branch, BRANCH_PHASE_COPYING);
     rc = branch_bulk_copy(branch, run, err);
+    if (rc == 0 && run->mirror)
+        rc = branch_mirror_write(branch, run, err);
     if (rc == 0)
         rc = branch_wait_all_written(branch, run, err);
     if (rc == 0) /* the guest pays nothing for the branch any more */

@@ -168,9 +168,7 @@ static int branch_staging_capture(struct branch_run_state *run, struct branch_re
 static void branch_staging_publish(struct branch_run_state *run, uint64_t count)
 {
     atomic_fetch_add_explicit(&run->staging.head, count, memory_order_release);
-    atomic_fetch_add(&run->written_seq, 1);
-    if (atomic_load(&run->written_waiting))
-        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    branch_wake_copier(run);
 }
 
 /* Without a staging slot: the handler writes the run itself, after the vCPU was woken. */
@@ -187,9 +185,7 @@ static void branch_fault_write(struct branch *branch, struct branch_run_state *r
     atomic_fetch_add(&branch->pages_by_fault, count);
     atomic_fetch_add(&branch->bytes_copied, count * page_size);
     atomic_fetch_add(&run->pages_written, count);
-    atomic_fetch_add(&run->written_seq, 1);
-    if (atomic_load(&run->written_waiting))
-        syscall(SYS_futex, &run->written_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    branch_wake_copier(run);
 }
 
 /* A fault on a page someone else claimed: wake the vCPU once the page is captured. */
@@ -229,9 +225,13 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
     uint64_t first = index, count = 1;
     if (branch_lever(run, BRANCH_LEVER_FAULT_AROUND))
         branch_claim_around(region, index, &first, &count);
-    bool staged = branch_lever(run, BRANCH_LEVER_STAGING) && branch_staging_reserve(run, count);
+    uint8_t *mirror =
+        run->mirror ? run->mirror + region->uffd.file_offset + first * page_size : NULL;
+    bool staged =
+        !mirror && branch_lever(run, BRANCH_LEVER_STAGING) && branch_staging_reserve(run, count);
     int rc = staged ? branch_staging_capture(run, region, first, count)
-                    : branch_read_guest(run, region, first * page_size, buffer, count * page_size);
+                    : branch_read_guest(run, region, first * page_size, mirror ? mirror : buffer,
+                                        count * page_size);
     if (rc < 0)
         branch_handler_fail(run, rc, "fault handler: read guest page 0x%llx: %s",
                             (unsigned long long)page_address, strerror(-rc));
@@ -242,10 +242,14 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
         branch_handler_fail(run, err.code, "fault handler: %s", err.message);
     latency_record(&branch->service, forkd_monotonic_ns() - started_ns); /* the vCPU runs again */
     atomic_fetch_add(&run->pages_released, count);
-    if (staged)
+    if (mirror) {
+        atomic_fetch_add(&branch->pages_by_fault, count); /* the copier writes the mirror */
+        branch_wake_copier(run);
+    } else if (staged) {
         branch_staging_publish(run, count);
-    else
+    } else {
         branch_fault_write(branch, run, region, first, count, buffer);
+    }
 }
 
 /* Pages [first, +count) of region were discarded while tracking: the page is empty at the

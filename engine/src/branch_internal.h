@@ -34,6 +34,8 @@
 #define FAULT_AROUND_BYTES    (64u << 10) /* an aligned run a fault may capture in one go */
 #define STAGING_BYTES         (16u << 20) /* pre-images the fault handler can hold unwritten */
 #define STAGING_MIN_SLOTS     8
+#define MIRROR_MEMORY_SHARE   2          /* a mirror takes at most 1/this of MemAvailable */
+#define MIRROR_WRITE_BYTES    (8u << 20) /* the mirror goes to memory.bin in writes this big */
 #define HANDLER_BATCH         64
 #define HANDLER_DEFERRED_MAX  256  /* events read early; one per VMM thread at most */
 #define HANDLER_EAGAIN_MS     2000 /* the handler's own ioctls, refused while events wait */
@@ -148,7 +150,14 @@ struct branch_run_state {
      * the guest discards before its capture is lost (branch_handler.c). */
     atomic_bool save_protected;
     unsigned levers;        /* branch_lever bits in use */
-    struct staging staging; /* with BRANCH_LEVER_STAGING */
+    struct staging staging; /* with BRANCH_LEVER_STAGING, when there is no mirror */
+    /* With BRANCH_LEVER_MIRROR: memory.bin's image (indexed by file offset) in anonymous
+     * memory, populated before the pause. Both copy paths capture pre-images into it at memory
+     * speed, each page at its own offset (a page is claimed once, so writers never meet); the
+     * copier writes it to memory.bin once every page is captured. NULL: no room (see
+     * MIRROR_MEMORY_SHARE), pages go to memory.bin as they are captured. */
+    uint8_t *mirror;
+    size_t mirror_bytes;
     struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
     /* The last dirty set, re-armed inside the pause: joins `hot` for the snapshot's hot set once
      * the copy is done (the guest was writing these pages right before the pause). */
@@ -173,6 +182,7 @@ struct branch {
     atomic_uint_fast64_t faults_left_to_bulk;
     atomic_uint_fast64_t captured_ns; /* resume to the last page released; 0 until then */
     _Atomic unsigned levers;          /* branch_progress.levers */
+    atomic_uint_fast64_t mirror_bytes; /* branch_progress.mirror_bytes */
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;
     uint64_t bytes_total;
@@ -201,6 +211,8 @@ int branch_read_guest(const struct branch_run_state *run, const struct branch_re
  * unprotected; records which userfaultfd read the capture precedes (captured_at). */
 void branch_mark_captured(struct branch_run_state *run, struct branch_region *region,
                           uint64_t first, uint64_t count);
+/* Wakes the copier if it waits for the last pages to be captured or written. */
+void branch_wake_copier(struct branch_run_state *run);
 /* Tests: counts a write of pages [page, +pages) to memory.bin. */
 void branch_count_write(struct branch_region *region, uint64_t page, uint64_t pages);
 /* The region holding address, or NULL. */

@@ -45,7 +45,7 @@ static void usage(FILE *out)
             "from N; default from the clock, printed with the results so a run can be repeated.\n"
             "--levers: the LIVE branches of each repetition, the first giving the LIVE figures:\n"
             "all (every copy-phase lever), none (the engine without them), or all but one:\n"
-            "no-staging, no-hot, no-around, no-release, no-direct. Default all,none.\n"
+            "no-staging, no-hot, no-around, no-release, no-direct, no-mirror. Default all,none.\n"
             "--huge-pages: the source VMs' memory in 2 MiB hugetlbfs pages (the bench raises\n"
             "vm.nr_hugepages for the largest size and puts it back); no fan-out then.\n"
             "--vcpus: of the source VMs (default 2; 1 leaves a core to forkd on a 2-core host).\n"
@@ -87,6 +87,7 @@ static const struct lever_name lever_names[] = {
     {"no-around", "LIVE, no fault-around", BRANCH_LEVER_FAULT_AROUND},
     {"no-release", "LIVE, no release-first", BRANCH_LEVER_RELEASE_FIRST},
     {"no-direct", "LIVE, no direct capture", BRANCH_LEVER_DIRECT},
+    {"no-mirror", "LIVE, no mirror", BRANCH_LEVER_MIRROR},
 };
 
 static int parse_variants(const char *text, struct bench_options *o)

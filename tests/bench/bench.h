@@ -228,6 +228,7 @@ struct cost_figures {
     struct series lost_ms;           /* guest work lost over the branch and its tail */
     struct series stall_ms;          /* longest interval of a vCPU under 10% of its rate */
     struct series captured_ms;       /* resume to every page captured and unprotected */
+    struct series mirror_mib;        /* the in-memory image captured into (0: none) */
     struct series ready_ms;          /* resume to READY (published) */
     struct series total_ms;          /* request to READY */
     struct series ready_over_copy;   /* ready_ms / the plain copy of the same bytes */

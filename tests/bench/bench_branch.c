@@ -288,6 +288,7 @@ static int record_cost(struct size_run *run, unsigned row, const char *name, uin
     struct cost_figures *figures = &run->result->cost[row];
     add_cost(figures, &cost, &before, &after);
     series_add(&figures->captured_ms, ms(progress->captured_ns));
+    series_add(&figures->mirror_mib, (double)progress->mirror_bytes / (1 << 20));
     series_add(&figures->ready_ms, ms(done - watch->at[BRANCH_PHASE_RESUMED]));
     series_add(&figures->total_ms, ms(done - start));
     return record_stage_costs(figures, &log, &mean, watch, progress,

@@ -38,10 +38,11 @@ void EngineTest::TearDown()
 
 struct vm *EngineTest::Boot(unsigned vcpus, unsigned mem_mib, const std::string &workload,
                             const std::string &name, const char *const *extra_args,
-                            enum vm_memory memory)
+                            enum vm_memory memory, uint64_t page_size)
 {
     struct vm_boot_config config = {};
     config.memory = memory;
+    config.page_size = page_size;
     config.name = name.c_str();
     config.vcpu_count = vcpus;
     config.mem_size_mib = mem_mib;

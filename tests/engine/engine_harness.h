@@ -23,7 +23,7 @@ class EngineTest : public ::testing::Test
     // test on error.
     struct vm *Boot(unsigned vcpus, unsigned mem_mib, const std::string &workload,
                     const std::string &name = "", const char *const *extra_args = nullptr,
-                    enum vm_memory memory = VM_MEMORY_MEMFD);
+                    enum vm_memory memory = VM_MEMORY_MEMFD, uint64_t page_size = 0);
 
     // Waits (bounded) until the guest's vCPUs have counted at least `writes` page writes in
     // total, as the test VMM reports in GET /; fails the test otherwise.

@@ -64,6 +64,9 @@ struct branch_progress {
     /* LIVE and ARM_IN_PAUSE: from the resume until every page was captured and unprotected,
      * when the guest stops paying for the branch (memory.bin may not be durable yet); 0 before. */
     uint64_t captured_ns;
+    /* Bytes of the in-memory image the pages were captured into (BRANCH_LEVER_MIRROR); 0 when
+     * they went to memory.bin as they were captured. */
+    uint64_t mirror_bytes;
     /* LIVE and ARM_IN_PAUSE: the branch_lever bits in use (what a benchmark row measured). */
     unsigned levers;
 };
@@ -76,8 +79,12 @@ enum branch_lever {
     BRANCH_LEVER_FAULT_AROUND = 1u << 2,  /* a fault captures its unclaimed aligned neighbours */
     BRANCH_LEVER_RELEASE_FIRST = 1u << 3, /* a bulk chunk is unprotected before it is written */
     BRANCH_LEVER_DIRECT = 1u << 4, /* the copier captures straight into memory.bin's page cache */
+    /* Guests on 2 MiB pages: both paths capture into an image of memory.bin in forkd's memory,
+     * at memory speed; memory.bin is written from it once every page is captured (where
+     * memory allows). */
+    BRANCH_LEVER_MIRROR = 1u << 5,
     BRANCH_LEVER_ALL = BRANCH_LEVER_STAGING | BRANCH_LEVER_HOT_FIRST | BRANCH_LEVER_FAULT_AROUND |
-                       BRANCH_LEVER_RELEASE_FIRST | BRANCH_LEVER_DIRECT,
+                       BRANCH_LEVER_RELEASE_FIRST | BRANCH_LEVER_DIRECT | BRANCH_LEVER_MIRROR,
 };
 
 /* Called on the branch's thread at every phase change; must not block. */
