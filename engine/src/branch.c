@@ -739,29 +739,40 @@ static void branch_note_captured(struct branch *branch, struct branch_run_state 
     atomic_store(&branch->captured_ns, forkd_monotonic_ns() - run->resumed_ns);
 }
 
-/* Waits for the fault handler to finish writing the pages it claimed: woken by each page it
- * writes, and every WRITTEN_CHECK_MS to see whether the branch was cancelled or failed. */
+/* Waits until *done counts every page (pages_released: captured; pages_written: in
+ * memory.bin), draining the handler's staging meanwhile: woken by each page the handler
+ * captures or writes, and every WRITTEN_CHECK_MS to see whether the branch was cancelled or
+ * failed. */
 #define WRITTEN_CHECK_MS 10
-
-/* With a mirror: waits until the fault handler captured the pages it claimed (woken by each
- * capture), then writes the mirror to memory.bin, region by region, in MIRROR_WRITE_BYTES
- * pieces, checking between them whether the branch was cancelled or failed. */
-static int branch_mirror_write(struct branch *branch, struct branch_run_state *run,
-                               struct forkd_error *err)
+static int branch_wait_pages(struct branch *branch, struct branch_run_state *run,
+                             atomic_uint_fast64_t *done, struct forkd_error *err)
 {
     atomic_store(&run->written_waiting, true);
     int rc = 0;
     for (;;) {
         uint32_t seen = atomic_load(&run->written_seq);
+        if ((rc = branch_staging_drain(branch, run, err)) < 0)
+            break;
         branch_note_captured(branch, run);
-        if (atomic_load(&run->pages_released) >= run->total_pages)
+        if (atomic_load(done) >= run->total_pages)
             break;
         if ((rc = branch_check_alive(branch, run, err)) < 0)
             break;
+        /* Returns at once if a page was captured or written since `seen` was read. */
         struct timespec check = {.tv_nsec = WRITTEN_CHECK_MS * 1000000L};
         syscall(SYS_futex, &run->written_seq, FUTEX_WAIT_PRIVATE, seen, &check, NULL, 0);
     }
     atomic_store(&run->written_waiting, false);
+    return rc;
+}
+
+/* With a mirror: once the fault handler captured the pages it claimed, writes the mirror to
+ * memory.bin, region by region, in MIRROR_WRITE_BYTES pieces, checking between them whether
+ * the branch was cancelled or failed. */
+static int branch_mirror_write(struct branch *branch, struct branch_run_state *run,
+                               struct forkd_error *err)
+{
+    int rc = branch_wait_pages(branch, run, &run->pages_released, err);
     for (size_t r = 0; rc == 0 && r < run->region_count; r++) {
         struct branch_region *region = &run->regions[r];
         uint64_t page_size = region->uffd.page_size;
@@ -781,28 +792,6 @@ static int branch_mirror_write(struct branch *branch, struct branch_run_state *r
             done += length;
         }
     }
-    return rc;
-}
-static int branch_wait_all_written(struct branch *branch, struct branch_run_state *run,
-                                   struct forkd_error *err)
-{
-    uint64_t total_pages = run->total_pages;
-    atomic_store(&run->written_waiting, true);
-    int rc = 0;
-    for (;;) {
-        uint32_t seen = atomic_load(&run->written_seq);
-        if ((rc = branch_staging_drain(branch, run, err)) < 0)
-            break;
-        branch_note_captured(branch, run);
-        if (atomic_load(&run->pages_written) >= total_pages)
-            break;
-        if ((rc = branch_check_alive(branch, run, err)) < 0)
-            break;
-        /* Returns at once if a page was written since `seen` was read. */
-        struct timespec check = {.tv_nsec = WRITTEN_CHECK_MS * 1000000L};
-        syscall(SYS_futex, &run->written_seq, FUTEX_WAIT_PRIVATE, seen, &check, NULL, 0);
-    }
-    atomic_store(&run->written_waiting, false);
     return rc;
 }
 
@@ -1067,7 +1056,7 @@ static int branch_live_copy(struct branch *branch, struct branch_run_state *run,
     if (rc == 0 && run->mirror)
         rc = branch_mirror_write(branch, run, err);
     if (rc == 0)
-        rc = branch_wait_all_written(branch, run, err);
+        rc = branch_wait_pages(branch, run, &run->pages_written, err);
     if (rc == 0) /* the guest pays nothing for the branch any more */
         branch_build_hot_set(run);
     if (rc == 0 && fsync(run->memory_fd) < 0)
