@@ -927,15 +927,11 @@ static uint64_t branch_memory_available(void)
     return 0;
 }
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
-#endif
-
 /* Whether the guest's memory is in pages bigger than 4 KiB in every region. */
 static bool branch_all_pages_huge(const struct branch_run_state *run)
 {
     for (size_t i = 0; i < run->region_count; i++)
-        if (run->regions[i].uffd.page_size <= 4096)
+        if (run->regions[i].uffd.page_size <= VM_SMALL_PAGE_SIZE)
             return false;
     return run->region_count > 0;
 }
@@ -964,7 +960,6 @@ static void branch_mirror_open(struct branch *branch, struct branch_run_state *r
         return;
     }
     run->mirror = mirror;
-    run->mirror_bytes = run->total_bytes;
     atomic_store(&branch->mirror_bytes, run->total_bytes);
 }
 
@@ -1026,7 +1021,7 @@ static void branch_live_teardown(struct branch *branch, struct branch_run_state 
     branch_dirty_free(&run->paused_dirty);
     branch_staging_close(&run->staging);
     if (run->mirror)
-        munmap(run->mirror, run->mirror_bytes);
+        munmap(run->mirror, run->total_bytes);
 }
 
 /* ---- the two kinds of branch ------------------------------------------------------------ */

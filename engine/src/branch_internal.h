@@ -156,8 +156,7 @@ struct branch_run_state {
      * speed, each page at its own offset (a page is claimed once, so writers never meet); the
      * copier writes it to memory.bin once every page is captured. NULL: no room (see
      * MIRROR_MEMORY_SHARE), pages go to memory.bin as they are captured. */
-    uint8_t *mirror;
-    size_t mirror_bytes;
+    uint8_t *mirror;        /* total_bytes long */
     struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
     /* The last dirty set, re-armed inside the pause: joins `hot` for the snapshot's hot set once
      * the copy is done (the guest was writing these pages right before the pause). */

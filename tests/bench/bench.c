@@ -8,6 +8,7 @@
 
 #include "basic/cleanup.h"
 #include "forkd/branch.h"
+#include "huge_pages.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -376,58 +377,22 @@ static int open_context(struct bench_context *context, struct forkd_error *err)
 
 /* ---- huge pages ------------------------------------------------------------------------- */
 
-#define NR_HUGEPAGES   "/proc/sys/vm/nr_hugepages"
-#define FREE_HUGEPAGES "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
-
 static long huge_pages_setting = -1; /* vm.nr_hugepages before the bench raised it */
-
-static long read_count(const char *path)
-{
-    _cleanup_fclose_ FILE *f = fopen(path, "re");
-    long value = -1;
-    if (!f || fscanf(f, "%ld", &value) != 1)
-        return -1;
-    return value;
-}
-
-static int write_count(const char *path, long value)
-{
-    _cleanup_fclose_ FILE *f = fopen(path, "we");
-    if (!f || fprintf(f, "%ld\n", value) < 0)
-        return -errno;
-    return fflush(f) == 0 ? 0 : -errno;
-}
 
 /* Makes free 2 MiB pages for the largest source VM (one at a time; the seed VMM is gone before
  * the source is restored), plus a few for the VMM's own rounding; the old setting is put back
  * by huge_pages_restore. */
-static int huge_pages_reserve(const struct bench_options *o, struct forkd_error *err)
+static int bench_reserve_huge_pages(const struct bench_options *o, struct forkd_error *err)
 {
     unsigned largest = 0;
     for (size_t i = 0; i < o->size_count; i++)
         largest = o->sizes_mib[i] > largest ? o->sizes_mib[i] : largest;
-    long need = largest / 2 + 4, total = read_count(NR_HUGEPAGES),
-         free = read_count(FREE_HUGEPAGES);
-    if (total < 0 || free < 0)
-        return forkd_error_errno(err, -ENOENT, "read %s and %s", NR_HUGEPAGES, FREE_HUGEPAGES);
-    if (free >= need)
-        return 0;
-    huge_pages_setting = total;
-    int rc = write_count(NR_HUGEPAGES, total + need - free);
+    long need = largest / 2 + 4;
+    int rc = huge_pages_reserve(need, &huge_pages_setting);
     if (rc < 0)
-        return forkd_error_errno(err, rc, "write %s", NR_HUGEPAGES);
-    if ((free = read_count(FREE_HUGEPAGES)) < need)
-        return forkd_error_set(err, -ENOMEM,
-                               "%ld free 2 MiB huge pages after raising %s, %ld needed "
-                               "(memory too fragmented?)",
-                               free, NR_HUGEPAGES, need);
+        return forkd_error_errno(err, rc, "make %ld 2 MiB huge pages free (%s, %s)", need,
+                                 HUGE_PAGES_NR, HUGE_PAGES_FREE);
     return 0;
-}
-
-static void huge_pages_restore(void)
-{
-    if (huge_pages_setting >= 0)
-        write_count(NR_HUGEPAGES, huge_pages_setting);
 }
 
 static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
@@ -477,7 +442,7 @@ static void *interrupt_loop(void *arg)
         nftw(context->state_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
     if (context->seed_path[0])
         nftw(context->seed_path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-    huge_pages_restore();
+    huge_pages_restore(huge_pages_setting);
     _exit(128 + signal_number);
 }
 
@@ -605,13 +570,13 @@ int main(int argc, char **argv)
     fflush(stdout);
     struct forkd_error err = {0};
     cJSON_AddBoolToObject(context.json, "huge_pages", options.huge_pages);
-    int rc = options.huge_pages ? huge_pages_reserve(&options, &err) : 0;
+    int rc = options.huge_pages ? bench_reserve_huge_pages(&options, &err) : 0;
     if (rc == 0)
         rc = open_context(&context, &err);
     if (rc == 0)
         rc = run(&context, &err);
     close_context(&context);
-    huge_pages_restore();
+    huge_pages_restore(huge_pages_setting);
     double wall = (double)(bench_now_ns() - start) / 1e9;
     cJSON_AddNumberToObject(context.json, "wall_s", wall);
     cJSON_AddBoolToObject(context.json, "complete", rc == 0);

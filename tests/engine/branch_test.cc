@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "engine_harness.h"
+#include "huge_pages.h"
 #include "test_time.h"
 
 #include <atomic>
@@ -299,50 +300,16 @@ TEST_F(BranchTest, EachPageIsWrittenExactlyOnce)
 }
 
 // Makes `pages` 2 MiB pages free on top of those in use; puts vm.nr_hugepages back when it goes.
-class HugePageReserve
-{
-  public:
-    explicit HugePageReserve(long pages)
+struct HugePageReserve {
+    explicit HugePageReserve(long pages) : rc(huge_pages_reserve(pages, &before))
     {
-        before_ = ReadCount(kNr);
-        long free = ReadCount(kFree);
-        if (before_ >= 0 && free >= 0 && free < pages)
-            WriteCount(kNr, before_ + pages - free);
-        ok_ = ReadCount(kFree) >= pages;
     }
     ~HugePageReserve()
     {
-        if (before_ >= 0)
-            WriteCount(kNr, before_);
+        huge_pages_restore(before);
     }
-    bool ok() const
-    {
-        return ok_;
-    }
-
-  private:
-    static constexpr const char *kNr = "/proc/sys/vm/nr_hugepages";
-    static constexpr const char *kFree = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
-    static long ReadCount(const char *path)
-    {
-        long value = -1;
-        FILE *f = fopen(path, "re");
-        if (f && fscanf(f, "%ld", &value) != 1)
-            value = -1;
-        if (f)
-            fclose(f);
-        return value;
-    }
-    static void WriteCount(const char *path, long value)
-    {
-        FILE *f = fopen(path, "we");
-        if (f) {
-            fprintf(f, "%ld\n", value);
-            fclose(f);
-        }
-    }
-    long before_ = -1;
-    bool ok_ = false;
+    long before = -1;
+    int rc;
 };
 
 // A guest on 2 MiB pages: LIVE and ARM_IN_PAUSE branches capture into the mirror (every page
@@ -351,7 +318,7 @@ class HugePageReserve
 TEST_F(BranchTest, HugePageGuestsCaptureIntoTheMirrorAndWriteEachPageOnce)
 {
     HugePageReserve reserve(64 / 2 + 4);
-    ASSERT_TRUE(reserve.ok()) << "cannot make 36 free 2 MiB huge pages on this host";
+    ASSERT_EQ(0, reserve.rc) << "cannot make 36 free 2 MiB huge pages: " << strerror(-reserve.rc);
     struct vm *vm =
         Boot(2, 64, "pattern=random seed=5", "", nullptr, VM_MEMORY_MEMFD, VM_HUGE_PAGE_SIZE);
     ASSERT_NE(nullptr, vm);
