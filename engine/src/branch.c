@@ -968,6 +968,8 @@ static int branch_live_setup(struct branch *branch, struct branch_run_state *run
 {
     run->levers = BRANCH_LEVER_ALL & ~request->levers_off;
     atomic_store(&branch->levers, run->levers);
+    run->fault_claimed_hook = request->fault_claimed_hook;
+    run->hook_context = request->context;
     int rc = branch_receive_uffd(run, err);
     if (rc == 0)
         rc = branch_setup_regions(branch, run, request->count_page_writes, err);

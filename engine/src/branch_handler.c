@@ -222,6 +222,8 @@ static void branch_copy_fault(struct branch *branch, struct branch_run_state *ru
         branch_fault_on_claimed(branch, run, region, page_address, index, started_ns);
         return;
     }
+    if (run->fault_claimed_hook)
+        run->fault_claimed_hook(run->hook_context);
     uint64_t first = index, count = 1;
     if (branch_lever(run, BRANCH_LEVER_FAULT_AROUND))
         branch_claim_around(region, index, &first, &count);

@@ -41,9 +41,10 @@
 #define HANDLER_EAGAIN_MS     2000 /* the handler's own ioctls, refused while events wait */
 #define REARM_MAX_ROUNDS      16
 #define REARM_CONVERGED_PAGES 64 /* dirty set small enough to re-arm inside the pause */
-/* LIVE: the first tracking round lasts at least this long (times the host's time scale). What the guest writes in it is its
- * working set, the snapshot's hot set; a round that ends as soon as everything is armed sees
- * the few pages written during the arming (one write fault each), and converges at once. */
+/* LIVE: the first tracking round lasts at least this long (times the host's time scale). What the
+ * guest writes in it is its working set, the snapshot's hot set; a round that ends as soon as
+ * everything is armed sees the few pages written during the arming (one write fault each), and
+ * converges at once. */
 #ifndef REARM_HOT_WINDOW_MS /* a build may set it, to measure what the window costs */
 #define REARM_HOT_WINDOW_MS 20
 #endif
@@ -149,15 +150,17 @@ struct branch_run_state {
     /* Set inside the pause once memory at the save is write-protected: from then on a page
      * the guest discards before its capture is lost (branch_handler.c). */
     atomic_bool save_protected;
-    unsigned levers;        /* branch_lever bits in use */
+    unsigned levers;                           /* branch_lever bits in use */
+    void (*fault_claimed_hook)(void *context); /* branch_request's, for tests */
+    void *hook_context;
     struct staging staging; /* with BRANCH_LEVER_STAGING, when there is no mirror */
     /* With BRANCH_LEVER_MIRROR: memory.bin's image (indexed by file offset) in anonymous
      * memory, populated before the pause. Both copy paths capture pre-images into it at memory
      * speed, each page at its own offset (a page is claimed once, so writers never meet); the
      * copier writes it to memory.bin once every page is captured. NULL: no room (see
      * MIRROR_MEMORY_SHARE), pages go to memory.bin as they are captured. */
-    uint8_t *mirror;        /* total_bytes long */
-    struct dirty_list hot;  /* pages dirtied while pre-arming (branch thread) */
+    uint8_t *mirror;       /* total_bytes long */
+    struct dirty_list hot; /* pages dirtied while pre-arming (branch thread) */
     /* The last dirty set, re-armed inside the pause: joins `hot` for the snapshot's hot set once
      * the copy is done (the guest was writing these pages right before the pause). */
     struct dirty_list paused_dirty;
@@ -179,8 +182,8 @@ struct branch {
     _Atomic int commit;               /* enum branch_commit */
     struct latency_histogram service; /* fault service times */
     atomic_uint_fast64_t faults_left_to_bulk;
-    atomic_uint_fast64_t captured_ns; /* resume to the last page released; 0 until then */
-    _Atomic unsigned levers;          /* branch_progress.levers */
+    atomic_uint_fast64_t captured_ns;  /* resume to the last page released; 0 until then */
+    _Atomic unsigned levers;           /* branch_progress.levers */
     atomic_uint_fast64_t mirror_bytes; /* branch_progress.mirror_bytes */
     _Atomic int phase;
     atomic_uint_fast64_t bytes_copied, pages_by_fault, pages_by_bulk;

@@ -3,17 +3,17 @@
  *
  * LIVE: write-protect is armed on all guest memory while the VM runs (faults only record the
  * page as dirty and unprotect it), the guest writes for a 20 ms window, the pages dirtied are
- * re-armed in a few converging rounds; then, inside a short pause, the VMM saves vCPU and device state (VmstateOnly), the
- * last dirty set (including any page the VMM wrote while saving) is re-armed, the fault handler
- * switches to copy mode (a write fault captures the page's pre-image, then unprotects it), and
- * the VM resumes. A bulk copier then streams every page no fault captured. Each page is written
- * to memory.bin exactly once, claimed through a per-page atomic; a faulting vCPU never waits for
- * the bulk pass. memory.bin equals guest memory at the end of the state save. The pages dirtied
- * before the pause (the window, the rounds, the last set) are the snapshot's hot set
- * (store_snapshot.hot): where the guest was writing, which forks get first.
- * LIVE_ARM_IN_PAUSE: the same with all arming inside the pause (the benchmark's baseline).
- * FULL: stop-and-copy: pause, the VMM writes a Full snapshot, resume. Works on any VM. FULL and
- * ARM_IN_PAUSE watch no write before the pause, so they record no hot set.
+ * re-armed in a few converging rounds; then, inside a short pause, the VMM saves vCPU and device
+ * state (VmstateOnly), the last dirty set (including any page the VMM wrote while saving) is
+ * re-armed, the fault handler switches to copy mode (a write fault captures the page's pre-image,
+ * then unprotects it), and the VM resumes. A bulk copier then streams every page no fault captured.
+ * Each page is written to memory.bin exactly once, claimed through a per-page atomic; a faulting
+ * vCPU never waits for the bulk pass. memory.bin equals guest memory at the end of the state save.
+ * The pages dirtied before the pause (the window, the rounds, the last set) are the snapshot's hot
+ * set (store_snapshot.hot): where the guest was writing, which forks get first. LIVE_ARM_IN_PAUSE:
+ * the same with all arming inside the pause (the benchmark's baseline). FULL: stop-and-copy: pause,
+ * the VMM writes a Full snapshot, resume. Works on any VM. FULL and ARM_IN_PAUSE watch no write
+ * before the pause, so they record no hot set.
  *
  * Any failure or honoured cancellation leaves the VM in the state the branch found (running, or
  * paused if it was paused) and unprotected, the userfaultfd closed and no snapshot (the store's
@@ -105,6 +105,9 @@ struct branch_request {
     void (*inside_pause_hook)(void *context);
     /* Tests: called when the copy is complete, just before the point of no return. */
     void (*before_commit_hook)(void *context);
+    /* Tests: called on the fault handler's thread when a write fault claimed its page, before
+     * the page is captured (the vCPU, and every later fault, wait until it returns). */
+    void (*fault_claimed_hook)(void *context);
     /* Benchmark: branch_lever bits to leave out (0: every lever in use). */
     unsigned levers_off;
     /* Writable drives are captured inside the pause by reflink clones; where the state
