@@ -169,6 +169,7 @@ double guest_rates_per_s(const struct guest_rates *rates);
  * -ENODATA without enough reports. */
 struct guest_cost {
     double lost_ms, stall_ms, window_ms, report_spacing_ms;
+    uint64_t stall_start_ns; /* where the longest stall began (bench_now_ns's clock) */
 };
 
 int guest_cost_compute(const struct progress_log *log, const struct guest_rates *undisturbed,
@@ -225,15 +226,16 @@ struct pause_figures {
 
 /* What one kind of branch cost the guest (tests/bench/README.md, "What the guest feels"). */
 struct cost_figures {
-    struct series lost_ms;           /* guest work lost over the branch and its tail */
-    struct series stall_ms;          /* longest interval of a vCPU under 10% of its rate */
-    struct series captured_ms;       /* resume to every page captured and unprotected */
-    struct series mirror_mib;        /* the in-memory image captured into (0: none) */
-    struct series ready_ms;          /* resume to READY (published) */
-    struct series total_ms;          /* request to READY */
-    struct series ready_over_copy;   /* ready_ms / the plain copy of the same bytes */
-    struct series lost_over_full;    /* lost_ms / FULL's lost_ms, same repetition */
-    struct series undisturbed_per_s; /* the mean of the windows before and after, lost_ms's u */
+    struct series lost_ms;              /* guest work lost over the branch and its tail */
+    struct series stall_ms;             /* longest interval of a vCPU under 10% of its rate */
+    struct series stall_from_resume_ms; /* where it began, from the resume (< 0: before it) */
+    struct series captured_ms;          /* resume to every page captured and unprotected */
+    struct series mirror_mib;           /* the in-memory image captured into (0: none) */
+    struct series ready_ms;             /* resume to READY (published) */
+    struct series total_ms;             /* request to READY */
+    struct series ready_over_copy;      /* ready_ms / the plain copy of the same bytes */
+    struct series lost_over_full;       /* lost_ms / FULL's lost_ms, same repetition */
+    struct series undisturbed_per_s;    /* the mean of the windows before and after, lost_ms's u */
     struct series before_per_s, after_per_s, drift; /* drift: after / before */
     unsigned unsteady; /* repetitions whose drift is beyond DRIFT_LIMIT: not a result */
     struct series report_spacing_ms;

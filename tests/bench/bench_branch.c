@@ -287,6 +287,8 @@ static int record_cost(struct size_run *run, unsigned row, const char *name, uin
         return forkd_error_prefix(err, "the guest's cost of the branch: ");
     struct cost_figures *figures = &run->result->cost[row];
     add_cost(figures, &cost, &before, &after);
+    series_add(&figures->stall_from_resume_ms,
+               ((double)cost.stall_start_ns - (double)watch->at[BRANCH_PHASE_RESUMED]) / 1e6);
     series_add(&figures->captured_ms, ms(progress->captured_ns));
     series_add(&figures->mirror_mib, (double)progress->mirror_bytes / (1 << 20));
     series_add(&figures->ready_ms, ms(done - watch->at[BRANCH_PHASE_RESUMED]));

@@ -124,16 +124,28 @@ static long report_after(const struct progress_series *s, uint64_t t)
     return -1;
 }
 
-/* Longest run of consecutive report intervals in [a, b] below STALL_FRACTION of rate. */
-static double longest_stall_ns(const struct progress_series *s, long a, long b, double rate)
+/* Longest run of consecutive report intervals in [a, b] below STALL_FRACTION of rate; *start_ns
+ * is where it began (the report before its first interval). */
+static double longest_stall_ns(const struct progress_series *s, long a, long b, double rate,
+                               uint64_t *start_ns)
 {
     double longest = 0, current = 0;
+    long current_from = a;
+    *start_ns = s->at_ns[a];
     for (long i = a; i < b; i++) {
         double dt = (double)(s->at_ns[i + 1] - s->at_ns[i]);
         double dp = (double)(s->progress[i + 1] - s->progress[i]);
-        current = dp < STALL_FRACTION * rate * dt ? current + dt : 0;
-        if (current > longest)
+        if (dp >= STALL_FRACTION * rate * dt) {
+            current = 0;
+            continue;
+        }
+        if (current == 0)
+            current_from = i;
+        current += dt;
+        if (current > longest) {
             longest = current;
+            *start_ns = s->at_ns[current_from];
+        }
     }
     return longest;
 }
@@ -204,7 +216,7 @@ double guest_rates_per_s(const struct guest_rates *rates)
 /* One vCPU, over the reports that enclose [from, to]: lost = elapsed - progress / rate (the
  * telescoped sum of (1 - rate_i/rate) dt_i), and the longest stall. */
 static int vcpu_cost(const struct progress_series *s, double rate, uint64_t from, uint64_t to,
-                     double *lost_ns, double *stall_ns)
+                     double *lost_ns, double *stall_ns, uint64_t *stall_start_ns)
 {
     long a = report_before(s, from), b = report_after(s, to);
     if (b < 0) /* no report yet after the end: the last one is as close as we know */
@@ -213,7 +225,7 @@ static int vcpu_cost(const struct progress_series *s, double rate, uint64_t from
         return -ENODATA;
     double elapsed = (double)(s->at_ns[b] - s->at_ns[a]);
     *lost_ns = elapsed - (double)(s->progress[b] - s->progress[a]) / rate;
-    *stall_ns = longest_stall_ns(s, a, b, rate);
+    *stall_ns = longest_stall_ns(s, a, b, rate, stall_start_ns);
     return 0;
 }
 
@@ -226,12 +238,15 @@ int guest_cost_compute(const struct progress_log *log, const struct guest_rates 
                                log->vcpu_count, undisturbed->vcpu_count);
     for (unsigned v = 0; v < log->vcpu_count; v++) {
         double lost, stall;
+        uint64_t stall_start;
         const struct progress_series *s = &log->vcpus[v];
-        if (vcpu_cost(s, undisturbed->per_ns[v], from, to, &lost, &stall) < 0)
+        if (vcpu_cost(s, undisturbed->per_ns[v], from, to, &lost, &stall, &stall_start) < 0)
             return no_reports(err, "the branch", v, s, from, to);
         out->lost_ms += lost / 1e6 / log->vcpu_count; /* per vCPU: a pause of X costs X */
-        if (stall / 1e6 > out->stall_ms)
+        if (stall / 1e6 > out->stall_ms) {
             out->stall_ms = stall / 1e6;
+            out->stall_start_ns = stall_start;
+        }
         out->report_spacing_ms += undisturbed->spacing_ns[v] / 1e6 / log->vcpu_count;
     }
     out->window_ms = (double)(to - from) / 1e6;

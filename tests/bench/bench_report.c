@@ -255,6 +255,7 @@ static cJSON *cost_json(const struct cost_figures *c)
     cJSON_AddItemToObject(o, "guest_lost_ms", series_json(&c->lost_ms));
     cJSON_AddItemToObject(o, "lost_over_full", series_json(&c->lost_over_full));
     cJSON_AddItemToObject(o, "longest_stall_ms", series_json(&c->stall_ms));
+    cJSON_AddItemToObject(o, "stall_from_resume_ms", series_json(&c->stall_from_resume_ms));
     cJSON_AddItemToObject(o, "resume_to_captured_ms", series_json(&c->captured_ms));
     cJSON_AddItemToObject(o, "mirror_mib", series_json(&c->mirror_mib));
     cJSON_AddItemToObject(o, "resume_to_ready_ms", series_json(&c->ready_ms));
