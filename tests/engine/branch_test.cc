@@ -74,25 +74,39 @@ class BranchTest : public EngineTest
         struct branch_progress progress;
     };
 
+    // Runs a request on a branch handle of the caller's.
+    Result Run(struct branch *branch, const struct branch_request &request)
+    {
+        Result result = {};
+        struct forkd_error err = {};
+        result.rc = branch_run(branch, store_, &request, &result.snapshot, &err);
+        result.error = err.message;
+        branch_get_progress(branch, &result.progress);
+        return result;
+    }
+
+    static struct branch_request Request(struct vm *vm, const std::string &name,
+                                         enum store_mode mode, void *context = nullptr)
+    {
+        struct branch_request request = {};
+        request.vm = vm;
+        request.snapshot_name = name.c_str();
+        request.mode = mode;
+        request.context = context;
+        return request;
+    }
+
     Result Branch(struct vm *vm, const std::string &name, enum store_mode mode,
                   branch_phase_fn on_phase = nullptr, void *context = nullptr,
                   struct branch *handle = nullptr, bool count_writes = false,
                   unsigned levers_off = 0)
     {
-        Result result = {};
         struct branch *branch = handle ? handle : branch_new();
-        struct branch_request request = {};
-        request.vm = vm;
-        request.snapshot_name = name.c_str();
-        request.mode = mode;
+        struct branch_request request = Request(vm, name, mode, context);
         request.on_phase = on_phase;
-        request.context = context;
         request.count_page_writes = count_writes;
         request.levers_off = levers_off;
-        struct forkd_error err = {};
-        result.rc = branch_run(branch, store_, &request, &result.snapshot, &err);
-        result.error = err.message;
-        branch_get_progress(branch, &result.progress);
+        Result result = Run(branch, request);
         if (!handle)
             branch_free(branch);
         return result;
@@ -390,20 +404,12 @@ TEST_F(BranchTest, TheMirrorIsWrittenOnlyAfterEveryCaptureInFlight)
         std::string name = std::string("held-") + ModeName(mode);
         HeldCapture held;
         held.branch = branch_new();
-        struct branch_request request = {};
-        request.vm = vm;
-        request.snapshot_name = name.c_str();
-        request.mode = mode;
-        request.context = &held;
+        struct branch_request request = Request(vm, name, mode, &held);
         request.fault_claimed_hook = HoldFirstCapture;
-        struct store_snapshot snapshot;
-        struct forkd_error err = {};
-        int rc = branch_run(held.branch, store_, &request, &snapshot, &err);
-        struct branch_progress progress;
-        branch_get_progress(held.branch, &progress);
+        Result result = Run(held.branch, request);
         branch_free(held.branch);
-        ASSERT_EQ(0, rc) << name << ": " << err.message;
-        EXPECT_EQ(64ull << 20, progress.mirror_bytes) << name;
+        ASSERT_EQ(0, result.rc) << name << ": " << result.error;
+        EXPECT_EQ(64ull << 20, result.progress.mirror_bytes) << name;
         ASSERT_GT(held.calls.load(), 0) << name << ": the guest took no write fault to hold";
         EXPECT_FALSE(held.written_while_held) << name << ": memory.bin written before a capture";
         VerifyResult verify = Verify(SnapshotDir(name));
@@ -700,22 +706,14 @@ TEST_F(BranchTest, CancelAfterTheCopyBeforePublishingLeavesNothing)
         CancelAt cancel;
         cancel.branch = branch_new();
         std::string name = std::string("late-cancel-") + ModeName(mode);
-        struct branch_request request = {};
-        request.vm = vm;
-        request.snapshot_name = name.c_str();
-        request.mode = mode;
-        request.context = &cancel;
+        struct branch_request request = Request(vm, name, mode, &cancel);
         request.before_commit_hook = CancelBeforeCommit;
-        struct store_snapshot snapshot;
-        struct forkd_error err = {};
-        int rc = branch_run(cancel.branch, store_, &request, &snapshot, &err);
-        struct branch_progress progress;
-        branch_get_progress(cancel.branch, &progress);
+        Result result = Run(cancel.branch, request);
         branch_free(cancel.branch);
         EXPECT_TRUE(cancel.fired);
         EXPECT_TRUE(cancel.accepted);
-        EXPECT_EQ(-ECANCELED, rc) << err.message;
-        EXPECT_EQ(BRANCH_PHASE_CANCELLED, progress.phase);
+        EXPECT_EQ(-ECANCELED, result.rc) << result.error;
+        EXPECT_EQ(BRANCH_PHASE_CANCELLED, result.progress.phase);
         ExpectStoreClean(name);
         EXPECT_EQ("Running", VmmState(vm));
     }
