@@ -112,6 +112,16 @@ class BranchTest : public EngineTest
         return result;
     }
 
+    // A 2-vCPU, 64 MiB guest on 2 MiB pages (the caller reserves 36), once it wrote 1,000
+    // times: by then every one of its 32 pages holds counters.
+    struct vm *BootOnHugePages(const std::string &workload)
+    {
+        struct vm *vm = Boot(2, 64, workload, "", nullptr, VM_MEMORY_MEMFD, VM_HUGE_PAGE_SIZE);
+        if (vm)
+            WaitForGuestWrites(vm, 1000);
+        return vm;
+    }
+
     std::string SnapshotDir(const std::string &name)
     {
         return state_dir_ + "/snapshots/" + name;
@@ -333,10 +343,8 @@ TEST_F(BranchTest, HugePageGuestsCaptureIntoTheMirrorAndWriteEachPageOnce)
 {
     HugePageReserve reserve(64 / 2 + 4);
     ASSERT_EQ(0, reserve.rc) << "cannot make 36 free 2 MiB huge pages: " << strerror(-reserve.rc);
-    struct vm *vm =
-        Boot(2, 64, "pattern=random seed=5", "", nullptr, VM_MEMORY_MEMFD, VM_HUGE_PAGE_SIZE);
+    struct vm *vm = BootOnHugePages("pattern=random seed=5");
     ASSERT_NE(nullptr, vm);
-    WaitForGuestWrites(vm, 1000);
     for (unsigned levers_off : {0u, (unsigned)BRANCH_LEVER_MIRROR}) {
         for (enum store_mode mode : {STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE}) {
             struct branch *branch = branch_new();
@@ -396,10 +404,8 @@ TEST_F(BranchTest, TheMirrorIsWrittenOnlyAfterEveryCaptureInFlight)
 {
     HugePageReserve reserve(64 / 2 + 4);
     ASSERT_EQ(0, reserve.rc) << "cannot make 36 free 2 MiB huge pages: " << strerror(-reserve.rc);
-    struct vm *vm =
-        Boot(2, 64, "pattern=random seed=6", "", nullptr, VM_MEMORY_MEMFD, VM_HUGE_PAGE_SIZE);
+    struct vm *vm = BootOnHugePages("pattern=random seed=6");
     ASSERT_NE(nullptr, vm);
-    WaitForGuestWrites(vm, 1000); /* every 2 MiB page holds counters by now */
     for (enum store_mode mode : {STORE_MODE_LIVE, STORE_MODE_LIVE_ARM_IN_PAUSE}) {
         std::string name = std::string("held-") + ModeName(mode);
         HeldCapture held;
